@@ -1,0 +1,350 @@
+"""The `kiln` command. Heavy imports live inside the commands so `kiln --help` is instant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import KilnError
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def config_option(fn):
+    return click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+        help="Configuration file (default: $KILN_CONFIG, else ./kiln.toml).",
+    )(fn)
+
+
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
+
+
+def _load(config_path):
+    from .config import load_config
+
+    return load_config(config_path)
+
+
+def _store(config):
+    from .store.db import open_store
+
+    return open_store(config)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def table(rows: list[list], headers: list[str]) -> str:
+    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _fmt_ms(value):
+    return "" if value is None else f"{value:.3f}"
+
+
+def _fmt_size(value):
+    if value is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+
+
+def _fmt_quality(metrics):
+    if not metrics or metrics.get("quality") is None:
+        return ""
+    return f"{metrics['quality']:.4f} ({metrics['quality_delta']:+.4f})"
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="modelkiln")
+def main():
+    """modelkiln: turns every new checkpoint into the fastest variant that keeps its quality."""
+
+
+def run():
+    try:
+        main(standalone_mode=False)
+    except KilnError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False), default=".")
+def init(directory):
+    """Write a commented DIRECTORY/kiln.toml with the embedded defaults."""
+    from .config import write_default_config
+
+    path = write_default_config(Path(directory))
+    click.echo(f"wrote {path}\nnext: drop checkpoints into {Path(directory) / 'models'}/<model>/<version>/ "
+               f"and run `kiln serve --config {path}`")
+
+
+@main.command()
+@config_option
+@click.option("--stop-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds running jobs get to finish on SIGTERM before they go back to pending.")
+def serve(config_path, stop_timeout):
+    """Run the daemon in the foreground (SIGTERM or SIGINT stops it gracefully)."""
+    from .daemon.service import Daemon
+
+    config = _load(config_path)
+    _setup_logging(config.logging.level)
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    daemon.start()
+    try:
+        daemon.run_forever()
+    except KeyboardInterrupt:
+        stop_timeout = 0.0
+    finally:
+        daemon.stop(stop_timeout)
+
+
+@main.command()
+@config_option
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", help="Model name (default: the folder's parent's name).")
+@click.option("--version", "version", help="Version (default: the folder's name).")
+def optimize(config_path, path, model, version):
+    """Run the pipeline once on the checkpoint folder PATH, without the watcher."""
+    from .daemon.service import Daemon
+    from sqlalchemy import select
+
+    from .registry.directory import Candidate, valid_name
+    from .store import queries
+    from .store.models import Checkpoint, Job
+
+    config = _load(config_path)
+    _setup_logging("WARNING")
+    folder = Path(path).absolute()
+    model = model or folder.parent.name
+    version = version or folder.name
+    for kind, name in (("model", model), ("version", version)):
+        if not valid_name(name):
+            raise click.BadParameter(f"{kind} name {name!r} must match [A-Za-z0-9][A-Za-z0-9._+-]*; pass --{kind}")
+    daemon = Daemon(config, watch=False, schedule=False)
+    daemon.start()
+    try:
+        checkpoint_id = daemon.ingest_path(Candidate(model, version, folder))
+        if checkpoint_id is None:
+            raise KilnError(f"{folder}: could not be ingested (see the log above)")
+        shown = None
+        while True:
+            daemon.run_once(0.1)
+            with daemon.store.session() as session:
+                checkpoint = session.get(Checkpoint, checkpoint_id)
+                jobs = session.scalars(select(Job).where(Job.checkpoint_id == checkpoint_id)).all()
+                ended = sum(j.state in queries.TERMINAL_JOB_STATES for j in jobs)
+                progress = (checkpoint.status, ended, len(jobs))
+                if progress != shown:
+                    shown = progress
+                    click.echo(f"{model}/{version}: {checkpoint.status}, {ended}/{len(jobs)} jobs done", err=True)
+                if checkpoint.status in ("done", "rejected", "failed", "duplicate"):
+                    break
+                if not daemon.available_targets and checkpoint.status == "ready":
+                    raise KilnError("no configured target is available on this host; see `kiln targets`")
+    finally:
+        daemon.stop(5)
+    if checkpoint.status in ("rejected", "failed"):
+        raise KilnError(f"{model}/{version} {checkpoint.status}: {checkpoint.reason}")
+    _print_variants(config, model, as_json=False)
+
+
+@main.command()
+@config_option
+@json_option
+def status(config_path, as_json):
+    """Checkpoints and their status, jobs by state, promotions."""
+    from .store import queries, views
+
+    config = _load(config_path)
+    store = _store(config)
+    with store.session() as session:
+        checkpoints = [views.checkpoint_dict(c) for c in queries.checkpoints(session)]
+        jobs = queries.job_counts(session)
+        promotions = len(queries.current_promotions(session))
+    if as_json:
+        click.echo(json.dumps({"checkpoints": checkpoints, "jobs": jobs, "promotions": promotions}, indent=2))
+        return
+    rows = [[c["model"], c["version"], c["status"], c["format"], c["content_hash"][:12], c.get("reason", "")]
+            for c in checkpoints]
+    click.echo(table(rows, ["model", "version", "status", "format", "hash", "reason"]))
+    click.echo("\njobs: " + (", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"))
+    click.echo(f"promoted (model, target) pairs: {promotions}")
+
+
+def _print_variants(config, model, as_json):
+    from .store import queries, views
+
+    store = _store(config)
+    with store.session() as session:
+        variants = [views.variant_dict(v) for v in queries.variants_of_model(session, model)]
+        promoted = {p.variant_id for p in queries.current_promotions(session)}
+    if as_json:
+        click.echo(json.dumps(variants, indent=2))
+        return
+    if not variants:
+        click.echo(f"no variants of model {model!r} yet")
+        return
+    rows = []
+    for v in variants:
+        m = v.get("metrics") or {}
+        rows.append([
+            "*" if v["id"] in promoted else "", v["version"], v["target"], v["variant"], v["status"],
+            _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")), _fmt_size(m.get("size_bytes")),
+            (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}", v.get("reason") or "",
+        ])
+    click.echo(table(rows, ["", "version", "target", "variant", "status", "p50 ms", "p95 ms", "size",
+                            "quality (delta)", "reason"]))
+    click.echo("\n* promoted. Latency at the smallest batch size measured.")
+
+
+@main.command()
+@config_option
+@json_option
+@click.argument("model")
+def variants(config_path, as_json, model):
+    """Every variant of MODEL with its metrics, or why it failed or was skipped."""
+    _print_variants(_load(config_path), model, as_json)
+
+
+@main.command()
+@config_option
+@json_option
+def promoted(config_path, as_json):
+    """The variant served for every (model, target)."""
+    from .daemon.promoter import Promoter
+    from .store import queries
+
+    config = _load(config_path)
+    store = _store(config)
+    promoter = Promoter(config, None, config.promoted_path)
+    with store.session() as session:
+        entries = [promoter.describe(p) for p in queries.current_promotions(session)]
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    rows = [[e["model"], e["target"], e["version"], e["variant"], _fmt_ms(e["metrics"]["latency_p50_ms"]),
+             _fmt_size(e["metrics"]["size_bytes"]), _fmt_quality(e["metrics"]), e["path"]] for e in entries]
+    click.echo(table(rows, ["model", "target", "version", "variant", "p50 ms", "size", "quality (delta)", "path"]))
+
+
+@main.command()
+@config_option
+@json_option
+def plugins(config_path, as_json):
+    """Loaded plugins, where they come from, and the steps, runtimes and formats they add."""
+    from .config import Config
+    from .plugins.manager import catalog_for
+
+    try:
+        config = _load(config_path)
+    except KilnError:
+        config = Config()  # listing plugins needs no configuration
+    catalog = catalog_for(config)
+    steps = [
+        {"step": s.name, "plugin": s.plugin, "runtimes": list(s.runtimes), "description": s.description,
+         "params": [{"name": p.name, "type": p.type.__name__, "default": p.default, "description": p.description}
+                    for p in s.params]}
+        for s in catalog.steps.values()
+    ]
+    plugins_ = [vars(p) for p in catalog.plugins]
+    if as_json:
+        click.echo(json.dumps({"plugins": plugins_, "steps": steps,
+                               "runtimes": sorted(catalog.runtimes), "formats": [f.name for f in catalog.formats],
+                               "registry_kinds": sorted(catalog.registry_kinds), "errors": catalog.errors}, indent=2))
+        return
+    click.echo(table([[p["name"], p["distribution"], p["version"], p["module"], ", ".join(p["hooks"])]
+                      for p in plugins_], ["plugin", "package", "version", "module", "hooks"]))
+    click.echo()
+    rows = []
+    for s in steps:
+        params = ", ".join(f"{p['name']}: {p['type']} = {p['default']!r} ({p['description']})" for p in s["params"])
+        rows.append([s["step"], s["plugin"], ", ".join(s["runtimes"]), s["description"], params])
+    click.echo(table(rows, ["step", "plugin", "runtimes", "description", "parameters"]))
+    click.echo(f"\nruntimes: {', '.join(sorted(catalog.runtimes))}")
+    click.echo(f"checkpoint formats: {', '.join(f.name for f in catalog.formats)}")
+    click.echo(f"registry kinds: {', '.join(sorted(catalog.registry_kinds))}")
+    for name, reason in catalog.errors.items():
+        click.echo(f"plugin {name} failed to load: {reason}", err=True)
+
+
+@main.command()
+@config_option
+@json_option
+def targets(config_path, as_json):
+    """Configured targets and whether this host can run them."""
+    from .plugins.manager import catalog_for
+
+    config = _load(config_path)
+    catalog = catalog_for(config)
+    entries = []
+    for name, target in config.targets.items():
+        reasons = []
+        for runtime in target.runtimes:
+            rt = catalog.runtimes.get(runtime)
+            reason = f"runtime {runtime} is not installed" if rt is None else rt.unavailable_reason(target.device)
+            if reason:
+                reasons.append(reason)
+        entries.append({"target": name, "device": target.device, "runtimes": target.runtimes,
+                        "threads": target.threads, "batch_sizes": target.batch_sizes, "recipes": target.recipes,
+                        "available": not reasons, "reason": "; ".join(reasons) or None})
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    click.echo(table([[e["target"], e["device"], ", ".join(e["runtimes"]), e["threads"],
+                       ", ".join(map(str, e["batch_sizes"])), "yes" if e["available"] else "no", e["reason"] or ""]
+                      for e in entries], ["target", "device", "runtimes", "threads", "batch sizes", "available", "reason"]))
+
+
+@main.group()
+def db():
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config_path):
+    """Apply the schema migrations shipped with this modelkiln (back the file up first)."""
+    from .store.db import current_revision, head_revision, open_store
+
+    config = _load(config_path)
+    store = open_store(config, allow_upgrade=True)
+    click.echo(f"{config.store_url}: at schema revision {current_revision(store.engine)} (head {head_revision()})")
+
+
+@main.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default="kiln-demo", show_default=True,
+              help="Folder for the demo's config, models, database and artifacts.")
+def demo(directory):
+    """Train a small model, drop it into a watched folder, and show what gets promoted."""
+    from .config import load_config
+    from .demo import DEMO_MODEL, run_demo
+
+    folder = Path(directory).absolute()
+    run_demo(folder, click.echo)
+    config = load_config(folder / "kiln.toml")
+    _print_variants(config, DEMO_MODEL, as_json=False)
+    click.echo(f"\nexplore: kiln promoted --config {folder / 'kiln.toml'}")

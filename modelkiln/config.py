@@ -1,0 +1,332 @@
+"""Typed configuration read from one TOML file.
+
+Every section is a dataclass; ``load_config`` checks each key against the dataclass
+fields so that a typo or a wrong type is one clear error naming the key and the file,
+instead of a silently ignored setting on a service nobody watches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_ENV = "KILN_CONFIG"
+
+
+@dataclass
+class RegistryConfig:
+    kind: str = "directory"
+    path: Path = Path("models")
+    quiet_seconds: float = 2.0
+    rescan_seconds: float = 60.0
+
+
+@dataclass
+class StoreConfig:
+    # A SQLAlchemy URL; a bare path is taken as a SQLite file.
+    url: str = "kiln.db"
+    busy_timeout_ms: int = 30000
+
+
+@dataclass
+class PathsConfig:
+    artifacts: Path = Path("artifacts")
+    promoted: Path = Path("promoted")
+
+
+@dataclass
+class WorkersConfig:
+    count: int = 1
+    job_timeout_seconds: float = 1800.0
+    lease_seconds: float = 60.0
+    max_attempts: int = 3
+
+
+@dataclass
+class MeasureConfig:
+    warmup_runs: int = 5
+    min_runs: int = 20
+    # Runs continue in windows until the median moves by less than this fraction.
+    stability: float = 0.02
+    max_seconds: float = 3.0
+    sample_count: int = 64
+
+
+@dataclass
+class TargetConfig:
+    device: str = "cpu"
+    runtimes: list[str] = field(default_factory=lambda: ["onnxruntime", "torch"])
+    threads: int = 2
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    recipes: list[str] = field(default_factory=lambda: ["baseline", "quantize.int8_dynamic"])
+
+
+@dataclass
+class PolicyConfig:
+    # Largest accepted quality drop, relative to the baseline (0.01 = 1%).
+    max_quality_drop: float = 0.01
+    objective: str = "latency_p50_ms"
+    objective_batch_size: int = 1
+
+
+@dataclass
+class ArchitectureConfig:
+    """How to build a module for weights that carry no architecture (safetensors, state dicts)."""
+
+    factory: str = ""
+    input_shape: list[int] = field(default_factory=list)
+    input_dtype: str = "float32"
+
+
+@dataclass
+class PluginsConfig:
+    # Empty ``enabled`` means every installed plugin; ``disabled`` always wins.
+    enabled: list[str] = field(default_factory=list)
+    disabled: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass
+class Config:
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    targets: dict[str, TargetConfig] = field(default_factory=lambda: {"cpu": TargetConfig()})
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    architectures: dict[str, ArchitectureConfig] = field(default_factory=dict)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Where the file was read from; relative paths in it are relative to its folder.
+    source: Path | None = None
+
+    @property
+    def store_url(self) -> str:
+        url = self.store.url
+        if "://" in url:
+            return url
+        return f"sqlite:///{self._resolve(Path(url))}"
+
+    @property
+    def registry_path(self) -> Path:
+        return self._resolve(self.registry.path)
+
+    @property
+    def artifacts_path(self) -> Path:
+        return self._resolve(self.paths.artifacts)
+
+    @property
+    def promoted_path(self) -> Path:
+        return self._resolve(self.paths.promoted)
+
+    def _resolve(self, path: Path) -> Path:
+        path = Path(os.path.expanduser(str(path)))
+        if not path.is_absolute() and self.source is not None:
+            path = self.source.parent / path
+        return path.absolute()
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str, file: Path):
+    """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, args[0], key, file)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{file}: '{key}' must be a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", file) for i, v in enumerate(value)]
+    if origin is dict:
+        _, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: '{key}' must be a table")
+        return {name: _coerce(v, value_tp, f"{key}.{name}", file) for name, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: '{key}' must be a table")
+        return _build(tp, value, key, file)
+    if tp is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{file}: '{key}' must be a path string")
+        return Path(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(
+            f"{file}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls, data: dict, prefix: str, file: Path):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{file}: unknown key '{full}' (known keys here: {known})")
+        kwargs[key] = _coerce(value, hints[key], full, file)
+    return cls(**kwargs)
+
+
+def _validate(config: Config, file: Path) -> None:
+    if config.workers.count < 1:
+        raise ConfigError(f"{file}: 'workers.count' must be at least 1")
+    if not config.targets:
+        raise ConfigError(f"{file}: at least one [targets.NAME] table is needed")
+    for name, target in config.targets.items():
+        if not target.runtimes:
+            raise ConfigError(f"{file}: 'targets.{name}.runtimes' must name at least one runtime")
+        if not target.batch_sizes or min(target.batch_sizes) < 1:
+            raise ConfigError(f"{file}: 'targets.{name}.batch_sizes' must be positive integers")
+    if config.policy.objective_batch_size not in {
+        b for t in config.targets.values() for b in t.batch_sizes
+    }:
+        raise ConfigError(
+            f"{file}: 'policy.objective_batch_size' = {config.policy.objective_batch_size} "
+            "is not measured by any target: add it to the targets' batch_sizes"
+        )
+    if not 0 <= config.policy.max_quality_drop < 1:
+        raise ConfigError(f"{file}: 'policy.max_quality_drop' must be in [0, 1)")
+    for name, arch in config.architectures.items():
+        if ":" not in arch.factory:
+            raise ConfigError(
+                f"{file}: 'architectures.{name}.factory' must be 'module:callable', "
+                f"got {arch.factory!r}"
+            )
+
+
+def find_config_path(path: str | os.PathLike | None) -> Path:
+    """The file named on the command line, else ``$KILN_CONFIG``, else ``./kiln.toml``."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or "kiln.toml"
+    return Path(path).expanduser().absolute()
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    file = find_config_path(path)
+    if not file.is_file():
+        raise ConfigError(
+            f"{file}: no such configuration file. Create one with `kiln init DIR`, "
+            f"or pass --config PATH, or set {CONFIG_ENV}."
+        )
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    config = _build(Config, data, "", file)
+    config.source = file
+    _validate(config, file)
+    return config
+
+
+DEFAULT_CONFIG_TEMPLATE = '''\
+# modelkiln configuration. Relative paths are relative to this file's folder.
+# Every key is optional; the values below are the defaults unless marked otherwise.
+
+[registry]
+kind = "directory"
+# A checkpoint is a folder <path>/<model>/<version>/ holding the model files,
+# plus optionally eval.npz (arrays inputs, labels) and calibration.npz (array inputs).
+path = "models"
+# A version is taken as soon as it is renamed into place, or once nothing in it
+# has changed for this many seconds.
+quiet_seconds = 2.0
+# The reconcile scan that finds whatever file-system events missed.
+rescan_seconds = 60.0
+
+[store]
+# A SQLite file (WAL mode) or any SQLAlchemy URL.
+url = "kiln.db"
+busy_timeout_ms = 30000
+
+[paths]
+artifacts = "artifacts"
+# promoted/<model>/<target> is a symlink to the served variant, swapped atomically.
+promoted = "promoted"
+
+[workers]
+# Worker processes that build and measure variants.
+count = 1
+job_timeout_seconds = 1800.0
+# A job whose lease is not renewed for this long (daemon killed) returns to pending.
+lease_seconds = 60.0
+max_attempts = 3
+
+[measure]
+warmup_runs = 5
+min_runs = 20
+# Runs go on until the median latency moves by less than this fraction, or max_seconds.
+stability = 0.02
+max_seconds = 3.0
+# Sample inputs used for fidelity when the checkpoint ships no eval.npz.
+sample_count = 64
+
+# One table per hardware target. The serving side of this one accepts both
+# onnxruntime (CPUExecutionProvider) and PyTorch artifacts, so both compete on it;
+# list a single runtime to restrict it.
+[targets.cpu]
+device = "cpu"
+runtimes = ["onnxruntime", "torch"]
+threads = 2
+batch_sizes = [1, 8]
+# Recipes are chains of steps: "prune.structured(amount=0.5) -> quantize.int8_dynamic".
+# "baseline" is the empty recipe: the checkpoint as it is, exported for the runtime.
+recipes = ["baseline", "quantize.int8_dynamic"]
+
+[policy]
+# Promote the variant with the lowest p50 latency at this batch size among those whose
+# quality is at most max_quality_drop (relative) below the baseline's.
+max_quality_drop = 0.01
+objective = "latency_p50_ms"
+objective_batch_size = 1
+
+# Weights without an architecture (model.safetensors or a state dict .pt/.pth) need a
+# factory that builds the module, matched on the model's folder name. For example:
+# [architectures.digits]
+# factory = "modelkiln.demo:digits_mlp"   # module:callable returning a torch.nn.Module
+# input_shape = [64]                      # one sample, without the batch dimension
+# input_dtype = "float32"
+
+[plugins]
+# Empty: every installed plugin. Names as `kiln plugins` shows them.
+enabled = []
+disabled = []
+
+[logging]
+level = "INFO"
+'''
+
+
+def write_default_config(directory: Path, extra: str = "") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    file = directory / "kiln.toml"
+    if file.exists():
+        raise ConfigError(f"{file}: already exists; remove it first or choose another folder")
+    file.write_text(DEFAULT_CONFIG_TEMPLATE + extra, encoding="utf-8")
+    (directory / "models").mkdir(exist_ok=True)
+    return file

@@ -1,0 +1,1 @@
+"""The service: watcher, reconciler (ingest), scheduler, executor, jobs, promotion, the loop."""

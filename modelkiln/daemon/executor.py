@@ -1,0 +1,165 @@
+"""Runs jobs in worker processes, one phase per fresh process, with a time limit.
+
+Processes are forked from a fork server that has imported torch and onnxruntime once,
+so a phase starts in milliseconds yet shares nothing mutable with the daemon or with
+other jobs. The executor only runs processes and reports outcomes; what a job means is
+the service's business.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Phase:
+    name: str
+    spec: dict
+
+
+@dataclass
+class Outcome:
+    """What a job's phases produced: ``results`` has one entry per phase that ran."""
+
+    job_id: int
+    status: str  # the last phase's status, or "failed"
+    results: list[dict] = field(default_factory=list)
+    reason: str | None = None
+
+
+@dataclass
+class _Running:
+    job_id: int
+    phases: list[Phase]
+    work_dir: Path
+    deadline: float
+    results: list[dict] = field(default_factory=list)
+    process: multiprocessing.process.BaseProcess | None = None
+    index: int = 0
+
+
+class Executor:
+    # Statuses after which the remaining phases of a job are not run.
+    TERMINAL = {"failed", "skipped", "rejected"}
+
+    def __init__(self, slots: int, timeout_seconds: float, memory_limit_mb: int = 0, clock=time.monotonic):
+        self.slots = slots
+        self.timeout_seconds = timeout_seconds
+        self.memory_limit_mb = memory_limit_mb
+        self.clock = clock
+        self._running: dict[int, _Running] = {}
+        self._context = None
+
+    def start(self, preload: bool = True) -> None:
+        self._context = multiprocessing.get_context("forkserver")
+        if preload:
+            self._context.set_forkserver_preload(worker.PRELOAD)
+
+    def warm_up(self) -> None:
+        """Start the fork server now (it imports torch once), not on the first job."""
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self._running)
+
+    @property
+    def running_jobs(self) -> list[int]:
+        return list(self._running)
+
+    def submit(self, job_id: int, phases: list[Phase], work_dir: Path) -> None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        running = _Running(job_id, phases, work_dir, self.clock() + self.timeout_seconds)
+        self._running[job_id] = running
+        self._launch(running)
+
+    def _paths(self, running: _Running) -> tuple[Path, Path]:
+        phase = running.phases[running.index]
+        return (running.work_dir / f"{phase.name}.result.json", running.work_dir / "worker.log")
+
+    def _launch(self, running: _Running) -> None:
+        phase = running.phases[running.index]
+        result_path, log_path = self._paths(running)
+        result_path.unlink(missing_ok=True)
+        process = self._context.Process(
+            target=worker.run_phase,
+            args=(phase.name, phase.spec, str(result_path), str(log_path), self.memory_limit_mb),
+            name=f"kiln-job-{running.job_id}-{phase.name}",
+            daemon=False,
+        )
+        process.start()
+        running.process = process
+
+    def poll(self) -> list[Outcome]:
+        """Advance every running job; return the jobs that have ended."""
+        done = []
+        for job_id, running in list(self._running.items()):
+            outcome = self._advance(running)
+            if outcome is not None:
+                del self._running[job_id]
+                done.append(outcome)
+        return done
+
+    def _advance(self, running: _Running) -> Outcome | None:
+        process = running.process
+        if process.is_alive():
+            if self.clock() < running.deadline:
+                return None
+            self._kill(process)
+            reason = f"timed out after {self.timeout_seconds:g} s in {running.phases[running.index].name}"
+            return Outcome(running.job_id, "failed", running.results, reason)
+        process.join()
+        result_path, log_path = self._paths(running)
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, ValueError):
+            code = process.exitcode
+            how = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+            reason = f"worker process died in {running.phases[running.index].name} ({how}); see {log_path}"
+            return Outcome(running.job_id, "failed", running.results, reason)
+        running.results.append(result)
+        status = result.get("status")
+        if status in self.TERMINAL:
+            return Outcome(running.job_id, status, running.results, result.get("reason"))
+        running.index += 1
+        if running.index == len(running.phases):
+            return Outcome(running.job_id, status, running.results)
+        self._launch(running)
+        return None
+
+    @staticmethod
+    def _kill(process) -> None:
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.join(5)
+
+    def stop(self, timeout: float) -> list[int]:
+        """Give running phases ``timeout`` seconds to end, then kill them.
+
+        :returns: the ids of jobs that did not finish (their leases go back to pending).
+        """
+        deadline = time.monotonic() + timeout
+        for running in self._running.values():
+            running.process.join(max(0.0, deadline - time.monotonic()))
+        unfinished = []
+        for job_id, running in self._running.items():
+            if running.process.is_alive():
+                self._kill(running.process)
+            unfinished.append(job_id)
+        self._running.clear()
+        return unfinished

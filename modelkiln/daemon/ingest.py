@@ -1,0 +1,132 @@
+"""Ingest: decide that a version folder is complete, snapshot it, hash it, record it.
+
+The snapshot is a copy under ``artifacts/`` and the hash is computed on that copy, so
+what is recorded is exactly what every job later reads: a folder that changes after (or
+while) it is taken becomes a new checkpoint, never a mix of two. If the source changes
+during the copy, the copy is discarded and the version is looked at again later.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+
+from ..registry.directory import Candidate, content_hash, copy_files, observe
+from ..registry.formats import detect_format
+from ..store import queries
+from ..store.models import Checkpoint
+from .layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestResult:
+    # "taken" (a new checkpoint), "unchanged", "wait" (not complete yet; see retry_at), "gone"
+    outcome: str
+    checkpoint_id: int | None = None
+    retry_at: float | None = None
+
+
+class Ingestor:
+    def __init__(self, store, layout: Layout, formats, quiet_seconds: float, registry_kind: str = "directory",
+                 clock=time.time):
+        self.store = store
+        self.layout = layout
+        self.formats = formats
+        self.quiet_seconds = quiet_seconds
+        self.registry_kind = registry_kind
+        self.clock = clock
+
+    def ingest(self, candidate: Candidate, complete: bool = False) -> IngestResult:
+        """Take ``candidate`` if it is new and complete.
+
+        :param complete: the folder was renamed into place, so it is complete now;
+            otherwise it must have been quiet for ``quiet_seconds``.
+        """
+        try:
+            seen = observe(candidate.path)
+        except FileNotFoundError:
+            return IngestResult("gone")
+        with self.store.session() as session:
+            latest = queries.latest_checkpoint(session, candidate.model, candidate.version)
+            if latest is not None and latest.fingerprint == seen.fingerprint:
+                return IngestResult("unchanged", latest.id)
+        now = self.clock()
+        if not complete and now - seen.newest_mtime < self.quiet_seconds:
+            return IngestResult("wait", retry_at=seen.newest_mtime + self.quiet_seconds)
+        staging = self.layout.incoming / f"{candidate.model}-{uuid.uuid4().hex[:12]}"
+        try:
+            copy_files(candidate.path, seen.files, staging)
+            after = observe(candidate.path)
+        except FileNotFoundError:
+            shutil.rmtree(staging, ignore_errors=True)
+            return IngestResult("wait", retry_at=now + self.quiet_seconds)
+        if after.fingerprint != seen.fingerprint:
+            # Written to while we copied: the copy may be a mix; look again once quiet.
+            shutil.rmtree(staging, ignore_errors=True)
+            return IngestResult("wait", retry_at=self.clock() + self.quiet_seconds)
+        digest = content_hash(staging, seen.files)
+        snapshot = self.layout.snapshot(candidate.model, digest)
+        if snapshot.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            snapshot.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(snapshot)
+        return self._record(candidate, seen, digest, snapshot)
+
+    def _record(self, candidate, seen, digest, snapshot) -> IngestResult:
+        with self.store.session() as session:
+            existing = queries.checkpoint_by_key(session, candidate.model, candidate.version, digest)
+            if existing is not None:
+                # Touched but not changed: remember the new stat signature, nothing to do.
+                existing.fingerprint = seen.fingerprint
+                session.commit()
+                return IngestResult("unchanged", existing.id)
+            fmt = detect_format(self.formats, list(seen.files))
+            status, reason = "ingested", None
+            twin = queries.same_content(session, candidate.model, digest)
+            if seen.escaping_links:
+                status = "rejected"
+                reason = (
+                    f"{candidate.path}: symlink(s) {', '.join(seen.escaping_links)} point outside "
+                    "the checkpoint folder and are never followed; copy the files in instead"
+                )
+            elif not seen.files:
+                status, reason = "rejected", f"{candidate.path}: the version folder holds no files"
+            elif fmt is None:
+                status = "rejected"
+                reason = (
+                    f"{candidate.path}: no supported model file among {list(seen.files)[:10]}; expected "
+                    "model.onnx, a Hugging Face folder (config.json + *.safetensors), "
+                    "*.safetensors or a state dict .pt/.pth"
+                )
+            elif twin is not None:
+                status = "duplicate"
+                reason = f"same content as {twin.model}/{twin.version}, which is processed already"
+            checkpoint = Checkpoint(
+                model=candidate.model, version=candidate.version, registry_kind=self.registry_kind,
+                source_uri=candidate.uri, format=fmt.name if fmt else None, content_hash=digest,
+                size_bytes=seen.size_bytes, fingerprint=seen.fingerprint, status=status, reason=reason,
+                snapshot_path=str(snapshot),
+            )
+            session.add(checkpoint)
+            try:
+                session.flush()
+                if status == "ingested":
+                    queries.add_job(session, "inspect", checkpoint.id, None, None)
+                session.commit()
+            except IntegrityError:
+                # Another daemon on the same database recorded it first.
+                session.rollback()
+                return IngestResult("unchanged")
+            log.info(
+                "checkpoint %s/%s %s (%s, %s)", candidate.model, candidate.version, status,
+                fmt.name if fmt else "no format", digest[:16], extra={"model": candidate.model},
+            )
+            return IngestResult("taken", checkpoint.id)

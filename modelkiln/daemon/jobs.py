@@ -1,0 +1,186 @@
+"""What a job means: the phases it runs, and how its outcome is recorded.
+
+An ``inspect`` job loads a checkpoint and records its reference outputs; on success the
+planner adds one ``variant`` job per (target, runtime, recipe). A ``variant`` job builds
+the artifact into a staging folder, measures it there, writes ``variant.json`` and only
+then renames the folder into place: a final variant folder is always complete. If that
+folder already exists (a job repeated after a crash), it is recorded as it stands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from ..plugins.recipes import parse_recipe
+from ..store import queries
+from ..store.models import Checkpoint, Job, Variant, utcnow
+from ..targets.quality import relative_drop
+from .executor import Outcome, Phase
+from .layout import VARIANT_FILE, Layout
+
+log = logging.getLogger(__name__)
+
+
+class JobBook:
+    """Turns jobs into phases and outcomes into catalogue rows. Runs in the daemon."""
+
+    def __init__(self, config, catalog, layout: Layout):
+        self.config = config
+        self.catalog = catalog
+        self.layout = layout
+
+    # -- planning ---------------------------------------------------------------------
+
+    def plan(self, session, checkpoint: Checkpoint) -> int:
+        """Add a variant and a job for every (target, runtime, recipe); idempotent."""
+        added = 0
+        for target_name, target in self.config.targets.items():
+            for runtime in target.runtimes:
+                for text in target.recipes:
+                    recipe = parse_recipe(text, self.catalog.steps, f"targets.{target_name}.recipes")
+                    variant, created = queries.get_or_add_variant(
+                        session, checkpoint.id, target_name, runtime, recipe.text
+                    )
+                    if created:
+                        queries.add_job(session, "variant", checkpoint.id, variant.id, target_name)
+                        added += 1
+        return added
+
+    # -- phases -------------------------------------------------------------------------
+
+    def _base_spec(self, checkpoint: Checkpoint) -> dict:
+        arch = self.config.architectures.get(checkpoint.model)
+        return {
+            "model": checkpoint.model,
+            "checkpoint_dir": checkpoint.snapshot_path,
+            "architecture": asdict(arch) if arch else None,
+            "enabled": list(self.config.plugins.enabled),
+            "disabled": list(self.config.plugins.disabled),
+        }
+
+    def phases(self, session, job: Job) -> list[Phase] | None:
+        """The phases to run, or None when the job's result already exists on disk."""
+        checkpoint = session.get(Checkpoint, job.checkpoint_id)
+        spec = self._base_spec(checkpoint)
+        reference = self.layout.reference(checkpoint.model, checkpoint.content_hash)
+        if job.kind == "inspect":
+            spec.update(work_dir=str(reference), sample_count=self.config.measure.sample_count)
+            return [Phase("inspect", spec)]
+        variant = session.get(Variant, job.variant_id)
+        final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target,
+                                    variant.runtime, variant.recipe)
+        if (final / VARIANT_FILE).exists():
+            return None
+        target = self.config.targets[variant.target]
+        staging = self.layout.staging(final, job.id)
+        shutil.rmtree(staging, ignore_errors=True)
+        spec.update(
+            reference_dir=str(reference),
+            work_dir=str(self.layout.job_work(job.id) / "steps"),
+            out_dir=str(staging),
+            runtime=variant.runtime,
+            recipe=variant.recipe,
+            target={"name": variant.target, "device": target.device, "threads": target.threads,
+                    "batch_sizes": list(target.batch_sizes)},
+            measure=asdict(self.config.measure),
+        )
+        return [Phase("build", spec), Phase("measure", spec)]
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def record(self, session, job: Job, outcome: Outcome | None) -> Checkpoint:
+        """Record an ended job (``outcome`` None: its variant folder already exists)."""
+        checkpoint = session.get(Checkpoint, job.checkpoint_id)
+        if job.kind == "inspect":
+            self._record_inspect(session, job, checkpoint, outcome)
+        else:
+            self._record_variant(session, job, checkpoint, outcome)
+        return checkpoint
+
+    def _record_inspect(self, session, job, checkpoint, outcome: Outcome) -> None:
+        result = outcome.results[-1] if outcome.results else {}
+        if outcome.status == "ready":
+            checkpoint.status = "ready"
+            checkpoint.format = result["format"]
+            checkpoint.info = {k: result[k] for k in ("inputs", "quality_metric", "baseline_quality", "samples", "info")}
+            queries.finish_job(session, job, "succeeded")
+            self.plan(session, checkpoint)
+        elif outcome.status == "rejected":
+            checkpoint.status = "rejected"
+            checkpoint.reason = outcome.reason
+            queries.finish_job(session, job, "succeeded")
+        else:
+            checkpoint.status = "failed"
+            checkpoint.reason = outcome.reason
+            queries.finish_job(session, job, "failed", outcome.reason)
+
+    def _record_variant(self, session, job, checkpoint, outcome: Outcome | None) -> None:
+        variant = session.get(Variant, job.variant_id)
+        final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target,
+                                    variant.runtime, variant.recipe)
+        staging = self.layout.staging(final, job.id)
+        if outcome is not None and outcome.status != "measured":
+            shutil.rmtree(staging, ignore_errors=True)
+            variant.status = "skipped" if outcome.status == "skipped" else "failed"
+            variant.reason = outcome.reason
+            variant.finished_at = utcnow()
+            queries.finish_job(session, job, variant.status, outcome.reason)
+            return
+        if outcome is not None:
+            built, measured = outcome.results
+            document = self._variant_document(checkpoint, variant, built, measured)
+            (staging / VARIANT_FILE).write_text(json.dumps(document, indent=2))
+            if final.exists():
+                shutil.rmtree(staging, ignore_errors=True)  # a repeated job lost the race
+            else:
+                staging.rename(final)
+        document = json.loads((final / VARIANT_FILE).read_text())
+        self._apply_document(session, variant, final, document)
+        queries.finish_job(session, job, "succeeded")
+
+    def _variant_document(self, checkpoint, variant, built, measured) -> dict:
+        """``variant.json``: enough for serving code and for rebuilding the catalogue row."""
+        baseline = measured["baseline_quality"]
+        return {
+            "model": checkpoint.model,
+            "version": checkpoint.version,
+            "checkpoint": {"content_hash": checkpoint.content_hash, "source": checkpoint.source_uri,
+                           "format": checkpoint.format},
+            "target": variant.target,
+            "runtime": variant.runtime,
+            "file": built["file"],
+            "recipe": variant.recipe or "baseline",
+            "lineage": built["lineage"],
+            "inputs": checkpoint.info["inputs"],
+            "metrics": {
+                "quality_metric": measured["quality_metric"],
+                "quality": measured["quality"],
+                "baseline_quality": baseline,
+                "quality_delta": measured["quality"] - baseline,
+                "relative_quality_drop": relative_drop(measured["quality"], baseline),
+                "size_bytes": measured["size_bytes"],
+                "batches": measured["measurements"],
+            },
+            "timings": {**built["timings"], **measured["timings"]},
+        }
+
+    @staticmethod
+    def _apply_document(session, variant: Variant, final: Path, document: dict) -> None:
+        metrics = document["metrics"]
+        variant.status = "succeeded"
+        variant.reason = None
+        variant.artifact_path = str(final)
+        variant.artifact_file = document["file"]
+        variant.size_bytes = metrics["size_bytes"]
+        variant.quality_metric = metrics["quality_metric"]
+        variant.quality = metrics["quality"]
+        variant.baseline_quality = metrics["baseline_quality"]
+        variant.quality_delta = metrics["quality_delta"]
+        variant.lineage = document["lineage"]
+        variant.timings = document["timings"]
+        variant.finished_at = utcnow()
+        queries.replace_measurements(session, variant, metrics["batches"])

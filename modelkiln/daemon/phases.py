@@ -1,0 +1,268 @@
+"""What runs inside a worker process: inspect a checkpoint, build a variant, measure it.
+
+Each phase takes a JSON-able spec and returns a JSON-able result; it runs in its own
+fresh process (forked from a pre-warmed server), so a crash, a hang or a leak in model
+loading or plugin code costs one job, never the daemon. Build and measure are separate
+processes so that what a build allocated never inflates a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ArchitectureConfig
+from ..errors import CheckpointRejected, StepNotApplicable
+from ..plugins.api import InputSpec, LoadContext, StepContext
+from ..plugins.manager import build_catalog
+from ..plugins.recipes import parse_recipe
+from ..registry.data import load_calibration, load_eval
+from ..registry.formats import detect_format
+from ..targets import harness
+from ..targets.quality import choose_metric, score
+
+REFERENCE_FILE = "reference.npz"
+INSPECT_FILE = "inspect.json"
+# Eval rows used for a quality score: enough for a stable accuracy, bounded for big sets.
+MAX_EVAL_ROWS = 4096
+_INFER_CHUNK = 64
+
+
+def _catalog(spec):
+    return build_catalog(spec.get("enabled", ()), spec.get("disabled", ()))
+
+
+def _load(spec, catalog, fmt_name: str | None = None):
+    directory = Path(spec["checkpoint_dir"])
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    fmt = (
+        next((f for f in catalog.formats if f.name == fmt_name), None)
+        if fmt_name
+        else detect_format(catalog.formats, files)
+    )
+    if fmt is None:
+        raise CheckpointRejected(
+            f"{directory}: no supported model file among {files[:10]}; expected model.onnx, a "
+            "Hugging Face folder (config.json + *.safetensors), *.safetensors or a state dict .pt/.pth"
+        )
+    arch = spec.get("architecture")
+    context = LoadContext(spec["model"], ArchitectureConfig(**arch) if arch else None)
+    return fmt.load(directory, context)
+
+
+def _run_source(loaded, arrays: dict) -> np.ndarray:
+    """Outputs of the original checkpoint, in chunks: the reference every variant meets."""
+    if loaded.module is not None:
+        import torch
+
+        def run(batch):
+            with torch.inference_mode():
+                return loaded.module(*(torch.from_numpy(v) for v in batch.values())).float().numpy()
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
+
+        def run(batch):
+            return np.asarray(session.run(None, batch)[0])
+
+    return _chunked(run, arrays)
+
+
+def _chunked(run, arrays: dict) -> np.ndarray:
+    total = len(next(iter(arrays.values())))
+    parts = []
+    for start in range(0, total, _INFER_CHUNK):
+        parts.append(np.asarray(run({k: np.ascontiguousarray(v[start:start + _INFER_CHUNK]) for k, v in arrays.items()})))
+    return np.concatenate(parts)
+
+
+def _generate(inputs: list[InputSpec], count: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in inputs:
+        shape = (count, *spec.shape[1:])
+        if np.dtype(spec.dtype).kind in "iu":
+            out[spec.name] = rng.integers(0, spec.high or 2, size=shape).astype(spec.dtype)
+        else:
+            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return out
+
+
+def _resolve_inputs(loaded, eval_data, calibration, directory: Path) -> list[InputSpec]:
+    data = eval_data if eval_data is not None else calibration
+    if data is None:
+        if not loaded.inputs:
+            raise CheckpointRejected(
+                f"{directory}: the model's input shape is unknown; set input_shape in its "
+                "[architectures.<model>] table or ship eval.npz / calibration.npz"
+            )
+        return loaded.inputs
+    array = data["inputs"]
+    if not loaded.inputs:
+        return [InputSpec("input", (-1, *array.shape[1:]), array.dtype.name)]
+    if len(loaded.inputs) != 1:
+        raise CheckpointRejected(
+            f"{directory}: eval/calibration data holds one input array but the model takes "
+            f"{len(loaded.inputs)} inputs"
+        )
+    (spec,) = loaded.inputs
+    fixed = [d for d in spec.shape[1:]]
+    if loaded.format != "onnx" and spec.dtype.startswith("int") and len(fixed) == len(array.shape[1:]):
+        fixed = list(array.shape[1:])  # token sequences: the data decides the length
+    if list(array.shape[1:]) != fixed and loaded.format != "onnx":
+        raise CheckpointRejected(
+            f"{directory}: data inputs have shape {array.shape[1:]} per row but the model "
+            f"takes {tuple(spec.shape[1:])}"
+        )
+    return [InputSpec(spec.name, (-1, *array.shape[1:]), spec.dtype, spec.high)]
+
+
+def inspect_checkpoint(spec: dict) -> dict:
+    """Load the checkpoint safely, settle its inputs, and record the reference outputs."""
+    started = time.perf_counter()
+    catalog = _catalog(spec)
+    directory = Path(spec["checkpoint_dir"])
+    loaded = _load(spec, catalog)
+    eval_data = load_eval(directory)
+    calibration = load_calibration(directory)
+    inputs = _resolve_inputs(loaded, eval_data, calibration, directory)
+    count = spec["sample_count"]
+    if eval_data is not None:
+        source = eval_data["inputs"][:MAX_EVAL_ROWS]
+    elif calibration is not None:
+        source = calibration["inputs"][:count]
+    else:
+        source = None
+    if source is not None:
+        samples = {inputs[0].name: np.ascontiguousarray(source.astype(inputs[0].dtype))}
+    else:
+        samples = _generate(inputs, count)
+    try:
+        reference = _run_source(loaded, samples)
+    except Exception as exc:
+        raise CheckpointRejected(f"{directory}: the model fails on its sample inputs ({exc})") from None
+    labels = eval_data["labels"][:MAX_EVAL_ROWS] if eval_data is not None else None
+    metric = choose_metric(reference, labels)
+    baseline_quality = score(metric, reference, reference, labels)
+    arrays = {f"input:{k}": v for k, v in samples.items()}
+    arrays["reference"] = reference
+    if labels is not None:
+        arrays["labels"] = labels
+    if calibration is not None:
+        arrays["calibration"] = calibration["inputs"]
+    work = Path(spec["work_dir"])
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(work / REFERENCE_FILE, **arrays)
+    result = {
+        "status": "ready",
+        "format": loaded.format,
+        "inputs": [dict(name=i.name, shape=list(i.shape), dtype=i.dtype, high=i.high) for i in inputs],
+        "quality_metric": metric,
+        "baseline_quality": baseline_quality,
+        "samples": int(len(reference)),
+        "info": loaded.info,
+        "seconds": time.perf_counter() - started,
+    }
+    (work / INSPECT_FILE).write_text(json.dumps(result))
+    return result
+
+
+def _reference(spec) -> tuple[dict, dict]:
+    work = Path(spec["reference_dir"])
+    inspected = json.loads((work / INSPECT_FILE).read_text())
+    with np.load(work / REFERENCE_FILE, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return inspected, arrays
+
+
+def build_variant(spec: dict) -> dict:
+    """Prepare the checkpoint for the runtime, apply the recipe's steps, save the artifact."""
+    t0 = time.perf_counter()
+    catalog = _catalog(spec)
+    inspected, arrays = _reference(spec)
+    runtime = catalog.runtimes.get(spec["runtime"])
+    if runtime is None:
+        raise StepNotApplicable(f"runtime {spec['runtime']} is not installed on this host")
+    recipe = parse_recipe(spec["recipe"], catalog.steps)
+    loaded = _load(spec, catalog, inspected["format"])
+    loaded.inputs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i["high"]) for i in inspected["inputs"]]
+    samples = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("input:")}
+    calibration = {loaded.inputs[0].name: arrays["calibration"]} if "calibration" in arrays else None
+    work = Path(spec["work_dir"])
+    target = spec["target"]
+    context = StepContext(work, target["name"], target["device"], target["threads"], samples, calibration)
+    model = runtime.prepare(loaded, context)
+    t1 = time.perf_counter()
+    lineage = []
+    for step_ref in recipe.steps:
+        step = catalog.steps[step_ref.name]
+        if model.runtime not in step.runtimes:
+            raise StepNotApplicable(f"{step.name} does not handle the {model.runtime} runtime")
+        context.record = {}
+        s0 = time.perf_counter()
+        model = step.apply(model, dict(step_ref.params), context)
+        lineage.append({
+            "step": step.name, "params": dict(step_ref.params), "plugin": getattr(step, "plugin", ""),
+            "record": context.record, "seconds": time.perf_counter() - s0,
+        })
+    t2 = time.perf_counter()
+    out = Path(spec["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    file = runtime.save(model, out)
+    t3 = time.perf_counter()
+    return {
+        "status": "built", "file": file, "lineage": lineage,
+        "timings": {"prepare_seconds": t1 - t0, "step_seconds": t2 - t1, "save_seconds": t3 - t2},
+    }
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def measure_variant(spec: dict) -> dict:
+    """Load the artifact as serving code would, score its quality, time it per batch size."""
+    t0 = time.perf_counter()
+    catalog = _catalog(spec)
+    inspected, arrays = _reference(spec)
+    runtime = catalog.runtimes[spec["runtime"]]
+    target = spec["target"]
+    out = Path(spec["out_dir"])
+    rss_before = harness.current_rss_bytes()
+    run = runtime.load(out, spec["file"], target["device"], target["threads"])
+    samples = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("input:")}
+    outputs = _chunked(run, samples)
+    metric = inspected["quality_metric"]
+    quality = score(metric, outputs.astype(np.float32), arrays["reference"].astype(np.float32), arrays.get("labels"))
+    settings = spec["measure"]
+    measurements = []
+    for batch_size in target["batch_sizes"]:
+        timing = harness.time_runs(
+            run, harness.batch_of(samples, batch_size),
+            warmup_runs=settings["warmup_runs"], min_runs=settings["min_runs"],
+            stability=settings["stability"], max_seconds=settings["max_seconds"],
+        )
+        timing["batch_size"] = batch_size
+        timing["throughput_per_s"] = batch_size * 1000.0 / timing["latency_p50_ms"]
+        timing["peak_memory_bytes"] = max(0, harness.peak_rss_bytes() - rss_before)
+        measurements.append(timing)
+    return {
+        "status": "measured",
+        "quality_metric": metric,
+        "quality": quality,
+        "baseline_quality": inspected["baseline_quality"],
+        "size_bytes": _dir_size(out),
+        "measurements": measurements,
+        "timings": {"measure_seconds": time.perf_counter() - t0},
+    }
+
+
+PHASES = {
+    "inspect": inspect_checkpoint,
+    "build": build_variant,
+    "measure": measure_variant,
+}

@@ -1,0 +1,100 @@
+"""Promotion: record the policy's choice, then swap the served link atomically.
+
+The database is the truth and the link follows it: the promotion row is committed
+first, then ``promoted/<model>/<target>`` is replaced by a rename of a fresh symlink. A
+crash between the two is repaired at the next start by ``sync_links``. The decision key
+``auto:<checkpoint>:<target>`` makes a second decision for the same checkpoint a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+
+from .. import policy as builtin_policy
+from ..plugins.manager import notify
+from ..store import queries, views
+from ..store.models import Checkpoint, Promotion
+
+log = logging.getLogger(__name__)
+
+
+def swap_link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)  # rename(2): readers see the old link or the new, never none
+
+
+class Promoter:
+    def __init__(self, config, manager, promoted_root: Path):
+        self.config = config
+        self.manager = manager
+        self.root = promoted_root
+
+    def link(self, model: str, target: str) -> Path:
+        return self.root / model / target
+
+    def consider(self, session, checkpoint: Checkpoint, target: str) -> Promotion | None:
+        """Promote for (checkpoint's model, target) once every variant job there has ended."""
+        if queries.variant_jobs_open(session, checkpoint.id, target):
+            return None
+        key = f"auto:{checkpoint.id}:{target}"
+        if queries.promotion_by_key(session, key) is not None:
+            return None
+        current = queries.current_promotion(session, checkpoint.model, target)
+        if current is not None and current.checkpoint_id > checkpoint.id:
+            log.info("%s/%s: a newer checkpoint is already promoted on %s; not promoting",
+                     checkpoint.model, checkpoint.version, target)
+            return None
+        candidates = []
+        for variant in queries.variants_of(session, checkpoint.id, target):
+            if variant.status != "succeeded":
+                continue
+            candidate = views.variant_dict(variant)
+            candidate["within_tolerance"] = builtin_policy.within_tolerance(candidate, self.config.policy)
+            candidates.append(candidate)
+        chosen = self.manager.hook.kiln_choose_variant(candidates=candidates, policy=self.config.policy)
+        how = "plugin policy"
+        if chosen is None:
+            chosen = builtin_policy.choose(candidates, self.config.policy)
+            how = (f"lowest {self.config.policy.objective} at batch {self.config.policy.objective_batch_size} "
+                   f"within {self.config.policy.max_quality_drop:.2%} of baseline quality")
+        if chosen is None:
+            log.warning("%s/%s: no variant on %s meets the policy; nothing promoted",
+                        checkpoint.model, checkpoint.version, target)
+            return None
+        promotion = Promotion(model=checkpoint.model, target=target, variant_id=chosen["id"],
+                              checkpoint_id=checkpoint.id, decision_key=key, reason=how)
+        session.add(promotion)
+        try:
+            session.commit()
+        except IntegrityError:  # another daemon decided first
+            session.rollback()
+            return None
+        self.publish(promotion)
+        log.info("promoted %s/%s on %s: %s", checkpoint.model, checkpoint.version, target, chosen["variant"])
+        notify(self.manager, "kiln_variant_promoted", promotion=self.describe(promotion))
+        return promotion
+
+    def describe(self, promotion: Promotion) -> dict:
+        return views.promotion_dict(promotion, str(self.link(promotion.model, promotion.target)))
+
+    def publish(self, promotion: Promotion) -> None:
+        swap_link(self.link(promotion.model, promotion.target), Path(promotion.variant.artifact_path))
+
+    def sync_links(self, session) -> int:
+        """Make every promoted link point where the newest promotion says; returns fixes."""
+        fixed = 0
+        for promotion in queries.current_promotions(session):
+            link = self.link(promotion.model, promotion.target)
+            want = Path(promotion.variant.artifact_path)
+            if not link.is_symlink() or Path(os.readlink(link)) != want:
+                self.publish(promotion)
+                fixed += 1
+        return fixed

@@ -1,0 +1,338 @@
+"""The daemon: one loop that reads its inbox, ingests, leases, runs and records.
+
+    start()      open the store (refusing an outdated schema), load plugins, recover
+                 jobs a killed predecessor left running, repair promoted links, start
+                 the worker fork server, the watcher and the scheduler
+    run_once()   drain the inbox (events, scheduled ticks), ingest what is due, reap
+                 finished jobs and record them, lease new ones, renew leases
+    stop(t)      stop taking work, let running jobs finish for up to t seconds, hand
+                 the rest back to pending, shut everything down
+
+Signal handlers only record the signal; the loop acts on it. A second SIGTERM/SIGINT
+forces the stop. All database writes happen on the loop's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import time
+import uuid
+
+from ..errors import ConfigError
+from ..plugins.manager import catalog_for, notify
+from ..plugins.recipes import parse_recipe
+from ..registry.directory import Candidate
+from ..store import queries, views
+from ..store.db import open_store
+from ..store.models import Checkpoint, Job, Variant
+from .executor import Executor
+from .ingest import Ingestor
+from .jobs import JobBook
+from .layout import Layout
+from .promoter import Promoter
+from .scheduler import Scheduler
+from .watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_SECONDS = 5.0
+BUSY_WAIT_SECONDS = 0.1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Daemon:
+    def __init__(self, config, *, watch: bool = True, schedule: bool = True, extra_plugins=(),
+                 clock=time.monotonic, wall_clock=time.time, preload: bool = True):
+        self.config = config
+        self.watch = watch
+        self.schedule = schedule
+        self.extra_plugins = extra_plugins
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.preload = preload
+        self.id = uuid.uuid4().hex[:8]
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.inbox: queue.Queue = queue.Queue()
+        self.stopping = False
+        self._signals = 0
+        self._due: dict[tuple[str, str], tuple[float, Candidate]] = {}
+        self._next_heartbeat = 0.0
+        self.watcher = self.scheduler = None
+        self.started = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        config = self.config
+        self.store = open_store(config)
+        self.catalog = catalog_for(config, self.extra_plugins)
+        self._check_config()
+        self.layout = Layout(config.artifacts_path)
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        config.promoted_path.mkdir(parents=True, exist_ok=True)
+        self.book = JobBook(config, self.catalog, self.layout)
+        self.promoter = Promoter(config, self.catalog.manager, config.promoted_path)
+        self.registry = self.catalog.registry_kinds[config.registry.kind](config)
+        self.ingestor = Ingestor(self.store, self.layout, self.catalog.formats, config.registry.quiet_seconds,
+                                 config.registry.kind, clock=self.wall_clock)
+        self.available_targets = self._available_targets()
+        self._recover()
+        self.executor = Executor(config.workers.count, config.workers.job_timeout_seconds, clock=self.clock)
+        self.executor.start(preload=self.preload)
+        if self.watch:
+            self.watcher = Watcher(self.registry, self.inbox)
+            self.watcher.start()
+        if self.schedule:
+            self.scheduler = Scheduler(self.id, self.inbox, config.registry.rescan_seconds,
+                                       config.workers.lease_seconds)
+            self.scheduler.start()
+        self.inbox.put(("rescan", None))
+        self.started = True
+        log.info("daemon %s started: registry %s, targets %s", self.owner, self.registry.path,
+                 ", ".join(self.available_targets) or "none available")
+
+    def _check_config(self) -> None:
+        file = self.config.source
+        kinds = self.catalog.registry_kinds
+        if self.config.registry.kind not in kinds:
+            raise ConfigError(f"{file}: registry.kind {self.config.registry.kind!r} is not installed "
+                              f"(installed: {', '.join(sorted(kinds))})")
+        for name, target in self.config.targets.items():
+            for runtime in target.runtimes:
+                if runtime not in self.catalog.runtimes:
+                    raise ConfigError(f"{file}: targets.{name}.runtimes names {runtime!r}, which no "
+                                      f"plugin provides (installed: {', '.join(sorted(self.catalog.runtimes))})")
+            for text in target.recipes:
+                parse_recipe(text, self.catalog.steps, f"{file}: targets.{name}.recipes")
+
+    def _available_targets(self) -> list[str]:
+        available = []
+        for name, target in self.config.targets.items():
+            reasons = [self.catalog.runtimes[r].unavailable_reason(target.device) for r in target.runtimes]
+            reasons = [r for r in reasons if r]
+            if reasons:
+                log.warning("target %s is unavailable on this host (%s); its jobs wait for a host "
+                            "that has it", name, "; ".join(reasons))
+            else:
+                available.append(name)
+        return available
+
+    def _recover(self) -> None:
+        """Jobs a dead daemon of this host left running go back to pending now, not after
+        their lease runs out; then links and promotions are brought in line with the DB."""
+        host = socket.gethostname()
+        with self.store.session() as session:
+            dead = [
+                owner for owner in queries.running_owners(session)
+                if owner and owner.rsplit(":", 1)[0] == host
+                and (int(owner.rsplit(":", 1)[1]) == os.getpid() or not _pid_alive(int(owner.rsplit(":", 1)[1])))
+            ]
+            if dead:
+                n = queries.requeue_jobs(session, queries.owned_by(dead), self.config.workers.max_attempts,
+                                         "the daemon running it stopped")
+                log.info("returned %d job(s) of a stopped daemon to pending", n)
+            for checkpoint in queries.checkpoints(session):
+                if checkpoint.status in ("ready", "done"):
+                    self.book.plan(session, checkpoint)
+            session.commit()
+            for checkpoint in queries.checkpoints(session):
+                if checkpoint.status == "ready":
+                    self._after_job(session, checkpoint, None)
+            self.promoter.sync_links(session)
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._signals += 1
+            self.stopping = True
+            if self._signals > 1:
+                raise KeyboardInterrupt  # second signal: stop now
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run_forever(self) -> None:
+        while not self.stopping:
+            self.run_once(self._wait_seconds())
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ordered shutdown: stop sources of new work, drain, hand back, close."""
+        if not self.started:
+            return
+        self.stopping = True
+        # 1. No new hints or ticks.
+        if self.watcher:
+            self.watcher.stop()
+        if self.scheduler:
+            self.scheduler.stop()
+        # 2. Running jobs may finish and be recorded within the timeout.
+        deadline = self.clock() + timeout
+        while self.executor.running_jobs and self.clock() < deadline:
+            self._reap()
+            time.sleep(BUSY_WAIT_SECONDS)
+        # 3. What is still running is killed and returned to pending for the next start.
+        unfinished = self.executor.stop(0)
+        with self.store.session() as session:
+            queries.release_jobs(session, self.owner, unfinished, "the daemon stopped before it finished")
+        self.store.dispose()
+        self.started = False
+        log.info("daemon %s stopped (%d job(s) handed back)", self.owner, len(unfinished))
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _wait_seconds(self) -> float:
+        if self.executor.running_jobs:
+            return BUSY_WAIT_SECONDS
+        wait = IDLE_WAIT_SECONDS
+        if self._due:
+            wait = min(wait, max(0.0, min(t for t, _ in self._due.values()) - self.wall_clock()))
+        return wait
+
+    def run_once(self, timeout: float = 0.0) -> None:
+        self._drain(timeout)
+        self._ingest_due()
+        self._reap()
+        if not self.stopping:
+            self._lease()
+        self._heartbeat()
+
+    def _drain(self, timeout: float) -> None:
+        messages = []
+        try:
+            messages.append(self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait())
+            while True:
+                messages.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        rescan = False
+        for kind, payload in messages:
+            if kind == "rescan":
+                rescan = True
+            elif kind == "hint":
+                self._take(Candidate(payload.model, payload.version, self.registry.path / payload.model / payload.version),
+                           complete=payload.complete)
+            elif kind == "expire_leases":
+                with self.store.session() as session:
+                    queries.requeue_jobs(session, queries.expired_condition(), self.config.workers.max_attempts,
+                                         "its lease expired (worker or daemon killed)")
+            elif kind == "cleanup":
+                self._cleanup()
+        if rescan:
+            self.reconcile()
+
+    def reconcile(self) -> None:
+        """Compare the registry with the catalogue; ingest what events missed."""
+        for candidate in self.registry.scan():
+            self._take(candidate, complete=False)
+
+    def ingest_path(self, candidate: Candidate) -> int | None:
+        """Take a folder that is known complete now (``kiln optimize``)."""
+        return self._take(candidate, complete=True)
+
+    def _take(self, candidate: Candidate, complete: bool) -> int | None:
+        try:
+            result = self.ingestor.ingest(candidate, complete=complete)
+        except OSError as exc:
+            log.error("%s/%s: cannot ingest %s: %s", candidate.model, candidate.version, candidate.path, exc)
+            return None
+        key = (candidate.model, candidate.version)
+        if result.outcome == "wait":
+            self._due[key] = (result.retry_at, candidate)
+        else:
+            self._due.pop(key, None)
+        return result.checkpoint_id
+
+    def _ingest_due(self) -> None:
+        now = self.wall_clock()
+        for key, (when, candidate) in list(self._due.items()):
+            if when <= now:
+                del self._due[key]
+                self._take(candidate, complete=False)
+
+    def _lease(self) -> None:
+        slots = self.executor.free_slots
+        if slots <= 0:
+            return
+        with self.store.session() as session:
+            jobs = queries.lease_jobs(session, self.owner, self.available_targets, slots,
+                                      self.config.workers.lease_seconds)
+            for job in jobs:
+                phases = self.book.phases(session, job)
+                if phases is None:  # its result is on disk already (a job repeated after a crash)
+                    self._finish(session, job, None)
+                    continue
+                log.info("job %d (%s) started: %s", job.id, job.key, self._describe(session, job))
+                self.executor.submit(job.id, phases, self.layout.job_work(job.id))
+
+    def _reap(self) -> None:
+        outcomes = self.executor.poll()
+        if not outcomes:
+            return
+        with self.store.session() as session:
+            for outcome in outcomes:
+                job = session.get(Job, outcome.job_id)
+                if job.lease_owner != self.owner or job.state != "running":
+                    # Our lease expired and another daemon took the job: its result wins.
+                    log.warning("job %d ended after its lease was lost; result discarded", job.id)
+                    continue
+                self._finish(session, job, outcome)
+
+    def _finish(self, session, job: Job, outcome) -> None:
+        checkpoint = self.book.record(session, job, outcome)
+        session.commit()
+        status = outcome.status if outcome else "existing"
+        log.info("job %d (%s) ended: %s%s", job.id, self._describe(session, job), status,
+                 f" ({outcome.reason})" if outcome and outcome.reason else "")
+        if job.kind == "variant":
+            variant = views.variant_dict(session.get(Variant, job.variant_id))
+            notify(self.catalog.manager, "kiln_variant_measured", variant=variant)
+        self._after_job(session, checkpoint, job)
+        if job.state == "succeeded" or outcome is None:
+            # Failed jobs keep their folder: worker.log says what happened.
+            shutil.rmtree(self.layout.job_work(job.id), ignore_errors=True)
+
+    def _after_job(self, session, checkpoint: Checkpoint, job: Job | None) -> None:
+        targets = [job.target] if job is not None and job.target else list(self.config.targets)
+        if checkpoint.status == "ready":
+            for target in targets:
+                self.promoter.consider(session, checkpoint, target)
+            if not queries.open_jobs_for(session, checkpoint.id):
+                checkpoint.status = "done"
+                session.commit()
+
+    def _heartbeat(self) -> None:
+        now = self.clock()
+        running = self.executor.running_jobs
+        if not running or now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.config.workers.lease_seconds / 3
+        with self.store.session() as session:
+            queries.renew_leases(session, self.owner, running, self.config.workers.lease_seconds)
+
+    def _cleanup(self) -> None:
+        """Remove staging folders no running job owns (left by a killed daemon)."""
+        running = {f"job{j}" for j in self.executor.running_jobs}
+        for staging in self.layout.root.glob("*/*/*/.tmp-*"):
+            if not any(staging.name.endswith(r) for r in running):
+                shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _describe(session, job: Job) -> str:
+        checkpoint = session.get(Checkpoint, job.checkpoint_id)
+        text = f"model={checkpoint.model} version={checkpoint.version}"
+        if job.variant_id is not None:
+            variant = session.get(Variant, job.variant_id)
+            text += f" target={variant.target} variant={views.variant_label(variant)}"
+        return text

@@ -1,0 +1,72 @@
+"""File-system events as hints. The handler filters and enqueues; it never raises.
+
+watchdog drops events when the kernel queue overflows and reports a folder before it is
+filled, so nothing here is trusted: an event only makes the daemon look sooner, and the
+periodic reconcile scan remains the source of truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from dataclasses import dataclass
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hint:
+    model: str
+    version: str
+    path: str
+    # True when the version folder itself (or its model folder) was renamed into place,
+    # which makes it complete now; False means "something changed in there".
+    complete: bool
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, registry, inbox: queue.Queue):
+        self.registry = registry
+        self.inbox = inbox
+
+    def on_any_event(self, event):
+        try:
+            if event.event_type in ("opened", "closed_no_write", "deleted"):
+                return
+            path = getattr(event, "dest_path", "") or event.src_path
+            moved_folder = event.event_type == "moved" and event.is_directory
+            for candidate in self.registry.locate(os.fsdecode(path)):
+                complete = moved_folder and os.path.abspath(os.fsdecode(path)) in (
+                    str(candidate.path), str(candidate.path.parent)
+                )
+                self.inbox.put(("hint", Hint(candidate.model, candidate.version, str(candidate.path), complete)))
+        except Exception:  # an exception here would stop watchdog's observer thread
+            log.exception("ignoring a file-system event that could not be handled")
+
+
+class Watcher:
+    def __init__(self, registry, inbox: queue.Queue):
+        self.registry = registry
+        self.inbox = inbox
+        self._observer = None
+
+    def start(self) -> None:
+        self.registry.path.mkdir(parents=True, exist_ok=True)
+        self._observer = Observer()
+        self._observer.schedule(_Handler(self.registry, self.inbox), str(self.registry.path), recursive=True)
+        self._observer.daemon = True
+        self._observer.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+            self._observer = None

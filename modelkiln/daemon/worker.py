@@ -1,0 +1,85 @@
+"""The entry point of a worker process: run one phase, write its result, exit.
+
+The result is written to a file (atomically) rather than sent over a pipe, so a parent
+that was killed and restarted can still read what a finished phase left behind, and a
+child that dies mid-way leaves no half-written answer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import traceback
+
+from ..errors import CheckpointRejected, StepNotApplicable
+
+_PR_SET_PDEATHSIG = 1
+
+# Modules the fork server imports once, so that each job's process starts warm.
+PRELOAD = [
+    "numpy",
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime.quantization",
+    "safetensors.torch",
+    "modelkiln.daemon.phases",
+    "modelkiln.registry.formats",
+    "modelkiln.targets.onnxrt",
+    "modelkiln.targets.torchrt",
+    "modelkiln.plugins.quantize",
+]
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent dies: a worker must not
+    outlive the daemon that leased its job and go on writing behind a restarted one."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _write_result(path: str, result: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_limit_mb: int = 0) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides; Ctrl-C is for it
+    log = open(log_path, "a", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    if memory_limit_mb:
+        import resource
+
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    from .phases import PHASES
+
+    try:
+        result = PHASES[phase](spec)
+    except CheckpointRejected as exc:
+        result = {"status": "rejected", "reason": str(exc)}
+    except StepNotApplicable as exc:
+        result = {"status": "skipped", "reason": str(exc)}
+    except MemoryError:
+        result = {"status": "failed", "reason": f"{phase}: out of memory (limit {memory_limit_mb} MB)"}
+    except BaseException as exc:  # noqa: BLE001 - SystemExit from a plugin fails the job too
+        traceback.print_exc()
+        result = {"status": "failed", "reason": f"{phase}: {type(exc).__name__}: {exc}"}
+    _write_result(result_path, result)
+    log.flush()
+    # Skip interpreter teardown: library atexit hooks are not ours to wait for.
+    os._exit(0)

@@ -1,0 +1,167 @@
+"""`kiln demo`: train a small real model, drop it into a watched folder, watch it promoted.
+
+The classifier is a multi-layer perceptron on scikit-learn's digits (shipped with the
+package, so nothing is downloaded), trained for a few seconds. ``digits_mlp`` is also
+the architecture factory the demo's config names for the safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+HIDDEN = 512
+DEMO_MODEL = "digits"
+
+DEMO_ARCHITECTURE = f"""
+# The demo's checkpoint is model.safetensors, built into this module by a factory.
+[architectures.{DEMO_MODEL}]
+factory = "modelkiln.demo:digits_mlp"
+input_shape = [64]
+input_dtype = "float32"
+"""
+
+
+def digits_mlp():
+    import torch.nn as nn
+
+    return nn.Sequential(
+        nn.Linear(64, HIDDEN), nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+        nn.Linear(HIDDEN, 10),
+    )
+
+
+def digits_data(seed: int = 0):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    split = int(len(x) * 0.8)
+    return (x[:split], y[:split]), (x[split:], y[split:])
+
+
+def train_digits(epochs: int = 15, seed: int = 0):
+    """Train ``digits_mlp``; returns (module, eval inputs, eval labels)."""
+    import torch
+
+    torch.manual_seed(seed)
+    (x_train, y_train), (x_eval, y_eval) = digits_data(seed)
+    model = digits_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt)).split(64):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            loss.backward()
+            optimizer.step()
+    return model.eval(), x_eval, y_eval
+
+
+def write_checkpoint(model, x_eval, y_eval, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    np.savez(directory / "eval.npz", inputs=x_eval, labels=y_eval)
+    np.savez(directory / "calibration.npz", inputs=x_eval[:128])
+
+
+def drop_checkpoint(staged: Path, registry: Path, model: str, version: str) -> Path:
+    """Rename a fully written folder into place: the watcher sees it complete at once."""
+    final = registry / model / version
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staged, final)
+    return final
+
+
+def stage_dir(registry: Path) -> Path:
+    # Staging inside the watched root keeps the final rename on one filesystem, and the
+    # leading dot keeps the registry from taking the half-written folder.
+    return registry / f".staging-{uuid.uuid4().hex[:8]}"
+
+
+def next_version(registry: Path, model: str) -> str:
+    existing = [int(p.name) for p in (registry / model).glob("*") if p.name.isdigit()]
+    return str(max(existing, default=0) + 1)
+
+
+def run_demo(directory: Path, echo, timeout: float = 600.0) -> int:
+    from .config import load_config, write_default_config
+    from .store import queries
+    from .store.db import open_store
+
+    config_file = directory / "kiln.toml"
+    if not config_file.exists():
+        write_default_config(directory, DEMO_ARCHITECTURE)
+        echo(f"wrote {config_file}")
+    config = load_config(config_file)
+    started = time.time()
+    echo("training a digits classifier (scikit-learn's digits, 64 -> 512 -> 512 -> 10)...")
+    model, x_eval, y_eval = train_digits()
+    echo(f"  trained in {time.time() - started:.1f} s")
+    log_path = directory / "kiln-serve.log"
+    echo(f"starting `kiln serve` (log: {log_path})")
+    env = {**os.environ, "KILN_CONFIG": str(config_file)}
+    with open(log_path, "ab") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "modelkiln", "serve"], env=env,
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        store = _wait_for_store(config, server, open_store, timeout=60)
+        registry = config.registry_path
+        version = next_version(registry, DEMO_MODEL)
+        staged = stage_dir(registry)
+        write_checkpoint(model, x_eval, y_eval, staged)
+        dropped = time.time()
+        final = drop_checkpoint(staged, registry, DEMO_MODEL, version)
+        echo(f"dropped checkpoint {final}")
+        promotion = _wait_for_promotion(store, queries, version, server, dropped + timeout)
+        echo(f"promoted in {time.time() - dropped:.1f} s after the drop\n")
+        return promotion
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        echo("daemon stopped")
+
+
+def _wait_for_store(config, server, open_store, timeout: float):
+    deadline = time.time() + timeout
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError("`kiln serve` exited early; see kiln-serve.log")
+        try:
+            return open_store(config)
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _wait_for_promotion(store, queries, version: str, server, deadline: float) -> int:
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("`kiln serve` exited before the promotion; see kiln-serve.log")
+        with store.session() as session:
+            checkpoint = next(
+                (c for c in reversed(queries.checkpoints(session, DEMO_MODEL)) if c.version == version), None
+            )
+            if checkpoint is not None and checkpoint.status in ("rejected", "failed"):
+                raise RuntimeError(f"checkpoint {DEMO_MODEL}/{version} {checkpoint.status}: {checkpoint.reason}")
+            if checkpoint is not None and checkpoint.status == "done":
+                return checkpoint.id
+        time.sleep(0.2)
+    raise TimeoutError("no promotion before the time limit; see kiln-serve.log and `kiln status`")

@@ -1,0 +1,104 @@
+"""Hook specifications: the API reference for plugin authors.
+
+A plugin is a module or object with functions decorated by ``modelkiln.hookimpl`` whose
+names match the hooks below. Install it with an entry point in the ``modelkiln`` group::
+
+    [project.entry-points.modelkiln]
+    my_plugin = "my_package.kiln_plugin"
+
+Hooks are always called with keyword arguments. Contribution hooks run in the daemon
+and in every worker process; event hooks run in the daemon only, each implementation
+inside its own try/except, so a broken plugin is logged by name and the daemon goes on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from ..config import PolicyConfig
+    from .api import CheckpointFormat, Runtime, Step
+
+hookspec = pluggy.HookspecMarker("modelkiln")
+
+
+# -- contributions: what the plugin adds ---------------------------------------------
+
+
+@hookspec
+def kiln_steps() -> list[Step]:
+    """Contribute optimization steps.
+
+    :returns: a list of ``modelkiln.plugins.api.Step`` instances. Step names are
+        ``family.variant`` (e.g. ``quantize.int8_dynamic``) and must be unique across
+        all plugins.
+    """
+
+
+@hookspec
+def kiln_runtimes() -> list[Runtime]:
+    """Contribute runtimes, the serving side of targets (e.g. ``onnxruntime``, ``torch``).
+
+    :returns: a list of ``modelkiln.plugins.api.Runtime`` instances; a target's
+        ``runtimes`` key names them.
+    """
+
+
+@hookspec
+def kiln_checkpoint_formats() -> list[CheckpointFormat]:
+    """Contribute checkpoint formats.
+
+    Formats are tried in registration order and the first whose ``detect`` accepts the
+    folder's file names loads it; loading runs in a worker process.
+
+    :returns: a list of ``modelkiln.plugins.api.CheckpointFormat`` instances.
+    """
+
+
+@hookspec
+def kiln_registry_kinds() -> dict[str, type]:
+    """Contribute registry kinds, the places checkpoints come from.
+
+    :returns: a mapping from the kind's name (the config's ``registry.kind``) to a class
+        built as ``cls(config)`` that offers ``scan()``, ``locate(path)`` and ``path``
+        like ``modelkiln.registry.directory.DirectoryRegistry``.
+    """
+
+
+# -- events: what the plugin reacts to ------------------------------------------------
+
+
+@hookspec
+def kiln_variant_measured(variant: dict) -> None:
+    """Called once a variant has been built and measured (or has failed or been skipped).
+
+    :param variant: the variant as ``kiln variants --json`` prints it: ``model``,
+        ``version``, ``target``, ``runtime``, ``recipe``, ``status`` and ``metrics``
+        or ``reason``.
+    """
+
+
+@hookspec
+def kiln_variant_promoted(promotion: dict) -> None:
+    """Called after a promotion has been recorded and the promoted link swapped.
+
+    :param promotion: as ``kiln promoted --json`` prints one entry: ``model``,
+        ``target``, ``variant``, ``recipe``, ``path`` and ``metrics``.
+    """
+
+
+# -- policy: which variant is served --------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def kiln_choose_variant(candidates: list[dict], policy: PolicyConfig) -> dict | None:
+    """Replace the promotion policy. The first implementation returning non-None wins;
+    when all return None the built-in policy (``modelkiln.policy``) decides.
+
+    :param candidates: every succeeded variant of one checkpoint on one target, each a
+        dict as in ``kiln_variant_measured`` with ``id`` and ``within_tolerance`` added.
+    :param policy: the configured ``[policy]`` table.
+    :returns: the chosen candidate (one of ``candidates``), or None to pass.
+    """

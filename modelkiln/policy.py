@@ -1,0 +1,40 @@
+"""Choosing what to promote: constraints first, then the objective.
+
+A candidate is a variant as ``kiln variants --json`` prints it. It is eligible when its
+quality is at most ``max_quality_drop`` (relative) below its baseline; among eligible
+candidates the lowest objective wins (p50 latency at the configured batch size), ties
+going to the smaller artifact. The baseline competes like any other variant.
+"""
+
+from __future__ import annotations
+
+from .config import PolicyConfig
+from .targets.quality import relative_drop
+
+# Float noise in a score must not turn an identical model into a rejected one.
+_EPSILON = 1e-9
+
+
+def within_tolerance(candidate: dict, policy: PolicyConfig) -> bool:
+    metrics = candidate.get("metrics") or {}
+    quality, baseline = metrics.get("quality"), metrics.get("baseline_quality")
+    if quality is None or baseline is None:
+        return False
+    return relative_drop(quality, baseline) <= policy.max_quality_drop + _EPSILON
+
+
+def objective_value(candidate: dict, policy: PolicyConfig) -> float | None:
+    for row in (candidate.get("metrics") or {}).get("batches", []):
+        if row["batch_size"] == policy.objective_batch_size:
+            return row.get(policy.objective)
+    return None
+
+
+def choose(candidates: list[dict], policy: PolicyConfig) -> dict | None:
+    eligible = [
+        c for c in candidates
+        if c.get("within_tolerance") and objective_value(c, policy) is not None
+    ]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda c: (objective_value(c, policy), c["metrics"].get("size_bytes") or 0))

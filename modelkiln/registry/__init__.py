@@ -1,0 +1,1 @@
+"""Where checkpoints come from (the directory registry) and how their formats are read safely."""

@@ -1,0 +1,257 @@
+"""Built-in checkpoint formats, each read without executing code from the checkpoint.
+
+| format       | files                              | read with                            |
+| ------------ | ---------------------------------- | ------------------------------------ |
+| onnx         | one ``*.onnx`` (+ external data)   | onnx, external data only in-folder   |
+| huggingface  | ``config.json`` + ``*.safetensors`` | transformers, no remote code         |
+| safetensors  | ``*.safetensors``                  | safetensors + configured factory     |
+| state_dict   | one ``*.pt`` / ``*.pth``           | ``torch.load(weights_only=True)``    |
+
+Loading runs in a worker process; ``detect`` runs in the daemon and looks at names only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+from ..errors import CheckpointRejected
+from ..plugins import hookimpl
+from ..plugins.api import CheckpointFormat, InputSpec, LoadContext, LoadedCheckpoint
+from .data import DATA_FILES
+
+# Sequence length used for token inputs when the checkpoint ships no eval/calibration data.
+DEFAULT_SEQUENCE_LENGTH = 128
+# Size used for a symbolic non-batch dimension of an ONNX input with no data to tell.
+DEFAULT_SYMBOLIC_DIM = 16
+
+
+def _model_files(files: list[str]) -> list[str]:
+    return [f for f in files if f not in DATA_FILES and "/" not in f]
+
+
+def _inside(directory: Path, candidate: Path) -> bool:
+    try:
+        candidate.resolve().relative_to(directory.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+class OnnxFormat(CheckpointFormat):
+    name = "onnx"
+    description = "ONNX model (model.onnx), external data only from inside its folder"
+
+    def detect(self, files):
+        return len([f for f in _model_files(files) if f.endswith(".onnx")]) == 1
+
+    def load(self, directory: Path, context: LoadContext) -> LoadedCheckpoint:
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+
+        (name,) = [f.name for f in directory.iterdir() if f.suffix == ".onnx"]
+        path = directory / name
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise CheckpointRejected(f"{path}: not a readable ONNX model ({exc})") from None
+        for tensor in model.graph.initializer:
+            if not uses_external_data(tensor):
+                continue
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            target = directory / location
+            if os.path.isabs(location) or ".." in Path(location).parts or not _inside(directory, target):
+                raise CheckpointRejected(
+                    f"{path}: tensor {tensor.name} points its external data at {location!r}, "
+                    "outside the checkpoint folder; external data must sit beside the model"
+                )
+            if not target.is_file():
+                raise CheckpointRejected(f"{path}: external data file {location!r} is missing")
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as exc:
+            raise CheckpointRejected(f"{path}: invalid ONNX model ({exc})") from None
+        initializers = {t.name for t in model.graph.initializer}
+        inputs = []
+        for value in model.graph.input:
+            if value.name in initializers:
+                continue
+            tensor_type = value.type.tensor_type
+            dims = []
+            for i, dim in enumerate(tensor_type.shape.dim):
+                if dim.HasField("dim_value") and dim.dim_value > 0 and i > 0:
+                    dims.append(dim.dim_value)
+                else:
+                    dims.append(-1 if i == 0 else DEFAULT_SYMBOLIC_DIM)
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+            inputs.append(InputSpec(value.name, tuple(dims), dtype))
+        info = {"opset": max((o.version for o in model.opset_import), default=0)}
+        return LoadedCheckpoint(self.name, inputs, onnx_path=path, info=info)
+
+
+def _import_factory(spec: str, model: str):
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise CheckpointRejected(
+            f"architecture factory {spec!r} for model {model!r} cannot be imported ({exc}); "
+            "fix [architectures.%s] factory in the config" % model
+        ) from None
+    return factory
+
+
+def _build_from_factory(context: LoadContext, state_dict: dict, where: Path):
+    arch = context.architecture
+    if arch is None or not arch.factory:
+        raise CheckpointRejected(
+            f"{where}: weights without an architecture, and no factory is configured for "
+            f"model {context.model!r}; add [architectures.{context.model}] factory = "
+            "'module:callable' to the config"
+        )
+    module = _import_factory(arch.factory, context.model)()
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointRejected(
+            f"{where}: weights do not fit the module built by {arch.factory}: "
+            f"{' '.join(first[:3])}"
+        ) from None
+    module.eval()
+    inputs = []
+    if arch.input_shape:
+        inputs = [InputSpec("input", (-1, *arch.input_shape), arch.input_dtype)]
+    params = sum(p.numel() for p in module.parameters())
+    return module, inputs, {"parameters": params, "factory": arch.factory}
+
+
+class SafetensorsFormat(CheckpointFormat):
+    name = "safetensors"
+    description = "*.safetensors weights built into a module by a factory named in the config"
+
+    def detect(self, files):
+        names = _model_files(files)
+        return "config.json" not in names and any(f.endswith(".safetensors") for f in names)
+
+    def load(self, directory, context):
+        from safetensors.torch import load_file
+
+        state: dict = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            try:
+                state.update(load_file(str(path)))
+            except Exception as exc:
+                raise CheckpointRejected(f"{path}: not a valid safetensors file ({exc})") from None
+        module, inputs, info = _build_from_factory(context, state, directory)
+        return LoadedCheckpoint(self.name, inputs, module=module, info=info)
+
+
+class StateDictFormat(CheckpointFormat):
+    name = "state_dict"
+    description = "PyTorch state dict (*.pt/*.pth) loaded with torch.load(weights_only=True) + factory"
+
+    def detect(self, files):
+        return len([f for f in _model_files(files) if f.endswith((".pt", ".pth"))]) == 1
+
+    def load(self, directory, context):
+        import pickle
+
+        import torch
+
+        (path,) = [p for p in directory.iterdir() if p.suffix in (".pt", ".pth")]
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointRejected(
+                f"{path}: holds objects that a weights-only load refuses ({reason}); "
+                "it is never unpickled. Save a plain state dict or safetensors instead"
+            ) from None
+        except Exception as exc:
+            raise CheckpointRejected(f"{path}: not a readable PyTorch file ({exc})") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointRejected(f"{path}: not a state dict (a mapping of names to tensors)")
+        module, inputs, info = _build_from_factory(context, state, path)
+        return LoadedCheckpoint(self.name, inputs, module=module, info=info)
+
+
+def _hf_wrapper(model):
+    """Wrap a transformers model so it takes token ids and returns one tensor."""
+    import torch
+
+    class HuggingFaceForward(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            out = self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+            for key in ("logits", "last_hidden_state"):
+                if key in out:
+                    return out[key]
+            return out[0]
+
+    return HuggingFaceForward(model).eval()
+
+
+class HuggingFaceFormat(CheckpointFormat):
+    name = "huggingface"
+    description = "Hugging Face folder (config.json + *.safetensors), never with remote code"
+
+    def detect(self, files):
+        names = _model_files(files)
+        return "config.json" in names and any(f.endswith(".safetensors") for f in names)
+
+    def load(self, directory, context):
+        config_path = directory / "config.json"
+        try:
+            raw = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointRejected(f"{config_path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointRejected(f"{config_path}: must hold a JSON object")
+        if "auto_map" in raw or raw.get("trust_remote_code"):
+            raise CheckpointRejected(
+                f"{config_path}: asks for remote code (auto_map), which is never run; "
+                "use an architecture that ships with transformers"
+            )
+        import transformers
+
+        architectures = raw.get("architectures") or []
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            cls = transformers.AutoModel
+        try:
+            model = cls.from_pretrained(
+                str(directory), local_files_only=True, trust_remote_code=False, use_safetensors=True
+            )
+        except Exception as exc:
+            raise CheckpointRejected(f"{directory}: transformers cannot load it ({exc})") from None
+        model.eval()
+        vocab = getattr(model.config, "vocab_size", None) or 1000
+        inputs = [InputSpec("input_ids", (-1, DEFAULT_SEQUENCE_LENGTH), "int64", high=int(vocab))]
+        info = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "architecture": type(model).__name__,
+        }
+        return LoadedCheckpoint(self.name, inputs, module=_hf_wrapper(model), info=info)
+
+
+BUILTIN_FORMATS = [OnnxFormat(), HuggingFaceFormat(), SafetensorsFormat(), StateDictFormat()]
+
+
+@hookimpl
+def kiln_checkpoint_formats():
+    return list(BUILTIN_FORMATS)
+
+
+def detect_format(formats, files: list[str]):
+    for fmt in formats:
+        if fmt.detect(files):
+            return fmt
+    return None

@@ -1,0 +1,1 @@
+"""The catalogue: SQLAlchemy models, the engine, and the queries. The only place that speaks SQL."""

@@ -1,0 +1,131 @@
+"""Engine set-up and schema revisions.
+
+SQLite is opened in WAL mode with a busy timeout and foreign keys on, so the daemon,
+its CLI readers and a second daemon can share the file. The schema is owned by the
+Alembic migrations shipped in ``modelkiln/migrations``: an empty database is upgraded
+automatically, an older one only by ``kiln db upgrade`` (the daemon refuses it), and a
+newer one is refused by everything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import StoreError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def make_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False}
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            # WAL + NORMAL is durable across process crashes (only an OS crash can
+            # lose the last transactions), at a fraction of FULL's fsyncs.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def alembic_config(engine: Engine):
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    cfg = alembic_config(create_engine("sqlite://"))
+    return ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(engine), revision)
+
+
+def _known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(create_engine("sqlite://")))
+    return {rev.revision for rev in script.walk_revisions()}
+
+
+def ensure_schema(engine: Engine, *, allow_upgrade: bool, config_hint: str = "") -> None:
+    """Bring an empty database to head; refuse an old one unless ``allow_upgrade``."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return
+    where = engine.url.render_as_string(hide_password=True)
+    if current is None:
+        tables = set(inspect(engine).get_table_names())
+        if tables:
+            raise StoreError(
+                f"{where}: the database has tables ({', '.join(sorted(tables))}) but no "
+                "modelkiln schema revision; point store.url at a new file or a modelkiln database"
+            )
+        upgrade(engine)
+        return
+    if current not in _known_revisions():
+        raise StoreError(
+            f"{where}: the database is at schema revision {current}, written by a newer "
+            "modelkiln; upgrade modelkiln on this host (the database is left untouched)"
+        )
+    if not allow_upgrade:
+        raise StoreError(
+            f"{where}: the database is at schema revision {current}, this modelkiln needs "
+            f"{head}. Back up the database file, then run `kiln db upgrade{config_hint}`."
+        )
+    upgrade(engine)
+
+
+class Store:
+    """The engine plus a session factory; the only object the rest of the code holds."""
+
+    def __init__(self, url: str, busy_timeout_ms: int = 30000):
+        self.engine = make_engine(url, busy_timeout_ms)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def open_store(config, *, allow_upgrade: bool = False) -> Store:
+    store = Store(config.store_url, config.store.busy_timeout_ms)
+    hint = f" --config {config.source}" if config.source else ""
+    ensure_schema(store.engine, allow_upgrade=allow_upgrade, config_hint=hint)
+    return store

@@ -1,0 +1,145 @@
+"""SQLAlchemy models: the catalogue of checkpoints, jobs, variants, measurements, promotions.
+
+Keys carry the idempotency promises of the design: a checkpoint is unique per
+(model, version, content hash), a variant per (checkpoint, target, runtime, recipe),
+a job by its ``key``, and an automatic promotion by its ``decision_key``. Inserting the
+same thing twice therefore fails loudly instead of doing the work twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("model", "version", "content_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    version: Mapped[str] = mapped_column(String(128))
+    # "registry" is reserved on declarative classes, hence the attribute name.
+    registry_kind: Mapped[str] = mapped_column("registry", String(32))
+    source_uri: Mapped[str] = mapped_column(Text)
+    format: Mapped[str | None] = mapped_column(String(32))
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    # Cheap stat signature of the source folder: a rescan compares it before hashing.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # ingested -> ready -> done, or rejected / duplicate
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    snapshot_path: Mapped[str] = mapped_column(Text)
+    info: Mapped[dict | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    variants: Mapped[list[Variant]] = relationship(back_populates="checkpoint")
+
+
+class Variant(Base):
+    __tablename__ = "variants"
+    __table_args__ = (UniqueConstraint("checkpoint_id", "target", "runtime", "recipe"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), index=True)
+    target: Mapped[str] = mapped_column(String(64))
+    runtime: Mapped[str] = mapped_column(String(32))
+    # Canonical recipe text; "" is the baseline.
+    recipe: Mapped[str] = mapped_column(Text)
+    # pending -> succeeded / failed / skipped
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    artifact_path: Mapped[str | None] = mapped_column(Text)
+    artifact_file: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int | None] = mapped_column(Integer)
+    quality_metric: Mapped[str | None] = mapped_column(String(32))
+    quality: Mapped[float | None] = mapped_column(Float)
+    baseline_quality: Mapped[float | None] = mapped_column(Float)
+    quality_delta: Mapped[float | None] = mapped_column(Float)
+    # Steps with their parameters and what each recorded (lineage).
+    lineage: Mapped[list | None] = mapped_column(JSON)
+    # Seconds spent loading/converting, inside plugin steps, and measuring.
+    timings: Mapped[dict | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    checkpoint: Mapped[Checkpoint] = relationship(back_populates="variants")
+    measurements: Mapped[list[Measurement]] = relationship(
+        back_populates="variant", order_by="Measurement.batch_size"
+    )
+
+
+class Measurement(Base):
+    __tablename__ = "measurements"
+    __table_args__ = (UniqueConstraint("variant_id", "batch_size"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    variant_id: Mapped[int] = mapped_column(ForeignKey("variants.id"), index=True)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    latency_p50_ms: Mapped[float] = mapped_column(Float)
+    latency_p95_ms: Mapped[float] = mapped_column(Float)
+    throughput_per_s: Mapped[float] = mapped_column(Float)
+    peak_memory_bytes: Mapped[int] = mapped_column(Integer)
+    runs: Mapped[int] = mapped_column(Integer)
+
+    variant: Mapped[Variant] = relationship(back_populates="measurements")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # "inspect:<checkpoint id>" or "variant:<variant id>": inserting twice is refused.
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), index=True)
+    variant_id: Mapped[int | None] = mapped_column(ForeignKey("variants.id"))
+    # The target whose hardware must be present to run it; None runs anywhere.
+    target: Mapped[str | None] = mapped_column(String(64))
+    # pending -> running -> succeeded / failed / skipped
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Promotion(Base):
+    __tablename__ = "promotions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(128))
+    target: Mapped[str] = mapped_column(String(64))
+    variant_id: Mapped[int] = mapped_column(ForeignKey("variants.id"))
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"))
+    # "auto:<checkpoint>:<target>" for the policy's decision: a checkpoint is promoted
+    # at most once per target, however often its last job is reported.
+    decision_key: Mapped[str] = mapped_column(String(128), unique=True)
+    reason: Mapped[str] = mapped_column(Text)
+    promoted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+    variant: Mapped[Variant] = relationship()

@@ -1,0 +1,96 @@
+"""Rows as plain dicts: what `--json` prints, what event hooks and the policy receive."""
+
+from __future__ import annotations
+
+from .models import Checkpoint, Promotion, Variant
+
+
+def variant_label(variant: Variant) -> str:
+    return f"{variant.runtime}:{variant.recipe or 'baseline'}"
+
+
+def metrics(variant: Variant) -> dict | None:
+    if variant.status != "succeeded":
+        return None
+    batches = [
+        {
+            "batch_size": m.batch_size,
+            "latency_p50_ms": m.latency_p50_ms,
+            "latency_p95_ms": m.latency_p95_ms,
+            "throughput_per_s": m.throughput_per_s,
+            "peak_memory_bytes": m.peak_memory_bytes,
+            "runs": m.runs,
+        }
+        for m in variant.measurements
+    ]
+    # The headline latency is the smallest batch measured (batch 1 by default).
+    first = batches[0] if batches else {}
+    return {
+        "latency_p50_ms": first.get("latency_p50_ms"),
+        "latency_p95_ms": first.get("latency_p95_ms"),
+        "throughput_per_s": first.get("throughput_per_s"),
+        "peak_memory_bytes": first.get("peak_memory_bytes"),
+        "size_bytes": variant.size_bytes,
+        "quality_metric": variant.quality_metric,
+        "quality": variant.quality,
+        "baseline_quality": variant.baseline_quality,
+        "quality_delta": variant.quality_delta,
+        "batches": batches,
+    }
+
+
+def variant_dict(variant: Variant) -> dict:
+    checkpoint = variant.checkpoint
+    out = {
+        "id": variant.id,
+        "variant": variant_label(variant),
+        "model": checkpoint.model,
+        "version": checkpoint.version,
+        "checkpoint": checkpoint.content_hash[:16],
+        "target": variant.target,
+        "runtime": variant.runtime,
+        "recipe": variant.recipe or "baseline",
+        "status": variant.status,
+        "lineage": variant.lineage or [],
+        "path": variant.artifact_path,
+        "file": variant.artifact_file,
+    }
+    if variant.status == "succeeded":
+        out["metrics"] = metrics(variant)
+    else:
+        out["reason"] = variant.reason
+    return out
+
+
+def promotion_dict(promotion: Promotion, link: str) -> dict:
+    variant = promotion.variant
+    return {
+        "model": promotion.model,
+        "target": promotion.target,
+        "variant": variant_label(variant),
+        "version": variant.checkpoint.version,
+        "recipe": variant.recipe or "baseline",
+        "runtime": variant.runtime,
+        "path": link,
+        "artifact": variant.artifact_path,
+        "file": variant.artifact_file,
+        "metrics": metrics(variant),
+        "promoted_at": promotion.promoted_at.isoformat() + "Z",
+        "reason": promotion.reason,
+    }
+
+
+def checkpoint_dict(checkpoint: Checkpoint) -> dict:
+    out = {
+        "model": checkpoint.model,
+        "version": checkpoint.version,
+        "status": checkpoint.status,
+        "format": checkpoint.format,
+        "content_hash": checkpoint.content_hash,
+        "size_bytes": checkpoint.size_bytes,
+        "source": checkpoint.source_uri,
+        "ingested_at": checkpoint.created_at.isoformat() + "Z",
+    }
+    if checkpoint.reason:
+        out["reason"] = checkpoint.reason
+    return out

@@ -1,0 +1,53 @@
+"""The latency harness: warm-up, then runs in windows until the median is stable.
+
+Runs are timed one by one with ``perf_counter_ns`` so p95 sees real outliers; a window
+of ``min_runs`` more runs is added while the median still moves by more than
+``stability`` (relative) and time remains.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+import numpy as np
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def time_runs(run, inputs, *, warmup_runs: int, min_runs: int, stability: float, max_seconds: float) -> dict:
+    for _ in range(warmup_runs):
+        run(inputs)
+    deadline = time.perf_counter() + max_seconds
+    times: list[int] = []
+    previous = None
+    while True:
+        for _ in range(min_runs):
+            start = time.perf_counter_ns()
+            run(inputs)
+            times.append(time.perf_counter_ns() - start)
+        median = float(np.median(times))
+        if previous is not None and abs(median - previous) <= stability * previous:
+            break
+        if time.perf_counter() > deadline:
+            break
+        previous = median
+    p50, p95 = np.percentile(np.asarray(times, dtype=np.float64) / 1e6, [50, 95])
+    return {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "runs": len(times)}
+
+
+def batch_of(samples: dict, batch_size: int) -> dict:
+    """The first ``batch_size`` rows of every input, repeating rows when there are fewer."""
+    out = {}
+    for name, array in samples.items():
+        reps = -(-batch_size // len(array))
+        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:batch_size])
+    return out

@@ -1,0 +1,94 @@
+"""The onnxruntime runtime: artifacts are a plain ``model.onnx`` served by an InferenceSession."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+from ..plugins import hookimpl
+from ..plugins.api import ModelHandle, Runtime
+
+MODEL_FILE = "model.onnx"
+# Protobuf's hard limit: bigger models keep their weights in an external data file.
+_PROTOBUF_LIMIT = 1_800_000_000
+OPSET = 17
+
+
+def export_to_onnx(module, inputs, example: dict, path: Path) -> None:
+    """Export a torch module with a dynamic batch dimension.
+
+    The TorchScript-based exporter is tried first because it takes a fraction of a second
+    on models the torch.export-based one needs seconds for; the latter is the fallback.
+    """
+    import torch
+
+    names = [spec.name for spec in inputs]
+    args = tuple(torch.from_numpy(example[name]) for name in names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                module, args, str(path), dynamo=False, opset_version=OPSET,
+                input_names=names, output_names=["output"],
+                dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
+            )
+            return
+        except Exception:
+            pass
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        torch.onnx.export(
+            module, args, str(path), dynamo=True, input_names=names, output_names=["output"],
+            dynamic_shapes=tuple({0: batch} for _ in names),
+        )
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+    description = "onnxruntime InferenceSession, CPUExecutionProvider; artifact model.onnx"
+    devices = ("cpu",)
+
+    def prepare(self, checkpoint, context):
+        path = context.new_path("prepared/" + MODEL_FILE)
+        if checkpoint.onnx_path is not None:
+            source = Path(checkpoint.onnx_path)
+            # Copy the model together with any external data files beside it.
+            for item in source.parent.iterdir():
+                if item.is_file() and not item.name.endswith(".npz"):
+                    shutil.copyfile(item, path.parent / (MODEL_FILE if item == source else item.name))
+        else:
+            export_to_onnx(checkpoint.module, checkpoint.inputs, context.sample_inputs, path)
+        return ModelHandle(self.name, path, checkpoint.inputs)
+
+    def save(self, model, directory):
+        import onnx
+
+        proto = onnx.load(str(model.obj))
+        large = proto.ByteSize() > _PROTOBUF_LIMIT
+        onnx.save_model(
+            proto, str(directory / MODEL_FILE), save_as_external_data=large,
+            all_tensors_to_one_file=True, location=MODEL_FILE + ".data",
+        )
+        return MODEL_FILE
+
+    def load(self, directory, file, device, threads):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(
+            str(directory / file), options, providers=["CPUExecutionProvider"]
+        )
+        names = [i.name for i in session.get_inputs()]
+
+        def run(inputs: dict):
+            return session.run(None, {name: inputs[name] for name in names})[0]
+
+        return run
+
+
+@hookimpl
+def kiln_runtimes():
+    return [OnnxRuntime()]

@@ -1,0 +1,88 @@
+"""The PyTorch runtime: artifacts load with plain torch.
+
+A ``torch.export`` program (``model.pt2``) where export can carry the model, and a
+TorchScript archive (``model.pt``) where it cannot (torch.ao quantized modules), so
+serving code needs ``torch.export.load`` or ``torch.jit.load`` and nothing of modelkiln.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ..errors import StepNotApplicable
+from ..plugins import hookimpl
+from ..plugins.api import ModelHandle, Runtime
+
+EXPORT_FILE = "model.pt2"
+SCRIPT_FILE = "model.pt"
+
+
+def _example_args(model, batch: int = 2):
+    import torch
+
+    args = []
+    for spec in model.inputs:
+        shape = [batch, *spec.shape[1:]]
+        if spec.dtype.startswith("int"):
+            args.append(torch.zeros(shape, dtype=getattr(torch, spec.dtype)))
+        else:
+            args.append(torch.randn(shape, dtype=getattr(torch, spec.dtype)))
+    return tuple(args)
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+    description = "PyTorch eager on the CPU; artifact torch.export model.pt2 or TorchScript model.pt"
+    devices = ("cpu",)
+
+    def prepare(self, checkpoint, context):
+        if checkpoint.module is None:
+            raise StepNotApplicable(
+                f"a {checkpoint.format} checkpoint has no PyTorch module to serve with torch"
+            )
+        return ModelHandle(self.name, checkpoint.module, checkpoint.inputs)
+
+    def save(self, model, directory):
+        import torch
+
+        args = _example_args(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if model.notes.get("serialize") != "torchscript":
+                try:
+                    batch = torch.export.Dim("batch", min=1, max=65536)
+                    program = torch.export.export(
+                        model.obj, args, dynamic_shapes=tuple({0: batch} for _ in args)
+                    )
+                    torch.export.save(program, str(directory / EXPORT_FILE))
+                    return EXPORT_FILE
+                except Exception:
+                    pass  # fall back to TorchScript below
+            with torch.inference_mode():
+                traced = torch.jit.trace(model.obj, args, check_trace=False)
+            torch.jit.save(traced, str(directory / SCRIPT_FILE))
+        return SCRIPT_FILE
+
+    def load(self, directory, file, device, threads):
+        import torch
+
+        torch.set_num_threads(threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if file.endswith(".pt2"):
+                module = torch.export.load(str(directory / file)).module()
+            else:
+                module = torch.jit.load(str(directory / file), map_location=device)
+                module.eval()
+
+        def run(inputs: dict):
+            with torch.inference_mode():
+                out = module(*(torch.from_numpy(v) for v in inputs.values()))
+            return out.numpy()
+
+        return run
+
+
+@hookimpl
+def kiln_runtimes():
+    return [TorchRuntime()]
