@@ -51,7 +51,7 @@ def digits_data(seed: int = 0):
     return (x[:split], y[:split]), (x[split:], y[split:])
 
 
-def train_digits(epochs: int = 15, seed: int = 0):
+def train_digits(epochs: int = 12, seed: int = 0):
     """Train ``digits_mlp``; returns (module, eval inputs, eval labels)."""
     import torch
 
@@ -61,7 +61,7 @@ def train_digits(epochs: int = 15, seed: int = 0):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     for _ in range(epochs):
-        for idx in torch.randperm(len(xt)).split(64):
+        for idx in torch.randperm(len(xt)).split(128):
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
             loss.backward()
@@ -126,7 +126,7 @@ def run_demo(directory: Path, echo, timeout: float = 600.0) -> int:
         dropped = time.time()
         final = drop_checkpoint(staged, registry, DEMO_MODEL, version)
         echo(f"dropped checkpoint {final}")
-        promotion = _wait_for_promotion(store, queries, version, server, dropped + timeout)
+        promotion = _wait_for_promotion(store, queries, version, list(config.targets), server, dropped + timeout)
         echo(f"promoted in {time.time() - dropped:.1f} s after the drop\n")
         return promotion
     finally:
@@ -151,7 +151,7 @@ def _wait_for_store(config, server, open_store, timeout: float):
             time.sleep(0.2)
 
 
-def _wait_for_promotion(store, queries, version: str, server, deadline: float) -> int:
+def _wait_for_promotion(store, queries, version: str, targets, server, deadline: float) -> int:
     while time.time() < deadline:
         if server.poll() is not None:
             raise RuntimeError("`kiln serve` exited before the promotion; see kiln-serve.log")
@@ -162,6 +162,8 @@ def _wait_for_promotion(store, queries, version: str, server, deadline: float) -
             if checkpoint is not None and checkpoint.status in ("rejected", "failed"):
                 raise RuntimeError(f"checkpoint {DEMO_MODEL}/{version} {checkpoint.status}: {checkpoint.reason}")
             if checkpoint is not None and checkpoint.status == "done":
+                if not any(queries.promotion_by_key(session, f"auto:{checkpoint.id}:{t}") for t in targets):
+                    raise RuntimeError(f"{DEMO_MODEL}/{version}: no variant met the policy; see `kiln variants {DEMO_MODEL}`")
                 return checkpoint.id
         time.sleep(0.2)
     raise TimeoutError("no promotion before the time limit; see kiln-serve.log and `kiln status`")

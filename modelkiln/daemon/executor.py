@@ -94,9 +94,11 @@ class Executor:
         phase = running.phases[running.index]
         result_path, log_path = self._paths(running)
         result_path.unlink(missing_ok=True)
+        # Each phase sees what the one before it returned (e.g. the artifact's file name).
+        spec = {**phase.spec, "previous": running.results[-1]} if running.results else phase.spec
         process = self._context.Process(
             target=worker.run_phase,
-            args=(phase.name, phase.spec, str(result_path), str(log_path), self.memory_limit_mb),
+            args=(phase.name, spec, str(result_path), str(log_path), self.memory_limit_mb),
             name=f"kiln-job-{running.job_id}-{phase.name}",
             daemon=False,
         )

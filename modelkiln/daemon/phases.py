@@ -204,9 +204,10 @@ def build_variant(spec: dict) -> dict:
             raise StepNotApplicable(f"{step.name} does not handle the {model.runtime} runtime")
         context.record = {}
         s0 = time.perf_counter()
-        model = step.apply(model, dict(step_ref.params), context)
+        params = {**{p.name: p.default for p in step.params}, **dict(step_ref.params)}
+        model = step.apply(model, params, context)
         lineage.append({
-            "step": step.name, "params": dict(step_ref.params), "plugin": getattr(step, "plugin", ""),
+            "step": step.name, "params": params, "plugin": getattr(step, "plugin", ""),
             "record": context.record, "seconds": time.perf_counter() - s0,
         })
     t2 = time.perf_counter()
@@ -233,7 +234,7 @@ def measure_variant(spec: dict) -> dict:
     target = spec["target"]
     out = Path(spec["out_dir"])
     rss_before = harness.current_rss_bytes()
-    run = runtime.load(out, spec["file"], target["device"], target["threads"])
+    run = runtime.load(out, spec["previous"]["file"], target["device"], target["threads"])
     samples = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("input:")}
     outputs = _chunked(run, samples)
     metric = inspected["quality_metric"]

@@ -20,6 +20,7 @@ import queue
 import shutil
 import signal
 import socket
+import threading
 import time
 import uuid
 
@@ -93,6 +94,8 @@ class Daemon:
         self._recover()
         self.executor = Executor(config.workers.count, config.workers.job_timeout_seconds, clock=self.clock)
         self.executor.start(preload=self.preload)
+        if self.preload:
+            self.executor.warm_up()
         if self.watch:
             self.watcher = Watcher(self.registry, self.inbox)
             self.watcher.start()
@@ -160,6 +163,9 @@ class Daemon:
             self.stopping = True
             if self._signals > 1:
                 raise KeyboardInterrupt  # second signal: stop now
+            # Wake the loop from its idle wait. A thread, because the queue's lock may be
+            # held by the very code this handler interrupted.
+            threading.Thread(target=self.inbox.put, args=(("wake", None),), daemon=True).start()
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 

@@ -22,6 +22,10 @@ _PR_SET_PDEATHSIG = 1
 PRELOAD = [
     "numpy",
     "torch",
+    # torch.export and the ONNX exporter pull in dynamo and sympy: seconds per process
+    # if each job imported them itself.
+    "torch.export",
+    "torch.onnx",
     "onnx",
     "onnxruntime",
     "onnxruntime.quantization",

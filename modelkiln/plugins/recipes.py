@@ -2,9 +2,9 @@
 
     prune.structured(amount=0.5) -> quantize.int8_dynamic
 
-``"baseline"`` (or an empty string) is the empty recipe. The canonical text, with every
-parameter spelled out in declaration order, is what keys a variant, so two spellings of
-the same recipe never run twice.
+``"baseline"`` (or an empty string) is the empty recipe. The canonical text, with the
+parameters that differ from their defaults in declaration order, is what keys a variant,
+so two spellings of the same recipe never run twice.
 """
 
 from __future__ import annotations
@@ -91,11 +91,12 @@ def parse_recipe(text: str, steps: dict, where: str = "recipe") -> Recipe:
             raise ConfigError(f"{where}: unknown step '{name}' (known steps: {known})")
         step = steps[name]
         given = {k: _check_param(step, k, v, where) for k, v in _parse_args(args, where).items()}
-        full = tuple((p.name, given.get(p.name, p.default)) for p in step.params)
-        parsed.append(RecipeStep(name, full))
+        changed = tuple((p.name, given[p.name]) for p in step.params if p.name in given and given[p.name] != p.default)
+        parsed.append(RecipeStep(name, changed))
     return Recipe(tuple(parsed))
 
 
 def slug(text: str) -> str:
     """A file-system name for a variant folder."""
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_") or "baseline"
+    text = re.sub(r"\s*->\s*", "+", text.replace(")", ""))
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_.") or "baseline"

@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -107,6 +108,8 @@ class Measurement(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    # Leasing scans pending jobs by target on every tick.
+    __table_args__ = (Index("ix_jobs_state_target", "state", "target"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # "inspect:<checkpoint id>" or "variant:<variant id>": inserting twice is refused.

@@ -1,0 +1,91 @@
+"""Shared fixtures: a configured kiln folder with fast measurement settings, and small
+real models built in code (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # workers import helpers' factories
+
+from modelkiln.config import load_config, write_default_config  # noqa: E402
+
+FAST = """
+[architectures.digits]
+factory = "modelkiln.demo:digits_mlp"
+input_shape = [64]
+
+[architectures.tiny]
+factory = "helpers:tiny_mlp"
+input_shape = [16]
+"""
+
+
+def fast_config_text(extra: str = "") -> str:
+    return FAST + extra
+
+
+@pytest.fixture
+def kiln_dir(tmp_path):
+    """A folder made by `kiln init`, tuned so measurements take a fraction of a second."""
+    write_default_config(tmp_path, fast_config_text())
+    text = (tmp_path / "kiln.toml").read_text()
+    text = (
+        text.replace("warmup_runs = 5", "warmup_runs = 1")
+        .replace("min_runs = 20", "min_runs = 5")
+        .replace("max_seconds = 3.0", "max_seconds = 0.2")
+        .replace("batch_sizes = [1, 8]", "batch_sizes = [1, 4]")
+        .replace("quiet_seconds = 2.0", "quiet_seconds = 0.5")
+        .replace("lease_seconds = 60.0", "lease_seconds = 6.0")
+    )
+    (tmp_path / "kiln.toml").write_text(text)
+    return tmp_path
+
+
+@pytest.fixture
+def config(kiln_dir):
+    return load_config(kiln_dir / "kiln.toml")
+
+
+@pytest.fixture(scope="session")
+def trained_digits():
+    from modelkiln.demo import train_digits
+
+    return train_digits(epochs=4)
+
+
+@pytest.fixture
+def digits_checkpoint(tmp_path_factory, trained_digits):
+    """A complete digits checkpoint folder (safetensors + eval.npz) outside any registry."""
+    from modelkiln.demo import write_checkpoint
+
+    folder = tmp_path_factory.mktemp("staged") / "digits"
+    write_checkpoint(*trained_digits, folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    from helpers import tiny_mlp
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("staged") / "tiny"
+    folder.mkdir()
+    save_file(tiny_mlp().state_dict(), str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _no_kiln_config_env(monkeypatch):
+    monkeypatch.delenv("KILN_CONFIG", raising=False)
+
+
+def pytest_report_header(config):
+    return f"modelkiln tests; cpus={os.cpu_count()}; numpy {np.__version__}"

@@ -1,0 +1,80 @@
+import pytest
+
+from modelkiln.config import load_config, write_default_config
+from modelkiln.errors import ConfigError
+
+
+def test_init_writes_the_embedded_defaults(tmp_path):
+    path = write_default_config(tmp_path)
+    config = load_config(path)
+    assert config.registry.kind == "directory"
+    assert config.registry_path == tmp_path / "models"
+    assert config.store_url == f"sqlite:///{tmp_path / 'kiln.db'}"
+    assert config.artifacts_path == tmp_path / "artifacts"
+    assert config.promoted_path == tmp_path / "promoted"
+    assert list(config.targets) == ["cpu"]
+    assert config.targets["cpu"].runtimes == ["onnxruntime", "torch"]
+    assert config.policy.max_quality_drop == 0.01
+    assert config.registry.quiet_seconds == 2.0
+    assert (tmp_path / "models").is_dir()
+
+
+def test_init_refuses_to_overwrite(tmp_path):
+    write_default_config(tmp_path)
+    with pytest.raises(ConfigError, match="already exists"):
+        write_default_config(tmp_path)
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "kiln.toml"
+    path.write_text("[targets.cpu]\nthread = 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "targets.cpu.thread" in str(err.value) and str(path) in str(err.value)
+
+
+def test_wrong_type_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "kiln.toml"
+    path.write_text('[workers]\ncount = "two"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "workers.count" in str(err.value) and "int" in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_bool_is_not_an_int(tmp_path):
+    path = tmp_path / "kiln.toml"
+    path.write_text("[workers]\ncount = true\n")
+    with pytest.raises(ConfigError, match="workers.count"):
+        load_config(path)
+
+
+def test_invalid_toml_is_one_clear_error(tmp_path):
+    path = tmp_path / "kiln.toml"
+    path.write_text("[registry\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_missing_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(ConfigError, match="kiln init"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_kiln_config_environment_variable(tmp_path, monkeypatch):
+    path = write_default_config(tmp_path)
+    monkeypatch.setenv("KILN_CONFIG", str(path))
+    assert load_config(None).source == path
+
+
+def test_objective_batch_size_must_be_measured(tmp_path):
+    path = tmp_path / "kiln.toml"
+    path.write_text("[policy]\nobjective_batch_size = 3\n")
+    with pytest.raises(ConfigError, match="objective_batch_size"):
+        load_config(path)
+
+
+def test_factory_must_name_module_and_callable(tmp_path):
+    path = tmp_path / "kiln.toml"
+    path.write_text('[architectures.m]\nfactory = "nocolon"\n')
+    with pytest.raises(ConfigError, match="module:callable"):
+        load_config(path)

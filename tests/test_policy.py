@@ -1,0 +1,31 @@
+from modelkiln.config import PolicyConfig
+from modelkiln.policy import choose, within_tolerance
+
+
+def candidate(name, p50, quality, baseline=1.0, size=100):
+    c = {"id": name, "variant": name, "metrics": {
+        "quality": quality, "baseline_quality": baseline, "size_bytes": size,
+        "batches": [{"batch_size": 1, "latency_p50_ms": p50}],
+    }}
+    c["within_tolerance"] = within_tolerance(c, PolicyConfig())
+    return c
+
+
+def test_fastest_within_tolerance_wins():
+    chosen = choose([candidate("base", 10, 0.95, 0.95), candidate("int8", 4, 0.944, 0.95),
+                     candidate("bad", 1, 0.90, 0.95)], PolicyConfig())
+    assert chosen["id"] == "int8"
+
+
+def test_tolerance_is_relative_to_the_baseline():
+    policy = PolicyConfig(max_quality_drop=0.01)
+    assert within_tolerance(candidate("a", 1, 0.9405, 0.95), policy)  # 1.0% drop
+    assert not within_tolerance(candidate("a", 1, 0.94, 0.95), policy)  # 1.05% drop
+
+
+def test_nothing_eligible_means_no_choice():
+    assert choose([candidate("bad", 1, 0.5)], PolicyConfig()) is None
+
+
+def test_ties_go_to_the_smaller_artifact():
+    assert choose([candidate("a", 2, 1, size=10), candidate("b", 2, 1, size=5)], PolicyConfig())["id"] == "b"

@@ -1,0 +1,69 @@
+import sqlite3
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from modelkiln.errors import StoreError
+from modelkiln.store.db import current_revision, head_revision, make_engine, open_store, upgrade
+from modelkiln.store.models import Base
+
+
+def test_models_and_migrations_describe_the_same_schema(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'k.db'}")
+    upgrade(engine)
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata)
+    assert diff == []
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(config):
+    store = open_store(config)
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == config.store.busy_timeout_ms
+
+
+def test_an_empty_database_is_upgraded_automatically(config):
+    store = open_store(config)
+    assert current_revision(store.engine) == head_revision()
+
+
+def test_an_older_database_is_refused_then_upgraded_with_data_intact(config):
+    engine = make_engine(config.store_url)
+    upgrade(engine, "0001")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO checkpoints (model, version, registry, source_uri, content_hash, size_bytes, "
+            "fingerprint, status, snapshot_path, created_at) VALUES "
+            "('m', '1', 'directory', 'file:///x', 'abc', 1, 'f', 'done', '/x', '2026-01-01')"
+        )
+    engine.dispose()
+    with pytest.raises(StoreError) as err:
+        open_store(config)
+    assert "kiln db upgrade" in str(err.value) and "0001" in str(err.value)
+    store = open_store(config, allow_upgrade=True)
+    assert current_revision(store.engine) == head_revision()
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT model FROM checkpoints").scalar() == "m"
+
+
+def test_a_newer_database_is_refused_and_left_untouched(config):
+    store = open_store(config)
+    store.dispose()
+    path = config.store_url.split("///", 1)[1]
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(StoreError, match="newer modelkiln"):
+        open_store(config, allow_upgrade=True)
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == ("9999",)
+
+
+def test_a_foreign_database_is_refused(config):
+    path = config.store_url.split("///", 1)[1]
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE other (x)")
+    with pytest.raises(StoreError, match="no modelkiln schema"):
+        open_store(config)
