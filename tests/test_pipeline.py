@@ -1,0 +1,195 @@
+"""The whole pipeline in-process (the `kiln optimize` path): ingest, inspect, build,
+measure, promote, with real worker processes, onnxruntime sessions and a SQLite file."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import optimize_once, tiny_mlp
+from modelkiln import hookimpl
+from modelkiln.store import queries, views
+from modelkiln.store.db import open_store
+
+
+def promoted_entries(config):
+    from modelkiln.daemon.promoter import Promoter
+
+    store = open_store(config)
+    with store.session() as session:
+        return [Promoter(config, None, config.promoted_path).describe(p) for p in queries.current_promotions(session)]
+
+
+def all_variants(config, model):
+    store = open_store(config)
+    with store.session() as session:
+        return [views.variant_dict(v) for v in queries.variants_of_model(session, model)]
+
+
+def test_digits_checkpoint_is_promoted_within_tolerance(config, digits_checkpoint, trained_digits):
+    checkpoint = optimize_once(config, digits_checkpoint, "digits")
+    assert checkpoint.status == "done", checkpoint.reason
+    variants = all_variants(config, "digits")
+    assert {v["variant"] for v in variants} == {
+        "onnxruntime:baseline", "onnxruntime:quantize.int8_dynamic", "torch:baseline", "torch:quantize.int8_dynamic"}
+    assert all(v["status"] == "succeeded" for v in variants), variants
+    for v in variants:
+        m = v["metrics"]
+        assert m["quality_metric"] == "accuracy"
+        assert m["latency_p50_ms"] > 0 and m["latency_p95_ms"] >= m["latency_p50_ms"]
+        assert [b["batch_size"] for b in m["batches"]] == [1, 4]
+        assert m["size_bytes"] > 0
+    int8 = next(v for v in variants if v["variant"] == "onnxruntime:quantize.int8_dynamic")
+    base = next(v for v in variants if v["variant"] == "onnxruntime:baseline")
+    assert int8["metrics"]["size_bytes"] < base["metrics"]["size_bytes"] / 2
+    assert int8["lineage"][0]["step"] == "quantize.int8_dynamic"
+
+    (entry,) = promoted_entries(config)
+    assert entry["model"] == "digits" and entry["target"] == "cpu"
+    m = entry["metrics"]
+    assert (m["baseline_quality"] - m["quality"]) / m["baseline_quality"] <= 0.01
+    link = config.promoted_path / "digits" / "cpu"
+    assert link.is_symlink() and entry["path"] == str(link)
+    document = json.loads((link / "variant.json").read_text())
+    assert document["recipe"] == entry["recipe"] and document["checkpoint"]["content_hash"]
+
+    # Serving code needs no modelkiln: plain onnxruntime or plain torch loads it.
+    _, x_eval, y_eval = trained_digits
+    if document["runtime"] == "onnxruntime":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(link / document["file"]), providers=["CPUExecutionProvider"])
+        logits = session.run(None, {session.get_inputs()[0].name: x_eval})[0]
+    else:
+        path = link / document["file"]
+        module = torch.export.load(str(path)).module() if path.suffix == ".pt2" else torch.jit.load(str(path))
+        logits = module(torch.from_numpy(x_eval)).detach().numpy()
+    accuracy = float(np.mean(logits.argmax(1) == y_eval))
+    assert accuracy == pytest.approx(m["quality"], abs=1e-9)
+
+
+def test_same_content_never_runs_twice(config, digits_checkpoint):
+    first = optimize_once(config, digits_checkpoint, "digits", "1")
+    again = optimize_once(config, digits_checkpoint, "digits", "1")
+    assert again.id == first.id
+    twin = optimize_once(config, digits_checkpoint, "digits", "2")
+    assert twin.status == "duplicate" and "digits/1" in twin.reason
+    store = open_store(config)
+    with store.session() as session:
+        assert len(queries.variants_of_model(session, "digits")) == 4
+        assert len(queries.promotion_history(session, "digits")) == 1
+
+
+def test_changed_content_is_a_new_checkpoint(config, tiny_checkpoint):
+    from safetensors.torch import save_file
+
+    first = optimize_once(config, tiny_checkpoint, "tiny", "1")
+    torch.manual_seed(1)
+    save_file(tiny_mlp().state_dict(), str(tiny_checkpoint / "model.safetensors"))
+    second = optimize_once(config, tiny_checkpoint, "tiny", "1")
+    assert second.id != first.id and second.content_hash != first.content_hash
+    store = open_store(config)
+    with store.session() as session:
+        history = queries.promotion_history(session, "tiny")
+    assert [p.checkpoint_id for p in history] == [first.id, second.id]
+    assert os.readlink(config.promoted_path / "tiny" / "cpu").count(second.content_hash[:16]) == 1
+
+
+def test_a_folder_without_a_model_is_rejected_with_the_reason(config, tmp_path):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    checkpoint = optimize_once(config, folder, "junk")
+    assert checkpoint.status == "rejected" and "no supported model file" in checkpoint.reason
+
+
+def test_a_pickle_checkpoint_is_rejected_and_never_run(config, tmp_path):
+    from test_formats import Evil
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"w": Evil(str(marker))}, folder / "model.pt")
+    checkpoint = optimize_once(config, folder, "tiny")
+    assert checkpoint.status == "rejected" and "weights-only" in checkpoint.reason
+    assert not marker.exists()
+
+
+def test_onnx_checkpoint_skips_the_torch_runtime_with_a_reason(config, tmp_path):
+    from test_formats import export_onnx
+
+    folder = export_onnx(tmp_path / "onnxmodel")
+    checkpoint = optimize_once(config, folder, "onnxmodel")
+    assert checkpoint.status == "done"
+    by_name = {v["variant"]: v for v in all_variants(config, "onnxmodel")}
+    assert by_name["torch:baseline"]["status"] == "skipped"
+    assert "no PyTorch module" in by_name["torch:baseline"]["reason"]
+    assert by_name["onnxruntime:baseline"]["status"] == "succeeded"
+    assert by_name["onnxruntime:baseline"]["metrics"]["quality_metric"] == "top1_agreement"
+
+
+class Recorder:
+    """A plugin that records events and overrides the policy: serve the largest artifact."""
+
+    def __init__(self):
+        self.measured, self.promoted = [], []
+
+    @hookimpl
+    def kiln_variant_measured(self, variant):
+        self.measured.append(variant)
+
+    @hookimpl
+    def kiln_variant_promoted(self, promotion):
+        self.promoted.append(promotion)
+
+    @hookimpl
+    def kiln_choose_variant(self, candidates, policy):
+        return max(candidates, key=lambda c: c["metrics"]["size_bytes"])
+
+
+class Broken:
+    __name__ = "broken"
+
+    @hookimpl
+    def kiln_variant_measured(self, variant):
+        raise RuntimeError("a broken plugin")
+
+
+def test_event_hooks_and_a_policy_plugin(config, tiny_checkpoint):
+    recorder = Recorder()
+    checkpoint = optimize_once(config, tiny_checkpoint, "tiny", extra_plugins=[recorder, Broken()])
+    assert checkpoint.status == "done"  # the broken plugin was logged and skipped
+    assert len(recorder.measured) == 4 and all("status" in v for v in recorder.measured)
+    (promotion,) = recorder.promoted
+    largest = max((v for v in recorder.measured if v["status"] == "succeeded"), key=lambda v: v["metrics"]["size_bytes"])
+    assert promotion["variant"] == largest["variant"]
+    assert promotion["reason"] == "plugin policy"
+
+
+@pytest.mark.parametrize(
+    "factory, reason",
+    [
+        ("helpers:hanging_factory", "timed out after 4 s in inspect"),
+        ("helpers:crashing_factory", "killed by signal SIGKILL"),
+        ("helpers:exiting_factory", "SystemExit"),
+    ],
+)
+def test_a_worker_that_hangs_crashes_or_exits_fails_one_job(config, tiny_checkpoint, factory, reason):
+    config.workers.job_timeout_seconds = 4
+    config.workers.max_attempts = 1
+    config.architectures["tiny"].factory = factory
+    checkpoint = optimize_once(config, tiny_checkpoint, "tiny")
+    assert checkpoint.status == "failed" and reason in checkpoint.reason
+    # The daemon lives on: the next checkpoint goes through.
+    config.architectures["tiny"].factory = "helpers:tiny_mlp"
+    staged = tiny_checkpoint.parent / "v2"
+    shutil.copytree(tiny_checkpoint, staged)
+    (staged / "eval.npz").unlink(missing_ok=True)
+    torch.manual_seed(5)
+    from safetensors.torch import save_file
+
+    save_file(tiny_mlp().state_dict(), str(staged / "model.safetensors"))
+    assert optimize_once(config, staged, "tiny", "2").status == "done"
