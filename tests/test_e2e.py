@@ -1,0 +1,130 @@
+"""The daemon as users run it: `kiln serve` in its own process, checkpoints renamed into
+the watched folder, SIGTERM and SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import place
+from sqlalchemy import select
+
+from modelkiln.store import queries
+from modelkiln.store.db import open_store
+from modelkiln.store.models import Job, Promotion, Variant
+
+pytestmark = pytest.mark.slow
+
+
+def serve(kiln_dir):
+    env = {**os.environ, "KILN_CONFIG": str(kiln_dir / "kiln.toml"), "PYTHONPATH": os.path.dirname(__file__)}
+    log = open(kiln_dir / "serve.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "modelkiln", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout, what, process=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"kiln serve exited with {process.returncode} while waiting for {what}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kiln(kiln_dir, *args):
+    out = subprocess.run([sys.executable, "-m", "modelkiln", *args, "--config", str(kiln_dir / "kiln.toml")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def children_of(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_renamed_checkpoint_ends_up_promoted(kiln_dir, digits_checkpoint):
+    daemon = serve(kiln_dir)
+    try:
+        config_db = kiln_dir / "kiln.db"
+        wait_for(config_db.exists, 60, "the database", daemon)
+        place(digits_checkpoint, kiln_dir / "models", "digits", "1")
+        link = kiln_dir / "promoted" / "digits" / "cpu"
+        wait_for(link.is_symlink, 180, "the promoted link", daemon)
+        (entry,) = json.loads(kiln(kiln_dir, "promoted", "--json"))
+        for key in ("model", "target", "variant", "recipe", "path", "metrics"):
+            assert key in entry
+        metrics = entry["metrics"]
+        for key in ("latency_p50_ms", "size_bytes", "quality", "quality_delta"):
+            assert metrics[key] is not None
+        assert (metrics["baseline_quality"] - metrics["quality"]) / metrics["baseline_quality"] <= 0.01
+        assert (link / "variant.json").is_file()
+        status = json.loads(kiln(kiln_dir, "status", "--json"))
+        assert status["checkpoints"][0]["model"] == "digits"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+
+
+def test_sigkill_mid_job_then_restart_finishes_once(kiln_dir, digits_checkpoint):
+    config_text = (kiln_dir / "kiln.toml").read_text().replace("max_seconds = 0.2", "max_seconds = 1.0")
+    (kiln_dir / "kiln.toml").write_text(config_text)
+    daemon = serve(kiln_dir)
+    from modelkiln.config import load_config
+
+    config = load_config(kiln_dir / "kiln.toml")
+    wait_for((kiln_dir / "kiln.db").exists, 60, "the database", daemon)
+    store = open_store(config)
+
+    def variant_job_running():
+        with store.session() as session:
+            return session.scalars(
+                select(Job).where(Job.kind == "variant", Job.state == "running")
+            ).first()
+
+    place(digits_checkpoint, kiln_dir / "models", "digits", "1")
+    wait_for(variant_job_running, 120, "a running variant job", daemon)
+    workers = children_of(daemon.pid)
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait(10)
+    # Worker processes die with the daemon: none goes on writing behind a restart.
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
+                             for p in workers), 10, "orphaned workers to exit")
+
+    restarted = serve(kiln_dir)
+    try:
+        link = kiln_dir / "promoted" / "digits" / "cpu"
+        wait_for(link.is_symlink, 180, "the promoted link after restart", restarted)
+        with store.session() as session:
+            def settled():
+                session.expire_all()
+                return all(j.state in queries.TERMINAL_JOB_STATES for j in session.scalars(select(Job)))
+            wait_for(settled, 60, "all jobs to end", restarted)
+            variants = list(session.scalars(select(Variant)))
+            assert len(variants) == 4 and all(v.status == "succeeded" for v in variants)
+            assert len(list(session.scalars(select(Promotion)))) == 1
+            jobs = list(session.scalars(select(Job)))
+            assert all(j.state == "succeeded" for j in jobs)
+            assert max(j.attempts for j in jobs) == 2  # the killed job ran once more, not more
+        artifacts = kiln_dir / "artifacts" / "digits"
+        finals = [p for p in artifacts.glob("*/cpu/*") if not p.name.startswith(".")]
+        assert len(finals) == 4 and all((p / "variant.json").is_file() for p in finals)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait(30) == 0
