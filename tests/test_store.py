@@ -67,3 +67,30 @@ def test_a_foreign_database_is_refused(config):
         connection.execute("CREATE TABLE other (x)")
     with pytest.raises(StoreError, match="no modelkiln schema"):
         open_store(config)
+
+
+def _open_and_count(url, results):
+    from sqlalchemy import inspect as sa_inspect
+
+    from modelkiln.store.db import Store, ensure_schema
+
+    try:
+        store = Store(url)
+        ensure_schema(store.engine, allow_upgrade=False)
+        results.put(len(sa_inspect(store.engine).get_table_names()))
+    except Exception as exc:  # reported to the parent, which fails the test
+        results.put(repr(exc))
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(config):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=_open_and_count, args=(config.store_url, results)) for _ in range(4)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+    outcomes = [results.get(timeout=5) for _ in processes]
+    assert all(isinstance(o, int) and o >= 6 for o in outcomes), outcomes

@@ -9,6 +9,8 @@ newer one is refused by everything.
 
 from __future__ import annotations
 
+import fcntl
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect
@@ -81,10 +83,38 @@ def _known_revisions() -> set[str]:
     return {rev.revision for rev in script.walk_revisions()}
 
 
+@contextmanager
+def _migration_lock(engine: Engine):
+    """Serialise schema checks and upgrades between processes sharing a SQLite file.
+
+    SQLite DDL is not transactional through pysqlite, so a process that looked while
+    another was migrating would see half a schema. Whoever finds the revision is not
+    head takes this lock and looks again; the migrator holds it until it is done.
+    PostgreSQL's DDL is transactional and needs no such lock.
+    """
+    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_schema(engine: Engine, *, allow_upgrade: bool, config_hint: str = "") -> None:
     """Bring an empty database to head; refuse an old one unless ``allow_upgrade``."""
-    current = current_revision(engine)
     head = head_revision()
+    if current_revision(engine) == head:
+        return
+    with _migration_lock(engine):
+        _ensure_schema_locked(engine, head, allow_upgrade, config_hint)
+
+
+def _ensure_schema_locked(engine: Engine, head: str, allow_upgrade: bool, config_hint: str) -> None:
+    current = current_revision(engine)
     if current == head:
         return
     where = engine.url.render_as_string(hide_password=True)
