@@ -34,7 +34,7 @@ def main():
         serve.wait_started()
         time.sleep(3)  # the fork server imports torch once at start; not part of a drop
         store = open_store(config)
-        staged = stage_dir(config.registry_path)
+        staged = stage_dir(config.registry_path, "1")
         write_checkpoint(model, x_eval, y_eval, staged)
         t0 = time.time()
         drop_checkpoint(staged, config.registry_path, DEMO_MODEL, "1")

@@ -79,17 +79,31 @@ def write_checkpoint(model, x_eval, y_eval, directory: Path) -> None:
 
 
 def drop_checkpoint(staged: Path, registry: Path, model: str, version: str) -> Path:
-    """Rename a fully written folder into place: the watcher sees it complete at once."""
+    """Rename a fully written folder into place, so the watcher sees it complete at once.
+
+    ``staged`` is a version folder inside a dot-folder of the registry (``stage_dir``).
+    For a model the registry already has, the version folder is renamed into the model
+    folder; for a new model the whole staging folder becomes the model folder, because a
+    folder created an instant before something is renamed into it is not watched yet.
+    """
     final = registry / model / version
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(staged, final)
+    if final.parent.is_dir():
+        os.rename(staged, final)
+        staged.parent.rmdir()
+    else:
+        if staged.name != version:
+            staged = staged.rename(staged.parent / version)
+        os.rename(staged.parent, registry / model)
     return final
 
 
-def stage_dir(registry: Path) -> Path:
-    # Staging inside the watched root keeps the final rename on one filesystem, and the
-    # leading dot keeps the registry from taking the half-written folder.
-    return registry / f".staging-{uuid.uuid4().hex[:8]}"
+def stage_dir(registry: Path, version: str = "1") -> Path:
+    """A version folder to write a checkpoint into before ``drop_checkpoint``.
+
+    Staging inside the watched root keeps the final rename on one filesystem, and the
+    leading dot keeps the registry from taking the half-written folder.
+    """
+    return registry / f".staging-{uuid.uuid4().hex[:8]}" / version
 
 
 def next_version(registry: Path, model: str) -> str:
@@ -121,7 +135,7 @@ def run_demo(directory: Path, echo, timeout: float = 600.0) -> int:
         store = _wait_for_store(config, server, open_store, timeout=60)
         registry = config.registry_path
         version = next_version(registry, DEMO_MODEL)
-        staged = stage_dir(registry)
+        staged = stage_dir(registry, version)
         write_checkpoint(model, x_eval, y_eval, staged)
         dropped = time.time()
         final = drop_checkpoint(staged, registry, DEMO_MODEL, version)

@@ -52,7 +52,12 @@ def optimize_once(config, folder: Path, model: str, version: str = "1", extra_pl
 
 
 def place(staged: Path, registry: Path, model: str, version: str) -> Path:
-    final = registry / model / version
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(staged, final)
-    return final
+    """Copy a checkpoint into a staging folder of the registry, then rename it into place."""
+    import shutil
+
+    from modelkiln.demo import drop_checkpoint, stage_dir
+
+    staging = stage_dir(registry, version)
+    staging.parent.mkdir(parents=True)
+    shutil.copytree(staged, staging)
+    return drop_checkpoint(staging, registry, model, version)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +55,11 @@ class Executor:
     # Statuses after which the remaining phases of a job are not run.
     TERMINAL = {"failed", "skipped", "rejected"}
 
-    def __init__(self, slots: int, timeout_seconds: float, memory_limit_mb: int = 0, clock=time.monotonic):
+    def __init__(self, slots: int, timeout_seconds: float, memory_limit_mb: int = 0, clock=time.monotonic,
+                 on_exit=None):
+        """:param on_exit: called (from a helper thread) whenever a worker process ends,
+            so the service can sleep until there is something to reap instead of polling."""
+        self.on_exit = on_exit
         self.slots = slots
         self.timeout_seconds = timeout_seconds
         self.memory_limit_mb = memory_limit_mb
@@ -104,6 +110,16 @@ class Executor:
         )
         process.start()
         running.process = process
+        if self.on_exit is not None:
+            threading.Thread(target=self._watch, args=(process.sentinel,), daemon=True).start()
+
+    def _watch(self, sentinel) -> None:
+        multiprocessing.connection.wait([sentinel])
+        self.on_exit()
+
+    @property
+    def next_deadline(self) -> float | None:
+        return min((r.deadline for r in self._running.values()), default=None)
 
     def poll(self) -> list[Outcome]:
         """Advance every running job; return the jobs that have ended."""

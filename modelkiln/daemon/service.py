@@ -92,7 +92,8 @@ class Daemon:
                                  config.registry.kind, clock=self.wall_clock)
         self.available_targets = self._available_targets()
         self._recover()
-        self.executor = Executor(config.workers.count, config.workers.job_timeout_seconds, clock=self.clock)
+        self.executor = Executor(config.workers.count, config.workers.job_timeout_seconds, clock=self.clock,
+                                 on_exit=lambda: self.inbox.put(("reap", None)))
         self.executor.start(preload=self.preload)
         if self.preload:
             self.executor.warm_up()
@@ -199,9 +200,12 @@ class Daemon:
     # -- the loop ---------------------------------------------------------------------
 
     def _wait_seconds(self) -> float:
-        if self.executor.running_jobs:
-            return BUSY_WAIT_SECONDS
+        """Sleep until something can be due: a worker's exit wakes the loop through the
+        inbox, so only time-based work (heartbeats, job deadlines, quiet periods) counts."""
         wait = IDLE_WAIT_SECONDS
+        if self.executor.running_jobs:
+            now = self.clock()
+            wait = min(wait, max(0.0, self._next_heartbeat - now), max(0.0, self.executor.next_deadline - now))
         if self._due:
             wait = min(wait, max(0.0, min(t for t, _ in self._due.values()) - self.wall_clock()))
         return wait
