@@ -60,6 +60,8 @@ class MeasureConfig:
     min_runs: int = 20
     # Runs continue in windows until the median moves by less than this fraction.
     stability: float = 0.02
+    # Timed runs per batch size last at least min_seconds and at most max_seconds.
+    min_seconds: float = 0.5
     max_seconds: float = 3.0
     sample_count: int = 64
 
@@ -280,8 +282,10 @@ max_attempts = 3
 [measure]
 warmup_runs = 5
 min_runs = 20
-# Runs go on until the median latency moves by less than this fraction, or max_seconds.
+# Per batch size, timed runs last at least min_seconds and go on until the median moves
+# by less than `stability` (a fraction) between windows of min_runs, or max_seconds.
 stability = 0.02
+min_seconds = 0.5
 max_seconds = 3.0
 # Sample inputs used for fidelity when the checkpoint ships no eval.npz.
 sample_count = 64

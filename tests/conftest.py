@@ -38,6 +38,7 @@ def kiln_dir(tmp_path):
         text.replace("warmup_runs = 5", "warmup_runs = 1")
         .replace("min_runs = 20", "min_runs = 5")
         .replace("max_seconds = 3.0", "max_seconds = 0.2")
+        .replace("min_seconds = 0.5", "min_seconds = 0.0")
         .replace("batch_sizes = [1, 8]", "batch_sizes = [1, 4]")
         .replace("quiet_seconds = 2.0", "quiet_seconds = 0.5")
         .replace("lease_seconds = 60.0", "lease_seconds = 6.0")

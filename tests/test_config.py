@@ -78,3 +78,10 @@ def test_factory_must_name_module_and_callable(tmp_path):
     path.write_text('[architectures.m]\nfactory = "nocolon"\n')
     with pytest.raises(ConfigError, match="module:callable"):
         load_config(path)
+
+
+def test_the_example_config_is_what_init_writes(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "kiln.toml"
+    assert example.read_text() == write_default_config(tmp_path).read_text()

@@ -73,10 +73,11 @@ class Executor:
             self._context.set_forkserver_preload(worker.PRELOAD)
 
     def warm_up(self) -> None:
-        """Start the fork server now (it imports torch once), not on the first job."""
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
+        """Start the fork server and wait until it has preloaded (seconds: it imports
+        torch and runs one export), so that the first job starts as fast as the rest."""
+        process = self._context.Process(target=worker.ready, name="kiln-warm-up")
+        process.start()
+        process.join()
 
     @property
     def free_slots(self) -> int:
@@ -89,8 +90,8 @@ class Executor:
     def submit(self, job_id: int, phases: list[Phase], work_dir: Path) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
         running = _Running(job_id, phases, work_dir, self.clock() + self.timeout_seconds)
+        self._launch(running)  # registered only once its process exists
         self._running[job_id] = running
-        self._launch(running)
 
     def _paths(self, running: _Running) -> tuple[Path, Path]:
         phase = running.phases[running.index]

@@ -8,6 +8,7 @@ processes so that what a build allocated never inflates a measurement.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -31,8 +32,15 @@ MAX_EVAL_ROWS = 4096
 _INFER_CHUNK = 64
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_catalog(enabled: tuple, disabled: tuple):
+    return build_catalog(enabled, disabled)
+
+
 def _catalog(spec):
-    return build_catalog(spec.get("enabled", ()), spec.get("disabled", ()))
+    # Cached per process; the fork server fills the cache for the default lists once
+    # (modelkiln.daemon.warm), so a job's process does not rescan entry points.
+    return _cached_catalog(tuple(spec.get("enabled", ())), tuple(spec.get("disabled", ())))
 
 
 def _load(spec, catalog, fmt_name: str | None = None):
@@ -246,6 +254,7 @@ def measure_variant(spec: dict) -> dict:
             run, harness.batch_of(samples, batch_size),
             warmup_runs=settings["warmup_runs"], min_runs=settings["min_runs"],
             stability=settings["stability"], max_seconds=settings["max_seconds"],
+            min_seconds=settings["min_seconds"],
         )
         timing["batch_size"] = batch_size
         timing["throughput_per_s"] = batch_size * 1000.0 / timing["latency_p50_ms"]

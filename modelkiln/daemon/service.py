@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 5.0
 BUSY_WAIT_SECONDS = 0.1
+ERROR_BACKOFF_SECONDS = 1.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -172,7 +173,15 @@ class Daemon:
 
     def run_forever(self) -> None:
         while not self.stopping:
-            self.run_once(self._wait_seconds())
+            try:
+                self.run_once(self._wait_seconds())
+            except KeyboardInterrupt:
+                raise
+            except Exception:
+                # A database locked past its busy timeout, a full disk, a bug: log it and
+                # try again shortly. Work is level-triggered, so nothing is lost by retrying.
+                log.exception("the service loop failed; retrying in %.0f s", ERROR_BACKOFF_SECONDS)
+                time.sleep(ERROR_BACKOFF_SECONDS)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Ordered shutdown: stop sources of new work, drain, hand back, close."""
@@ -284,7 +293,11 @@ class Daemon:
                     self._finish(session, job, None)
                     continue
                 log.info("job %d (%s) started: %s", job.id, job.key, self._describe(session, job))
-                self.executor.submit(job.id, phases, self.layout.job_work(job.id))
+                try:
+                    self.executor.submit(job.id, phases, self.layout.job_work(job.id))
+                except OSError as exc:
+                    log.error("job %d: cannot start a worker process (%s); it goes back to pending", job.id, exc)
+                    queries.release_jobs(session, self.owner, [job.id], f"cannot start a worker: {exc}")
 
     def _reap(self) -> None:
         outcomes = self.executor.poll()

@@ -35,7 +35,12 @@ PRELOAD = [
     "modelkiln.targets.onnxrt",
     "modelkiln.targets.torchrt",
     "modelkiln.plugins.quantize",
+    "modelkiln.daemon.warm",  # runs one tiny export so that no job pays its first-use cost
 ]
+
+
+def ready() -> None:
+    """A no-op run once at start-up: it returns when the fork server has preloaded."""
 
 
 def _die_with_parent() -> None:

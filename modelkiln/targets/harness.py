@@ -1,8 +1,10 @@
 """The latency harness: warm-up, then runs in windows until the median is stable.
 
-Runs are timed one by one with ``perf_counter_ns`` so p95 sees real outliers; a window
-of ``min_runs`` more runs is added while the median still moves by more than
-``stability`` (relative) and time remains.
+Runs are timed one by one with ``perf_counter_ns`` so p95 sees real outliers. Windows of
+``min_runs`` runs are added until at least ``min_seconds`` of runs exist and the median
+moved by less than ``stability`` (relative) over the last window, or ``max_seconds`` is
+spent. The time floor matters for fast models: forty runs of a 50 µs model are two
+milliseconds of samples, and their p95 is noise.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def time_runs(run, inputs, *, warmup_runs: int, min_runs: int, stability: float, max_seconds: float) -> dict:
+def time_runs(run, inputs, *, warmup_runs: int, min_runs: int, stability: float, max_seconds: float,
+              min_seconds: float = 0.0) -> dict:
     for _ in range(warmup_runs):
         run(inputs)
-    deadline = time.perf_counter() + max_seconds
+    started = time.perf_counter()
     times: list[int] = []
     previous = None
     while True:
@@ -35,9 +38,9 @@ def time_runs(run, inputs, *, warmup_runs: int, min_runs: int, stability: float,
             run(inputs)
             times.append(time.perf_counter_ns() - start)
         median = float(np.median(times))
-        if previous is not None and abs(median - previous) <= stability * previous:
-            break
-        if time.perf_counter() > deadline:
+        elapsed = time.perf_counter() - started
+        stable = previous is not None and abs(median - previous) <= stability * previous
+        if (stable and elapsed >= min_seconds) or elapsed >= max_seconds:
             break
         previous = median
     p50, p95 = np.percentile(np.asarray(times, dtype=np.float64) / 1e6, [50, 95])
