@@ -1,9 +1,12 @@
 """Runs jobs in worker processes, one phase per fresh process, with a time limit.
 
 Processes are forked from a fork server that has imported torch and onnxruntime once,
-so a phase starts in milliseconds yet shares nothing mutable with the daemon or with
-other jobs. The executor only runs processes and reports outcomes; what a job means is
-the service's business.
+so a phase starts warm yet shares nothing mutable with the daemon or with other jobs.
+Two things keep process management off the critical path: one spare process is always
+forked ahead, waiting on a pipe for its phase, and a worker reports "done" on that pipe
+once its result is written, before its (slow, large) teardown. Each process still runs
+exactly one phase. The executor only runs processes and reports outcomes; what a job
+means is the service's business.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from . import worker
 
 log = logging.getLogger(__name__)
 
+# A worker that reported its result gets this long to exit before it is killed.
+EXIT_GRACE_SECONDS = 10.0
+
 
 @dataclass
 class Phase:
@@ -41,13 +47,19 @@ class Outcome:
 
 
 @dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+
+
+@dataclass
 class _Running:
     job_id: int
     phases: list[Phase]
     work_dir: Path
     deadline: float
     results: list[dict] = field(default_factory=list)
-    process: multiprocessing.process.BaseProcess | None = None
+    worker: _Worker | None = None
     index: int = 0
 
 
@@ -65,6 +77,9 @@ class Executor:
         self.memory_limit_mb = memory_limit_mb
         self.clock = clock
         self._running: dict[int, _Running] = {}
+        self._spare: _Worker | None = None
+        # Workers that reported their result and are still exiting: (process, since).
+        self._exiting: list[tuple[multiprocessing.process.BaseProcess, float]] = []
         self._context = None
 
     def start(self, preload: bool = True) -> None:
@@ -78,6 +93,7 @@ class Executor:
         process = self._context.Process(target=worker.ready, name="kiln-warm-up")
         process.start()
         process.join()
+        self._spare = self._fork()
 
     @property
     def free_slots(self) -> int:
@@ -97,25 +113,41 @@ class Executor:
         phase = running.phases[running.index]
         return (running.work_dir / f"{phase.name}.result.json", running.work_dir / "worker.log")
 
+    def _fork(self) -> _Worker:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(target=worker.serve_one, args=(child,), name="kiln-worker")
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
     def _launch(self, running: _Running) -> None:
         phase = running.phases[running.index]
         result_path, log_path = self._paths(running)
         result_path.unlink(missing_ok=True)
         # Each phase sees what the one before it returned (e.g. the artifact's file name).
         spec = {**phase.spec, "previous": running.results[-1]} if running.results else phase.spec
-        process = self._context.Process(
-            target=worker.run_phase,
-            args=(phase.name, spec, str(result_path), str(log_path), self.memory_limit_mb),
-            name=f"kiln-job-{running.job_id}-{phase.name}",
-            daemon=False,
-        )
-        process.start()
-        running.process = process
+        request = (phase.name, spec, str(result_path), str(log_path), self.memory_limit_mb)
+        spare, self._spare = self._spare, None
+        try:
+            if spare is None:
+                raise BrokenPipeError("no spare worker")
+            spare.conn.send(request)
+            chosen = spare
+        except (OSError, EOFError):  # none forked yet, or it died while it waited
+            if spare is not None:
+                self._discard(spare)
+            chosen = self._fork()
+            chosen.conn.send(request)
+        running.worker = chosen
         if self.on_exit is not None:
-            threading.Thread(target=self._watch, args=(process.sentinel,), daemon=True).start()
+            threading.Thread(target=self._watch, args=(chosen,), daemon=True).start()
+        self._spare = self._fork()  # the next phase's process, forked while this one runs
 
-    def _watch(self, sentinel) -> None:
-        multiprocessing.connection.wait([sentinel])
+    def _watch(self, chosen: _Worker) -> None:
+        try:
+            multiprocessing.connection.wait([chosen.conn, chosen.process.sentinel])
+        except OSError:
+            pass  # the connection was closed under us: the job has been dealt with
         self.on_exit()
 
     @property
@@ -124,6 +156,7 @@ class Executor:
 
     def poll(self) -> list[Outcome]:
         """Advance every running job; return the jobs that have ended."""
+        self._reap_exiting()
         done = []
         for job_id, running in list(self._running.items()):
             outcome = self._advance(running)
@@ -133,22 +166,26 @@ class Executor:
         return done
 
     def _advance(self, running: _Running) -> Outcome | None:
-        process = running.process
-        if process.is_alive():
+        chosen = running.worker
+        finished = chosen.conn.poll() or not chosen.process.is_alive()
+        if not finished:
             if self.clock() < running.deadline:
                 return None
-            self._kill(process)
+            self._discard(chosen)
             reason = f"timed out after {self.timeout_seconds:g} s in {running.phases[running.index].name}"
             return Outcome(running.job_id, "failed", running.results, reason)
-        process.join()
         result_path, log_path = self._paths(running)
         try:
             result = json.loads(result_path.read_text())
         except (OSError, ValueError):
-            code = process.exitcode
+            chosen.process.join(5)
+            chosen.conn.close()
+            code = chosen.process.exitcode
             how = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
             reason = f"worker process died in {running.phases[running.index].name} ({how}); see {log_path}"
             return Outcome(running.job_id, "failed", running.results, reason)
+        chosen.conn.close()
+        self._exiting.append((chosen.process, self.clock()))
         running.results.append(result)
         status = result.get("status")
         if status in self.TERMINAL:
@@ -158,6 +195,21 @@ class Executor:
             return Outcome(running.job_id, status, running.results)
         self._launch(running)
         return None
+
+    def _reap_exiting(self) -> None:
+        still = []
+        for process, since in self._exiting:
+            if not process.is_alive():
+                process.join()
+            elif self.clock() - since > EXIT_GRACE_SECONDS:
+                self._kill(process)
+            else:
+                still.append((process, since))
+        self._exiting = still
+
+    def _discard(self, chosen: _Worker) -> None:
+        self._kill(chosen.process)
+        chosen.conn.close()
 
     @staticmethod
     def _kill(process) -> None:
@@ -174,11 +226,17 @@ class Executor:
         """
         deadline = time.monotonic() + timeout
         for running in self._running.values():
-            running.process.join(max(0.0, deadline - time.monotonic()))
-        unfinished = []
-        for job_id, running in self._running.items():
-            if running.process.is_alive():
-                self._kill(running.process)
-            unfinished.append(job_id)
+            running.worker.process.join(max(0.0, deadline - time.monotonic()))
+        unfinished = list(self._running)
+        for running in self._running.values():
+            self._discard(running.worker)
         self._running.clear()
+        if self._spare is not None:
+            self._discard(self._spare)
+            self._spare = None
+        for process, _ in self._exiting:
+            process.join(2)
+            if process.is_alive():
+                self._kill(process)
+        self._exiting.clear()
         return unfinished

@@ -62,7 +62,19 @@ def _write_result(path: str, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_limit_mb: int = 0) -> None:
+def serve_one(conn) -> None:
+    """A spare worker: wait for one phase on ``conn``, run it, and exit."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        request = conn.recv()
+    except (EOFError, OSError):  # the daemon stopped or discarded this spare
+        os._exit(0)
+    run_phase(*request, conn=conn)
+
+
+def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_limit_mb: int = 0,
+              conn=None) -> None:
     _die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides; Ctrl-C is for it
@@ -90,5 +102,11 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
         result = {"status": "failed", "reason": f"{phase}: {type(exc).__name__}: {exc}"}
     _write_result(result_path, result)
     log.flush()
+    if conn is not None:
+        # Tell the daemon now: tearing down a process this size takes a while.
+        try:
+            conn.send_bytes(b"done")
+        except OSError:
+            pass
     # Skip interpreter teardown: library atexit hooks are not ours to wait for.
     os._exit(0)
