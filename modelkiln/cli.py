@@ -43,6 +43,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # APScheduler logs every tick at INFO; the daemon logs what matters itself.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def table(rows: list[list], headers: list[str]) -> str:

@@ -132,7 +132,8 @@ def run_demo(directory: Path, echo, timeout: float = 600.0) -> int:
         server = subprocess.Popen([sys.executable, "-m", "modelkiln", "serve"], env=env,
                                   stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        store = _wait_for_store(config, server, open_store, timeout=60)
+        _wait_for_start(log_path, server, timeout=120)
+        store = open_store(config)
         registry = config.registry_path
         version = next_version(registry, DEMO_MODEL)
         staged = stage_dir(registry, version)
@@ -152,17 +153,15 @@ def run_demo(directory: Path, echo, timeout: float = 600.0) -> int:
         echo("daemon stopped")
 
 
-def _wait_for_store(config, server, open_store, timeout: float):
+def _wait_for_start(log_path: Path, server, timeout: float) -> None:
+    """Until the daemon logs that it started: its workers are warm and it is watching."""
     deadline = time.time() + timeout
-    while True:
+    while b"started:" not in log_path.read_bytes():
         if server.poll() is not None:
-            raise RuntimeError("`kiln serve` exited early; see kiln-serve.log")
-        try:
-            return open_store(config)
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.2)
+            raise RuntimeError(f"`kiln serve` exited early; see {log_path}")
+        if time.time() > deadline:
+            raise TimeoutError(f"`kiln serve` did not start in {timeout:.0f} s; see {log_path}")
+        time.sleep(0.1)
 
 
 def _wait_for_promotion(store, queries, version: str, targets, server, deadline: float) -> int:

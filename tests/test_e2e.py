@@ -128,3 +128,30 @@ def test_sigkill_mid_job_then_restart_finishes_once(kiln_dir, digits_checkpoint)
     finally:
         restarted.send_signal(signal.SIGTERM)
         assert restarted.wait(30) == 0
+
+
+def test_sigterm_to_the_whole_group_lets_the_running_job_finish(kiln_dir, digits_checkpoint):
+    """systemd's default KillMode sends SIGTERM to every process of the service."""
+    text = (kiln_dir / "kiln.toml").read_text().replace("max_seconds = 0.2", "max_seconds = 1.0")
+    (kiln_dir / "kiln.toml").write_text(text)
+    env = {**os.environ, "KILN_CONFIG": str(kiln_dir / "kiln.toml"), "PYTHONPATH": os.path.dirname(__file__)}
+    daemon = subprocess.Popen([sys.executable, "-m", "modelkiln", "serve", "--stop-timeout", "60"], env=env,
+                              stdout=open(kiln_dir / "serve.log", "ab"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    from modelkiln.config import load_config
+
+    wait_for(lambda: b"started:" in (kiln_dir / "serve.log").read_bytes(), 60, "the daemon to start", daemon)
+    store = open_store(load_config(kiln_dir / "kiln.toml"))
+
+    def running_variant_job():
+        with store.session() as session:
+            return session.scalars(select(Job).where(Job.kind == "variant", Job.state == "running")).first()
+
+    place(digits_checkpoint, kiln_dir / "models", "digits", "1")
+    job = wait_for(running_variant_job, 120, "a running variant job", daemon)
+    os.killpg(daemon.pid, signal.SIGTERM)
+    assert daemon.wait(90) == 0
+    with store.session() as session:
+        states = {j.id: (j.state, j.reason) for j in session.scalars(select(Job))}
+    assert states[job.id][0] == "succeeded", states[job.id]
+    assert not [s for s in states.values() if s[0] == "failed"], states

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
+import sys
 import warnings
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,17 @@ def _warm_up() -> None:
                           dynamic_axes={"x": {0: "batch"}})
         torch.jit.trace(module, example)
 
+
+def _in_fork_server() -> bool:
+    # multiprocessing starts its fork server as `python -c "from multiprocessing.forkserver
+    # import main; ..."` and imports the preload modules from there.
+    return sys.argv[:1] == ["-c"] and "multiprocessing.forkserver" in sys.modules
+
+
+if _in_fork_server():
+    # The fork server ends by itself when the daemon's connection closes; a SIGTERM to the
+    # whole group must not kill it, or every running worker would die with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 try:
     _warm_up()

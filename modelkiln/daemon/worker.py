@@ -53,6 +53,15 @@ def _die_with_parent() -> None:
         pass
 
 
+def _leave_signals_to_the_daemon() -> None:
+    """Ctrl-C and a SIGTERM sent to the whole process group or cgroup (systemd's default
+    KillMode) are for the daemon: it lets running jobs finish for its stop timeout, then
+    kills them itself and hands them back to pending. A worker dying on the same signal
+    would turn a clean stop into failed jobs."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _write_result(path: str, result: dict) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
@@ -65,7 +74,7 @@ def _write_result(path: str, result: dict) -> None:
 def serve_one(conn) -> None:
     """A spare worker: wait for one phase on ``conn``, run it, and exit."""
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _leave_signals_to_the_daemon()
     try:
         request = conn.recv()
     except (EOFError, OSError):  # the daemon stopped or discarded this spare
@@ -76,8 +85,7 @@ def serve_one(conn) -> None:
 def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_limit_mb: int = 0,
               conn=None) -> None:
     _die_with_parent()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides; Ctrl-C is for it
+    _leave_signals_to_the_daemon()
     log = open(log_path, "a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
