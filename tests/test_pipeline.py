@@ -193,3 +193,39 @@ def test_a_worker_that_hangs_crashes_or_exits_fails_one_job(config, tiny_checkpo
 
     save_file(tiny_mlp().state_dict(), str(staged / "model.safetensors"))
     assert optimize_once(config, staged, "tiny", "2").status == "done"
+
+
+def test_hugging_face_checkpoint_end_to_end(config, tmp_path):
+    from test_formats import tiny_bert
+
+    checkpoint = optimize_once(config, tiny_bert(tmp_path / "bert"), "bert")
+    assert checkpoint.status == "done", checkpoint.reason
+    assert checkpoint.info["inputs"][0]["shape"] == [-1, 64]  # capped by max_position_embeddings
+    by_name = {v["variant"]: v for v in all_variants(config, "bert")}
+    assert all(v["status"] == "succeeded" for v in by_name.values()), by_name
+    assert by_name["torch:baseline"]["file"] == "model.pt2"
+    assert by_name["onnxruntime:baseline"]["metrics"]["quality_metric"] == "top1_agreement"
+    assert by_name["onnxruntime:baseline"]["metrics"]["quality"] == pytest.approx(1.0)
+    (entry,) = promoted_entries(config)
+    assert entry["model"] == "bert"
+
+
+def test_cleanup_removes_what_a_killed_daemon_left(config):
+    from modelkiln.daemon.service import STALE_INCOMING_SECONDS, Daemon
+
+    daemon = Daemon(config, watch=False, schedule=False, preload=False)
+    daemon.start()
+    try:
+        stale_staging = config.artifacts_path / "m" / "abc" / "cpu" / ".tmp-onnxruntime--baseline-job7"
+        stale_staging.mkdir(parents=True)
+        old_copy = daemon.layout.incoming / "m-old"
+        fresh_copy = daemon.layout.incoming / "m-fresh"
+        old_copy.mkdir(parents=True)
+        fresh_copy.mkdir()
+        old = daemon.wall_clock() - STALE_INCOMING_SECONDS - 10
+        os.utime(old_copy, (old, old))
+        daemon.inbox.put(("cleanup", None))
+        daemon.run_once(0)
+        assert not stale_staging.exists() and not old_copy.exists() and fresh_copy.exists()
+    finally:
+        daemon.stop(5)

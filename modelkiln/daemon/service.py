@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 IDLE_WAIT_SECONDS = 5.0
 BUSY_WAIT_SECONDS = 0.1
 ERROR_BACKOFF_SECONDS = 1.0
+STALE_INCOMING_SECONDS = 3600.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -345,11 +346,18 @@ class Daemon:
             queries.renew_leases(session, self.owner, running, self.config.workers.lease_seconds)
 
     def _cleanup(self) -> None:
-        """Remove staging folders no running job owns (left by a killed daemon)."""
+        """Remove what a killed daemon left half-done: staging folders no running job
+        owns, and snapshot copies older than an hour (another daemon on the same folder
+        may be copying a fresh one right now)."""
         running = {f"job{j}" for j in self.executor.running_jobs}
         for staging in self.layout.root.glob("*/*/*/.tmp-*"):
             if not any(staging.name.endswith(r) for r in running):
                 shutil.rmtree(staging, ignore_errors=True)
+        cutoff = self.wall_clock() - STALE_INCOMING_SECONDS
+        if self.layout.incoming.is_dir():
+            for copy in self.layout.incoming.iterdir():
+                if copy.stat().st_mtime < cutoff:
+                    shutil.rmtree(copy, ignore_errors=True)
 
     @staticmethod
     def _describe(session, job: Job) -> str:

@@ -30,6 +30,9 @@ PRELOAD = [
     "onnxruntime",
     "onnxruntime.quantization",
     "safetensors.torch",
+    # Hugging Face checkpoints: the import alone is seconds per process otherwise.
+    "transformers",
+    "transformers.modeling_utils",
     "modelkiln.daemon.phases",
     "modelkiln.registry.formats",
     "modelkiln.targets.onnxrt",

@@ -234,7 +234,10 @@ class HuggingFaceFormat(CheckpointFormat):
             raise CheckpointRejected(f"{directory}: transformers cannot load it ({exc})") from None
         model.eval()
         vocab = getattr(model.config, "vocab_size", None) or 1000
-        inputs = [InputSpec("input_ids", (-1, DEFAULT_SEQUENCE_LENGTH), "int64", high=int(vocab))]
+        # Never longer than the model has positions for.
+        positions = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQUENCE_LENGTH
+        length = min(DEFAULT_SEQUENCE_LENGTH, int(positions))
+        inputs = [InputSpec("input_ids", (-1, length), "int64", high=int(vocab))]
         info = {
             "parameters": sum(p.numel() for p in model.parameters()),
             "architecture": type(model).__name__,
