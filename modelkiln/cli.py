@@ -304,15 +304,10 @@ def targets(config_path, as_json):
     catalog = catalog_for(config)
     entries = []
     for name, target in config.targets.items():
-        reasons = []
-        for runtime in target.runtimes:
-            rt = catalog.runtimes.get(runtime)
-            reason = f"runtime {runtime} is not installed" if rt is None else rt.unavailable_reason(target.device)
-            if reason:
-                reasons.append(reason)
+        reason = catalog.unavailable_reason(target)
         entries.append({"target": name, "device": target.device, "runtimes": target.runtimes,
                         "threads": target.threads, "batch_sizes": target.batch_sizes, "recipes": target.recipes,
-                        "available": not reasons, "reason": "; ".join(reasons) or None})
+                        "available": reason is None, "reason": reason})
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return

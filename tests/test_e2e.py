@@ -20,10 +20,22 @@ from modelkiln.store.models import Job, Promotion, Variant
 pytestmark = pytest.mark.slow
 
 
-def serve(kiln_dir):
+def serve(kiln_dir, *args, new_session=False):
     env = {**os.environ, "KILN_CONFIG": str(kiln_dir / "kiln.toml"), "PYTHONPATH": os.path.dirname(__file__)}
     log = open(kiln_dir / "serve.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "modelkiln", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "modelkiln", "serve", *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=new_session)
+
+
+def running_variant_job(store):
+    with store.session() as session:
+        return session.scalars(select(Job).where(Job.kind == "variant", Job.state == "running")).first()
+
+
+def slower_measurements(kiln_dir):
+    """Long enough that a job is reliably caught running."""
+    text = (kiln_dir / "kiln.toml").read_text().replace("max_seconds = 0.2", "max_seconds = 1.0")
+    (kiln_dir / "kiln.toml").write_text(text)
 
 
 def wait_for(predicate, timeout, what, process=None):
@@ -83,8 +95,7 @@ def test_renamed_checkpoint_ends_up_promoted(kiln_dir, digits_checkpoint):
 
 
 def test_sigkill_mid_job_then_restart_finishes_once(kiln_dir, digits_checkpoint):
-    config_text = (kiln_dir / "kiln.toml").read_text().replace("max_seconds = 0.2", "max_seconds = 1.0")
-    (kiln_dir / "kiln.toml").write_text(config_text)
+    slower_measurements(kiln_dir)
     daemon = serve(kiln_dir)
     from modelkiln.config import load_config
 
@@ -92,14 +103,8 @@ def test_sigkill_mid_job_then_restart_finishes_once(kiln_dir, digits_checkpoint)
     wait_for((kiln_dir / "kiln.db").exists, 60, "the database", daemon)
     store = open_store(config)
 
-    def variant_job_running():
-        with store.session() as session:
-            return session.scalars(
-                select(Job).where(Job.kind == "variant", Job.state == "running")
-            ).first()
-
     place(digits_checkpoint, kiln_dir / "models", "digits", "1")
-    wait_for(variant_job_running, 120, "a running variant job", daemon)
+    wait_for(lambda: running_variant_job(store), 120, "a running variant job", daemon)
     workers = children_of(daemon.pid)
     daemon.send_signal(signal.SIGKILL)
     daemon.wait(10)
@@ -132,23 +137,15 @@ def test_sigkill_mid_job_then_restart_finishes_once(kiln_dir, digits_checkpoint)
 
 def test_sigterm_to_the_whole_group_lets_the_running_job_finish(kiln_dir, digits_checkpoint):
     """systemd's default KillMode sends SIGTERM to every process of the service."""
-    text = (kiln_dir / "kiln.toml").read_text().replace("max_seconds = 0.2", "max_seconds = 1.0")
-    (kiln_dir / "kiln.toml").write_text(text)
-    env = {**os.environ, "KILN_CONFIG": str(kiln_dir / "kiln.toml"), "PYTHONPATH": os.path.dirname(__file__)}
-    daemon = subprocess.Popen([sys.executable, "-m", "modelkiln", "serve", "--stop-timeout", "60"], env=env,
-                              stdout=open(kiln_dir / "serve.log", "ab"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    slower_measurements(kiln_dir)
+    daemon = serve(kiln_dir, "--stop-timeout", "60", new_session=True)
     from modelkiln.config import load_config
 
     wait_for(lambda: b"started:" in (kiln_dir / "serve.log").read_bytes(), 60, "the daemon to start", daemon)
     store = open_store(load_config(kiln_dir / "kiln.toml"))
 
-    def running_variant_job():
-        with store.session() as session:
-            return session.scalars(select(Job).where(Job.kind == "variant", Job.state == "running")).first()
-
     place(digits_checkpoint, kiln_dir / "models", "digits", "1")
-    job = wait_for(running_variant_job, 120, "a running variant job", daemon)
+    job = wait_for(lambda: running_variant_job(store), 120, "a running variant job", daemon)
     os.killpg(daemon.pid, signal.SIGTERM)
     assert daemon.wait(90) == 0
     with store.session() as session:

@@ -128,11 +128,10 @@ class Daemon:
     def _available_targets(self) -> list[str]:
         available = []
         for name, target in self.config.targets.items():
-            reasons = [self.catalog.runtimes[r].unavailable_reason(target.device) for r in target.runtimes]
-            reasons = [r for r in reasons if r]
-            if reasons:
+            reason = self.catalog.unavailable_reason(target)
+            if reason:
                 log.warning("target %s is unavailable on this host (%s); its jobs wait for a host "
-                            "that has it", name, "; ".join(reasons))
+                            "that has it", name, reason)
             else:
                 available.append(name)
         return available

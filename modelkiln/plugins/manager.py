@@ -42,6 +42,15 @@ class Catalog:
     # Plugins that failed to load: name -> reason. They are skipped, not fatal.
     errors: dict = field(default_factory=dict)
 
+    def unavailable_reason(self, target) -> str | None:
+        """None when this host can serve ``target`` (a TargetConfig), else why not."""
+        reasons = []
+        for name in target.runtimes:
+            runtime = self.runtimes.get(name)
+            reasons.append(f"runtime {name} is not installed" if runtime is None
+                           else runtime.unavailable_reason(target.device))
+        return "; ".join(r for r in reasons if r) or None
+
 
 def _wanted(name: str, enabled, disabled) -> bool:
     if name in disabled:
