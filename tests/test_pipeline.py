@@ -229,3 +229,12 @@ def test_cleanup_removes_what_a_killed_daemon_left(config):
         assert not stale_staging.exists() and not old_copy.exists() and fresh_copy.exists()
     finally:
         daemon.stop(5)
+
+
+def test_eval_data_that_does_not_fit_the_model_is_rejected_with_the_reason(config, tiny_checkpoint):
+    np.savez(tiny_checkpoint / "eval.npz", inputs=np.zeros((8, 5), np.float32), labels=np.zeros(8, np.int64))
+    checkpoint = optimize_once(config, tiny_checkpoint, "tiny")
+    assert checkpoint.status == "rejected" and "fails on its sample inputs" in checkpoint.reason
+    np.savez(tiny_checkpoint / "eval.npz", inputs=np.zeros((8, 2, 16), np.float32), labels=np.zeros(8, np.int64))
+    checkpoint = optimize_once(config, tiny_checkpoint, "tiny", "2")
+    assert checkpoint.status == "rejected" and "per row" in checkpoint.reason

@@ -40,6 +40,12 @@ class Layout:
     def staging(self, final: Path, job_id: int) -> Path:
         return final.parent / f".tmp-{final.name}-job{job_id}"
 
+    @staticmethod
+    def staging_job(staging: Path) -> int | None:
+        """The job id a staging folder belongs to, or None if it is not one of ours."""
+        _, _, tail = staging.name.rpartition("-job")
+        return int(tail) if tail.isdigit() else None
+
     def job_work(self, job_id: int) -> Path:
         return self.root / ".work" / f"job-{job_id}"
 

@@ -345,13 +345,15 @@ class Daemon:
             queries.renew_leases(session, self.owner, running, self.config.workers.lease_seconds)
 
     def _cleanup(self) -> None:
-        """Remove what a killed daemon left half-done: staging folders no running job
-        owns, and snapshot copies older than an hour (another daemon on the same folder
-        may be copying a fresh one right now)."""
-        running = {f"job{j}" for j in self.executor.running_jobs}
-        for staging in self.layout.root.glob("*/*/*/.tmp-*"):
-            if not any(staging.name.endswith(r) for r in running):
-                shutil.rmtree(staging, ignore_errors=True)
+        """Remove what a killed daemon left half-done: staging folders of jobs that are
+        not running on any host, and snapshot copies older than an hour (another daemon
+        on the same folder may be copying a fresh one right now)."""
+        with self.store.session() as session:
+            for staging in self.layout.root.glob("*/*/*/.tmp-*"):
+                job_id = self.layout.staging_job(staging)
+                job = session.get(Job, job_id) if job_id is not None else None
+                if job is None or job.state != "running":
+                    shutil.rmtree(staging, ignore_errors=True)
         cutoff = self.wall_clock() - STALE_INCOMING_SECONDS
         if self.layout.incoming.is_dir():
             for copy in self.layout.incoming.iterdir():
