@@ -157,6 +157,10 @@ class Broken:
     def kiln_variant_measured(self, variant):
         raise RuntimeError("a broken plugin")
 
+    @hookimpl
+    def kiln_choose_variant(self, candidates, policy):
+        raise RuntimeError("a broken policy")
+
 
 def test_event_hooks_and_a_policy_plugin(config, tiny_checkpoint):
     recorder = Recorder()
@@ -166,7 +170,7 @@ def test_event_hooks_and_a_policy_plugin(config, tiny_checkpoint):
     (promotion,) = recorder.promoted
     largest = max((v for v in recorder.measured if v["status"] == "succeeded"), key=lambda v: v["metrics"]["size_bytes"])
     assert promotion["variant"] == largest["variant"]
-    assert promotion["reason"] == "plugin policy"
+    assert promotion["reason"] == "policy of plugin Recorder"
 
 
 @pytest.mark.parametrize(

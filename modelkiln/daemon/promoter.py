@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 
 from .. import policy as builtin_policy
-from ..plugins.manager import notify
+from ..plugins.manager import first_result, notify
 from ..store import queries, views
 from ..store.models import Checkpoint, Promotion
 
@@ -59,8 +59,13 @@ class Promoter:
             candidate = views.variant_dict(variant)
             candidate["within_tolerance"] = builtin_policy.within_tolerance(candidate, self.config.policy)
             candidates.append(candidate)
-        chosen = self.manager.hook.kiln_choose_variant(candidates=candidates, policy=self.config.policy)
-        how = "plugin policy"
+        plugin, chosen = first_result(self.manager, "kiln_choose_variant", candidates=candidates,
+                                      policy=self.config.policy)
+        how = f"policy of plugin {plugin}"
+        if chosen is not None and not any(chosen is c or chosen == c for c in candidates):
+            log.error("plugin %s: kiln_choose_variant returned something that is not one of the "
+                      "candidates; the built-in policy decides", plugin)
+            chosen = None
         if chosen is None:
             chosen = builtin_policy.choose(candidates, self.config.policy)
             how = (f"lowest {self.config.policy.objective} at batch {self.config.policy.objective_batch_size} "

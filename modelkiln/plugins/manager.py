@@ -96,8 +96,9 @@ def _collect(manager, hook_name: str, errors: dict) -> list:
             continue
         if result:
             items.append((impl.plugin_name, result))
-    # pluggy calls the most recently registered first; keep registration order instead.
-    return list(reversed(items))
+    # get_hookimpls() is in registration order (pluggy *calls* the newest first): built-in
+    # formats are tried before third-party ones, and the first provider of a name wins.
+    return items
 
 
 def build_catalog(enabled=(), disabled=(), extra_plugins=()) -> Catalog:
@@ -134,6 +135,20 @@ def build_catalog(enabled=(), disabled=(), extra_plugins=()) -> Catalog:
 
 def catalog_for(config, extra_plugins=()) -> Catalog:
     return build_catalog(config.plugins.enabled, config.plugins.disabled, extra_plugins)
+
+
+def first_result(manager: pluggy.PluginManager, hook_name: str, **kwargs):
+    """Call a firstresult hook; an implementation that raises is logged by name and the
+    next one is asked, so a broken plugin cannot block what it was asked to decide."""
+    for impl in getattr(manager.hook, hook_name).get_hookimpls()[::-1]:
+        try:
+            result = impl.function(**{k: kwargs[k] for k in impl.argnames})
+        except Exception:
+            log.exception("plugin %s: %s failed; asking the next one", impl.plugin_name, hook_name)
+            continue
+        if result is not None:
+            return impl.plugin_name, result
+    return None, None
 
 
 def notify(manager: pluggy.PluginManager, hook_name: str, **kwargs) -> None:
