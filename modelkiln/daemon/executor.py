@@ -50,6 +50,15 @@ class Outcome:
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: multiprocessing.connection.Connection
+    watcher: threading.Thread | None = None
+
+    def close(self) -> None:
+        # The watcher selects on the pipe; closing it under a live select could leave the
+        # thread waiting on a recycled descriptor. It returns at once here: the worker has
+        # answered or is dead.
+        if self.watcher is not None:
+            self.watcher.join(1.0)
+        self.conn.close()
 
 
 @dataclass
@@ -140,8 +149,12 @@ class Executor:
             chosen.conn.send(request)
         running.worker = chosen
         if self.on_exit is not None:
-            threading.Thread(target=self._watch, args=(chosen,), daemon=True).start()
-        self._spare = self._fork()  # the next phase's process, forked while this one runs
+            chosen.watcher = threading.Thread(target=self._watch, args=(chosen,), daemon=True)
+            chosen.watcher.start()
+        try:
+            self._spare = self._fork()  # the next phase's process, forked while this one runs
+        except OSError as exc:  # the phase above runs regardless; the next one forks then
+            log.warning("could not fork a spare worker: %s", exc)
 
     def _watch(self, chosen: _Worker) -> None:
         try:
@@ -179,12 +192,12 @@ class Executor:
             result = json.loads(result_path.read_text())
         except (OSError, ValueError):
             chosen.process.join(5)
-            chosen.conn.close()
+            chosen.close()
             code = chosen.process.exitcode
             how = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
             reason = f"worker process died in {running.phases[running.index].name} ({how}); see {log_path}"
             return Outcome(running.job_id, "failed", running.results, reason)
-        chosen.conn.close()
+        chosen.close()
         self._exiting.append((chosen.process, self.clock()))
         running.results.append(result)
         status = result.get("status")
@@ -209,7 +222,7 @@ class Executor:
 
     def _discard(self, chosen: _Worker) -> None:
         self._kill(chosen.process)
-        chosen.conn.close()
+        chosen.close()
 
     @staticmethod
     def _kill(process) -> None:
