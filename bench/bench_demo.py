@@ -4,7 +4,7 @@ From the rename of the digits checkpoint into the watched folder to its promotio
 - steps:        inside plugin steps (quantize ...)
 - runtime:      the runtime plugins' conversions (export to ONNX / torch.export, save)
 - measurement:  the measure phase (load, quality, timed runs)
-- inspect:      loading the checkpoint and computing reference outputs
+- loading:      reading the checkpoint (inspect, with its reference outputs, and each build)
 - outside:      everything else: detection, hashing, process start, database, waiting
 Run: .venv/bin/python bench/bench_demo.py
 """
@@ -51,14 +51,15 @@ def main():
             variants = queries.variants_of(session, checkpoint.id)
             timings = [v.timings or {} for v in variants]
         steps = sum(t.get("step_seconds", 0) for t in timings)
-        runtime = sum(t.get("prepare_seconds", 0) + t.get("save_seconds", 0) for t in timings)
+        runtime = sum(t.get("convert_seconds", 0) for t in timings)
+        loading = sum(t.get("load_seconds", 0) for t in timings)
         measure = sum(t.get("measure_seconds", 0) for t in timings)
-        inspect = (checkpoint.info or {}).get("seconds") or 0.0
         inspect = float(_inspect_seconds(config, checkpoint))
+        inspect += loading
         outside = total - steps - runtime - measure - inspect
         rows = [[name, f"{value:.2f}", f"{value / total:.1%}"] for name, value in (
             ("plugin steps", steps), ("runtime conversion (plugins)", runtime), ("measurement", measure),
-            ("inspect (load + reference)", inspect), ("outside plugins and measurement", outside),
+            ("loading the checkpoint (inspect, each build)", inspect), ("outside plugins and measurement", outside),
             ("end to end (rename -> promoted)", total))]
         print_table(f"demo: {len(variants)} variants, 1 worker", rows, ["part", "seconds", "share"])
     finally:

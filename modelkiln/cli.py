@@ -267,7 +267,7 @@ def plugins(config_path, as_json):
         config = Config()  # listing plugins needs no configuration
     catalog = catalog_for(config)
     steps = [
-        {"step": s.name, "plugin": s.plugin, "runtimes": list(s.runtimes), "description": s.description,
+        {"step": s.name, "plugin": s.plugin, "runtimes": sorted(s.forms), "description": s.description,
          "params": [{"name": p.name, "type": p.type.__name__, "default": p.default, "description": p.description}
                     for p in s.params]}
         for s in catalog.steps.values()

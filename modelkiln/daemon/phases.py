@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import ArchitectureConfig
 from ..errors import CheckpointRejected, StepNotApplicable
-from ..plugins.api import InputSpec, LoadContext, StepContext
+from ..plugins.api import ONNX, TORCH, InputSpec, LoadContext, ModelHandle, StepContext
 from ..plugins.manager import build_catalog
 from ..plugins.recipes import parse_recipe
 from ..registry.data import load_calibration, load_eval
@@ -190,8 +190,17 @@ def _reference(spec) -> tuple[dict, dict]:
     return inspected, arrays
 
 
+def _in_form(model, form: str, runtime, step, context):
+    """``model`` in ``form``, converting through the runtime where that is the way there."""
+    if model.form == form:
+        return model
+    if form == runtime.form:
+        return runtime.convert(model, context)
+    raise StepNotApplicable(f"{step.name} needs a {form} model, but this one is {model.form} by now")
+
+
 def build_variant(spec: dict) -> dict:
-    """Prepare the checkpoint for the runtime, apply the recipe's steps, save the artifact."""
+    """Load the checkpoint, apply the recipe's steps, convert for the runtime, save."""
     t0 = time.perf_counter()
     catalog = _catalog(spec)
     inspected, arrays = _reference(spec)
@@ -200,36 +209,43 @@ def build_variant(spec: dict) -> dict:
         raise StepNotApplicable(f"runtime {spec['runtime']} is not installed on this host")
     recipe = parse_recipe(spec["recipe"], catalog.steps)
     loaded = _load(spec, catalog, inspected["format"])
-    loaded.inputs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i["high"]) for i in inspected["inputs"]]
+    inputs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i["high"]) for i in inspected["inputs"]]
+    if loaded.module is not None:
+        model = ModelHandle(TORCH, loaded.module, inputs)
+    else:
+        model = ModelHandle(ONNX, Path(loaded.onnx_path), inputs)
     samples = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("input:")}
-    calibration = {loaded.inputs[0].name: arrays["calibration"]} if "calibration" in arrays else None
-    work = Path(spec["work_dir"])
+    calibration = {inputs[0].name: arrays["calibration"]} if "calibration" in arrays else None
     target = spec["target"]
-    context = StepContext(work, target["name"], target["device"], target["threads"], samples, calibration)
-    model = runtime.prepare(loaded, context)
-    t1 = time.perf_counter()
+    context = StepContext(Path(spec["work_dir"]), target["name"], runtime.name, target["device"],
+                          target["threads"], samples, calibration)
+    timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []
     for step_ref in recipe.steps:
         step = catalog.steps[step_ref.name]
-        if model.runtime not in step.runtimes:
-            raise StepNotApplicable(f"{step.name} does not handle the {model.runtime} runtime")
-        context.record = {}
+        form = step.forms.get(runtime.name)
+        if form is None:
+            raise StepNotApplicable(f"{step.name} does not serve the {runtime.name} runtime")
+        c0 = time.perf_counter()
+        model = _in_form(model, form, runtime, step, context)
         s0 = time.perf_counter()
+        context.record = {}
         params = {**{p.name: p.default for p in step.params}, **dict(step_ref.params)}
         model = step.apply(model, params, context)
+        s1 = time.perf_counter()
+        timings["convert_seconds"] += s0 - c0
+        timings["step_seconds"] += s1 - s0
         lineage.append({
             "step": step.name, "params": params, "plugin": getattr(step, "plugin", ""),
-            "record": context.record, "seconds": time.perf_counter() - s0,
+            "record": context.record, "seconds": s1 - s0,
         })
-    t2 = time.perf_counter()
+    c0 = time.perf_counter()
+    model = runtime.convert(model, context)
     out = Path(spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     file = runtime.save(model, out)
-    t3 = time.perf_counter()
-    return {
-        "status": "built", "file": file, "lineage": lineage,
-        "timings": {"prepare_seconds": t1 - t0, "step_seconds": t2 - t1, "save_seconds": t3 - t2},
-    }
+    timings["convert_seconds"] += time.perf_counter() - c0
+    return {"status": "built", "file": file, "lineage": lineage, "timings": timings}
 
 
 def _dir_size(path: Path) -> int:

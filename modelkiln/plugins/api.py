@@ -2,9 +2,10 @@
 
 A plugin contributes objects through the hooks in ``hookspecs.py``:
 
-- a ``Step`` transforms a runtime's model representation (quantize, prune, ...);
-- a ``Runtime`` turns a loaded checkpoint into that representation, saves it as a
-  serving artifact, and loads the artifact the way serving code would;
+- a ``Step`` transforms a model held in one form, a torch module or an ONNX file
+  (quantize, prune, ...);
+- a ``Runtime`` converts a model into the form it serves (e.g. exports to ONNX), saves
+  it as a serving artifact, and loads the artifact the way serving code would;
 - a ``CheckpointFormat`` recognises a checkpoint folder by its file names and loads it
   safely into a ``LoadedCheckpoint``.
 
@@ -19,7 +20,13 @@ from typing import Any, Callable
 
 from ..errors import CheckpointRejected, StepNotApplicable
 
+# The forms a model takes between steps.
+TORCH = "torch"  # ModelHandle.obj is a torch.nn.Module returning one tensor
+ONNX = "onnx"  # ModelHandle.obj is the Path of an ONNX file
+
 __all__ = [
+    "ONNX",
+    "TORCH",
     "CheckpointFormat",
     "CheckpointRejected",
     "InputSpec",
@@ -77,15 +84,15 @@ class LoadedCheckpoint:
 
 @dataclass
 class ModelHandle:
-    """A model as one runtime represents it while steps transform it.
+    """A model on its way from checkpoint to artifact.
 
-    For the ``torch`` runtime ``obj`` is a ``torch.nn.Module``; for ``onnxruntime`` it is
-    the ``Path`` of an ONNX file in the step's work folder. ``notes`` carries hints for
-    saving (e.g. ``{"serialize": "torchscript"}`` when torch.export cannot carry a
-    quantized module).
+    ``form`` is ``TORCH`` (``obj`` is a ``torch.nn.Module``) or ``ONNX`` (``obj`` is the
+    ``Path`` of an ONNX file; steps write new files into their work folder and never
+    change the one they were given). ``notes`` carries hints for saving (e.g.
+    ``{"serialize": "torchscript"}`` when torch.export cannot carry a quantized module).
     """
 
-    runtime: str
+    form: str
     obj: Any
     inputs: list[InputSpec]
     notes: dict = field(default_factory=dict)
@@ -97,6 +104,8 @@ class StepContext:
 
     work_dir: Path
     target: str
+    # The runtime the variant is built for: a step may do different things for each.
+    runtime: str
     device: str
     threads: int
     # name -> array, batch first: eval/calibration inputs or generated samples.
@@ -114,15 +123,19 @@ class StepContext:
 class Step:
     """One optimization. Subclass it, set the class attributes, implement ``apply``.
 
-    ``apply`` raises ``StepNotApplicable`` with a reason when the model or the runtime
-    is not one it handles: the variant is then recorded as skipped, not failed.
+    ``forms`` maps each runtime the step serves to the form it transforms for that
+    runtime, e.g. ``{"onnxruntime": ONNX, "torch": TORCH}`` for a quantizer with one
+    implementation per runtime, or ``{"onnxruntime": TORCH, "torch": TORCH}`` for a pruner
+    that works on the module before it is exported. The model is converted into that
+    form before ``apply`` runs. A runtime missing from ``forms``, or a model that can no
+    longer take the form (an ONNX model for a step that needs a module), makes the
+    variant skipped, as does ``apply`` raising ``StepNotApplicable`` with a reason.
     """
 
     name: str = ""
     description: str = ""
     params: tuple[Param, ...] = ()
-    # Runtimes whose representation this step transforms.
-    runtimes: tuple[str, ...] = ()
+    forms: dict = {}
 
     def apply(self, model: ModelHandle, params: dict, context: StepContext) -> ModelHandle:
         raise NotImplementedError
@@ -134,6 +147,8 @@ class Runtime:
     name: str = ""
     description: str = ""
     devices: tuple[str, ...] = ("cpu",)
+    # The form its artifacts are saved from.
+    form: str = TORCH
 
     def unavailable_reason(self, device: str) -> str | None:
         """None when this host can run ``device``, else why not (checked without heavy imports)."""
@@ -141,8 +156,9 @@ class Runtime:
             return f"runtime {self.name} does not serve device {device!r}"
         return None
 
-    def prepare(self, checkpoint: LoadedCheckpoint, context: StepContext) -> ModelHandle:
-        """Turn a loaded checkpoint into this runtime's representation (e.g. export to ONNX)."""
+    def convert(self, model: ModelHandle, context: StepContext) -> ModelHandle:
+        """Bring ``model`` into this runtime's form (e.g. export a module to ONNX); return it
+        unchanged when it is in that form already; raise StepNotApplicable if impossible."""
         raise NotImplementedError
 
     def save(self, model: ModelHandle, directory: Path) -> str:

@@ -12,7 +12,7 @@ import warnings
 
 from ..errors import StepNotApplicable
 from . import hookimpl
-from .api import ModelHandle, Param, Step
+from .api import ONNX, TORCH, ModelHandle, Param, Step
 
 
 class Int8Dynamic(Step):
@@ -21,14 +21,12 @@ class Int8Dynamic(Step):
     params = (
         Param("per_channel", bool, False, "one weight scale per output channel (onnxruntime)"),
     )
-    runtimes = ("onnxruntime", "torch")
+    forms = {"onnxruntime": ONNX, "torch": TORCH}
 
     def apply(self, model, params, context):
-        if model.runtime == "onnxruntime":
+        if model.form == ONNX:
             return self._onnx(model, params, context)
-        if model.runtime == "torch":
-            return self._torch(model, context)
-        raise StepNotApplicable(f"{self.name} does not handle the {model.runtime} runtime")
+        return self._torch(model, context)
 
     def _onnx(self, model, params, context):
         import onnx
@@ -48,7 +46,7 @@ class Int8Dynamic(Step):
         if quantized == 0:
             raise StepNotApplicable("the model has no operators onnxruntime quantizes dynamically")
         context.record["quantized_nodes"] = quantized
-        return ModelHandle(model.runtime, out, model.inputs, dict(model.notes))
+        return ModelHandle(ONNX, out, model.inputs, dict(model.notes))
 
     def _torch(self, model, context):
         import torch
@@ -63,7 +61,7 @@ class Int8Dynamic(Step):
             )
         context.record["quantized_linears"] = linears
         notes = {**model.notes, "serialize": "torchscript"}
-        return ModelHandle(model.runtime, quantized, model.inputs, notes)
+        return ModelHandle(TORCH, quantized, model.inputs, notes)
 
 
 @hookimpl

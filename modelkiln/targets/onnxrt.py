@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
 from ..plugins import hookimpl
-from ..plugins.api import ModelHandle, Runtime
+from ..plugins.api import ONNX, ModelHandle, Runtime
 
 MODEL_FILE = "model.onnx"
 # Protobuf's hard limit: bigger models keep their weights in an external data file.
@@ -47,18 +46,14 @@ class OnnxRuntime(Runtime):
     name = "onnxruntime"
     description = "onnxruntime InferenceSession, CPUExecutionProvider; artifact model.onnx"
     devices = ("cpu",)
+    form = ONNX
 
-    def prepare(self, checkpoint, context):
-        path = context.new_path("prepared/" + MODEL_FILE)
-        if checkpoint.onnx_path is not None:
-            source = Path(checkpoint.onnx_path)
-            # Copy the model together with any external data files beside it.
-            for item in source.parent.iterdir():
-                if item.is_file() and not item.name.endswith(".npz"):
-                    shutil.copyfile(item, path.parent / (MODEL_FILE if item == source else item.name))
-        else:
-            export_to_onnx(checkpoint.module, checkpoint.inputs, context.sample_inputs, path)
-        return ModelHandle(self.name, path, checkpoint.inputs)
+    def convert(self, model, context):
+        if model.form == ONNX:
+            return model
+        path = context.new_path("exported/" + MODEL_FILE)
+        export_to_onnx(model.obj, model.inputs, context.sample_inputs, path)
+        return ModelHandle(ONNX, path, model.inputs, dict(model.notes))
 
     def save(self, model, directory):
         import onnx

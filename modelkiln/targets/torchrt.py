@@ -11,7 +11,7 @@ import warnings
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import ModelHandle, Runtime
+from ..plugins.api import TORCH, Runtime
 
 EXPORT_FILE = "model.pt2"
 SCRIPT_FILE = "model.pt"
@@ -34,13 +34,12 @@ class TorchRuntime(Runtime):
     name = "torch"
     description = "PyTorch eager on the CPU; artifact torch.export model.pt2 or TorchScript model.pt"
     devices = ("cpu",)
+    form = TORCH
 
-    def prepare(self, checkpoint, context):
-        if checkpoint.module is None:
-            raise StepNotApplicable(
-                f"a {checkpoint.format} checkpoint has no PyTorch module to serve with torch"
-            )
-        return ModelHandle(self.name, checkpoint.module, checkpoint.inputs)
+    def convert(self, model, context):
+        if model.form != TORCH:
+            raise StepNotApplicable(f"an {model.form} model has no PyTorch module to serve with torch")
+        return model
 
     def save(self, model, directory):
         import torch

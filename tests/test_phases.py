@@ -1,0 +1,44 @@
+"""Building a variant: a step gets the model in the form it asks for."""
+
+from pathlib import Path
+
+import pytest
+
+from modelkiln.daemon.phases import _in_form
+from modelkiln.errors import StepNotApplicable
+from modelkiln.plugins.api import ONNX, TORCH, ModelHandle, Runtime, Step
+
+
+class Exporter(Runtime):
+    name = "fake-onnx"
+    form = ONNX
+
+    def __init__(self):
+        self.conversions = 0
+
+    def convert(self, model, context):
+        if model.form == ONNX:
+            return model
+        self.conversions += 1
+        return ModelHandle(ONNX, Path("exported.onnx"), model.inputs)
+
+
+class Pruner(Step):
+    name = "fake.prune"
+    forms = {"fake-onnx": TORCH}
+
+
+def test_a_model_already_in_form_is_left_alone():
+    model = ModelHandle(TORCH, object(), [])
+    assert _in_form(model, TORCH, Exporter(), Pruner(), None) is model
+
+
+def test_the_runtime_converts_into_its_own_form():
+    runtime = Exporter()
+    converted = _in_form(ModelHandle(TORCH, object(), []), ONNX, runtime, Pruner(), None)
+    assert converted.form == ONNX and runtime.conversions == 1
+
+
+def test_a_step_needing_a_module_after_export_is_skipped_with_the_reason():
+    with pytest.raises(StepNotApplicable, match="fake.prune needs a torch model, but this one is onnx"):
+        _in_form(ModelHandle(ONNX, Path("m.onnx"), []), TORCH, Exporter(), Pruner(), None)
