@@ -1,0 +1,51 @@
+"""Built-in steps through the real pipeline on the trained digits classifier."""
+
+import onnx
+import pytest
+
+from helpers import optimize_once
+from test_pipeline import all_variants
+
+RECIPES = 'recipes = ["baseline", "quantize.int8_dynamic"]'
+
+
+@pytest.fixture
+def steps_config(kiln_dir):
+    from modelkiln.config import load_config
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "quantize.int8_static", '
+        '"prune.magnitude(amount=0.25) -> quantize.int8_dynamic", "prune.magnitude(amount=1.5)"]'))
+    (kiln_dir / "kiln.toml").write_text(text)
+    return load_config(kiln_dir / "kiln.toml")
+
+
+def test_static_int8_and_a_prune_quantize_chain(steps_config, digits_checkpoint):
+    checkpoint = optimize_once(steps_config, digits_checkpoint, "digits")
+    assert checkpoint.status == "done", checkpoint.reason
+    by_name = {v["variant"]: v for v in all_variants(steps_config, "digits")}
+    baseline = by_name["onnxruntime:baseline"]["metrics"]["quality"]
+
+    static = by_name["onnxruntime:quantize.int8_static"]
+    assert static["status"] == "succeeded", static.get("reason")
+    record = static["lineage"][0]["record"]
+    assert record["calibration"] == "calibration.npz" and record["quantize_nodes"] > 0
+    graph = onnx.load(f"{static['path']}/{static['file']}").graph
+    assert any(n.op_type == "DequantizeLinear" for n in graph.node)
+    assert (baseline - static["metrics"]["quality"]) / baseline <= 0.01
+    assert static["metrics"]["size_bytes"] < by_name["onnxruntime:baseline"]["metrics"]["size_bytes"] / 2
+
+    torch_static = by_name["torch:quantize.int8_static"]
+    assert torch_static["status"] == "skipped"
+    assert "does not serve the torch runtime" in torch_static["reason"]
+
+    for runtime in ("onnxruntime", "torch"):
+        chain = by_name[f"{runtime}:prune.magnitude(amount=0.25) -> quantize.int8_dynamic"]
+        assert chain["status"] == "succeeded", chain.get("reason")
+        prune_step, quant_step = chain["lineage"]
+        assert prune_step["step"] == "prune.magnitude" and quant_step["step"] == "quantize.int8_dynamic"
+        assert prune_step["record"]["sparsity"] == pytest.approx(0.25, abs=0.01)
+        assert prune_step["params"] == {"amount": 0.25}
+
+    bad = by_name["onnxruntime:prune.magnitude(amount=1.5)"]
+    assert bad["status"] == "skipped" and "amount must be in [0, 1)" in bad["reason"]
