@@ -69,13 +69,15 @@ def train_digits(epochs: int = 12, seed: int = 0):
     return model.eval(), x_eval, y_eval
 
 
-def write_checkpoint(model, x_eval, y_eval, directory: Path) -> None:
+def write_checkpoint(model, x_eval, y_eval, directory: Path, train_inputs=None) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
     np.savez(directory / "eval.npz", inputs=x_eval, labels=y_eval)
     np.savez(directory / "calibration.npz", inputs=x_eval[:128])
+    if train_inputs is not None:
+        np.savez(directory / "train.npz", inputs=train_inputs)
 
 
 def drop_checkpoint(staged: Path, registry: Path, model: str, version: str) -> Path:

@@ -49,3 +49,30 @@ def test_static_int8_and_a_prune_quantize_chain(steps_config, digits_checkpoint)
 
     bad = by_name["onnxruntime:prune.magnitude(amount=1.5)"]
     assert bad["status"] == "skipped" and "amount must be in [0, 1)" in bad["reason"]
+
+
+def test_structured_pruning_really_shrinks_the_model_and_recovers(kiln_dir, trained_digits, tmp_path):
+    from modelkiln.config import load_config
+    from modelkiln.demo import digits_data, write_checkpoint
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "prune.structured", "prune.structured(recovery_steps=0)"]')).replace(
+        'runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]')
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    (x_train, _), _ = digits_data()
+    folder = tmp_path / "digits"
+    write_checkpoint(*trained_digits, folder, train_inputs=x_train)
+    checkpoint = optimize_once(config, folder, "digits")
+    assert checkpoint.status == "done", checkpoint.reason
+    by_name = {v["variant"]: v for v in all_variants(config, "digits")}
+    pruned = by_name["torch:prune.structured"]
+    assert pruned["status"] == "succeeded", pruned.get("reason")
+    record = pruned["lineage"][0]["record"]
+    assert record["parameters_after"] < 0.4 * record["parameters_before"]  # half the width of each hidden layer
+    assert record["recovery_data"] == "train.npz"
+    baseline = by_name["torch:baseline"]["metrics"]
+    assert pruned["metrics"]["size_bytes"] < baseline["size_bytes"] / 2
+    assert pruned["metrics"]["quality"] >= 0.98 * baseline["quality"]
+    unrecovered = by_name["torch:prune.structured(recovery_steps=0)"]
+    assert "recovery_loss" not in unrecovered["lineage"][0]["record"]

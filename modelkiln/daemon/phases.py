@@ -20,7 +20,7 @@ from ..errors import CheckpointRejected, StepNotApplicable
 from ..plugins.api import ONNX, TORCH, InputSpec, LoadContext, ModelHandle, StepContext
 from ..plugins.manager import build_catalog
 from ..plugins.recipes import parse_recipe
-from ..registry.data import load_calibration, load_eval
+from ..registry.data import load_calibration, load_eval, load_train
 from ..registry.formats import detect_format
 from ..targets import harness
 from ..targets.quality import choose_metric, score
@@ -165,6 +165,9 @@ def inspect_checkpoint(spec: dict) -> dict:
         arrays["labels"] = labels
     if calibration is not None:
         arrays["calibration"] = calibration["inputs"]
+    train = load_train(directory)
+    if train is not None:
+        arrays["train"] = train["inputs"]
     work = Path(spec["work_dir"])
     work.mkdir(parents=True, exist_ok=True)
     np.savez(work / REFERENCE_FILE, **arrays)
@@ -216,9 +219,10 @@ def build_variant(spec: dict) -> dict:
         model = ModelHandle(ONNX, Path(loaded.onnx_path), inputs)
     samples = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("input:")}
     calibration = {inputs[0].name: arrays["calibration"]} if "calibration" in arrays else None
+    training = {inputs[0].name: arrays["train"]} if "train" in arrays else None
     target = spec["target"]
     context = StepContext(Path(spec["work_dir"]), target["name"], runtime.name, target["device"],
-                          target["threads"], samples, calibration)
+                          target["threads"], samples, calibration, training)
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []
     for step_ref in recipe.steps:

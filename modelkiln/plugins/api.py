@@ -111,6 +111,8 @@ class StepContext:
     # name -> array, batch first: eval/calibration inputs or generated samples.
     sample_inputs: dict
     calibration_inputs: dict | None = None
+    # Unlabelled inputs from train.npz, for steps that fine-tune or distill.
+    training_inputs: dict | None = None
     # Anything the step wants kept in the variant's lineage (e.g. measured sparsity).
     record: dict = field(default_factory=dict)
 

@@ -11,7 +11,9 @@ from ..errors import CheckpointRejected
 
 EVAL_FILE = "eval.npz"
 CALIBRATION_FILE = "calibration.npz"
-DATA_FILES = (EVAL_FILE, CALIBRATION_FILE)
+# Unlabelled inputs steps may train on (recovery fine-tunes, distillation).
+TRAIN_FILE = "train.npz"
+DATA_FILES = (EVAL_FILE, CALIBRATION_FILE, TRAIN_FILE)
 
 
 def _load_npz(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -50,11 +52,19 @@ def load_eval(directory: Path) -> dict[str, np.ndarray] | None:
     return arrays
 
 
-def load_calibration(directory: Path) -> dict[str, np.ndarray] | None:
-    path = directory / CALIBRATION_FILE
+def _load_inputs(directory: Path, name: str) -> dict[str, np.ndarray] | None:
+    path = directory / name
     if not path.exists():
         return None
     arrays = _load_npz(path, ("inputs",))
     if len(arrays["inputs"]) == 0:
         raise CheckpointRejected(f"{path}: inputs is empty")
     return arrays
+
+
+def load_calibration(directory: Path) -> dict[str, np.ndarray] | None:
+    return _load_inputs(directory, CALIBRATION_FILE)
+
+
+def load_train(directory: Path) -> dict[str, np.ndarray] | None:
+    return _load_inputs(directory, TRAIN_FILE)
