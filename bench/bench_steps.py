@@ -1,0 +1,110 @@
+"""Built-in steps on a classifier wide enough that compute dominates.
+
+An MLP 64 -> 2048 -> 2048 -> 10 trained on scikit-learn's digits (train.npz holds the
+training inputs for recovery fine-tunes), optimized once on a `cpu` target with both
+runtimes, 2 threads; every variant measured in its own process.
+Run: .venv/bin/python bench/bench_steps.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import kiln_folder, print_table  # noqa: E402
+
+WIDTH = 2048
+RECIPES = [
+    "baseline",
+    "quantize.int8_dynamic",
+    "quantize.int8_static",
+    "prune.structured",
+    "prune.structured -> quantize.int8_dynamic",
+    "prune.structured -> quantize.int8_static",
+]
+
+
+def wide_mlp():
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Linear(64, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10))
+
+
+def train(epochs: int = 8):
+    import torch
+
+    from modelkiln.demo import digits_data
+
+    torch.manual_seed(0)
+    (x_train, y_train), (x_eval, y_eval) = digits_data()
+    model = wide_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt)).split(128):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            optimizer.step()
+    return model.eval(), x_train, x_eval, y_eval
+
+
+def main():
+    from modelkiln.config import load_config
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.demo import write_checkpoint
+    from modelkiln.registry.directory import Candidate
+    from modelkiln.store import queries, views
+    from modelkiln.store.db import open_store
+    from modelkiln.store.models import Checkpoint
+
+    recipes = ", ".join(f'"{r}"' for r in RECIPES)
+    folder = kiln_folder(
+        '\n[architectures.wide]\nfactory = "bench_steps:wide_mlp"\ninput_shape = [64]\n',
+        {'recipes = ["baseline", "quantize.int8_dynamic"]': f"recipes = [{recipes}]"},
+    )
+    config = load_config(folder / "kiln.toml")
+    model, x_train, x_eval, y_eval = train()
+    checkpoint_dir = folder / "staged" / "wide"
+    write_checkpoint(model, x_eval, y_eval, checkpoint_dir, train_inputs=x_train)
+    daemon = Daemon(config, watch=False, schedule=False)
+    daemon.start()
+    started = time.time()
+    try:
+        checkpoint_id = daemon.ingest_path(Candidate("wide", "1", checkpoint_dir))
+        while True:
+            daemon.run_once(0.1)
+            with daemon.store.session() as session:
+                if session.get(Checkpoint, checkpoint_id).status in ("done", "rejected", "failed"):
+                    break
+    finally:
+        daemon.stop(5)
+    with open_store(config).session() as session:
+        variants = [views.variant_dict(v) for v in queries.variants_of_model(session, "wide")]
+        promoted = {p.variant_id for p in queries.current_promotions(session)}
+    reference = next(v for v in variants if v["variant"] == "torch:baseline")["metrics"]
+    batch = config.targets["cpu"].batch_sizes[-1]
+    rows = []
+    for v in variants:
+        m = v.get("metrics")
+        if not m:
+            rows.append(["", v["variant"], v["status"], "", "", "", "", "", v.get("reason", "")[:60]])
+            continue
+        b1 = m["batches"][0]["latency_p50_ms"]
+        b8 = m["batches"][-1]
+        rows.append([
+            "*" if v["id"] in promoted else "", v["variant"], v["status"], f"{b1:.3f}",
+            f"{reference['latency_p50_ms'] / b1:.2f}x", f"{b8['latency_p50_ms']:.3f}",
+            f"{m['size_bytes'] / 2**20:.2f}", f"{m['quality']:.4f}",
+            f"{m['quality'] / reference['quality']:.2%}",
+        ])
+    print_table(
+        f"wide MLP 64-{WIDTH}-{WIDTH}-10 on digits, cpu target, 2 threads ({time.time() - started:.0f} s)",
+        rows, ["", "variant", "status", "p50 ms b1", "vs torch fp32", f"p50 ms b{batch}",
+               "MiB", "accuracy", "of fp32 acc"],
+    )
+
+
+if __name__ == "__main__":
+    main()
