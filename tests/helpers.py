@@ -61,3 +61,56 @@ def place(staged: Path, registry: Path, model: str, version: str) -> Path:
     staging.parent.mkdir(parents=True)
     shutil.copytree(staged, staging)
     return drop_checkpoint(staging, registry, model, version)
+
+
+SEQ, VOCAB, CLASSES = 16, 32, 4
+
+
+def tiny_transformer(depth: int = 4):
+    """A small transformer classifier over token ids: a stack of repeated blocks."""
+    import torch
+    import torch.nn as nn
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 32)
+            self.position = nn.Parameter(torch.zeros(1, SEQ, 32))
+            self.blocks = nn.ModuleList(
+                nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True) for _ in range(depth)
+            )
+            self.head = nn.Linear(32, CLASSES)
+
+        def forward(self, ids):
+            h = self.embed(ids) + self.position
+            for block in self.blocks:
+                h = block(h)
+            return self.head(h.mean(1))
+
+    return Classifier()
+
+
+def token_task(rows: int, seed: int):
+    """Label: which of the first CLASSES token ids occurs most often (learnable, not trivial)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, size=(rows, SEQ)).astype(np.int64)
+    counts = np.stack([(ids == c).sum(1) for c in range(CLASSES)], 1) + rng.random((rows, CLASSES)) * 0.1
+    return ids, counts.argmax(1).astype(np.int64)
+
+
+def train_tiny_transformer(steps: int = 300):
+    import torch
+
+    torch.manual_seed(0)
+    model = tiny_transformer()
+    x, y = token_task(4096, seed=1)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        idx = torch.randint(0, len(xt), (128,))
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+        optimizer.step()
+    return model.eval(), x

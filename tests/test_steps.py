@@ -76,3 +76,40 @@ def test_structured_pruning_really_shrinks_the_model_and_recovers(kiln_dir, trai
     assert pruned["metrics"]["quality"] >= 0.98 * baseline["quality"]
     unrecovered = by_name["torch:prune.structured(recovery_steps=0)"]
     assert "recovery_loss" not in unrecovered["lineage"][0]["record"]
+
+
+def test_depth_distillation_halves_the_stack(kiln_dir, tmp_path):
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from helpers import token_task, train_tiny_transformer
+    from modelkiln.config import load_config
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "distill.depth(steps=300, learning_rate=0.001)"]'))
+    text += '\n[architectures.tokens]\nfactory = "helpers:tiny_transformer"\n'
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    teacher, x_train = train_tiny_transformer()
+    x_eval, y_eval = token_task(512, seed=2)
+    with torch.no_grad():
+        teacher_accuracy = float((teacher(torch.from_numpy(x_eval)).argmax(1).numpy() == y_eval).mean())
+    assert teacher_accuracy > 0.6  # the task is learnt, so keeping it measures something
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    save_file(teacher.state_dict(), str(folder / "model.safetensors"))
+    np.savez(folder / "eval.npz", inputs=x_eval, labels=y_eval)
+    np.savez(folder / "train.npz", inputs=x_train)
+    checkpoint = optimize_once(config, folder, "tokens")
+    assert checkpoint.status == "done", checkpoint.reason
+    by_name = {v["variant"]: v for v in all_variants(config, "tokens")}
+    for runtime in ("onnxruntime", "torch"):
+        student = by_name[f"{runtime}:distill.depth(steps=300, learning_rate=0.001)"]
+        assert student["status"] == "succeeded", student.get("reason")
+        record = student["lineage"][0]["record"]
+        assert (record["blocks_before"], record["blocks_after"]) == (4, 2)
+        assert record["distill_data"] == "train.npz"
+        assert record["parameters_after"] < record["parameters_before"]
+        baseline = by_name[f"{runtime}:baseline"]["metrics"]
+        assert student["metrics"]["quality"] >= 0.9 * baseline["quality"]

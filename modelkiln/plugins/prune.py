@@ -20,6 +20,7 @@ from __future__ import annotations
 from ..errors import StepNotApplicable
 from . import hookimpl
 from .api import TORCH, ModelHandle, Param, Step
+from .training import distill, training_data
 
 
 def _prunable(module):
@@ -82,37 +83,6 @@ def _output_width_layers(module, example, names: dict) -> list:
     return keep
 
 
-def _distill(student, teacher, inputs: dict, steps: int, learning_rate: float, batch_size: int = 64) -> float:
-    """Fit the student to the teacher's outputs (soft targets for classifiers, else MSE)."""
-    import torch
-    import torch.nn.functional as F
-
-    arrays = [torch.from_numpy(a) for a in inputs.values()]
-    total = len(arrays[0])
-    optimizer = torch.optim.Adam(student.parameters(), lr=learning_rate)
-    generator = torch.Generator().manual_seed(0)
-    student.train()
-    loss_value = float("nan")
-    for _ in range(steps):
-        idx = torch.randint(0, total, (min(batch_size, total),), generator=generator)
-        batch = [a[idx] for a in arrays]
-        with torch.no_grad():
-            target = teacher(*batch)
-        output = student(*batch)
-        if output.ndim == 2 and output.shape[1] > 1:
-            temperature = 2.0
-            loss = F.kl_div(F.log_softmax(output / temperature, -1), F.softmax(target / temperature, -1),
-                            reduction="batchmean") * temperature ** 2
-        else:
-            loss = F.mse_loss(output, target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        loss_value = float(loss)
-    student.eval()
-    return loss_value
-
-
 class Structured(Step):
     name = "prune.structured"
     description = "remove whole channels / MLP width (torch-pruning), then a distilled recovery fine-tune"
@@ -152,15 +122,10 @@ class Structured(Step):
         except Exception as exc:
             raise StepNotApplicable(f"the pruned model no longer runs ({exc})") from None
         record = {"parameters_before": before, "parameters_after": after}
-        data, source = context.training_inputs, "train.npz"
-        if data is None:
-            data, source = context.calibration_inputs, "calibration.npz"
-        if data is None:
-            # The eval inputs: unlabelled use only, but the quality score is then optimistic.
-            data, source = samples, "sample inputs"
+        data, source = training_data(context)
         if params["recovery_steps"] > 0:
-            record["recovery_loss"] = _distill(module, teacher, data, params["recovery_steps"],
-                                               params["learning_rate"])
+            record["recovery_loss"] = distill(module, teacher, data, params["recovery_steps"],
+                                              params["learning_rate"])
             record["recovery_data"] = source
         context.record.update(record)
         return ModelHandle(TORCH, module, model.inputs, dict(model.notes))
