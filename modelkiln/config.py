@@ -52,6 +52,8 @@ class WorkersConfig:
     job_timeout_seconds: float = 1800.0
     lease_seconds: float = 60.0
     max_attempts: int = 3
+    # Address-space limit of each worker process in MiB; 0 for none.
+    memory_limit_mb: int = 0
 
 
 @dataclass
@@ -278,6 +280,9 @@ job_timeout_seconds = 1800.0
 # A job whose lease is not renewed for this long (daemon killed) returns to pending.
 lease_seconds = 60.0
 max_attempts = 3
+# Address-space limit of each worker process in MiB (0: none). A job that needs more
+# fails with "out of memory" instead of pushing the host into swap or the OOM killer.
+memory_limit_mb = 0
 
 [measure]
 warmup_runs = 5

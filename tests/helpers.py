@@ -114,3 +114,10 @@ def train_tiny_transformer(steps: int = 300):
         torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
         optimizer.step()
     return model.eval(), x
+
+
+def greedy_factory():
+    import numpy as np
+
+    hoard = np.ones(2 * 1024**3, dtype=np.uint8)  # 2 GiB, touched
+    return hoard

@@ -179,11 +179,13 @@ def test_event_hooks_and_a_policy_plugin(config, tiny_checkpoint):
         ("helpers:hanging_factory", "timed out after 4 s in inspect"),
         ("helpers:crashing_factory", "killed by signal SIGKILL"),
         ("helpers:exiting_factory", "SystemExit"),
+        ("helpers:greedy_factory", "out of memory"),
     ],
 )
 def test_a_worker_that_hangs_crashes_or_exits_fails_one_job(config, tiny_checkpoint, factory, reason):
     config.workers.job_timeout_seconds = 4
     config.workers.max_attempts = 1
+    config.workers.memory_limit_mb = 512
     config.architectures["tiny"].factory = factory
     checkpoint = optimize_once(config, tiny_checkpoint, "tiny")
     assert checkpoint.status == "failed" and reason in checkpoint.reason

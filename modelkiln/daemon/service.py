@@ -94,7 +94,8 @@ class Daemon:
                                  config.registry.kind, clock=self.wall_clock)
         self.available_targets = self._available_targets()
         self._recover()
-        self.executor = Executor(config.workers.count, config.workers.job_timeout_seconds, clock=self.clock,
+        self.executor = Executor(config.workers.count, config.workers.job_timeout_seconds,
+                                 memory_limit_mb=config.workers.memory_limit_mb, clock=self.clock,
                                  on_exit=lambda: self.inbox.put(("reap", None)))
         self.executor.start(preload=self.preload)
         if self.preload:

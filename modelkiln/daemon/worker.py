@@ -96,7 +96,11 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
     if memory_limit_mb:
         import resource
 
-        limit = memory_limit_mb * 1024 * 1024
+        # On top of what the process maps already (torch and friends, shared with the
+        # fork server): the limit is what the job itself may add.
+        with open("/proc/self/statm") as fh:
+            mapped = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        limit = mapped + memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     from .phases import PHASES
 
