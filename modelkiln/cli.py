@@ -202,7 +202,7 @@ def _print_variants(config, model, as_json):
 
     store = _store(config)
     with store.session() as session:
-        variants = [views.variant_dict(v) for v in queries.variants_of_model(session, model)]
+        variants = views.with_parents([views.variant_dict(v) for v in queries.variants_of_model(session, model)])
         promoted = {p.variant_id for p in queries.current_promotions(session)}
     if as_json:
         click.echo(json.dumps(variants, indent=2))
@@ -214,11 +214,12 @@ def _print_variants(config, model, as_json):
     for v in variants:
         m = v.get("metrics") or {}
         rows.append([
-            "*" if v["id"] in promoted else "", v["version"], v["target"], v["variant"], v["status"],
+            "*" if v["id"] in promoted else "", v["version"], v["target"], v["variant"],
+            (v["parent"] or "").split(":", 1)[-1], v["status"],
             _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")), _fmt_size(m.get("size_bytes")),
             (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}", v.get("reason") or "",
         ])
-    click.echo(table(rows, ["", "version", "target", "variant", "status", "p50 ms", "p95 ms", "size",
+    click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms", "size",
                             "quality (delta)", "reason"]))
     click.echo("\n* promoted. Latency at the smallest batch size measured.")
 

@@ -113,3 +113,15 @@ def test_depth_distillation_halves_the_stack(kiln_dir, tmp_path):
         assert record["parameters_after"] < record["parameters_before"]
         baseline = by_name[f"{runtime}:baseline"]["metrics"]
         assert student["metrics"]["quality"] >= 0.9 * baseline["quality"]
+
+
+def test_lineage_names_each_variants_parent():
+    from modelkiln.store.views import with_parents
+
+    def v(recipe):
+        return {"checkpoint": "c", "target": "cpu", "runtime": "torch", "recipe": recipe, "variant": f"torch:{recipe}"}
+
+    variants = with_parents([v("baseline"), v("prune.structured"), v("prune.structured -> quantize.int8_dynamic"),
+                             v("distill.depth -> quantize.int8_dynamic")])
+    assert [x["parent"] for x in variants] == [
+        None, "torch:baseline", "torch:prune.structured", None]  # distill.depth alone was not built

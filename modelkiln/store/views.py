@@ -62,6 +62,25 @@ def variant_dict(variant: Variant) -> dict:
     return out
 
 
+def parent_recipe(recipe: str) -> str | None:
+    """The recipe one step shorter: a variant's parent in its lineage (None for baseline)."""
+    if not recipe:
+        return None
+    steps = recipe.split(" -> ")
+    return " -> ".join(steps[:-1])
+
+
+def with_parents(variants: list[dict]) -> list[dict]:
+    """Add ``parent``: the label of the variant one step shorter, where it was built too."""
+    labels = {(v["checkpoint"], v["target"], v["runtime"], v["recipe"]): v["variant"] for v in variants}
+    for v in variants:
+        recipe = "" if v["recipe"] == "baseline" else v["recipe"]
+        parent = parent_recipe(recipe)
+        key = (v["checkpoint"], v["target"], v["runtime"], parent or "baseline")
+        v["parent"] = labels.get(key) if parent is not None else None
+    return variants
+
+
 def promotion_dict(promotion: Promotion, link: str) -> dict:
     variant = promotion.variant
     return {
