@@ -14,7 +14,7 @@ def steps_config(kiln_dir):
     from modelkiln.config import load_config
 
     text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
-        'recipes = ["baseline", "quantize.int8_static", '
+        'recipes = ["baseline", "quantize.int8_static", "quantize.bf16", "quantize.fp16", '
         '"prune.magnitude(amount=0.25) -> quantize.int8_dynamic", "prune.magnitude(amount=1.5)"]'))
     (kiln_dir / "kiln.toml").write_text(text)
     return load_config(kiln_dir / "kiln.toml")
@@ -46,6 +46,14 @@ def test_static_int8_and_a_prune_quantize_chain(steps_config, digits_checkpoint)
         assert prune_step["step"] == "prune.magnitude" and quant_step["step"] == "quantize.int8_dynamic"
         assert prune_step["record"]["sparsity"] == pytest.approx(0.25, abs=0.01)
         assert prune_step["params"] == {"amount": 0.25}
+
+    for half in ("quantize.bf16", "quantize.fp16"):
+        variant = by_name[f"torch:{half}"]
+        assert variant["status"] == "succeeded", variant.get("reason")
+        assert variant["file"] == "model.pt2"  # torch.export carries the casts: plain torch loads it
+        assert variant["metrics"]["size_bytes"] < 0.6 * by_name["torch:baseline"]["metrics"]["size_bytes"]
+        assert (baseline - variant["metrics"]["quality"]) / baseline <= 0.01
+        assert by_name[f"onnxruntime:{half}"]["status"] == "skipped"
 
     bad = by_name["onnxruntime:prune.magnitude(amount=1.5)"]
     assert bad["status"] == "skipped" and "amount must be in [0, 1)" in bad["reason"]

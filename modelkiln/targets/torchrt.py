@@ -30,6 +30,19 @@ def _example_args(model, batch: int = 2):
     return tuple(args)
 
 
+def _dynamic_batch(module, args) -> tuple:
+    """A dynamic batch dimension for every input, shaped like ``forward``'s signature:
+    torch.export wants the specs of ``forward(self, *inputs)`` nested in one tuple."""
+    import inspect
+
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    specs = tuple({0: batch} for _ in args)
+    kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+    return (specs,) if kinds == [inspect.Parameter.VAR_POSITIONAL] else specs
+
+
 class TorchRuntime(Runtime):
     name = "torch"
     description = "PyTorch eager on the CPU; artifact torch.export model.pt2 or TorchScript model.pt"
@@ -49,10 +62,7 @@ class TorchRuntime(Runtime):
             warnings.simplefilter("ignore")
             if model.notes.get("serialize") != "torchscript":
                 try:
-                    batch = torch.export.Dim("batch", min=1, max=65536)
-                    program = torch.export.export(
-                        model.obj, args, dynamic_shapes=tuple({0: batch} for _ in args)
-                    )
+                    program = torch.export.export(model.obj, args, dynamic_shapes=_dynamic_batch(model.obj, args))
                     torch.export.save(program, str(directory / EXPORT_FILE))
                     return EXPORT_FILE
                 except Exception:
