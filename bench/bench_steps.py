@@ -20,6 +20,7 @@ RECIPES = [
     "baseline",
     "quantize.int8_dynamic",
     "quantize.int8_static",
+    "quantize.bf16",
     "prune.structured",
     "prune.structured -> quantize.int8_dynamic",
     "prune.structured -> quantize.int8_static",
