@@ -36,19 +36,11 @@ def wide_mlp():
 def train(epochs: int = 8):
     import torch
 
-    from modelkiln.demo import digits_data
+    from modelkiln.demo import digits_data, fit_classifier
 
     torch.manual_seed(0)
     (x_train, y_train), (x_eval, y_eval) = digits_data()
-    model = wide_mlp()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt)).split(128):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            optimizer.step()
-    return model.eval(), x_train, x_eval, y_eval
+    return fit_classifier(wide_mlp(), x_train, y_train, epochs), x_train, x_eval, y_eval
 
 
 def main():

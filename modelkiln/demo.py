@@ -51,22 +51,28 @@ def digits_data(seed: int = 0):
     return (x[:split], y[:split]), (x[split:], y[split:])
 
 
+def fit_classifier(model, x_train, y_train, epochs: int):
+    """Train ``model`` with Adam and cross-entropy in batches of 128; returns it in eval
+    mode. Seeding is the caller's: it decides the initial weights too."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt)).split(128):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            optimizer.step()
+    return model.eval()
+
+
 def train_digits(epochs: int = 12, seed: int = 0):
     """Train ``digits_mlp``; returns (module, eval inputs, eval labels)."""
     import torch
 
     torch.manual_seed(seed)
     (x_train, y_train), (x_eval, y_eval) = digits_data(seed)
-    model = digits_mlp()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt)).split(128):
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            loss.backward()
-            optimizer.step()
-    return model.eval(), x_eval, y_eval
+    return fit_classifier(digits_mlp(), x_train, y_train, epochs), x_eval, y_eval
 
 
 def write_checkpoint(model, x_eval, y_eval, directory: Path, train_inputs=None) -> None:
