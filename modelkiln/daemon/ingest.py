@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy.exc import IntegrityError
 
 from ..registry.directory import Candidate, content_hash, copy_files, observe
-from ..registry.formats import detect_format
+from ..registry.formats import detect_format, no_format_reason
 from ..store import queries
 from ..store.models import Checkpoint
 from .layout import Layout
@@ -100,12 +100,7 @@ class Ingestor:
             elif not seen.files:
                 status, reason = "rejected", f"{candidate.path}: the version folder holds no files"
             elif fmt is None:
-                status = "rejected"
-                reason = (
-                    f"{candidate.path}: no supported model file among {list(seen.files)[:10]}; expected "
-                    "model.onnx, a Hugging Face folder (config.json + *.safetensors), "
-                    "*.safetensors or a state dict .pt/.pth"
-                )
+                status, reason = "rejected", no_format_reason(candidate.path, seen.files)
             elif twin is not None:
                 status = "duplicate"
                 reason = f"same content as {twin.model}/{twin.version}, which is processed already"

@@ -21,7 +21,7 @@ from ..plugins.api import ONNX, TORCH, InputSpec, LoadContext, ModelHandle, Step
 from ..plugins.manager import build_catalog
 from ..plugins.recipes import parse_recipe
 from ..registry.data import load_calibration, load_eval, load_train
-from ..registry.formats import detect_format
+from ..registry.formats import detect_format, no_format_reason
 from ..targets import harness
 from ..targets.quality import choose_metric, score
 
@@ -52,10 +52,7 @@ def _load(spec, catalog, fmt_name: str | None = None):
         else detect_format(catalog.formats, files)
     )
     if fmt is None:
-        raise CheckpointRejected(
-            f"{directory}: no supported model file among {files[:10]}; expected model.onnx, a "
-            "Hugging Face folder (config.json + *.safetensors), *.safetensors or a state dict .pt/.pth"
-        )
+        raise CheckpointRejected(no_format_reason(directory, files))
     arch = spec.get("architecture")
     context = LoadContext(spec["model"], ArchitectureConfig(**arch) if arch else None)
     return fmt.load(directory, context)

@@ -253,6 +253,13 @@ def kiln_checkpoint_formats():
     return list(BUILTIN_FORMATS)
 
 
+def no_format_reason(directory, files) -> str:
+    return (
+        f"{directory}: no supported model file among {list(files)[:10]}; expected model.onnx, a "
+        "Hugging Face folder (config.json + *.safetensors), *.safetensors or a state dict .pt/.pth"
+    )
+
+
 def detect_format(formats, files: list[str]):
     for fmt in formats:
         if fmt.detect(files):
