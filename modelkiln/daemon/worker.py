@@ -38,6 +38,9 @@ PRELOAD = [
     "modelkiln.targets.onnxrt",
     "modelkiln.targets.torchrt",
     "modelkiln.plugins.quantize",
+    "modelkiln.plugins.prune",
+    "modelkiln.plugins.distill",
+    "torch_pruning",
     "modelkiln.daemon.warm",  # runs one tiny export so that no job pays its first-use cost
 ]
 
