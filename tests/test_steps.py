@@ -133,3 +133,41 @@ def test_lineage_names_each_variants_parent():
                              v("distill.depth -> quantize.int8_dynamic")])
     assert [x["parent"] for x in variants] == [
         None, "torch:baseline", "torch:prune.structured", None]  # distill.depth alone was not built
+
+
+def test_accuracy_aware_quantization_rescues_a_model_with_an_outlier_channel(kiln_dir, trained_digits, tmp_path):
+    import copy
+
+    import numpy as np
+    import torch
+
+    from modelkiln.config import load_config
+    from modelkiln.demo import write_checkpoint
+    from modelkiln.policy import within_tolerance
+
+    model, x_eval, y_eval = trained_digits
+    model = copy.deepcopy(model)
+    channel = int(np.argmax(x_eval.std(0)))
+    x_outlier = x_eval.copy()
+    x_outlier[:, channel] *= 1000.0  # the same function in float: the weights absorb the scale
+    with torch.no_grad():
+        model[0].weight[:, channel] /= 1000.0
+    folder = tmp_path / "outlier"
+    write_checkpoint(model, x_outlier, y_eval, folder)
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "quantize.int8_dynamic(tune=False)", "quantize.int8_dynamic"]'))
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    checkpoint = optimize_once(config, folder, "digits")
+    assert checkpoint.status == "done", checkpoint.reason
+    by_name = {v["variant"]: v for v in all_variants(config, "digits")}
+    for runtime in ("onnxruntime", "torch"):
+        naive = by_name[f"{runtime}:quantize.int8_dynamic(tune=False)"]
+        tuned = by_name[f"{runtime}:quantize.int8_dynamic"]
+        assert naive["status"] == tuned["status"] == "succeeded"
+        assert not within_tolerance(naive, config.policy), naive["metrics"]
+        assert within_tolerance(tuned, config.policy), tuned["metrics"]
+        record = tuned["lineage"][0]["record"]
+        assert record["tuning"] == "passed"
+        assert 1 <= len(record["kept_in_float"]) < 3  # some layers stay int8
+        assert tuned["metrics"]["size_bytes"] < 0.8 * by_name[f"{runtime}:baseline"]["metrics"]["size_bytes"]

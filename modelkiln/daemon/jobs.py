@@ -87,6 +87,7 @@ class JobBook:
             target={"name": variant.target, "device": target.device, "threads": target.threads,
                     "batch_sizes": list(target.batch_sizes)},
             measure=asdict(self.config.measure),
+            max_quality_drop=self.config.policy.max_quality_drop,
         )
         return [Phase("build", spec), Phase("measure", spec)]
 

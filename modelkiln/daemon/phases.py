@@ -218,8 +218,12 @@ def build_variant(spec: dict) -> dict:
     calibration = {inputs[0].name: arrays["calibration"]} if "calibration" in arrays else None
     training = {inputs[0].name: arrays["train"]} if "train" in arrays else None
     target = spec["target"]
-    context = StepContext(Path(spec["work_dir"]), target["name"], runtime.name, target["device"],
-                          target["threads"], samples, calibration, training)
+    context = StepContext(
+        Path(spec["work_dir"]), target["name"], runtime.name, target["device"], target["threads"], samples,
+        calibration, training, reference_outputs=arrays["reference"], labels=arrays.get("labels"),
+        quality_metric=inspected["quality_metric"], baseline_quality=inspected["baseline_quality"],
+        max_quality_drop=spec.get("max_quality_drop", 0.01),
+    )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []
     for step_ref in recipe.steps:

@@ -113,8 +113,31 @@ class StepContext:
     calibration_inputs: dict | None = None
     # Unlabelled inputs from train.npz, for steps that fine-tune or distill.
     training_inputs: dict | None = None
+    # What the quality gate will judge, for steps that tune themselves against it: the
+    # original model's outputs on sample_inputs, the eval labels if any, the metric,
+    # the original's quality and the largest accepted relative drop.
+    reference_outputs: Any = None
+    labels: Any = None
+    quality_metric: str = ""
+    baseline_quality: float | None = None
+    max_quality_drop: float = 0.01
     # Anything the step wants kept in the variant's lineage (e.g. measured sparsity).
     record: dict = field(default_factory=dict)
+
+    def quality(self, outputs) -> float:
+        """``outputs`` (on sample_inputs) scored the way the quality gate scores them."""
+        import numpy as np
+
+        from ..targets.quality import score
+
+        return score(self.quality_metric, np.asarray(outputs, dtype=np.float32),
+                     np.asarray(self.reference_outputs, dtype=np.float32), self.labels)
+
+    def passes(self, quality: float) -> bool:
+        """Whether a variant of this quality would pass the policy's quality gate."""
+        from ..targets.quality import relative_drop
+
+        return relative_drop(quality, self.baseline_quality) <= self.max_quality_drop + 1e-9
 
     def new_path(self, name: str) -> Path:
         path = self.work_dir / name

@@ -21,32 +21,87 @@ import numpy as np
 from ..errors import StepNotApplicable
 from . import hookimpl
 from .api import ONNX, TORCH, ModelHandle, Param, Step
+from .tuning import tune
+
+
+def _onnx_outputs(path, context) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = context.threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    total = len(next(iter(context.sample_inputs.values())))
+    return np.concatenate([
+        session.run(None, {n: np.ascontiguousarray(context.sample_inputs[n][i:i + 256]) for n in names})[0]
+        for i in range(0, total, 256)
+    ])
+
+
+def _torch_outputs(module, context) -> np.ndarray:
+    import torch
+
+    arrays = list(context.sample_inputs.values())
+    with torch.inference_mode():
+        return np.concatenate([
+            module(*(torch.from_numpy(a[i:i + 256]) for a in arrays)).float().numpy()
+            for i in range(0, len(arrays[0]), 256)
+        ])
+
+
+def _onnx_weighted_nodes(path) -> list[str]:
+    """MatMul/Gemm nodes with a constant weight, largest weight first."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
+    nodes = [(sizes[n.input[1]], n.name) for n in graph.node
+             if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in sizes and n.name]
+    return [name for _, name in sorted(nodes, reverse=True)]
 
 
 class Int8Dynamic(Step):
     name = "quantize.int8_dynamic"
-    description = "int8 weights with dynamically quantized activations (MatMul/Gemm/Linear)"
+    description = "int8 weights with dynamically quantized activations (MatMul/Gemm/Linear), accuracy-aware"
     params = (
         Param("per_channel", bool, False, "one weight scale per output channel (onnxruntime)"),
+        Param("tune", bool, True, "keep the most sensitive layers in float until the quality gate passes"),
+        Param("tune_budget", int, 12, "most extra candidates built while tuning"),
     )
     forms = {"onnxruntime": ONNX, "torch": TORCH}
 
     def apply(self, model, params, context):
         if model.form == ONNX:
             return self._onnx(model, params, context)
-        return self._torch(model, context)
+        return self._torch(model, params, context)
 
     def _onnx(self, model, params, context):
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        out = context.new_path("int8_dynamic/model.onnx")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(
-                str(model.obj), str(out), weight_type=QuantType.QInt8,
-                per_channel=params["per_channel"],
-            )
+        counter = iter(range(10**6))
+
+        def names(nodes):
+            # onnxruntime rewrites a Gemm into MatMul + Add before quantizing it, and the
+            # selection lists are matched against the rewritten node's name.
+            return sorted({alias for node in nodes for alias in (node, f"{node}_MatMul")}) or None
+
+        def build(excluded, only):
+            out = context.new_path(f"int8_dynamic/{next(counter)}/model.onnx")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(
+                    str(model.obj), str(out), weight_type=QuantType.QInt8, per_channel=params["per_channel"],
+                    nodes_to_exclude=names(excluded), nodes_to_quantize=names([only]) if only else None,
+                )
+            return out
+
+        if params["tune"]:
+            out, record = tune(build, lambda path: context.quality(_onnx_outputs(path, context)),
+                               _onnx_weighted_nodes(model.obj), context, params["tune_budget"])
+            context.record.update(record)
+        else:
+            out = build(frozenset(), None)
         quantized = sum(
             1 for node in onnx.load(str(out), load_external_data=False).graph.node
             if "Integer" in node.op_type or "Quant" in node.op_type
@@ -56,18 +111,31 @@ class Int8Dynamic(Step):
         context.record["quantized_nodes"] = quantized
         return ModelHandle(ONNX, out, model.inputs, dict(model.notes))
 
-    def _torch(self, model, context):
+    def _torch(self, model, params, context):
         import torch
 
-        linears = sum(isinstance(m, torch.nn.Linear) for m in model.obj.modules())
-        if linears == 0:
+        linears = sorted(((m.weight.numel(), name) for name, m in model.obj.named_modules()
+                          if isinstance(m, torch.nn.Linear)), reverse=True)
+        if not linears:
             raise StepNotApplicable("the model has no Linear layers to quantize dynamically")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantized = torch.ao.quantization.quantize_dynamic(
-                model.obj, {torch.nn.Linear}, dtype=torch.qint8
-            )
-        context.record["quantized_linears"] = linears
+        names = [name for _, name in linears]
+
+        def build(excluded, only):
+            chosen = [only] if only else [n for n in names if n not in excluded]
+            qconfig = torch.ao.quantization.default_dynamic_qconfig
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.ao.quantization.quantize_dynamic(
+                    model.obj, {name: qconfig for name in chosen}, dtype=torch.qint8)
+
+        if params["tune"]:
+            quantized, record = tune(build, lambda m: context.quality(_torch_outputs(m, context)),
+                                     names, context, params["tune_budget"])
+            context.record.update(record)
+            kept = len(record.get("kept_in_float", []))
+        else:
+            quantized, kept = build(frozenset(), None), 0
+        context.record["quantized_linears"] = len(names) - kept
         notes = {**model.notes, "serialize": "torchscript"}
         return ModelHandle(TORCH, quantized, model.inputs, notes)
 
