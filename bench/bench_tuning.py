@@ -1,0 +1,75 @@
+"""Accuracy-aware int8 on a trained model with a planted activation outlier.
+
+The wide digits MLP of bench_steps.py (64-2048-2048-10, compute-bound), with one input
+channel scaled by 1000 and the first layer's weights for it divided by 1000: the same function in float, but the first layer's
+input now has the outlier channel trained transformers are known for. Naive dynamic
+int8 quantizes that input per tensor and loses the other channels; the tuned step
+keeps the most sensitive layer in float. Both against the fp32 baseline, per runtime.
+Run: .venv/bin/python bench/bench_tuning.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_steps import train  # noqa: E402
+from common import kiln_folder, print_table  # noqa: E402
+
+RECIPES = ["baseline", "quantize.int8_dynamic(tune=False)", "quantize.int8_dynamic"]
+
+
+def main():
+    import numpy as np
+    import torch
+
+    from modelkiln.config import load_config
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.demo import write_checkpoint
+    from modelkiln.policy import within_tolerance
+    from modelkiln.registry.directory import Candidate
+    from modelkiln.store import queries, views
+    from modelkiln.store.db import open_store
+    from modelkiln.store.models import Checkpoint
+
+    recipes = ", ".join(f'"{r}"' for r in RECIPES)
+    folder = kiln_folder(
+        '\n[architectures.digits]\nfactory = "bench_steps:wide_mlp"\ninput_shape = [64]\n',
+        {'recipes = ["baseline", "quantize.int8_dynamic"]': f"recipes = [{recipes}]"},
+    )
+    config = load_config(folder / "kiln.toml")
+    model, _, x_eval, y_eval = train()
+    channel = int(np.argmax(x_eval.std(0)))
+    x_eval = x_eval.copy()
+    x_eval[:, channel] *= 1000.0
+    with torch.no_grad():
+        model[0].weight[:, channel] /= 1000.0
+    write_checkpoint(model, x_eval, y_eval, folder / "staged" / "digits")
+    daemon = Daemon(config, watch=False, schedule=False)
+    daemon.start()
+    try:
+        checkpoint_id = daemon.ingest_path(Candidate("digits", "1", folder / "staged" / "digits"))
+        while True:
+            daemon.run_once(0.1)
+            with daemon.store.session() as session:
+                if session.get(Checkpoint, checkpoint_id).status in ("done", "rejected", "failed"):
+                    break
+    finally:
+        daemon.stop(5)
+    with open_store(config).session() as session:
+        variants = [views.variant_dict(v) for v in queries.variants_of_model(session, "digits")]
+    rows = []
+    for v in variants:
+        m = v["metrics"]
+        base = next(b for b in variants if b["variant"] == f"{v['runtime']}:baseline")["metrics"]
+        record = v["lineage"][0]["record"] if v["lineage"] else {}
+        rows.append([v["variant"], f"{m['latency_p50_ms']:.4f}", f"{base['latency_p50_ms'] / m['latency_p50_ms']:.2f}x",
+                     f"{m['quality']:.4f}", "yes" if within_tolerance(v, config.policy) else "no",
+                     ", ".join(record.get("kept_in_float", [])) or ""])
+    print_table("wide digits MLP with a planted outlier channel (x1000), batch 1, 2 threads", rows,
+                ["variant", "p50 ms", "vs baseline", "accuracy", "passes gate", "kept in float"])
+
+
+if __name__ == "__main__":
+    main()
