@@ -74,15 +74,7 @@ def _run_source(loaded, arrays: dict) -> np.ndarray:
         def run(batch):
             return np.asarray(session.run(None, batch)[0])
 
-    return _chunked(run, arrays)
-
-
-def _chunked(run, arrays: dict) -> np.ndarray:
-    total = len(next(iter(arrays.values())))
-    parts = []
-    for start in range(0, total, _INFER_CHUNK):
-        parts.append(np.asarray(run({k: np.ascontiguousarray(v[start:start + _INFER_CHUNK]) for k, v in arrays.items()})))
-    return np.concatenate(parts)
+    return harness.run_chunked(run, arrays, _INFER_CHUNK)
 
 
 def _generate(inputs: list[InputSpec], count: int, seed: int = 0) -> dict:
@@ -268,7 +260,7 @@ def measure_variant(spec: dict) -> dict:
     rss_before = harness.current_rss_bytes()
     run = runtime.load(out, spec["previous"]["file"], target["device"], target["threads"])
     samples = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("input:")}
-    outputs = _chunked(run, samples)
+    outputs = harness.run_chunked(run, samples, _INFER_CHUNK)
     metric = inspected["quality_metric"]
     quality = score(metric, outputs.astype(np.float32), arrays["reference"].astype(np.float32), arrays.get("labels"))
     settings = spec["measure"]

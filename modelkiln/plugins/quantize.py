@@ -3,7 +3,8 @@
 ``quantize.int8_dynamic``: int8 weights, activations quantized on the fly. onnxruntime's
 ``quantize_dynamic`` for onnxruntime artifacts, ``torch.ao`` dynamic quantization of
 Linear layers for torch artifacts (saved as TorchScript, which carries the packed int8
-weights that torch.export cannot).
+weights that torch.export cannot). Accuracy-aware by default: a result that misses the
+quality gate is tuned by keeping its most sensitive layers in float (``tuning.py``).
 
 ``quantize.int8_static``: int8 weights and activations with scales calibrated ahead of
 time, in onnxruntime's QDQ format (per-channel weights by default), after onnxruntime's
@@ -21,6 +22,7 @@ import numpy as np
 from ..errors import StepNotApplicable
 from . import hookimpl
 from .api import ONNX, TORCH, ModelHandle, Param, Step
+from ..targets.harness import run_chunked
 from .tuning import tune
 
 
@@ -30,23 +32,17 @@ def _onnx_outputs(path, context) -> np.ndarray:
     options = ort.SessionOptions()
     options.intra_op_num_threads = context.threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    total = len(next(iter(context.sample_inputs.values())))
-    return np.concatenate([
-        session.run(None, {n: np.ascontiguousarray(context.sample_inputs[n][i:i + 256]) for n in names})[0]
-        for i in range(0, total, 256)
-    ])
+    return run_chunked(lambda batch: session.run(None, batch)[0], context.sample_inputs, 256)
 
 
 def _torch_outputs(module, context) -> np.ndarray:
     import torch
 
-    arrays = list(context.sample_inputs.values())
-    with torch.inference_mode():
-        return np.concatenate([
-            module(*(torch.from_numpy(a[i:i + 256]) for a in arrays)).float().numpy()
-            for i in range(0, len(arrays[0]), 256)
-        ])
+    def run(batch):
+        with torch.inference_mode():
+            return module(*(torch.from_numpy(a) for a in batch.values())).float().numpy()
+
+    return run_chunked(run, context.sample_inputs, 256)
 
 
 def _onnx_weighted_nodes(path) -> list[str]:

@@ -47,6 +47,16 @@ def time_runs(run, inputs, *, warmup_runs: int, min_runs: int, stability: float,
     return {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "runs": len(times)}
 
 
+def run_chunked(run, arrays: dict, chunk: int = 64) -> np.ndarray:
+    """``run`` over every row of ``arrays`` (name -> array, batch first), ``chunk`` rows at a
+    time, outputs concatenated: bounded memory whatever the number of rows."""
+    total = len(next(iter(arrays.values())))
+    return np.concatenate([
+        np.asarray(run({k: np.ascontiguousarray(v[start:start + chunk]) for k, v in arrays.items()}))
+        for start in range(0, total, chunk)
+    ])
+
+
 def batch_of(samples: dict, batch_size: int) -> dict:
     """The first ``batch_size`` rows of every input, repeating rows when there are fewer."""
     out = {}
