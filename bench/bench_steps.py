@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import kiln_folder, print_table  # noqa: E402
+from common import optimize, print_table, recipes_config  # noqa: E402
 
 WIDTH = 2048
 RECIPES = [
@@ -45,37 +45,15 @@ def train(epochs: int = 8):
 
 def main():
     from modelkiln.config import load_config
-    from modelkiln.daemon.service import Daemon
     from modelkiln.demo import write_checkpoint
-    from modelkiln.registry.directory import Candidate
-    from modelkiln.store import queries, views
-    from modelkiln.store.db import open_store
-    from modelkiln.store.models import Checkpoint
 
-    recipes = ", ".join(f'"{r}"' for r in RECIPES)
-    folder = kiln_folder(
-        '\n[architectures.wide]\nfactory = "bench_steps:wide_mlp"\ninput_shape = [64]\n',
-        {'recipes = ["baseline", "quantize.int8_dynamic"]': f"recipes = [{recipes}]"},
-    )
+    folder = recipes_config(RECIPES, '\n[architectures.wide]\nfactory = "bench_steps:wide_mlp"\ninput_shape = [64]\n')
     config = load_config(folder / "kiln.toml")
     model, x_train, x_eval, y_eval = train()
     checkpoint_dir = folder / "staged" / "wide"
     write_checkpoint(model, x_eval, y_eval, checkpoint_dir, train_inputs=x_train)
-    daemon = Daemon(config, watch=False, schedule=False)
-    daemon.start()
     started = time.time()
-    try:
-        checkpoint_id = daemon.ingest_path(Candidate("wide", "1", checkpoint_dir))
-        while True:
-            daemon.run_once(0.1)
-            with daemon.store.session() as session:
-                if session.get(Checkpoint, checkpoint_id).status in ("done", "rejected", "failed"):
-                    break
-    finally:
-        daemon.stop(5)
-    with open_store(config).session() as session:
-        variants = [views.variant_dict(v) for v in queries.variants_of_model(session, "wide")]
-        promoted = {p.variant_id for p in queries.current_promotions(session)}
+    variants, promoted = optimize(config, checkpoint_dir, "wide")
     reference = next(v for v in variants if v["variant"] == "torch:baseline")["metrics"]
     batch = config.targets["cpu"].batch_sizes[-1]
     rows = []

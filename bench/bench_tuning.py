@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_steps import train  # noqa: E402
-from common import kiln_folder, print_table  # noqa: E402
+from common import optimize, print_table, recipes_config  # noqa: E402
 
 RECIPES = ["baseline", "quantize.int8_dynamic(tune=False)", "quantize.int8_dynamic"]
 
@@ -25,19 +25,10 @@ def main():
     import torch
 
     from modelkiln.config import load_config
-    from modelkiln.daemon.service import Daemon
     from modelkiln.demo import write_checkpoint
     from modelkiln.policy import within_tolerance
-    from modelkiln.registry.directory import Candidate
-    from modelkiln.store import queries, views
-    from modelkiln.store.db import open_store
-    from modelkiln.store.models import Checkpoint
 
-    recipes = ", ".join(f'"{r}"' for r in RECIPES)
-    folder = kiln_folder(
-        '\n[architectures.digits]\nfactory = "bench_steps:wide_mlp"\ninput_shape = [64]\n',
-        {'recipes = ["baseline", "quantize.int8_dynamic"]': f"recipes = [{recipes}]"},
-    )
+    folder = recipes_config(RECIPES, '\n[architectures.digits]\nfactory = "bench_steps:wide_mlp"\ninput_shape = [64]\n')
     config = load_config(folder / "kiln.toml")
     model, _, x_eval, y_eval = train()
     channel = int(np.argmax(x_eval.std(0)))
@@ -46,19 +37,7 @@ def main():
     with torch.no_grad():
         model[0].weight[:, channel] /= 1000.0
     write_checkpoint(model, x_eval, y_eval, folder / "staged" / "digits")
-    daemon = Daemon(config, watch=False, schedule=False)
-    daemon.start()
-    try:
-        checkpoint_id = daemon.ingest_path(Candidate("digits", "1", folder / "staged" / "digits"))
-        while True:
-            daemon.run_once(0.1)
-            with daemon.store.session() as session:
-                if session.get(Checkpoint, checkpoint_id).status in ("done", "rejected", "failed"):
-                    break
-    finally:
-        daemon.stop(5)
-    with open_store(config).session() as session:
-        variants = [views.variant_dict(v) for v in queries.variants_of_model(session, "digits")]
+    variants, _ = optimize(config, folder / "staged" / "digits", "digits")
     rows = []
     for v in variants:
         m = v["metrics"]

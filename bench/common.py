@@ -46,6 +46,38 @@ class Serve:
         self.process.wait(60)
 
 
+def recipes_config(recipes: list[str], architecture: str) -> Path:
+    """A kiln folder whose cpu target runs ``recipes``, with an [architectures] table."""
+    listed = ", ".join(f'"{r}"' for r in recipes)
+    return kiln_folder(architecture, {'recipes = ["baseline", "quantize.int8_dynamic"]': f"recipes = [{listed}]"})
+
+
+def optimize(config, checkpoint_dir: Path, model: str) -> tuple[list[dict], set[int]]:
+    """The `kiln optimize` path in-process; returns every variant (as `kiln variants
+    --json` prints it) and the ids of the promoted ones."""
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.registry.directory import Candidate
+    from modelkiln.store import queries, views
+    from modelkiln.store.db import open_store
+    from modelkiln.store.models import Checkpoint
+
+    daemon = Daemon(config, watch=False, schedule=False)
+    daemon.start()
+    try:
+        checkpoint_id = daemon.ingest_path(Candidate(model, "1", checkpoint_dir))
+        while True:
+            daemon.run_once(0.1)
+            with daemon.store.session() as session:
+                if session.get(Checkpoint, checkpoint_id).status in ("done", "rejected", "failed"):
+                    break
+    finally:
+        daemon.stop(5)
+    with open_store(config).session() as session:
+        variants = [views.variant_dict(v) for v in queries.variants_of_model(session, model)]
+        promoted = {p.variant_id for p in queries.current_promotions(session)}
+    return variants, promoted
+
+
 def print_table(title: str, rows: list[list], headers: list[str]) -> None:
     from modelkiln.cli import table
 
