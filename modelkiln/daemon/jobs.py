@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -68,7 +69,8 @@ class JobBook:
         spec = self._base_spec(checkpoint)
         reference = self.layout.reference(checkpoint.model, checkpoint.content_hash)
         if job.kind == "inspect":
-            spec.update(work_dir=str(reference), sample_count=self.config.measure.sample_count)
+            threads = max(1, (os.cpu_count() or 1) // self.config.workers.count)
+            spec.update(work_dir=str(reference), sample_count=self.config.measure.sample_count, threads=threads)
             return [Phase("inspect", spec)]
         variant = session.get(Variant, job.variant_id)
         final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target,
@@ -88,6 +90,7 @@ class JobBook:
                     "batch_sizes": list(target.batch_sizes)},
             measure=asdict(self.config.measure),
             max_quality_drop=self.config.policy.max_quality_drop,
+            threads=target.threads,
         )
         return [Phase("build", spec), Phase("measure", spec)]
 

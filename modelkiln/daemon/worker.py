@@ -107,6 +107,12 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     from .phases import PHASES
 
+    if spec.get("threads"):
+        import torch
+
+        # The fork server runs single-threaded (no thread pool may exist when it forks);
+        # each phase gets the threads its spec grants: the target's, or a worker's share.
+        torch.set_num_threads(int(spec["threads"]))
     try:
         result = PHASES[phase](spec)
     except CheckpointRejected as exc:
