@@ -235,6 +235,28 @@ def variants(config_path, as_json, model):
 
 @main.command()
 @config_option
+@click.argument("model")
+@click.argument("version", required=False)
+def retry(config_path, model, version):
+    """Inspect MODEL's rejected or failed checkpoints again (all versions, or VERSION).
+
+    For causes outside the checkpoint's content, such as a factory added to the config
+    since. A running daemon picks them up within seconds; `kiln optimize` or the next
+    `kiln serve` otherwise.
+    """
+    from .store import queries
+
+    config = _load(config_path)
+    with _store(config).session() as session:
+        retried = queries.retry_checkpoints(session, model, version)
+    if not retried:
+        raise KilnError(f"{model}{'/' + version if version else ''}: no rejected or failed checkpoint to retry")
+    for checkpoint in retried:
+        click.echo(f"{checkpoint.model}/{checkpoint.version} ({checkpoint.content_hash[:12]}): will be inspected again")
+
+
+@main.command()
+@config_option
 @json_option
 def promoted(config_path, as_json):
     """The variant served for every (model, target)."""

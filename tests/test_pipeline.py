@@ -244,3 +244,21 @@ def test_eval_data_that_does_not_fit_the_model_is_rejected_with_the_reason(confi
     np.savez(tiny_checkpoint / "eval.npz", inputs=np.zeros((8, 2, 16), np.float32), labels=np.zeros(8, np.int64))
     checkpoint = optimize_once(config, tiny_checkpoint, "tiny", "2")
     assert checkpoint.status == "rejected" and "per row" in checkpoint.reason
+
+
+def test_retry_after_fixing_the_config(config, kiln_dir, tiny_checkpoint):
+    from click.testing import CliRunner
+
+    from modelkiln.cli import main
+
+    del config.architectures["tiny"]  # the factory is missing: rejected
+    checkpoint = optimize_once(config, tiny_checkpoint, "tiny")
+    assert checkpoint.status == "rejected" and "[architectures.tiny]" in checkpoint.reason
+    result = CliRunner().invoke(main, ["retry", "tiny", "--config", str(kiln_dir / "kiln.toml")])
+    assert result.exit_code == 0 and "inspected again" in result.output
+    from modelkiln.config import load_config
+
+    fixed = load_config(kiln_dir / "kiln.toml")  # the file still has the factory
+    again = optimize_once(fixed, tiny_checkpoint, "tiny")
+    assert again.id == checkpoint.id and again.status == "done"
+    assert CliRunner().invoke(main, ["retry", "tiny", "--config", str(kiln_dir / "kiln.toml")]).exit_code != 0

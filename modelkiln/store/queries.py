@@ -53,6 +53,25 @@ def checkpoints(session: Session, model: str | None = None) -> list[Checkpoint]:
     return list(session.scalars(query))
 
 
+def retry_checkpoints(session: Session, model: str, version: str | None = None) -> list[Checkpoint]:
+    """Rejected or failed checkpoints of ``model`` (one version or all) go back to being
+    inspected: for a cause outside the content (a config fixed since, a host overloaded)."""
+    query = select(Checkpoint).where(Checkpoint.model == model, Checkpoint.status.in_(("rejected", "failed")))
+    if version is not None:
+        query = query.where(Checkpoint.version == version)
+    retried = []
+    for checkpoint in session.scalars(query):
+        job = session.scalars(select(Job).where(Job.key == f"inspect:{checkpoint.id}")).first()
+        if job is None:  # rejected at ingest, before any job: give it its first
+            job = add_job(session, "inspect", checkpoint.id, None, None)
+        job.state, job.attempts, job.reason = "pending", 0, None
+        job.lease_owner = job.lease_expires_at = job.finished_at = None
+        checkpoint.status, checkpoint.reason = "ingested", None
+        retried.append(checkpoint)
+    session.commit()
+    return retried
+
+
 # -- jobs -----------------------------------------------------------------------------
 
 
