@@ -174,12 +174,14 @@ def inspect_checkpoint(spec: dict) -> dict:
     return result
 
 
-def _reference(spec) -> tuple[dict, dict]:
+def _reference(spec) -> tuple[dict, dict, dict]:
+    """What inspect recorded: its result, the saved arrays, and the sample inputs by name."""
     work = Path(spec["reference_dir"])
     inspected = json.loads((work / INSPECT_FILE).read_text())
     with np.load(work / REFERENCE_FILE, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    return inspected, arrays
+    samples = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("input:")}
+    return inspected, arrays, samples
 
 
 def _in_form(model, form: str, runtime, step, context):
@@ -195,7 +197,7 @@ def build_variant(spec: dict) -> dict:
     """Load the checkpoint, apply the recipe's steps, convert for the runtime, save."""
     t0 = time.perf_counter()
     catalog = _catalog(spec)
-    inspected, arrays = _reference(spec)
+    inspected, arrays, samples = _reference(spec)
     runtime = catalog.runtimes.get(spec["runtime"])
     if runtime is None:
         raise StepNotApplicable(f"runtime {spec['runtime']} is not installed on this host")
@@ -206,7 +208,6 @@ def build_variant(spec: dict) -> dict:
         model = ModelHandle(TORCH, loaded.module, inputs)
     else:
         model = ModelHandle(ONNX, Path(loaded.onnx_path), inputs)
-    samples = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("input:")}
     calibration = {inputs[0].name: arrays["calibration"]} if "calibration" in arrays else None
     training = {inputs[0].name: arrays["train"]} if "train" in arrays else None
     target = spec["target"]
@@ -253,13 +254,12 @@ def measure_variant(spec: dict) -> dict:
     """Load the artifact as serving code would, score its quality, time it per batch size."""
     t0 = time.perf_counter()
     catalog = _catalog(spec)
-    inspected, arrays = _reference(spec)
+    inspected, arrays, samples = _reference(spec)
     runtime = catalog.runtimes[spec["runtime"]]
     target = spec["target"]
     out = Path(spec["out_dir"])
     rss_before = harness.current_rss_bytes()
     run = runtime.load(out, spec["previous"]["file"], target["device"], target["threads"])
-    samples = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("input:")}
     outputs = harness.run_chunked(run, samples, _INFER_CHUNK)
     metric = inspected["quality_metric"]
     quality = score(metric, outputs.astype(np.float32), arrays["reference"].astype(np.float32), arrays.get("labels"))

@@ -23,16 +23,12 @@ from ..errors import StepNotApplicable
 from . import hookimpl
 from .api import ONNX, TORCH, ModelHandle, Param, Step
 from ..targets.harness import run_chunked
+from ..targets.onnxrt import session_runner
 from .tuning import tune
 
 
 def _onnx_outputs(path, context) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = context.threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return run_chunked(lambda batch: session.run(None, batch)[0], context.sample_inputs, 256)
+    return run_chunked(session_runner(path, context.threads), context.sample_inputs, 256)
 
 
 def _torch_outputs(module, context) -> np.ndarray:

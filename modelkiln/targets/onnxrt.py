@@ -44,6 +44,23 @@ def export_to_onnx(module, inputs, example: dict, path: Path) -> None:
         )
 
 
+def session_runner(path: Path, threads: int):
+    """``run(inputs) -> first output`` of an InferenceSession set up as serving code would."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(inputs: dict):
+        return session.run(None, {name: inputs[name] for name in names})[0]
+
+    return run
+
+
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
     description = "onnxruntime InferenceSession, CPUExecutionProvider; artifact model.onnx"
@@ -69,21 +86,7 @@ class OnnxRuntime(Runtime):
         return MODEL_FILE
 
     def load(self, directory, file, device, threads):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(
-            str(directory / file), options, providers=["CPUExecutionProvider"]
-        )
-        names = [i.name for i in session.get_inputs()]
-
-        def run(inputs: dict):
-            return session.run(None, {name: inputs[name] for name in names})[0]
-
-        return run
+        return session_runner(directory / file, threads)
 
 
 @hookimpl
