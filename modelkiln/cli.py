@@ -329,14 +329,16 @@ def targets(config_path, as_json):
     for name, target in config.targets.items():
         reason = catalog.unavailable_reason(target)
         entries.append({"target": name, "device": target.device, "runtimes": target.runtimes,
-                        "threads": target.threads, "batch_sizes": target.batch_sizes, "recipes": target.recipes,
+                        "threads": target.threads, "devices": target.devices, "batch_sizes": target.batch_sizes,
+                        "recipes": target.recipes,
                         "available": reason is None, "reason": reason})
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
-    click.echo(table([[e["target"], e["device"], ", ".join(e["runtimes"]), e["threads"],
+    click.echo(table([[e["target"], e["device"], ", ".join(e["runtimes"]), e["threads"], e["devices"],
                        ", ".join(map(str, e["batch_sizes"])), "yes" if e["available"] else "no", e["reason"] or ""]
-                      for e in entries], ["target", "device", "runtimes", "threads", "batch sizes", "available", "reason"]))
+                      for e in entries],
+                     ["target", "device", "runtimes", "threads", "devices", "batch sizes", "available", "reason"]))
 
 
 @main.group()

@@ -73,6 +73,9 @@ class TargetConfig:
     device: str = "cpu"
     runtimes: list[str] = field(default_factory=lambda: ["onnxruntime", "torch"])
     threads: int = 2
+    # Devices one variant may span: ranks of a tensor-parallel (shard) variant. On cpu
+    # each rank is a process and the target's threads are shared among them.
+    devices: int = 1
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     recipes: list[str] = field(default_factory=lambda: ["baseline", "quantize.int8_dynamic"])
 
@@ -207,6 +210,8 @@ def _validate(config: Config, file: Path) -> None:
             raise ConfigError(f"{file}: 'targets.{name}.runtimes' must name at least one runtime")
         if not target.batch_sizes or min(target.batch_sizes) < 1:
             raise ConfigError(f"{file}: 'targets.{name}.batch_sizes' must be positive integers")
+        if target.devices < 1:
+            raise ConfigError(f"{file}: 'targets.{name}.devices' must be at least 1")
     if config.policy.objective_batch_size not in {
         b for t in config.targets.values() for b in t.batch_sizes
     }:
@@ -302,6 +307,9 @@ sample_count = 64
 device = "cpu"
 runtimes = ["onnxruntime", "torch"]
 threads = 2
+# Devices one variant may span: with devices > 1 the shard step builds tensor-parallel
+# variants, one process per rank (on cpu they share the threads above).
+devices = 1
 batch_sizes = [1, 8]
 # Recipes are chains of steps: "prune.structured(amount=0.5) -> quantize.int8_dynamic".
 # "baseline" is the empty recipe: the checkpoint as it is, exported for the runtime.

@@ -87,7 +87,7 @@ class JobBook:
             runtime=variant.runtime,
             recipe=variant.recipe,
             target={"name": variant.target, "device": target.device, "threads": target.threads,
-                    "batch_sizes": list(target.batch_sizes)},
+                    "devices": target.devices, "batch_sizes": list(target.batch_sizes)},
             measure=asdict(self.config.measure),
             max_quality_drop=self.config.policy.max_quality_drop,
             threads=target.threads,
@@ -168,6 +168,7 @@ class JobBook:
                 "relative_quality_drop": relative_drop(measured["quality"], baseline),
                 "size_bytes": measured["size_bytes"],
                 "batches": measured["measurements"],
+                "checks": measured.get("checks", {}),
             },
             "timings": {**built["timings"], **measured["timings"]},
         }

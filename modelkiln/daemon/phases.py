@@ -189,7 +189,9 @@ def _in_form(model, form: str, runtime, step, context):
     if model.form == form:
         return model
     if form == runtime.form:
-        return runtime.convert(model, context)
+        converted = runtime.convert(model, context)
+        if converted.form == form:
+            return converted
     raise StepNotApplicable(f"{step.name} needs a {form} model, but this one is {model.form} by now")
 
 
@@ -215,7 +217,7 @@ def build_variant(spec: dict) -> dict:
         Path(spec["work_dir"]), target["name"], runtime.name, target["device"], target["threads"], samples,
         calibration, training, reference_outputs=arrays["reference"], labels=arrays.get("labels"),
         quality_metric=inspected["quality_metric"], baseline_quality=inspected["baseline_quality"],
-        max_quality_drop=spec.get("max_quality_drop", 0.01),
+        max_quality_drop=spec.get("max_quality_drop", 0.01), devices=target.get("devices", 1),
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []
@@ -278,6 +280,8 @@ def measure_variant(spec: dict) -> dict:
         measurements.append(timing)
     return {
         "status": "measured",
+        # What the runtime checked while loading (e.g. a sharded variant's equality check).
+        "checks": getattr(run, "details", {}),
         "quality_metric": metric,
         "quality": quality,
         "baseline_quality": inspected["baseline_quality"],

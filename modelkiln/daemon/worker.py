@@ -7,16 +7,13 @@ child that dies mid-way leaves no half-written answer.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import sys
 import traceback
 
+from ..children import die_with_parent, leave_signals_to_parent
 from ..errors import CheckpointRejected, StepNotApplicable
-
-_PR_SET_PDEATHSIG = 1
 
 # Modules the fork server imports once, so that each job's process starts warm.
 PRELOAD = [
@@ -40,6 +37,8 @@ PRELOAD = [
     "modelkiln.plugins.quantize",
     "modelkiln.plugins.prune",
     "modelkiln.plugins.distill",
+    "modelkiln.plugins.shard",
+    "modelkiln.targets.sharded",
     "torch_pruning",
     "modelkiln.daemon.warm",  # runs one tiny export so that no job pays its first-use cost
 ]
@@ -47,25 +46,6 @@ PRELOAD = [
 
 def ready() -> None:
     """A no-op run once at start-up: it returns when the fork server has preloaded."""
-
-
-def _die_with_parent() -> None:
-    """Ask the kernel to kill this process when its parent dies: a worker must not
-    outlive the daemon that leased its job and go on writing behind a restarted one."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def _leave_signals_to_the_daemon() -> None:
-    """Ctrl-C and a SIGTERM sent to the whole process group or cgroup (systemd's default
-    KillMode) are for the daemon: it lets running jobs finish for its stop timeout, then
-    kills them itself and hands them back to pending. A worker dying on the same signal
-    would turn a clean stop into failed jobs."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _write_result(path: str, result: dict) -> None:
@@ -79,8 +59,8 @@ def _write_result(path: str, result: dict) -> None:
 
 def serve_one(conn) -> None:
     """A spare worker: wait for one phase on ``conn``, run it, and exit."""
-    _die_with_parent()
-    _leave_signals_to_the_daemon()
+    die_with_parent()
+    leave_signals_to_parent()
     try:
         request = conn.recv()
     except (EOFError, OSError):  # the daemon stopped or discarded this spare
@@ -90,8 +70,8 @@ def serve_one(conn) -> None:
 
 def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_limit_mb: int = 0,
               conn=None) -> None:
-    _die_with_parent()
-    _leave_signals_to_the_daemon()
+    die_with_parent()
+    leave_signals_to_parent()
     log = open(log_path, "a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)

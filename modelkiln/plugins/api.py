@@ -23,9 +23,13 @@ from ..errors import CheckpointRejected, StepNotApplicable
 # The forms a model takes between steps.
 TORCH = "torch"  # ModelHandle.obj is a torch.nn.Module returning one tensor
 ONNX = "onnx"  # ModelHandle.obj is the Path of an ONNX file
+# ModelHandle.obj is a plugins.shard.ShardedModel: one module per rank plus the plan. No
+# step takes this form, so a shard ends its recipe; the torch runtime saves and serves it.
+SHARDED = "torch-sharded"
 
 __all__ = [
     "ONNX",
+    "SHARDED",
     "TORCH",
     "CheckpointFormat",
     "CheckpointRejected",
@@ -123,6 +127,8 @@ class StepContext:
     max_quality_drop: float = 0.01
     # Anything the step wants kept in the variant's lineage (e.g. measured sparsity).
     record: dict = field(default_factory=dict)
+    # The target's device count: ranks of a sharded variant.
+    devices: int = 1
 
     def quality(self, outputs) -> float:
         """``outputs`` (on sample_inputs) scored the way the quality gate scores them."""

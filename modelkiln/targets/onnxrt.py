@@ -5,8 +5,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import ONNX, ModelHandle, Runtime
+from ..plugins.api import ONNX, TORCH, ModelHandle, Runtime
 
 MODEL_FILE = "model.onnx"
 # Protobuf's hard limit: bigger models keep their weights in an external data file.
@@ -70,6 +71,8 @@ class OnnxRuntime(Runtime):
     def convert(self, model, context):
         if model.form == ONNX:
             return model
+        if model.form != TORCH:
+            raise StepNotApplicable(f"a {model.form} model cannot be served by onnxruntime")
         path = context.new_path("exported/" + MODEL_FILE)
         export_to_onnx(model.obj, model.inputs, context.sample_inputs, path)
         return ModelHandle(ONNX, path, model.inputs, dict(model.notes))

@@ -3,6 +3,8 @@
 A ``torch.export`` program (``model.pt2``) where export can carry the model, and a
 TorchScript archive (``model.pt``) where it cannot (torch.ao quantized modules), so
 serving code needs ``torch.export.load`` or ``torch.jit.load`` and nothing of modelkiln.
+A tensor-parallel variant is one ``torch.export`` program per rank plus ``plan.json``
+(see ``sharded.py``).
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import warnings
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import TORCH, Runtime
+from ..plugins.api import SHARDED, TORCH, Runtime
+from . import sharded
 
 EXPORT_FILE = "model.pt2"
 SCRIPT_FILE = "model.pt"
 
 
-def _example_args(model, batch: int = 2):
+def example_args(model, batch: int = 2):
     import torch
 
     args = []
@@ -30,7 +33,7 @@ def _example_args(model, batch: int = 2):
     return tuple(args)
 
 
-def _dynamic_batch(module, args) -> tuple:
+def dynamic_batch(module, args) -> tuple:
     """A dynamic batch dimension for every input, shaped like ``forward``'s signature:
     torch.export wants the specs of ``forward(self, *inputs)`` nested in one tuple."""
     import inspect
@@ -50,19 +53,21 @@ class TorchRuntime(Runtime):
     form = TORCH
 
     def convert(self, model, context):
-        if model.form != TORCH:
+        if model.form not in (TORCH, SHARDED):
             raise StepNotApplicable(f"an {model.form} model has no PyTorch module to serve with torch")
         return model
 
     def save(self, model, directory):
         import torch
 
-        args = _example_args(model)
+        if model.form == SHARDED:
+            return sharded.save(model, directory)
+        args = example_args(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if model.notes.get("serialize") != "torchscript":
                 try:
-                    program = torch.export.export(model.obj, args, dynamic_shapes=_dynamic_batch(model.obj, args))
+                    program = torch.export.export(model.obj, args, dynamic_shapes=dynamic_batch(model.obj, args))
                     torch.export.save(program, str(directory / EXPORT_FILE))
                     return EXPORT_FILE
                 except Exception:
@@ -75,6 +80,8 @@ class TorchRuntime(Runtime):
     def load(self, directory, file, device, threads):
         import torch
 
+        if file == sharded.PLAN_FILE:
+            return sharded.load(directory, device, threads)
         torch.set_num_threads(threads)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,0 +1,28 @@
+"""Hygiene for the processes modelkiln starts: workers and the ranks of sharded variants."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent dies: a worker must not
+    outlive the daemon that leased its job and go on writing behind a restarted one,
+    nor a rank the worker that started it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def leave_signals_to_parent() -> None:
+    """Ctrl-C and a SIGTERM sent to the whole process group or cgroup (systemd's default
+    KillMode) are for the daemon: it lets running jobs finish for its stop timeout, then
+    kills them itself and hands them back to pending. A child dying on the same signal
+    would turn a clean stop into failed jobs."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,0 +1,240 @@
+"""Built-in shard step: tensor parallelism over ``torch.distributed``.
+
+``shard.tensor_parallel`` splits a model across the target's ``devices`` ranks the way
+Megatron-LM splits a transformer's MLP: in each chain "Linear A -> elementwise ops ->
+Linear B" (a GELU MLP; or gated, "act(gate(x)) * up(x) -> down" as in Llama), the first
+Linears are split by output features (column parallel: each rank computes its slice of
+the hidden activations, and elementwise ops need nothing from the other ranks) and the
+last by input features (row parallel: each rank's partial product is summed with one
+all-reduce, then the bias is added). One all-reduce per chain, no other communication.
+
+The chains are found on the model's ``torch.export`` graph, not by module names, so any
+architecture qualifies; a chain is split only when every intermediate value is used
+inside it and the widths divide by the rank count. Everything else (attention
+projections, embeddings, norms) is replicated on every rank.
+
+The result is ``SHARDED``: one module per rank plus the plan. The torch runtime exports
+each rank's module (its all-reduce is a traced functional collective) and writes the
+plan; loading starts the ranks and checks the sharded output against the unsharded one
+kept from here (``targets/sharded.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from ..errors import StepNotApplicable
+from . import hookimpl
+from .api import SHARDED, TORCH, ModelHandle, Step
+
+# Rows of the sample inputs whose unsharded outputs travel with the artifact, for the check.
+CHECK_ROWS = 4
+
+
+@dataclass
+class Split:
+    """One chain: ``columns`` split by output features, ``row`` by input features."""
+
+    columns: list[str]
+    row: str
+    width: int  # the hidden width the ranks share
+
+    def as_dict(self) -> dict:
+        return {"columns": self.columns, "row": self.row, "width": self.width}
+
+
+@dataclass
+class ShardedModel:
+    """What ``SHARDED`` handles carry: the rank modules, the plan, the check data."""
+
+    ranks: list
+    splits: list[Split]
+    check_inputs: dict  # name -> array, a few sample rows
+    check_outputs: object  # the unsharded model's outputs on them
+    replicated_parameters: int = 0
+    split_parameters: int = 0
+    notes: dict = field(default_factory=dict)
+
+
+def _elementwise_ops():
+    import torch
+
+    aten = torch.ops.aten
+    unary = {
+        aten.gelu.default, aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+        aten.erf.default, aten.clone.default, aten.dropout.default, aten.alias.default,
+        aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.pow.Tensor_Scalar,
+        aten.leaky_relu.default, aten.hardswish.default, aten.gelu_.default, aten.relu_.default,
+        aten.silu_.default, aten._to_copy.default,
+    }
+    binary = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor}
+    return unary, aten.linear.default, binary
+
+
+def find_splits(module, example_args: tuple, ranks: int) -> list[Split]:
+    """The column/row chains of ``module``, from its export graph."""
+    import torch
+    from torch.fx import Node
+
+    program = torch.export.export(module, example_args)
+    to_param = program.graph_signature.inputs_to_parameters
+    unary, linear, binary = _elementwise_ops()
+    nodes = list(program.graph.nodes)
+
+    def owner(node) -> str | None:
+        """The module path of a linear node whose weight is a parameter used only there."""
+        if node.op != "call_function" or node.target != linear:
+            return None
+        weight = node.args[1]
+        name = to_param.get(getattr(weight, "name", ""))
+        if name is None or not name.endswith(".weight") or len(weight.users) != 1:
+            return None  # a computed or tied weight: not a plain Linear
+        return name[: -len(".weight")]
+
+    def chain(start, row_node) -> tuple[set, list] | None:
+        """(intermediate nodes, column linears) feeding ``row_node`` elementwise, or None."""
+        inner, columns, stack = set(), [], [start]
+        while stack:
+            node = stack.pop()
+            if node in inner:
+                continue
+            if owner(node) is not None:
+                inner.add(node)
+                columns.append(node)
+                continue
+            if node.op != "call_function" or node.target not in unary | binary:
+                return None
+            inner.add(node)
+            operands = node.args[:1] if node.target in unary else node.args[:2]
+            for arg in operands:
+                if isinstance(arg, Node):
+                    stack.append(arg)
+                elif not isinstance(arg, (int, float)):
+                    return None
+        # Every value inside must be used only inside (or by the row Linear): a value
+        # read elsewhere would be a slice on each rank where the rest expects it whole.
+        for node in inner:
+            if any(user not in inner and user is not row_node for user in node.users):
+                return None
+        return inner, columns
+
+    splits, used = [], set()
+    for node in nodes:
+        row = owner(node)
+        if row is None or node in used:
+            continue
+        found = chain(node.args[0], node)
+        if found is None:
+            continue
+        inner, columns = found
+        if not columns or used & (inner | {node}):
+            continue
+        widths = {tuple(c.meta["val"].shape)[-1] for c in columns}
+        width = tuple(node.args[0].meta["val"].shape)[-1]
+        if widths != {width} or width % ranks:
+            continue
+        used |= inner | {node}
+        splits.append(Split([owner(c) for c in columns], row, width))
+    return splits
+
+
+def _row_parallel_class():
+    import torch
+    import torch.nn as nn
+
+    class RowParallelLinearModule(nn.Module):
+        """A Linear's slice of input features; partial products summed across ranks.
+
+        The all-reduce is the functional collective on the named process group, so
+        ``torch.export`` records it in the rank's program: the artifact needs nothing of
+        modelkiln to run, only a process group of the right size under that name.
+        """
+
+        def __init__(self, weight, bias, group_name: str):
+            super().__init__()
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+            self.group_name = group_name
+
+        def forward(self, x):
+            partial = torch.nn.functional.linear(x, self.weight)
+            total = torch.ops._c10d_functional.all_reduce(partial, "sum", self.group_name)
+            total = torch.ops._c10d_functional.wait_tensor(total)
+            return total if self.bias is None else total + self.bias
+
+    return RowParallelLinearModule
+
+
+# The default process group's name in torch.distributed; the loader checks it matches.
+WORLD_GROUP = "0"
+
+
+def split_module(module, splits: list[Split], rank: int, ranks: int):
+    """A copy of ``module`` holding rank ``rank``'s slices of the split Linears."""
+    import torch.nn as nn
+
+    local = copy.deepcopy(module)
+    row_class = _row_parallel_class()
+    for split in splits:
+        share = split.width // ranks
+        cut = slice(rank * share, (rank + 1) * share)
+        for path in split.columns:
+            old = local.get_submodule(path)
+            new = nn.Linear(old.in_features, share, bias=old.bias is not None,
+                            dtype=old.weight.dtype, device=old.weight.device)
+            new.weight.data = old.weight.data[cut].clone()
+            if old.bias is not None:
+                new.bias.data = old.bias.data[cut].clone()
+            new.requires_grad_(False)
+            local.set_submodule(path, new)
+        old = local.get_submodule(split.row)
+        bias = None if old.bias is None else old.bias.data.clone()
+        local.set_submodule(split.row, row_class(old.weight.data[:, cut].clone(), bias, WORLD_GROUP))
+    return local.eval()
+
+
+class TensorParallel(Step):
+    name = "shard.tensor_parallel"
+    description = ("split MLP Linear chains column/row-parallel over the target's devices "
+                   "(one torch.export program per rank; gloo on cpu, NCCL on cuda)")
+    params = ()
+    # Multi-process serving exists for the torch runtime only.
+    forms = {"torch": TORCH}
+
+    def apply(self, model, params, context):
+        import numpy as np
+        import torch
+
+        from ..targets.torchrt import example_args
+
+        ranks = context.devices
+        if ranks < 2:
+            raise StepNotApplicable(
+                f"target {context.target} has devices = {ranks}; tensor parallelism needs devices > 1"
+            )
+        module = model.obj.eval()
+        splits = find_splits(module, example_args(model), ranks)
+        if not splits:
+            raise StepNotApplicable(
+                f"no Linear -> elementwise -> Linear chain whose width divides by {ranks} to split"
+            )
+        rows = {name: np.ascontiguousarray(v[:CHECK_ROWS]) for name, v in context.sample_inputs.items()}
+        with torch.inference_mode():
+            expected = module(*(torch.from_numpy(v) for v in rows.values())).float().numpy()
+        rank_modules = [split_module(module, splits, r, ranks) for r in range(ranks)]
+        split_names = {f"{p}.{w}" for s in splits for p in (*s.columns, s.row) for w in ("weight", "bias")}
+        split_count = sum(p.numel() for n, p in module.named_parameters() if n in split_names)
+        total = sum(p.numel() for p in module.parameters())
+        context.record.update(
+            ranks=ranks, splits=[s.as_dict() for s in splits], split_parameters=split_count,
+            replicated_parameters=total - split_count,
+            parameters_per_rank=sum(p.numel() for p in rank_modules[0].parameters()),
+        )
+        sharded = ShardedModel(rank_modules, splits, rows, expected, total - split_count, split_count)
+        return ModelHandle(SHARDED, sharded, model.inputs, dict(model.notes))
+
+
+@hookimpl
+def kiln_steps():
+    return [TensorParallel()]

@@ -1,0 +1,261 @@
+"""Saving and serving a tensor-parallel variant: one process per rank.
+
+The artifact is a folder::
+
+    plan.json          ranks, backend, process-group name, the splits, the check
+    rank0/model.pt2    each rank's torch.export program (its all-reduces are traced
+    rank1/model.pt2    functional collectives on the default process group)
+    check.npz          a few input rows and the unsharded model's outputs on them
+
+Serving it is what ``load`` does, and what serving code would do with torchrun: start
+one process per rank, join them into a process group (gloo on cpu, NCCL on cuda), load
+each rank's program. The calling process is rank 0: it receives a request, broadcasts
+the inputs to the other ranks, and every rank runs its program; the programs' all-reduces
+combine the partial results, so rank 0's output is the model's output.
+
+Every load first runs the check rows and compares them with the unsharded outputs; a
+sharded variant that does not compute the same function fails its measurement.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import multiprocessing
+import socket
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import StepNotApplicable
+
+PLAN_FILE = "plan.json"
+CHECK_FILE = "check.npz"
+PLAN_FORMAT = "modelkiln.tensor_parallel/1"
+# The sharded and unsharded outputs may differ by the order of a sum: within this share
+# of the output's scale (max |x|, at least 1) they are taken as equal.
+RELATIVE_TOLERANCE = 1e-4
+# The header broadcast before each request: input count, then (dtype code, rank, dims).
+_HEADER = 64
+_DTYPES = ["float32", "float16", "bfloat16", "int64", "int32", "bool", "float64"]
+_START_TIMEOUT = timedelta(seconds=120)
+
+
+def tolerance(expected: np.ndarray) -> float:
+    return RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
+
+
+def save(model, directory: Path) -> str:
+    """Export every rank's module of a SHARDED ``model``, write the plan; return its name."""
+    import torch
+
+    from .torchrt import dynamic_batch, example_args
+
+    sharded = model.obj
+    ranks = len(sharded.ranks)
+    files = []
+    args = example_args(model)
+    for rank, module in enumerate(sharded.ranks):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                program = torch.export.export(module, args, dynamic_shapes=dynamic_batch(module, args))
+            except Exception as exc:
+                raise StepNotApplicable(f"rank {rank}'s module cannot be exported: {exc}") from None
+        file = f"rank{rank}/model.pt2"
+        (directory / file).parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, str(directory / file))
+        files.append(file)
+    np.savez(directory / CHECK_FILE, outputs=sharded.check_outputs,
+             **{f"input:{k}": v for k, v in sharded.check_inputs.items()})
+    plan = {
+        "format": PLAN_FORMAT,
+        "ranks": ranks,
+        "group": "0",
+        "files": files,
+        "inputs": [i.name for i in model.inputs],
+        "splits": [s.as_dict() for s in sharded.splits],
+        "split_parameters": sharded.split_parameters,
+        "replicated_parameters": sharded.replicated_parameters,
+        "check": CHECK_FILE,
+        "relative_tolerance": RELATIVE_TOLERANCE,
+    }
+    (directory / PLAN_FILE).write_text(json.dumps(plan, indent=2))
+    return PLAN_FILE
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _backend(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def _rank_device(device: str, rank: int) -> str:
+    return f"cuda:{rank}" if device.startswith("cuda") else "cpu"
+
+
+def _join(rank: int, ranks: int, port: int, device: str, threads: int, directory: Path, plan: dict):
+    """Join the process group as ``rank`` and load that rank's program."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(rank)
+    dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=ranks, timeout=_START_TIMEOUT)
+    if dist.group.WORLD.group_name != plan["group"]:
+        raise RuntimeError(f"process group is named {dist.group.WORLD.group_name!r}, "
+                           f"the programs were traced for {plan['group']!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.export.load(str(directory / plan["files"][rank])).module()
+    return module.to(_rank_device(device, rank))
+
+
+def _receive(device: str):
+    """The next request's inputs, broadcast from rank 0; None when told to stop."""
+    import torch
+    import torch.distributed as dist
+
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
+    dist.broadcast(header, 0)
+    values = header.tolist()
+    count = values[0]
+    if count < 0:
+        return None
+    tensors, at = [], 1
+    for _ in range(count):
+        dtype, ndim = _DTYPES[values[at]], values[at + 1]
+        shape = values[at + 2: at + 2 + ndim]
+        at += 2 + ndim
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        dist.broadcast(tensor, 0)
+        tensors.append(tensor)
+    return tensors
+
+
+def _send(tensors, device: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    values = [len(tensors)]
+    for t in tensors:
+        values += [_DTYPES.index(str(t.dtype).removeprefix("torch.")), t.dim(), *t.shape]
+    if len(values) > _HEADER:
+        raise ValueError("too many or too high-dimensional inputs for the rank header")
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
+    header[: len(values)] = torch.tensor(values, dtype=torch.int64)
+    dist.broadcast(header, 0)
+    for t in tensors:
+        dist.broadcast(t, 0)
+
+
+def _stop(device: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    header = torch.full((_HEADER,), -1, dtype=torch.int64, device=device)
+    dist.broadcast(header, 0)
+
+
+def rank_main(rank: int, ranks: int, port: int, device: str, threads: int, directory: str, plan: dict) -> None:
+    """A rank other than 0: run the program on whatever rank 0 broadcasts, until told to stop."""
+    import torch
+    import torch.distributed as dist
+
+    from ..children import die_with_parent, leave_signals_to_parent
+
+    die_with_parent()
+    leave_signals_to_parent()
+    module = _join(rank, ranks, port, device, threads, Path(directory), plan)
+    local = _rank_device(device, rank)
+    with torch.inference_mode():
+        while (tensors := _receive(local)) is not None:
+            module(*tensors)
+    dist.destroy_process_group()
+
+
+class RankGroup:
+    """Rank 0 in this process, ranks 1..N-1 in processes it started."""
+
+    def __init__(self, directory: Path, device: str, threads: int):
+        self.directory = directory
+        self.plan = json.loads((directory / PLAN_FILE).read_text())
+        if self.plan.get("format") != PLAN_FORMAT:
+            raise ValueError(f"{directory / PLAN_FILE}: not a {PLAN_FORMAT} plan")
+        self.ranks = self.plan["ranks"]
+        self.device = device
+        self.local = _rank_device(device, 0)
+        per_rank = max(1, threads // self.ranks)  # the target's threads are shared by its ranks
+        port = _free_port()
+        # spawn, not fork: a rank must not inherit this process's thread pools (or CUDA).
+        context = multiprocessing.get_context("spawn")
+        self.processes = [
+            context.Process(target=rank_main, name=f"kiln-rank{rank}", daemon=True,
+                            args=(rank, self.ranks, port, device, per_rank, str(directory), self.plan))
+            for rank in range(1, self.ranks)
+        ]
+        for process in self.processes:
+            process.start()
+        self.module = _join(0, self.ranks, port, device, per_rank, directory, self.plan)
+        self.closed = False
+        atexit.register(self.close)
+
+    def __call__(self, inputs: dict) -> np.ndarray:
+        import torch
+
+        tensors = [torch.from_numpy(v).to(self.local) for v in inputs.values()]
+        with torch.inference_mode():
+            _send(tensors, self.local)
+            out = self.module(*tensors)
+        return out.float().cpu().numpy()
+
+    def check(self) -> dict:
+        """Compare the outputs on the check rows with the unsharded model's."""
+        with np.load(self.directory / self.plan["check"], allow_pickle=False) as npz:
+            expected = npz["outputs"]
+            rows = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("input:")}
+        got = self(rows)
+        diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
+        limit = tolerance(expected)
+        if not diff <= limit:
+            raise RuntimeError(
+                f"the {self.ranks}-rank output differs from the unsharded model's by {diff:.3g} "
+                f"(tolerance {limit:.3g}): the split is wrong for this model"
+            )
+        return {"ranks": self.ranks, "max_abs_diff": diff, "tolerance": limit, "rows": int(len(expected))}
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            _stop(self.local)
+            dist.destroy_process_group()
+        except Exception:
+            pass  # a rank already gone: its process is reaped below either way
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+
+
+def load(directory: Path, device: str, threads: int):
+    """``run(inputs) -> ndarray`` over the ranks, after the equality check passed."""
+    group = RankGroup(directory, device, threads)
+    try:
+        details = group.check()
+    except Exception:
+        group.close()
+        raise
+    group.details = {"shard_check": details}
+    return group

@@ -1,0 +1,106 @@
+"""shard.tensor_parallel: the split plan, and a 2-rank variant through the real pipeline."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import optimize_once
+from test_pipeline import all_variants
+
+RECIPES = 'recipes = ["baseline", "quantize.int8_dynamic"]'
+
+
+class Gated(torch.nn.Module):
+    """A Llama-style MLP block: down(silu(gate(x)) * up(x)) with a residual, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(16, 32, bias=False)
+        self.up = torch.nn.Linear(16, 32, bias=False)
+        self.down = torch.nn.Linear(32, 16, bias=False)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(x + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x)))
+
+
+class Escaping(torch.nn.Module):
+    """The hidden activations are read outside the chain: no split is valid."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(16, 32)
+        self.b = torch.nn.Linear(32, 16)
+        self.c = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        hidden = torch.relu(self.a(x))
+        return self.b(hidden).sum(-1, keepdim=True) + self.c(hidden)
+
+
+def _splits(module, ranks=2):
+    from modelkiln.plugins.shard import find_splits
+
+    return [s.as_dict() for s in find_splits(module.eval(), (torch.randn(2, 16),), ranks)]
+
+
+def test_the_plan_pairs_column_and_row_parallel_linears():
+    nn = torch.nn
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 64),
+                        nn.Tanh(), nn.Linear(64, 4))
+    # Linear 2 is already a row of the first chain, so the second chain starts at Linear 4.
+    assert _splits(mlp) == [{"columns": ["0"], "row": "2", "width": 32},
+                            {"columns": ["4"], "row": "6", "width": 64}]
+    assert _splits(Gated()) == [{"columns": ["up", "gate"], "row": "down", "width": 32}]
+    assert _splits(Escaping()) == []
+    assert _splits(Gated(), ranks=3) == []  # 32 does not divide by 3
+
+
+def test_a_two_rank_variant_equals_the_unsharded_model(kiln_dir, digits_checkpoint):
+    from modelkiln.config import load_config
+    from modelkiln.targets import sharded
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "shard.tensor_parallel", "shard.tensor_parallel -> quantize.int8_dynamic"]'))
+    # A second target, alike but for its two devices: the same recipes are skipped on the first.
+    text += text[text.index("[targets.cpu]"):text.index("[policy]")].replace(
+        "[targets.cpu]", "[targets.cpu2]").replace("devices = 1", "devices = 2")
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    checkpoint = optimize_once(config, digits_checkpoint, "digits")
+    assert checkpoint.status == "done", checkpoint.reason
+    variants = {(v["target"], v["variant"]): v for v in all_variants(config, "digits")}
+
+    shard = variants["cpu2", "torch:shard.tensor_parallel"]
+    assert shard["status"] == "succeeded", shard.get("reason")
+    record = shard["lineage"][0]["record"]
+    assert record["ranks"] == 2 and record["splits"] == [{"columns": ["0"], "row": "2", "width": 512}]
+    assert record["parameters_per_rank"] < 0.6 * (record["split_parameters"] + record["replicated_parameters"])
+    # The equality check ran when the measurement loaded the ranks; variant.json keeps it.
+    document = json.loads((Path(shard["path"]) / "variant.json").read_text())
+    check = document["metrics"]["checks"]["shard_check"]
+    assert check["max_abs_diff"] <= check["tolerance"] and check["rows"] > 0
+    assert shard["metrics"]["quality"] == variants["cpu2", "torch:baseline"]["metrics"]["quality"]
+    artifact = {p.relative_to(shard["path"]).as_posix() for p in Path(shard["path"]).rglob("*")}
+    assert {"plan.json", "rank0/model.pt2", "rank1/model.pt2", "check.npz"} <= artifact
+
+    assert variants["cpu2", "onnxruntime:shard.tensor_parallel"]["status"] == "skipped"
+    one = variants["cpu", "torch:shard.tensor_parallel"]
+    assert one["status"] == "skipped" and "devices = 1" in one["reason"]
+    after = variants["cpu2", "torch:shard.tensor_parallel -> quantize.int8_dynamic"]
+    assert after["status"] == "skipped" and "torch-sharded" in after["reason"]
+
+    # A plan whose ranks do not compute the unsharded function fails when loaded.
+    folder = Path(shard["path"])
+    with np.load(folder / "check.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["outputs"] = arrays["outputs"] + 1.0
+    tampered = folder.parent / "tampered"
+    shutil.copytree(folder, tampered)
+    np.savez(tampered / "check.npz", **arrays)
+    with pytest.raises(RuntimeError, match="differs from the unsharded model"):
+        sharded.load(tampered, "cpu", 2)
