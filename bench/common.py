@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,12 +14,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def kiln_folder(extra: str = "", replacements: dict | None = None) -> Path:
+def kiln_folder(extra: str = "", replacements: dict | None = None, recipes: list[str] | None = None) -> Path:
+    """A folder made by `kiln init`, with the cpu target's ``recipes`` if given."""
     from modelkiln.config import write_default_config
 
     folder = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     write_default_config(folder, extra)
     text = (folder / "kiln.toml").read_text()
+    if recipes is not None:
+        listed = ", ".join(f'"{r}"' for r in recipes)
+        text = re.sub(r"(?m)^recipes = \[[^\]]*\]", f"recipes = [{listed}]", text)
     for old, new in (replacements or {}).items():
         assert old in text, old
         text = text.replace(old, new)
@@ -48,8 +53,7 @@ class Serve:
 
 def recipes_config(recipes: list[str], architecture: str) -> Path:
     """A kiln folder whose cpu target runs ``recipes``, with an [architectures] table."""
-    listed = ", ".join(f'"{r}"' for r in recipes)
-    return kiln_folder(architecture, {'recipes = ["baseline", "quantize.int8_dynamic"]': f"recipes = [{listed}]"})
+    return kiln_folder(architecture, recipes=recipes)
 
 
 def optimize(config, checkpoint_dir: Path, model: str) -> tuple[list[dict], set[int]]:

@@ -68,6 +68,19 @@ class MeasureConfig:
     sample_count: int = 64
 
 
+# Each quantization; prune then quantize; distill then quantize; shard where the target
+# has several devices. The baseline competes too: a step must earn its promotion.
+DEFAULT_RECIPES = (
+    "baseline",
+    "quantize.int8_dynamic",
+    "quantize.int8_static",
+    "quantize.bf16",
+    "prune.structured -> quantize.int8_dynamic",
+    "distill.depth -> quantize.int8_dynamic",
+    "shard.tensor_parallel",
+)
+
+
 @dataclass
 class TargetConfig:
     device: str = "cpu"
@@ -77,7 +90,7 @@ class TargetConfig:
     # each rank is a process and the target's threads are shared among them.
     devices: int = 1
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    recipes: list[str] = field(default_factory=lambda: ["baseline", "quantize.int8_dynamic"])
+    recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))
 
 
 @dataclass
@@ -313,7 +326,17 @@ devices = 1
 batch_sizes = [1, 8]
 # Recipes are chains of steps: "prune.structured(amount=0.5) -> quantize.int8_dynamic".
 # "baseline" is the empty recipe: the checkpoint as it is, exported for the runtime.
-recipes = ["baseline", "quantize.int8_dynamic"]
+# A step that does not apply (no stack of blocks to distill, one device to shard over,
+# a runtime it does not serve) is recorded as skipped with the reason.
+recipes = [
+    "baseline",
+    "quantize.int8_dynamic",
+    "quantize.int8_static",
+    "quantize.bf16",
+    "prune.structured -> quantize.int8_dynamic",
+    "distill.depth -> quantize.int8_dynamic",
+    "shard.tensor_parallel",
+]
 
 [policy]
 # Promote the variant with the lowest p50 latency at this batch size among those whose
