@@ -44,12 +44,14 @@ class Catalog:
 
     def unavailable_reason(self, target) -> str | None:
         """None when this host can serve ``target`` (a TargetConfig), else why not."""
-        reasons = []
+        from ..targets.devices import unavailable_reason as device_reason
+
+        reasons = [device_reason(target.device, getattr(target, "devices", 1))]
         for name in target.runtimes:
             runtime = self.runtimes.get(name)
             reasons.append(f"runtime {name} is not installed" if runtime is None
                            else runtime.unavailable_reason(target.device))
-        return "; ".join(r for r in reasons if r) or None
+        return "; ".join(dict.fromkeys(r for r in reasons if r)) or None
 
 
 def _wanted(name: str, enabled, disabled) -> bool:

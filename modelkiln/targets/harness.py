@@ -1,6 +1,7 @@
 """The latency harness: warm-up, then runs in windows until the median is stable.
 
-Runs are timed one by one with ``perf_counter_ns`` so p95 sees real outliers. Windows of
+Runs are timed one by one (``perf_counter_ns``; CUDA events on a GPU) so p95 sees real
+outliers. Windows of
 ``min_runs`` runs are added until at least ``min_seconds`` of runs exist and the median
 moved by less than ``stability`` (relative) over the last window, or ``max_seconds`` is
 spent. The time floor matters for fast models: forty runs of a 50 µs model are two
@@ -27,23 +28,59 @@ def peak_rss_bytes() -> int:
 
 def time_runs(run, inputs, *, warmup_runs: int, min_runs: int, stability: float, max_seconds: float,
               min_seconds: float = 0.0) -> dict:
+    """Wall-clock latency of ``run(inputs)``, each run timed on its own."""
+
+    def once() -> float:
+        start = time.perf_counter_ns()
+        run(inputs)
+        return (time.perf_counter_ns() - start) / 1e6
+
     for _ in range(warmup_runs):
         run(inputs)
+    return _windows(once, min_runs=min_runs, stability=stability, max_seconds=max_seconds,
+                    min_seconds=min_seconds)
+
+
+def time_cuda_runs(call, *, warmup_runs: int, min_runs: int, stability: float, max_seconds: float,
+                   min_seconds: float = 0.0) -> dict:
+    """GPU latency of ``call()`` (inputs already on the device) between CUDA events, with
+    the peak of GPU memory allocated while it ran. Each run is waited for before the
+    next starts: at batch 1 a caller waits for its answer, so queued work must not hide
+    in the next run's time."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def once() -> float:
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    for _ in range(warmup_runs):
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    result = _windows(once, min_runs=min_runs, stability=stability, max_seconds=max_seconds,
+                      min_seconds=min_seconds)
+    result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    return result
+
+
+def _windows(once, *, min_runs: int, stability: float, max_seconds: float, min_seconds: float) -> dict:
     started = time.perf_counter()
-    times: list[int] = []
+    times: list[float] = []
     previous = None
     while True:
-        for _ in range(min_runs):
-            start = time.perf_counter_ns()
-            run(inputs)
-            times.append(time.perf_counter_ns() - start)
+        times.extend(once() for _ in range(min_runs))
         median = float(np.median(times))
         elapsed = time.perf_counter() - started
         stable = previous is not None and abs(median - previous) <= stability * previous
         if (stable and elapsed >= min_seconds) or elapsed >= max_seconds:
             break
         previous = median
-    p50, p95 = np.percentile(np.asarray(times, dtype=np.float64) / 1e6, [50, 95])
+    p50, p95 = np.percentile(np.asarray(times, dtype=np.float64), [50, 95])
     return {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "runs": len(times)}
 
 

@@ -14,7 +14,7 @@ import warnings
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import SHARDED, TORCH, Runtime
-from . import sharded
+from . import devices, sharded
 
 EXPORT_FILE = "model.pt2"
 SCRIPT_FILE = "model.pt"
@@ -48,8 +48,8 @@ def dynamic_batch(module, args) -> tuple:
 
 class TorchRuntime(Runtime):
     name = "torch"
-    description = "PyTorch eager on the CPU; artifact torch.export model.pt2 or TorchScript model.pt"
-    devices = ("cpu",)
+    description = "PyTorch on cpu or cuda; artifact torch.export model.pt2 or TorchScript model.pt"
+    devices = ("cpu", "cuda")
     form = TORCH
 
     def convert(self, model, context):
@@ -77,6 +77,9 @@ class TorchRuntime(Runtime):
             torch.jit.save(traced, str(directory / SCRIPT_FILE))
         return SCRIPT_FILE
 
+    def unavailable_reason(self, device):
+        return devices.unavailable_reason(device)
+
     def load(self, directory, file, device, threads):
         import torch
 
@@ -86,17 +89,48 @@ class TorchRuntime(Runtime):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if file.endswith(".pt2"):
-                module = torch.export.load(str(directory / file)).module()
+                module = torch.export.load(str(directory / file)).module().to(device)
             else:
                 module = torch.jit.load(str(directory / file), map_location=device)
                 module.eval()
+        return Serving(module, device)
 
-        def run(inputs: dict):
+
+class Serving:
+    """An artifact loaded for ``device``: numpy in, numpy out, as a caller sees it; on a
+    GPU it times itself on the device (inputs already there) with CUDA events."""
+
+    def __init__(self, module, device: str):
+        self.module = module
+        self.device = device
+        if device.startswith("cuda"):
+            # On the CPU the harness's wall clock is right; a GPU needs its own events.
+            self.time_runs = self._time_cuda
+
+    def _tensors(self, inputs: dict):
+        import torch
+
+        return [torch.from_numpy(v).to(self.device) for v in inputs.values()]
+
+    def __call__(self, inputs: dict):
+        import torch
+
+        with torch.inference_mode():
+            out = self.module(*self._tensors(inputs))
+        return out.float().cpu().numpy()
+
+    def _time_cuda(self, inputs: dict, **settings) -> dict:
+        import torch
+
+        from .harness import time_cuda_runs
+
+        tensors = self._tensors(inputs)
+
+        def call():
             with torch.inference_mode():
-                out = module(*(torch.from_numpy(v) for v in inputs.values()))
-            return out.numpy()
+                self.module(*tensors)
 
-        return run
+        return time_cuda_runs(call, **settings)
 
 
 @hookimpl

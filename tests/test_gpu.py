@@ -1,0 +1,94 @@
+"""cuda targets: waiting where the host has no GPU, and the real thing where it has one.
+
+The GPU tests skip on a host without CUDA with the reason; `bench/bench_gpu.py` runs
+them and the GPU figures on the lent GPU machine in one call.
+"""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import optimize_once
+from test_pipeline import all_variants
+
+RECIPES = 'recipes = ["baseline", "quantize.int8_dynamic"]'
+GPU_TARGET = """
+[targets.gpu]
+device = "cuda"
+runtimes = ["torch"]
+batch_sizes = [1, 4]
+recipes = ["baseline", "quantize.bf16", "quantize.fp16"]
+"""
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+needs_gpu = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU (run bench/bench_gpu.py on the GPU machine)")
+
+
+@pytest.mark.skipif(_cuda_available(), reason="this host has a GPU: the cuda target is available here")
+def test_a_cuda_target_waits_on_a_host_without_a_gpu(kiln_dir, digits_checkpoint):
+    from modelkiln.config import load_config
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.registry.directory import Candidate
+    from modelkiln.store import queries
+    from modelkiln.store.db import open_store
+    from modelkiln.store.models import Checkpoint, Job
+
+    (kiln_dir / "kiln.toml").write_text((kiln_dir / "kiln.toml").read_text() + GPU_TARGET)
+    out = subprocess.run([sys.executable, "-m", "modelkiln", "targets", "--json", "--config",
+                          str(kiln_dir / "kiln.toml")], capture_output=True, text=True, check=True)
+    gpu = next(t for t in json.loads(out.stdout) if t["target"] == "gpu")
+    assert not gpu["available"] and "no NVIDIA GPU on this host" in gpu["reason"]
+
+    config = load_config(kiln_dir / "kiln.toml")
+    daemon = Daemon(config, watch=False, schedule=False)
+    daemon.start()
+    try:
+        checkpoint_id = daemon.ingest_path(Candidate("digits", "1", digits_checkpoint))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            daemon.run_once(0.05)
+            with daemon.store.session() as session:
+                if [p for p in queries.current_promotions(session) if p.target == "cpu"]:
+                    break
+        for _ in range(20):  # the daemon keeps going; the gpu jobs are never leased
+            daemon.run_once(0.05)
+    finally:
+        daemon.stop(5)
+    with open_store(config).session() as session:
+        assert [p.target for p in queries.current_promotions(session)] == ["cpu"]
+        gpu_jobs = [j for j in session.query(Job).all() if j.target == "gpu"]
+        assert len(gpu_jobs) == 3 and {(j.state, j.attempts) for j in gpu_jobs} == {("pending", 0)}
+        assert session.get(Checkpoint, checkpoint_id).status == "ready"  # not done, not failed
+    gpu_variants = [v for v in all_variants(config, "digits") if v["target"] == "gpu"]
+    assert {v["status"] for v in gpu_variants} == {"pending"}
+
+
+@needs_gpu
+def test_a_cuda_target_measures_on_the_gpu_and_promotes(kiln_dir, digits_checkpoint):
+    from modelkiln.config import load_config
+
+    text = (kiln_dir / "kiln.toml").read_text()
+    cpu = text[text.index("[targets.cpu]"):text.index("[policy]")]
+    (kiln_dir / "kiln.toml").write_text(text.replace(cpu, GPU_TARGET.strip() + "\n\n"))
+    config = load_config(kiln_dir / "kiln.toml")
+    checkpoint = optimize_once(config, digits_checkpoint, "digits")
+    assert checkpoint.status == "done", checkpoint.reason
+    variants = {v["variant"]: v for v in all_variants(config, "digits")}
+    assert {v["status"] for v in variants.values()} == {"succeeded"}, variants
+    base = variants["torch:baseline"]["metrics"]
+    for half in ("torch:quantize.bf16", "torch:quantize.fp16"):
+        m = variants[half]["metrics"]
+        assert (base["quality"] - m["quality"]) / base["quality"] <= 0.01
+        assert m["size_bytes"] < 0.6 * base["size_bytes"]
+    document = json.loads((config.promoted_path / "digits" / "gpu" / "variant.json").read_text())
+    # GPU memory, from torch.cuda.max_memory_allocated: at least the weights.
+    assert all(b["peak_memory_bytes"] > 100_000 for b in document["metrics"]["batches"])
