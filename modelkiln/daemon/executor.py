@@ -129,6 +129,17 @@ class Executor:
         child.close()
         return _Worker(process, parent)
 
+    def _spawn(self) -> _Worker:
+        """A worker started from scratch (imports and all): for phases on a GPU. CUDA
+        cannot be used in a process forked from one where it was initialised, and the
+        fork server's preloading (torch, its export warm-up) may initialise it."""
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        process = context.Process(target=worker.serve_one, args=(child,), name="kiln-gpu-worker")
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
     def _launch(self, running: _Running) -> None:
         phase = running.phases[running.index]
         result_path, log_path = self._paths(running)
@@ -136,25 +147,31 @@ class Executor:
         # Each phase sees what the one before it returned (e.g. the artifact's file name).
         spec = {**phase.spec, "previous": running.results[-1]} if running.results else phase.spec
         request = (phase.name, spec, str(result_path), str(log_path), self.memory_limit_mb)
-        spare, self._spare = self._spare, None
+        on_gpu = spec.get("target", {}).get("device", "cpu") != "cpu"
+        chosen = self._spawn() if on_gpu else self._take_spare()
         try:
-            if spare is None:
-                raise BrokenPipeError("no spare worker")
-            spare.conn.send(request)
-            chosen = spare
-        except (OSError, EOFError):  # none forked yet, or it died while it waited
-            if spare is not None:
-                self._discard(spare)
+            chosen.conn.send(request)
+        except (OSError, EOFError):  # the spare died while it waited
+            self._discard(chosen)
             chosen = self._fork()
             chosen.conn.send(request)
         running.worker = chosen
-        if self.on_exit is not None:
-            chosen.watcher = threading.Thread(target=self._watch, args=(chosen,), daemon=True)
-            chosen.watcher.start()
+        self._watch_worker(chosen)
+        if on_gpu or self._spare is not None:
+            return
         try:
             self._spare = self._fork()  # the next phase's process, forked while this one runs
         except OSError as exc:  # the phase above runs regardless; the next one forks then
             log.warning("could not fork a spare worker: %s", exc)
+
+    def _take_spare(self) -> _Worker:
+        spare, self._spare = self._spare, None
+        return spare if spare is not None else self._fork()
+
+    def _watch_worker(self, chosen: _Worker) -> None:
+        if self.on_exit is not None:
+            chosen.watcher = threading.Thread(target=self._watch, args=(chosen,), daemon=True)
+            chosen.watcher.start()
 
     def _watch(self, chosen: _Worker) -> None:
         try:
