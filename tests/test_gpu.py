@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,7 @@ GPU_TARGET = """
 device = "cuda"
 runtimes = ["torch"]
 batch_sizes = [1, 4]
-recipes = ["baseline", "quantize.bf16", "quantize.fp16"]
+recipes = ["baseline", "quantize.bf16", "quantize.fp16", "quantize.fp16 -> compile.inductor"]
 """
 
 
@@ -66,7 +67,7 @@ def test_a_cuda_target_waits_on_a_host_without_a_gpu(kiln_dir, digits_checkpoint
     with open_store(config).session() as session:
         assert [p.target for p in queries.current_promotions(session)] == ["cpu"]
         gpu_jobs = [j for j in session.query(Job).all() if j.target == "gpu"]
-        assert len(gpu_jobs) == 3 and {(j.state, j.attempts) for j in gpu_jobs} == {("pending", 0)}
+        assert len(gpu_jobs) == 4 and {(j.state, j.attempts) for j in gpu_jobs} == {("pending", 0)}
         assert session.get(Checkpoint, checkpoint_id).status == "ready"  # not done, not failed
     gpu_variants = [v for v in all_variants(config, "digits") if v["target"] == "gpu"]
     assert {v["status"] for v in gpu_variants} == {"pending"}
@@ -89,6 +90,21 @@ def test_a_cuda_target_measures_on_the_gpu_and_promotes(kiln_dir, digits_checkpo
         m = variants[half]["metrics"]
         assert (base["quality"] - m["quality"]) / base["quality"] <= 0.01
         assert m["size_bytes"] < 0.6 * base["size_bytes"]
+    compiled = variants["torch:quantize.fp16 -> compile.inductor"]
+    assert json.loads((Path(compiled["path"]) / "serving.json").read_text()) == {"compile": {"mode": "reduce-overhead"}}
     document = json.loads((config.promoted_path / "digits" / "gpu" / "variant.json").read_text())
     # GPU memory, from torch.cuda.max_memory_allocated: at least the weights.
     assert all(b["peak_memory_bytes"] > 100_000 for b in document["metrics"]["batches"])
+
+
+def test_cuda_graphs_are_skipped_on_a_cpu_target(tmp_path):
+    from modelkiln.errors import StepNotApplicable
+    from modelkiln.plugins.api import TORCH, ModelHandle, StepContext
+    from modelkiln.plugins.compiler import Inductor
+
+    context = StepContext(tmp_path, "cpu", "torch", "cpu", 2, {})
+    model = ModelHandle(TORCH, object(), [])
+    with pytest.raises(StepNotApplicable, match="uses CUDA graphs; target cpu is cpu"):
+        Inductor().apply(model, {"mode": "reduce-overhead"}, context)
+    compiled = Inductor().apply(model, {"mode": "default"}, context)
+    assert compiled.notes == {"compile": "default"}

@@ -4,32 +4,39 @@ A ``torch.export`` program (``model.pt2``) where export can carry the model, and
 TorchScript archive (``model.pt``) where it cannot (torch.ao quantized modules), so
 serving code needs ``torch.export.load`` or ``torch.jit.load`` and nothing of modelkiln.
 A tensor-parallel variant is one ``torch.export`` program per rank plus ``plan.json``
-(see ``sharded.py``).
+(see ``sharded.py``); a compiled one is the program plus ``serving.json`` naming the
+``torch.compile`` mode to apply once loaded (see ``plugins/compiler.py``).
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import SHARDED, TORCH, Runtime
+from ..plugins.api import SHARDED, TORCH, ModelHandle, Runtime
 from . import devices, sharded
 
 EXPORT_FILE = "model.pt2"
 SCRIPT_FILE = "model.pt"
+# How serving code must load the program, when not just torch.export.load (compile.inductor).
+SERVING_FILE = "serving.json"
 
 
 def example_args(model, batch: int = 2):
+    """Inputs to trace ``model`` with, on the device its module's weights are on."""
     import torch
 
+    weights = next(iter(model.obj.parameters()), None) if isinstance(model.obj, torch.nn.Module) else None
+    device = weights.device if weights is not None else "cpu"
     args = []
     for spec in model.inputs:
         shape = [batch, *spec.shape[1:]]
         if spec.dtype.startswith("int"):
-            args.append(torch.zeros(shape, dtype=getattr(torch, spec.dtype)))
+            args.append(torch.zeros(shape, dtype=getattr(torch, spec.dtype), device=device))
         else:
-            args.append(torch.randn(shape, dtype=getattr(torch, spec.dtype)))
+            args.append(torch.randn(shape, dtype=getattr(torch, spec.dtype), device=device))
     return tuple(args)
 
 
@@ -55,6 +62,10 @@ class TorchRuntime(Runtime):
     def convert(self, model, context):
         if model.form not in (TORCH, SHARDED):
             raise StepNotApplicable(f"an {model.form} model has no PyTorch module to serve with torch")
+        if model.form == TORCH and context.device != "cpu":
+            # Exported where it will run: torch.export pins the device of every cast it
+            # records (``x.to(dtype)``), so a program traced on the CPU fails on a GPU.
+            return ModelHandle(TORCH, model.obj.to(context.device), model.inputs, dict(model.notes))
         return model
 
     def save(self, model, directory):
@@ -69,9 +80,13 @@ class TorchRuntime(Runtime):
                 try:
                     program = torch.export.export(model.obj, args, dynamic_shapes=dynamic_batch(model.obj, args))
                     torch.export.save(program, str(directory / EXPORT_FILE))
+                    if model.notes.get("compile"):
+                        (directory / SERVING_FILE).write_text(json.dumps({"compile": {"mode": model.notes["compile"]}}))
                     return EXPORT_FILE
-                except Exception:
-                    pass  # fall back to TorchScript below
+                except Exception as exc:
+                    if model.notes.get("compile"):
+                        raise StepNotApplicable(f"torch.compile needs a torch.export program: {exc}") from None
+                    # else fall back to TorchScript below
             with torch.inference_mode():
                 traced = torch.jit.trace(model.obj, args, check_trace=False)
             torch.jit.save(traced, str(directory / SCRIPT_FILE))
@@ -90,6 +105,9 @@ class TorchRuntime(Runtime):
             warnings.simplefilter("ignore")
             if file.endswith(".pt2"):
                 module = torch.export.load(str(directory / file)).module().to(device)
+                serving = directory / SERVING_FILE
+                if serving.exists():
+                    module = torch.compile(module, mode=json.loads(serving.read_text())["compile"]["mode"])
             else:
                 module = torch.jit.load(str(directory / file), map_location=device)
                 module.eval()
