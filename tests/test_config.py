@@ -1,6 +1,6 @@
 import pytest
 
-from modelkiln.config import load_config, write_default_config
+from modelkiln.config import TargetConfig, load_config, write_default_config
 from modelkiln.errors import ConfigError
 
 
@@ -14,6 +14,9 @@ def test_init_writes_the_embedded_defaults(tmp_path):
     assert config.promoted_path == tmp_path / "promoted"
     assert list(config.targets) == ["cpu"]
     assert config.targets["cpu"].runtimes == ["onnxruntime", "torch"]
+    # The commented file and the dataclass defaults say the same (a file without the key
+    # gets the dataclass's value).
+    assert config.targets["cpu"] == TargetConfig()
     assert config.policy.max_quality_drop == 0.01
     assert config.registry.quiet_seconds == 2.0
     assert (tmp_path / "models").is_dir()
