@@ -21,6 +21,8 @@ RECIPES = [
     "quantize.int8_dynamic",
     "quantize.int8_static",
     "quantize.bf16",
+    "quantize.weight_only",
+    "quantize.weight_only(bits=8)",
     "prune.structured",
     "prune.structured -> quantize.int8_dynamic",
     "prune.structured -> quantize.int8_static",

@@ -171,3 +171,34 @@ def test_accuracy_aware_quantization_rescues_a_model_with_an_outlier_channel(kil
         assert record["tuning"] == "passed"
         assert 1 <= len(record["kept_in_float"]) < 3  # some layers stay int8
         assert tuned["metrics"]["size_bytes"] < 0.8 * by_name[f"{runtime}:baseline"]["metrics"]["size_bytes"]
+
+
+def test_weight_only_int4_and_int8_on_both_runtimes(kiln_dir, digits_checkpoint):
+    import torch
+
+    from modelkiln.config import load_config
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "quantize.weight_only", "quantize.weight_only(bits=8)", '
+        '"quantize.weight_only(bits=3)"]'))
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    checkpoint = optimize_once(config, digits_checkpoint, "digits")
+    assert checkpoint.status == "done", checkpoint.reason
+    by_name = {v["variant"]: v for v in all_variants(config, "digits")}
+    for runtime in ("onnxruntime", "torch"):
+        base = by_name[f"{runtime}:baseline"]["metrics"]
+        for recipe, bits, smaller in (("quantize.weight_only", 4, 0.3), ("quantize.weight_only(bits=8)", 8, 0.4)):
+            variant = by_name[f"{runtime}:{recipe}"]
+            assert variant["status"] == "succeeded", variant.get("reason")
+            assert variant["lineage"][0]["record"]["bits"] == bits
+            assert (base["quality"] - variant["metrics"]["quality"]) / base["quality"] <= 0.01
+            assert variant["metrics"]["size_bytes"] < smaller * base["size_bytes"]
+        bad = by_name[f"{runtime}:quantize.weight_only(bits=3)"]
+        assert bad["status"] == "skipped" and "bits must be 4 or 8" in bad["reason"]
+    int4 = by_name["onnxruntime:quantize.weight_only"]
+    graph = onnx.load(f"{int4['path']}/{int4['file']}").graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 3  # the Gemms, rewritten then quantized
+    torch_int4 = by_name["torch:quantize.weight_only"]
+    program = torch.export.load(f"{torch_int4['path']}/{torch_int4['file']}")  # plain torch serves it
+    assert any("int4pack" in str(n.target) for n in program.graph.nodes)

@@ -38,6 +38,9 @@ PRELOAD = [
     "modelkiln.plugins.prune",
     "modelkiln.plugins.distill",
     "modelkiln.plugins.shard",
+    "modelkiln.plugins.compiler",
+    "modelkiln.plugins.weight_only",
+    "onnxruntime.quantization.matmul_nbits_quantizer",
     "modelkiln.targets.sharded",
     "torch_pruning",
     "modelkiln.daemon.warm",  # runs one tiny export so that no job pays its first-use cost

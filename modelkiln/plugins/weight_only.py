@@ -1,0 +1,168 @@
+"""Built-in weight-only quantization: int8 or block-wise int4 weights, float activations.
+
+``quantize.weight_only`` stores Linear / MatMul weights in 8 or 4 bits and computes with
+float activations. It pays where reading the weights bounds the time (batch-1 decoding of
+language models, wide layers at small batch) and not where arithmetic does: on this
+project's 2-core AVX2 development host a BERT-base encoder at sequence 128 ran slower
+with 4-bit weights than in fp32 (see BENCHMARKS.md). The measurement decides.
+
+- onnxruntime: ``MatMulNBits`` from onnxruntime's own quantizer, symmetric, one scale per
+  ``block_size`` weights along the input dimension. Gemm nodes with a constant weight
+  (the exporter's form of a Linear on 2-D inputs) are first rewritten into MatMul + Add,
+  which that quantizer takes.
+- torch (cpu): each Linear becomes a module calling PyTorch's packed weight-only kernels:
+  ``_weight_int8pack_mm`` (one scale per output channel) or ``_weight_int4pack_mm_for_cpu``
+  (per-group scale and zero point), which ``torch.export`` carries.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ..errors import StepNotApplicable
+from . import hookimpl
+from .api import ONNX, TORCH, ModelHandle, Param, Step
+
+# Tiles along the input dimension in PyTorch's CPU int4 packing (its kernels' choice);
+# that packing also wants the output width divisible by 16: other layers stay in float.
+_INNER_K_TILES = 2
+
+
+def _gemm_to_matmul(model) -> int:
+    """Rewrite Gemm(A, W, C) with a constant W (alpha = beta = 1, no transposed A) into
+    MatMul(A, W') + Add(C), in place; returns how many were rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    rewritten, nodes = 0, []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in initializers
+                or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = weight.T
+        name = node.name or f"gemm{rewritten}"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), f"{name}_weight_kn"))
+        product = f"{name}_product" if len(node.input) > 2 and node.input[2] else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], f"{name}_weight_kn"], [product], name=f"{name}_MatMul"))
+        if product != node.output[0]:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{name}_Add"))
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return rewritten
+
+
+def _torch_layer_class():
+    import torch
+    import torch.nn as nn
+
+    class WeightOnlyLinear(nn.Module):
+        """A Linear with packed int8 or int4 weights; float32 activations in and out."""
+
+        def __init__(self, linear: nn.Linear, bits: int, block_size: int):
+            super().__init__()
+            weight = linear.weight.detach().float()
+            out_features, in_features = weight.shape
+            self.bits, self.block_size, self.out_features = bits, block_size, out_features
+            if bits == 8:
+                scale = weight.abs().amax(1).clamp(min=1e-12) / 127
+                quantized = torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8)
+                self.register_buffer("packed", quantized)
+                self.register_buffer("scales", scale)
+            else:
+                groups = weight.reshape(out_features, in_features // block_size, block_size)
+                low, high = groups.amin(-1), groups.amax(-1)
+                scale = (high - low).clamp(min=1e-12) / 15
+                levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    levels.to(torch.int32).reshape(out_features, in_features), _INNER_K_TILES)
+                self.register_buffer("packed", packed)
+                # The kernel's convention: weight = (level - 8) * scale + zero.
+                self.register_buffer("scales", torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous())
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+        def forward(self, x):
+            rows = x.reshape(-1, x.shape[-1]).float()
+            if self.bits == 8:
+                out = torch.ops.aten._weight_int8pack_mm(rows, self.packed, self.scales)
+            else:
+                out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.block_size, self.scales)
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*x.shape[:-1], self.out_features)
+
+    return WeightOnlyLinear
+
+
+class WeightOnly(Step):
+    name = "quantize.weight_only"
+    description = "int8 or block-wise int4 weights, float activations (onnxruntime MatMulNBits; torch packed kernels on cpu)"
+    params = (
+        Param("bits", int, 4, "4 or 8"),
+        Param("block_size", int, 32, "weights sharing one scale (int4; onnxruntime int8 too): 16, 32, 64, 128"),
+    )
+    forms = {"onnxruntime": ONNX, "torch": TORCH}
+
+    def apply(self, model, params, context):
+        bits, block = params["bits"], params["block_size"]
+        if bits not in (4, 8):
+            raise StepNotApplicable(f"{self.name}: bits must be 4 or 8, got {bits}")
+        if block not in (16, 32, 64, 128):
+            raise StepNotApplicable(f"{self.name}: block_size must be 16, 32, 64 or 128, got {block}")
+        if model.form == ONNX:
+            return self._onnx(model, bits, block, context)
+        return self._torch(model, bits, block, context)
+
+    def _onnx(self, model, bits, block, context):
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        graph_model = onnx.load(str(model.obj))
+        rewritten = _gemm_to_matmul(graph_model)
+        quantizer = MatMulNBitsQuantizer(graph_model, bits=bits, block_size=block, is_symmetric=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantizer.process()
+        out = context.new_path(f"weight_only/int{bits}/model.onnx")
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+        count = sum(1 for node in quantizer.model.model.graph.node if node.op_type == "MatMulNBits")
+        if count == 0:
+            raise StepNotApplicable("the model has no MatMul or Gemm with a constant weight to quantize")
+        context.record.update(quantized_nodes=count, gemm_rewritten=rewritten, bits=bits, block_size=block)
+        return ModelHandle(ONNX, out, model.inputs, dict(model.notes))
+
+    def _torch(self, model, bits, block, context):
+        import copy
+
+        import torch
+
+        if context.device != "cpu":
+            raise StepNotApplicable(f"{self.name}: the torch kernels used here run on cpu; target "
+                                    f"{context.target} is {context.device}")
+        layer_class = _torch_layer_class()
+        module = copy.deepcopy(model.obj)
+        names = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+                 and m.weight.dtype == torch.float32
+                 and (bits == 8 or (m.in_features % block == 0 and m.out_features % 16 == 0))]
+        for name in names:
+            module.set_submodule(name, layer_class(module.get_submodule(name), bits, block))
+        if not names:
+            raise StepNotApplicable(f"the model has no float32 Linear layer this kernel takes "
+                                    f"(int4 needs input widths divisible by block_size = {block} and "
+                                    "output widths by 16)")
+        context.record.update(quantized_layers=len(names), bits=bits, block_size=block)
+        return ModelHandle(TORCH, module.eval(), model.inputs, dict(model.notes))
+
+
+@hookimpl
+def kiln_steps():
+    return [WeightOnly()]
