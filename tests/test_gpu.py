@@ -108,3 +108,17 @@ def test_cuda_graphs_are_skipped_on_a_cpu_target(tmp_path):
         Inductor().apply(model, {"mode": "reduce-overhead"}, context)
     compiled = Inductor().apply(model, {"mode": "default"}, context)
     assert compiled.notes == {"compile": "default"}
+
+
+@needs_gpu
+def test_a_causal_lm_decodes_on_the_gpu(kiln_dir, tmp_path):
+    from test_decoding import check_decoding
+
+    from modelkiln.config import load_config
+
+    text = (kiln_dir / "kiln.toml").read_text()
+    cpu = text[text.index("[targets.cpu]"):text.index("[policy]")]
+    gpu = GPU_TARGET.strip().replace('"quantize.fp16", ', "").replace("quantize.fp16 -> ", "quantize.bf16 -> ")
+    (kiln_dir / "kiln.toml").write_text(text.replace(cpu, gpu + "\n\n"))
+    variants = check_decoding(load_config(kiln_dir / "kiln.toml"), tmp_path, "cuda")
+    assert {v["recipe"] for v in variants} == {"baseline", "quantize.bf16", "quantize.bf16 -> compile.inductor"}

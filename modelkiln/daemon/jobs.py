@@ -169,6 +169,7 @@ class JobBook:
                 "size_bytes": measured["size_bytes"],
                 "batches": measured["measurements"],
                 "checks": measured.get("checks", {}),
+                "decode": measured.get("decode"),
             },
             "timings": {**built["timings"], **measured["timings"]},
         }

@@ -280,10 +280,13 @@ def measure_variant(spec: dict) -> dict:
         timing["throughput_per_s"] = batch_size * 1000.0 / timing["latency_p50_ms"]
         timing.setdefault("peak_memory_bytes", max(0, harness.peak_rss_bytes() - rss_before))
         measurements.append(timing)
+    decode = run.time_decoding() if hasattr(run, "time_decoding") else None
     return {
         "status": "measured",
         # What the runtime checked while loading (e.g. a sharded variant's equality check).
         "checks": getattr(run, "details", {}),
+        # A causal language model's prefill and per-token decode latency, where measured.
+        "decode": decode,
         "quality_metric": metric,
         "quality": quality,
         "baseline_quality": inspected["baseline_quality"],

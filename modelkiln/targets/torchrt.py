@@ -16,11 +16,12 @@ import warnings
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import SHARDED, TORCH, ModelHandle, Runtime
-from . import devices, sharded
+from . import decoding, devices, sharded
 
 EXPORT_FILE = "model.pt2"
 SCRIPT_FILE = "model.pt"
-# How serving code must load the program, when not just torch.export.load (compile.inductor).
+# How serving code must load the program when not just torch.export.load: the
+# compile.inductor mode, and a causal LM's static-cache decoding program.
 SERVING_FILE = "serving.json"
 
 
@@ -79,18 +80,39 @@ class TorchRuntime(Runtime):
             if model.notes.get("serialize") != "torchscript":
                 try:
                     program = torch.export.export(model.obj, args, dynamic_shapes=dynamic_batch(model.obj, args))
-                    torch.export.save(program, str(directory / EXPORT_FILE))
-                    if model.notes.get("compile"):
-                        (directory / SERVING_FILE).write_text(json.dumps({"compile": {"mode": model.notes["compile"]}}))
-                    return EXPORT_FILE
                 except Exception as exc:
                     if model.notes.get("compile"):
                         raise StepNotApplicable(f"torch.compile needs a torch.export program: {exc}") from None
-                    # else fall back to TorchScript below
+                else:
+                    torch.export.save(program, str(directory / EXPORT_FILE))
+                    serving = self._serving(model, directory)
+                    if serving:
+                        (directory / SERVING_FILE).write_text(json.dumps(serving, indent=2))
+                    return EXPORT_FILE
+                # fall back to TorchScript below
             with torch.inference_mode():
                 traced = torch.jit.trace(model.obj, args, check_trace=False)
             torch.jit.save(traced, str(directory / SCRIPT_FILE))
         return SCRIPT_FILE
+
+    @staticmethod
+    def _serving(model, directory) -> dict:
+        """What serving code needs besides the program: the compile mode, and for a causal
+        language model the static-cache decoding program (or why there is none)."""
+        import torch
+
+        serving = {}
+        if model.notes.get("compile"):
+            serving["compile"] = {"mode": model.notes["compile"]}
+        lm = decoding.find_causal_lm(model.obj)
+        if lm is not None:
+            try:
+                torch.export.save(decoding.export_decoder(lm), str(directory / decoding.DECODE_FILE))
+                serving["decode"] = {"file": decoding.DECODE_FILE, "vocab_size": int(lm.config.vocab_size),
+                                     "max_cache_len": decoding.PROMPT_TOKENS + decoding.NEW_TOKENS}
+            except Exception as exc:  # the forward program still serves; decoding is not measured
+                serving["decode"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        return serving
 
     def unavailable_reason(self, device):
         return devices.unavailable_reason(device)
@@ -105,9 +127,15 @@ class TorchRuntime(Runtime):
             warnings.simplefilter("ignore")
             if file.endswith(".pt2"):
                 module = torch.export.load(str(directory / file)).module().to(device)
-                serving = directory / SERVING_FILE
-                if serving.exists():
-                    module = torch.compile(module, mode=json.loads(serving.read_text())["compile"]["mode"])
+                serving = json.loads((directory / SERVING_FILE).read_text()) if (directory / SERVING_FILE).exists() else {}
+                if "compile" in serving:
+                    module = torch.compile(module, mode=serving["compile"]["mode"])
+                decode = serving.get("decode", {})
+                if "file" in decode:
+                    decoder = torch.export.load(str(directory / decode["file"])).module().to(device)
+                    if "compile" in serving:
+                        decoder = torch.compile(decoder, mode=serving["compile"]["mode"])
+                    return Serving(module, device, decoder, decode["vocab_size"])
             else:
                 module = torch.jit.load(str(directory / file), map_location=device)
                 module.eval()
@@ -118,12 +146,15 @@ class Serving:
     """An artifact loaded for ``device``: numpy in, numpy out, as a caller sees it; on a
     GPU it times itself on the device (inputs already there) with CUDA events."""
 
-    def __init__(self, module, device: str):
+    def __init__(self, module, device: str, decoder=None, vocab_size: int = 0):
         self.module = module
         self.device = device
         if device.startswith("cuda"):
             # On the CPU the harness's wall clock is right; a GPU needs its own events.
             self.time_runs = self._time_cuda
+        if decoder is not None:
+            # A causal language model: prefill and per-token decode with its KV cache.
+            self.time_decoding = lambda: decoding.time_decoding(decoder, vocab_size, device)
 
     def _tensors(self, inputs: dict):
         import torch

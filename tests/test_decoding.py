@@ -1,0 +1,54 @@
+"""Causal language models: prefill and per-token decode through a static KV cache."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from helpers import optimize_once
+from test_pipeline import all_variants
+
+RECIPES = 'recipes = ["baseline", "quantize.int8_dynamic"]'
+
+
+def test_a_causal_lm_is_measured_by_prefill_and_decode(kiln_dir, tmp_path):
+    from modelkiln.config import load_config
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, 'recipes = ["baseline", "quantize.bf16"]').replace(
+        'runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]')
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    check_decoding(config, tmp_path, "cpu")
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)).eval()
+
+
+def check_decoding(config, tmp_path, device):
+    """A tiny Llama through the pipeline: every variant has decode figures, and the
+    baseline's greedy tokens are those of transformers' own generate on ``device``."""
+    from modelkiln.targets.decoding import NEW_TOKENS, PROMPT_TOKENS, prompt_ids
+
+    model = tiny_llama()
+    folder = tmp_path / "llm"
+    model.save_pretrained(str(folder), safe_serialization=True)
+    checkpoint = optimize_once(config, folder, "llm", timeout=300)
+    assert checkpoint.status == "done", checkpoint.reason
+    variants = all_variants(config, "llm")
+    assert {v["status"] for v in variants} == {"succeeded"}, {v["variant"]: v.get("reason") for v in variants}
+    for variant in variants:
+        decode = json.loads((Path(variant["path"]) / "variant.json").read_text())["metrics"]["decode"]
+        assert (decode["prompt_tokens"], decode["new_tokens"]) == (PROMPT_TOKENS, NEW_TOKENS)
+        assert decode["prefill_ms"] > 0 and 0 < decode["decode_ms_per_token"] <= decode["decode_p95_ms"]
+        if variant["recipe"] == "baseline":
+            prompt = torch.from_numpy(prompt_ids(256)).to(device)
+            expected = model.to(device).generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                                 do_sample=False)[0, PROMPT_TOKENS:].tolist()
+            assert decode["tokens"] == expected
+    return variants
