@@ -210,18 +210,26 @@ def _print_variants(config, model, as_json):
     if not variants:
         click.echo(f"no variants of model {model!r} yet")
         return
+    from .targets.decoding import PROMPT_TOKENS
+
+    # Causal language models get their decoding figures as two more columns.
+    decoding = any((v.get("metrics") or {}).get("decode") for v in variants)
     rows = []
     for v in variants:
         m = v.get("metrics") or {}
+        decode = m.get("decode") or {}
         rows.append([
             "*" if v["id"] in promoted else "", v["version"], v["target"], v["variant"],
             (v["parent"] or "").split(":", 1)[-1], v["status"],
-            _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")), _fmt_size(m.get("size_bytes")),
+            _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")),
+            *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token"))] if decoding else []),
+            _fmt_size(m.get("size_bytes")),
             (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}", v.get("reason") or "",
         ])
-    click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms", "size",
-                            "quality (delta)", "reason"]))
-    click.echo("\n* promoted. Latency at the smallest batch size measured.")
+    click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
+                            *(["prefill ms", "ms/token"] if decoding else []), "size", "quality (delta)", "reason"]))
+    click.echo("\n* promoted. Latency at the smallest batch size measured"
+               + (f"; prefill of a {PROMPT_TOKENS}-token prompt and per-token decode at batch 1." if decoding else "."))
 
 
 @main.command()

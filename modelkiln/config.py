@@ -232,6 +232,11 @@ def _validate(config: Config, file: Path) -> None:
             f"{file}: 'policy.objective_batch_size' = {config.policy.objective_batch_size} "
             "is not measured by any target: add it to the targets' batch_sizes"
         )
+    from .policy import OBJECTIVES
+
+    if config.policy.objective not in OBJECTIVES:
+        raise ConfigError(f"{file}: 'policy.objective' must be one of {', '.join(OBJECTIVES)}, "
+                          f"got {config.policy.objective!r}")
     if not 0 <= config.policy.max_quality_drop < 1:
         raise ConfigError(f"{file}: 'policy.max_quality_drop' must be in [0, 1)")
     for name, arch in config.architectures.items():
@@ -340,7 +345,9 @@ recipes = [
 
 [policy]
 # Promote the variant with the lowest p50 latency at this batch size among those whose
-# quality is at most max_quality_drop (relative) below the baseline's.
+# quality is at most max_quality_drop (relative) below the baseline's. Objectives:
+# latency_p50_ms, latency_p95_ms; for causal language models also decode_ms_per_token
+# and prefill_ms (batch 1, 32-token prompt).
 max_quality_drop = 0.01
 objective = "latency_p50_ms"
 objective_batch_size = 1

@@ -2,8 +2,9 @@
 
 A candidate is a variant as ``kiln variants --json`` prints it. It is eligible when its
 quality is at most ``max_quality_drop`` (relative) below its baseline; among eligible
-candidates the lowest objective wins (p50 latency at the configured batch size), ties
-going to the smaller artifact. The baseline competes like any other variant.
+candidates the lowest objective wins (p50 latency at the configured batch size, or for
+causal language models the per-token decode or prefill latency), ties going to the
+smaller artifact. The baseline competes like any other variant.
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ def within_tolerance(candidate: dict, policy: PolicyConfig) -> bool:
     return relative_drop(quality, baseline) <= policy.max_quality_drop + _EPSILON
 
 
+# Objectives read from the decode figures of causal language models (batch 1).
+DECODE_OBJECTIVES = ("decode_ms_per_token", "prefill_ms")
+OBJECTIVES = ("latency_p50_ms", "latency_p95_ms", *DECODE_OBJECTIVES)
+
+
 def objective_value(candidate: dict, policy: PolicyConfig) -> float | None:
-    for row in (candidate.get("metrics") or {}).get("batches", []):
+    metrics = candidate.get("metrics") or {}
+    if policy.objective in DECODE_OBJECTIVES:
+        return (metrics.get("decode") or {}).get(policy.objective)
+    for row in metrics.get("batches", []):
         if row["batch_size"] == policy.objective_batch_size:
             return row.get(policy.objective)
     return None

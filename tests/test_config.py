@@ -88,3 +88,10 @@ def test_the_example_config_is_what_init_writes(tmp_path):
 
     example = Path(__file__).parent.parent / "examples" / "kiln.toml"
     assert example.read_text() == write_default_config(tmp_path).read_text()
+
+
+def test_an_unknown_objective_is_named(tmp_path):
+    path = write_default_config(tmp_path)
+    path.write_text(path.read_text().replace('objective = "latency_p50_ms"', 'objective = "speed"'))
+    with pytest.raises(ConfigError, match="'policy.objective' must be one of latency_p50_ms.*decode_ms_per_token"):
+        load_config(path)

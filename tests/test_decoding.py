@@ -1,6 +1,8 @@
 """Causal language models: prefill and per-token decode through a static KV cache."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +21,9 @@ def test_a_causal_lm_is_measured_by_prefill_and_decode(kiln_dir, tmp_path):
     (kiln_dir / "kiln.toml").write_text(text)
     config = load_config(kiln_dir / "kiln.toml")
     check_decoding(config, tmp_path, "cpu")
+    out = subprocess.run([sys.executable, "-m", "modelkiln", "variants", "llm", "--config", str(kiln_dir / "kiln.toml")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "ms/token" in out and "prefill of a 32-token prompt" in out
 
 
 def tiny_llama():
@@ -46,6 +51,7 @@ def check_decoding(config, tmp_path, device):
         decode = json.loads((Path(variant["path"]) / "variant.json").read_text())["metrics"]["decode"]
         assert (decode["prompt_tokens"], decode["new_tokens"]) == (PROMPT_TOKENS, NEW_TOKENS)
         assert decode["prefill_ms"] > 0 and 0 < decode["decode_ms_per_token"] <= decode["decode_p95_ms"]
+        assert variant["metrics"]["decode"] == decode  # the catalogue has them too (policy objectives)
         if variant["recipe"] == "baseline":
             prompt = torch.from_numpy(prompt_ids(256)).to(device)
             expected = model.to(device).generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,

@@ -29,3 +29,15 @@ def test_nothing_eligible_means_no_choice():
 
 def test_ties_go_to_the_smaller_artifact():
     assert choose([candidate("a", 2, 1, size=10), candidate("b", 2, 1, size=5)], PolicyConfig())["id"] == "b"
+
+
+def test_a_decode_objective_ranks_causal_lms_by_per_token_latency():
+    policy = PolicyConfig(objective="decode_ms_per_token")
+
+    def lm(name, forward_ms, per_token_ms):
+        c = candidate(name, forward_ms, 1.0)
+        c["metrics"]["decode"] = {"decode_ms_per_token": per_token_ms, "prefill_ms": 2 * per_token_ms}
+        return c
+
+    chosen = choose([lm("eager", 1.0, 5.0), lm("compiled", 3.0, 0.3), candidate("no-decode", 0.1, 1.0)], policy)
+    assert chosen["id"] == "compiled"  # slower forward pass, faster decoding; no figures, not eligible

@@ -188,5 +188,6 @@ class JobBook:
         variant.quality_delta = metrics["quality_delta"]
         variant.lineage = document["lineage"]
         variant.timings = document["timings"]
+        variant.decode = metrics.get("decode")
         variant.finished_at = utcnow()
         queries.replace_measurements(session, variant, metrics["batches"])

@@ -81,6 +81,9 @@ class Variant(Base):
     lineage: Mapped[list | None] = mapped_column(JSON)
     # Seconds spent loading/converting, inside plugin steps, and measuring.
     timings: Mapped[dict | None] = mapped_column(JSON)
+    # A causal language model's prefill and per-token decode latency (batch 1, static
+    # KV cache), or None: see targets/decoding.py.
+    decode: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
