@@ -305,6 +305,7 @@ lease_seconds = 60.0
 max_attempts = 3
 # Address-space limit of each worker process in MiB (0: none). A job that needs more
 # fails with "out of memory" instead of pushing the host into swap or the OOM killer.
+# Applies to cpu targets: CUDA maps far more address space than it uses.
 memory_limit_mb = 0
 
 [measure]

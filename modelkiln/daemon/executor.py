@@ -153,7 +153,7 @@ class Executor:
             chosen.conn.send(request)
         except (OSError, EOFError):  # the spare died while it waited
             self._discard(chosen)
-            chosen = self._fork()
+            chosen = self._spawn() if on_gpu else self._fork()
             chosen.conn.send(request)
         running.worker = chosen
         self._watch_worker(chosen)

@@ -79,7 +79,9 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
-    if memory_limit_mb:
+    # An address-space limit cannot apply to GPU work: CUDA maps far more address space
+    # than memory it uses, and a spawned worker has not mapped torch yet.
+    if memory_limit_mb and spec.get("target", {}).get("device", "cpu") == "cpu":
         import resource
 
         # On top of what the process maps already (torch and friends, shared with the

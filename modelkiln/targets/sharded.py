@@ -51,6 +51,7 @@ def save(model, directory: Path) -> str:
     """Export every rank's module of a SHARDED ``model``, write the plan; return its name."""
     import torch
 
+    from ..plugins.shard import WORLD_GROUP
     from .torchrt import dynamic_batch, example_args
 
     sharded = model.obj
@@ -73,7 +74,7 @@ def save(model, directory: Path) -> str:
     plan = {
         "format": PLAN_FORMAT,
         "ranks": ranks,
-        "group": "0",
+        "group": WORLD_GROUP,
         "files": files,
         "inputs": [i.name for i in model.inputs],
         "splits": [s.as_dict() for s in sharded.splits],
