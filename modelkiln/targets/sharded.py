@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StepNotApplicable
+from ..plugins.api import TORCH, ModelHandle
 
 PLAN_FILE = "plan.json"
 CHECK_FILE = "check.npz"
@@ -57,8 +58,8 @@ def save(model, directory: Path) -> str:
     sharded = model.obj
     ranks = len(sharded.ranks)
     files = []
-    args = example_args(model)
     for rank, module in enumerate(sharded.ranks):
+        args = example_args(ModelHandle(TORCH, module, model.inputs))  # on the rank's device
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

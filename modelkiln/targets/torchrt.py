@@ -63,10 +63,14 @@ class TorchRuntime(Runtime):
     def convert(self, model, context):
         if model.form not in (TORCH, SHARDED):
             raise StepNotApplicable(f"an {model.form} model has no PyTorch module to serve with torch")
-        if model.form == TORCH and context.device != "cpu":
-            # Exported where it will run: torch.export pins the device of every cast it
-            # records (``x.to(dtype)``), so a program traced on the CPU fails on a GPU.
+        if context.device == "cpu":
+            return model
+        # Exported where it will run: torch.export pins the device of every cast it
+        # records (``x.to(dtype)``), so a program traced on the CPU fails on a GPU.
+        if model.form == TORCH:
             return ModelHandle(TORCH, model.obj.to(context.device), model.inputs, dict(model.notes))
+        for rank, module in enumerate(model.obj.ranks):  # rank r serves on cuda:r
+            model.obj.ranks[rank] = module.to(f"cuda:{rank}")
         return model
 
     def save(self, model, directory):
