@@ -46,12 +46,13 @@ class Catalog:
         """None when this host can serve ``target`` (a TargetConfig), else why not."""
         from ..targets.devices import unavailable_reason as device_reason
 
+        # Whether the hardware is here (once per target), then whether each runtime serves it.
         reasons = [device_reason(target.device, getattr(target, "devices", 1))]
         for name in target.runtimes:
             runtime = self.runtimes.get(name)
             reasons.append(f"runtime {name} is not installed" if runtime is None
                            else runtime.unavailable_reason(target.device))
-        return "; ".join(dict.fromkeys(r for r in reasons if r)) or None
+        return "; ".join(r for r in reasons if r) or None
 
 
 def _wanted(name: str, enabled, disabled) -> bool:

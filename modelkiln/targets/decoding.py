@@ -16,10 +16,11 @@ mask hides whatever a previous sequence left beyond the current position.
 from __future__ import annotations
 
 import sys
-import time
 import warnings
 
 import numpy as np
+
+from .harness import stopwatch
 
 DECODE_FILE = "decode.pt2"
 PROMPT_TOKENS = 32
@@ -64,35 +65,13 @@ def export_decoder(model, max_cache_len: int = PROMPT_TOKENS + NEW_TOKENS):
         )
 
 
-def _clock(device: str):
-    """``(start, stop)`` where ``stop()`` returns the milliseconds since ``start()``; GPU
-    work is timed between CUDA events and waited for."""
-    if device.startswith("cuda"):
-        import torch
-
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def stop() -> float:
-            end.record()
-            end.synchronize()
-            return begin.elapsed_time(end)
-
-        return begin.record, stop
-    marks = []
-
-    def start() -> None:
-        marks[:] = [time.perf_counter()]
-
-    return start, lambda: (time.perf_counter() - marks[0]) * 1000
-
-
 def time_decoding(program, vocab_size: int, device: str, rounds: int = ROUNDS) -> dict:
     """Prefill of the seeded prompt, then greedy decoding of NEW_TOKENS, ``rounds`` times
     after one warm-up round; medians, and the tokens generated (the same every round)."""
     import torch
 
     prompt = torch.from_numpy(prompt_ids(vocab_size)).to(device)
-    start, stop = _clock(device)
+    start, stop = stopwatch(device)
     prefills, steps, tokens = [], [], []
     with torch.inference_mode():
         for round_ in range(rounds + 1):

@@ -26,46 +26,59 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def time_runs(run, inputs, *, warmup_runs: int, min_runs: int, stability: float, max_seconds: float,
-              min_seconds: float = 0.0) -> dict:
+def time_runs(run, inputs, **settings) -> dict:
     """Wall-clock latency of ``run(inputs)``, each run timed on its own."""
+    return time_calls(lambda: run(inputs), "cpu", **settings)
+
+
+def time_calls(call, device: str, *, warmup_runs: int, min_runs: int, stability: float, max_seconds: float,
+               min_seconds: float = 0.0) -> dict:
+    """Latency of ``call()`` on ``device``. On a GPU (inputs already there) it is timed
+    between CUDA events and the peak of GPU memory allocated while it ran is recorded;
+    each run is waited for before the next starts: at batch 1 a caller waits for its
+    answer, so queued work must not hide in the next run's time."""
+    start, stop = stopwatch(device)
 
     def once() -> float:
-        start = time.perf_counter_ns()
-        run(inputs)
-        return (time.perf_counter_ns() - start) / 1e6
-
-    for _ in range(warmup_runs):
-        run(inputs)
-    return _windows(once, min_runs=min_runs, stability=stability, max_seconds=max_seconds,
-                    min_seconds=min_seconds)
-
-
-def time_cuda_runs(call, *, warmup_runs: int, min_runs: int, stability: float, max_seconds: float,
-                   min_seconds: float = 0.0) -> dict:
-    """GPU latency of ``call()`` (inputs already on the device) between CUDA events, with
-    the peak of GPU memory allocated while it ran. Each run is waited for before the
-    next starts: at batch 1 a caller waits for its answer, so queued work must not hide
-    in the next run's time."""
-    import torch
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def once() -> float:
-        start.record()
+        start()
         call()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
+        return stop()
 
     for _ in range(warmup_runs):
         call()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     result = _windows(once, min_runs=min_runs, stability=stability, max_seconds=max_seconds,
                       min_seconds=min_seconds)
-    result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    if on_gpu:
+        result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
     return result
+
+
+def stopwatch(device: str):
+    """``(start, stop)``: ``stop()`` returns the milliseconds since ``start()``. On a GPU
+    the time is between CUDA events and the work is waited for."""
+    if device.startswith("cuda"):
+        import torch
+
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def stop() -> float:
+            end.record()
+            end.synchronize()
+            return begin.elapsed_time(end)
+
+        return begin.record, stop
+    marks = [0]
+
+    def start() -> None:
+        marks[0] = time.perf_counter_ns()
+
+    return start, lambda: (time.perf_counter_ns() - marks[0]) / 1e6
 
 
 def _windows(once, *, min_runs: int, stability: float, max_seconds: float, min_seconds: float) -> dict:

@@ -16,7 +16,7 @@ import warnings
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import SHARDED, TORCH, ModelHandle, Runtime
-from . import decoding, devices, sharded
+from . import decoding, sharded
 
 EXPORT_FILE = "model.pt2"
 SCRIPT_FILE = "model.pt"
@@ -118,9 +118,6 @@ class TorchRuntime(Runtime):
                 serving["decode"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         return serving
 
-    def unavailable_reason(self, device):
-        return devices.unavailable_reason(device)
-
     def load(self, directory, file, device, threads):
         import torch
 
@@ -175,7 +172,7 @@ class Serving:
     def _time_cuda(self, inputs: dict, **settings) -> dict:
         import torch
 
-        from .harness import time_cuda_runs
+        from .harness import time_calls
 
         tensors = self._tensors(inputs)
 
@@ -183,7 +180,7 @@ class Serving:
             with torch.inference_mode():
                 self.module(*tensors)
 
-        return time_cuda_runs(call, **settings)
+        return time_calls(call, self.device, **settings)
 
 
 @hookimpl
