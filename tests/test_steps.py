@@ -155,7 +155,8 @@ def test_accuracy_aware_quantization_rescues_a_model_with_an_outlier_channel(kil
     folder = tmp_path / "outlier"
     write_checkpoint(model, x_outlier, y_eval, folder)
     text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
-        'recipes = ["baseline", "quantize.int8_dynamic(tune=False)", "quantize.int8_dynamic"]'))
+        'recipes = ["baseline", "quantize.int8_dynamic(tune=False)", "quantize.int8_dynamic", '
+        '"quantize.smooth -> quantize.int8_dynamic(tune=False)"]'))
     (kiln_dir / "kiln.toml").write_text(text)
     config = load_config(kiln_dir / "kiln.toml")
     checkpoint = optimize_once(config, folder, "digits")
@@ -171,6 +172,11 @@ def test_accuracy_aware_quantization_rescues_a_model_with_an_outlier_channel(kil
         assert record["tuning"] == "passed"
         assert 1 <= len(record["kept_in_float"]) < 3  # some layers stay int8
         assert tuned["metrics"]["size_bytes"] < 0.8 * by_name[f"{runtime}:baseline"]["metrics"]["size_bytes"]
+        # Smoothing moves the outlier into the weights: every layer int8, no tuning needed.
+        smoothed = by_name[f"{runtime}:quantize.smooth -> quantize.int8_dynamic(tune=False)"]
+        assert smoothed["status"] == "succeeded", smoothed.get("reason")
+        assert within_tolerance(smoothed, config.policy), smoothed["metrics"]
+        assert smoothed["lineage"][0]["record"]["smoothed_layers"] == 3
 
 
 def test_weight_only_int4_and_int8_on_both_runtimes(kiln_dir, digits_checkpoint):

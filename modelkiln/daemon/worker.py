@@ -40,6 +40,7 @@ PRELOAD = [
     "modelkiln.plugins.shard",
     "modelkiln.plugins.compiler",
     "modelkiln.plugins.weight_only",
+    "modelkiln.plugins.smooth",
     "onnxruntime.quantization.matmul_nbits_quantizer",
     "modelkiln.targets.sharded",
     "torch_pruning",
