@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import optimize, print_table, recipes_config  # noqa: E402
+from common import interleaved, optimize, print_table, recipes_config  # noqa: E402
 
 SEQ = 128
 RECIPES = [
@@ -28,23 +28,6 @@ RECIPES = [
     "quantize.int8_static",
 ]
 ROUNDS, RUNS = 7, 8
-
-
-def interleaved(runs: dict, inputs: dict) -> dict:
-    """Median ms per callable, measured in alternating rounds."""
-    import numpy as np
-
-    times = {name: [] for name in runs}
-    for run in runs.values():
-        for _ in range(3):
-            run(inputs)
-    for _ in range(ROUNDS):
-        for name, run in runs.items():
-            for _ in range(RUNS):
-                start = time.perf_counter()
-                run(inputs)
-                times[name].append((time.perf_counter() - start) * 1000)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main():
@@ -82,7 +65,7 @@ def main():
     runtime = build_catalog().runtimes[best["runtime"]]
     served = runtime.load(Path(best["path"]), best["file"], "cpu", 2)
     one = {"input_ids": ids[:1]}
-    medians = interleaved({"eager": eager, "promoted": served}, one)
+    medians = interleaved({"eager": lambda: eager(one), "promoted": lambda: served(one)}, "cpu", ROUNDS, RUNS)
     check = {"input_ids": ids[:16]}
     a, b = eager(check).ravel(), np.asarray(served(check)).ravel()
     cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_bert import SEQ  # noqa: E402
-from common import optimize, print_table, recipes_config  # noqa: E402
+from common import interleaved, optimize, print_table, recipes_config  # noqa: E402
 
 BATCH = 32
 ROUNDS, RUNS = 5, 10
@@ -44,27 +44,6 @@ def bandwidth_gb_s() -> float:
     del source, target
     torch.cuda.empty_cache()
     return 2 * 2 * 2**30 / seconds / 1e9
-
-
-def cuda_interleaved(calls: dict) -> dict:
-    import numpy as np
-    import torch
-
-    times = {name: [] for name in calls}
-    for call in calls.values():
-        for _ in range(3):
-            call()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(ROUNDS):
-        for name, call in calls.items():
-            for _ in range(RUNS):
-                start.record()
-                call()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end))
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main():
@@ -106,7 +85,7 @@ def main():
         with torch.inference_mode():
             served.module(batch)
 
-    alone = cuda_interleaved({"promoted": promoted_call})["promoted"]
+    alone = interleaved({"promoted": promoted_call}, "cuda", ROUNDS, RUNS)["promoted"]
     eager = BertModel.from_pretrained(str(staged)).eval().cuda()
     half = BertModel.from_pretrained(str(staged), torch_dtype=torch.float16).eval().cuda()
     peer = torch.compile(BertModel.from_pretrained(str(staged), torch_dtype=torch.bfloat16).eval().cuda())
@@ -117,8 +96,8 @@ def main():
                 module(input_ids=batch, attention_mask=mask)
         return call
 
-    medians = cuda_interleaved({"fp32 eager": run(eager), "fp16 eager": run(half),
-                                "bf16 torch.compile (peer)": run(peer), "promoted": promoted_call})
+    medians = interleaved({"fp32 eager": run(eager), "fp16 eager": run(half),
+                                "bf16 torch.compile (peer)": run(peer), "promoted": promoted_call}, "cuda", ROUNDS, RUNS)
     medians["promoted, timed before the others were loaded"] = alone
     rows = [[v["variant"], v["status"], f"{v['metrics']['latency_p50_ms']:.2f}" if v.get("metrics") else "",
              f"{v['metrics']['quality']:.4f}" if v.get("metrics") else v.get("reason", "")[:60],

@@ -82,6 +82,28 @@ def optimize(config, checkpoint_dir: Path, model: str) -> tuple[list[dict], set[
     return variants, promoted
 
 
+def interleaved(calls: dict, device: str = "cpu", rounds: int = 7, runs: int = 8) -> dict:
+    """Median ms per callable, measured in alternating rounds so that every callable sees
+    the same machine; timed as the daemon times (``harness.stopwatch``: CUDA events on a
+    GPU, each run waited for)."""
+    import numpy as np
+
+    from modelkiln.targets.harness import stopwatch
+
+    start, stop = stopwatch(device)
+    times = {name: [] for name in calls}
+    for call in calls.values():
+        for _ in range(3):
+            call()
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for _ in range(runs):
+                start()
+                call()
+                times[name].append(stop())
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def print_table(title: str, rows: list[list], headers: list[str]) -> None:
     from modelkiln.cli import table
 
