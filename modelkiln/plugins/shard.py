@@ -22,7 +22,7 @@ kept from here (``targets/sharded.py``).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import StepNotApplicable
 from . import hookimpl
@@ -54,7 +54,6 @@ class ShardedModel:
     check_outputs: object  # the unsharded model's outputs on them
     replicated_parameters: int = 0
     split_parameters: int = 0
-    notes: dict = field(default_factory=dict)
 
 
 def _elementwise_ops():
