@@ -26,11 +26,34 @@ CONFIG_ENV = "KILN_CONFIG"
 
 
 @dataclass
+class MlflowConfig:
+    """The MLflow Model Registry as the source of checkpoints (``registry.kind = "mlflow"``)."""
+
+    tracking_uri: str = ""
+    # Where registered models live; empty: the tracking server's.
+    registry_uri: str = ""
+    # Registered models to follow by name, and/or an MLflow search filter over
+    # registered models (e.g. "name LIKE 'prod-%'"). Both empty: every registered model.
+    models: list[str] = field(default_factory=list)
+    filter: str = ""
+    poll_seconds: float = 60.0
+    # On promotion: this alias (with {target}) is set on the source model's version, the
+    # variant is registered as a version of the derived model, and the measurements of
+    # every variant are logged as one run (with a child run per variant) in the experiment.
+    alias: str = "kiln-{target}"
+    derived_model: str = "{model}-kiln-{target}"
+    experiment: str = "modelkiln"
+
+
+@dataclass
 class RegistryConfig:
     kind: str = "directory"
+    # The directory registry's folder; for the mlflow registry, the local cache that
+    # model versions are downloaded into.
     path: Path = Path("models")
     quiet_seconds: float = 2.0
     rescan_seconds: float = 60.0
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass
@@ -214,6 +237,16 @@ def _build(cls, data: dict, prefix: str, file: Path):
 
 
 def _validate(config: Config, file: Path) -> None:
+    if config.registry.kind == "mlflow" and not config.registry.mlflow.tracking_uri:
+        raise ConfigError(f"{file}: registry.kind is \"mlflow\" but 'registry.mlflow.tracking_uri' is empty: "
+                          "set it to the tracking server's URL, e.g. \"http://127.0.0.1:5000\"")
+    for key in ("alias", "derived_model"):
+        text = getattr(config.registry.mlflow, key)
+        try:
+            text.format(model="m", target="t")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"{file}: 'registry.mlflow.{key}' = {text!r} may only use {{model}} and "
+                              "{target}") from None
     if config.workers.count < 1:
         raise ConfigError(f"{file}: 'workers.count' must be at least 1")
     if not config.targets:
@@ -285,6 +318,24 @@ path = "models"
 quiet_seconds = 2.0
 # The reconcile scan that finds whatever file-system events missed.
 rescan_seconds = 60.0
+
+# With kind = "mlflow", checkpoints come from an MLflow Model Registry instead: new
+# model versions are found by polling, downloaded into `path` (a local cache), and
+# processed like folders (same hashing, same trust rules).
+[registry.mlflow]
+tracking_uri = ""
+# Empty: the tracking server's registry.
+registry_uri = ""
+# Registered models to follow, and/or a search filter ("name LIKE 'prod-%'").
+# Both empty: every registered model.
+models = []
+filter = ""
+poll_seconds = 60.0
+# What a promotion writes back: this alias on the source version, a version of the
+# derived registered model holding the variant, and a run with every variant's metrics.
+alias = "kiln-{target}"
+derived_model = "{model}-kiln-{target}"
+experiment = "modelkiln"
 
 [store]
 # A SQLite file (WAL mode) or any SQLAlchemy URL.

@@ -1,17 +1,22 @@
-"""Timed work on APScheduler 3.x: reconcile scans, lease expiry, clean-up.
+"""Timed work on APScheduler 3.x: reconcile scans, lease expiry, clean-up, registry sync.
 
 Scheduled functions only post a message to the daemon's inbox; the service loop does
-the work, so every database write happens on one thread. Jobs name module-level
-functions with the daemon's id as argument, as APScheduler's job stores require.
+the work, so every database write happens on one thread. The one exception is the sync
+of a remote registry (``daemon/sync.py``), which downloads and reads but never writes
+the database: it runs on the scheduler's thread so that a long download never stalls
+the loop's heartbeats. Jobs name module-level functions with the daemon's id as
+argument, as APScheduler's job stores require.
 """
 
 from __future__ import annotations
 
 import queue
+from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 _INBOXES: dict[str, queue.Queue] = {}
+_SYNCS: dict[str, object] = {}
 
 
 def post(daemon_id: str, message: str) -> None:
@@ -20,9 +25,15 @@ def post(daemon_id: str, message: str) -> None:
         inbox.put((message, None))
 
 
+def sync(daemon_id: str) -> None:
+    work = _SYNCS.get(daemon_id)
+    if work is not None:
+        work()
+
+
 class Scheduler:
     def __init__(self, daemon_id: str, inbox: queue.Queue, rescan_seconds: float, lease_seconds: float,
-                 cleanup_seconds: float = 3600.0):
+                 cleanup_seconds: float = 3600.0, sync=None, sync_seconds: float = 60.0):
         self.daemon_id = daemon_id
         self.inbox = inbox
         self.intervals = {
@@ -30,6 +41,8 @@ class Scheduler:
             "expire_leases": max(1.0, lease_seconds / 2),
             "cleanup": cleanup_seconds,
         }
+        self._sync = sync
+        self.sync_seconds = sync_seconds
         self._scheduler = None
 
     def start(self) -> None:
@@ -42,7 +55,22 @@ class Scheduler:
                 # A late tick is merged with the next one: a scan is never worth running twice.
                 coalesce=True, max_instances=1, misfire_grace_time=int(max(1, seconds)),
             )
+        if self._sync is not None:
+            _SYNCS[self.daemon_id] = self._sync
+            # First run at once: a registry's versions are found at start-up, not a poll later.
+            self._scheduler.add_job(
+                sync, "interval", seconds=self.sync_seconds, args=(self.daemon_id,),
+                id=f"{self.daemon_id}:sync", replace_existing=True, next_run_time=datetime.now(),
+                coalesce=True, max_instances=1, misfire_grace_time=int(max(1, self.sync_seconds)),
+            )
         self._scheduler.start()
+
+    def sync_soon(self) -> None:
+        """Run the registry sync now (after a promotion) instead of at its next tick."""
+        if self._scheduler is not None and self._sync is not None:
+            job = self._scheduler.get_job(f"{self.daemon_id}:sync")
+            if job is not None:
+                job.modify(next_run_time=datetime.now())
 
     @property
     def alive(self) -> bool:
@@ -53,3 +81,4 @@ class Scheduler:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
         _INBOXES.pop(self.daemon_id, None)
+        _SYNCS.pop(self.daemon_id, None)

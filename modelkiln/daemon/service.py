@@ -37,6 +37,7 @@ from .jobs import JobBook
 from .layout import Layout
 from .promoter import Promoter
 from .scheduler import Scheduler
+from .sync import RegistrySync
 from .watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,16 @@ class Daemon:
         self.executor.start(preload=self.preload)
         if self.preload:
             self.executor.warm_up()
-        if self.watch:
+        if self.watch and self.registry.watches:
             self.watcher = Watcher(self.registry, self.inbox)
             self.watcher.start()
         if self.schedule:
+            sync = None
+            if hasattr(self.registry, "poll"):
+                sync = RegistrySync(self.registry, self.store, self.inbox, self.promoter.link)
             self.scheduler = Scheduler(self.id, self.inbox, config.registry.rescan_seconds,
-                                       config.workers.lease_seconds)
+                                       config.workers.lease_seconds, sync=sync,
+                                       sync_seconds=getattr(self.registry, "poll_seconds", 60.0))
             self.scheduler.start()
         self.inbox.put(("rescan", None))
         self.started = True
@@ -255,7 +260,7 @@ class Daemon:
     def reconcile(self) -> None:
         """Compare the registry with the catalogue; ingest what events missed."""
         for candidate in self.registry.scan():
-            self._take(candidate, complete=False)
+            self._take(candidate, complete=candidate.complete)
 
     def ingest_path(self, candidate: Candidate) -> int | None:
         """Take a folder that is known complete now (``kiln optimize``)."""
@@ -331,7 +336,8 @@ class Daemon:
         targets = [job.target] if job is not None and job.target else list(self.config.targets)
         if checkpoint.status == "ready":
             for target in targets:
-                self.promoter.consider(session, checkpoint, target)
+                if self.promoter.consider(session, checkpoint, target) and self.scheduler:
+                    self.scheduler.sync_soon()  # a remote registry hears of it now
             if not queries.open_jobs_for(session, checkpoint.id):
                 checkpoint.status = "done"
                 session.commit()

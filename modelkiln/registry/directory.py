@@ -31,10 +31,14 @@ class Candidate:
     model: str
     version: str
     path: Path
+    # Where the version came from, when the folder is a local copy (e.g. models:/name/3).
+    source_uri: str | None = None
+    # The folder was renamed into place whole (a finished download): no quiet period.
+    complete: bool = False
 
     @property
     def uri(self) -> str:
-        return self.path.as_uri()
+        return self.source_uri or self.path.as_uri()
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,13 @@ def copy_files(source: Path, files: tuple[str, ...], destination: Path) -> None:
 
 
 class DirectoryRegistry:
+    """Registry kinds offer ``path``, ``watches``, ``scan()`` and ``locate(path)``; a kind
+    whose versions live elsewhere also offers ``poll()`` and ``publish(promotions)`` (see
+    ``modelkiln.registry.mlflow_registry``)."""
+
     kind = "directory"
+    # File-system events under ``path`` are worth watching: checkpoints are written there.
+    watches = True
 
     def __init__(self, config):
         self.path = config.registry_path
@@ -114,8 +124,11 @@ class DirectoryRegistry:
                 continue
             for version_dir in sorted(model_dir.iterdir()):
                 if self._is_own_dir(version_dir):
-                    found.append(Candidate(model_dir.name, version_dir.name, version_dir))
+                    found.append(self._candidate(model_dir.name, version_dir.name, version_dir))
         return found
+
+    def _candidate(self, model: str, version: str, path: Path) -> Candidate:
+        return Candidate(model, version, path)
 
     def _is_own_dir(self, path: Path) -> bool:
         # A symlinked model or version folder could point anywhere: never followed.

@@ -85,8 +85,10 @@ def with_parents(variants: list[dict]) -> list[dict]:
 def promotion_dict(promotion: Promotion, link: str) -> dict:
     variant = promotion.variant
     return {
+        "id": promotion.id,
         "model": promotion.model,
         "target": promotion.target,
+        "variant_id": promotion.variant_id,
         "variant": variant_label(variant),
         "version": variant.checkpoint.version,
         "recipe": variant.recipe or "baseline",

@@ -1,0 +1,198 @@
+"""The MLflow registry kind against a real tracking server on loopback (SQLite backend
+store, local artifact root), driven through MLflow's own client: nothing is mocked."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelkiln.config import load_config
+from modelkiln.daemon.service import Daemon
+from modelkiln.store import queries
+from modelkiln.store.db import open_store
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"the MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(30)
+    log.close()
+
+
+def register(client, name: str, folder: Path) -> str:
+    """What a training pipeline does: log the files to a run, register them as a version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass
+    experiment = client.get_experiment_by_name("training") or client.get_experiment(
+        client.create_experiment("training"))
+    run = client.create_run(experiment.experiment_id)
+    client.log_artifacts(run.info.run_id, str(folder), "model")
+    client.set_terminated(run.info.run_id)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    return str(version.version)
+
+
+def run_until(daemon, condition, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        daemon.run_once(0.1)
+        if condition():
+            return
+    raise TimeoutError("condition not met in time")
+
+
+def checkpoint_rows(config):
+    store = open_store(config)
+    try:
+        with store.session() as session:
+            return {(c.model, c.version): (c.status, c.reason, c.source_uri, c.registry_kind)
+                    for c in queries.checkpoints(session)}
+    finally:
+        store.dispose()
+
+
+def test_versions_are_pulled_processed_and_promotions_written_back(mlflow_server, kiln_dir, digits_checkpoint):
+    from mlflow import MlflowClient
+
+    from test_formats import Evil
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    assert register(client, "digits", digits_checkpoint) == "1"
+    evil = Path(tempfile.mkdtemp()) / "evil"
+    evil.mkdir()
+    marker = kiln_dir / "pwned"
+    torch.save({"w": Evil(str(marker))}, evil / "model.pt")
+    register(client, "pickled", evil)
+
+    text = (kiln_dir / "kiln.toml").read_text()
+    text = text.replace('kind = "directory"', 'kind = "mlflow"').replace('path = "models"', 'path = "mlflow-cache"')
+    text = text.replace('tracking_uri = ""', f'tracking_uri = "{mlflow_server}"').replace(
+        "poll_seconds = 60.0", "poll_seconds = 2.0")
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+
+    def aliased():
+        try:
+            return client.get_model_version_by_alias("digits", "kiln-cpu").version == "1"
+        except Exception:
+            return False
+
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        run_until(daemon, lambda: aliased() and checkpoint_rows(config).get(("pickled", "1"), ("",))[0] == "rejected")
+    finally:
+        daemon.stop(5)
+
+    rows = checkpoint_rows(config)
+    assert rows[("digits", "1")][0] == "done"
+    assert rows[("digits", "1")][2:] == ("models:/digits/1", "mlflow")
+    status, reason, _, _ = rows[("pickled", "1")]
+    assert "weights-only" in reason and not marker.exists()  # same trust rules as a folder
+    assert not any(model.startswith("digits-kiln") for model, _ in rows)  # our own output is not followed
+
+    promoted = json_promoted(config)
+    (derived,) = client.search_model_versions("name = 'digits-kiln-cpu'")
+    assert derived.tags["kiln.source_version"] == "1"
+    assert derived.tags["kiln.recipe"] == promoted["recipe"]
+    assert float(derived.tags["kiln.metric.latency_p50_ms_b1"]) == pytest.approx(
+        promoted["metrics"]["latency_p50_ms"], rel=1e-4)
+    files = Path(client.download_artifacts(derived.run_id, "variant", tempfile.mkdtemp()))
+    assert (files / "variant.json").is_file() and (files / promoted["file"]).is_file()
+
+    experiment = client.get_experiment_by_name("modelkiln")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == derived.run_id]
+    assert [r.info.run_id for r in parents] == [derived.run_id]
+    assert len(children) == len(promoted_variants(config)) == 4  # one per variant: 2 runtimes x 2 recipes
+    assert [r.data.tags["kiln.promoted"] for r in children].count("true") == 1
+
+    # A restarted daemon publishes nothing twice, and a version registered while it runs
+    # is found by polling (same content as version 1: a duplicate, by the content hash).
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        assert register(client, "digits", digits_checkpoint) == "2"
+        run_until(daemon, lambda: ("digits", "2") in checkpoint_rows(config))
+        daemon.scheduler.sync_soon()
+        time.sleep(3)
+    finally:
+        daemon.stop(5)
+    assert checkpoint_rows(config)[("digits", "2")][0] == "duplicate"
+    assert len(client.search_model_versions("name = 'digits-kiln-cpu'")) == 1
+    assert len(client.search_runs([experiment.experiment_id])) == len(runs)
+
+
+def promoted_variants(config) -> list:
+    store = open_store(config)
+    try:
+        with store.session() as session:
+            (promotion,) = queries.current_promotions(session)
+            return queries.variants_of(session, promotion.variant.checkpoint_id, "cpu")
+    finally:
+        store.dispose()
+
+
+def json_promoted(config) -> dict:
+    from modelkiln.store import views
+
+    store = open_store(config)
+    try:
+        with store.session() as session:
+            (promotion,) = queries.current_promotions(session)
+            return views.promotion_dict(promotion, "")
+    finally:
+        store.dispose()
+
+
+def test_an_mlflow_registry_without_a_tracking_uri_is_a_config_error(kiln_dir):
+    from modelkiln.errors import ConfigError
+
+    path = kiln_dir / "kiln.toml"
+    path.write_text(path.read_text().replace('kind = "directory"', 'kind = "mlflow"'))
+    with pytest.raises(ConfigError, match="registry.mlflow.tracking_uri"):
+        load_config(path)
