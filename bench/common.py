@@ -20,7 +20,7 @@ def kiln_folder(extra: str = "", replacements: dict | None = None, recipes: list
 
     folder = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     write_default_config(folder, extra)
-    text = (folder / "kiln.toml").read_text()
+    text = (folder / "kiln.toml").read_text().replace('address = "127.0.0.1:9464"', 'address = "127.0.0.1:0"')
     if recipes is not None:
         listed = ", ".join(f'"{r}"' for r in recipes)
         text = re.sub(r"(?m)^recipes = \[[^\]]*\]", f"recipes = [{listed}]", text)

@@ -37,14 +37,10 @@ def _store(config):
     return open_store(config)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # APScheduler logs every tick at INFO; the daemon logs what matters itself.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from .daemon.logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 def table(rows: list[list], headers: list[str]) -> str:
@@ -112,7 +108,7 @@ def serve(config_path, stop_timeout):
     from .daemon.service import Daemon
 
     config = _load(config_path)
-    _setup_logging(config.logging.level)
+    _setup_logging(config.logging.level, config.logging.format)
     daemon = Daemon(config)
     daemon.install_signal_handlers()
     daemon.start()

@@ -143,6 +143,14 @@ class PluginsConfig:
 @dataclass
 class LoggingConfig:
     level: str = "INFO"
+    # "text" or "json" (one object per line); both name model, version, target and job.
+    format: str = "text"
+
+
+@dataclass
+class HttpConfig:
+    # host:port of /healthz and /metrics (Prometheus); empty turns the endpoint off.
+    address: str = "127.0.0.1:9464"
 
 
 @dataclass
@@ -157,6 +165,7 @@ class Config:
     architectures: dict[str, ArchitectureConfig] = field(default_factory=dict)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     # Where the file was read from; relative paths in it are relative to its folder.
     source: Path | None = None
 
@@ -247,6 +256,16 @@ def _validate(config: Config, file: Path) -> None:
         except (KeyError, IndexError, ValueError):
             raise ConfigError(f"{file}: 'registry.mlflow.{key}' = {text!r} may only use {{model}} and "
                               "{target}") from None
+    from .daemon.logs import FORMATS
+
+    if config.logging.format not in FORMATS:
+        raise ConfigError(f"{file}: 'logging.format' must be one of {', '.join(FORMATS)}, "
+                          f"got {config.logging.format!r}")
+    if config.http.address:
+        host, _, port = config.http.address.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"{file}: 'http.address' must be host:port (e.g. \"127.0.0.1:9464\") or \"\" "
+                              f"to turn the endpoint off, got {config.http.address!r}")
     if config.workers.count < 1:
         raise ConfigError(f"{file}: 'workers.count' must be at least 1")
     if not config.targets:
@@ -418,6 +437,14 @@ disabled = []
 
 [logging]
 level = "INFO"
+# "text", or "json" for one object per line; lines about a model, version, target or
+# job name them (text: [model=... version=... target=... job=...]).
+format = "text"
+
+[http]
+# /healthz (200 only while the database, scheduler and watcher are alive) and
+# /metrics (Prometheus text format). Loopback by default; "" turns it off.
+address = "127.0.0.1:9464"
 '''
 
 

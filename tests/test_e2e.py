@@ -71,7 +71,24 @@ def children_of(pid):
     return found
 
 
+def http_get(url):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 def test_renamed_checkpoint_ends_up_promoted(kiln_dir, digits_checkpoint):
+    """...and the operator sees it: JSON log lines naming the model, /healthz, /metrics."""
+    from test_mlflow import _free_port
+
+    port = _free_port()
+    text = (kiln_dir / "kiln.toml").read_text().replace('format = "text"', 'format = "json"')
+    (kiln_dir / "kiln.toml").write_text(text.replace('address = "127.0.0.1:0"', f'address = "127.0.0.1:{port}"'))
     daemon = serve(kiln_dir)
     try:
         config_db = kiln_dir / "kiln.db"
@@ -89,9 +106,28 @@ def test_renamed_checkpoint_ends_up_promoted(kiln_dir, digits_checkpoint):
         assert (link / "variant.json").is_file()
         status = json.loads(kiln(kiln_dir, "status", "--json"))
         assert status["checkpoints"][0]["model"] == "digits"
+
+        code, body = http_get(f"http://127.0.0.1:{port}/healthz")
+        assert code == 200 and json.loads(body)["checks"] == {
+            "database": "ok", "loop": "ok", "scheduler": "ok", "watcher": "ok"}
+        code, body = http_get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200
+        lines = body.splitlines()
+        assert "kiln_checkpoints_seen_total 1" in lines
+        assert 'kiln_promotions_total{target="cpu"} 1' in lines
+        assert 'kiln_jobs{kind="variant",state="succeeded"} 4' in lines
+        assert 'kiln_job_duration_seconds_count{kind="variant",state="succeeded"} 4' in lines
+        assert "kiln_queue_depth 0" in lines and "kiln_up 1" in lines
+        assert http_get(f"http://127.0.0.1:{port}/nothing")[0] == 404
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
+    records = [json.loads(line) for line in (kiln_dir / "serve.log").read_text().splitlines() if line.startswith("{")]
+    assert records and len(records) == len((kiln_dir / "serve.log").read_text().splitlines())
+    ended = [r for r in records if r["message"].startswith("job") and "ended" in r["message"] and "target" in r]
+    assert len(ended) == 4 and all(r["model"] == "digits" and r["version"] == "1" and r["target"] == "cpu"
+                                   and isinstance(r["job"], int) for r in ended)
+    assert any(r["message"].startswith("promoted digits/1 on cpu") and r["target"] == "cpu" for r in records)
 
 
 def test_sigkill_mid_job_then_restart_finishes_once(kiln_dir, digits_checkpoint):

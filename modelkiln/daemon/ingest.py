@@ -21,6 +21,7 @@ from ..registry.formats import detect_format, no_format_reason
 from ..store import queries
 from ..store.models import Checkpoint
 from .layout import Layout
+from .logs import about
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,6 @@ class Ingestor:
                 # Another daemon on the same database recorded it first.
                 session.rollback()
                 return IngestResult("unchanged")
-            log.info(
-                "checkpoint %s/%s %s (%s, %s)", candidate.model, candidate.version, status,
-                fmt.name if fmt else "no format", digest[:16], extra={"model": candidate.model},
-            )
+            log.info("checkpoint %s/%s %s (%s, %s)", candidate.model, candidate.version, status,
+                     fmt.name if fmt else "no format", digest[:16], extra=about(candidate.model, candidate.version))
             return IngestResult("taken", checkpoint.id)

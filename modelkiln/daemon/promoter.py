@@ -18,6 +18,7 @@ from .. import policy as builtin_policy
 from ..plugins.manager import first_result, notify
 from ..store import queries, views
 from ..store.models import Checkpoint, Promotion
+from .logs import about
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Promoter:
         current = queries.current_promotion(session, checkpoint.model, target)
         if current is not None and current.checkpoint_id > checkpoint.id:
             log.info("%s/%s: a newer checkpoint is already promoted on %s; not promoting",
-                     checkpoint.model, checkpoint.version, target)
+                     checkpoint.model, checkpoint.version, target, extra=about(checkpoint.model, checkpoint.version, target))
             return None
         candidates = []
         for variant in queries.variants_of(session, checkpoint.id, target):
@@ -72,7 +73,8 @@ class Promoter:
                    f"within {self.config.policy.max_quality_drop:.2%} of baseline quality")
         if chosen is None:
             log.warning("%s/%s: no variant on %s meets the policy; nothing promoted",
-                        checkpoint.model, checkpoint.version, target)
+                        checkpoint.model, checkpoint.version, target,
+                        extra=about(checkpoint.model, checkpoint.version, target))
             return None
         promotion = Promotion(model=checkpoint.model, target=target, variant_id=chosen["id"],
                               checkpoint_id=checkpoint.id, decision_key=key, reason=how)
@@ -83,7 +85,8 @@ class Promoter:
             session.rollback()
             return None
         self.publish(promotion)
-        log.info("promoted %s/%s on %s: %s", checkpoint.model, checkpoint.version, target, chosen["variant"])
+        log.info("promoted %s/%s on %s: %s", checkpoint.model, checkpoint.version, target, chosen["variant"],
+                 extra=about(checkpoint.model, checkpoint.version, target))
         notify(self.manager, "kiln_variant_promoted", promotion=self.describe(promotion))
         return promotion
 

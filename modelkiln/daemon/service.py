@@ -32,6 +32,8 @@ from ..store import queries, views
 from ..store.db import open_store
 from ..store.models import Checkpoint, Job, Variant
 from .executor import Executor
+from .health import HealthServer
+from .logs import about
 from .ingest import Ingestor
 from .jobs import JobBook
 from .layout import Layout
@@ -75,14 +77,25 @@ class Daemon:
         self._signals = 0
         self._due: dict[tuple[str, str], tuple[float, Candidate]] = {}
         self._next_heartbeat = 0.0
-        self.watcher = self.scheduler = None
+        self.watcher = self.scheduler = self.http = None
         self.started = False
 
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            if self.http:  # free the port: a corrected config is often retried at once
+                self.http.stop()
+                self.http = None
+            raise
+
+    def _start(self) -> None:
         config = self.config
         self.store = open_store(config)
+        if config.http.address:  # bound first: a taken port is a config error, before any work starts
+            self.http = HealthServer(self, config.http.address)
         self.catalog = catalog_for(config, self.extra_plugins)
         self._check_config()
         self.layout = Layout(config.artifacts_path)
@@ -114,6 +127,8 @@ class Daemon:
             self.scheduler.start()
         self.inbox.put(("rescan", None))
         self.started = True
+        if self.http:
+            self.http.start()
         log.info("daemon %s started: registry %s, targets %s", self.owner, self.registry.path,
                  ", ".join(self.available_targets) or "none available")
 
@@ -208,6 +223,9 @@ class Daemon:
         unfinished = self.executor.stop(0)
         with self.store.session() as session:
             queries.release_jobs(session, self.owner, unfinished, "the daemon stopped before it finished")
+        if self.http:
+            self.http.stop()
+            self.http = None
         self.store.dispose()
         self.started = False
         log.info("daemon %s stopped (%d job(s) handed back)", self.owner, len(unfinished))
@@ -270,7 +288,8 @@ class Daemon:
         try:
             result = self.ingestor.ingest(candidate, complete=complete)
         except OSError as exc:
-            log.error("%s/%s: cannot ingest %s: %s", candidate.model, candidate.version, candidate.path, exc)
+            log.error("cannot ingest %s: %s", candidate.path, exc,
+                      extra=about(candidate.model, candidate.version))
             return None
         key = (candidate.model, candidate.version)
         if result.outcome == "wait":
@@ -298,11 +317,12 @@ class Daemon:
                 if phases is None:  # its result is on disk already (a job repeated after a crash)
                     self._finish(session, job, None)
                     continue
-                log.info("job %d (%s) started: %s", job.id, job.key, self._describe(session, job))
+                log.info("job %d started: %s", job.id, self._label(session, job), extra=self._about(session, job))
                 try:
                     self.executor.submit(job.id, phases, self.layout.job_work(job.id))
                 except OSError as exc:
-                    log.error("job %d: cannot start a worker process (%s); it goes back to pending", job.id, exc)
+                    log.error("job %d: cannot start a worker process (%s); it goes back to pending", job.id, exc,
+                              extra=self._about(session, job))
                     queries.release_jobs(session, self.owner, [job.id], f"cannot start a worker: {exc}")
 
     def _reap(self) -> None:
@@ -314,7 +334,8 @@ class Daemon:
                 job = session.get(Job, outcome.job_id)
                 if job.lease_owner != self.owner or job.state != "running":
                     # Our lease expired and another daemon took the job: its result wins.
-                    log.warning("job %d ended after its lease was lost; result discarded", job.id)
+                    log.warning("job %d ended after its lease was lost; result discarded", job.id,
+                                extra=self._about(session, job))
                     continue
                 self._finish(session, job, outcome)
 
@@ -322,8 +343,8 @@ class Daemon:
         checkpoint = self.book.record(session, job, outcome)
         session.commit()
         status = outcome.status if outcome else "existing"
-        log.info("job %d (%s) ended: %s%s", job.id, self._describe(session, job), status,
-                 f" ({outcome.reason})" if outcome and outcome.reason else "")
+        log.info("job %d ended: %s %s%s", job.id, self._label(session, job), status,
+                 f" ({outcome.reason})" if outcome and outcome.reason else "", extra=self._about(session, job))
         if job.kind == "variant":
             variant = views.variant_dict(session.get(Variant, job.variant_id))
             notify(self.catalog.manager, "kiln_variant_measured", variant=variant)
@@ -368,10 +389,12 @@ class Daemon:
                     shutil.rmtree(copy, ignore_errors=True)
 
     @staticmethod
-    def _describe(session, job: Job) -> str:
+    def _about(session, job: Job) -> dict:
         checkpoint = session.get(Checkpoint, job.checkpoint_id)
-        text = f"model={checkpoint.model} version={checkpoint.version}"
-        if job.variant_id is not None:
-            variant = session.get(Variant, job.variant_id)
-            text += f" target={variant.target} variant={views.variant_label(variant)}"
-        return text
+        return about(checkpoint.model, checkpoint.version, job.target, job.id)
+
+    @staticmethod
+    def _label(session, job: Job) -> str:
+        if job.variant_id is None:
+            return job.kind
+        return f"{job.kind} {views.variant_label(session.get(Variant, job.variant_id))}"

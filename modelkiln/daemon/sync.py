@@ -13,6 +13,7 @@ import logging
 import queue
 
 from ..store import queries, views
+from .logs import about
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ class RegistrySync:
             except Exception as exc:
                 log.warning("%s registry: cannot publish the promotion of %s version %s on %s yet (%s); "
                             "trying again at the next poll", self.registry.kind, promotion["model"],
-                            promotion["version"], promotion["target"], exc)
+                            promotion["version"], promotion["target"], exc,
+                            extra=about(promotion["model"], promotion["version"], promotion["target"]))
 
     def current_promotions(self) -> list[tuple[dict, list[dict]]]:
         out = []

@@ -1,0 +1,168 @@
+"""The service's face to operators: ``/healthz`` and Prometheus ``/metrics`` over HTTP.
+
+A standard-library HTTP server on its own threads. It only reads: the database through
+its own sessions (the figures are the catalogue's, so they survive restarts and agree
+between two daemons on one database) and a few attributes of the running daemon.
+
+/healthz   200 while the daemon is serving: the database answers, the scheduler's and the
+           watcher's threads are alive (where this daemon runs them) and it is not
+           stopping; 503 otherwise. The body names every check either way.
+/metrics   text exposition format 0.0.4, no client library needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from sqlalchemy import func, select, text
+
+from ..store.models import Checkpoint, Job, Promotion
+
+log = logging.getLogger(__name__)
+
+# Seconds; jobs range from a baseline export (well under a second) to a distillation.
+DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+def health(daemon) -> tuple[bool, dict[str, str]]:
+    checks: dict[str, str] = {}
+    try:
+        with daemon.store.session() as session:
+            session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"failing: {exc}"
+    checks["loop"] = "ok" if daemon.started and not daemon.stopping else "stopping"
+    if daemon.schedule:
+        checks["scheduler"] = "ok" if daemon.scheduler is not None and daemon.scheduler.alive else "not running"
+    if daemon.watcher is not None or (daemon.watch and daemon.registry.watches):
+        checks["watcher"] = "ok" if daemon.watcher is not None and daemon.watcher.alive else "not running"
+    return all(v == "ok" for v in checks.values()), checks
+
+
+def _escape(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _line(name: str, value, **labels) -> str:
+    if labels:
+        inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+        return f"{name}{{{inner}}} {value}"
+    return f"{name} {value}"
+
+
+def metrics_text(daemon) -> str:
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+
+    with daemon.store.session() as session:
+        by_status = dict(session.execute(select(Checkpoint.status, func.count()).group_by(Checkpoint.status)).all())
+        jobs = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()
+        durations = session.execute(
+            select(Job.kind, Job.state, Job.started_at, Job.finished_at)
+            .where(Job.started_at.is_not(None), Job.finished_at.is_not(None))
+        ).all()
+        promotions = session.execute(select(Promotion.target, func.count()).group_by(Promotion.target)).all()
+
+    family("kiln_checkpoints_seen_total", "counter", "Checkpoints recorded since the catalogue was created.")
+    out.append(_line("kiln_checkpoints_seen_total", sum(by_status.values())))
+    family("kiln_checkpoints", "gauge", "Checkpoints by status.")
+    for status in sorted(by_status):
+        out.append(_line("kiln_checkpoints", by_status[status], status=status))
+
+    family("kiln_jobs", "gauge", "Jobs by kind and state.")
+    for kind, state, count in sorted(jobs):
+        out.append(_line("kiln_jobs", count, kind=kind, state=state))
+
+    family("kiln_job_duration_seconds", "histogram", "Wall time of finished jobs, from lease to result.")
+    series: dict[tuple[str, str], list[float]] = {}
+    for kind, state, started, finished in durations:
+        series.setdefault((kind, state), []).append(max(0.0, (finished - started).total_seconds()))
+    for (kind, state), values in sorted(series.items()):
+        for bound in DURATION_BUCKETS:
+            out.append(_line("kiln_job_duration_seconds_bucket", sum(v <= bound for v in values),
+                             kind=kind, state=state, le=bound))
+        out.append(_line("kiln_job_duration_seconds_bucket", len(values), kind=kind, state=state, le="+Inf"))
+        out.append(_line("kiln_job_duration_seconds_sum", round(sum(values), 6), kind=kind, state=state))
+        out.append(_line("kiln_job_duration_seconds_count", len(values), kind=kind, state=state))
+
+    family("kiln_promotions_total", "counter", "Promotions recorded, by target (rollbacks included).")
+    for target, count in sorted(promotions):
+        out.append(_line("kiln_promotions_total", count, target=target))
+
+    pending = sum(count for _, state, count in jobs if state == "pending")
+    family("kiln_queue_depth", "gauge",
+           "Work waiting: pending jobs, versions waiting for their quiet period, unread events.")
+    out.append(_line("kiln_queue_depth", pending + len(daemon._due) + daemon.inbox.qsize()))
+    family("kiln_workers_busy", "gauge", "Worker processes running a job of this daemon.")
+    out.append(_line("kiln_workers_busy", len(daemon.executor.running_jobs)))
+    family("kiln_workers", "gauge", "Configured worker processes.")
+    out.append(_line("kiln_workers", daemon.config.workers.count))
+    ready, _ = health(daemon)
+    family("kiln_up", "gauge", "1 while /healthz reports ready.")
+    out.append(_line("kiln_up", int(ready)))
+    return "\n".join(out) + "\n"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    daemon = None  # set on the subclass made per server
+
+    def do_GET(self):  # noqa: N802 (the standard library's name)
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/healthz":
+                ready, checks = health(self.daemon)
+                body = json.dumps({"status": "ok" if ready else "unavailable", "checks": checks}).encode()
+                self._reply(200 if ready else 503, "application/json", body)
+            elif path == "/metrics":
+                self._reply(200, "text/plain; version=0.0.4; charset=utf-8", metrics_text(self.daemon).encode())
+            else:
+                self._reply(404, "text/plain", b"not found: try /healthz or /metrics\n")
+        except Exception as exc:  # a scrape must never take a thread of the daemon down
+            log.exception("HTTP %s failed", path)
+            self._reply(500, "text/plain", f"error: {exc}\n".encode())
+
+    def _reply(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 - scrapes every 15 s are not news
+        log.debug("http: " + format, *args)
+
+
+class HealthServer:
+    def __init__(self, daemon, address: str):
+        host, _, port = address.rpartition(":")
+        handler = type("Handler", (_Handler,), {"daemon": daemon})
+        try:
+            self._server = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
+        except OSError as exc:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{daemon.config.source}: cannot listen on http.address {address!r} ({exc}); "
+                              "choose a free port, or \"\" to turn /healthz and /metrics off") from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="kiln-http", daemon=True)
+
+    @property
+    def address(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"{host}:{port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("serving /healthz and /metrics on http://%s", self.address)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,67 @@
+"""Log lines operators can filter: plain text by default, one JSON object per line on request.
+
+Code that logs about a model passes ``extra=about(model=..., version=..., target=...,
+job=...)``; both formats then name them on the line (text as ``key=value`` pairs after
+the message), so ``grep model=digits`` or a log pipeline's field filter finds every line
+about one model, version, target or job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+FIELDS = ("model", "version", "target", "job")
+FORMATS = ("text", "json")
+
+
+def about(model=None, version=None, target=None, job=None) -> dict:
+    """The ``extra`` argument of a log call about a model, version, target or job."""
+    values = {"model": model, "version": version, "target": target, "job": job}
+    return {"kiln": {k: v for k, v in values.items() if v is not None}}
+
+
+def _context(record: logging.LogRecord) -> dict:
+    return getattr(record, "kiln", None) or {}
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = _context(record)
+        if not context:
+            return line
+        head, sep, tail = line.partition("\n")  # a traceback stays below the first line
+        pairs = " ".join(f"{k}={context[k]}" for k in FIELDS if k in context)
+        return f"{head} [{pairs}]{sep}{tail}"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_context(record),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str, fmt: str = "text", stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    # APScheduler logs every tick at INFO; the daemon logs what matters itself.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -1,0 +1,74 @@
+"""/healthz, /metrics and log lines, in-process (the served daemon is in test_e2e.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from modelkiln.config import load_config
+from modelkiln.daemon.logs import about, setup_logging
+from modelkiln.daemon.service import Daemon
+from modelkiln.errors import ConfigError
+from test_e2e import http_get
+
+
+def test_healthz_turns_unavailable_when_the_scheduler_dies(config):
+    daemon = Daemon(config, preload=False)
+    daemon.start()
+    try:
+        url = f"http://{daemon.http.address}"
+        code, body = http_get(f"{url}/healthz")
+        assert code == 200, body
+        daemon.scheduler.stop()
+        code, body = http_get(f"{url}/healthz")
+        assert code == 503 and json.loads(body)["checks"]["scheduler"] == "not running"
+        assert "kiln_up 0" in http_get(f"{url}/metrics")[1].splitlines()
+    finally:
+        daemon.stop(5)
+
+
+def test_a_taken_port_is_a_config_error_that_names_the_key(config):
+    first = Daemon(config, preload=False)
+    first.start()
+    try:
+        config.http.address = first.http.address
+        with pytest.raises(ConfigError, match="http.address"):
+            Daemon(config, preload=False).start()
+    finally:
+        first.stop(5)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_lines_name_model_version_target_and_job(fmt):
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("INFO", fmt, stream)
+        logging.getLogger("modelkiln.test").info("job %d ended", 7, extra=about("digits", "3", "cpu", 7))
+        logging.getLogger("modelkiln.test").info("no context here")
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    first, second = stream.getvalue().splitlines()
+    if fmt == "text":
+        assert first.endswith("job 7 ended [model=digits version=3 target=cpu job=7]")
+        assert second.endswith("no context here")
+    else:
+        record = json.loads(first)
+        assert (record["message"], record["model"], record["version"], record["target"], record["job"]) == (
+            "job 7 ended", "digits", "3", "cpu", 7)
+        assert "model" not in json.loads(second)
+
+
+def test_unknown_log_format_and_bad_address_are_named(kiln_dir):
+    path = kiln_dir / "kiln.toml"
+    text = path.read_text()
+    path.write_text(text.replace('format = "text"', 'format = "xml"'))
+    with pytest.raises(ConfigError, match="'logging.format' must be one of text, json"):
+        load_config(path)
+    path.write_text(text.replace('address = "127.0.0.1:0"', 'address = "localhost"'))
+    with pytest.raises(ConfigError, match="'http.address' must be host:port"):
+        load_config(path)
