@@ -239,6 +239,40 @@ def variants(config_path, as_json, model):
 @main.command()
 @config_option
 @click.argument("model")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Folder to write MODEL.html into.")
+def report(config_path, model, out_dir):
+    """Write a self-contained HTML page for MODEL: per target a plot of latency against
+    quality (Pareto front, promoted variant ringed) and the variants table, then the
+    promotion history."""
+    from datetime import datetime, timezone
+
+    from .report import render
+    from .store import queries, views
+
+    config = _load(config_path)
+    store = _store(config)
+    with store.session() as session:
+        checkpoints = [views.checkpoint_dict(c) for c in queries.checkpoints(session, model)]
+        variants = [views.variant_dict(v) for v in queries.variants_of_model(session, model)]
+        history = [views.promotion_dict(p, "") for p in queries.promotion_history(session, model)]
+        current = {p.target: p.variant_id for p in queries.current_promotions(session) if p.model == model}
+    if not checkpoints:
+        raise KilnError(f"no checkpoint of model {model!r} in {config.store_url}; `kiln status` lists the models")
+    page = render(model, checkpoints, variants, history, current, config.policy,
+                  datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{model}.html"
+    tmp = folder / f".{model}.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)  # a browser refreshing the page never sees half of it
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@config_option
+@click.argument("model")
 @click.argument("version", required=False)
 def retry(config_path, model, version):
     """Inspect MODEL's rejected or failed checkpoints again (all versions, or VERSION).

@@ -138,6 +138,8 @@ class PluginsConfig:
     # Empty ``enabled`` means every installed plugin; ``disabled`` always wins.
     enabled: list[str] = field(default_factory=list)
     disabled: list[str] = field(default_factory=list)
+    # [plugins.settings.<plugin>]: each plugin's own table, checked by the plugin itself.
+    settings: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass

@@ -47,3 +47,17 @@ def choose(candidates: list[dict], policy: PolicyConfig) -> dict | None:
     if not eligible:
         return None
     return min(eligible, key=lambda c: (objective_value(c, policy), c["metrics"].get("size_bytes") or 0))
+
+
+def pareto_front(candidates: list[dict], policy: PolicyConfig) -> list[dict]:
+    """Candidates no other beats on both the objective (lower) and quality (higher),
+    sorted by the objective: the trade-offs worth looking at, whatever the tolerance."""
+    points = [
+        (objective_value(c, policy), (c.get("metrics") or {}).get("quality"), c) for c in candidates
+    ]
+    points = [p for p in points if p[0] is not None and p[1] is not None]
+    front = []
+    for cost, quality, candidate in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or quality > front[-1][1] + _EPSILON:
+            front.append((cost, quality, candidate))
+    return [c for _, _, c in front]

@@ -1,6 +1,8 @@
 import json
 import subprocess
 import sys
+from collections import Counter
+from html.parser import HTMLParser
 
 from click.testing import CliRunner
 
@@ -45,6 +47,35 @@ def test_listings_after_a_run(config, kiln_dir, tiny_checkpoint):
     table = runner.invoke(main, ["variants", "tiny", *cfg]).output
     assert "onnxruntime:quantize.int8_dynamic" in table and "*" in table
     assert "quantize.int8_dynamic" in runner.invoke(main, ["plugins", *cfg]).output
+
+    # kiln report: one self-contained page (no external resource) with the plot, the
+    # table, the promoted variant marked once, and the history.
+    out = kiln_dir / "report"
+    result = runner.invoke(main, ["report", "tiny", "--out", str(out), *cfg])
+    assert result.exit_code == 0, result.output
+    page = (out / "tiny.html").read_text()
+    parser = PageParser()
+    parser.feed(page)
+    assert parser.tags["svg"] == 1 and parser.tags["table"] == 3  # variants, history, checkpoints
+    assert not parser.external, parser.external
+    assert page.count('stroke="#e0a100" stroke-width="3"/>') == 2  # the ring on the plot and in the legend
+    assert page.count('class="promoted"') == 1 and promoted["variant"] in page
+    # Circles: one per measured variant, plus the promoted ring, plus the legend's two
+    # runtime dots and ring.
+    assert sum(1 for v in variants if v["status"] == "succeeded") == page.count("<circle") - 4
+    assert runner.invoke(main, ["report", "nosuchmodel", *cfg]).exit_code != 0
+
+
+class PageParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.external = Counter(), []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags[tag] += 1
+        for name, value in attrs:
+            if name in ("src", "href") and value and "://" in value:
+                self.external.append(value)
 
 
 def test_optimize_command_prints_the_variants(kiln_dir, tiny_checkpoint):

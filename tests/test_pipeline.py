@@ -135,7 +135,15 @@ class Recorder:
     """A plugin that records events and overrides the policy: serve the largest artifact."""
 
     def __init__(self):
-        self.measured, self.promoted = [], []
+        self.measured, self.promoted, self.lifecycle = [], [], []
+
+    @hookimpl
+    def kiln_daemon_started(self, config):
+        self.lifecycle.append(("started", config.source))
+
+    @hookimpl
+    def kiln_daemon_stopping(self):
+        self.lifecycle.append(("stopping", None))
 
     @hookimpl
     def kiln_variant_measured(self, variant):
@@ -152,6 +160,10 @@ class Recorder:
 
 class Broken:
     __name__ = "broken"
+
+    @hookimpl
+    def kiln_daemon_started(self, config):
+        raise RuntimeError("a plugin that cannot start")
 
     @hookimpl
     def kiln_variant_measured(self, variant):
@@ -171,6 +183,16 @@ def test_event_hooks_and_a_policy_plugin(config, tiny_checkpoint):
     largest = max((v for v in recorder.measured if v["status"] == "succeeded"), key=lambda v: v["metrics"]["size_bytes"])
     assert promotion["variant"] == largest["variant"]
     assert promotion["reason"] == "policy of plugin Recorder"
+    assert recorder.lifecycle == [("started", config.source), ("stopping", None)]
+
+
+class FailedJobs:
+    def __init__(self):
+        self.jobs = []
+
+    @hookimpl
+    def kiln_job_failed(self, job):
+        self.jobs.append(job)
 
 
 @pytest.mark.parametrize(
@@ -187,8 +209,11 @@ def test_a_worker_that_hangs_crashes_or_exits_fails_one_job(config, tiny_checkpo
     config.workers.max_attempts = 1
     config.workers.memory_limit_mb = 512
     config.architectures["tiny"].factory = factory
-    checkpoint = optimize_once(config, tiny_checkpoint, "tiny")
+    failed = FailedJobs()
+    checkpoint = optimize_once(config, tiny_checkpoint, "tiny", extra_plugins=[failed])
     assert checkpoint.status == "failed" and reason in checkpoint.reason
+    (job,) = failed.jobs  # kiln_job_failed, once, with the same reason
+    assert (job["kind"], job["model"], job["attempts"]) == ("inspect", "tiny", 1) and reason in job["reason"]
     # The daemon lives on: the next checkpoint goes through.
     config.architectures["tiny"].factory = "helpers:tiny_mlp"
     staged = tiny_checkpoint.parent / "v2"

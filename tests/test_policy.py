@@ -41,3 +41,15 @@ def test_a_decode_objective_ranks_causal_lms_by_per_token_latency():
 
     chosen = choose([lm("eager", 1.0, 5.0), lm("compiled", 3.0, 0.3), candidate("no-decode", 0.1, 1.0)], policy)
     assert chosen["id"] == "compiled"  # slower forward pass, faster decoding; no figures, not eligible
+
+
+def test_pareto_front_keeps_only_undominated_trade_offs():
+    from modelkiln.policy import pareto_front
+
+    def c(name, latency, quality):
+        return {"variant": name, "metrics": {"quality": quality, "batches": [{"batch_size": 1, "latency_p50_ms": latency}]}}
+
+    candidates = [c("fast-bad", 1.0, 0.90), c("slow-good", 5.0, 0.99), c("dominated", 6.0, 0.95),
+                  c("middle", 2.0, 0.97), c("tie-worse", 2.0, 0.96), c("unmeasured", None, 0.99)]
+    front = pareto_front(candidates, PolicyConfig())
+    assert [x["variant"] for x in front] == ["fast-bad", "middle", "slow-good"]

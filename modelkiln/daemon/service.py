@@ -25,7 +25,7 @@ import time
 import uuid
 
 from ..errors import ConfigError
-from ..plugins.manager import catalog_for, notify
+from ..plugins.manager import catalog_for, notify, start_plugins
 from ..plugins.recipes import parse_recipe
 from ..registry.directory import Candidate
 from ..store import queries, views
@@ -107,6 +107,7 @@ class Daemon:
         self.ingestor = Ingestor(self.store, self.layout, self.catalog.formats, config.registry.quiet_seconds,
                                  config.registry.kind, clock=self.wall_clock)
         self.available_targets = self._available_targets()
+        start_plugins(self.catalog.manager, config)
         self._recover()
         self.executor = Executor(config.workers.count, config.workers.job_timeout_seconds,
                                  memory_limit_mb=config.workers.memory_limit_mb, clock=self.clock,
@@ -223,6 +224,7 @@ class Daemon:
         unfinished = self.executor.stop(0)
         with self.store.session() as session:
             queries.release_jobs(session, self.owner, unfinished, "the daemon stopped before it finished")
+        notify(self.catalog.manager, "kiln_daemon_stopping")
         if self.http:
             self.http.stop()
             self.http = None
@@ -348,6 +350,8 @@ class Daemon:
         if job.kind == "variant":
             variant = views.variant_dict(session.get(Variant, job.variant_id))
             notify(self.catalog.manager, "kiln_variant_measured", variant=variant)
+        if job.state == "failed":
+            notify(self.catalog.manager, "kiln_job_failed", job=views.job_dict(job))
         self._after_job(session, checkpoint, job)
         if job.state == "succeeded" or outcome is None:
             # Failed jobs keep their folder: worker.log says what happened.

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from ..config import PolicyConfig
+    from ..config import Config, PolicyConfig
     from .api import CheckpointFormat, Runtime, Step
 
 hookspec = pluggy.HookspecMarker("modelkiln")
@@ -68,6 +68,37 @@ def kiln_registry_kinds() -> dict[str, type]:
 
 
 # -- events: what the plugin reacts to ------------------------------------------------
+
+
+@hookspec
+def kiln_daemon_started(config: Config) -> None:
+    """Called once in the daemon when it has started, before it takes any work: the place
+    to read the plugin's own settings and start its threads.
+
+    A plugin's settings live in the config's ``[plugins.settings.<plugin name>]`` table,
+    which modelkiln passes through unchecked: check them here and raise
+    ``modelkiln.errors.ConfigError`` naming ``config.source`` and the key to refuse to
+    start; any other exception is logged and the daemon goes on without the plugin.
+
+    :param config: the daemon's whole configuration (``modelkiln.config.Config``).
+    """
+
+
+@hookspec
+def kiln_daemon_stopping() -> None:
+    """Called once when the daemon stops, after running jobs were finished or handed
+    back: flush what the plugin still holds (a queue of events) and stop its threads."""
+
+
+@hookspec
+def kiln_job_failed(job: dict) -> None:
+    """Called when a job has failed for good (its reason recorded; not called for a job
+    that is skipped, nor for one that goes back to pending to be tried again).
+
+    :param job: ``id``, ``kind`` (``inspect`` or ``variant``), ``model``, ``version``,
+        ``target`` (None for inspect jobs), ``variant`` (its label, or None), ``attempts``
+        and ``reason``.
+    """
 
 
 @hookspec

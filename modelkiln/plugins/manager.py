@@ -154,6 +154,20 @@ def first_result(manager: pluggy.PluginManager, hook_name: str, **kwargs):
     return None, None
 
 
+def start_plugins(manager: pluggy.PluginManager, config) -> None:
+    """Call ``kiln_daemon_started``: a plugin's ConfigError stops the start (its settings
+    are wrong and the operator must hear it); any other failure is logged and skipped."""
+    from ..errors import ConfigError
+
+    for impl in manager.hook.kiln_daemon_started.get_hookimpls():
+        try:
+            impl.function(config=config)
+        except ConfigError:
+            raise
+        except Exception:
+            log.exception("plugin %s: kiln_daemon_started failed; the daemon carries on", impl.plugin_name)
+
+
 def notify(manager: pluggy.PluginManager, hook_name: str, **kwargs) -> None:
     """Call an event hook; an implementation that raises is logged by name and skipped."""
     for impl in getattr(manager.hook, hook_name).get_hookimpls():

@@ -133,6 +133,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
+    checkpoint: Mapped[Checkpoint] = relationship()
+    variant: Mapped[Variant | None] = relationship()
+
 
 class Promotion(Base):
     __tablename__ = "promotions"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .models import Checkpoint, Promotion, Variant
+from .models import Checkpoint, Job, Promotion, Variant
 
 
 def variant_label(variant: Variant) -> str:
@@ -99,6 +99,20 @@ def promotion_dict(promotion: Promotion, link: str) -> dict:
         "metrics": metrics(variant),
         "promoted_at": promotion.promoted_at.isoformat() + "Z",
         "reason": promotion.reason,
+    }
+
+
+def job_dict(job: Job) -> dict:
+    checkpoint = job.checkpoint
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "model": checkpoint.model,
+        "version": checkpoint.version,
+        "target": job.target,
+        "variant": variant_label(job.variant) if job.variant is not None else None,
+        "attempts": job.attempts,
+        "reason": job.reason,
     }
 
 

@@ -1,0 +1,170 @@
+"""The built-in ``webhook`` plugin: a JSON event per promotion and per failed job, POSTed
+to the configured URLs, for the automation that reacts to what modelkiln does.
+
+Configured in ``[plugins.settings.webhook]``::
+
+    urls = ["https://ci.example.com/hooks/kiln"]
+    events = ["promoted", "job_failed"]   # the default: both
+    secret = ""            # when set, X-Kiln-Signature: sha256=<HMAC of the body>
+    timeout_seconds = 5.0
+    retries = 5            # after the first try, with exponential back-off
+    backoff_seconds = 1.0
+
+Events are queued by the hooks and delivered by one background thread, so a slow or
+unreachable receiver never holds up the service loop. A delivery is retried on a
+connection error, a timeout, 429 or 5xx; another 4xx is the receiver refusing it and is
+logged, not retried. Every event carries an ``id`` (also in ``X-Kiln-Delivery``) that
+stays the same across retries, so a receiver can drop duplicates. Events still queued
+when the daemon is killed are lost; the promotion history (``kiln promoted``) has them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import queue
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from . import hookimpl
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("promoted", "job_failed")
+FLUSH_SECONDS = 10.0
+
+
+@dataclass
+class Settings:
+    urls: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=lambda: list(EVENTS))
+    secret: str = ""
+    timeout_seconds: float = 5.0
+    retries: int = 5
+    backoff_seconds: float = 1.0
+
+
+def parse_settings(table: dict, source) -> Settings:
+    from ..errors import ConfigError
+
+    where = f"{source}: [plugins.settings.webhook]"
+    known = Settings.__dataclass_fields__
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
+    settings = Settings(**table)
+    if not isinstance(settings.urls, list) or not all(
+            isinstance(u, str) and u.startswith(("http://", "https://")) for u in settings.urls):
+        raise ConfigError(f"{where}: 'urls' must be a list of http:// or https:// URLs")
+    unknown = [e for e in settings.events if e not in EVENTS]
+    if unknown:
+        raise ConfigError(f"{where}: 'events' may name {', '.join(EVENTS)}; got {unknown}")
+    if not isinstance(settings.retries, int) or settings.retries < 0:
+        raise ConfigError(f"{where}: 'retries' must be a whole number >= 0")
+    for key in ("timeout_seconds", "backoff_seconds"):
+        if not isinstance(getattr(settings, key), (int, float)) or getattr(settings, key) < 0:
+            raise ConfigError(f"{where}: {key!r} must be a number >= 0")
+    return settings
+
+
+class Sender:
+    """One thread that delivers queued events in order, each to every URL."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.queue: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kiln-webhook", daemon=True)
+        self._thread.start()
+
+    def put(self, event: str, payload: dict) -> None:
+        if event in self.settings.events and self.settings.urls:
+            body = {"event": event, "id": uuid.uuid4().hex,
+                    "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **payload}
+            self.queue.put(body)
+
+    def close(self, timeout: float = FLUSH_SECONDS) -> None:
+        """Deliver what is queued for up to ``timeout`` seconds, then stop."""
+        self.queue.put(None)
+        self._thread.join(timeout)
+        self._stopping.set()
+        self._thread.join(1.0)
+        left = self.queue.qsize()
+        if left:
+            log.warning("webhook: %d event(s) not delivered before the daemon stopped", left)
+
+    def _run(self) -> None:
+        while True:
+            body = self.queue.get()
+            if body is None:
+                return
+            data = json.dumps(body, default=str).encode()
+            for url in self.settings.urls:
+                self._deliver(url, body, data)
+
+    def _deliver(self, url: str, body: dict, data: bytes) -> bool:
+        headers = {"Content-Type": "application/json", "User-Agent": "modelkiln-webhook",
+                   "X-Kiln-Event": body["event"], "X-Kiln-Delivery": body["id"]}
+        if self.settings.secret:
+            digest = hmac.new(self.settings.secret.encode(), data, hashlib.sha256).hexdigest()
+            headers["X-Kiln-Signature"] = f"sha256={digest}"
+        for attempt in range(self.settings.retries + 1):
+            try:
+                request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.settings.timeout_seconds):
+                    return True
+            except urllib.error.HTTPError as exc:
+                if exc.code != 429 and exc.code < 500:
+                    log.error("webhook: %s refused the %s event (HTTP %d); not retried", url, body["event"], exc.code)
+                    return False
+                problem = f"HTTP {exc.code}"
+            except (OSError, ValueError) as exc:  # refused, reset, timed out, bad host
+                problem = str(exc)
+            if attempt == self.settings.retries:
+                log.error("webhook: giving up on %s for the %s event after %d tries (%s)",
+                          url, body["event"], attempt + 1, problem)
+                return False
+            delay = self.settings.backoff_seconds * 2 ** attempt
+            log.warning("webhook: %s failed (%s); retrying in %.1f s", url, problem, delay)
+            if self._stopping.wait(delay):
+                return False
+        return False
+
+
+_sender: Sender | None = None
+
+
+@hookimpl
+def kiln_daemon_started(config):
+    global _sender
+    settings = parse_settings(config.plugins.settings.get("webhook", {}), config.source)
+    if _sender is not None:
+        _sender.close(0)
+    _sender = Sender(settings) if settings.urls else None
+
+
+@hookimpl
+def kiln_variant_promoted(promotion):
+    if _sender is not None:
+        _sender.put("promoted", {"promotion": promotion})
+
+
+@hookimpl
+def kiln_job_failed(job):
+    if _sender is not None:
+        _sender.put("job_failed", {"job": job})
+
+
+@hookimpl
+def kiln_daemon_stopping():
+    global _sender
+    if _sender is not None:
+        _sender.close()
+        _sender = None
+

@@ -1,0 +1,235 @@
+"""``kiln report MODEL``: one self-contained HTML page per model, for people to look at.
+
+For each target: a plot of the objective (p50 latency at the policy's batch size, or the
+decode figure it names) against quality for the newest checkpoint's variants, with the
+Pareto front drawn, the quality bar dashed and the promoted variant ringed; the table of
+every variant of every version; then the promotion history. Inline CSS and SVG only:
+the file can be mailed, attached to a ticket or opened from a shared disk, offline.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+
+from . import policy as builtin_policy
+
+WIDTH, HEIGHT = 720, 380
+LEFT, RIGHT, TOP, BOTTOM = 70, 190, 24, 52
+RUNTIME_COLOURS = ["#2f6db3", "#d9822b", "#3a9a5b", "#9b59b6", "#c0392b", "#7f8c8d"]
+
+CSS = """
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1180px;
+       color: #1d232b; padding: 0 1rem; }
+.scroll { overflow-x: auto; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { margin-top: 2.4rem; border-bottom: 1px solid #d7dce2; }
+.sub { color: #5b6672; margin-top: 0; }
+table { border-collapse: collapse; width: 100%; margin: .8rem 0 1.2rem; font-variant-numeric: tabular-nums; }
+th, td { text-align: left; padding: .3rem .55rem; border-bottom: 1px solid #e6e9ed; vertical-align: top; }
+th { background: #f4f6f8; font-weight: 600; } td.num { text-align: right; white-space: nowrap; }
+tr.promoted td { background: #fff6dd; } .reason { color: #6b7580; min-width: 12rem; }
+small { color: #6b7580; }
+.status-failed { color: #b3261e; } .status-skipped { color: #6b7580; } .status-succeeded { color: #256c3a; }
+svg { background: #fff; border: 1px solid #e6e9ed; border-radius: 6px; }
+svg text { font: 12px system-ui, sans-serif; fill: #38414b; }
+.note { color: #5b6672; font-size: .9em; }
+"""
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}"
+
+
+def _size(value) -> str:
+    if value is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return ""
+
+
+def _objective_label(policy) -> str:
+    if policy.objective in builtin_policy.DECODE_OBJECTIVES:
+        return {"decode_ms_per_token": "decode ms per token", "prefill_ms": "prefill ms"}[policy.objective]
+    which = "p95" if policy.objective == "latency_p95_ms" else "p50"
+    return f"{which} latency ms at batch {policy.objective_batch_size}"
+
+
+def _ticks(low: float, high: float, log: bool) -> list[float]:
+    if log:
+        ticks, step = [], 10 ** math.floor(math.log10(low))
+        while step <= high * 10:
+            for mult in (1, 2, 5):
+                if low <= step * mult <= high:
+                    ticks.append(step * mult)
+            step *= 10
+        return ticks
+    span = high - low or abs(high) or 1.0
+    raw = span / 5
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if step * m >= raw)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step) + 1)]
+
+
+def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quality: float | None) -> str:
+    """An SVG scatter of objective (x) against quality (y)."""
+    points = [(builtin_policy.objective_value(c, policy), (c.get("metrics") or {}).get("quality"), c)
+              for c in candidates]
+    points = [p for p in points if p[0] is not None and p[1] is not None]
+    if not points:
+        return '<p class="note">No measured variant to plot.</p>'
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    bar = baseline_quality * (1 - policy.max_quality_drop) if baseline_quality is not None else None
+    x_low, x_high = min(xs), max(xs)
+    # A log scale once the spread is wide: fast variants bunch up at the left otherwise.
+    log = x_high / max(x_low, 1e-12) > 4
+    if log:
+        x_low, x_high = x_low / 1.3, x_high * 1.3
+    else:
+        pad = (x_high - x_low) * 0.08 or x_high * 0.1 or 1.0
+        x_low, x_high = max(0.0, x_low - pad), x_high + pad
+    y_values = ys + ([bar] if bar is not None else [])
+    y_low, y_high = min(y_values), max(y_values)
+    pad = (y_high - y_low) * 0.1 or 0.01
+    y_low, y_high = y_low - pad, y_high + pad
+    inner_w, inner_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def sx(x):
+        if log:
+            return LEFT + (math.log(x) - math.log(x_low)) / (math.log(x_high) - math.log(x_low)) * inner_w
+        return LEFT + (x - x_low) / (x_high - x_low) * inner_w
+
+    def sy(y):
+        return TOP + (1 - (y - y_low) / (y_high - y_low)) * inner_h
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+           f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="quality against latency">']
+    for t in _ticks(max(x_low, 1e-12), x_high, log):
+        x = sx(t)
+        out.append(f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{TOP + inner_h}" stroke="#eef0f3"/>')
+        out.append(f'<text x="{x:.1f}" y="{TOP + inner_h + 16}" text-anchor="middle">{t:g}</text>')
+    for t in _ticks(y_low, y_high, False):
+        y = sy(t)
+        out.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + inner_w}" y2="{y:.1f}" stroke="#eef0f3"/>')
+        out.append(f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{t:.4g}</text>')
+    out.append(f'<rect x="{LEFT}" y="{TOP}" width="{inner_w}" height="{inner_h}" fill="none" stroke="#aab3bd"/>')
+    out.append(f'<text x="{LEFT + inner_w / 2}" y="{HEIGHT - 12}" text-anchor="middle">'
+               f'{escape(_objective_label(policy))}{" (log scale)" if log else ""}</text>')
+    out.append(f'<text transform="translate(16 {TOP + inner_h / 2}) rotate(-90)" text-anchor="middle">quality</text>')
+    if bar is not None:
+        y = sy(bar)
+        out.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + inner_w}" y2="{y:.1f}" stroke="#b3261e" '
+                   f'stroke-dasharray="5 4"><title>quality bar: {bar:.4f} '
+                   f'({policy.max_quality_drop:.2%} below the baseline)</title></line>')
+    front = builtin_policy.pareto_front([p[2] for p in points], policy)
+    if len(front) > 1:
+        path = " ".join(f"{sx(builtin_policy.objective_value(c, policy)):.1f},"
+                        f"{sy(c['metrics']['quality']):.1f}" for c in front)
+        out.append(f'<polyline points="{path}" fill="none" stroke="#1d232b" stroke-width="1.5" opacity=".55"/>')
+    runtimes = sorted({c["runtime"] for _, _, c in points})
+    colour = {r: RUNTIME_COLOURS[i % len(RUNTIME_COLOURS)] for i, r in enumerate(runtimes)}
+    front_ids = {c["id"] for c in front}
+    for x, y, c in sorted(points, key=lambda p: p[2]["id"] == promoted_id):
+        cx, cy = sx(x), sy(y)
+        title = escape(f"{c['variant']}: {x:.4g} ms, quality {y:.4f}"
+                       + (" (Pareto front)" if c["id"] in front_ids else "")
+                       + (" (promoted)" if c["id"] == promoted_id else ""))
+        if c["id"] == promoted_id:
+            out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="11" fill="none" stroke="#e0a100" stroke-width="3"/>')
+        edge = 'stroke="#1d232b" stroke-width="1.5"' if c["id"] in front_ids else 'stroke="#fff" stroke-width="1"'
+        out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5.5" fill="{colour[c["runtime"]]}" '
+                   f'{edge}><title>{title}</title></circle>')
+    lx = LEFT + inner_w + 18
+    legend = [(colour[r], r, "dot") for r in runtimes] + [("#e0a100", "promoted", "ring"),
+                                                        ("#1d232b", "Pareto front (outlined)", "line")]
+    if bar is not None:
+        legend.append(("#b3261e", "quality bar", "dash"))
+    for i, (col, label, kind) in enumerate(legend):
+        y = TOP + 12 + i * 20
+        if kind == "dot":
+            out.append(f'<circle cx="{lx + 6}" cy="{y - 4}" r="5.5" fill="{col}"/>')
+        elif kind == "ring":
+            out.append(f'<circle cx="{lx + 6}" cy="{y - 4}" r="7" fill="none" stroke="{col}" stroke-width="3"/>')
+        else:
+            dash = ' stroke-dasharray="5 4"' if kind == "dash" else ""
+            out.append(f'<line x1="{lx}" y1="{y - 4}" x2="{lx + 14}" y2="{y - 4}" stroke="{col}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{lx + 22}" y="{y}">{escape(label)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _variants_table(variants: list[dict], promoted_ids: set[int]) -> str:
+    # Causal language models get their per-token decode latency as one more column.
+    decoding = any((v.get("metrics") or {}).get("decode") for v in variants)
+    rows = []
+    for v in variants:
+        m = v.get("metrics") or {}
+        quality = "" if m.get("quality") is None else (
+            f"{m['quality']:.4f} ({m['quality_delta']:+.4f}) <small>{escape(m.get('quality_metric') or '')}</small>")
+        cls = ' class="promoted"' if v["id"] in promoted_ids else ""
+        decode = (f"<td class=num>{_fmt((m.get('decode') or {}).get('decode_ms_per_token'))}</td>"
+                  if decoding else "")
+        rows.append(
+            f"<tr{cls}><td>{'&#9733;' if v['id'] in promoted_ids else ''}</td><td>{escape(v['version'])}</td>"
+            f"<td>{escape(v['variant'])}</td><td class=\"status-{escape(v['status'])}\">{escape(v['status'])}</td>"
+            f"<td class=num>{_fmt(m.get('latency_p50_ms'))}</td><td class=num>{_fmt(m.get('latency_p95_ms'))}</td>"
+            f"<td class=num>{_fmt(m.get('throughput_per_s'), 1)}</td>{decode}"
+            f"<td class=num>{_size(m.get('size_bytes'))}</td><td class=num>{quality}</td>"
+            f"<td class=reason>{escape(v.get('reason') or '')}</td></tr>"
+        )
+    head = ("<tr><th></th><th>version</th><th>variant</th><th>status</th><th>p50 ms</th><th>p95 ms</th>"
+            f"<th>per s</th>{'<th>ms/token</th>' if decoding else ''}<th>size</th><th>quality (delta)</th>"
+            "<th>reason</th></tr>")
+    return f"<div class=scroll><table>{head}{''.join(rows)}</table></div>"
+
+
+def render(model: str, checkpoints: list[dict], variants: list[dict], history: list[dict],
+           current: dict[str, int], policy, generated_at: str) -> str:
+    """The page. ``current`` maps each target to the id of the variant served there now."""
+    targets = sorted({v["target"] for v in variants} | set(current))
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(model)} · modelkiln</title>"
+             f"<style>{CSS}</style></head><body>"]
+    parts.append(f"<h1>{escape(model)}</h1><p class=sub>modelkiln report, {escape(generated_at)} · "
+                 f"{len(checkpoints)} checkpoint(s), {len(variants)} variant(s), {len(targets)} target(s) · "
+                 f"policy: lowest {escape(_objective_label(policy))} within {policy.max_quality_drop:.2%} "
+                 "of the baseline's quality</p>")
+    for target in targets:
+        on_target = [v for v in variants if v["target"] == target]
+        parts.append(f"<h2>Target {escape(target)}</h2>")
+        latest = next((c for c in reversed(checkpoints)
+                       if any(v["checkpoint"] == c["content_hash"][:16] for v in on_target)), None)
+        if latest is not None:
+            newest = [v for v in on_target if v["checkpoint"] == latest["content_hash"][:16]
+                      and v["status"] == "succeeded"]
+            baseline = next((v["metrics"].get("baseline_quality") for v in newest), None)
+            parts.append(f"<p>Version {escape(latest['version'])}: each dot is a variant; hover for its figures.</p>")
+            parts.append(plot(newest, current.get(target), policy, baseline))
+        # Newest version first; within a version, in the order the recipes are configured.
+        order = {c["content_hash"][:16]: i for i, c in enumerate(checkpoints)}
+        rows = sorted(on_target, key=lambda v: (-order.get(v["checkpoint"], 0), v["id"]))
+        parts.append(_variants_table(rows, {current.get(target)}))
+    parts.append("<h2>Promotion history</h2>")
+    if history:
+        rows = "".join(
+            f"<tr><td>{escape(p['promoted_at'][:19].replace('T', ' '))}</td><td>{escape(p['target'])}</td><td>{escape(p['version'])}</td>"
+            f"<td>{escape(p['variant'])}</td><td class=num>{_fmt((p.get('metrics') or {}).get('latency_p50_ms'))}"
+            f"</td><td class=reason>{escape(p.get('reason') or '')}</td></tr>" for p in history)
+        parts.append("<table><tr><th>when (UTC)</th><th>target</th><th>version</th><th>variant</th><th>p50 ms</th>"
+                     f"<th>why</th></tr>{rows}</table>")
+    else:
+        parts.append("<p>Nothing promoted yet.</p>")
+    parts.append("<h2>Checkpoints</h2><table><tr><th>version</th><th>status</th><th>format</th><th>size</th>"
+                 "<th>content hash</th><th>source</th><th>reason</th></tr>")
+    for c in reversed(checkpoints):
+        parts.append(f"<tr><td>{escape(c['version'])}</td><td>{escape(c['status'])}</td>"
+                     f"<td>{escape(c.get('format') or '')}</td><td class=num>{_size(c.get('size_bytes'))}</td>"
+                     f"<td><code>{escape(c['content_hash'][:16])}</code></td><td>{escape(c.get('source') or '')}</td>"
+                     f"<td class=reason>{escape(c.get('reason') or '')}</td></tr>")
+    parts.append("</table></body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,95 @@
+"""The built-in webhook plugin against a real HTTP receiver on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from helpers import optimize_once
+from modelkiln.config import load_config
+from modelkiln.errors import ConfigError
+
+
+class Receiver:
+    """Records every POST; answers 503 to the first ``fail_first`` of them."""
+
+    def __init__(self, fail_first: int = 0):
+        self.requests: list[tuple[dict, bytes]] = []
+        self.fail_first = fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append((dict(self.headers), body))
+                code = 503 if len(receiver.requests) <= receiver.fail_first else 204
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def events(self) -> list[dict]:
+        return [json.loads(body) for _, body in self.requests]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def with_webhook(kiln_dir, settings: str):
+    path = kiln_dir / "kiln.toml"
+    path.write_text(path.read_text() + f"\n[plugins.settings.webhook]\n{settings}\n")
+    return load_config(path)
+
+
+def test_promotion_and_failed_job_events_are_posted_signed_and_retried(kiln_dir, tiny_checkpoint):
+    receiver = Receiver(fail_first=2)
+    try:
+        config = with_webhook(kiln_dir, f'urls = ["{receiver.url}"]\nsecret = "s3cret"\nbackoff_seconds = 0.05')
+        assert optimize_once(config, tiny_checkpoint, "tiny").status == "done"
+        config.workers.max_attempts = 1
+        config.architectures["tiny"].factory = "helpers:exiting_factory"
+        (tiny_checkpoint / "note.txt").write_text("new content, new checkpoint")
+        assert optimize_once(config, tiny_checkpoint, "tiny", "2").status == "failed"
+    finally:
+        receiver.close()
+    # Two 503s, then the promotion arrives once (same delivery id on every try).
+    deliveries = [headers["X-Kiln-Delivery"] for headers, _ in receiver.requests]
+    assert len(set(deliveries[:3])) == 1
+    events = receiver.events()[2:]
+    assert [e["event"] for e in events] == ["promoted", "job_failed"]
+    promoted, failed = events
+    assert promoted["promotion"]["model"] == "tiny" and promoted["promotion"]["target"] == "cpu"
+    assert promoted["promotion"]["metrics"]["latency_p50_ms"] > 0
+    assert (failed["job"]["kind"], failed["job"]["model"], failed["job"]["version"]) == ("inspect", "tiny", "2")
+    assert "SystemExit" in failed["job"]["reason"]
+    for headers, body in receiver.requests:
+        expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+        assert headers["X-Kiln-Signature"] == expected
+        assert headers["Content-Type"] == "application/json"
+
+
+def test_an_unreachable_receiver_never_stops_the_daemon(kiln_dir, tiny_checkpoint):
+    # Nothing listens on port 9 (discard) on loopback: every try is refused.
+    config = with_webhook(kiln_dir, 'urls = ["http://127.0.0.1:9/hook"]\nretries = 1\nbackoff_seconds = 0.01')
+    assert optimize_once(config, tiny_checkpoint, "tiny").status == "done"
+
+
+def test_bad_webhook_settings_refuse_the_start_and_name_the_key(kiln_dir, tiny_checkpoint):
+    config = with_webhook(kiln_dir, 'urls = ["ftp://example.com"]')
+    with pytest.raises(ConfigError, match=r"\[plugins.settings.webhook\]: 'urls' must be"):
+        optimize_once(config, tiny_checkpoint, "tiny")
+    config.plugins.settings["webhook"] = {"url": "http://x"}
+    with pytest.raises(ConfigError, match="unknown key 'url'"):
+        optimize_once(config, tiny_checkpoint, "tiny")
