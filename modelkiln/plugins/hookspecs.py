@@ -62,8 +62,15 @@ def kiln_registry_kinds() -> dict[str, type]:
     """Contribute registry kinds, the places checkpoints come from.
 
     :returns: a mapping from the kind's name (the config's ``registry.kind``) to a class
-        built as ``cls(config)`` that offers ``scan()``, ``locate(path)`` and ``path``
-        like ``modelkiln.registry.directory.DirectoryRegistry``.
+        built as ``cls(config)`` that offers ``path`` (the local folder of version
+        folders), ``watches`` (whether file-system events under it are worth watching),
+        ``scan()`` and ``locate(path)`` like
+        ``modelkiln.registry.directory.DirectoryRegistry``. A kind whose versions live
+        elsewhere also offers ``poll_seconds``, ``poll()`` (bring new versions into
+        ``path``, each renamed into place whole; returns how many arrived) and
+        ``publish(promotion, variants)`` (write a current promotion back, idempotently),
+        which run on the scheduler's thread, like
+        ``modelkiln.registry.mlflow_registry.MlflowRegistry``.
     """
 
 
