@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,95 @@ def test_faulty_third_party_steps_fail_their_own_job_only(tmp_path, kiln_dir, ti
     for recipe, reason in FAULTS.items():
         status, recorded = variants[recipe]
         assert status == "failed" and reason in recorded, (recipe, recorded)
+
+
+def test_a_database_locked_past_the_busy_timeout_is_waited_out(kiln_dir, digits_checkpoint):
+    """Another process holds SQLite's write lock for 4 s, 8x the busy timeout: the loop
+    logs, backs off and retries; the checkpoint is still promoted once."""
+    import sqlite3
+
+    from helpers import place
+    from test_e2e import serve, wait_for
+
+    path = kiln_dir / "kiln.toml"
+    path.write_text(path.read_text().replace("busy_timeout_ms = 30000", "busy_timeout_ms = 500"))
+    daemon = serve(kiln_dir)
+    try:
+        wait_for(lambda: b"started:" in (kiln_dir / "serve.log").read_bytes(), 60, "the daemon to start", daemon)
+        locker = sqlite3.connect(kiln_dir / "kiln.db", timeout=30, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        place(digits_checkpoint, kiln_dir / "models", "digits", "1")
+        time.sleep(4)
+        assert daemon.poll() is None
+        locker.execute("COMMIT")
+        locker.close()
+        wait_for((kiln_dir / "promoted" / "digits" / "cpu").is_symlink, 180, "the promotion", daemon)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    log = (kiln_dir / "serve.log").read_text()
+    assert "database is locked" in log and "retrying" in log
+    store = open_store(load_config(path))
+    with store.session() as session:
+        assert len(queries.current_promotions(session)) == 1
+    store.dispose()
+
+
+def test_two_daemons_on_one_database_and_folder_run_each_job_once(kiln_dir, digits_checkpoint, tiny_checkpoint):
+    from sqlalchemy import select
+
+    from helpers import place
+    from modelkiln.store.models import Job, Promotion
+    from test_e2e import serve, wait_for
+
+    first, second = serve(kiln_dir), serve(kiln_dir)
+    try:
+        wait_for(lambda: (kiln_dir / "serve.log").read_bytes().count(b"started:") == 2, 90, "both daemons", first)
+        place(digits_checkpoint, kiln_dir / "models", "digits", "1")
+        place(tiny_checkpoint, kiln_dir / "models", "tiny", "1")
+        for model in ("digits", "tiny"):
+            wait_for((kiln_dir / "promoted" / model / "cpu").is_symlink, 240, f"{model} promoted", second)
+    finally:
+        for daemon in (first, second):
+            daemon.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0 and second.wait(30) == 0
+    store = open_store(load_config(kiln_dir / "kiln.toml"))
+    with store.session() as session:
+        jobs = list(session.scalars(select(Job)))
+        promotions = list(session.scalars(select(Promotion)))
+        owners = {j.lease_owner for j in jobs}
+    store.dispose()
+    assert len(jobs) == 2 * (1 + 4) and all(j.state == "succeeded" and j.attempts == 1 for j in jobs)
+    assert len(promotions) == 2
+    assert owners == {None}  # leases are released when a job ends
+
+
+def test_thousands_of_versions_without_events_are_found_by_one_scan_once(config):
+    """The watcher off (as if every event were lost): one reconcile scan records all of
+    them, a second records nothing new."""
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.store.models import Checkpoint
+    from sqlalchemy import func, select
+
+    registry = config.registry_path
+    past = time.time() - 60
+    for i in range(2000):
+        version = registry / f"m{i % 20}" / str(i)
+        version.mkdir(parents=True)
+        (version / "notes.txt").write_text(f"no model in version {i}")  # rejected at ingest: no job
+        os.utime(version / "notes.txt", (past, past))
+        os.utime(version, (past, past))
+    daemon = Daemon(config, watch=False, schedule=False, preload=False)
+    daemon.start()
+    try:
+        started = time.monotonic()
+        daemon.reconcile()
+        first_scan = time.monotonic() - started
+        daemon.reconcile()
+        with daemon.store.session() as session:
+            count = session.scalar(select(func.count()).select_from(Checkpoint))
+            distinct = session.scalar(select(func.count(func.distinct(Checkpoint.model + "/" + Checkpoint.version))))
+    finally:
+        daemon.stop(5)
+    assert count == distinct == 2000
+    assert first_scan < config.registry.rescan_seconds  # within one interval (60 s)
