@@ -164,3 +164,47 @@ def test_thousands_of_versions_without_events_are_found_by_one_scan_once(config)
         daemon.stop(5)
     assert count == distinct == 2000
     assert first_scan < config.registry.rescan_seconds  # within one interval (60 s)
+
+
+def _namespace_with_tmpfs() -> list[str] | None:
+    """A command prefix giving a private mount namespace in which tmpfs can be mounted:
+    an unprivileged user namespace where allowed, else plain root."""
+    import shutil as sh
+
+    for prefix in (["unshare", "-rm"], ["unshare", "-m"]):
+        if sh.which(prefix[0]) is None:
+            return None
+        probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt || "
+                                "mount -t tmpfs -o size=1m tmpfs /tmp"], capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+def test_a_full_disk_fails_the_job_cleanly_and_leaves_the_served_variant(tmp_path, kiln_dir, digits_checkpoint):
+    import json
+    import shutil
+
+    prefix = _namespace_with_tmpfs()
+    if prefix is None:
+        pytest.skip("no way to mount a small tmpfs here (needs unshare with user or mount namespaces)")
+    v2 = shutil.copytree(digits_checkpoint, tmp_path / "v2")
+    (v2 / "note.txt").write_text("same weights, new content: a new checkpoint")
+    artifacts = kiln_dir / "artifacts"
+    artifacts.mkdir()
+    driver = Path(__file__).parent / "diskfull_driver.py"
+    script = (f"mount -t tmpfs -o size=16m tmpfs {artifacts} && exec {sys.executable} {driver} "
+              f"{kiln_dir / 'kiln.toml'} {digits_checkpoint} {v2}")
+    out = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["first"] == "done"
+    failed = [v for v in result["variants"] if v[0] == "2" and v[3] == "failed"]
+    reasons = " ".join(v[4] or "" for v in failed) + " " + (result["second_reason"] or "")
+    assert failed or result["second"] == "failed", result
+    assert "No space left on device" in reasons, result
+    # The served variant is untouched and complete; nothing half-written is left behind.
+    assert result["link_after"] == result["link_before"] and result["link_complete"]
+    assert [p for p in result["promotions"] if p[0] != 1] == []
+    assert result["staging_left"] == [] and result["incoming_left"] == []
+    assert all(p.endswith("worker.log") for p in result["work_left"]), result["work_left"]

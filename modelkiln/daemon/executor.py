@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # A worker that reported its result gets this long to exit before it is killed.
 EXIT_GRACE_SECONDS = 10.0
+# A worker that dies without reporting on a disk this close to full most likely died of it.
+LOW_DISK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -70,6 +72,25 @@ class _Running:
     results: list[dict] = field(default_factory=list)
     worker: _Worker | None = None
     index: int = 0
+
+
+def _last_words(log_path: Path) -> str:
+    """What the log's last line and the disk say about a worker that could not report."""
+    words = ""
+    try:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        if lines:
+            words = f": {lines[-1].strip()[:300]}"
+    except OSError:
+        pass
+    try:
+        stat = os.statvfs(log_path.parent)
+        if stat.f_bavail * stat.f_frsize < LOW_DISK_BYTES:
+            words += (f"; No space left on device: {stat.f_bavail * stat.f_frsize // 1024} KiB free "
+                      f"where {log_path.parent} is")
+    except OSError:
+        pass
+    return f"{words}; see {log_path}"
 
 
 class Executor:
@@ -212,7 +233,7 @@ class Executor:
             chosen.close()
             code = chosen.process.exitcode
             how = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
-            reason = f"worker process died in {running.phases[running.index].name} ({how}); see {log_path}"
+            reason = f"worker process died in {running.phases[running.index].name} ({how}){_last_words(log_path)}"
             return Outcome(running.job_id, "failed", running.results, reason)
         chosen.close()
         self._exiting.append((chosen.process, self.clock()))

@@ -353,9 +353,15 @@ class Daemon:
         if job.state == "failed":
             notify(self.catalog.manager, "kiln_job_failed", job=views.job_dict(job))
         self._after_job(session, checkpoint, job)
-        if job.state == "succeeded" or outcome is None:
-            # Failed jobs keep their folder: worker.log says what happened.
-            shutil.rmtree(self.layout.job_work(job.id), ignore_errors=True)
+        work = self.layout.job_work(job.id)
+        if job.state != "failed" or outcome is None:
+            shutil.rmtree(work, ignore_errors=True)
+        elif work.is_dir():
+            # A failed job keeps only worker.log, which says what happened: its exports and
+            # half-written files go, so a failure on a full disk frees what it took.
+            for entry in work.iterdir():
+                if entry.name != "worker.log":
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
     def _after_job(self, session, checkpoint: Checkpoint, job: Job | None) -> None:
         targets = [job.target] if job is not None and job.target else list(self.config.targets)
