@@ -180,6 +180,18 @@ class StateDictFormat(CheckpointFormat):
         return LoadedCheckpoint(self.name, inputs, module=module, info=info)
 
 
+def _check_safetensors(path: Path) -> None:
+    """Parse the header only (it bounds every tensor by the file's size): cheap, and the
+    error names the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:
+        raise CheckpointRejected(f"{path}: not a valid safetensors file ({exc})") from None
+
+
 def _hf_wrapper(model):
     """Wrap a transformers model so it takes token ids and returns one tensor."""
     import torch
@@ -220,6 +232,8 @@ class HuggingFaceFormat(CheckpointFormat):
                 f"{config_path}: asks for remote code (auto_map), which is never run; "
                 "use an architecture that ships with transformers"
             )
+        for weights in sorted(directory.glob("*.safetensors")):
+            _check_safetensors(weights)  # a bad file named here, not deep inside transformers
         import transformers
 
         architectures = raw.get("architectures") or []
