@@ -208,3 +208,35 @@ def test_a_full_disk_fails_the_job_cleanly_and_leaves_the_served_variant(tmp_pat
     assert [p for p in result["promotions"] if p[0] != 1] == []
     assert result["staging_left"] == [] and result["incoming_left"] == []
     assert all(p.endswith("worker.log") for p in result["work_left"]), result["work_left"]
+
+
+def test_sigterm_stops_within_the_timeout_and_hands_a_long_job_back(kiln_dir, digits_checkpoint):
+    from helpers import place
+    from test_e2e import running_variant_job, serve, wait_for
+
+    from modelkiln.store.models import Job
+
+    path = kiln_dir / "kiln.toml"
+    text = path.read_text().replace("min_seconds = 0.0", "min_seconds = 30.0").replace(
+        "max_seconds = 0.2", "max_seconds = 60.0")
+    path.write_text(text)
+    daemon = serve(kiln_dir, "--stop-timeout", "2")
+    store = open_store(load_config(path))
+    try:
+        wait_for(lambda: b"started:" in (kiln_dir / "serve.log").read_bytes(), 60, "the daemon to start", daemon)
+        place(digits_checkpoint, kiln_dir / "models", "digits", "1")
+        job = wait_for(lambda: running_variant_job(store), 120, "a running variant job", daemon)
+        time.sleep(1)  # well inside its 30 s of measuring
+        sent = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        took = time.monotonic() - sent
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert took < 2 + 5, took  # the timeout, plus shutting the workers and the store
+    with store.session() as session:
+        again = session.get(Job, job.id)
+        assert again.state == "pending" and again.lease_owner is None
+        assert "stopped before it finished" in again.reason
+    store.dispose()
