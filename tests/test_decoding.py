@@ -24,6 +24,35 @@ def test_a_causal_lm_is_measured_by_prefill_and_decode(kiln_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "modelkiln", "variants", "llm", "--config", str(kiln_dir / "kiln.toml")],
                          capture_output=True, text=True, check=True).stdout
     assert "ms/token" in out and "prefill of a 32-token prompt" in out
+    # The quality gate of a causal LM: teacher-forced next-token agreement, KL beside it.
+    for variant in all_variants(config, "llm"):
+        metrics = variant["metrics"]
+        assert metrics["quality_metric"] == "next_token_top1" and metrics["baseline_quality"] == 1.0
+        kl = json.loads((Path(variant["path"]) / "variant.json").read_text())["metrics"]["checks"]["next_token_kl"]
+        if variant["recipe"] == "baseline":
+            assert metrics["quality"] == 1.0 and kl < 1e-6
+        else:  # bf16: a few near-ties may flip, the distributions stay close
+            assert metrics["quality"] >= 0.9 and 0 < kl < 0.05, (metrics["quality"], kl)
+
+
+def test_the_llm_gate_rejects_a_variant_whose_next_tokens_drift():
+    import numpy as np
+
+    from modelkiln.config import PolicyConfig
+    from modelkiln.policy import within_tolerance
+    from modelkiln.targets.quality import NEXT_TOKEN_TOP1, choose_metric, next_token_kl, score
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(4, 16, 50)).astype(np.float32)
+    assert choose_metric(reference, None, causal_lm=True) == NEXT_TOKEN_TOP1
+    close = reference + rng.normal(scale=1e-3, size=reference.shape).astype(np.float32)
+    drifted = reference + rng.normal(scale=0.5, size=reference.shape).astype(np.float32)
+    policy = PolicyConfig()
+    for outputs, passes in ((close, True), (drifted, False)):
+        quality = score(NEXT_TOKEN_TOP1, outputs, reference, None)
+        candidate = {"metrics": {"quality": quality, "baseline_quality": 1.0}}
+        assert within_tolerance(candidate, policy) is passes, quality
+    assert next_token_kl(close, reference) < 1e-4 < next_token_kl(drifted, reference)
 
 
 def tiny_llama():

@@ -23,7 +23,7 @@ from ..plugins.recipes import parse_recipe
 from ..registry.data import load_calibration, load_eval, load_train
 from ..registry.formats import detect_format, no_format_reason
 from ..targets import harness
-from ..targets.quality import choose_metric, score
+from ..targets.quality import NEXT_TOKEN_TOP1, choose_metric, next_token_kl, score
 
 REFERENCE_FILE = "reference.npz"
 INSPECT_FILE = "inspect.json"
@@ -146,7 +146,10 @@ def inspect_checkpoint(spec: dict) -> dict:
     except Exception as exc:
         raise CheckpointRejected(f"{directory}: the model fails on its sample inputs ({exc})") from None
     labels = eval_data["labels"][:MAX_EVAL_ROWS] if eval_data is not None else None
-    metric = choose_metric(reference, labels)
+    from ..targets.decoding import find_causal_lm
+
+    causal_lm = loaded.module is not None and find_causal_lm(loaded.module) is not None
+    metric = choose_metric(reference, labels, causal_lm)
     baseline_quality = score(metric, reference, reference, labels)
     arrays = {f"input:{k}": v for k, v in samples.items()}
     arrays["reference"] = reference
@@ -281,10 +284,13 @@ def measure_variant(spec: dict) -> dict:
         timing.setdefault("peak_memory_bytes", max(0, harness.peak_rss_bytes() - rss_before))
         measurements.append(timing)
     decode = run.time_decoding() if hasattr(run, "time_decoding") else None
+    # What the runtime checked while loading (e.g. a sharded variant's equality check).
+    checks = dict(getattr(run, "details", {}))
+    if metric == NEXT_TOKEN_TOP1:
+        checks["next_token_kl"] = next_token_kl(outputs.astype(np.float32), arrays["reference"].astype(np.float32))
     return {
         "status": "measured",
-        # What the runtime checked while loading (e.g. a sharded variant's equality check).
-        "checks": getattr(run, "details", {}),
+        "checks": checks,
         # A causal language model's prefill and per-token decode latency, where measured.
         "decode": decode,
         "quality_metric": metric,
