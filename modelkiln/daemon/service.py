@@ -1,12 +1,14 @@
 """The daemon: one loop that reads its inbox, ingests, leases, runs and records.
 
-    start()      open the store (refusing an outdated schema), load plugins, recover
-                 jobs a killed predecessor left running, repair promoted links, start
-                 the worker fork server, the watcher and the scheduler
+    start()      open the store (refusing an outdated schema), bind /healthz and
+                 /metrics, load and start plugins, recover jobs a killed predecessor
+                 left running, repair promoted links, start the worker fork server, the
+                 watcher (for registries worth watching) and the scheduler (with the
+                 sync of a remote registry), then serve HTTP
     run_once()   drain the inbox (events, scheduled ticks), ingest what is due, reap
                  finished jobs and record them, lease new ones, renew leases
     stop(t)      stop taking work, let running jobs finish for up to t seconds, hand
-                 the rest back to pending, shut everything down
+                 the rest back to pending, tell plugins, shut everything down
 
 Signal handlers only record the signal; the loop acts on it. A second SIGTERM/SIGINT
 forces the stop. All database writes happen on the loop's thread.
@@ -33,10 +35,10 @@ from ..store.db import open_store
 from ..store.models import Checkpoint, Job, Variant
 from .executor import Executor
 from .health import HealthServer
-from .logs import about
 from .ingest import Ingestor
 from .jobs import JobBook
 from .layout import Layout
+from .logs import about
 from .promoter import Promoter
 from .scheduler import Scheduler
 from .sync import RegistrySync
