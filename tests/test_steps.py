@@ -208,3 +208,20 @@ def test_weight_only_int4_and_int8_on_both_runtimes(kiln_dir, digits_checkpoint)
     torch_int4 = by_name["torch:quantize.weight_only"]
     program = torch.export.load(f"{torch_int4['path']}/{torch_int4['file']}")  # plain torch serves it
     assert any("int4pack" in str(n.target) for n in program.graph.nodes)
+
+
+def test_the_cuda_int8_weight_layer_matches_the_float_layer_on_any_device():
+    """The layer quantize.weight_only(bits=8) puts on cuda targets: int8 weight, one scale
+    per output channel, computed in the activations' dtype (checked here on the cpu)."""
+    import torch
+
+    from modelkiln.plugins.weight_only import _dequant_layer_class
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        linear = torch.nn.Linear(256, 64).to(dtype)
+        layer = _dequant_layer_class()(linear)
+        assert layer.weight.dtype == torch.int8 and layer.scales.dtype == dtype
+        x = torch.randn(3, 256, dtype=dtype)
+        expected, got = linear(x).float(), layer(x).float()
+        assert torch.nn.functional.cosine_similarity(expected.flatten(), got.flatten(), dim=0) > 0.999

@@ -13,6 +13,12 @@ with 4-bit weights than in fp32 (see BENCHMARKS.md). The measurement decides.
 - torch (cpu): each Linear becomes a module calling PyTorch's packed weight-only kernels:
   ``_weight_int8pack_mm`` (one scale per output channel) or ``_weight_int4pack_mm_for_cpu``
   (per-group scale and zero point), which ``torch.export`` carries.
+- torch (cuda), int8: each Linear keeps an int8 weight and one scale per output channel
+  in the layer's own dtype, and computes ``linear(x, weight.to(x.dtype)) * scale``. Run
+  as is, that converts the whole weight at every call (slower than bf16); compiled
+  (``-> compile.inductor``), TorchInductor fuses the conversion into the matrix-vector
+  kernel, so a decoding step reads one byte per weight instead of two, the way gpt-fast
+  does. int4 on cuda is not built yet (skipped with the reason).
 """
 
 from __future__ import annotations
@@ -103,6 +109,30 @@ def _torch_layer_class():
     return WeightOnlyLinear
 
 
+def _dequant_layer_class():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Int8WeightLinear(nn.Module):
+        """int8 weight, one scale per output channel, computed in the activations' dtype."""
+
+        def __init__(self, linear: nn.Linear):
+            super().__init__()
+            weight = linear.weight.detach()
+            scale = weight.float().abs().amax(1).clamp(min=1e-12) / 127
+            self.register_buffer("weight", torch.round(weight.float() / scale[:, None]).clamp(-128, 127)
+                                 .to(torch.int8))
+            self.register_buffer("scales", scale.to(weight.dtype))
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+        def forward(self, x):
+            out = F.linear(x, self.weight.to(x.dtype)) * self.scales
+            return out if self.bias is None else out + self.bias
+
+    return Int8WeightLinear
+
+
 class WeightOnly(Step):
     name = "quantize.weight_only"
     description = "int8 or block-wise int4 weights, float activations (onnxruntime MatMulNBits; torch packed kernels on cpu)"
@@ -145,9 +175,10 @@ class WeightOnly(Step):
 
         import torch
 
+        if context.device.startswith("cuda"):
+            return self._cuda(model, bits, context)
         if context.device != "cpu":
-            raise StepNotApplicable(f"{self.name}: the torch kernels used here run on cpu; target "
-                                    f"{context.target} is {context.device}")
+            raise StepNotApplicable(f"{self.name}: no torch kernels here for device {context.device}")
         layer_class = _torch_layer_class()
         module = copy.deepcopy(model.obj)
         names = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
@@ -160,6 +191,23 @@ class WeightOnly(Step):
                                     f"(int4 needs input widths divisible by block_size = {block} and "
                                     "output widths by 16)")
         context.record.update(quantized_layers=len(names), bits=bits, block_size=block)
+        return ModelHandle(TORCH, module.eval(), model.inputs, dict(model.notes))
+
+    def _cuda(self, model, bits, context):
+        import torch
+
+        if bits != 8:
+            raise StepNotApplicable(f"{self.name}: int4 on cuda is not built yet; bits=8 is")
+        layer_class = _dequant_layer_class()
+        module = model.obj  # converted in place, layer by layer: a 7B model has no room for a copy
+        names = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+                 and m.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)]
+        if not names:
+            raise StepNotApplicable("the model has no floating-point Linear layer")
+        with torch.no_grad():
+            for name in names:
+                module.set_submodule(name, layer_class(module.get_submodule(name)))
+        context.record.update(quantized_layers=len(names), bits=bits, kernel="int8 weight, dequantized in the matmul")
         return ModelHandle(TORCH, module.eval(), model.inputs, dict(model.notes))
 
 
