@@ -72,6 +72,7 @@ def main():
     import torch
     from transformers import LlamaForCausalLM
 
+    from modelkiln.plugins.compiler import compile_loaded
     from modelkiln.targets.decoding import PROMPT_TOKENS, export_decoder, prompt_ids, time_decoding
 
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
@@ -116,7 +117,7 @@ def main():
     add(f"modelkiln decode.pt2, bf16, as exported (export {exported:.0f} s)", decode["decode_ms_per_token"], 2,
         decode["tokens"], reference)
     t0 = time.time()
-    compiled = torch.compile(program.module(), mode="reduce-overhead")
+    compiled = compile_loaded(program.module(), "reduce-overhead")
     decode = time_decoding(compiled, config.vocab_size, "cuda")
     add(f"modelkiln decode.pt2, bf16 -> compile.inductor (CUDA graphs; {time.time() - t0:.0f} s)",
         decode["decode_ms_per_token"], 2, decode["tokens"], reference)
@@ -142,7 +143,7 @@ def main():
     kl = next_token_kl(int8_logits, bf16_logits)
     t0 = time.time()
     program = export_decoder(model)
-    compiled = torch.compile(program.module(), mode="reduce-overhead")
+    compiled = compile_loaded(program.module(), "reduce-overhead")
     decode = time_decoding(compiled, config.vocab_size, "cuda")
     add(f"modelkiln decode.pt2, bf16 -> weight_only(bits=8) -> compile.inductor ({time.time() - t0:.0f} s)",
         decode["decode_ms_per_token"], 1, decode["tokens"], reference)

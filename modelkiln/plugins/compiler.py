@@ -9,6 +9,12 @@ input shape pay the compilation (seconds to minutes); the warm-up runs absorb it
 
 ``reduce-overhead`` (the default) adds CUDA graphs: one replay per call instead of a
 launch per kernel, which is where batch-1 latency goes on a GPU.
+
+Shapes are compiled static (``dynamic=False``): one graph, and one CUDA graph, per input
+shape the service sees (each batch size; a prompt's prefill and a decoding step). A
+decoding step then has one row, and TorchInductor can specialise for it, e.g. fuse an
+int8 weight's conversion into the matrix-vector product; with a symbolic row count it
+converted the whole weight at every step (53 ms per token on a 7B model, 8x slower).
 """
 
 from __future__ import annotations
@@ -19,6 +25,13 @@ from .api import TORCH, ModelHandle, Param, Step
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_loaded(module, mode: str):
+    """How a loaded program is compiled, in the measurement and in serving code alike."""
+    import torch
+
+    return torch.compile(module, mode=mode, dynamic=False)
 
 
 class Inductor(Step):

@@ -16,6 +16,7 @@ import warnings
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import SHARDED, TORCH, ModelHandle, Runtime
+from ..plugins.compiler import compile_loaded
 from . import decoding, sharded
 
 EXPORT_FILE = "model.pt2"
@@ -107,7 +108,7 @@ class TorchRuntime(Runtime):
 
         serving = {}
         if model.notes.get("compile"):
-            serving["compile"] = {"mode": model.notes["compile"]}
+            serving["compile"] = {"mode": model.notes["compile"], "dynamic": False}
         lm = decoding.find_causal_lm(model.obj)
         if lm is not None:
             try:
@@ -130,12 +131,12 @@ class TorchRuntime(Runtime):
                 module = torch.export.load(str(directory / file)).module().to(device)
                 serving = json.loads((directory / SERVING_FILE).read_text()) if (directory / SERVING_FILE).exists() else {}
                 if "compile" in serving:
-                    module = torch.compile(module, mode=serving["compile"]["mode"])
+                    module = compile_loaded(module, serving["compile"]["mode"])
                 decode = serving.get("decode", {})
                 if "file" in decode:
                     decoder = torch.export.load(str(directory / decode["file"])).module().to(device)
                     if "compile" in serving:
-                        decoder = torch.compile(decoder, mode=serving["compile"]["mode"])
+                        decoder = compile_loaded(decoder, serving["compile"]["mode"])
                     return Serving(module, device, decoder, decode["vocab_size"])
             else:
                 module = torch.jit.load(str(directory / file), map_location=device)
