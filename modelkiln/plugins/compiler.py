@@ -11,10 +11,8 @@ input shape pay the compilation (seconds to minutes); the warm-up runs absorb it
 launch per kernel, which is where batch-1 latency goes on a GPU.
 
 Shapes are compiled static (``dynamic=False``): one graph, and one CUDA graph, per input
-shape the service sees (each batch size; a prompt's prefill and a decoding step). A
-decoding step then has one row, and TorchInductor can specialise for it, e.g. fuse an
-int8 weight's conversion into the matrix-vector product; with a symbolic row count it
-converted the whole weight at every step (53 ms per token on a 7B model, 8x slower).
+shape the service sees (each batch size; a prompt's prefill and a decoding step), each
+specialised for its shape instead of one graph with a symbolic dimension.
 """
 
 from __future__ import annotations

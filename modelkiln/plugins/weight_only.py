@@ -14,11 +14,13 @@ with 4-bit weights than in fp32 (see BENCHMARKS.md). The measurement decides.
   ``_weight_int8pack_mm`` (one scale per output channel) or ``_weight_int4pack_mm_for_cpu``
   (per-group scale and zero point), which ``torch.export`` carries.
 - torch (cuda), int8: each Linear keeps an int8 weight and one scale per output channel
-  in the layer's own dtype, and computes ``linear(x, weight.to(x.dtype)) * scale``. Run
-  as is, that converts the whole weight at every call (slower than bf16); compiled
-  (``-> compile.inductor``), TorchInductor fuses the conversion into the matrix-vector
-  kernel, so a decoding step reads one byte per weight instead of two, the way gpt-fast
-  does. int4 on cuda is not built yet (skipped with the reason).
+  in the layer's own dtype, and computes ``linear(x, weight.to(x.dtype)) * scale``, the
+  form gpt-fast compiles into a kernel that reads one byte per weight. Measured on an
+  H100 (BENCHMARKS.md), TorchInductor (torch 2.11) did not fuse the conversion into the
+  matrix product of the exported program: the weight is converted at every call and a
+  7B decoding step took 53 ms against 7 ms in bf16, so the policy does not promote it.
+  A fused kernel (a GEMV written for one row, or torchao's) is what is missing. int4 on
+  cuda is not built (skipped with the reason).
 """
 
 from __future__ import annotations
