@@ -94,3 +94,44 @@ def test_processes_opening_a_new_database_at_once_all_succeed(config):
         p.join(60)
     outcomes = [results.get(timeout=5) for _ in processes]
     assert all(isinstance(o, int) and o >= 6 for o in outcomes), outcomes
+
+
+KILL_MID_MIGRATION = """
+import os, signal, sys
+from alembic.operations import Operations
+from modelkiln.config import load_config
+from modelkiln.store.db import open_store
+
+created = []
+original = Operations.create_table
+def create_table(self, *args, **kwargs):
+    result = original(self, *args, **kwargs)
+    created.append(args[0])
+    if len(created) == 3:  # three tables written, two to go: the process dies here
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+Operations.create_table = create_table
+open_store(load_config(sys.argv[1]))
+"""
+
+
+def test_a_process_killed_mid_migration_leaves_no_half_schema(config):
+    """Found by the SIGKILL campaign: the first start, killed while creating the schema,
+    left tables without a revision, and every restart refused the file."""
+    import signal
+    import subprocess
+    import sys
+
+    from sqlalchemy import inspect
+
+    from modelkiln.store.db import current_revision, head_revision
+
+    out = subprocess.run([sys.executable, "-c", KILL_MID_MIGRATION, str(config.source)], capture_output=True)
+    assert out.returncode == -signal.SIGKILL, out.stderr.decode()[-2000:]
+    store = open_store(config)  # the next start migrates from scratch
+    try:
+        assert current_revision(store.engine) == head_revision()
+        assert {"checkpoints", "variants", "jobs", "promotions", "measurements"} <= set(
+            inspect(store.engine).get_table_names())
+    finally:
+        store.dispose()

@@ -17,6 +17,9 @@ def run_migrations_online() -> None:
             target_metadata=target_metadata,
             # SQLite cannot ALTER most things; batch mode copies the table instead.
             render_as_batch=True,
+            # One transaction for the whole upgrade (store/db.py makes SQLite honour it):
+            # a process killed mid-migration leaves the previous revision, not half a schema.
+            transactional_ddl=True,
             compare_type=True,
         )
         context.run_migrations()

@@ -22,7 +22,13 @@ from ..errors import StoreError
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def make_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
+def make_engine(url: str, busy_timeout_ms: int = 30000, transactional_ddl: bool = False) -> Engine:
+    """``transactional_ddl``: for migrations. Python's sqlite3 only opens a transaction
+    before INSERT/UPDATE/DELETE, so each CREATE TABLE commits on its own and a daemon
+    killed while creating the schema left half of it behind (found by the SIGKILL
+    campaign). This engine turns the driver's own handling off and begins every
+    transaction itself, SQLAlchemy's recipe for pysqlite, so a migration is one
+    transaction: all of it or none of it."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -41,6 +47,13 @@ def make_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
             # lose the last transactions), at a fraction of FULL's fsyncs.
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+            if transactional_ddl:
+                dbapi_connection.isolation_level = None
+
+        if transactional_ddl:
+            @event.listens_for(engine, "begin")
+            def _begin(connection):
+                connection.exec_driver_sql("BEGIN IMMEDIATE")  # the writer's lock up front
 
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -73,6 +86,15 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
+    if engine.url.get_backend_name() == "sqlite":
+        # Its own engine: the driver settings differ (see make_engine); migrators are
+        # serialised by _migration_lock, so the default busy timeout is plenty.
+        migrator = make_engine(engine.url.render_as_string(hide_password=False), transactional_ddl=True)
+        try:
+            command.upgrade(alembic_config(migrator), revision)
+        finally:
+            migrator.dispose()
+        return
     command.upgrade(alembic_config(engine), revision)
 
 
