@@ -123,7 +123,7 @@ class Daemon:
         if self.schedule:
             sync = None
             if hasattr(self.registry, "poll"):
-                sync = RegistrySync(self.registry, self.store, self.inbox, self.promoter.link)
+                sync = RegistrySync(self.registry, self.store, self.inbox, self.promoter.describe)
             self.scheduler = Scheduler(self.id, self.inbox, config.registry.rescan_seconds,
                                        config.workers.lease_seconds, sync=sync,
                                        sync_seconds=getattr(self.registry, "poll_seconds", 60.0))

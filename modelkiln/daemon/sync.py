@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 
 
 class RegistrySync:
-    def __init__(self, registry, store, inbox: queue.Queue, link_for):
+    def __init__(self, registry, store, inbox: queue.Queue, describe):
         self.registry = registry
         self.store = store
         self.inbox = inbox
-        self.link_for = link_for  # (model, target) -> path of the promoted link
+        self.describe = describe  # Promoter.describe: a promotion as `kiln promoted --json` prints it
 
     def __call__(self) -> None:
         try:
@@ -48,6 +48,5 @@ class RegistrySync:
                 if checkpoint.registry_kind != self.registry.kind:
                     continue
                 variants = [views.variant_dict(v) for v in queries.variants_of(session, checkpoint.id, promotion.target)]
-                out.append((views.promotion_dict(promotion, str(self.link_for(promotion.model, promotion.target))),
-                            variants))
+                out.append((self.describe(promotion), variants))
         return out
