@@ -149,6 +149,24 @@ def test_hugging_face_folder_loads_without_remote_code(tmp_path):
     assert loaded.module(ids).shape == (2, 3)
 
 
+def test_hugging_face_models_export_eager_attention_to_onnx(tmp_path):
+    # onnxruntime runs the eager attention graph faster than SDPA's; torch keeps SDPA.
+    import onnx
+
+    from modelkiln.targets.onnxrt import export_to_onnx
+
+    loaded = HuggingFaceFormat().load(tiny_bert(tmp_path / "bert"), LoadContext("bert"))
+    inner = loaded.module.inner
+    assert inner.config._attn_implementation == "sdpa"
+    ids = {"input_ids": np.random.default_rng(0).integers(0, 100, (2, 8))}
+    export_to_onnx(loaded.module, loaded.inputs, ids, tmp_path / "model.onnx")
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    # SDPA's export guards fully masked rows with IsNaN/Where around the Softmax; the
+    # eager attention graph has no such guard.
+    assert "Softmax" in ops and "IsNaN" not in ops
+    assert inner.config._attn_implementation == "sdpa"
+
+
 def test_hugging_face_folder_asking_for_remote_code_is_rejected(tmp_path):
     folder = tiny_bert(tmp_path / "bert", auto_map={"AutoModel": "evil.Model"})
     with pytest.raises(CheckpointRejected, match="remote code"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,14 @@ def export_to_onnx(module, inputs, example: dict, path: Path) -> None:
     The TorchScript-based exporter is tried first because it takes a fraction of a second
     on models the torch.export-based one needs seconds for; the latter is the fallback.
     """
+    # A module may prefer another form while it is exported (the Hugging Face wrapper
+    # switches to eager attention, which onnxruntime runs faster).
+    exporting = getattr(module, "exporting_to_onnx", contextlib.nullcontext)
+    with exporting():
+        _export(module, inputs, example, path)
+
+
+def _export(module, inputs, example: dict, path: Path) -> None:
     import torch
 
     names = [spec.name for spec in inputs]
