@@ -225,3 +225,29 @@ def test_the_cuda_int8_weight_layer_matches_the_float_layer_on_any_device():
         x = torch.randn(3, 256, dtype=dtype)
         expected, got = linear(x).float(), layer(x).float()
         assert torch.nn.functional.cosine_similarity(expected.flatten(), got.flatten(), dim=0) > 0.999
+
+
+def test_head_pruning_removes_whole_attention_heads(kiln_dir, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from modelkiln.config import load_config
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "prune.structured(amount=0.0, heads=0.5, recovery_steps=0)"]'))
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    folder = tmp_path / "bert"
+    BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, num_labels=3)).save_pretrained(str(folder), safe_serialization=True)
+    checkpoint = optimize_once(config, folder, "bert")
+    assert checkpoint.status == "done", checkpoint.reason
+    by_name = {v["variant"]: v for v in all_variants(config, "bert")}
+    for runtime in ("onnxruntime", "torch"):  # the pruned model exports and serves on both
+        pruned = by_name[f"{runtime}:prune.structured(amount=0.0, heads=0.5, recovery_steps=0)"]
+        assert pruned["status"] == "succeeded", pruned.get("reason")
+        record = pruned["lineage"][0]["record"]
+        assert (record["attention_heads_before"], record["attention_heads_after"]) == (8, 4)
+        # q, k, v lose half their outputs, the attention output projection half its inputs:
+        # 2 layers x (3 x 64 x 32 + 3 x 32 + 32 x 64) fewer parameters.
+        assert record["parameters_before"] - record["parameters_after"] == 2 * (3 * 64 * 32 + 3 * 32 + 32 * 64)

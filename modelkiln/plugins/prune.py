@@ -3,9 +3,15 @@
 ``prune.structured``: removes whole channels (Linear output features, Conv output
 channels) so the dense model really shrinks, following the dependencies between layers
 with torch-pruning's dependency graph so the model stays valid. Layers that produce the
-model's output keep their width; attention projections are left whole (MLP width and
-channels are pruned, heads are not yet). Where unlabelled data exists it is followed by a
-short recovery fine-tune distilled from the original model.
+model's output keep their width. With ``heads > 0`` whole attention heads go too: each
+attention block whose query/key/value projections are found (``query``/``key``/``value``
+or ``q_proj``/``k_proj``/``v_proj``, as Hugging Face and most hand-written blocks name
+them) loses that share of its heads, the least important by the weights' magnitude, with
+the head size kept; the block's head count (and the model config's, so a static KV cache
+is sized right) is updated. Grouped-query blocks and models with rotary position
+embeddings (whose q/k half-rotations torch-pruning's dependency graph does not finish
+on) keep their heads; the record says so. Where unlabelled data
+exists it is followed by a short recovery fine-tune distilled from the original model.
 
 ``prune.magnitude``: global unstructured magnitude pruning of Linear and Conv weights.
 The smallest weights across all those layers are set to zero and the pruning is made
@@ -57,13 +63,72 @@ class Magnitude(Step):
 
 
 # Module names of attention projections, whose widths must stay multiples of the head
-# size: left whole until head pruning is supported.
+# size: channel pruning leaves them whole; head pruning takes whole heads from q/k/v.
 _ATTENTION_NAMES = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "out_proj", "attention.output.dense",
                     "c_attn", "qkv")
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+_HEAD_COUNTS = ("num_attention_heads", "num_heads")
 
 
-def _output_width_layers(module, example, names: dict) -> list:
-    """Layers whose width is the model's output width, or that look like attention."""
+def _head_count(block):
+    for holder in (block, getattr(block, "config", None)):
+        for attr in _HEAD_COUNTS:
+            value = getattr(holder, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def attention_blocks(module) -> list[tuple]:
+    """``(block, [q, k, v], heads)`` for each multi-head attention block whose heads can be
+    pruned: q/k/v Linear layers of one width that divides by the head count (grouped-query
+    blocks, whose k/v are narrower, are left out)."""
+    import torch.nn as nn
+
+    found = []
+    for block in module.modules():
+        for names in _QKV_NAMES:
+            layers = [getattr(block, name, None) for name in names]
+            if not all(isinstance(layer, nn.Linear) for layer in layers):
+                continue
+            heads = _head_count(block)
+            widths = {layer.out_features for layer in layers}
+            if heads and heads > 1 and len(widths) == 1 and widths.pop() % heads == 0:
+                found.append((block, layers, heads))
+    return found
+
+
+def _set_head_counts(module, blocks, pruner) -> dict:
+    """After pruning: tell each block (and the config) how many heads it has now."""
+    counts = []
+    for block, (q, _, _), heads in blocks:
+        now = pruner.num_heads[q]
+        head_size = q.out_features // now
+        for attr in _HEAD_COUNTS:
+            if isinstance(getattr(block, attr, None), int):
+                setattr(block, attr, now)
+        if isinstance(getattr(block, "all_head_size", None), int):
+            block.all_head_size = q.out_features
+        if isinstance(getattr(block, "attention_head_size", None), int):
+            block.attention_head_size = head_size
+        counts.append(now)
+    config = getattr(module, "config", None)
+    if config is None:  # the Hugging Face model sits inside the wrapper
+        config = next((m.config for m in module.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")),
+                      None)
+    if config is not None and counts and len(set(counts)) == 1 and getattr(config, "num_attention_heads", None):
+        before = config.num_attention_heads
+        # Keep the head size: code that derives it from hidden_size / heads would be wrong now.
+        config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // before
+        if getattr(config, "num_key_value_heads", None) == before:
+            config.num_key_value_heads = counts[0]
+        config.num_attention_heads = counts[0]
+    return {"attention_heads_before": sum(b[2] for b in blocks), "attention_heads_after": sum(counts)}
+
+
+def _output_width_layers(module, example, names: dict, prunable_heads=()) -> list:
+    """Layers whose width is the model's output width, or that look like attention
+    (except the q/k/v layers in ``prunable_heads``)."""
     import torch
     import torch.nn as nn
 
@@ -74,6 +139,8 @@ def _output_width_layers(module, example, names: dict) -> list:
     keep = []
     for m in module.modules():
         name = names.get(m, "")
+        if m in prunable_heads:
+            continue
         if isinstance(m, nn.Linear) and m.out_features == width:
             keep.append(m)
         elif isinstance(m, nn.modules.conv._ConvNd) and m.out_channels in (width, channels):
@@ -88,6 +155,7 @@ class Structured(Step):
     description = "remove whole channels / MLP width (torch-pruning), then a distilled recovery fine-tune"
     params = (
         Param("amount", float, 0.5, "share of channels removed from each prunable layer, in [0, 1)"),
+        Param("heads", float, 0.0, "share of attention heads removed from each attention block, in [0, 1)"),
         Param("recovery_steps", int, 300, "fine-tune steps distilled from the original; 0 for none"),
         Param("learning_rate", float, 1e-3, "of the recovery fine-tune"),
     )
@@ -99,20 +167,41 @@ class Structured(Step):
         import torch
         import torch_pruning as tp
 
-        amount = params["amount"]
-        if not 0 <= amount < 1:
-            raise StepNotApplicable(f"{self.name}: amount must be in [0, 1), got {amount}")
+        amount, heads = params["amount"], params["heads"]
+        for key, value in (("amount", amount), ("heads", heads)):
+            if not 0 <= value < 1:
+                raise StepNotApplicable(f"{self.name}: {key} must be in [0, 1), got {value}")
         module = model.obj
         teacher = copy.deepcopy(module).eval()
         samples = context.sample_inputs
         example = tuple(torch.from_numpy(samples[spec.name][:2]) for spec in model.inputs)
         names = {m: n for n, m in module.named_modules()}
         before = sum(p.numel() for p in module.parameters())
+        blocks = attention_blocks(module) if heads > 0 else []
+        rotary = heads > 0 and any("Rotary" in type(m).__name__ for m in module.modules())
+        if rotary:
+            # torch-pruning's dependency graph never finishes on rotary embeddings'
+            # half-rotations of q/k (Llama-style blocks): heads stay, channels are pruned.
+            blocks = []
+        head_layers = {layer for _, layers, _ in blocks for layer in layers}
+        ignored = _output_width_layers(module, example, names, head_layers)
+        ratio = amount
+        if amount == 0 and head_layers:
+            # torch-pruning prunes nothing at a ratio of 0, heads included: prune heads
+            # only by leaving every other layer out of its reach.
+            ignored += [layer for layer, _ in _prunable(module) if layer not in head_layers]
+            ratio = heads
         pruner = tp.pruner.MetaPruner(
             module, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=amount, ignored_layers=_output_width_layers(module, example, names),
+            pruning_ratio=ratio, ignored_layers=ignored,
+            num_heads={layer: count for _, layers, count in blocks for layer in layers},
+            prune_num_heads=bool(blocks), prune_head_dims=False, head_pruning_ratio=heads,
         )
         pruner.step()
+        record = _set_head_counts(module, blocks, pruner) if blocks else {}
+        if heads > 0 and not blocks:
+            record["attention_heads"] = ("kept: rotary position embeddings" if rotary
+                                         else "kept: no attention block with prunable heads found")
         after = sum(p.numel() for p in module.parameters())
         if after == before:
             raise StepNotApplicable("no layer of this model could be pruned structurally")
@@ -121,7 +210,7 @@ class Structured(Step):
                 module(*example)
         except Exception as exc:
             raise StepNotApplicable(f"the pruned model no longer runs ({exc})") from None
-        record = {"parameters_before": before, "parameters_after": after}
+        record.update(parameters_before=before, parameters_after=after)
         data, source = training_data(context)
         if params["recovery_steps"] > 0:
             record["recovery_loss"] = distill(module, teacher, data, params["recovery_steps"],
