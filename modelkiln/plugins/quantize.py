@@ -4,7 +4,9 @@
 ``quantize_dynamic`` for onnxruntime artifacts, ``torch.ao`` dynamic quantization of
 Linear layers for torch artifacts (saved as TorchScript, which carries the packed int8
 weights that torch.export cannot). Accuracy-aware by default: a result that misses the
-quality gate is tuned by keeping its most sensitive layers in float (``tuning.py``).
+quality gate is tuned (``tuning.py``): first the other form is tried whole (per-channel
+weight scales on onnxruntime; SmoothQuant on torch, where the module is still at hand),
+then its most sensitive layers are kept in float.
 
 ``quantize.int8_static``: int8 weights and activations with scales calibrated ahead of
 time, in onnxruntime's QDQ format (per-channel weights by default), after onnxruntime's
@@ -24,7 +26,11 @@ from . import hookimpl
 from .api import ONNX, TORCH, ModelHandle, Param, Step
 from ..targets.harness import run_chunked
 from ..targets.onnxrt import session_runner
+from .smooth import smooth_module
 from .tuning import tune
+
+# SmoothQuant's migration strength when the tuner tries smoothing (its paper's default).
+SMOOTH_ALPHA = 0.5
 
 
 def _onnx_outputs(path, context) -> np.ndarray:
@@ -78,19 +84,25 @@ class Int8Dynamic(Step):
             # selection lists are matched against the rewritten node's name.
             return sorted({alias for node in nodes for alias in (node, f"{node}_MatMul")}) or None
 
-        def build(excluded, only):
-            out = context.new_path(f"int8_dynamic/{next(counter)}/model.onnx")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quantize_dynamic(
-                    str(model.obj), str(out), weight_type=QuantType.QInt8, per_channel=params["per_channel"],
-                    nodes_to_exclude=names(excluded), nodes_to_quantize=names([only]) if only else None,
-                )
-            return out
+        def builder(per_channel):
+            def build(excluded, only):
+                out = context.new_path(f"int8_dynamic/{next(counter)}/model.onnx")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    quantize_dynamic(
+                        str(model.obj), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
+                        nodes_to_exclude=names(excluded), nodes_to_quantize=names([only]) if only else None,
+                    )
+                return out
+            return build
 
+        build = builder(params["per_channel"])
         if params["tune"]:
+            # SmoothQuant works on the torch module, before export: chain quantize.smooth
+            # in front for onnxruntime; here the other weight-scale form is tried.
+            alternatives = [] if params["per_channel"] else [("per_channel", builder(True))]
             out, record = tune(build, lambda path: context.quality(_onnx_outputs(path, context)),
-                               _onnx_weighted_nodes(model.obj), context, params["tune_budget"])
+                               _onnx_weighted_nodes(model.obj), context, params["tune_budget"], alternatives)
             context.record.update(record)
         else:
             out = build(frozenset(), None)
@@ -112,17 +124,30 @@ class Int8Dynamic(Step):
             raise StepNotApplicable("the model has no Linear layers to quantize dynamically")
         names = [name for _, name in linears]
 
-        def build(excluded, only):
-            chosen = [only] if only else [n for n in names if n not in excluded]
-            qconfig = torch.ao.quantization.default_dynamic_qconfig
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return torch.ao.quantization.quantize_dynamic(
-                    model.obj, {name: qconfig for name in chosen}, dtype=torch.qint8)
+        def builder(module, renamed):
+            def build(excluded, only):
+                chosen = [only] if only else [n for n in names if n not in excluded]
+                qconfig = torch.ao.quantization.default_dynamic_qconfig
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return torch.ao.quantization.quantize_dynamic(
+                        module, {renamed.get(name, name): qconfig for name in chosen}, dtype=torch.qint8)
+            return build
 
+        cache = {}
+
+        def smoothed(excluded, only):
+            # Smoothed once, on first use: the tuner may never need it.
+            if not cache:
+                data = context.calibration_inputs or context.sample_inputs
+                module, renamed, _ = smooth_module(model.obj, model.inputs, data, SMOOTH_ALPHA)
+                cache["build"] = builder(module, renamed)
+            return cache["build"](excluded, only)
+
+        build = builder(model.obj, {})
         if params["tune"]:
             quantized, record = tune(build, lambda m: context.quality(_torch_outputs(m, context)),
-                                     names, context, params["tune_budget"])
+                                     names, context, params["tune_budget"], [("smoothed", smoothed)])
             context.record.update(record)
             kept = len(record.get("kept_in_float", []))
         else:
