@@ -366,16 +366,18 @@ def targets(config_path, as_json):
     for name, target in config.targets.items():
         reason = catalog.unavailable_reason(target)
         entries.append({"target": name, "device": target.device, "runtimes": target.runtimes,
-                        "threads": target.threads, "devices": target.devices, "batch_sizes": target.batch_sizes,
+                        "threads": target.threads, "devices": target.devices, "memory_mb": target.memory_mb,
+                        "batch_sizes": target.batch_sizes,
                         "recipes": target.recipes,
                         "available": reason is None, "reason": reason})
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
     click.echo(table([[e["target"], e["device"], ", ".join(e["runtimes"]), e["threads"], e["devices"],
-                       ", ".join(map(str, e["batch_sizes"])), "yes" if e["available"] else "no", e["reason"] or ""]
-                      for e in entries],
-                     ["target", "device", "runtimes", "threads", "devices", "batch sizes", "available", "reason"]))
+                       e["memory_mb"] or "", ", ".join(map(str, e["batch_sizes"])), "yes" if e["available"] else "no",
+                       e["reason"] or ""] for e in entries],
+                     ["target", "device", "runtimes", "threads", "devices", "memory MiB", "batch sizes", "available",
+                      "reason"]))
 
 
 @main.group()

@@ -112,6 +112,9 @@ class TargetConfig:
     # Devices one variant may span: ranks of a tensor-parallel (shard) variant. On cpu
     # each rank is a process and the target's threads are shared among them.
     devices: int = 1
+    # Memory one variant's weights may hold at once, MiB (0: no budget). A model larger
+    # than it gets a streamed variant from shard.size_capped.
+    memory_mb: int = 0
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))
 
@@ -279,6 +282,8 @@ def _validate(config: Config, file: Path) -> None:
             raise ConfigError(f"{file}: 'targets.{name}.batch_sizes' must be positive integers")
         if target.devices < 1:
             raise ConfigError(f"{file}: 'targets.{name}.devices' must be at least 1")
+        if target.memory_mb < 0:
+            raise ConfigError(f"{file}: 'targets.{name}.memory_mb' must be 0 (no budget) or a size in MiB")
     if config.policy.objective_batch_size not in {
         b for t in config.targets.values() for b in t.batch_sizes
     }:
@@ -401,6 +406,10 @@ threads = 2
 # Devices one variant may span: with devices > 1 the shard step builds tensor-parallel
 # variants, one process per rank (on cpu they share the threads above).
 devices = 1
+# Memory one variant's weights may hold at once, in MiB (0: no budget). A model bigger
+# than this gets a variant from shard.size_capped: size-capped safetensors shards with
+# an index, streamed layer by layer while it runs.
+memory_mb = 0
 batch_sizes = [1, 8]
 # Recipes are chains of steps: "prune.structured(amount=0.5) -> quantize.int8_dynamic".
 # "baseline" is the empty recipe: the checkpoint as it is, exported for the runtime.

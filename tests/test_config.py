@@ -95,3 +95,10 @@ def test_an_unknown_objective_is_named(tmp_path):
     path.write_text(path.read_text().replace('objective = "latency_p50_ms"', 'objective = "speed"'))
     with pytest.raises(ConfigError, match="'policy.objective' must be one of latency_p50_ms.*decode_ms_per_token"):
         load_config(path)
+
+
+def test_a_negative_memory_budget_is_refused(tmp_path):
+    path = tmp_path / "kiln.toml"
+    path.write_text('[targets.cpu]\ndevice = "cpu"\nmemory_mb = -1\n')
+    with pytest.raises(ConfigError, match="'targets.cpu.memory_mb' must be 0"):
+        load_config(path)

@@ -104,3 +104,49 @@ def test_a_two_rank_variant_equals_the_unsharded_model(kiln_dir, digits_checkpoi
     np.savez(tampered / "check.npz", **arrays)
     with pytest.raises(RuntimeError, match="differs from the unsharded model"):
         sharded.load(tampered, "cpu", 2)
+
+
+def test_a_model_over_the_memory_budget_is_streamed_from_capped_shards(kiln_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modelkiln.config import load_config
+    from modelkiln.plugins.manager import build_catalog
+    from modelkiln.targets import streamed
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "shard.size_capped", "quantize.bf16 -> shard.size_capped"]')).replace(
+        'runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]')
+    # A second target, alike but for its 4 MiB budget (the model holds 11 MiB of weights).
+    text += text[text.index("[targets.cpu]"):text.index("[policy]")].replace(
+        "[targets.cpu]", "[targets.small]").replace("memory_mb = 0", "memory_mb = 4")
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=4, vocab_size=1000, max_position_embeddings=64,
+                                 tie_word_embeddings=True)).save_pretrained(str(folder), safe_serialization=True)
+    checkpoint = optimize_once(config, folder, "llama")
+    assert checkpoint.status == "done", checkpoint.reason
+    variants = {(v["target"], v["variant"]): v for v in all_variants(config, "llama")}
+
+    capped = variants["small", "torch:shard.size_capped"]
+    assert capped["status"] == "succeeded", capped.get("reason")
+    record = capped["lineage"][0]["record"]
+    assert record["shard_mb"] == 1 and record["memory_mb"] == 4 and record["weights_mib"] > 10
+    # Streaming changes where the weights live, not what they compute.
+    assert capped["metrics"]["quality"] == variants["small", "torch:baseline"]["metrics"]["quality"] == 1.0
+    path = Path(capped["path"])
+    index = json.loads((path / streamed.INDEX_FILE).read_text())
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 8 and set(index["weight_map"].values()) == {p.name for p in shards}
+    largest_module = record["largest_module_mib"] * 2**20
+    assert all(p.stat().st_size <= 2**20 + largest_module + 4096 for p in shards)
+    # Served as the daemon measured it: never more than one module's weights at once.
+    served = build_catalog().runtimes["torch"].load(path, capped["file"], "cpu", 1)
+    served({"input_ids": np.random.default_rng(0).integers(0, 1000, (2, 16))})
+    assert 0 < served.module.peak_bytes <= largest_module
+
+    within = variants["cpu", "torch:shard.size_capped"]
+    assert within["status"] == "skipped" and "no memory_mb budget" in within["reason"]
+    wrapped = variants["small", "torch:quantize.bf16 -> shard.size_capped"]
+    assert wrapped["status"] == "skipped" and "Hugging Face architecture" in wrapped["reason"]

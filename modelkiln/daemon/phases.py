@@ -221,6 +221,7 @@ def build_variant(spec: dict) -> dict:
         calibration, training, reference_outputs=arrays["reference"], labels=arrays.get("labels"),
         quality_metric=inspected["quality_metric"], baseline_quality=inspected["baseline_quality"],
         max_quality_drop=spec.get("max_quality_drop", 0.01), devices=target.get("devices", 1),
+        memory_mb=target.get("memory_mb", 0),
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []

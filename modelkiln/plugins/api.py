@@ -26,10 +26,15 @@ ONNX = "onnx"  # ModelHandle.obj is the Path of an ONNX file
 # ModelHandle.obj is a plugins.shard.ShardedModel: one module per rank plus the plan. No
 # step takes this form, so a shard ends its recipe; the torch runtime saves and serves it.
 SHARDED = "torch-sharded"
+# ModelHandle.obj is a Hugging Face-wrapped torch module whose weights are to be written
+# as size-capped shards and streamed while it runs (plugins.size_capped). Like SHARDED,
+# it ends its recipe.
+STREAMED = "torch-streamed"
 
 __all__ = [
     "ONNX",
     "SHARDED",
+    "STREAMED",
     "TORCH",
     "CheckpointFormat",
     "CheckpointRejected",
@@ -129,6 +134,8 @@ class StepContext:
     record: dict = field(default_factory=dict)
     # The target's device count: ranks of a sharded variant.
     devices: int = 1
+    # The target's memory budget for one variant's weights, MiB (0: none).
+    memory_mb: int = 0
 
     def quality(self, outputs) -> float:
         """``outputs`` (on sample_inputs) scored the way the quality gate scores them."""

@@ -15,9 +15,9 @@ import warnings
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import SHARDED, TORCH, ModelHandle, Runtime
+from ..plugins.api import SHARDED, STREAMED, TORCH, ModelHandle, Runtime
 from ..plugins.compiler import compile_loaded
-from . import decoding, sharded
+from . import decoding, sharded, streamed
 
 EXPORT_FILE = "model.pt2"
 SCRIPT_FILE = "model.pt"
@@ -62,12 +62,14 @@ class TorchRuntime(Runtime):
     form = TORCH
 
     def convert(self, model, context):
-        if model.form not in (TORCH, SHARDED):
+        if model.form not in (TORCH, SHARDED, STREAMED):
             raise StepNotApplicable(f"an {model.form} model has no PyTorch module to serve with torch")
         if context.device == "cpu":
             return model
         # Exported where it will run: torch.export pins the device of every cast it
         # records (``x.to(dtype)``), so a program traced on the CPU fails on a GPU.
+        if model.form == STREAMED:  # weights go to the device module by module, as it runs
+            return model
         if model.form == TORCH:
             return ModelHandle(TORCH, model.obj.to(context.device), model.inputs, dict(model.notes))
         for rank, module in enumerate(model.obj.ranks):  # rank r serves on cuda:r
@@ -79,6 +81,8 @@ class TorchRuntime(Runtime):
 
         if model.form == SHARDED:
             return sharded.save(model, directory)
+        if model.form == STREAMED:
+            return streamed.save(model.obj, directory, model.notes["shard_mb"])
         args = example_args(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -124,6 +128,8 @@ class TorchRuntime(Runtime):
 
         if file == sharded.PLAN_FILE:
             return sharded.load(directory, device, threads)
+        if file == streamed.INDEX_FILE:
+            return streamed.load(directory, device, threads)
         torch.set_num_threads(threads)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,0 +1,62 @@
+"""Built-in step ``shard.size_capped``: a model bigger than the target's memory budget,
+written as size-capped safetensors shards with an index and streamed while it runs.
+
+Applies on a target with ``memory_mb`` set when the model's weights exceed it; otherwise
+it is skipped with the reason (nothing to gain: the whole model fits). The torch runtime
+writes the shards (``targets/streamed.py``) and serves the variant by reading each
+module's weights from its shard just before that module runs, so the weights resident at
+any moment are one module's. The module must be the checkpoint's own Hugging Face
+architecture (rebuilt from its config at load), so the step goes first in a recipe or
+after steps that keep shapes (e.g. ``quantize.bf16`` is not one: it wraps the model).
+"""
+
+from __future__ import annotations
+
+from ..errors import StepNotApplicable
+from . import hookimpl
+from .api import STREAMED, TORCH, ModelHandle, Param, Step
+
+
+class SizeCapped(Step):
+    name = "shard.size_capped"
+    description = ("a model over the target's memory_mb: size-capped safetensors shards + index, "
+                   "each module's weights read just before it runs")
+    params = (Param("shard_mb", int, 0, "largest shard in MiB; 0: a quarter of the target's memory_mb"),)
+    forms = {"torch": TORCH}
+
+    def apply(self, model, params, context):
+        from ..targets.streamed import architecture_of, skeleton
+
+        budget = context.memory_mb
+        if budget <= 0:
+            raise StepNotApplicable("the target sets no memory_mb budget")
+        module = model.obj
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        if weights <= budget * 2**20:
+            raise StepNotApplicable(f"the model's weights ({weights / 2**20:.1f} MiB) fit the target's "
+                                    f"memory_mb ({budget} MiB): nothing to stream")
+        inner = getattr(module, "inner", None)
+        if inner is None or not hasattr(inner, "config") or not hasattr(inner.config, "to_dict"):
+            raise StepNotApplicable("streaming rebuilds a Hugging Face architecture from its config; "
+                                    "this model is not one")
+        shard_mb = params["shard_mb"] or max(1, budget // 4)
+        if shard_mb < 1:
+            raise StepNotApplicable(f"{self.name}: shard_mb must be at least 1, got {shard_mb}")
+        try:
+            rebuilt = {n: tuple(p.shape) for n, p in skeleton(architecture_of(inner)).named_parameters()}
+        except Exception as exc:
+            raise StepNotApplicable(f"the architecture cannot be rebuilt from its config ({exc})") from None
+        own = {n: tuple(p.shape) for n, p in module.named_parameters()}
+        if rebuilt != own:
+            raise StepNotApplicable("a step before this one changed the model's shapes; its config no longer "
+                                    "rebuilds it: put shard.size_capped first")
+        largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+                      for m in module.modules())
+        context.record.update(weights_mib=round(weights / 2**20, 2), memory_mb=budget, shard_mb=shard_mb,
+                              largest_module_mib=round(largest / 2**20, 2))
+        return ModelHandle(STREAMED, module, model.inputs, {**model.notes, "shard_mb": shard_mb})
+
+
+@hookimpl
+def kiln_steps():
+    return [SizeCapped()]
