@@ -112,8 +112,8 @@ class TargetConfig:
     # Devices one variant may span: ranks of a tensor-parallel (shard) variant. On cpu
     # each rank is a process and the target's threads are shared among them.
     devices: int = 1
-    # Memory one variant's weights may hold at once, MiB (0: no budget). A model larger
-    # than it gets a streamed variant from shard.size_capped.
+    # Memory one variant's weights may hold at once, MiB (0: no budget). Variants over it
+    # are not promoted; a model larger than it gets a streamed variant (shard.size_capped).
     memory_mb: int = 0
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))
@@ -406,9 +406,10 @@ threads = 2
 # Devices one variant may span: with devices > 1 the shard step builds tensor-parallel
 # variants, one process per rank (on cpu they share the threads above).
 devices = 1
-# Memory one variant's weights may hold at once, in MiB (0: no budget). A model bigger
-# than this gets a variant from shard.size_capped: size-capped safetensors shards with
-# an index, streamed layer by layer while it runs.
+# Memory one variant's weights may hold at once, in MiB (0: no budget). A variant whose
+# weights do not fit is not promoted here; a model bigger than this gets a variant from
+# shard.size_capped: size-capped safetensors shards with an index, streamed module by
+# module while it runs.
 memory_mb = 0
 batch_sizes = [1, 8]
 # Recipes are chains of steps: "prune.structured(amount=0.5) -> quantize.int8_dynamic".

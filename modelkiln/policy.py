@@ -1,8 +1,9 @@
 """Choosing what to promote: constraints first, then the objective.
 
 A candidate is a variant as ``kiln variants --json`` prints it. It is eligible when its
-quality is at most ``max_quality_drop`` (relative) below its baseline; among eligible
-candidates the lowest objective wins (p50 latency at the configured batch size, or for
+quality is at most ``max_quality_drop`` (relative) below its baseline and, on a target
+with a ``memory_mb`` budget, its weights resident while serving fit that budget; among
+eligible candidates the lowest objective wins (p50 latency at the configured batch size, or for
 causal language models the per-token decode or prefill latency), ties going to the
 smaller artifact. The baseline competes like any other variant.
 """
@@ -24,6 +25,25 @@ def within_tolerance(candidate: dict, policy: PolicyConfig) -> bool:
     return relative_drop(quality, baseline) <= policy.max_quality_drop + _EPSILON
 
 
+def resident_weights_mib(candidate: dict) -> float | None:
+    """The weights a variant holds at once while serving, MiB: what a step that streams
+    them recorded (``resident_weights_mib``), else the whole artifact's size."""
+    for step in reversed(candidate.get("lineage") or []):
+        resident = (step.get("record") or {}).get("resident_weights_mib")
+        if resident is not None:
+            return float(resident)
+    size = (candidate.get("metrics") or {}).get("size_bytes")
+    return None if size is None else size / 2**20
+
+
+def fits_memory(candidate: dict, memory_mb: int) -> bool:
+    """Whether the variant serves within the target's ``memory_mb`` (0: no budget)."""
+    if memory_mb <= 0:
+        return True
+    resident = resident_weights_mib(candidate)
+    return resident is not None and resident <= memory_mb
+
+
 # Objectives read from the decode figures of causal language models (batch 1).
 DECODE_OBJECTIVES = ("decode_ms_per_token", "prefill_ms")
 OBJECTIVES = ("latency_p50_ms", "latency_p95_ms", *DECODE_OBJECTIVES)
@@ -42,7 +62,7 @@ def objective_value(candidate: dict, policy: PolicyConfig) -> float | None:
 def choose(candidates: list[dict], policy: PolicyConfig) -> dict | None:
     eligible = [
         c for c in candidates
-        if c.get("within_tolerance") and objective_value(c, policy) is not None
+        if c.get("within_tolerance") and c.get("fits_memory", True) and objective_value(c, policy) is not None
     ]
     if not eligible:
         return None

@@ -1,5 +1,5 @@
 from modelkiln.config import PolicyConfig
-from modelkiln.policy import choose, within_tolerance
+from modelkiln.policy import choose, fits_memory, within_tolerance
 
 
 def candidate(name, p50, quality, baseline=1.0, size=100):
@@ -53,3 +53,15 @@ def test_pareto_front_keeps_only_undominated_trade_offs():
                   c("middle", 2.0, 0.97), c("tie-worse", 2.0, 0.96), c("unmeasured", None, 0.99)]
     front = pareto_front(candidates, PolicyConfig())
     assert [x["variant"] for x in front] == ["fast-bad", "middle", "slow-good"]
+
+
+def test_a_memory_budget_keeps_out_variants_whose_weights_do_not_fit():
+    mib = 2**20
+    whole = candidate("whole", 1, 1, size=300 * mib)
+    streamed = candidate("streamed", 3, 1, size=300 * mib)
+    streamed["lineage"] = [{"step": "shard.size_capped", "record": {"resident_weights_mib": 64.0}}]
+    for c in (whole, streamed):
+        c["fits_memory"] = fits_memory(c, 256)
+    assert (whole["fits_memory"], streamed["fits_memory"]) == (False, True)
+    assert choose([whole, streamed], PolicyConfig())["id"] == "streamed"
+    assert fits_memory(whole, 0) and fits_memory(whole, 300)  # no budget; a budget it fits

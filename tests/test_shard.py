@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import optimize_once
-from test_pipeline import all_variants
+from test_pipeline import all_variants, promoted_entries
 
 RECIPES = 'recipes = ["baseline", "quantize.int8_dynamic"]'
 
@@ -133,13 +133,17 @@ def test_a_model_over_the_memory_budget_is_streamed_from_capped_shards(kiln_dir,
     assert capped["status"] == "succeeded", capped.get("reason")
     record = capped["lineage"][0]["record"]
     assert record["shard_mb"] == 1 and record["memory_mb"] == 4 and record["weights_mib"] > 10
+    # The whole model does not fit the budget, the streamed one does: it is promoted there.
+    promoted = {(e["model"], e["target"]): e["variant_id"] for e in promoted_entries(config)}
+    assert promoted["llama", "small"] == capped["id"]
+    assert promoted["llama", "cpu"] == variants["cpu", "torch:baseline"]["id"]
     # Streaming changes where the weights live, not what they compute.
     assert capped["metrics"]["quality"] == variants["small", "torch:baseline"]["metrics"]["quality"] == 1.0
     path = Path(capped["path"])
     index = json.loads((path / streamed.INDEX_FILE).read_text())
     shards = sorted(path.glob("model-*.safetensors"))
     assert len(shards) > 8 and set(index["weight_map"].values()) == {p.name for p in shards}
-    largest_module = record["largest_module_mib"] * 2**20
+    largest_module = record["resident_weights_mib"] * 2**20
     assert all(p.stat().st_size <= 2**20 + largest_module + 4096 for p in shards)
     # Served as the daemon measured it: never more than one module's weights at once.
     served = build_catalog().runtimes["torch"].load(path, capped["file"], "cpu", 1)

@@ -53,12 +53,15 @@ class Promoter:
             log.info("%s/%s: a newer checkpoint is already promoted on %s; not promoting",
                      checkpoint.model, checkpoint.version, target, extra=about(checkpoint.model, checkpoint.version, target))
             return None
+        target_config = self.config.targets.get(target)
+        memory_mb = target_config.memory_mb if target_config is not None else 0
         candidates = []
         for variant in queries.variants_of(session, checkpoint.id, target):
             if variant.status != "succeeded":
                 continue
             candidate = views.variant_dict(variant)
             candidate["within_tolerance"] = builtin_policy.within_tolerance(candidate, self.config.policy)
+            candidate["fits_memory"] = builtin_policy.fits_memory(candidate, memory_mb)
             candidates.append(candidate)
         plugin, chosen = first_result(self.manager, "kiln_choose_variant", candidates=candidates,
                                       policy=self.config.policy)
@@ -70,7 +73,8 @@ class Promoter:
         if chosen is None:
             chosen = builtin_policy.choose(candidates, self.config.policy)
             how = (f"lowest {self.config.policy.objective} at batch {self.config.policy.objective_batch_size} "
-                   f"within {self.config.policy.max_quality_drop:.2%} of baseline quality")
+                   f"within {self.config.policy.max_quality_drop:.2%} of baseline quality"
+                   + (f", weights resident within memory_mb {memory_mb}" if memory_mb > 0 else ""))
         if chosen is None:
             log.warning("%s/%s: no variant on %s meets the policy; nothing promoted",
                         checkpoint.model, checkpoint.version, target,

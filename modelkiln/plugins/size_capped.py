@@ -36,6 +36,11 @@ class SizeCapped(Step):
             raise StepNotApplicable(f"the model's weights ({weights / 2**20:.1f} MiB) fit the target's "
                                     f"memory_mb ({budget} MiB): nothing to stream")
         inner = getattr(module, "inner", None)
+        largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+                      for m in module.modules())
+        if largest > budget * 2**20:
+            raise StepNotApplicable(f"its largest module holds {largest / 2**20:.1f} MiB of weights, over the "
+                                    f"target's memory_mb ({budget} MiB): streaming by module cannot fit it")
         if inner is None or not hasattr(inner, "config") or not hasattr(inner.config, "to_dict"):
             raise StepNotApplicable("streaming rebuilds a Hugging Face architecture from its config; "
                                     "this model is not one")
@@ -50,10 +55,9 @@ class SizeCapped(Step):
         if rebuilt != own:
             raise StepNotApplicable("a step before this one changed the model's shapes; its config no longer "
                                     "rebuilds it: put shard.size_capped first")
-        largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-                      for m in module.modules())
+        # What the policy holds against the budget: serving keeps one module's weights.
         context.record.update(weights_mib=round(weights / 2**20, 2), memory_mb=budget, shard_mb=shard_mb,
-                              largest_module_mib=round(largest / 2**20, 2))
+                              resident_weights_mib=round(largest / 2**20, 2))
         return ModelHandle(STREAMED, module, model.inputs, {**model.notes, "shard_mb": shard_mb})
 
 
