@@ -101,6 +101,7 @@ DEFAULT_RECIPES = (
     "prune.structured -> quantize.int8_dynamic",
     "distill.depth -> quantize.int8_dynamic",
     "shard.tensor_parallel",
+    "shard.size_capped",
 )
 
 
@@ -424,6 +425,7 @@ recipes = [
     "prune.structured -> quantize.int8_dynamic",
     "distill.depth -> quantize.int8_dynamic",
     "shard.tensor_parallel",
+    "shard.size_capped",
 ]
 
 [policy]

@@ -136,7 +136,8 @@ def kiln_choose_variant(candidates: list[dict], policy: PolicyConfig) -> dict | 
     when all return None the built-in policy (``modelkiln.policy``) decides.
 
     :param candidates: every succeeded variant of one checkpoint on one target, each a
-        dict as in ``kiln_variant_measured`` with ``id`` and ``within_tolerance`` added.
+        dict as in ``kiln_variant_measured`` with ``id``, ``within_tolerance`` and
+        ``fits_memory`` (its resident weights fit the target's ``memory_mb``) added.
     :param policy: the configured ``[policy]`` table.
     :returns: the chosen candidate (one of ``candidates``), or None to pass.
     """

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from ..errors import StepNotApplicable
+
 
 def tune(build: Callable[[frozenset, str | None], Any], evaluate: Callable[[Any], float],
          layers: list[str], context, budget: int,
@@ -47,7 +49,10 @@ def tune(build: Callable[[frozenset, str | None], Any], evaluate: Callable[[Any]
     for form, builder in alternatives:
         if len(trials) > budget:
             break
-        candidate, quality = trial(form, builder)
+        try:
+            candidate, quality = trial(form, builder)
+        except StepNotApplicable:  # e.g. nothing this form can work on: try the next one
+            continue
         if context.passes(quality):
             return candidate, {"tuning": "passed", "form": form, "kept_in_float": [], "quality": quality,
                                "trials": trials}
