@@ -14,6 +14,18 @@ from test_pipeline import all_variants, promoted_entries
 RECIPES = 'recipes = ["baseline", "quantize.int8_dynamic"]'
 
 
+def with_second_target(kiln_dir, text: str, name: str, key: str, value: str):
+    """The config of ``text`` plus a copy of its cpu target named ``name`` that differs in
+    ``key`` only (set to ``value``), written to ``kiln_dir`` and loaded."""
+    from modelkiln.config import load_config
+
+    cpu = text[text.index("[targets.cpu]"):text.index("[policy]")]
+    default = next(line for line in cpu.splitlines() if line.startswith(f"{key} = "))
+    text += cpu.replace("[targets.cpu]", f"[targets.{name}]").replace(default, f"{key} = {value}")
+    (kiln_dir / "kiln.toml").write_text(text)
+    return load_config(kiln_dir / "kiln.toml")
+
+
 class Gated(torch.nn.Module):
     """A Llama-style MLP block: down(silu(gate(x)) * up(x)) with a residual, then a head."""
 
@@ -61,16 +73,12 @@ def test_the_plan_pairs_column_and_row_parallel_linears():
 
 
 def test_a_two_rank_variant_equals_the_unsharded_model(kiln_dir, digits_checkpoint):
-    from modelkiln.config import load_config
     from modelkiln.targets import sharded
 
     text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
         'recipes = ["baseline", "shard.tensor_parallel", "shard.tensor_parallel -> quantize.int8_dynamic"]'))
     # A second target, alike but for its two devices: the same recipes are skipped on the first.
-    text += text[text.index("[targets.cpu]"):text.index("[policy]")].replace(
-        "[targets.cpu]", "[targets.cpu2]").replace("devices = 1", "devices = 2")
-    (kiln_dir / "kiln.toml").write_text(text)
-    config = load_config(kiln_dir / "kiln.toml")
+    config = with_second_target(kiln_dir, text, "cpu2", "devices", "2")
     checkpoint = optimize_once(config, digits_checkpoint, "digits")
     assert checkpoint.status == "done", checkpoint.reason
     variants = {(v["target"], v["variant"]): v for v in all_variants(config, "digits")}
@@ -109,7 +117,6 @@ def test_a_two_rank_variant_equals_the_unsharded_model(kiln_dir, digits_checkpoi
 def test_a_model_over_the_memory_budget_is_streamed_from_capped_shards(kiln_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modelkiln.config import load_config
     from modelkiln.plugins.manager import build_catalog
     from modelkiln.targets import streamed
 
@@ -117,10 +124,7 @@ def test_a_model_over_the_memory_budget_is_streamed_from_capped_shards(kiln_dir,
         'recipes = ["baseline", "shard.size_capped", "quantize.bf16 -> shard.size_capped"]')).replace(
         'runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]')
     # A second target, alike but for its 4 MiB budget (the model holds 11 MiB of weights).
-    text += text[text.index("[targets.cpu]"):text.index("[policy]")].replace(
-        "[targets.cpu]", "[targets.small]").replace("memory_mb = 0", "memory_mb = 4")
-    (kiln_dir / "kiln.toml").write_text(text)
-    config = load_config(kiln_dir / "kiln.toml")
+    config = with_second_target(kiln_dir, text, "small", "memory_mb", "4")
     folder = tmp_path / "llama"
     LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=4, vocab_size=1000, max_position_embeddings=64,

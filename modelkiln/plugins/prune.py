@@ -177,12 +177,10 @@ class Structured(Step):
         example = tuple(torch.from_numpy(samples[spec.name][:2]) for spec in model.inputs)
         names = {m: n for n, m in module.named_modules()}
         before = sum(p.numel() for p in module.parameters())
-        blocks = attention_blocks(module) if heads > 0 else []
+        # torch-pruning's dependency graph never finishes on rotary embeddings'
+        # half-rotations of q/k (Llama-style blocks): there heads stay, channels are pruned.
         rotary = heads > 0 and any("Rotary" in type(m).__name__ for m in module.modules())
-        if rotary:
-            # torch-pruning's dependency graph never finishes on rotary embeddings'
-            # half-rotations of q/k (Llama-style blocks): heads stay, channels are pruned.
-            blocks = []
+        blocks = attention_blocks(module) if heads > 0 and not rotary else []
         head_layers = {layer for _, layers, _ in blocks for layer in layers}
         ignored = _output_width_layers(module, example, names, head_layers)
         ratio = amount

@@ -35,12 +35,12 @@ class SizeCapped(Step):
         if weights <= budget * 2**20:
             raise StepNotApplicable(f"the model's weights ({weights / 2**20:.1f} MiB) fit the target's "
                                     f"memory_mb ({budget} MiB): nothing to stream")
-        inner = getattr(module, "inner", None)
         largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
                       for m in module.modules())
         if largest > budget * 2**20:
             raise StepNotApplicable(f"its largest module holds {largest / 2**20:.1f} MiB of weights, over the "
                                     f"target's memory_mb ({budget} MiB): streaming by module cannot fit it")
+        inner = getattr(module, "inner", None)
         if inner is None or not hasattr(inner, "config") or not hasattr(inner.config, "to_dict"):
             raise StepNotApplicable("streaming rebuilds a Hugging Face architecture from its config; "
                                     "this model is not one")

@@ -44,8 +44,8 @@ def tune(build: Callable[[frozenset, str | None], Any], evaluate: Callable[[Any]
     candidate, quality = trial("as configured", build)
     if context.passes(quality):
         return candidate, {"tuning": "not needed", "quality": quality}
+    builders = {"as configured": build, **dict(alternatives)}
     best = (quality, candidate, [], "as configured")
-    best_form = ("as configured", build, quality)
     for form, builder in alternatives:
         if len(trials) > budget:
             break
@@ -58,8 +58,8 @@ def tune(build: Callable[[frozenset, str | None], Any], evaluate: Callable[[Any]
                                "trials": trials}
         if quality > best[0]:
             best = (quality, candidate, [], form)
-            best_form = (form, builder, quality)
-    form, builder, _ = best_form
+    form = best[3]  # layers are kept in float on the form that scored best whole
+    builder = builders[form]
     # Sensitivity: the quality lost when a layer alone is quantized.
     probes = layers[: max(1, (budget - len(trials) + 1) // 2)]
     lost = {}

@@ -24,14 +24,15 @@ ARCHITECTURE_FILE = "architecture.json"
 
 
 def _owners(module) -> list:
-    """``(submodule, local name, full name)`` for each parameter, in execution-ish
-    (registration) order; a tied parameter is listed under every module that uses it,
-    with the full name it is saved under."""
+    """``(submodule, [(local name, full name), ...])`` for each module that owns
+    parameters, in registration order; a tied parameter is listed under every module that
+    uses it, with the full name it is saved under."""
     canonical = {id(p): name for name, p in module.named_parameters()}
     owners = []
     for sub in module.modules():
-        for local, param in sub.named_parameters(recurse=False):
-            owners.append((sub, local, canonical[id(param)]))
+        names = [(local, canonical[id(param)]) for local, param in sub.named_parameters(recurse=False)]
+        if names:
+            owners.append((sub, names))
     return owners
 
 
@@ -48,13 +49,10 @@ def save(module, directory: Path, shard_mb: int) -> str:
     cap = shard_mb * 2**20
     shards: list[dict] = [{}]
     size = 0
-    grouped: dict = {}
-    for sub, _, full in _owners(module):
-        grouped.setdefault(id(sub), []).append(full)
     saved = set()
     # One module's own parameters never span two shards: each pre-hook reads one file.
-    for names in grouped.values():
-        names = [n for n in names if n not in saved]  # a tied weight is saved once
+    for _, owned in _owners(module):
+        names = [full for _, full in owned if full not in saved]  # a tied weight is saved once
         params = [module.get_parameter(n) for n in names]
         nbytes = sum(p.numel() * p.element_size() for p in params)
         if shards[-1] and size + nbytes > cap:
@@ -116,10 +114,7 @@ class StreamedModule:
                 sub._buffers[local] = shard.get_tensor(name).to(device)
         self.peak_bytes = 0
         self._live = 0
-        grouped: dict = {}
-        for sub, local, full in _owners(self.module):
-            grouped.setdefault(id(sub), (sub, []))[1].append((local, full))
-        for sub, names in grouped.values():
+        for sub, names in _owners(self.module):
             sub.register_forward_pre_hook(self._loader(sub, names, weight_map))
             sub.register_forward_hook(self._dropper(sub, names))
 
