@@ -82,6 +82,8 @@ def check_decoding(config, tmp_path, device):
         assert decode["prefill_ms"] > 0 and 0 < decode["decode_ms_per_token"] <= decode["decode_p95_ms"]
         assert variant["metrics"]["decode"] == decode  # the catalogue has them too (policy objectives)
         if variant["recipe"] == "baseline":
+            serving = json.loads((Path(variant["path"]) / "serving.json").read_text())
+            assert serving["decode"]["fused_linears"] == 2 * 3  # q/k/v and gate/up of each block
             prompt = torch.from_numpy(prompt_ids(256)).to(device)
             expected = model.to(device).generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                                  do_sample=False)[0, PROMPT_TOKENS:].tolist()

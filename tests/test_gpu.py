@@ -91,7 +91,7 @@ def test_a_cuda_target_measures_on_the_gpu_and_promotes(kiln_dir, digits_checkpo
         assert (base["quality"] - m["quality"]) / base["quality"] <= 0.01
         assert m["size_bytes"] < 0.6 * base["size_bytes"]
     compiled = variants["torch:quantize.fp16 -> compile.inductor"]
-    assert json.loads((Path(compiled["path"]) / "serving.json").read_text()) == {"compile": {"mode": "reduce-overhead"}}
+    assert json.loads((Path(compiled["path"]) / "serving.json").read_text()) == {"compile": {"mode": "reduce-overhead", "dynamic": False}}
     document = json.loads((config.promoted_path / "digits" / "gpu" / "variant.json").read_text())
     # GPU memory, from torch.cuda.max_memory_allocated: at least the weights.
     assert all(b["peak_memory_bytes"] > 100_000 for b in document["metrics"]["batches"])

@@ -45,24 +45,29 @@ def prompt_ids(vocab_size: int, tokens: int = PROMPT_TOKENS, seed: int = 0) -> n
     return np.random.default_rng(seed).integers(0, vocab_size, size=(1, tokens)).astype(np.int64)
 
 
-def export_decoder(model, max_cache_len: int = PROMPT_TOKENS + NEW_TOKENS):
+def export_decoder(model, max_cache_len: int = PROMPT_TOKENS + NEW_TOKENS, fuse: bool = True):
     """A ``torch.export`` program of causal LM ``model`` with a static KV cache of
-    ``max_cache_len`` positions, batch 1, any number of new positions per call."""
+    ``max_cache_len`` positions, batch 1, any number of new positions per call, with its
+    sibling Linear layers fused (``fusion.py``) unless ``fuse`` is false; and how many
+    Linear calls the fusion removed."""
     import torch
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    from .fusion import fused_program
 
     model.generation_config.cache_implementation = "static"
     device = next(model.parameters()).device
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_cache_len, device=device)
     positions = torch.export.Dim("positions", min=1, max=max_cache_len - 1)
+    inputs = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+              "cache_position": torch.arange(2, device=device)}
+    shapes = {"input_ids": {1: positions}, "cache_position": {0: positions}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return wrapper.export(
-            input_ids=torch.zeros(1, 2, dtype=torch.long, device=device),
-            cache_position=torch.arange(2, device=device),
-            dynamic_shapes={"input_ids": {1: positions}, "cache_position": {0: positions}},
-            strict=False,
-        )
+        program = wrapper.export(**inputs, dynamic_shapes=shapes, strict=False)
+        if not fuse:
+            return program, 0
+        return fused_program(program, (), inputs, lambda module: shapes)
 
 
 def time_decoding(program, vocab_size: int, device: str, rounds: int = ROUNDS) -> dict:

@@ -17,7 +17,7 @@ from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import SHARDED, STREAMED, TORCH, ModelHandle, Runtime
 from ..plugins.compiler import compile_loaded
-from . import decoding, sharded, streamed
+from . import decoding, fusion, sharded, streamed
 
 EXPORT_FILE = "model.pt2"
 SCRIPT_FILE = "model.pt"
@@ -93,8 +93,11 @@ class TorchRuntime(Runtime):
                     if model.notes.get("compile"):
                         raise StepNotApplicable(f"torch.compile needs a torch.export program: {exc}") from None
                 else:
+                    program, fused = fusion.fused_program(program, args, {}, lambda m: dynamic_batch(m, args))
                     torch.export.save(program, str(directory / EXPORT_FILE))
                     serving = self._serving(model, directory)
+                    if fused:
+                        serving["fused_linears"] = fused
                     if serving:
                         (directory / SERVING_FILE).write_text(json.dumps(serving, indent=2))
                     return EXPORT_FILE
@@ -116,9 +119,11 @@ class TorchRuntime(Runtime):
         lm = decoding.find_causal_lm(model.obj)
         if lm is not None:
             try:
-                torch.export.save(decoding.export_decoder(lm), str(directory / decoding.DECODE_FILE))
+                program, fused = decoding.export_decoder(lm)
+                torch.export.save(program, str(directory / decoding.DECODE_FILE))
                 serving["decode"] = {"file": decoding.DECODE_FILE, "vocab_size": int(lm.config.vocab_size),
-                                     "max_cache_len": decoding.PROMPT_TOKENS + decoding.NEW_TOKENS}
+                                     "max_cache_len": decoding.PROMPT_TOKENS + decoding.NEW_TOKENS,
+                                     "fused_linears": fused}
             except Exception as exc:  # the forward program still serves; decoding is not measured
                 serving["decode"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         return serving
