@@ -15,7 +15,7 @@ artifact itself holds the fused weights and serving code still needs only
 ``torch.export.load`` (as onnxruntime fuses a graph for every session, baseline
 included, this applies to every exported program, not as a recipe step). Measured on
 an H100 (BENCHMARKS.md): a Llama-2-7B-shaped decoding step compiled with CUDA graphs
-went from 1.53x to 1.41x its weight-reading floor.
+went from 1.48x-1.56x to 1.39x-1.41x its weight-reading floor.
 """
 
 from __future__ import annotations
