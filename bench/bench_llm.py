@@ -11,11 +11,12 @@ parameters, random weights, created on the GPU) is decoded greedily at batch 1 a
   its Linear layers as they are (run as exported, then compiled at load with CUDA
   graphs), then as the runtime saves ``decode.pt2`` now, sibling Linears fused
   (``targets/fusion.py``), compiled as ``quantize.bf16 -> compile.inductor`` serves it;
-  then the same after the cuda path of ``quantize.weight_only(bits=8)`` (int8 weights);
-  timed per token with CUDA events.
+  then the same after the cuda path of ``quantize.weight_only``: int8 weights
+  (dequantized in the matmul), and int4 (PyTorch's tinygemm kernel, block 128); timed per
+  token with CUDA events.
 
 The floor is the bytes of the weights read once per token over the copy bandwidth
-measured in the same run. Quality of the int8 variant: the quality gate's metric,
+measured in the same run. Quality of the int8 and int4 variants: the quality gate's metric,
 teacher-forced next-token top-1 agreement with bf16 on 4 seeded 64-token prompts, and
 the mean KL divergence.
 
@@ -139,7 +140,8 @@ def main():
     prefill = decode["prefill_ms"]
     bf16_ms = decode["decode_ms_per_token"]
 
-    # int8 weights: the cuda path of quantize.weight_only, then the same export and compile.
+    # Weight-only int8, then int4: the cuda path of quantize.weight_only on the same bf16
+    # weights, then the same export and compile.
     import numpy as np
 
     from modelkiln.plugins.api import TORCH, ModelHandle, StepContext
@@ -152,25 +154,38 @@ def main():
     prompts = torch.from_numpy(np.random.default_rng(1).integers(0, config.vocab_size, (4, 64))).cuda()
     with torch.no_grad():
         bf16_logits = model(prompts).logits.float().cpu().numpy()
-        WeightOnly()._cuda(ModelHandle(TORCH, model, []), 8, StepContext(Path("/tmp"), "gpu", "torch", "cuda", 1, {}))
-        int8_logits = model(prompts).logits.float().cpu().numpy()
-    top1 = score(NEXT_TOKEN_TOP1, int8_logits, bf16_logits, None)
-    kl = next_token_kl(int8_logits, bf16_logits)
-    t0 = time.time()
-    program, _ = export_decoder(model)
-    compiled = compile_loaded(program.module(), "reduce-overhead")
-    decode = time_decoding(compiled, config.vocab_size, "cuda")
-    add(f"modelkiln decode.pt2, bf16 -> weight_only(bits=8) -> compile.inductor ({time.time() - t0:.0f} s)",
-        decode["decode_ms_per_token"], 1, decode["tokens"], reference)
+    quality = {}
+    for bits, block, bytes_per_param in ((8, 32, 1), (4, 128, 0.5 + 4 / 128)):
+        if bits == 4:  # the same random weights again, in bf16
+            del model
+            torch.cuda.empty_cache()
+            torch.manual_seed(0)
+            with torch.device("cuda"):
+                model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+        context = StepContext(Path("/tmp"), "gpu", "torch", "cuda", 1, {})
+        with torch.no_grad():
+            WeightOnly().apply(ModelHandle(TORCH, model, []), {"bits": bits, "block_size": block}, context)
+            logits = model(prompts).logits.float().cpu().numpy()
+        quality[bits] = (score(NEXT_TOKEN_TOP1, logits, bf16_logits, None), next_token_kl(logits, bf16_logits))
+        t0 = time.time()
+        with torch.no_grad():
+            program, _ = export_decoder(model)
+        compiled = compile_loaded(program.module(), "reduce-overhead")
+        decode = time_decoding(compiled, config.vocab_size, "cuda")
+        add(f"modelkiln decode.pt2, bf16 -> weight_only(bits={bits}, block_size={block}) -> compile.inductor "
+            f"({time.time() - t0:.0f} s)", decode["decode_ms_per_token"], bytes_per_param, decode["tokens"], reference)
+        del compiled, program
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
 
     print_table(f"Llama-2-7B-shaped decoder ({params / 1e9:.2f} B, random weights), batch 1, {PROMPT_TOKENS}-token "
                 f"prompt, {NEW} greedy tokens; copy bandwidth {bandwidth:.0f} GB/s; fp32 eager generate "
-                f"{fp32_ms:.2f} ms/token", rows,
+                f"{fp32_ms:.2f} ms/token (int4 floor: 0.5 byte + a bf16 scale and zero per 128 weights)", rows,
                 ["", "ms/token", "floor ms", "vs floor", "tokens = bf16 eager"])
-    best = min(bf16_ms, decode["decode_ms_per_token"])
-    print(f"int8 weights: next-token top-1 agreement with bf16 {top1:.4f} (teacher-forced, 4 x 64 positions), "
-          f"mean KL {kl:.5f} nats")
-    print(f"fastest modelkiln path: {best:.2f} ms/token = {fp32_ms / best:.2f}x faster than fp32 eager; "
+    for bits, (top1, kl) in quality.items():
+        print(f"int{bits} weights: next-token top-1 agreement with bf16 {top1:.4f} (teacher-forced, 4 x 64 "
+              f"positions), mean KL {kl:.5f} nats")
+    print(f"bf16 fused + compile.inductor: {bf16_ms:.2f} ms/token = {fp32_ms / bf16_ms:.2f}x faster than fp32 eager; "
           f"bf16 prefill {prefill:.2f} ms; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 

@@ -126,3 +126,35 @@ def test_a_causal_lm_decodes_on_the_gpu(kiln_dir, tmp_path):
     assert {v["recipe"] for v in variants} == {"baseline", "quantize.bf16", "quantize.bf16 -> compile.inductor", int8}
     by_recipe = {v["recipe"]: v for v in variants}
     assert by_recipe[int8]["metrics"]["quality"] >= 0.9  # next-token agreement with the fp32 original
+
+
+@needs_gpu
+def test_int4_weights_on_cuda_use_the_packed_kernel_and_survive_export(tmp_path):
+    import torch
+
+    from modelkiln.plugins.api import TORCH, ModelHandle, StepContext
+    from modelkiln.plugins.weight_only import WeightOnly
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 40),
+                                torch.nn.Linear(40, 8)).eval()  # the last: 40 inputs, no int4 tiling
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        expected = model(x)
+    context = StepContext(tmp_path, "gpu", "torch", "cuda", 1, {})
+    quantized = WeightOnly().apply(ModelHandle(TORCH, model, []), {"bits": 4, "block_size": 64}, context).obj
+    assert context.record["quantized_layers"] == 2 and "int4" in context.record["kernel"]
+    assert type(quantized[0]).__name__ == "Int4WeightLinear" and isinstance(quantized[3], torch.nn.Linear)
+    assert quantized[0].packed.device.type == "cuda"  # packed on the GPU though the model was on the cpu
+    quantized = quantized.cuda()
+    with torch.no_grad():
+        got = quantized(x.cuda()).float().cpu()
+    error = (got - expected).norm() / expected.norm()
+    assert error < 0.1, error  # 4-bit weights: close, not equal
+    program = torch.export.export(quantized, (x.cuda(),))
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    loaded = torch.export.load(str(tmp_path / "model.pt2")).module()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x.cuda()).float().cpu(), got)
+    with pytest.raises(Exception, match="block_size 32, 64 or 128"):
+        WeightOnly().apply(ModelHandle(TORCH, model, []), {"bits": 4, "block_size": 16}, context)
