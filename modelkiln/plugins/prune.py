@@ -8,10 +8,14 @@ attention block whose query/key/value projections are found (``query``/``key``/`
 or ``q_proj``/``k_proj``/``v_proj``, as Hugging Face and most hand-written blocks name
 them) loses that share of its heads, the least important by the weights' magnitude, with
 the head size kept; the block's head count (and the model config's, so a static KV cache
-is sized right) is updated. Grouped-query blocks and models with rotary position
-embeddings (whose q/k half-rotations torch-pruning's dependency graph does not finish
-on) keep their heads; the record says so. Where unlabelled data
-exists it is followed by a short recovery fine-tune distilled from the original model.
+is sized right) is updated. Blocks in Hugging Face's ``q_proj/k_proj/v_proj/o_proj``
+layout with grouped-query attention or rotary position embeddings (whose q/k
+half-rotations torch-pruning's dependency graph does not finish on) are pruned here by
+hand instead: whole key/value groups go (each key/value head with the query heads that
+read it; with one query per key/value head, single heads), the least important by the
+squared magnitude of their q/k/v rows and o columns, the same number in every block so
+that one config describes them all. Where unlabelled data exists it is followed by a
+short recovery fine-tune distilled from the original model.
 
 ``prune.magnitude``: global unstructured magnitude pruning of Linear and Conv weights.
 The smallest weights across all those layers are set to zero and the pruning is made
@@ -98,6 +102,14 @@ def attention_blocks(module) -> list[tuple]:
     return found
 
 
+def _hf_config(module):
+    config = getattr(module, "config", None)
+    if config is None:  # the Hugging Face model sits inside the wrapper
+        config = next((m.config for m in module.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")),
+                      None)
+    return config
+
+
 def _set_head_counts(module, blocks, pruner) -> dict:
     """After pruning: tell each block (and the config) how many heads it has now."""
     counts = []
@@ -112,10 +124,7 @@ def _set_head_counts(module, blocks, pruner) -> dict:
         if isinstance(getattr(block, "attention_head_size", None), int):
             block.attention_head_size = head_size
         counts.append(now)
-    config = getattr(module, "config", None)
-    if config is None:  # the Hugging Face model sits inside the wrapper
-        config = next((m.config for m in module.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")),
-                      None)
+    config = _hf_config(module)
     if config is not None and counts and len(set(counts)) == 1 and getattr(config, "num_attention_heads", None):
         before = config.num_attention_heads
         # Keep the head size: code that derives it from hidden_size / heads would be wrong now.
@@ -124,6 +133,87 @@ def _set_head_counts(module, blocks, pruner) -> dict:
             config.num_key_value_heads = counts[0]
         config.num_attention_heads = counts[0]
     return {"attention_heads_before": sum(b[2] for b in blocks), "attention_heads_after": sum(counts)}
+
+
+def grouped_attention_blocks(module) -> list[tuple]:
+    """``(block, head_dim, heads, kv_heads)`` for each block in Hugging Face's
+    q_proj/k_proj/v_proj/o_proj layout whose widths are whole heads; every block must
+    have the same counts (one config describes them), else none is returned."""
+    import torch.nn as nn
+
+    config = _hf_config(module)
+    found = []
+    for block in module.modules():
+        q, k, v, o = (getattr(block, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        if not all(isinstance(layer, nn.Linear) for layer in (q, k, v, o)):
+            continue
+        head_dim = getattr(block, "head_dim", None) or getattr(config, "head_dim", None)
+        if not isinstance(head_dim, int) or head_dim <= 0:
+            return []
+        heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
+        if (q.out_features % head_dim or k.out_features % head_dim or v.out_features != k.out_features
+                or o.in_features != q.out_features or kv_heads == 0 or heads % kv_heads):
+            return []
+        found.append((block, head_dim, heads, kv_heads))
+    return found if len({b[1:] for b in found}) == 1 else []
+
+
+def _rows(indices, size):
+    import torch
+
+    return torch.cat([torch.arange(i * size, (i + 1) * size) for i in indices])
+
+
+def _sliced(layer, rows=None, columns=None):
+    """A new Linear holding ``rows`` (outputs) and ``columns`` (inputs) of ``layer``."""
+    import torch.nn as nn
+
+    weight = layer.weight.detach()
+    weight = weight if rows is None else weight[rows]
+    weight = weight if columns is None else weight[:, columns]
+    bias = layer.bias
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias.detach() if rows is None else bias.detach()[rows])
+    return new
+
+
+def prune_grouped_heads(module, blocks, share: float) -> dict:
+    """Remove ``share`` of the key/value groups of every block in ``blocks`` (from
+    ``grouped_attention_blocks``), in place; the least important go, by the squared
+    magnitude of the group's q/k/v rows and o_proj columns."""
+    import torch
+
+    _, head_dim, heads, kv_heads = blocks[0]
+    per_group = heads // kv_heads
+    keep = max(1, round(kv_heads * (1 - share)))
+    if keep == kv_heads:
+        return {}
+    for block, *_ in blocks:
+        with torch.no_grad():
+            q, k, v, o = block.q_proj.weight, block.k_proj.weight, block.v_proj.weight, block.o_proj.weight
+            score = (q.float().reshape(kv_heads, per_group * head_dim, -1).pow(2).sum((1, 2))
+                     + k.float().reshape(kv_heads, head_dim, -1).pow(2).sum((1, 2))
+                     + v.float().reshape(kv_heads, head_dim, -1).pow(2).sum((1, 2))
+                     + o.float().reshape(o.shape[0], kv_heads, per_group * head_dim).pow(2).sum((0, 2)))
+        kept = sorted(score.topk(keep).indices.tolist())
+        query_rows = _rows([g * per_group + i for g in kept for i in range(per_group)], head_dim)
+        kv_rows = _rows(kept, head_dim)
+        block.q_proj = _sliced(block.q_proj, rows=query_rows)
+        block.k_proj = _sliced(block.k_proj, rows=kv_rows)
+        block.v_proj = _sliced(block.v_proj, rows=kv_rows)
+        block.o_proj = _sliced(block.o_proj, columns=query_rows)
+        for attr, value in (("num_heads", keep * per_group), ("num_key_value_heads", keep)):
+            if isinstance(getattr(block, attr, None), int):
+                setattr(block, attr, value)
+    config = _hf_config(module)
+    if config is not None and getattr(config, "num_attention_heads", None):
+        config.head_dim = head_dim  # pinned: hidden_size / heads is not the head size any more
+        config.num_attention_heads = keep * per_group
+        config.num_key_value_heads = keep
+    return {"attention_heads_before": heads * len(blocks), "attention_heads_after": keep * per_group * len(blocks),
+            "key_value_heads_after": keep * len(blocks), "attention_heads_method": "whole key/value groups, by hand"}
 
 
 def _output_width_layers(module, example, names: dict, prunable_heads=()) -> list:
@@ -178,28 +268,37 @@ class Structured(Step):
         names = {m: n for n, m in module.named_modules()}
         before = sum(p.numel() for p in module.parameters())
         # torch-pruning's dependency graph never finishes on rotary embeddings'
-        # half-rotations of q/k (Llama-style blocks): there heads stay, channels are pruned.
+        # half-rotations of q/k (Llama-style blocks) and takes no grouped-query blocks:
+        # there torch-pruning prunes channels only, and heads are pruned by hand after it
+        # (before it, its graph of the model left with one key/value head never finished
+        # either).
         rotary = heads > 0 and any("Rotary" in type(m).__name__ for m in module.modules())
         blocks = attention_blocks(module) if heads > 0 and not rotary else []
+        record = {}
         head_layers = {layer for _, layers, _ in blocks for layer in layers}
-        ignored = _output_width_layers(module, example, names, head_layers)
-        ratio = amount
-        if amount == 0 and head_layers:
-            # torch-pruning prunes nothing at a ratio of 0, heads included: prune heads
-            # only by leaving every other layer out of its reach.
-            ignored += [layer for layer, _ in _prunable(module) if layer not in head_layers]
-            ratio = heads
-        pruner = tp.pruner.MetaPruner(
-            module, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio, ignored_layers=ignored,
-            num_heads={layer: count for _, layers, count in blocks for layer in layers},
-            prune_num_heads=bool(blocks), prune_head_dims=False, head_pruning_ratio=heads,
-        )
-        pruner.step()
-        record = _set_head_counts(module, blocks, pruner) if blocks else {}
+        if amount > 0 or head_layers:
+            ignored = _output_width_layers(module, example, names, head_layers)
+            ratio = amount
+            if amount == 0:
+                # torch-pruning prunes nothing at a ratio of 0, heads included: prune heads
+                # only by leaving every other layer out of its reach.
+                ignored += [layer for layer, _ in _prunable(module) if layer not in head_layers]
+                ratio = heads
+            pruner = tp.pruner.MetaPruner(
+                module, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                pruning_ratio=ratio, ignored_layers=ignored,
+                num_heads={layer: count for _, layers, count in blocks for layer in layers},
+                prune_num_heads=bool(blocks), prune_head_dims=False, head_pruning_ratio=heads,
+            )
+            pruner.step()
+            if blocks:
+                record = _set_head_counts(module, blocks, pruner)
         if heads > 0 and not blocks:
-            record["attention_heads"] = ("kept: rotary position embeddings" if rotary
-                                         else "kept: no attention block with prunable heads found")
+            grouped = grouped_attention_blocks(module)
+            record = prune_grouped_heads(module, grouped, heads) if grouped else {}
+            if not record:
+                record["attention_heads"] = ("kept: fewer key/value heads than pruning takes one of" if grouped
+                                             else "kept: no attention block with prunable heads found")
         after = sum(p.numel() for p in module.parameters())
         if after == before:
             raise StepNotApplicable("no layer of this model could be pruned structurally")
