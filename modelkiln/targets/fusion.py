@@ -20,8 +20,11 @@ went from 1.48x-1.56x to 1.39x-1.41x its weight-reading floor.
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections import defaultdict
+
+log = logging.getLogger(__name__)
 
 
 def _attr(gm, target: str):
@@ -115,5 +118,7 @@ def fused_program(program, args: tuple, kwargs: dict, dynamic_shapes):
         return program, 0
     try:
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes(module), strict=False), fused_away
-    except Exception:  # an optimisation: the unfused program serves the same outputs
+    except Exception as exc:  # an optimisation: the unfused program serves the same outputs
+        log.warning("saving the program unfused: the graph with %d sibling Linear calls fused did not export "
+                    "(%s: %s)", fused_away, type(exc).__name__, str(exc)[:200])
         return program, 0
