@@ -227,6 +227,7 @@ def _half_module(module, dtype):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner.to(dtype)
+            self.compute_dtype = dtype  # what a later step that unwraps the module keeps
 
         def forward(self, *inputs):
             cast = [t.to(dtype) if t.is_floating_point() else t for t in inputs]

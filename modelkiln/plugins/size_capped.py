@@ -7,7 +7,9 @@ writes the shards (``targets/streamed.py``) and serves the variant by reading ea
 module's weights from its shard just before that module runs, so the weights resident at
 any moment are one module's. The module must be the checkpoint's own Hugging Face
 architecture (rebuilt from its config at load), so the step goes first in a recipe or
-after steps that keep shapes (e.g. ``quantize.bf16`` is not one: it wraps the model).
+after steps that keep its shapes or update its config with them: after ``quantize.bf16``
+/ ``quantize.fp16`` the shards hold 16-bit weights (half the bytes resident and read per
+call) and the skeleton is rebuilt in that type.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class SizeCapped(Step):
         if largest > budget * 2**20:
             raise StepNotApplicable(f"its largest module holds {largest / 2**20:.1f} MiB of weights, over the "
                                     f"target's memory_mb ({budget} MiB): streaming by module cannot fit it")
+        dtype = getattr(module, "compute_dtype", None)
+        if dtype is not None:  # quantize.bf16 / fp16 wrapped the model: stream what it wraps
+            module = module.inner
         inner = getattr(module, "inner", None)
         if inner is None or not hasattr(inner, "config") or not hasattr(inner.config, "to_dict"):
             raise StepNotApplicable("streaming rebuilds a Hugging Face architecture from its config; "
@@ -58,7 +63,11 @@ class SizeCapped(Step):
         # What the policy holds against the budget: serving keeps one module's weights.
         context.record.update(weights_mib=round(weights / 2**20, 2), memory_mb=budget, shard_mb=shard_mb,
                               resident_weights_mib=round(largest / 2**20, 2))
-        return ModelHandle(STREAMED, module, model.inputs, {**model.notes, "shard_mb": shard_mb})
+        notes = {**model.notes, "shard_mb": shard_mb}
+        if dtype is not None:
+            notes["stream_dtype"] = str(dtype).removeprefix("torch.")
+            context.record["dtype"] = notes["stream_dtype"]
+        return ModelHandle(STREAMED, module, model.inputs, notes)
 
 
 @hookimpl

@@ -42,8 +42,9 @@ def architecture_of(inner) -> dict:
             "attn_implementation": getattr(inner.config, "_attn_implementation", None)}
 
 
-def save(module, directory: Path, shard_mb: int) -> str:
-    """Write ``module`` (the Hugging Face wrapper) as capped shards; return the index name."""
+def save(module, directory: Path, shard_mb: int, dtype: str | None = None) -> str:
+    """Write ``module`` (the Hugging Face wrapper) as capped shards; return the index name.
+    ``dtype``: the 16-bit type a half-precision step left the weights in, if any."""
     from safetensors.torch import save_file
 
     cap = shard_mb * 2**20
@@ -74,7 +75,10 @@ def save(module, directory: Path, shard_mb: int) -> str:
     index = {"metadata": {"total_size": total, "shard_mb": shard_mb, "buffers": sorted(buffers)},
              "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=1))
-    (directory / ARCHITECTURE_FILE).write_text(json.dumps(architecture_of(module.inner), indent=1, default=str))
+    architecture = architecture_of(module.inner)
+    if dtype:
+        architecture["dtype"] = dtype
+    (directory / ARCHITECTURE_FILE).write_text(json.dumps(architecture, indent=1, default=str))
     return INDEX_FILE
 
 
@@ -93,6 +97,8 @@ def skeleton(architecture: dict):
         config._attn_implementation = architecture["attn_implementation"]
     with torch.device("meta"):
         inner = cls(config)
+    if architecture.get("dtype"):  # computed in the type the weights were saved in
+        inner = inner.to(getattr(torch, architecture["dtype"]))
     return _hf_wrapper(inner)
 
 
@@ -100,12 +106,14 @@ class StreamedModule:
     """Runs the skeleton with each module's weights read from its shard just in time."""
 
     def __init__(self, directory: Path, device: str):
+        import torch
         from safetensors import safe_open
 
         index = json.loads((directory / INDEX_FILE).read_text())
         architecture = json.loads((directory / ARCHITECTURE_FILE).read_text())
         self.module = skeleton(architecture)
         self.device = device
+        self.dtype = getattr(torch, architecture["dtype"]) if architecture.get("dtype") else None
         weight_map = {name: directory / file for name, file in index["weight_map"].items()}
         for name in index["metadata"]["buffers"]:
             owner, _, local = name.rpartition(".")
@@ -150,6 +158,8 @@ class StreamedModule:
         return hook
 
     def __call__(self, *tensors):
+        if self.dtype is not None:  # float inputs in the weights' type, as quantize.bf16 takes them
+            tensors = tuple(t.to(self.dtype) if t.is_floating_point() else t for t in tensors)
         return self.module(*tensors)
 
 
