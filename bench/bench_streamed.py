@@ -2,8 +2,8 @@
 
 A Llama-style causal LM (hidden 1024, 12 layers, vocabulary 32000, untied head: 0.22 B
 parameters, 880 MB of fp32 weights) saved as a Hugging Face folder, run through the daemon's path on
-a cpu target with ``memory_mb = 256`` (torch runtime, recipes baseline and
-``shard.size_capped``). Then each artifact is loaded in a fresh process, as serving code
+a cpu target with ``memory_mb = 256`` (torch runtime, recipes baseline,
+``shard.size_capped`` and ``quantize.bf16 -> shard.size_capped``). Then each artifact is loaded in a fresh process, as serving code
 would, and run on one 128-token sequence: the process's peak resident memory (VmHWM,
 and the anonymous part at the end), the weights resident at once (the streamed variant
 counts them), and the median latency of 5 runs after one warm-up, 2 threads.
@@ -48,7 +48,7 @@ def main():
 
     from modelkiln.config import load_config
 
-    folder = recipes_config(["baseline", "shard.size_capped"], "")
+    folder = recipes_config(["baseline", "shard.size_capped", "quantize.bf16 -> shard.size_capped"], "")
     text = (folder / "kiln.toml").read_text().replace('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]')
     text = text.replace("memory_mb = 0", f"memory_mb = {BUDGET_MB}").replace("batch_sizes = [1, 8]",
                                                                             "batch_sizes = [1]")
