@@ -303,3 +303,12 @@ def test_head_pruning_takes_whole_key_value_groups_of_a_rotary_grouped_query_mod
     Structured().apply(handle, both, context)
     assert context.record["attention_heads_after"] == 4
     assert context.record["parameters_after"] < context.record["parameters_before"] - 2 * (2 * 32 * 64 + 2 * 16 * 64)
+    # One key/value head (multi-query) has no group to spare: skipped, saying why.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modelkiln.errors import StepNotApplicable
+
+    single = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=1)).eval()
+    with pytest.raises(StepNotApplicable, match="fewer key/value heads than pruning takes one of"):
+        Structured().apply(ModelHandle(TORCH, _hf_wrapper(single), handle.inputs), params, context)

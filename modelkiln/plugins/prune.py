@@ -301,7 +301,8 @@ class Structured(Step):
                                              else "kept: no attention block with prunable heads found")
         after = sum(p.numel() for p in module.parameters())
         if after == before:
-            raise StepNotApplicable("no layer of this model could be pruned structurally")
+            why = f" (attention heads {record['attention_heads']})" if "attention_heads" in record else ""
+            raise StepNotApplicable(f"no layer of this model could be pruned structurally{why}")
         try:
             with torch.no_grad():
                 module(*example)
