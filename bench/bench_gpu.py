@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_bert import SEQ  # noqa: E402
-from common import interleaved, optimize, print_table, recipes_config  # noqa: E402
+from common import interleaved, kiln_folder, optimize, print_table  # noqa: E402
 
 BATCH = 32
 ROUNDS, RUNS = 5, 10
@@ -58,15 +58,11 @@ def main():
     bandwidth = bandwidth_gb_s()
 
     torch.manual_seed(0)
-    folder = recipes_config(["baseline", "quantize.bf16", "quantize.fp16", "quantize.bf16 -> compile.inductor",
-                             "quantize.fp16 -> compile.inductor"], "")
-    text = (folder / "kiln.toml").read_text()
-    for old, new in (('device = "cpu"', 'device = "cuda"'), ('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]'),
-                     ("batch_sizes = [1, 8]", f"batch_sizes = [{BATCH}]"),
-                     ("objective_batch_size = 1", f"objective_batch_size = {BATCH}")):
-        assert old in text, old
-        text = text.replace(old, new)
-    (folder / "kiln.toml").write_text(text)
+    folder = kiln_folder(recipes=["baseline", "quantize.bf16", "quantize.fp16", "quantize.bf16 -> compile.inductor",
+                                  "quantize.fp16 -> compile.inductor"], replacements={
+        'device = "cpu"': 'device = "cuda"', 'runtimes = ["onnxruntime", "torch"]': 'runtimes = ["torch"]',
+        "batch_sizes = [1, 8]": f"batch_sizes = [{BATCH}]",
+        "objective_batch_size = 1": f"objective_batch_size = {BATCH}"})
     config = load_config(folder / "kiln.toml")
     staged = folder / "staged" / "bert"
     BertModel(BertConfig()).save_pretrained(str(staged), safe_serialization=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import bandwidth_gb_s  # noqa: E402
 from bench_llm import generate_per_token, llama_7b_config  # noqa: E402
-from common import optimize, print_table, recipes_config  # noqa: E402
+from common import kiln_folder, optimize, print_table  # noqa: E402
 
 
 def main():
@@ -42,15 +42,11 @@ def main():
 
     started = time.time()
     config_7b = llama_7b_config()
-    folder = recipes_config(["compile.inductor"], "")
-    text = (folder / "kiln.toml").read_text()
-    for old, new in (('device = "cpu"', 'device = "cuda"'), ('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]'),
-                     ("batch_sizes = [1, 8]", "batch_sizes = [1]"),
-                     ('objective = "latency_p50_ms"', 'objective = "decode_ms_per_token"'),
-                     ("max_quality_drop = 0.01", "max_quality_drop = 0.5")):
-        assert old in text, old
-        text = text.replace(old, new)
-    (folder / "kiln.toml").write_text(text)
+    folder = kiln_folder(recipes=["compile.inductor"], replacements={
+        'device = "cpu"': 'device = "cuda"', 'runtimes = ["onnxruntime", "torch"]': 'runtimes = ["torch"]',
+        "batch_sizes = [1, 8]": "batch_sizes = [1]",
+        'objective = "latency_p50_ms"': 'objective = "decode_ms_per_token"',
+        "max_quality_drop = 0.01": "max_quality_drop = 0.5"})
     config = load_config(folder / "kiln.toml")
     staged = folder / "staged" / "llama7b"
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import optimize, print_table, recipes_config  # noqa: E402
+from common import kiln_folder, optimize, print_table  # noqa: E402
 
 BUDGET_MB = 256
 
@@ -48,11 +48,9 @@ def main():
 
     from modelkiln.config import load_config
 
-    folder = recipes_config(["baseline", "shard.size_capped", "quantize.bf16 -> shard.size_capped"], "")
-    text = (folder / "kiln.toml").read_text().replace('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]')
-    text = text.replace("memory_mb = 0", f"memory_mb = {BUDGET_MB}").replace("batch_sizes = [1, 8]",
-                                                                            "batch_sizes = [1]")
-    (folder / "kiln.toml").write_text(text)
+    folder = kiln_folder(recipes=["baseline", "shard.size_capped", "quantize.bf16 -> shard.size_capped"], replacements={
+        'runtimes = ["onnxruntime", "torch"]': 'runtimes = ["torch"]', "memory_mb = 0": f"memory_mb = {BUDGET_MB}",
+        "batch_sizes = [1, 8]": "batch_sizes = [1]"})
     config = load_config(folder / "kiln.toml")
     staged = folder / "staged" / "llama"
     LlamaForCausalLM(LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,

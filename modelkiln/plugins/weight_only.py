@@ -266,9 +266,8 @@ class WeightOnly(Step):
                 raise StepNotApplicable(f"{self.name}: PyTorch's int4 kernel needs a GPU of compute capability 8.0 "
                                         "or newer")
             layer_class = _int4_cuda_layer_class()
-            layers = [(name, (m, block, _int4_cuda_tiles(m.in_features, m.out_features, block), context.device))
-                      for name, m in floats]
-            layers = [(name, args) for name, args in layers if args[2]]
+            layers = [(name, (m, block, tiles, context.device)) for name, m in floats
+                      if (tiles := _int4_cuda_tiles(m.in_features, m.out_features, block))]
             kernel = "int4 tinygemm (_weight_int4pack_mm), bf16 activations"
         if not layers:
             raise StepNotApplicable("the model has no floating-point Linear layer" if bits == 8 else
