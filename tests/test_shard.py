@@ -164,3 +164,57 @@ def test_a_model_over_the_memory_budget_is_streamed_from_capped_shards(kiln_dir,
     assert half_record["resident_weights_mib"] == pytest.approx(record["resident_weights_mib"] / 2, rel=0.01)
     assert json.loads((Path(half["path"]) / streamed.ARCHITECTURE_FILE).read_text())["dtype"] == "bfloat16"
     assert half["metrics"]["quality"] >= 0.9  # next-token agreement; bf16 may flip a near-tie
+
+
+def test_a_two_rank_causal_lm_splits_its_heads_and_decodes_the_same_tokens(kiln_dir, tmp_path):
+    from test_decoding import tiny_llama
+
+    from modelkiln.targets.decoding import NEW_TOKENS, PROMPT_TOKENS, prompt_ids
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "shard.tensor_parallel", "quantize.bf16 -> shard.tensor_parallel"]'))
+    text = text.replace('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]')
+    config = with_second_target(kiln_dir, text, "cpu2", "devices", "2")
+    model = tiny_llama()  # 4 query heads in 2 key/value groups of head size 16, 2 blocks
+    model.save_pretrained(str(tmp_path / "llm"), safe_serialization=True)
+    checkpoint = optimize_once(config, tmp_path / "llm", "llm", timeout=300)
+    assert checkpoint.status == "done", checkpoint.reason
+    variants = {(v["target"], v["variant"]): v for v in all_variants(config, "llm")}
+
+    shard = variants["cpu2", "torch:shard.tensor_parallel"]
+    assert shard["status"] == "succeeded", shard.get("reason")
+    splits = shard["lineage"][0]["record"]["splits"]
+    layers = [f"inner.model.layers.{i}" for i in range(2)]
+    assert [s for s in splits if "heads" not in s] == [
+        {"columns": [f"{layer}.mlp.up_proj", f"{layer}.mlp.gate_proj"], "row": f"{layer}.mlp.down_proj",
+         "width": 128} for layer in layers]
+    assert [s for s in splits if "heads" in s] == [
+        {"columns": [f"{layer}.self_attn.{p}_proj" for p in "qkv"], "row": f"{layer}.self_attn.o_proj",
+         "width": 64, "heads": 4, "kv_heads": 2, "head_dim": 16} for layer in layers]
+    folder = Path(shard["path"])
+    plan = json.loads((folder / "plan.json").read_text())
+    assert plan["decode"]["files"] == ["rank0/decode.pt2", "rank1/decode.pt2"], plan.get("decode")
+    document = json.loads((folder / "variant.json").read_text())
+    check = document["metrics"]["checks"]["shard_check"]
+    assert check["max_abs_diff"] <= check["tolerance"]
+    assert shard["metrics"]["quality"] == 1.0  # every next token as the unsharded model's
+
+    # Each rank's KV cache holds its own key/value head; greedy decoding over the two
+    # ranks gives transformers' own tokens for the whole model.
+    decode = document["metrics"]["decode"]
+    expected = model.generate(torch.from_numpy(prompt_ids(256)), max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS, do_sample=False)[0, PROMPT_TOKENS:].tolist()
+    assert decode["tokens"] == expected
+    assert decode["decode_ms_per_token"] > 0
+    program = torch.export.load(str(folder / "rank1" / "decode.pt2"))
+    caches = [b for name, b in program.named_buffers() if "key_cache" in name or "value_cache" in name]
+    assert caches and {tuple(c.shape)[1] for c in caches} == {1}  # one key/value head per rank
+
+    # In bf16 the ranks round their partial sums differently from one device: the check
+    # allows twice the model's own distance from float32, measured when it was sharded.
+    half = variants["cpu2", "torch:quantize.bf16 -> shard.tensor_parallel"]
+    assert half["status"] == "succeeded", half.get("reason")
+    rounding = json.loads((Path(half["path"]) / "plan.json").read_text())["check_rounding"]
+    check = json.loads((Path(half["path"]) / "variant.json").read_text())["metrics"]["checks"]["shard_check"]
+    assert rounding > 0 and check["max_abs_diff"] <= check["tolerance"] <= 2 * rounding + 1e-3, (rounding, check)
+    assert plan["check_rounding"] == 0.0

@@ -204,16 +204,23 @@ def prune_grouped_heads(module, blocks, share: float) -> dict:
         block.k_proj = _sliced(block.k_proj, rows=kv_rows)
         block.v_proj = _sliced(block.v_proj, rows=kv_rows)
         block.o_proj = _sliced(block.o_proj, columns=query_rows)
-        for attr, value in (("num_heads", keep * per_group), ("num_key_value_heads", keep)):
+    set_grouped_head_counts(module, [b[0] for b in blocks], keep * per_group, keep, head_dim)
+    return {"attention_heads_before": heads * len(blocks), "attention_heads_after": keep * per_group * len(blocks),
+            "key_value_heads_after": keep * len(blocks), "attention_heads_method": "whole key/value groups, by hand"}
+
+
+def set_grouped_head_counts(module, blocks, heads: int, kv_heads: int, head_dim: int) -> None:
+    """Tell each attention block, and the model's config (which sizes the static KV
+    cache), how many query and key/value heads it holds now."""
+    for block in blocks:
+        for attr, value in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
             if isinstance(getattr(block, attr, None), int):
                 setattr(block, attr, value)
     config = _hf_config(module)
     if config is not None and getattr(config, "num_attention_heads", None):
         config.head_dim = head_dim  # pinned: hidden_size / heads is not the head size any more
-        config.num_attention_heads = keep * per_group
-        config.num_key_value_heads = keep
-    return {"attention_heads_before": heads * len(blocks), "attention_heads_after": keep * per_group * len(blocks),
-            "key_value_heads_after": keep * len(blocks), "attention_heads_method": "whole key/value groups, by hand"}
+        config.num_attention_heads = heads
+        config.num_key_value_heads = kv_heads
 
 
 def _output_width_layers(module, example, names: dict, prunable_heads=()) -> list:

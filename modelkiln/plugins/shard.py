@@ -10,8 +10,14 @@ all-reduce, then the bias is added). One all-reduce per chain, no other communic
 
 The chains are found on the model's ``torch.export`` graph, not by module names, so any
 architecture qualifies; a chain is split only when every intermediate value is used
-inside it and the widths divide by the rank count. Everything else (attention
-projections, embeddings, norms) is replicated on every rank.
+inside it and the widths divide by the rank count.
+
+Attention is split by heads where its blocks use Hugging Face's q_proj/k_proj/v_proj/
+o_proj layout (Llama, Mistral, Qwen, ...; grouped-query included): each rank holds whole
+key/value groups with their query heads (q/k/v column parallel) and o_proj's matching
+input columns (row parallel, one all-reduce), and its config says how many heads it has,
+so a static KV cache built from it holds that rank's heads only. Everything else
+(embeddings, norms, the head) is replicated on every rank.
 
 The result is ``SHARDED``: one module per rank plus the plan. The torch runtime exports
 each rank's module (its all-reduce is a traced functional collective) and writes the
@@ -34,14 +40,21 @@ CHECK_ROWS = 4
 
 @dataclass
 class Split:
-    """One chain: ``columns`` split by output features, ``row`` by input features."""
+    """One chain: ``columns`` split by output features, ``row`` by input features;
+    for attention, by whole heads (``heads`` query and ``kv_heads`` key/value heads)."""
 
     columns: list[str]
     row: str
     width: int  # the hidden width the ranks share
+    heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
 
     def as_dict(self) -> dict:
-        return {"columns": self.columns, "row": self.row, "width": self.width}
+        found = {"columns": self.columns, "row": self.row, "width": self.width}
+        if self.heads:
+            found.update(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim)
+        return found
 
 
 @dataclass
@@ -52,6 +65,9 @@ class ShardedModel:
     splits: list[Split]
     check_inputs: dict  # name -> array, a few sample rows
     check_outputs: object  # the unsharded model's outputs on them
+    # For a model computing in 16 bits: how far its outputs are from the same model's in
+    # float32 (max abs), the scale of rounding that the check must allow the ranks too.
+    check_rounding: float = 0.0
     replicated_parameters: int = 0
     split_parameters: int = 0
 
@@ -138,6 +154,20 @@ def find_splits(module, example_args: tuple, ranks: int) -> list[Split]:
     return splits
 
 
+def find_head_splits(module, ranks: int) -> list[Split]:
+    """Attention blocks split by heads: every block's key/value heads must divide by
+    ``ranks`` (each rank then holds whole groups), else no block is split."""
+    from .prune import grouped_attention_blocks
+
+    blocks = grouped_attention_blocks(module)
+    if not blocks or blocks[0][3] % ranks:
+        return []
+    prefixes = {id(m): f"{name}." if name else "" for name, m in module.named_modules()}
+    return [Split([f"{prefixes[id(block)]}{p}" for p in ("q_proj", "k_proj", "v_proj")],
+                  f"{prefixes[id(block)]}o_proj", block.q_proj.out_features, heads, kv_heads, head_dim)
+            for block, head_dim, heads, kv_heads in blocks]
+
+
 def _row_parallel_class():
     import torch
     import torch.nn as nn
@@ -176,10 +206,13 @@ def split_module(module, splits: list[Split], rank: int, ranks: int):
     local = copy.deepcopy(module)
     row_class = _row_parallel_class()
     for split in splits:
-        share = split.width // ranks
-        cut = slice(rank * share, (rank + 1) * share)
         for path in split.columns:
+            # Each column Linear's own width: with grouped-query attention the query
+            # projection is wider than the key/value ones, and rank r takes the r-th
+            # contiguous part of each (whole heads, query heads beside their group's).
             old = local.get_submodule(path)
+            share = old.out_features // ranks
+            cut = slice(rank * share, (rank + 1) * share)
             new = nn.Linear(old.in_features, share, bias=old.bias is not None,
                             dtype=old.weight.dtype, device=old.weight.device)
             new.weight.data = old.weight.data[cut].clone()
@@ -187,10 +220,33 @@ def split_module(module, splits: list[Split], rank: int, ranks: int):
                 new.bias.data = old.bias.data[cut].clone()
             new.requires_grad_(False)
             local.set_submodule(path, new)
+        share = split.width // ranks
         old = local.get_submodule(split.row)
         bias = None if old.bias is None else old.bias.data.clone()
-        local.set_submodule(split.row, row_class(old.weight.data[:, cut].clone(), bias, WORLD_GROUP))
+        local.set_submodule(split.row, row_class(old.weight.data[:, rank * share:(rank + 1) * share].clone(),
+                                                 bias, WORLD_GROUP))
+    heads = [s for s in splits if s.heads]
+    if heads:
+        from .prune import set_grouped_head_counts
+
+        blocks = [local.get_submodule(s.row.rpartition(".")[0]) for s in heads]
+        set_grouped_head_counts(local, blocks, heads[0].heads // ranks, heads[0].kv_heads // ranks, heads[0].head_dim)
     return local.eval()
+
+
+def _compute_dtype(module):
+    """The type a module computes in: quantize.bf16/fp16's wrapper says; else its weights'."""
+    import torch
+
+    if hasattr(module, "compute_dtype"):
+        return module.compute_dtype
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _in_float32(module):
+    """A float32 copy of ``module`` (inside quantize.bf16/fp16's wrapper, which would cast
+    float inputs back to 16 bits)."""
+    return copy.deepcopy(module.inner if hasattr(module, "compute_dtype") else module).float()
 
 
 class TensorParallel(Step):
@@ -213,14 +269,26 @@ class TensorParallel(Step):
                 f"target {context.target} has devices = {ranks}; tensor parallelism needs devices > 1"
             )
         module = model.obj.eval()
-        splits = find_splits(module, example_args(model), ranks)
+        splits = find_splits(module, example_args(model), ranks) + find_head_splits(module, ranks)
         if not splits:
             raise StepNotApplicable(
-                f"no Linear -> elementwise -> Linear chain whose width divides by {ranks} to split"
+                f"no Linear -> elementwise -> Linear chain and no attention heads that divide by {ranks} to split"
             )
         rows = {name: np.ascontiguousarray(v[:CHECK_ROWS]) for name, v in context.sample_inputs.items()}
-        with torch.inference_mode():
-            expected = module(*(torch.from_numpy(v) for v in rows.values())).float().numpy()
+
+        def outputs(of):
+            with torch.inference_mode():
+                return of(*(torch.from_numpy(v) for v in rows.values())).float().numpy()
+
+        expected = outputs(module)
+        rounding = 0.0
+        if _compute_dtype(module) in (torch.bfloat16, torch.float16):
+            # The ranks sum their partial products in 16 bits, in another order than one
+            # device does: they may differ from the unsharded outputs by about as much as
+            # those differ from float32's. Measured here, so the check scales with the model.
+            wide = outputs(_in_float32(module))
+            rounding = float(np.abs(wide.astype(np.float64) - expected).max())
+            context.record["check_rounding"] = rounding
         rank_modules = [split_module(module, splits, r, ranks) for r in range(ranks)]
         split_names = {f"{p}.{w}" for s in splits for p in (*s.columns, s.row) for w in ("weight", "bias")}
         split_count = sum(p.numel() for n, p in module.named_parameters() if n in split_names)
@@ -230,7 +298,8 @@ class TensorParallel(Step):
             replicated_parameters=total - split_count,
             parameters_per_rank=sum(p.numel() for p in rank_modules[0].parameters()),
         )
-        sharded = ShardedModel(rank_modules, splits, rows, expected, total - split_count, split_count)
+        sharded = ShardedModel(rank_modules, splits, rows, expected, replicated_parameters=total - split_count,
+                               split_parameters=split_count, check_rounding=rounding)
         return ModelHandle(SHARDED, sharded, model.inputs, dict(model.notes))
 
 

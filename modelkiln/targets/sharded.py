@@ -5,13 +5,17 @@ The artifact is a folder::
     plan.json          ranks, backend, process-group name, the splits, the check
     rank0/model.pt2    each rank's torch.export program (its all-reduces are traced
     rank1/model.pt2    functional collectives on the default process group)
+    rank0/decode.pt2   for a causal LM, each rank's static-cache decoding program
+    rank1/decode.pt2   (``decoding.py``), its KV cache holding that rank's heads only
     check.npz          a few input rows and the unsharded model's outputs on them
 
 Serving it is what ``load`` does, and what serving code would do with torchrun: start
 one process per rank, join them into a process group (gloo on cpu, NCCL on cuda), load
 each rank's program. The calling process is rank 0: it receives a request, broadcasts
 the inputs to the other ranks, and every rank runs its program; the programs' all-reduces
-combine the partial results, so rank 0's output is the model's output.
+combine the partial results, so rank 0's output is the model's output. A decoding step
+is the same with the decoding programs; its few token ids and positions travel inside
+the request header, so a step costs one broadcast besides the programs' all-reduces.
 
 Every load first runs the check rows and compares them with the unsharded outputs; a
 sharded variant that does not compute the same function fails its measurement.
@@ -38,14 +42,22 @@ PLAN_FORMAT = "modelkiln.tensor_parallel/1"
 # The sharded and unsharded outputs may differ by the order of a sum: within this share
 # of the output's scale (max |x|, at least 1) they are taken as equal.
 RELATIVE_TOLERANCE = 1e-4
-# The header broadcast before each request: input count, then (dtype code, rank, dims).
+# The header broadcast before each request: input count, program, whether the inputs'
+# values follow inline, then (dtype code, rank, dims) per input, then those values.
 _HEADER = 64
+_FORWARD, _DECODE = 0, 1
 _DTYPES = ["float32", "float16", "bfloat16", "int64", "int32", "bool", "float64"]
 _START_TIMEOUT = timedelta(seconds=120)
 
 
-def tolerance(expected: np.ndarray) -> float:
-    return RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
+# A 16-bit model's check allows this many times its own rounding (its outputs' distance
+# from float32's, measured when it was sharded) on top of the float32 tolerance.
+ROUNDING_FACTOR = 2.0
+
+
+def tolerance(expected: np.ndarray, rounding: float = 0.0) -> float:
+    scale = max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
+    return RELATIVE_TOLERANCE * scale + ROUNDING_FACTOR * rounding
 
 
 def save(model, directory: Path) -> str:
@@ -58,6 +70,7 @@ def save(model, directory: Path) -> str:
     sharded = model.obj
     ranks = len(sharded.ranks)
     files = []
+    decode = {}
     for rank, module in enumerate(sharded.ranks):
         args = example_args(ModelHandle(TORCH, module, model.inputs))  # on the rank's device
         with warnings.catch_warnings():
@@ -70,6 +83,7 @@ def save(model, directory: Path) -> str:
         (directory / file).parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(directory / file))
         files.append(file)
+        decode = _save_decoder(module, rank, directory, decode)
     np.savez(directory / CHECK_FILE, outputs=sharded.check_outputs,
              **{f"input:{k}": v for k, v in sharded.check_inputs.items()})
     plan = {
@@ -83,9 +97,32 @@ def save(model, directory: Path) -> str:
         "replicated_parameters": sharded.replicated_parameters,
         "check": CHECK_FILE,
         "relative_tolerance": RELATIVE_TOLERANCE,
+        "check_rounding": sharded.check_rounding,
     }
+    if decode:
+        plan["decode"] = decode
     (directory / PLAN_FILE).write_text(json.dumps(plan, indent=2))
     return PLAN_FILE
+
+
+def _save_decoder(module, rank: int, directory: Path, decode: dict) -> dict:
+    """Export rank ``rank``'s decoding program if the model is a causal LM; the plan's
+    ``decode`` entry so far, or why there is none (the forward programs still serve)."""
+    import torch
+
+    from . import decoding
+
+    lm = decoding.find_causal_lm(module)
+    if lm is None or "error" in decode:
+        return decode
+    try:
+        program, fused = decoding.export_decoder(lm)
+    except Exception as exc:
+        return {"error": f"rank {rank}: {type(exc).__name__}: {str(exc)[:300]}"}
+    file = f"rank{rank}/{decoding.DECODE_FILE}"
+    torch.export.save(program, str(directory / file))
+    return {"files": [*decode.get("files", []), file], "vocab_size": int(lm.config.vocab_size),
+            "max_cache_len": decoding.PROMPT_TOKENS + decoding.NEW_TOKENS, "fused_linears": fused}
 
 
 def _free_port() -> int:
@@ -115,48 +152,74 @@ def _join(rank: int, ranks: int, port: int, device: str, threads: int, directory
     if dist.group.WORLD.group_name != plan["group"]:
         raise RuntimeError(f"process group is named {dist.group.WORLD.group_name!r}, "
                            f"the programs were traced for {plan['group']!r}")
+    local = _rank_device(device, rank)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = torch.export.load(str(directory / plan["files"][rank])).module()
-    return module.to(_rank_device(device, rank))
+        programs = [torch.export.load(str(directory / plan["files"][rank])).module().to(local)]
+        decode = plan.get("decode", {})
+        if "files" in decode:
+            programs.append(torch.export.load(str(directory / decode["files"][rank])).module().to(local))
+    return programs
+
+
+def _call(programs, program: int, tensors):
+    if program == _DECODE:
+        return programs[_DECODE](input_ids=tensors[0], cache_position=tensors[1])
+    return programs[_FORWARD](*tensors)
 
 
 def _receive(device: str):
-    """The next request's inputs, broadcast from rank 0; None when told to stop."""
+    """The next request, broadcast from rank 0: ``(program, inputs)``; None when told to stop."""
     import torch
     import torch.distributed as dist
 
     header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
     dist.broadcast(header, 0)
     values = header.tolist()
-    count = values[0]
+    count, program, inline = values[:3]
     if count < 0:
         return None
-    tensors, at = [], 1
+    shapes, at = [], 3
     for _ in range(count):
         dtype, ndim = _DTYPES[values[at]], values[at + 1]
-        shape = values[at + 2: at + 2 + ndim]
+        shapes.append((getattr(torch, dtype), values[at + 2: at + 2 + ndim]))
         at += 2 + ndim
-        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-        dist.broadcast(tensor, 0)
-        tensors.append(tensor)
-    return tensors
+    tensors = []
+    for dtype, shape in shapes:
+        if inline:
+            size = int(np.prod(shape))
+            tensors.append(torch.tensor(values[at:at + size], dtype=dtype, device=device).reshape(shape))
+            at += size
+        else:
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(tensor, 0)
+            tensors.append(tensor)
+    return program, tensors
 
 
-def _send(tensors, device: str) -> None:
+def _send(tensors, device: str, program: int = _FORWARD) -> None:
     import torch
     import torch.distributed as dist
 
-    values = [len(tensors)]
+    values = [len(tensors), program, 0]
     for t in tensors:
         values += [_DTYPES.index(str(t.dtype).removeprefix("torch.")), t.dim(), *t.shape]
     if len(values) > _HEADER:
         raise ValueError("too many or too high-dimensional inputs for the rank header")
+    # A decoding step's token ids and positions are a few integers: sent in the header
+    # itself, one broadcast per step instead of three.
+    small = sum(t.numel() for t in tensors)
+    inline = all(not t.is_floating_point() for t in tensors) and len(values) + small <= _HEADER
+    if inline:
+        values[2] = 1
+        for t in tensors:
+            values += t.reshape(-1).tolist()
     header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
     header[: len(values)] = torch.tensor(values, dtype=torch.int64)
     dist.broadcast(header, 0)
-    for t in tensors:
-        dist.broadcast(t, 0)
+    if not inline:
+        for t in tensors:
+            dist.broadcast(t, 0)
 
 
 def _stop(device: str) -> None:
@@ -176,11 +239,11 @@ def rank_main(rank: int, ranks: int, port: int, device: str, threads: int, direc
 
     die_with_parent()
     leave_signals_to_parent()
-    module = _join(rank, ranks, port, device, threads, Path(directory), plan)
+    programs = _join(rank, ranks, port, device, threads, Path(directory), plan)
     local = _rank_device(device, rank)
     with torch.inference_mode():
-        while (tensors := _receive(local)) is not None:
-            module(*tensors)
+        while (request := _receive(local)) is not None:
+            _call(programs, *request)
     dist.destroy_process_group()
 
 
@@ -206,9 +269,15 @@ class RankGroup:
         ]
         for process in self.processes:
             process.start()
-        self.module = _join(0, self.ranks, port, device, per_rank, directory, self.plan)
+        self.programs = _join(0, self.ranks, port, device, per_rank, directory, self.plan)
         self.closed = False
         atexit.register(self.close)
+        decode = self.plan.get("decode", {})
+        if "files" in decode:
+            from . import decoding
+
+            # A causal LM: prefill and per-token decode over the ranks, as for one device.
+            self.time_decoding = lambda: decoding.time_decoding(self.decode, decode["vocab_size"], self.local)
 
     def __call__(self, inputs: dict) -> np.ndarray:
         import torch
@@ -216,8 +285,16 @@ class RankGroup:
         tensors = [torch.from_numpy(v).to(self.local) for v in inputs.values()]
         with torch.inference_mode():
             _send(tensors, self.local)
-            out = self.module(*tensors)
+            out = _call(self.programs, _FORWARD, tensors)
         return out.float().cpu().numpy()
+
+    def decode(self, input_ids, cache_position):
+        """One call of the decoding programs on every rank; rank 0's logits."""
+        import torch
+
+        with torch.inference_mode():
+            _send([input_ids, cache_position], self.local, _DECODE)
+            return _call(self.programs, _DECODE, [input_ids, cache_position])
 
     def check(self) -> dict:
         """Compare the outputs on the check rows with the unsharded model's."""
@@ -226,7 +303,7 @@ class RankGroup:
             rows = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("input:")}
         got = self(rows)
         diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
-        limit = tolerance(expected)
+        limit = tolerance(expected, self.plan.get("check_rounding", 0.0))
         if not diff <= limit:
             raise RuntimeError(
                 f"the {self.ranks}-rank output differs from the unsharded model's by {diff:.3g} "
