@@ -209,6 +209,8 @@ def _print_variants(config, model, as_json):
 
     # Causal language models get their decoding figures as two more columns.
     decoding = any((v.get("metrics") or {}).get("decode") for v in variants)
+    # Variants that went to a run-off: its p50, timed side by side with their rivals.
+    raced = any((v.get("metrics") or {}).get("runoff") for v in variants)
     rows = []
     for v in variants:
         m = v.get("metrics") or {}
@@ -217,14 +219,18 @@ def _print_variants(config, model, as_json):
             "*" if v["id"] in promoted else "", v["version"], v["target"], v["variant"],
             (v["parent"] or "").split(":", 1)[-1], v["status"],
             _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")),
+            *([_fmt_ms((m.get("runoff") or {}).get("latency_p50_ms"))] if raced else []),
             *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token"))] if decoding else []),
             _fmt_size(m.get("size_bytes")),
             (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}", v.get("reason") or "",
         ])
     click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
-                            *(["prefill ms", "ms/token"] if decoding else []), "size", "quality (delta)", "reason"]))
+                            *(["run-off p50"] if raced else []), *(["prefill ms", "ms/token"] if decoding else []),
+                            "size", "quality (delta)", "reason"]))
     click.echo("\n* promoted. Latency at the smallest batch size measured"
-               + (f"; prefill of a {PROMPT_TOKENS}-token prompt and per-token decode at batch 1." if decoding else "."))
+               + (f"; prefill of a {PROMPT_TOKENS}-token prompt and per-token decode at batch 1." if decoding else ".")
+               + (" Run-off: the closest variants timed again side by side, interleaved in one process (at the"
+                  " policy's batch size); it decided the promotion." if raced else ""))
 
 
 @main.command()

@@ -126,6 +126,9 @@ class PolicyConfig:
     max_quality_drop: float = 0.01
     objective: str = "latency_p50_ms"
     objective_batch_size: int = 1
+    # Eligible variants whose objective is within this share of the best one's are timed
+    # again, interleaved in one process, and that run-off decides (0: no run-off).
+    runoff_margin: float = 0.1
 
 
 @dataclass
@@ -299,6 +302,8 @@ def _validate(config: Config, file: Path) -> None:
                           f"got {config.policy.objective!r}")
     if not 0 <= config.policy.max_quality_drop < 1:
         raise ConfigError(f"{file}: 'policy.max_quality_drop' must be in [0, 1)")
+    if config.policy.runoff_margin < 0:
+        raise ConfigError(f"{file}: 'policy.runoff_margin' must be 0 (no run-off) or more")
     for name, arch in config.architectures.items():
         if ":" not in arch.factory:
             raise ConfigError(
@@ -436,6 +441,11 @@ recipes = [
 max_quality_drop = 0.01
 objective = "latency_p50_ms"
 objective_batch_size = 1
+# Variants measured one after another meet the host at different moments (a shared or
+# virtual machine drifts by tens of percent over minutes): those within this share of the
+# best latency are timed again side by side, interleaved in one process, and that
+# run-off decides. 0 turns it off.
+runoff_margin = 0.1
 
 # Weights without an architecture (model.safetensors or a state dict .pt/.pth) need a
 # factory that builds the module, matched on the model's folder name. For example:

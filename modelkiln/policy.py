@@ -6,12 +6,22 @@ with a ``memory_mb`` budget, its weights resident while serving fit that budget;
 eligible candidates the lowest objective wins (p50 latency at the configured batch size, or for
 causal language models the per-token decode or prefill latency), ties going to the
 smaller artifact. The baseline competes like any other variant.
+
+Variants are measured one after another, each in its own process, and a shared or
+virtual host drifts between those moments (by about 1.5x over minutes on the GPU
+machine's CPU). So when several eligible candidates are within ``runoff_margin`` of the
+best, the daemon times them again side by side, interleaved in one process (a run-off),
+and the run-off's figures decide between them.
 """
 
 from __future__ import annotations
 
 from .config import PolicyConfig
 from .targets.quality import relative_drop
+from .targets.sharded import PLAN_FILE
+
+# Contenders timed together at most: each is loaded into the run-off's one process.
+RUNOFF_MOST = 3
 
 # Float noise in a score must not turn an identical model into a rejected one.
 _EPSILON = 1e-9
@@ -59,14 +69,46 @@ def objective_value(candidate: dict, policy: PolicyConfig) -> float | None:
     return None
 
 
-def choose(candidates: list[dict], policy: PolicyConfig) -> dict | None:
-    eligible = [
+def _eligible(candidates: list[dict], policy: PolicyConfig) -> list[dict]:
+    return [
         c for c in candidates
         if c.get("within_tolerance") and c.get("fits_memory", True) and objective_value(c, policy) is not None
     ]
+
+
+def runoff_contenders(candidates: list[dict], policy: PolicyConfig) -> list[dict]:
+    """The eligible candidates close enough to the best that a run-off decides between
+    them (within ``runoff_margin``, best first, at most RUNOFF_MOST); none when fewer
+    than two. Not for the decode objectives (a causal LM's variants each hold two whole
+    programs on the device, timed with its own events), nor for tensor-parallel variants
+    (one process group per process)."""
+    if policy.runoff_margin <= 0 or policy.objective in DECODE_OBJECTIVES:
+        return []
+    ranked = sorted((c for c in _eligible(candidates, policy) if c.get("file") != PLAN_FILE),
+                    key=lambda c: objective_value(c, policy))
+    if len(ranked) < 2:
+        return []
+    best = objective_value(ranked[0], policy)
+    close = [c for c in ranked if objective_value(c, policy) <= best * (1 + policy.runoff_margin)]
+    return close[:RUNOFF_MOST] if len(close) > 1 else []
+
+
+def runoff_value(candidate: dict, policy: PolicyConfig) -> float | None:
+    """The candidate's objective as its run-off timed it, if it ran in one."""
+    return ((candidate.get("metrics") or {}).get("runoff") or {}).get(policy.objective)
+
+
+def choose(candidates: list[dict], policy: PolicyConfig) -> dict | None:
+    eligible = _eligible(candidates, policy)
     if not eligible:
         return None
-    return min(eligible, key=lambda c: (objective_value(c, policy), c["metrics"].get("size_bytes") or 0))
+    best = min(eligible, key=lambda c: (objective_value(c, policy), c["metrics"].get("size_bytes") or 0))
+    raced = [c for c in eligible if runoff_value(c, policy) is not None]
+    if len(raced) > 1 and any(c is best for c in raced):
+        # The run-off's contenders were the best and those closest to it; its side-by-side
+        # figures rank them where the separate measurements could not.
+        return min(raced, key=lambda c: (runoff_value(c, policy), c["metrics"].get("size_bytes") or 0))
+    return best
 
 
 def pareto_front(candidates: list[dict], policy: PolicyConfig) -> list[dict]:

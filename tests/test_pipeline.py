@@ -4,6 +4,8 @@ measure, promote, with real worker processes, onnxruntime sessions and a SQLite 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -287,3 +289,33 @@ def test_retry_after_fixing_the_config(config, kiln_dir, tiny_checkpoint):
     again = optimize_once(fixed, tiny_checkpoint, "tiny")
     assert again.id == checkpoint.id and again.status == "done"
     assert CliRunner().invoke(main, ["retry", "tiny", "--config", str(kiln_dir / "kiln.toml")]).exit_code != 0
+
+
+def test_close_variants_are_decided_by_a_run_off_timed_side_by_side(kiln_dir, digits_checkpoint):
+    from modelkiln.config import load_config
+    from modelkiln.policy import RUNOFF_MOST
+
+    # Every eligible variant counts as close: the run-off takes the best RUNOFF_MOST.
+    text = (kiln_dir / "kiln.toml").read_text().replace("runoff_margin = 0.0", "runoff_margin = 100.0")
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    checkpoint = optimize_once(config, digits_checkpoint, "digits")
+    assert checkpoint.status == "done", checkpoint.reason
+    variants = all_variants(config, "digits")
+    raced = [v for v in variants if v["metrics"]["runoff"]]
+    assert len(raced) == RUNOFF_MOST, [v["metrics"] for v in variants]
+    ids = sorted(v["id"] for v in raced)
+    for v in raced:
+        runoff = v["metrics"]["runoff"]
+        assert runoff["latency_p50_ms"] > 0 and runoff["latency_p95_ms"] >= runoff["latency_p50_ms"]
+        assert runoff["rounds"] == 6 and runoff["batch_size"] == 1
+        assert runoff["rivals"] == [i for i in ids if i != v["id"]]
+    with open_store(config).session() as session:
+        job = queries.job_by_key(session, queries.runoff_key(checkpoint.id, "cpu"))
+        assert (job.kind, job.state) == ("runoff", "succeeded")
+    (promotion,) = promoted_entries(config)
+    assert promotion["variant_id"] == min(raced, key=lambda v: v["metrics"]["runoff"]["latency_p50_ms"])["id"]
+    assert f"by a run-off of {RUNOFF_MOST} variants timed side by side" in promotion["reason"]
+    out = subprocess.run([sys.executable, "-m", "modelkiln", "variants", "digits", "--config", str(kiln_dir / "kiln.toml")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "run-off p50" in out and "timed again side by side" in out

@@ -1,5 +1,5 @@
 from modelkiln.config import PolicyConfig
-from modelkiln.policy import choose, fits_memory, within_tolerance
+from modelkiln.policy import choose, fits_memory, runoff_contenders, within_tolerance
 
 
 def candidate(name, p50, quality, baseline=1.0, size=100):
@@ -65,3 +65,22 @@ def test_a_memory_budget_keeps_out_variants_whose_weights_do_not_fit():
     assert (whole["fits_memory"], streamed["fits_memory"]) == (False, True)
     assert choose([whole, streamed], PolicyConfig())["id"] == "streamed"
     assert fits_memory(whole, 0) and fits_memory(whole, 300)  # no budget; a budget it fits
+
+
+def test_close_candidates_go_to_a_run_off_whose_side_by_side_figures_decide():
+    policy = PolicyConfig(runoff_margin=0.1)
+    a, b, far, bad = candidate("a", 10.0, 1), candidate("b", 10.8, 1), candidate("far", 11.5, 1), candidate("bad", 9, 0.5)
+    sharded = candidate("tp", 10.5, 1)
+    sharded["file"] = "plan.json"  # its ranks need a process group of their own
+    assert [c["id"] for c in runoff_contenders([far, b, bad, sharded, a], policy)] == ["a", "b"]
+    assert runoff_contenders([a, far], policy) == []  # nothing within 10 % of the best
+    assert runoff_contenders([a, b], PolicyConfig(runoff_margin=0.0)) == []
+    assert runoff_contenders([a, b], PolicyConfig(runoff_margin=0.1, objective="decode_ms_per_token")) == []
+
+    assert choose([a, b, far], policy)["id"] == "a"  # before the run-off
+    a["metrics"]["runoff"] = {"latency_p50_ms": 12.0}
+    b["metrics"]["runoff"] = {"latency_p50_ms": 9.5}
+    assert choose([a, b, far], policy)["id"] == "b"
+    # A best candidate that was not in the run-off (here a faster sharded one) still wins.
+    sharded["metrics"]["batches"][0]["latency_p50_ms"] = 9.0
+    assert choose([a, b, far, sharded], policy)["id"] == "tp"

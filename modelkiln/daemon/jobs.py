@@ -4,7 +4,9 @@ An ``inspect`` job loads a checkpoint and records its reference outputs; on succ
 planner adds one ``variant`` job per (target, runtime, recipe). A ``variant`` job builds
 the artifact into a staging folder, measures it there, writes ``variant.json`` and only
 then renames the folder into place: a final variant folder is always complete. If that
-folder already exists (a job repeated after a crash), it is recorded as it stands.
+folder already exists (a job repeated after a crash), it is recorded as it stands. A
+``runoff`` job times a target's closest candidates side by side in one process and
+records each one's figures on its variant (``Variant.runoff``), for the promoter.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from .. import policy as builtin_policy
 from ..plugins.recipes import parse_recipe
 from ..store import queries
 from ..store.models import Checkpoint, Job, Variant, utcnow
 from ..targets.quality import relative_drop
 from .executor import Outcome, Phase
 from .layout import VARIANT_FILE, Layout
+from .promoter import candidates_for
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,8 @@ class JobBook:
             threads = max(1, (os.cpu_count() or 1) // self.config.workers.count)
             spec.update(work_dir=str(reference), sample_count=self.config.measure.sample_count, threads=threads)
             return [Phase("inspect", spec)]
+        if job.kind == "runoff":
+            return self._runoff_phases(session, job, spec, reference)
         variant = session.get(Variant, job.variant_id)
         final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target,
                                     variant.runtime, variant.recipe)
@@ -86,14 +92,33 @@ class JobBook:
             out_dir=str(staging),
             runtime=variant.runtime,
             recipe=variant.recipe,
-            target={"name": variant.target, "device": target.device, "threads": target.threads,
-                    "devices": target.devices, "memory_mb": target.memory_mb,
-                    "batch_sizes": list(target.batch_sizes)},
+            target=self._target_spec(variant.target),
             measure=asdict(self.config.measure),
             max_quality_drop=self.config.policy.max_quality_drop,
             threads=target.threads,
         )
         return [Phase("build", spec), Phase("measure", spec)]
+
+    def _target_spec(self, name: str) -> dict:
+        target = self.config.targets[name]
+        return {"name": name, "device": target.device, "threads": target.threads, "devices": target.devices,
+                "memory_mb": target.memory_mb, "batch_sizes": list(target.batch_sizes)}
+
+    def _runoff_phases(self, session, job: Job, spec: dict, reference: Path) -> list[Phase] | None:
+        """The run-off of the candidates now closest to the best (None: no longer any)."""
+        contenders = builtin_policy.runoff_contenders(
+            candidates_for(session, self.config, job.checkpoint_id, job.target), self.config.policy)
+        if not contenders:
+            return None
+        spec.update(
+            reference_dir=str(reference),
+            target=self._target_spec(job.target),
+            measure=asdict(self.config.measure),
+            batch_size=self.config.policy.objective_batch_size,
+            threads=self.config.targets[job.target].threads,
+            contenders=[{k: c[k] for k in ("id", "variant", "runtime", "path", "file")} for c in contenders],
+        )
+        return [Phase("runoff", spec)]
 
     # -- outcomes ---------------------------------------------------------------------
 
@@ -102,9 +127,28 @@ class JobBook:
         checkpoint = session.get(Checkpoint, job.checkpoint_id)
         if job.kind == "inspect":
             self._record_inspect(session, job, checkpoint, outcome)
+        elif job.kind == "runoff":
+            self._record_runoff(session, job, outcome)
         else:
             self._record_variant(session, job, checkpoint, outcome)
         return checkpoint
+
+    @staticmethod
+    def _record_runoff(session, job, outcome: Outcome | None) -> None:
+        if outcome is None:
+            queries.finish_job(session, job, "skipped", "no variants close enough to the best any more")
+            return
+        if outcome.status != "measured":
+            # The separate measurements decide then; the log and the job say why.
+            queries.finish_job(session, job, "failed", outcome.reason)
+            return
+        result = outcome.results[-1]
+        rivals = sorted(int(i) for i in result["contenders"])
+        for variant_id, figures in result["contenders"].items():
+            variant = session.get(Variant, int(variant_id))
+            variant.runoff = {**figures, "batch_size": result["batch_size"], "rounds": result["rounds"],
+                              "rivals": [i for i in rivals if i != int(variant_id)], "job": job.id}
+        queries.finish_job(session, job, "succeeded")
 
     def _record_inspect(self, session, job, checkpoint, outcome: Outcome) -> None:
         result = outcome.results[-1] if outcome.results else {}

@@ -303,8 +303,15 @@ def measure_variant(spec: dict) -> dict:
     }
 
 
+def run_off(spec: dict) -> dict:
+    from .runoff import run_off as timed_side_by_side  # it builds on this module's helpers
+
+    return timed_side_by_side(spec)
+
+
 PHASES = {
     "inspect": inspect_checkpoint,
     "build": build_variant,
     "measure": measure_variant,
+    "runoff": run_off,
 }

@@ -4,6 +4,10 @@ The database is the truth and the link follows it: the promotion row is committe
 first, then ``promoted/<model>/<target>`` is replaced by a rename of a fresh symlink. A
 crash between the two is repaired at the next start by ``sync_links``. The decision key
 ``auto:<checkpoint>:<target>`` makes a second decision for the same checkpoint a no-op.
+
+When the closest candidates are within ``policy.runoff_margin`` of the best, the decision
+waits for a run-off job that times them side by side (``runoff.py``); a run-off that
+fails leaves the decision to the separate measurements.
 """
 
 from __future__ import annotations
@@ -32,6 +36,21 @@ def swap_link(link: Path, target: Path) -> None:
     os.replace(tmp, link)  # rename(2): readers see the old link or the new, never none
 
 
+def candidates_for(session, config, checkpoint_id: int, target: str) -> list[dict]:
+    """The succeeded variants of a checkpoint on a target, as the policy sees them."""
+    target_config = config.targets.get(target)
+    memory_mb = target_config.memory_mb if target_config is not None else 0
+    candidates = []
+    for variant in queries.variants_of(session, checkpoint_id, target):
+        if variant.status != "succeeded":
+            continue
+        candidate = views.variant_dict(variant)
+        candidate["within_tolerance"] = builtin_policy.within_tolerance(candidate, config.policy)
+        candidate["fits_memory"] = builtin_policy.fits_memory(candidate, memory_mb)
+        candidates.append(candidate)
+    return candidates
+
+
 class Promoter:
     def __init__(self, config, manager, promoted_root: Path):
         self.config = config
@@ -55,14 +74,9 @@ class Promoter:
             return None
         target_config = self.config.targets.get(target)
         memory_mb = target_config.memory_mb if target_config is not None else 0
-        candidates = []
-        for variant in queries.variants_of(session, checkpoint.id, target):
-            if variant.status != "succeeded":
-                continue
-            candidate = views.variant_dict(variant)
-            candidate["within_tolerance"] = builtin_policy.within_tolerance(candidate, self.config.policy)
-            candidate["fits_memory"] = builtin_policy.fits_memory(candidate, memory_mb)
-            candidates.append(candidate)
+        candidates = candidates_for(session, self.config, checkpoint.id, target)
+        if self._runoff_pending(session, checkpoint, target, candidates):
+            return None
         plugin, chosen = first_result(self.manager, "kiln_choose_variant", candidates=candidates,
                                       policy=self.config.policy)
         how = f"policy of plugin {plugin}"
@@ -75,6 +89,9 @@ class Promoter:
             how = (f"lowest {self.config.policy.objective} at batch {self.config.policy.objective_batch_size} "
                    f"within {self.config.policy.max_quality_drop:.2%} of baseline quality"
                    + (f", weights resident within memory_mb {memory_mb}" if memory_mb > 0 else ""))
+            raced = sum(1 for c in candidates if builtin_policy.runoff_value(c, self.config.policy) is not None)
+            if chosen is not None and builtin_policy.runoff_value(chosen, self.config.policy) is not None:
+                how += f", by a run-off of {raced} variants timed side by side"
         if chosen is None:
             log.warning("%s/%s: no variant on %s meets the policy; nothing promoted",
                         checkpoint.model, checkpoint.version, target,
@@ -93,6 +110,26 @@ class Promoter:
                  extra=about(checkpoint.model, checkpoint.version, target))
         notify(self.manager, "kiln_variant_promoted", promotion=self.describe(promotion))
         return promotion
+
+    def _runoff_pending(self, session, checkpoint: Checkpoint, target: str, candidates: list[dict]) -> bool:
+        """Whether the decision waits for a run-off: one is still open, or the closest
+        candidates call for one that has not run yet (it is queued here)."""
+        key = queries.runoff_key(checkpoint.id, target)
+        job = queries.job_by_key(session, key)
+        if job is not None:
+            return job.state not in queries.TERMINAL_JOB_STATES
+        contenders = builtin_policy.runoff_contenders(candidates, self.config.policy)
+        if not contenders:
+            return False
+        queries.add_job(session, "runoff", checkpoint.id, None, target, key=key)
+        try:
+            session.commit()
+        except IntegrityError:  # another daemon queued it first
+            session.rollback()
+        log.info("%s/%s on %s: %d variants within %.0f%% of the best; timing them side by side before promoting",
+                 checkpoint.model, checkpoint.version, target, len(contenders),
+                 100 * self.config.policy.runoff_margin, extra=about(checkpoint.model, checkpoint.version, target))
+        return True
 
     def describe(self, promotion: Promotion) -> dict:
         return views.promotion_dict(promotion, str(self.link(promotion.model, promotion.target)))

@@ -84,6 +84,9 @@ class Variant(Base):
     # A causal language model's prefill and per-token decode latency (batch 1, static
     # KV cache), or None: see targets/decoding.py.
     decode: Mapped[dict | None] = mapped_column(JSON)
+    # Its latency timed in one process, interleaved with the variants that were within
+    # policy.runoff_margin of the best (see daemon/runoff.py), or None.
+    runoff: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 

@@ -75,11 +75,21 @@ def retry_checkpoints(session: Session, model: str, version: str | None = None) 
 # -- jobs -----------------------------------------------------------------------------
 
 
-def add_job(session: Session, kind: str, checkpoint_id: int, variant_id: int | None, target: str | None) -> Job:
-    key = f"{kind}:{variant_id if variant_id is not None else checkpoint_id}"
+def add_job(session: Session, kind: str, checkpoint_id: int, variant_id: int | None, target: str | None,
+            key: str | None = None) -> Job:
+    key = key or f"{kind}:{variant_id if variant_id is not None else checkpoint_id}"
     job = Job(key=key, kind=kind, checkpoint_id=checkpoint_id, variant_id=variant_id, target=target, state="pending")
     session.add(job)
     return job
+
+
+def job_by_key(session: Session, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.key == key))
+
+
+def runoff_key(checkpoint_id: int, target: str) -> str:
+    """The run-off job of one checkpoint on one target (at most one, ever)."""
+    return f"runoff:{checkpoint_id}:{target}"
 
 
 def lease_jobs(

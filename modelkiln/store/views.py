@@ -35,6 +35,7 @@ def metrics(variant: Variant) -> dict | None:
         "quality": variant.quality,
         "baseline_quality": variant.baseline_quality,
         "quality_delta": variant.quality_delta,
+        "runoff": variant.runoff,
         "decode": variant.decode,
         "batches": batches,
     }

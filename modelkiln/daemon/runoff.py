@@ -1,0 +1,56 @@
+"""The run-off phase: the closest candidates of one checkpoint on one target, timed side
+by side in one process.
+
+Each variant was measured in its own process, at its own moment; on a shared or virtual
+host the machine's speed drifts between those moments (the GPU machine's 16-vCPU Xeon:
+the same int8 BERT ran 28-45 ms in fifteen processes over three minutes), so two
+candidates within a few percent of each other were ranked by the drift as much as by
+themselves. Here every contender is loaded as serving code would load it, then each is
+timed for ``measure.min_runs`` runs in turn, round after round, the order reversed every
+other round: whatever the host does meets every contender alike. Each contender's figure
+is the median over rounds of its per-round median (and p95).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from ..targets import harness
+from .phases import _catalog, _reference
+
+ROUNDS = 6
+
+
+def run_off(spec: dict) -> dict:
+    catalog = _catalog(spec)
+    _, _, samples = _reference(spec)
+    target, settings = spec["target"], spec["measure"]
+    inputs = harness.batch_of(samples, spec["batch_size"])
+    timers = {}
+    for contender in spec["contenders"]:
+        runtime = catalog.runtimes[contender["runtime"]]
+        run = runtime.load(Path(contender["path"]), contender["file"], target["device"], target["threads"])
+        # A runtime may time its artifact itself (a GPU's events), as in the measurement.
+        timer = getattr(run, "time_runs", None) or functools.partial(harness.time_runs, run)
+        timer(inputs, warmup_runs=settings["warmup_runs"], min_runs=1, stability=0.0, max_seconds=0.0)
+        timers[contender["id"]] = timer
+    p50s = {key: [] for key in timers}
+    p95s = {key: [] for key in timers}
+    order = list(timers)
+    for round_ in range(ROUNDS):
+        for key in order if round_ % 2 == 0 else reversed(order):
+            # One window of min_runs runs (max_seconds 0 stops after the first window).
+            timing = timers[key](inputs, warmup_runs=0, min_runs=settings["min_runs"], stability=0.0,
+                                 max_seconds=0.0)
+            p50s[key].append(timing["latency_p50_ms"])
+            p95s[key].append(timing["latency_p95_ms"])
+    return {
+        "status": "measured",
+        "rounds": ROUNDS,
+        "batch_size": spec["batch_size"],
+        "contenders": {str(key): {"latency_p50_ms": float(np.median(p50s[key])),
+                                  "latency_p95_ms": float(np.median(p95s[key]))} for key in timers},
+    }
