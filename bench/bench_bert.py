@@ -74,12 +74,14 @@ def main():
     for v in variants:
         m = v.get("metrics")
         if not m:
-            rows.append(["", v["variant"], v["status"], "", "", "", v.get("reason", "")[:60]])
+            rows.append(["", v["variant"], v["status"], "", "", "", "", v.get("reason", "")[:60]])
             continue
         rows.append(["*" if v["id"] in promoted else "", v["variant"], v["status"],
-                     f"{m['latency_p50_ms']:.1f}", f"{m['size_bytes'] / 2**20:.1f}", f"{m['quality']:.4f}", ""])
+                     f"{m['latency_p50_ms']:.1f}", f"{m['runoff']['latency_p50_ms']:.1f}" if m.get("runoff") else "",
+                     f"{m['size_bytes'] / 2**20:.1f}", f"{m['quality']:.4f}", ""])
     print_table(f"BERT-base, seq {SEQ}, batch 1, cpu target, 2 threads: the daemon's measurements "
-                f"({elapsed:.0f} s)", rows, ["", "variant", "status", "p50 ms", "MiB", "cosine", "reason"])
+                f"({elapsed:.0f} s)", rows, ["", "variant", "status", "p50 ms", "run-off p50", "MiB", "cosine",
+                                             "reason"])
     print_table(f"promoted vs PyTorch fp32 eager, interleaved ({ROUNDS} rounds of {RUNS} runs each)", [[
         best["variant"], f"{medians['eager']:.1f}", f"{medians['promoted']:.1f}",
         f"{medians['eager'] / medians['promoted']:.2f}x", f"{cosine:.4f}",

@@ -128,7 +128,7 @@ class PolicyConfig:
     objective_batch_size: int = 1
     # Eligible variants whose objective is within this share of the best one's are timed
     # again, interleaved in one process, and that run-off decides (0: no run-off).
-    runoff_margin: float = 0.1
+    runoff_margin: float = 0.25
 
 
 @dataclass
@@ -445,7 +445,7 @@ objective_batch_size = 1
 # virtual machine drifts by tens of percent over minutes): those within this share of the
 # best latency are timed again side by side, interleaved in one process, and that
 # run-off decides. 0 turns it off.
-runoff_margin = 0.1
+runoff_margin = 0.25
 
 # Weights without an architecture (model.safetensors or a state dict .pt/.pth) need a
 # factory that builds the module, matched on the model's folder name. For example:

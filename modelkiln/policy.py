@@ -76,12 +76,13 @@ def _eligible(candidates: list[dict], policy: PolicyConfig) -> list[dict]:
     ]
 
 
-def runoff_contenders(candidates: list[dict], policy: PolicyConfig) -> list[dict]:
+def runoff_contenders(candidates: list[dict], policy: PolicyConfig, memory_mb: int = 0) -> list[dict]:
     """The eligible candidates close enough to the best that a run-off decides between
-    them (within ``runoff_margin``, best first, at most RUNOFF_MOST); none when fewer
-    than two. Not for the decode objectives (a causal LM's variants each hold two whole
-    programs on the device, timed with its own events), nor for tensor-parallel variants
-    (one process group per process)."""
+    them (within ``runoff_margin``, best first, at most RUNOFF_MOST, and on a target with
+    a ``memory_mb`` budget as many as fit it together, since they are loaded together);
+    none when fewer than two. Not for the decode objectives (a causal LM's variants each
+    hold two whole programs on the device, timed with its own events), nor for
+    tensor-parallel variants (one process group per process)."""
     if policy.runoff_margin <= 0 or policy.objective in DECODE_OBJECTIVES:
         return []
     ranked = sorted((c for c in _eligible(candidates, policy) if c.get("file") != PLAN_FILE),
@@ -89,8 +90,11 @@ def runoff_contenders(candidates: list[dict], policy: PolicyConfig) -> list[dict
     if len(ranked) < 2:
         return []
     best = objective_value(ranked[0], policy)
-    close = [c for c in ranked if objective_value(c, policy) <= best * (1 + policy.runoff_margin)]
-    return close[:RUNOFF_MOST] if len(close) > 1 else []
+    close = [c for c in ranked if objective_value(c, policy) <= best * (1 + policy.runoff_margin)][:RUNOFF_MOST]
+    if memory_mb > 0:
+        weights = [resident_weights_mib(c) or 0.0 for c in close]
+        close = [c for i, c in enumerate(close) if sum(weights[:i + 1]) <= memory_mb]
+    return close if len(close) > 1 else []
 
 
 def runoff_value(candidate: dict, policy: PolicyConfig) -> float | None:

@@ -46,7 +46,7 @@ def kiln_dir(tmp_path):
         .replace("quiet_seconds = 2.0", "quiet_seconds = 0.5")
         .replace("lease_seconds = 60.0", "lease_seconds = 6.0")
         # No run-off unless a test asks for one: it adds a job after the variants.
-        .replace("runoff_margin = 0.1", "runoff_margin = 0.0")
+        .replace("runoff_margin = 0.25", "runoff_margin = 0.0")
         # Any free port: tests run several daemons at once.
         .replace('address = "127.0.0.1:9464"', 'address = "127.0.0.1:0"')
     )

@@ -76,6 +76,9 @@ def test_close_candidates_go_to_a_run_off_whose_side_by_side_figures_decide():
     assert runoff_contenders([a, far], policy) == []  # nothing within 10 % of the best
     assert runoff_contenders([a, b], PolicyConfig(runoff_margin=0.0)) == []
     assert runoff_contenders([a, b], PolicyConfig(runoff_margin=0.1, objective="decode_ms_per_token")) == []
+    # On a target with a memory budget they are loaded together, so together they must fit it.
+    assert [c["id"] for c in runoff_contenders([a, b], policy, memory_mb=150 / 2**20)] == []
+    assert [c["id"] for c in runoff_contenders([a, b], policy, memory_mb=250 / 2**20)] == ["a", "b"]
 
     assert choose([a, b, far], policy)["id"] == "a"  # before the run-off
     a["metrics"]["runoff"] = {"latency_p50_ms": 12.0}

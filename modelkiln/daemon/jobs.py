@@ -107,7 +107,8 @@ class JobBook:
     def _runoff_phases(self, session, job: Job, spec: dict, reference: Path) -> list[Phase] | None:
         """The run-off of the candidates now closest to the best (None: no longer any)."""
         contenders = builtin_policy.runoff_contenders(
-            candidates_for(session, self.config, job.checkpoint_id, job.target), self.config.policy)
+            candidates_for(session, self.config, job.checkpoint_id, job.target), self.config.policy,
+            self.config.targets[job.target].memory_mb)
         if not contenders:
             return None
         spec.update(

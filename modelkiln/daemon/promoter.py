@@ -118,7 +118,9 @@ class Promoter:
         job = queries.job_by_key(session, key)
         if job is not None:
             return job.state not in queries.TERMINAL_JOB_STATES
-        contenders = builtin_policy.runoff_contenders(candidates, self.config.policy)
+        target_config = self.config.targets.get(target)
+        memory_mb = target_config.memory_mb if target_config is not None else 0
+        contenders = builtin_policy.runoff_contenders(candidates, self.config.policy, memory_mb)
         if not contenders:
             return False
         queries.add_job(session, "runoff", checkpoint.id, None, target, key=key)
