@@ -75,7 +75,7 @@ class Promoter:
         target_config = self.config.targets.get(target)
         memory_mb = target_config.memory_mb if target_config is not None else 0
         candidates = candidates_for(session, self.config, checkpoint.id, target)
-        if self._runoff_pending(session, checkpoint, target, candidates):
+        if self._runoff_pending(session, checkpoint, target, candidates, memory_mb):
             return None
         plugin, chosen = first_result(self.manager, "kiln_choose_variant", candidates=candidates,
                                       policy=self.config.policy)
@@ -111,15 +111,14 @@ class Promoter:
         notify(self.manager, "kiln_variant_promoted", promotion=self.describe(promotion))
         return promotion
 
-    def _runoff_pending(self, session, checkpoint: Checkpoint, target: str, candidates: list[dict]) -> bool:
+    def _runoff_pending(self, session, checkpoint: Checkpoint, target: str, candidates: list[dict],
+                        memory_mb: int) -> bool:
         """Whether the decision waits for a run-off: one is still open, or the closest
         candidates call for one that has not run yet (it is queued here)."""
         key = queries.runoff_key(checkpoint.id, target)
         job = queries.job_by_key(session, key)
         if job is not None:
             return job.state not in queries.TERMINAL_JOB_STATES
-        target_config = self.config.targets.get(target)
-        memory_mb = target_config.memory_mb if target_config is not None else 0
         contenders = builtin_policy.runoff_contenders(candidates, self.config.policy, memory_mb)
         if not contenders:
             return False
