@@ -32,6 +32,10 @@ def test_static_int8_and_a_prune_quantize_chain(steps_config, digits_checkpoint)
     assert record["calibration"] == "calibration.npz" and record["quantize_nodes"] > 0
     graph = onnx.load(f"{static['path']}/{static['file']}").graph
     assert any(n.op_type == "DequantizeLinear" for n in graph.node)
+    # Activations in uint8 (their zero points), weights in int8: the x86 kernels' fast form.
+    zero_points = {t.name: t.data_type for t in graph.initializer}
+    quantize = [zero_points.get(n.input[2]) for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert quantize and set(quantize) == {onnx.TensorProto.UINT8}
     assert (baseline - static["metrics"]["quality"]) / baseline <= 0.01
     assert static["metrics"]["size_bytes"] < by_name["onnxruntime:baseline"]["metrics"]["size_bytes"] / 2
 

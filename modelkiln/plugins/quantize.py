@@ -8,11 +8,13 @@ quality gate is tuned (``tuning.py``): first the other form is tried whole (per-
 weight scales on onnxruntime; SmoothQuant on torch, where the module is still at hand),
 then its most sensitive layers are kept in float.
 
-``quantize.int8_static``: int8 weights and activations with scales calibrated ahead of
-time, in onnxruntime's QDQ format (per-channel weights by default), after onnxruntime's
+``quantize.int8_static``: int8 weights and uint8 activations with scales calibrated ahead
+of time, in onnxruntime's QDQ format (per-channel weights by default), after onnxruntime's
 own pre-processing (symbolic shape inference and graph optimisation, which fuses ops so
-that fewer boundaries need quantizing). Calibration reads ``calibration.npz`` when the
-checkpoint ships it, else the sample inputs.
+that fewer boundaries need quantizing). uint8 activations against int8 weights (U8S8) is
+the form onnxruntime's x86 kernels run fast: with int8 activations the same BERT-base ran
+4-6x slower on a VNNI Xeon (261-398 against 62 ms) and 2.7x on an AVX2 host. Calibration
+reads ``calibration.npz`` when the checkpoint ships it, else the sample inputs.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class _Batches:
 
 class Int8Static(Step):
     name = "quantize.int8_static"
-    description = "int8 weights and activations, calibrated ahead of time (onnxruntime QDQ)"
+    description = "int8 weights and uint8 activations, calibrated ahead of time (onnxruntime QDQ)"
     params = (
         Param("per_channel", bool, True, "one weight scale per output channel"),
         Param("calibration_rows", int, 256, "rows of calibration data used at most"),
@@ -204,7 +206,7 @@ class Int8Static(Step):
             quantize_static(
                 str(prepared), str(out), _Batches(data, batch_size=32),
                 quant_format=QuantFormat.QDQ, per_channel=params["per_channel"],
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=getattr(CalibrationMethod, method),
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
             )
@@ -214,7 +216,7 @@ class Int8Static(Step):
                         if n.op_type == "QuantizeLinear")
         if quantized == 0:
             raise StepNotApplicable("the model has no operators onnxruntime quantizes statically")
-        context.record.update(quantize_nodes=quantized, calibration_rows=rows,
+        context.record.update(quantize_nodes=quantized, calibration_rows=rows, activations="uint8",
                               calibration="calibration.npz" if context.calibration_inputs else "sample inputs")
         return ModelHandle(ONNX, out, model.inputs, dict(model.notes))
 
