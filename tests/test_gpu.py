@@ -81,7 +81,8 @@ def test_a_cuda_target_measures_on_the_gpu_and_promotes(kiln_dir, digits_checkpo
     cpu = text[text.index("[targets.cpu]"):text.index("[policy]")]
     (kiln_dir / "kiln.toml").write_text(text.replace(cpu, GPU_TARGET.strip() + "\n\n"))
     config = load_config(kiln_dir / "kiln.toml")
-    checkpoint = optimize_once(config, digits_checkpoint, "digits")
+    # Inductor compiles at load in the measurement: over two minutes on a cold GPU machine.
+    checkpoint = optimize_once(config, digits_checkpoint, "digits", timeout=300)
     assert checkpoint.status == "done", checkpoint.reason
     variants = {v["variant"]: v for v in all_variants(config, "digits")}
     assert {v["status"] for v in variants.values()} == {"succeeded"}, {k: v.get("reason") for k, v in variants.items()}
@@ -158,3 +159,46 @@ def test_int4_weights_on_cuda_use_the_packed_kernel_and_survive_export(tmp_path)
         torch.testing.assert_close(loaded(x.cuda()).float().cpu(), got)
     with pytest.raises(Exception, match="block_size 32, 64 or 128"):
         WeightOnly().apply(ModelHandle(TORCH, model, []), {"bits": 4, "block_size": 16}, context)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_a_one_rank_group_serves_the_tensor_parallel_decoding_path(tmp_path, device):
+    """A real split needs two devices (nvidia-h200-x2 for cuda: bench/bench_llm_tp.py);
+    one rank still runs the whole path on one GPU: the NCCL launch, the rank's exported
+    programs on its device, the request header (decode steps inline), the check and the
+    decoding figures."""
+    import numpy as np
+    import torch
+    from test_decoding import tiny_llama
+
+    from modelkiln.plugins.api import SHARDED, InputSpec, ModelHandle
+    from modelkiln.plugins.shard import ShardedModel, find_head_splits, find_splits, split_module
+    from modelkiln.registry.formats import _hf_wrapper
+    from modelkiln.targets import sharded
+    from modelkiln.targets.decoding import NEW_TOKENS, PROMPT_TOKENS, prompt_ids
+
+    model = tiny_llama()
+    wrapper = _hf_wrapper(model)
+    ids = torch.randint(0, 256, (4, 16))
+    splits = find_splits(wrapper, (ids[:2],), 1) + find_head_splits(wrapper, 1)
+    assert len(splits) == 4  # two MLPs and two attention blocks, each "split" into one part
+    with torch.inference_mode():
+        expected = wrapper(ids).numpy()
+    rank = split_module(wrapper, splits, 0, 1).to(f"{device}:0" if device == "cuda" else "cpu")
+    handle = ModelHandle(SHARDED, ShardedModel([rank], splits, {"input_ids": ids.numpy()}, expected),
+                         [InputSpec("input_ids", (-1, 16), "int64", 256)])
+    assert sharded.save(handle, tmp_path) == sharded.PLAN_FILE
+    plan = json.loads((tmp_path / sharded.PLAN_FILE).read_text())
+    assert plan["decode"]["files"] == ["rank0/decode.pt2"]
+    group = sharded.load(tmp_path, device, 2)
+    try:
+        check = group.details["shard_check"]
+        assert check["max_abs_diff"] <= check["tolerance"]
+        assert np.allclose(group({"input_ids": ids[:1].numpy()}), expected[:1], atol=1e-4)
+        decode = group.time_decoding()
+    finally:
+        group.close()
+    prompt = torch.from_numpy(prompt_ids(256)).to(device)
+    tokens = model.to(device).generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                       do_sample=False)[0, PROMPT_TOKENS:].tolist()
+    assert decode["tokens"] == tokens and decode["decode_ms_per_token"] > 0
