@@ -70,6 +70,26 @@ def export_decoder(model, max_cache_len: int = PROMPT_TOKENS + NEW_TOKENS, fuse:
         return fused_program(program, (), inputs, lambda module: shapes)
 
 
+def save_decoder(module, path) -> dict | None:
+    """Export and save the decoding program of the causal LM inside ``module`` to
+    ``path``; what serving needs to know of it (vocabulary, cache length, fused Linear
+    calls), ``{"error": ...}`` when it cannot be exported (the forward program still
+    serves), or None when ``module`` holds no causal LM. A failed write raises, as any
+    other part of the artifact's would."""
+    import torch
+
+    lm = find_causal_lm(module)
+    if lm is None:
+        return None
+    try:
+        program, fused = export_decoder(lm)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    torch.export.save(program, str(path))
+    return {"vocab_size": int(lm.config.vocab_size), "max_cache_len": PROMPT_TOKENS + NEW_TOKENS,
+            "fused_linears": fused}
+
+
 def time_decoding(program, vocab_size: int, device: str, rounds: int = ROUNDS) -> dict:
     """Prefill of the seeded prompt, then greedy decoding of NEW_TOKENS, ``rounds`` times
     after one warm-up round; medians, and the tokens generated (the same every round)."""

@@ -106,23 +106,19 @@ def save(model, directory: Path) -> str:
 
 
 def _save_decoder(module, rank: int, directory: Path, decode: dict) -> dict:
-    """Export rank ``rank``'s decoding program if the model is a causal LM; the plan's
+    """Save rank ``rank``'s decoding program if the model is a causal LM; the plan's
     ``decode`` entry so far, or why there is none (the forward programs still serve)."""
-    import torch
-
     from . import decoding
 
-    lm = decoding.find_causal_lm(module)
-    if lm is None or "error" in decode:
+    if "error" in decode:
         return decode
-    try:
-        program, fused = decoding.export_decoder(lm)
-    except Exception as exc:
-        return {"error": f"rank {rank}: {type(exc).__name__}: {str(exc)[:300]}"}
     file = f"rank{rank}/{decoding.DECODE_FILE}"
-    torch.export.save(program, str(directory / file))
-    return {"files": [*decode.get("files", []), file], "vocab_size": int(lm.config.vocab_size),
-            "max_cache_len": decoding.PROMPT_TOKENS + decoding.NEW_TOKENS, "fused_linears": fused}
+    saved = decoding.save_decoder(module, directory / file)
+    if saved is None:
+        return decode
+    if "error" in saved:
+        return {"error": f"rank {rank}: {saved['error']}"}
+    return {"files": [*decode.get("files", []), file], **saved}
 
 
 def _free_port() -> int:

@@ -111,21 +111,12 @@ class TorchRuntime(Runtime):
     def _serving(model, directory) -> dict:
         """What serving code needs besides the program: the compile mode, and for a causal
         language model the static-cache decoding program (or why there is none)."""
-        import torch
-
         serving = {}
         if model.notes.get("compile"):
             serving["compile"] = {"mode": model.notes["compile"], "dynamic": False}
-        lm = decoding.find_causal_lm(model.obj)
-        if lm is not None:
-            try:
-                program, fused = decoding.export_decoder(lm)
-                torch.export.save(program, str(directory / decoding.DECODE_FILE))
-                serving["decode"] = {"file": decoding.DECODE_FILE, "vocab_size": int(lm.config.vocab_size),
-                                     "max_cache_len": decoding.PROMPT_TOKENS + decoding.NEW_TOKENS,
-                                     "fused_linears": fused}
-            except Exception as exc:  # the forward program still serves; decoding is not measured
-                serving["decode"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        decode = decoding.save_decoder(model.obj, directory / decoding.DECODE_FILE)
+        if decode is not None:
+            serving["decode"] = decode if "error" in decode else {"file": decoding.DECODE_FILE, **decode}
         return serving
 
     def load(self, directory, file, device, threads):
