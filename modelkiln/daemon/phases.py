@@ -271,8 +271,7 @@ def measure_variant(spec: dict) -> dict:
     quality = score(metric, outputs.astype(np.float32), arrays["reference"].astype(np.float32), arrays.get("labels"))
     settings = spec["measure"]
     measurements = []
-    # A runtime may time its artifact itself (on a GPU: CUDA events, and GPU memory).
-    timer = getattr(run, "time_runs", None) or functools.partial(harness.time_runs, run)
+    timer = harness.timer_for(run)
     for batch_size in target["batch_sizes"]:
         timing = timer(
             harness.batch_of(samples, batch_size),

@@ -13,7 +13,6 @@ is the median over rounds of its per-round median (and p95).
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,7 @@ def run_off(spec: dict) -> dict:
     for contender in spec["contenders"]:
         runtime = catalog.runtimes[contender["runtime"]]
         run = runtime.load(Path(contender["path"]), contender["file"], target["device"], target["threads"])
-        # A runtime may time its artifact itself (a GPU's events), as in the measurement.
-        timer = getattr(run, "time_runs", None) or functools.partial(harness.time_runs, run)
+        timer = harness.timer_for(run)  # as the measurement times it
         timer(inputs, warmup_runs=settings["warmup_runs"], min_runs=1, stability=0.0, max_seconds=0.0)
         timers[contender["id"]] = timer
     p50s = {key: [] for key in timers}

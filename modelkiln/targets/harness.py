@@ -31,6 +31,12 @@ def time_runs(run, inputs, **settings) -> dict:
     return time_calls(lambda: run(inputs), "cpu", **settings)
 
 
+def timer_for(run):
+    """How to time a loaded artifact: its own ``time_runs`` where the runtime gives one (a
+    GPU's events, and its memory), else ``time_runs`` over the wall clock."""
+    return getattr(run, "time_runs", None) or (lambda inputs, **settings: time_runs(run, inputs, **settings))
+
+
 def time_calls(call, device: str, *, warmup_runs: int, min_runs: int, stability: float, max_seconds: float,
                min_seconds: float = 0.0) -> dict:
     """Latency of ``call()`` on ``device``. On a GPU (inputs already there) it is timed
