@@ -238,6 +238,13 @@ def _half_module(module, dtype):
     return HalfPrecision(module).eval()
 
 
+def unwrap_half_precision(module):
+    """``(inner module, its 16-bit type)`` for a model that quantize.bf16/fp16 wrapped,
+    ``(module, None)`` for any other: what a later step that needs the model itself takes."""
+    dtype = getattr(module, "compute_dtype", None)
+    return (module.inner, dtype) if dtype is not None else (module, None)
+
+
 class HalfPrecision(Step):
     """Weights and activations in a 16-bit float type (torch). Whether the target runs it
     faster is for the measurement to say: on CPUs it halves the bytes read per token even

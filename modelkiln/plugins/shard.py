@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from ..errors import StepNotApplicable
 from . import hookimpl
 from .api import SHARDED, TORCH, ModelHandle, Step
+from .quantize import unwrap_half_precision
 
 # Rows of the sample inputs whose unsharded outputs travel with the artifact, for the check.
 CHECK_ROWS = 4
@@ -238,15 +239,14 @@ def _compute_dtype(module):
     """The type a module computes in: quantize.bf16/fp16's wrapper says; else its weights'."""
     import torch
 
-    if hasattr(module, "compute_dtype"):
-        return module.compute_dtype
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    inner, dtype = unwrap_half_precision(module)
+    return dtype or next((p.dtype for p in inner.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _in_float32(module):
     """A float32 copy of ``module`` (inside quantize.bf16/fp16's wrapper, which would cast
     float inputs back to 16 bits)."""
-    return copy.deepcopy(module.inner if hasattr(module, "compute_dtype") else module).float()
+    return copy.deepcopy(unwrap_half_precision(module)[0]).float()
 
 
 class TensorParallel(Step):

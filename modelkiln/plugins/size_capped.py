@@ -17,6 +17,7 @@ from __future__ import annotations
 from ..errors import StepNotApplicable
 from . import hookimpl
 from .api import STREAMED, TORCH, ModelHandle, Param, Step
+from .quantize import unwrap_half_precision
 
 
 class SizeCapped(Step):
@@ -42,9 +43,7 @@ class SizeCapped(Step):
         if largest > budget * 2**20:
             raise StepNotApplicable(f"its largest module holds {largest / 2**20:.1f} MiB of weights, over the "
                                     f"target's memory_mb ({budget} MiB): streaming by module cannot fit it")
-        dtype = getattr(module, "compute_dtype", None)
-        if dtype is not None:  # quantize.bf16 / fp16 wrapped the model: stream what it wraps
-            module = module.inner
+        module, dtype = unwrap_half_precision(module)  # after quantize.bf16 / fp16: stream what it wraps
         inner = getattr(module, "inner", None)
         if inner is None or not hasattr(inner, "config") or not hasattr(inner.config, "to_dict"):
             raise StepNotApplicable("streaming rebuilds a Hugging Face architecture from its config; "
