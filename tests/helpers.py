@@ -17,6 +17,17 @@ def tiny_mlp():
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
+def deep_mlp():
+    """Nine Linear layers, 2 MiB of float32 weights, none over 257 KiB: over a 1 MiB budget
+    as a whole, within it one layer at a time."""
+    import torch.nn as nn
+
+    layers = []
+    for _ in range(8):
+        layers += [nn.Linear(256, 256), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(256, 10))
+
+
 def hanging_factory():
     time.sleep(3600)
 

@@ -166,6 +166,47 @@ def test_a_model_over_the_memory_budget_is_streamed_from_capped_shards(kiln_dir,
     assert half["metrics"]["quality"] >= 0.9  # next-token agreement; bf16 may flip a near-tie
 
 
+def test_a_factory_built_model_over_the_budget_is_streamed_rebuilt_by_its_factory(kiln_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from helpers import deep_mlp
+    from modelkiln.plugins.manager import build_catalog
+    from modelkiln.targets import streamed
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "shard.size_capped", "prune.structured(amount=0.2) -> shard.size_capped"]')).replace(
+        'runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]')
+    text += '\n[architectures.deep]\nfactory = "helpers:deep_mlp"\ninput_shape = [256]\n'
+    config = with_second_target(kiln_dir, text, "small", "memory_mb", "1")
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    torch.manual_seed(0)
+    original = deep_mlp().eval()
+    save_file(original.state_dict(), str(folder / "model.safetensors"))
+    checkpoint = optimize_once(config, folder, "deep")
+    assert checkpoint.status == "done", checkpoint.reason
+    variants = {(v["target"], v["variant"]): v for v in all_variants(config, "deep")}
+
+    capped = variants["small", "torch:shard.size_capped"]
+    assert capped["status"] == "succeeded", capped.get("reason")
+    path = Path(capped["path"])
+    # Rebuilt where it is served by the factory that built it from the checkpoint.
+    assert json.loads((path / streamed.ARCHITECTURE_FILE).read_text()) == {"factory": "helpers:deep_mlp"}
+    assert len(list(path.glob("model-*.safetensors"))) >= 2
+    promoted = {(e["model"], e["target"]): e["variant_id"] for e in promoted_entries(config)}
+    assert promoted["deep", "small"] == capped["id"]
+    assert capped["metrics"]["quality"] == variants["small", "torch:baseline"]["metrics"]["quality"]
+    served = build_catalog().runtimes["torch"].load(path, capped["file"], "cpu", 1)
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    with torch.inference_mode():
+        expected = original(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(served({"input": x})), expected, rtol=1e-5, atol=1e-6)
+    assert 0 < served.module.peak_bytes <= (256 * 256 + 256) * 4
+    # A step that changes the shapes leaves nothing the factory rebuilds.
+    pruned = variants["small", "torch:prune.structured(amount=0.2) -> shard.size_capped"]
+    assert pruned["status"] == "skipped" and "put shard.size_capped first" in pruned["reason"], pruned
+
+
 def test_a_two_rank_causal_lm_splits_its_heads_and_decodes_the_same_tokens(kiln_dir, tmp_path):
     from test_decoding import tiny_llama
 

@@ -210,7 +210,9 @@ def build_variant(spec: dict) -> dict:
     loaded = _load(spec, catalog, inspected["format"])
     inputs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i["high"]) for i in inspected["inputs"]]
     if loaded.module is not None:
-        model = ModelHandle(TORCH, loaded.module, inputs)
+        # Which factory built the module: what a step that rebuilds it elsewhere names.
+        notes = {"factory": loaded.info["factory"]} if loaded.info.get("factory") else {}
+        model = ModelHandle(TORCH, loaded.module, inputs, notes)
     else:
         model = ModelHandle(ONNX, Path(loaded.onnx_path), inputs)
     calibration = {inputs[0].name: arrays["calibration"]} if "calibration" in arrays else None

@@ -3,8 +3,11 @@
 For a target whose memory budget is below the model's size. The artifact is the
 Hugging Face index layout any tool reads — ``model-00001-of-000NN.safetensors`` shards of
 at most ``shard_mb`` each and ``model.safetensors.index.json`` mapping every tensor to its
-shard — plus ``architecture.json`` (the transformers class and its config: no code is
-stored or run from the artifact).
+shard — plus ``architecture.json``, what rebuilds the module without its weights: the
+transformers class and its config for a Hugging Face model, or, for weights built into a
+module by a factory (``[architectures.<model>] factory`` in the config), that factory's
+``module:callable``, imported where the variant is served as the daemon imported it to
+load the checkpoint. No code is stored in the artifact.
 
 Serving builds the model's skeleton on the meta device (no weight memory), keeps the
 buffers resident (small), and gives every module that owns parameters a pre-hook that
@@ -36,15 +39,23 @@ def _owners(module) -> list:
     return owners
 
 
-def architecture_of(inner) -> dict:
-    """What rebuilds a transformers model's skeleton: its class name and config."""
-    return {"class": type(inner).__name__, "config": inner.config.to_dict(),
-            "attn_implementation": getattr(inner.config, "_attn_implementation", None)}
+def architecture_of(module, factory: str | None = None) -> dict | None:
+    """What rebuilds ``module``'s skeleton: a Hugging Face wrapper's transformers class and
+    config, else the ``factory`` that built it; None when neither is known."""
+    inner = getattr(module, "inner", None)
+    config = getattr(inner, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        return {"class": type(inner).__name__, "config": config.to_dict(),
+                "attn_implementation": getattr(config, "_attn_implementation", None)}
+    if factory:
+        return {"factory": factory}
+    return None
 
 
-def save(module, directory: Path, shard_mb: int, dtype: str | None = None) -> str:
-    """Write ``module`` (the Hugging Face wrapper) as capped shards; return the index name.
-    ``dtype``: the 16-bit type a half-precision step left the weights in, if any."""
+def save(module, directory: Path, shard_mb: int, architecture: dict, dtype: str | None = None) -> str:
+    """Write ``module`` as capped shards beside its ``architecture`` (``architecture_of``);
+    return the index name. ``dtype``: the 16-bit type a half-precision step left the
+    weights in, if any."""
     from safetensors.torch import save_file
 
     cap = shard_mb * 2**20
@@ -75,20 +86,37 @@ def save(module, directory: Path, shard_mb: int, dtype: str | None = None) -> st
     index = {"metadata": {"total_size": total, "shard_mb": shard_mb, "buffers": sorted(buffers)},
              "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=1))
-    architecture = architecture_of(module.inner)
+    architecture = dict(architecture)
     if dtype:
         architecture["dtype"] = dtype
     (directory / ARCHITECTURE_FILE).write_text(json.dumps(architecture, indent=1, default=str))
     return INDEX_FILE
 
 
+def _factory_skeleton(spec: str):
+    import importlib
+
+    import torch
+
+    module_name, _, attr = spec.partition(":")
+    factory = getattr(importlib.import_module(module_name), attr)
+    with torch.device("meta"):
+        return factory().eval()
+
+
 def skeleton(architecture: dict):
-    """The Hugging Face wrapper of ``architecture`` on the meta device: shapes, no memory."""
+    """The module ``architecture`` describes, on the meta device: shapes, no memory. A
+    Hugging Face model comes in the wrapper that takes token ids, as the checkpoint did."""
     import torch
     import transformers
 
     from ..registry.formats import _hf_wrapper
 
+    if "factory" in architecture:
+        module = _factory_skeleton(architecture["factory"])
+        if architecture.get("dtype"):
+            module = module.to(getattr(torch, architecture["dtype"]))
+        return module
     cls = getattr(transformers, architecture["class"], None)
     if cls is None or not hasattr(cls, "config_class"):
         raise ValueError(f"{architecture['class']} is not a transformers model class")

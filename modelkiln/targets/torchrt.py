@@ -82,7 +82,8 @@ class TorchRuntime(Runtime):
         if model.form == SHARDED:
             return sharded.save(model, directory)
         if model.form == STREAMED:
-            return streamed.save(model.obj, directory, model.notes["shard_mb"], model.notes.get("stream_dtype"))
+            return streamed.save(model.obj, directory, model.notes["shard_mb"], model.notes["stream_architecture"],
+                                 model.notes.get("stream_dtype"))
         args = example_args(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
