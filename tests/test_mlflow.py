@@ -3,6 +3,7 @@ store, local artifact root), driven through MLflow's own client: nothing is mock
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -129,6 +130,14 @@ def test_versions_are_pulled_processed_and_promotions_written_back(mlflow_server
 
     rows = checkpoint_rows(config)
     assert rows[("digits", "1")][0] == "done"
+    # Recorded versions' downloads are released: a note stays where each folder was, so
+    # they are neither downloaded nor ingested again; the snapshots hold the files.
+    cache = kiln_dir / "mlflow-cache"
+    for model in ("digits", "pickled"):
+        note = cache / model / "1"
+        assert note.is_file() and json.loads(note.read_text())["version"] == "1"
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+    assert daemon.registry.poll() == 0 and daemon.registry.scan() == []
     assert rows[("digits", "1")][2:] == ("models:/digits/1", "mlflow")
     status, reason, _, _ = rows[("pickled", "1")]
     assert "weights-only" in reason and not marker.exists()  # same trust rules as a folder
@@ -163,6 +172,7 @@ def test_versions_are_pulled_processed_and_promotions_written_back(mlflow_server
     finally:
         daemon.stop(5)
     assert checkpoint_rows(config)[("digits", "2")][0] == "duplicate"
+    assert (cache / "digits" / "2").is_file()
     assert len(client.search_model_versions("name = 'digits-kiln-cpu'")) == 1
     assert len(client.search_runs([experiment.experiment_id])) == len(runs)
 

@@ -300,6 +300,13 @@ class Daemon:
             self._due[key] = (result.retry_at, candidate)
         else:
             self._due.pop(key, None)
+        release = getattr(self.registry, "release", None)  # optional for a registry kind
+        if release is not None and result.outcome in ("taken", "unchanged"):
+            try:
+                release(candidate)
+            except OSError as exc:  # the copy stays; the next scan tries again
+                log.warning("cannot release %s: %s", candidate.path, exc,
+                            extra=about(candidate.model, candidate.version))
         return result.checkpoint_id
 
     def _ingest_due(self) -> None:

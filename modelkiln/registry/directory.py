@@ -104,7 +104,8 @@ def copy_files(source: Path, files: tuple[str, ...], destination: Path) -> None:
 
 class DirectoryRegistry:
     """Registry kinds offer ``path``, ``watches``, ``scan()`` and ``locate(path)``; a kind
-    whose versions live elsewhere also offers ``poll()`` and ``publish(promotions)`` (see
+    whose versions live elsewhere also offers ``poll()`` and ``publish(promotions)``, and
+    may offer ``release(candidate)`` to free its local copy of a recorded version (see
     ``modelkiln.registry.mlflow_registry``)."""
 
     kind = "directory"
@@ -129,6 +130,10 @@ class DirectoryRegistry:
 
     def _candidate(self, model: str, version: str, path: Path) -> Candidate:
         return Candidate(model, version, path)
+
+    def release(self, candidate: Candidate) -> None:
+        """Called once ``candidate`` is recorded (its snapshot holds what it had). The
+        directory registry's folders are the user's: they stay as they are."""
 
     def _is_own_dir(self, path: Path) -> bool:
         # A symlinked model or version folder could point anywhere: never followed.

@@ -8,6 +8,13 @@ directory checkpoints: snapshot, content hash, the same safe loaders. A version 
 files cannot be read safely (a pickled pytorch-flavour model, say) is rejected there,
 with the reason, like any other.
 
+Once a version is recorded its download is released: the folder is replaced by a small
+file of the same name (``release()``), so a daemon left running does not keep a second
+copy of every version ever registered (the snapshot under ``artifacts/`` is what jobs
+read), while ``poll()`` still sees that it has the version and ``scan()``, which takes
+folders only, passes over it. MLflow model versions do not change once READY, so
+nothing is lost by not looking at them again.
+
 ``publish()`` writes a promotion back, for the automation that watches the registry:
 
 - the alias ``kiln-<target>`` on the source model's promoted version;
@@ -45,6 +52,8 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 PROMOTION_TAG = "kiln.promotion"
 DERIVED_TAG = "kiln.derived"
 STALE_DOWNLOAD_SECONDS = 3600.0
+# A released download on its way out (renamed aside, then removed).
+RELEASING_PREFIX = ".released-"
 
 
 def _pages(search, **kwargs) -> list:
@@ -171,6 +180,24 @@ class MlflowRegistry(DirectoryRegistry):
         for leftover in self.path.glob(".download-*"):
             if leftover.stat().st_mtime < cutoff:  # a download cut short by a killed daemon
                 shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.path.glob(f"{RELEASING_PREFIX}*"):  # a release cut short
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def release(self, candidate: Candidate) -> None:
+        """Free a recorded version's download, leaving a file in its place that says so."""
+        folder = candidate.path
+        if not folder.is_dir() or folder.is_symlink() or folder.parent.parent != self.path:
+            return
+        aside = self.path / f"{RELEASING_PREFIX}{uuid.uuid4().hex[:12]}"
+        os.rename(folder, aside)  # gone from scan() at once, whole
+        note = {"model": candidate.model, "version": candidate.version, "released_at": time.time(),
+                "why": "recorded by modelkiln, which keeps its own snapshot; download removed"}
+        temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}")
+        temporary.write_text(json.dumps(note))
+        os.rename(temporary, folder)
+        shutil.rmtree(aside, ignore_errors=True)
+        log.info("mlflow: released the download of %s version %s (snapshot kept)", candidate.model,
+                 candidate.version)
 
     # -- promotions out ---------------------------------------------------------------
 
