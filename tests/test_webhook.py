@@ -78,6 +78,52 @@ def test_promotion_and_failed_job_events_are_posted_signed_and_retried(kiln_dir,
         expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
         assert headers["X-Kiln-Signature"] == expected
         assert headers["Content-Type"] == "application/json"
+    assert list((config.artifacts_path / ".webhook-outbox").iterdir()) == []  # all delivered
+
+
+KILLED_SENDER = """
+import sys, time
+from pathlib import Path
+from modelkiln.plugins.webhook import Outbox, Sender, Settings
+# Nothing listens on port 9: the first try fails, the retry waits far longer than the test.
+sender = Sender(Settings(urls=["http://127.0.0.1:9/hook"], retries=1, backoff_seconds=600.0),
+                Outbox(Path(sys.argv[1])))
+sender.put("promoted", {"promotion": {"model": "m", "version": "1"}})
+sender.put("job_failed", {"job": {"id": 7}})
+print("queued", flush=True)
+time.sleep(600)
+"""
+
+
+def test_events_a_killed_daemon_never_sent_are_sent_by_the_next_one_in_order(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from modelkiln.plugins.webhook import Outbox, Sender, Settings
+
+    folder = tmp_path / ".webhook-outbox"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SENDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "queued"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+    left = sorted(p.name for p in folder.iterdir())
+    assert len(left) == 2 and all(name.endswith(".json") for name in left)
+
+    receiver = Receiver()
+    try:
+        sender = Sender(Settings(urls=[receiver.url], backoff_seconds=0.01), Outbox(folder))
+        sender.close()
+    finally:
+        receiver.close()
+    events = receiver.events()
+    assert [e["event"] for e in events] == ["promoted", "job_failed"]  # in the order they happened
+    assert [f"{e['id']}.json" for e in events] == [name.partition("-")[2] for name in left]  # same ids
+    assert events[0]["promotion"] == {"model": "m", "version": "1"}
+    assert list(folder.iterdir()) == []
 
 
 def test_an_unreachable_receiver_never_stops_the_daemon(kiln_dir, tiny_checkpoint):

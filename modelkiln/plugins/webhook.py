@@ -14,8 +14,15 @@ Events are queued by the hooks and delivered by one background thread, so a slow
 unreachable receiver never holds up the service loop. A delivery is retried on a
 connection error, a timeout, 429 or 5xx; another 4xx is the receiver refusing it and is
 logged, not retried. Every event carries an ``id`` (also in ``X-Kiln-Delivery``) that
-stays the same across retries, so a receiver can drop duplicates. Events still queued
-when the daemon is killed are lost; the promotion history (``kiln promoted``) has them.
+stays the same across retries and restarts, so a receiver can drop duplicates.
+
+Each event is written to an outbox folder (``<artifacts>/.webhook-outbox/``, one JSON
+file per event) before it is queued, and removed once every URL has had it or given its
+final answer. So an event that a stop did not flush, or that a killed daemon (SIGKILL,
+power loss) never sent, is sent by the next daemon on that folder when it starts, in
+the order the events happened; a receiver may then see an event twice (same ``id``),
+never miss one. An event whose retries all fail is dropped, with an error in the log:
+a receiver that is down for good does not build up a backlog.
 """
 
 from __future__ import annotations
@@ -24,13 +31,16 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import queue
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from . import hookimpl
 
@@ -38,6 +48,7 @@ log = logging.getLogger(__name__)
 
 EVENTS = ("promoted", "job_failed")
 FLUSH_SECONDS = 10.0
+OUTBOX = ".webhook-outbox"
 
 
 @dataclass
@@ -73,12 +84,54 @@ def parse_settings(table: dict, source) -> Settings:
     return settings
 
 
+class Outbox:
+    """Events on disk until delivered: one file each, named so that names sort in the
+    order the events were put."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, body: dict, data: bytes) -> Path:
+        path = self.folder / f"{time.time_ns():020d}-{body['id']}.json"
+        temporary = self.folder / f".{path.name}.tmp"
+        with open(temporary, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(temporary, path)  # a file is there whole or not at all
+        return path
+
+    def pending(self) -> list[tuple[Path, dict, bytes]]:
+        """Events left by an earlier daemon, oldest first; unreadable ones are set aside."""
+        found = []
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                data = path.read_bytes()
+                found.append((path, json.loads(data), data))
+            except (OSError, ValueError) as exc:
+                log.error("webhook: cannot read the queued event %s (%s); renamed to %s.bad", path, exc, path.name)
+                path.rename(path.with_name(path.name + ".bad"))
+        return found
+
+    @staticmethod
+    def done(path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+
 class Sender:
     """One thread that delivers queued events in order, each to every URL."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, outbox: Outbox | None = None):
         self.settings = settings
+        self.outbox = outbox
         self.queue: queue.Queue = queue.Queue()
+        if outbox is not None:
+            left = outbox.pending()
+            if left:
+                log.info("webhook: %d event(s) left by an earlier daemon; sending them first", len(left))
+            for item in left:
+                self.queue.put(item)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kiln-webhook", daemon=True)
         self._thread.start()
@@ -87,7 +140,9 @@ class Sender:
         if event in self.settings.events and self.settings.urls:
             body = {"event": event, "id": uuid.uuid4().hex,
                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **payload}
-            self.queue.put(body)
+            data = json.dumps(body, default=str).encode()
+            path = self.outbox.add(body, data) if self.outbox is not None else None
+            self.queue.put((path, body, data))
 
     def close(self, timeout: float = FLUSH_SECONDS) -> None:
         """Deliver what is queued for up to ``timeout`` seconds, then stop."""
@@ -97,16 +152,21 @@ class Sender:
         self._thread.join(1.0)
         left = self.queue.qsize()
         if left:
-            log.warning("webhook: %d event(s) not delivered before the daemon stopped", left)
+            where = f"; kept in {self.outbox.folder} for the next start" if self.outbox is not None else ""
+            log.warning("webhook: %d event(s) not delivered before the daemon stopped%s", left, where)
 
     def _run(self) -> None:
         while True:
-            body = self.queue.get()
-            if body is None:
+            item = self.queue.get()
+            if item is None:
                 return
-            data = json.dumps(body, default=str).encode()
+            path, body, data = item
             for url in self.settings.urls:
                 self._deliver(url, body, data)
+            if self._stopping.is_set():
+                return  # cut short by the stop: the event stays in the outbox
+            if path is not None:
+                Outbox.done(path)
 
     def _deliver(self, url: str, body: dict, data: bytes) -> bool:
         headers = {"Content-Type": "application/json", "User-Agent": "modelkiln-webhook",
@@ -146,7 +206,7 @@ def kiln_daemon_started(config):
     settings = parse_settings(config.plugins.settings.get("webhook", {}), config.source)
     if _sender is not None:
         _sender.close(0)
-    _sender = Sender(settings) if settings.urls else None
+    _sender = Sender(settings, Outbox(config.artifacts_path / OUTBOX)) if settings.urls else None
 
 
 @hookimpl
