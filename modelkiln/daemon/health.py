@@ -99,7 +99,7 @@ def metrics_text(daemon) -> str:
     pending = sum(count for _, state, count in jobs if state == "pending")
     family("kiln_queue_depth", "gauge",
            "Work waiting: pending jobs, versions waiting for their quiet period, unread events.")
-    out.append(_line("kiln_queue_depth", pending + len(daemon._due) + daemon.inbox.qsize()))
+    out.append(_line("kiln_queue_depth", pending + daemon.versions_waiting + daemon.inbox.qsize()))
     family("kiln_workers_busy", "gauge", "Worker processes running a job of this daemon.")
     out.append(_line("kiln_workers_busy", len(daemon.executor.running_jobs)))
     family("kiln_workers", "gauge", "Configured worker processes.")

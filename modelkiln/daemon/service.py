@@ -279,6 +279,11 @@ class Daemon:
         if rescan:
             self.reconcile()
 
+    @property
+    def versions_waiting(self) -> int:
+        """Version folders seen but not yet quiet long enough to be taken."""
+        return len(self._due)
+
     def reconcile(self) -> None:
         """Compare the registry with the catalogue; ingest what events missed."""
         for candidate in self.registry.scan():
