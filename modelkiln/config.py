@@ -254,6 +254,13 @@ def _build(cls, data: dict, prefix: str, file: Path):
     return cls(**kwargs)
 
 
+def plugin_settings(cls, table: dict, plugin: str, file: Path | None):
+    """``[plugins.settings.<plugin>]`` as the dataclass ``cls``, checked the way the rest
+    of the config is (unknown keys, types, the same messages). For plugins: what a
+    plugin checks beyond that is its own."""
+    return _build(cls, table, f"plugins.settings.{plugin}", file)
+
+
 def _validate(config: Config, file: Path) -> None:
     if config.registry.kind == "mlflow" and not config.registry.mlflow.tracking_uri:
         raise ConfigError(f"{file}: registry.kind is \"mlflow\" but 'registry.mlflow.tracking_uri' is empty: "

@@ -137,5 +137,8 @@ def test_bad_webhook_settings_refuse_the_start_and_name_the_key(kiln_dir, tiny_c
     with pytest.raises(ConfigError, match=r"\[plugins.settings.webhook\]: 'urls' must be"):
         optimize_once(config, tiny_checkpoint, "tiny")
     config.plugins.settings["webhook"] = {"url": "http://x"}
-    with pytest.raises(ConfigError, match="unknown key 'url'"):
+    with pytest.raises(ConfigError, match="unknown key 'plugins.settings.webhook.url'"):
+        optimize_once(config, tiny_checkpoint, "tiny")
+    config.plugins.settings["webhook"] = {"urls": ["http://x"], "retries": "5"}
+    with pytest.raises(ConfigError, match="'plugins.settings.webhook.retries' must be int, got str"):
         optimize_once(config, tiny_checkpoint, "tiny")

@@ -62,25 +62,19 @@ class Settings:
 
 
 def parse_settings(table: dict, source) -> Settings:
+    from ..config import plugin_settings
     from ..errors import ConfigError
 
+    settings = plugin_settings(Settings, table, "webhook", source)  # keys and types
     where = f"{source}: [plugins.settings.webhook]"
-    known = Settings.__dataclass_fields__
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
-    settings = Settings(**table)
-    if not isinstance(settings.urls, list) or not all(
-            isinstance(u, str) and u.startswith(("http://", "https://")) for u in settings.urls):
+    if not all(u.startswith(("http://", "https://")) for u in settings.urls):
         raise ConfigError(f"{where}: 'urls' must be a list of http:// or https:// URLs")
     unknown = [e for e in settings.events if e not in EVENTS]
     if unknown:
         raise ConfigError(f"{where}: 'events' may name {', '.join(EVENTS)}; got {unknown}")
-    if not isinstance(settings.retries, int) or settings.retries < 0:
-        raise ConfigError(f"{where}: 'retries' must be a whole number >= 0")
-    for key in ("timeout_seconds", "backoff_seconds"):
-        if not isinstance(getattr(settings, key), (int, float)) or getattr(settings, key) < 0:
-            raise ConfigError(f"{where}: {key!r} must be a number >= 0")
+    for key in ("retries", "timeout_seconds", "backoff_seconds"):
+        if getattr(settings, key) < 0:
+            raise ConfigError(f"{where}: {key!r} must be >= 0")
     return settings
 
 
