@@ -26,3 +26,19 @@ def leave_signals_to_parent() -> None:
     would turn a clean stop into failed jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def thread_lock_for_progress_bars() -> None:
+    """tqdm (the progress bars of transformers and huggingface_hub) makes a
+    multiprocessing lock on its first bar: a named POSIX semaphore that the process
+    unlinks when it exits normally. A worker ends with ``os._exit`` and never does, so
+    each job loading a Hugging Face model left one in /dev/shm, held by the resource
+    tracker until the daemon exited (one per job, for as long as the daemon ran). A
+    worker is one process: a thread lock serves tqdm as well."""
+    import threading
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())

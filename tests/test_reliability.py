@@ -240,3 +240,28 @@ def test_sigterm_stops_within_the_timeout_and_hands_a_long_job_back(kiln_dir, di
         assert again.state == "pending" and again.lease_owner is None
         assert "stopped before it finished" in again.reason
     store.dispose()
+
+
+def test_jobs_on_a_hugging_face_model_leave_no_semaphore_behind(config, tmp_path):
+    """A worker ends with os._exit; anything it registered with multiprocessing's resource
+    tracker (tqdm's lock, from transformers' progress bars, was one) stayed in /dev/shm
+    until the daemon exited: one per job, for as long as the daemon ran."""
+    from transformers import BertConfig, BertModel
+
+    from helpers import optimize_once
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm on this host")
+    config.targets["cpu"].runtimes = ["torch"]
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         vocab_size=100)).save_pretrained(str(folder))
+
+    def semaphores():
+        return {p.name for p in shm.glob("sem.mp-*")}
+
+    before = semaphores()
+    checkpoint = optimize_once(config, folder, "bert")
+    assert checkpoint.status == "done", checkpoint.reason
+    assert semaphores() - before == set()

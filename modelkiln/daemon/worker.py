@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from ..children import die_with_parent, leave_signals_to_parent
+from ..children import die_with_parent, leave_signals_to_parent, thread_lock_for_progress_bars
 from ..errors import CheckpointRejected, StepNotApplicable
 
 # Modules the fork server imports once, so that each job's process starts warm.
@@ -76,6 +76,7 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
               conn=None) -> None:
     die_with_parent()
     leave_signals_to_parent()
+    thread_lock_for_progress_bars()
     log = open(log_path, "a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
