@@ -281,11 +281,13 @@ def report(config_path, model, out_dir):
 @click.argument("model")
 @click.argument("version", required=False)
 def retry(config_path, model, version):
-    """Inspect MODEL's rejected or failed checkpoints again (all versions, or VERSION).
+    """Send MODEL's failed work back (all versions, or VERSION).
 
-    For causes outside the checkpoint's content, such as a factory added to the config
-    since. A running daemon picks them up within seconds; `kiln optimize` or the next
-    `kiln serve` otherwise.
+    Rejected or failed checkpoints are inspected again; a checkpoint whose inspection
+    succeeded has its failed variant jobs run again, after which the targets they are on
+    decide their promotion again. For causes outside the checkpoint's content: a factory
+    added to the config, a disk freed, an overloaded host. A running daemon picks them up
+    within seconds; `kiln optimize` or the next `kiln serve` otherwise.
     """
     from .store import queries
 
@@ -293,8 +295,13 @@ def retry(config_path, model, version):
     with _store(config).session() as session:
         retried = queries.retry_checkpoints(session, model, version)
     if not retried:
-        raise KilnError(f"{model}{'/' + version if version else ''}: no rejected or failed checkpoint to retry")
-    for checkpoint in retried:
+        raise KilnError(f"{model}{'/' + version if version else ''}: no rejected or failed checkpoint, "
+                        "and no failed variant job, to retry")
+    for checkpoint, jobs in retried:
+        if jobs:
+            click.echo(f"{checkpoint.model}/{checkpoint.version} ({checkpoint.content_hash[:12]}): "
+                       f"{jobs} failed variant job(s) will run again")
+            continue
         click.echo(f"{checkpoint.model}/{checkpoint.version} ({checkpoint.content_hash[:12]}): will be inspected again")
 
 

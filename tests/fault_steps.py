@@ -47,7 +47,38 @@ def _exit():
     sys.exit(3)
 
 
+def _fail_while_marked():
+    """Fails while the file named by KILN_TEST_FAULT_MARKER exists: a cause outside the
+    checkpoint (a full disk, say) that goes away."""
+    marker = os.environ.get("KILN_TEST_FAULT_MARKER")
+    if marker and os.path.exists(marker):
+        raise OSError(28, "No space left on device")
+
+
+class Heavy(Step):
+    """The model plus a 512 x 512 matrix product whose result is multiplied by zero: the
+    same outputs, a millisecond slower per call (torch.export keeps the product)."""
+
+    name = "fault.heavy"
+    description = "the same model, made slower"
+    forms = {"torch": TORCH}
+
+    def apply(self, model, params, context):
+        import torch
+
+        class Slowed(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+                self.register_buffer("ballast", torch.randn(512, 512))
+
+            def forward(self, x):
+                return self.inner(x) + 0.0 * (self.ballast @ self.ballast @ self.ballast).sum()
+
+        return type(model)(model.form, Slowed(model.obj).eval(), model.inputs, dict(model.notes))
+
+
 @hookimpl
 def kiln_steps():
     return [Fault("raise", _raise), Fault("hang", _hang), Fault("hoard", _hoard), Fault("kill", _kill),
-            Fault("exit", _exit)]
+            Fault("exit", _exit), Fault("flaky", _fail_while_marked), Heavy()]

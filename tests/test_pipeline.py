@@ -15,6 +15,7 @@ from helpers import optimize_once, tiny_mlp
 from modelkiln import hookimpl
 from modelkiln.store import queries, views
 from modelkiln.store.db import open_store
+from modelkiln.store.models import Checkpoint
 
 
 def promoted_entries(config):
@@ -311,7 +312,7 @@ def test_close_variants_are_decided_by_a_run_off_timed_side_by_side(kiln_dir, di
         assert runoff["rounds"] == 6 and runoff["batch_size"] == 1
         assert runoff["rivals"] == [i for i in ids if i != v["id"]]
     with open_store(config).session() as session:
-        job = queries.job_by_key(session, queries.runoff_key(checkpoint.id, "cpu"))
+        job = queries.job_by_key(session, queries.runoff_key(session.get(Checkpoint, checkpoint.id), "cpu"))
         assert (job.kind, job.state) == ("runoff", "succeeded")
     (promotion,) = promoted_entries(config)
     assert promotion["variant_id"] == min(raced, key=lambda v: v["metrics"]["runoff"]["latency_p50_ms"])["id"]

@@ -74,6 +74,52 @@ def test_faulty_third_party_steps_fail_their_own_job_only(tmp_path, kiln_dir, ti
         assert status == "failed" and reason in recorded, (recipe, recorded)
 
 
+def test_a_retry_runs_failed_variant_jobs_again_and_decides_the_promotion_again(tmp_path, kiln_dir,
+                                                                                  tiny_checkpoint):
+    """A variant failed for a cause outside the checkpoint (its disk full); once that is
+    fixed, `kiln retry` runs that job again and the target decides again: the retried
+    variant, faster than the one served, is promoted."""
+    site = tmp_path / "site"
+    install_entry_point(site, "faults", "fault_steps")
+    path = kiln_dir / "kiln.toml"
+    text = re.sub(r"(?m)^recipes = \[[^\]]*\]", 'recipes = ["fault.heavy", "fault.flaky"]', path.read_text())
+    for old, new in (('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]'),
+                     ("max_attempts = 3", "max_attempts = 1")):
+        assert old in text
+        text = text.replace(old, new)
+    path.write_text(text)
+    marker = tmp_path / "disk-full"
+    marker.touch()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parent)]),
+           "KILN_TEST_FAULT_MARKER": str(marker)}
+
+    def kiln(*args):
+        out = subprocess.run([sys.executable, "-m", "modelkiln", *args, "--config", str(path)],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def state():
+        store = open_store(load_config(path))
+        with store.session() as session:
+            variants = {v.recipe: v.status for v in queries.variants_of_model(session, "tiny")}
+            served = [p.variant.recipe for p in queries.current_promotions(session)]
+            decisions = sorted(p.decision_key.split(":", 2)[-1] for p in queries.promotion_history(session, "tiny"))
+        store.dispose()
+        return variants, served, decisions
+
+    kiln("optimize", str(tiny_checkpoint), "--model", "tiny", "--version", "1")
+    assert state() == ({"fault.heavy": "succeeded", "fault.flaky": "failed"}, ["fault.heavy"], ["cpu"])
+    marker.unlink()  # the disk freed
+    assert "1 failed variant job(s) will run again" in kiln("retry", "tiny", "1")
+    kiln("optimize", str(tiny_checkpoint), "--model", "tiny", "--version", "1")
+    assert state() == ({"fault.heavy": "succeeded", "fault.flaky": "succeeded"}, ["fault.flaky"],
+                       ["cpu", "cpu:retry1"])
+    out = subprocess.run([sys.executable, "-m", "modelkiln", "retry", "tiny", "--config", str(path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "no failed variant job" in out.stderr  # nothing left to retry
+
+
 def test_a_database_locked_past_the_busy_timeout_is_waited_out(kiln_dir, digits_checkpoint):
     """Another process holds SQLite's write lock for 4 s, 8x the busy timeout: the loop
     logs, backs off and retries; the checkpoint is still promoted once."""

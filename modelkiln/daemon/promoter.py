@@ -4,6 +4,8 @@ The database is the truth and the link follows it: the promotion row is committe
 first, then ``promoted/<model>/<target>`` is replaced by a rename of a fresh symlink. A
 crash between the two is repaired at the next start by ``sync_links``. The decision key
 ``auto:<checkpoint>:<target>`` makes a second decision for the same checkpoint a no-op.
+After ``kiln retry`` sends failed variant jobs back, the round decides again under its
+own key (``...:retry<n>``), and promotes only if its choice differs from what is served.
 
 When the closest candidates are within ``policy.runoff_margin`` of the best, the decision
 waits for a run-off job that times them side by side (``runoff.py``); a run-off that
@@ -64,7 +66,7 @@ class Promoter:
         """Promote for (checkpoint's model, target) once every variant job there has ended."""
         if queries.variant_jobs_open(session, checkpoint.id, target):
             return None
-        key = f"auto:{checkpoint.id}:{target}"
+        key = queries.decision_key(checkpoint, target)
         if queries.promotion_by_key(session, key) is not None:
             return None
         current = queries.current_promotion(session, checkpoint.model, target)
@@ -97,6 +99,10 @@ class Promoter:
                         checkpoint.model, checkpoint.version, target,
                         extra=about(checkpoint.model, checkpoint.version, target))
             return None
+        if current is not None and current.variant_id == chosen["id"]:  # a retry round that changes nothing
+            log.info("%s/%s on %s: still %s after the retry", checkpoint.model, checkpoint.version, target,
+                     chosen["variant"], extra=about(checkpoint.model, checkpoint.version, target))
+            return None
         promotion = Promotion(model=checkpoint.model, target=target, variant_id=chosen["id"],
                               checkpoint_id=checkpoint.id, decision_key=key, reason=how)
         session.add(promotion)
@@ -115,7 +121,7 @@ class Promoter:
                         memory_mb: int) -> bool:
         """Whether the decision waits for a run-off: one is still open, or the closest
         candidates call for one that has not run yet (it is queued here)."""
-        key = queries.runoff_key(checkpoint.id, target)
+        key = queries.runoff_key(checkpoint, target)
         job = queries.job_by_key(session, key)
         if job is not None:
             return job.state not in queries.TERMINAL_JOB_STATES

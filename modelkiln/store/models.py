@@ -52,6 +52,9 @@ class Checkpoint(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     snapshot_path: Mapped[str] = mapped_column(Text)
     info: Mapped[dict | None] = mapped_column(JSON)
+    # How many times `kiln retry` sent failed variant jobs back: each round may decide
+    # the promotion on a target again (its decision and run-off keys carry the round).
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     variants: Mapped[list[Variant]] = relationship(back_populates="checkpoint")
@@ -149,7 +152,8 @@ class Promotion(Base):
     variant_id: Mapped[int] = mapped_column(ForeignKey("variants.id"))
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"))
     # "auto:<checkpoint>:<target>" for the policy's decision: a checkpoint is promoted
-    # at most once per target, however often its last job is reported.
+    # at most once per target, however often its last job is reported (once per retry
+    # round after `kiln retry`: "...:retry<n>").
     decision_key: Mapped[str] = mapped_column(String(128), unique=True)
     reason: Mapped[str] = mapped_column(Text)
     promoted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)

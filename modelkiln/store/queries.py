@@ -53,9 +53,12 @@ def checkpoints(session: Session, model: str | None = None) -> list[Checkpoint]:
     return list(session.scalars(query))
 
 
-def retry_checkpoints(session: Session, model: str, version: str | None = None) -> list[Checkpoint]:
-    """Rejected or failed checkpoints of ``model`` (one version or all) go back to being
-    inspected: for a cause outside the content (a config fixed since, a host overloaded)."""
+def retry_checkpoints(session: Session, model: str, version: str | None = None) -> list[tuple[Checkpoint, int]]:
+    """Send ``model``'s checkpoints (one version or all) back for a cause outside their
+    content (a config fixed since, a disk freed, a host overloaded): rejected or failed
+    ones are inspected again; one whose inspection succeeded has its failed variant jobs
+    run again, and the targets they are on decide their promotion again once they end.
+    Returns each checkpoint with the number of variant jobs sent back (0: re-inspected)."""
     query = select(Checkpoint).where(Checkpoint.model == model, Checkpoint.status.in_(("rejected", "failed")))
     if version is not None:
         query = query.where(Checkpoint.version == version)
@@ -64,12 +67,38 @@ def retry_checkpoints(session: Session, model: str, version: str | None = None) 
         job = session.scalars(select(Job).where(Job.key == f"inspect:{checkpoint.id}")).first()
         if job is None:  # rejected at ingest, before any job: give it its first
             job = add_job(session, "inspect", checkpoint.id, None, None)
-        job.state, job.attempts, job.reason = "pending", 0, None
-        job.lease_owner = job.lease_expires_at = job.finished_at = None
+        _reopen(job)
         checkpoint.status, checkpoint.reason = "ingested", None
-        retried.append(checkpoint)
+        retried.append((checkpoint, 0))
+    query = (select(Job, Variant).join(Variant, Job.variant_id == Variant.id)
+             .join(Checkpoint, Job.checkpoint_id == Checkpoint.id)
+             .where(Checkpoint.model == model, Checkpoint.status.in_(("ready", "done")),
+                    Job.kind == "variant", Job.state == "failed"))
+    if version is not None:
+        query = query.where(Checkpoint.version == version)
+    failed: dict[int, int] = {}
+    for job, variant in session.execute(query):
+        _reopen(job)
+        variant.status, variant.reason, variant.finished_at = "pending", None, None
+        failed[job.checkpoint_id] = failed.get(job.checkpoint_id, 0) + 1
+    for checkpoint_id, count in failed.items():
+        checkpoint = session.get(Checkpoint, checkpoint_id)
+        checkpoint.status = "ready"
+        checkpoint.retries += 1
+        retried.append((checkpoint, count))
     session.commit()
     return retried
+
+
+def _reopen(job: Job) -> None:
+    job.state, job.attempts, job.reason = "pending", 0, None
+    job.lease_owner = job.lease_expires_at = job.finished_at = None
+
+
+def decision_key(checkpoint: Checkpoint, target: str) -> str:
+    """The promotion decision of one checkpoint on one target: one per retry round."""
+    key = f"auto:{checkpoint.id}:{target}"
+    return f"{key}:retry{checkpoint.retries}" if checkpoint.retries else key
 
 
 # -- jobs -----------------------------------------------------------------------------
@@ -87,9 +116,10 @@ def job_by_key(session: Session, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.key == key))
 
 
-def runoff_key(checkpoint_id: int, target: str) -> str:
-    """The run-off job of one checkpoint on one target (at most one, ever)."""
-    return f"runoff:{checkpoint_id}:{target}"
+def runoff_key(checkpoint: Checkpoint, target: str) -> str:
+    """The run-off job of one checkpoint on one target (at most one per retry round)."""
+    key = f"runoff:{checkpoint.id}:{target}"
+    return f"{key}:retry{checkpoint.retries}" if checkpoint.retries else key
 
 
 def lease_jobs(
