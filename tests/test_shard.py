@@ -114,6 +114,31 @@ def test_a_two_rank_variant_equals_the_unsharded_model(kiln_dir, digits_checkpoi
         sharded.load(tampered, "cpu", 2)
 
 
+def test_a_bert_encoder_splits_its_heads_and_mlps_over_two_ranks(kiln_dir, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, 'recipes = ["shard.tensor_parallel"]').replace(
+        'runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]')
+    config = with_second_target(kiln_dir, text, "cpu2", "devices", "2")
+    BertModel(BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         vocab_size=100)).save_pretrained(str(tmp_path / "bert"))
+    checkpoint = optimize_once(config, tmp_path / "bert", "bert")
+    assert checkpoint.status == "done", checkpoint.reason
+    (shard,) = [v for v in all_variants(config, "bert") if v["target"] == "cpu2"]
+    assert shard["status"] == "succeeded", shard.get("reason")
+    layers = [f"inner.encoder.layer.{i}" for i in range(2)]
+    # Two heads of each attention per rank, and half of each MLP: 4 all-reduces a pass.
+    assert shard["lineage"][0]["record"]["splits"] == [
+        {"columns": [f"{layer}.intermediate.dense"], "row": f"{layer}.output.dense", "width": 128}
+        for layer in layers] + [
+        {"columns": [f"{layer}.attention.self.{p}" for p in ("query", "key", "value")],
+         "row": f"{layer}.attention.output.dense", "width": 64, "heads": 4, "kv_heads": 4, "head_dim": 16}
+        for layer in layers]
+    check = json.loads((Path(shard["path"]) / "variant.json").read_text())["metrics"]["checks"]["shard_check"]
+    assert check["max_abs_diff"] <= check["tolerance"] and check["rows"] > 0
+    assert shard["metrics"]["quality"] >= 0.9999  # cosine to the unsharded outputs
+
+
 def test_a_model_over_the_memory_budget_is_streamed_from_capped_shards(kiln_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

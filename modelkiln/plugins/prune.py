@@ -213,14 +213,16 @@ def set_grouped_head_counts(module, blocks, heads: int, kv_heads: int, head_dim:
     """Tell each attention block, and the model's config (which sizes the static KV
     cache), how many query and key/value heads it holds now."""
     for block in blocks:
-        for attr, value in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
+        for attr, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+                            ("all_head_size", heads * head_dim)):
             if isinstance(getattr(block, attr, None), int):
                 setattr(block, attr, value)
     config = _hf_config(module)
     if config is not None and getattr(config, "num_attention_heads", None):
         config.head_dim = head_dim  # pinned: hidden_size / heads is not the head size any more
         config.num_attention_heads = heads
-        config.num_key_value_heads = kv_heads
+        if getattr(config, "num_key_value_heads", None) is not None:
+            config.num_key_value_heads = kv_heads
 
 
 def _output_width_layers(module, example, names: dict, prunable_heads=()) -> list:

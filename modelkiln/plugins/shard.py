@@ -16,8 +16,10 @@ Attention is split by heads where its blocks use Hugging Face's q_proj/k_proj/v_
 o_proj layout (Llama, Mistral, Qwen, ...; grouped-query included): each rank holds whole
 key/value groups with their query heads (q/k/v column parallel) and o_proj's matching
 input columns (row parallel, one all-reduce), and its config says how many heads it has,
-so a static KV cache built from it holds that rank's heads only. Everything else
-(embeddings, norms, the head) is replicated on every rank.
+so a static KV cache built from it holds that rank's heads only. BERT's layout (and its
+descendants': RoBERTa, ELECTRA, ...) splits the same way: ``attention.self.query/key/
+value`` by heads, ``attention.output.dense`` by the matching input columns. Everything
+else (embeddings, norms, the head) is replicated on every rank.
 
 The result is ``SHARDED``: one module per rank plus the plan. The torch runtime exports
 each rank's module (its all-reduce is a traced functional collective) and writes the
@@ -160,13 +162,40 @@ def find_head_splits(module, ranks: int) -> list[Split]:
     ``ranks`` (each rank then holds whole groups), else no block is split."""
     from .prune import grouped_attention_blocks
 
-    blocks = grouped_attention_blocks(module)
-    if not blocks or blocks[0][3] % ranks:
-        return []
     prefixes = {id(m): f"{name}." if name else "" for name, m in module.named_modules()}
+    blocks = grouped_attention_blocks(module)
+    if not blocks:
+        return _bert_head_splits(module, ranks, prefixes)
+    if blocks[0][3] % ranks:
+        return []
     return [Split([f"{prefixes[id(block)]}{p}" for p in ("q_proj", "k_proj", "v_proj")],
                   f"{prefixes[id(block)]}o_proj", block.q_proj.out_features, heads, kv_heads, head_dim)
             for block, head_dim, heads, kv_heads in blocks]
+
+
+def _bert_head_splits(module, ranks: int, prefixes: dict) -> list[Split]:
+    """BERT's layout: ``<attention>.self`` holds query/key/value and the head count,
+    ``<attention>.output.dense`` reads the heads' concatenated outputs. Every block must
+    qualify, else none is split (one config describes them all)."""
+    import torch.nn as nn
+
+    from .prune import attention_blocks
+
+    splits = []
+    for block, (q, k, v), heads in attention_blocks(module):
+        path = prefixes[id(block)].rstrip(".")
+        parent, _, own = path.rpartition(".")
+        if own != "self" or getattr(block, "query", None) is not q:
+            return []  # another layout (q_proj & co. are found above)
+        try:
+            out = module.get_submodule(f"{parent}.output.dense")
+        except AttributeError:
+            return []
+        if not isinstance(out, nn.Linear) or out.in_features != q.out_features or heads % ranks:
+            return []
+        splits.append(Split([f"{path}.{n}" for n in ("query", "key", "value")], f"{parent}.output.dense",
+                            q.out_features, heads, heads, q.out_features // heads))
+    return splits
 
 
 def _row_parallel_class():
@@ -230,7 +259,8 @@ def split_module(module, splits: list[Split], rank: int, ranks: int):
     if heads:
         from .prune import set_grouped_head_counts
 
-        blocks = [local.get_submodule(s.row.rpartition(".")[0]) for s in heads]
+        # The block that holds the head counts is the one holding the query projection.
+        blocks = [local.get_submodule(s.columns[0].rpartition(".")[0]) for s in heads]
         set_grouped_head_counts(local, blocks, heads[0].heads // ranks, heads[0].kv_heads // ranks, heads[0].head_dim)
     return local.eval()
 
