@@ -8,9 +8,9 @@ module's weights from its shard just before that module runs, so the weights res
 any moment are one module's. Serving rebuilds the module without weights: a Hugging Face
 checkpoint from its config, weights built by a configured factory from that factory. So
 the module must still be what that rebuilds, and the step goes first in a recipe or
-after steps that keep its shapes (or update a Hugging Face config with them): after ``quantize.bf16``
-/ ``quantize.fp16`` the shards hold 16-bit weights (half the bytes resident and read per
-call) and the skeleton is rebuilt in that type.
+after steps that keep its shapes (or update a Hugging Face config with them): after
+``quantize.bf16`` / ``quantize.fp16`` the shards hold 16-bit weights (half the bytes
+resident and read per call) and the skeleton is rebuilt in that type.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class SizeCapped(Step):
         try:
             rebuilt = {n: tuple(p.shape) for n, p in skeleton(architecture).named_parameters()}
         except Exception as exc:
-            raise StepNotApplicable(f"the architecture cannot be rebuilt from its config ({exc})") from None
+            raise StepNotApplicable(f"the architecture cannot be rebuilt from its config or factory ({exc})") from None
         own = {n: tuple(p.shape) for n, p in module.named_parameters()}
         if rebuilt != own:
             raise StepNotApplicable("a step before this one changed the model's shapes; its config or factory "

@@ -27,6 +27,7 @@ a receiver that is down for good does not build up a backlog.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -105,7 +106,8 @@ class Outbox:
                 found.append((path, json.loads(data), data))
             except (OSError, ValueError) as exc:
                 log.error("webhook: cannot read the queued event %s (%s); renamed to %s.bad", path, exc, path.name)
-                path.rename(path.with_name(path.name + ".bad"))
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_name(path.name + ".bad"))
         return found
 
     @staticmethod
