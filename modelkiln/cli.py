@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import KilnError
+from .files import write_whole
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -270,9 +271,7 @@ def report(config_path, model, out_dir):
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{model}.html"
-    tmp = folder / f".{model}.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)  # a browser refreshing the page never sees half of it
+    write_whole(path, page.encode("utf-8"))  # a browser refreshing the page never sees half of it
     click.echo(f"wrote {path}")
 
 

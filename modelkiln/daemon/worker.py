@@ -14,6 +14,7 @@ import traceback
 
 from ..children import die_with_parent, leave_signals_to_parent, thread_lock_for_progress_bars
 from ..errors import CheckpointRejected, StepNotApplicable
+from ..files import write_whole
 
 # Modules the fork server imports once, so that each job's process starts warm.
 PRELOAD = [
@@ -53,12 +54,7 @@ def ready() -> None:
 
 
 def _write_result(path: str, result: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_whole(path, json.dumps(result).encode())
 
 
 def serve_one(conn) -> None:

@@ -32,7 +32,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..files import write_whole
 from . import hookimpl
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,7 @@ class Outbox:
 
     def add(self, body: dict, data: bytes) -> Path:
         path = self.folder / f"{time.time_ns():020d}-{body['id']}.json"
-        temporary = self.folder / f".{path.name}.tmp"
-        with open(temporary, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(temporary, path)  # a file is there whole or not at all
+        write_whole(path, data)
         return path
 
     def pending(self) -> list[tuple[Path, dict, bytes]]:

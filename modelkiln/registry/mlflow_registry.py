@@ -39,6 +39,7 @@ import time
 import uuid
 from pathlib import Path
 
+from ..files import write_whole
 from ..plugins import hookimpl
 from .directory import Candidate, DirectoryRegistry, valid_name
 
@@ -192,9 +193,7 @@ class MlflowRegistry(DirectoryRegistry):
         os.rename(folder, aside)  # gone from scan() at once, whole
         note = {"model": candidate.model, "version": candidate.version, "released_at": time.time(),
                 "why": "recorded by modelkiln, which keeps its own snapshot; download removed"}
-        temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}")
-        temporary.write_text(json.dumps(note))
-        os.rename(temporary, folder)
+        write_whole(folder, json.dumps(note).encode())
         shutil.rmtree(aside, ignore_errors=True)
         log.info("mlflow: released the download of %s version %s (snapshot kept)", candidate.model,
                  candidate.version)
