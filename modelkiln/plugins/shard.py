@@ -281,8 +281,8 @@ def _in_float32(module):
 
 class TensorParallel(Step):
     name = "shard.tensor_parallel"
-    description = ("split MLP Linear chains and Llama-style attention heads column/row-parallel over the "
-                   "target's devices (one torch.export program per rank; gloo on cpu, NCCL on cuda)")
+    description = ("split MLP Linear chains and attention heads (Llama and BERT layouts) column/row-parallel "
+                   "over the target's devices (one torch.export program per rank; gloo on cpu, NCCL on cuda)")
     params = ()
     # Multi-process serving exists for the torch runtime only.
     forms = {"torch": TORCH}

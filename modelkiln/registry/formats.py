@@ -92,10 +92,17 @@ class OnnxFormat(CheckpointFormat):
         return LoadedCheckpoint(self.name, inputs, onnx_path=path, info=info)
 
 
-def _import_factory(spec: str, model: str):
+def import_factory(spec: str):
+    """The callable a ``module:callable`` factory spec names (ImportError or
+    AttributeError when there is none); used to load a checkpoint and to rebuild a
+    streamed variant's skeleton."""
     module_name, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _import_factory(spec: str, model: str):
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = import_factory(spec)
     except (ImportError, AttributeError) as exc:
         raise CheckpointRejected(
             f"architecture factory {spec!r} for model {model!r} cannot be imported ({exc}); "

@@ -95,10 +95,14 @@ def _reopen(job: Job) -> None:
     job.lease_owner = job.lease_expires_at = job.finished_at = None
 
 
+def _in_round(key: str, checkpoint: Checkpoint) -> str:
+    """``key`` of the checkpoint's current retry round (round 0 keeps the plain key)."""
+    return f"{key}:retry{checkpoint.retries}" if checkpoint.retries else key
+
+
 def decision_key(checkpoint: Checkpoint, target: str) -> str:
     """The promotion decision of one checkpoint on one target: one per retry round."""
-    key = f"auto:{checkpoint.id}:{target}"
-    return f"{key}:retry{checkpoint.retries}" if checkpoint.retries else key
+    return _in_round(f"auto:{checkpoint.id}:{target}", checkpoint)
 
 
 # -- jobs -----------------------------------------------------------------------------
@@ -118,8 +122,7 @@ def job_by_key(session: Session, key: str) -> Job | None:
 
 def runoff_key(checkpoint: Checkpoint, target: str) -> str:
     """The run-off job of one checkpoint on one target (at most one per retry round)."""
-    key = f"runoff:{checkpoint.id}:{target}"
-    return f"{key}:retry{checkpoint.retries}" if checkpoint.retries else key
+    return _in_round(f"runoff:{checkpoint.id}:{target}", checkpoint)
 
 
 def lease_jobs(

@@ -93,41 +93,29 @@ def save(module, directory: Path, shard_mb: int, architecture: dict, dtype: str 
     return INDEX_FILE
 
 
-def _factory_skeleton(spec: str):
-    import importlib
-
-    import torch
-
-    module_name, _, attr = spec.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    with torch.device("meta"):
-        return factory().eval()
-
-
 def skeleton(architecture: dict):
     """The module ``architecture`` describes, on the meta device: shapes, no memory. A
     Hugging Face model comes in the wrapper that takes token ids, as the checkpoint did."""
     import torch
     import transformers
 
-    from ..registry.formats import _hf_wrapper
+    from ..registry.formats import _hf_wrapper, import_factory
 
     if "factory" in architecture:
-        module = _factory_skeleton(architecture["factory"])
-        if architecture.get("dtype"):
-            module = module.to(getattr(torch, architecture["dtype"]))
-        return module
-    cls = getattr(transformers, architecture["class"], None)
-    if cls is None or not hasattr(cls, "config_class"):
-        raise ValueError(f"{architecture['class']} is not a transformers model class")
-    config = cls.config_class.from_dict(architecture["config"])
-    if architecture.get("attn_implementation"):
-        config._attn_implementation = architecture["attn_implementation"]
-    with torch.device("meta"):
-        inner = cls(config)
+        with torch.device("meta"):
+            module = import_factory(architecture["factory"])().eval()
+    else:
+        cls = getattr(transformers, architecture["class"], None)
+        if cls is None or not hasattr(cls, "config_class"):
+            raise ValueError(f"{architecture['class']} is not a transformers model class")
+        config = cls.config_class.from_dict(architecture["config"])
+        if architecture.get("attn_implementation"):
+            config._attn_implementation = architecture["attn_implementation"]
+        with torch.device("meta"):
+            module = _hf_wrapper(cls(config))
     if architecture.get("dtype"):  # computed in the type the weights were saved in
-        inner = inner.to(getattr(torch, architecture["dtype"]))
-    return _hf_wrapper(inner)
+        module = module.to(getattr(torch, architecture["dtype"]))
+    return module
 
 
 class StreamedModule:
