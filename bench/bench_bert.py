@@ -36,7 +36,7 @@ def main():
     from transformers import BertConfig, BertModel
 
     from modelkiln.config import load_config
-    from modelkiln.plugins.manager import build_catalog
+    from modelkiln.plugins.manager import load_plugins
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -62,7 +62,7 @@ def main():
             ids_t = torch.from_numpy(inputs["input_ids"])
             return eager_model(input_ids=ids_t, attention_mask=torch.ones_like(ids_t)).last_hidden_state.numpy()
 
-    runtime = build_catalog().runtimes[best["runtime"]]
+    runtime = load_plugins().runtimes[best["runtime"]]
     served = runtime.load(Path(best["path"]), best["file"], "cpu", 2)
     one = {"input_ids": ids[:1]}
     medians = interleaved({"eager": lambda: eager(one), "promoted": lambda: served(one)}, "cpu", ROUNDS, RUNS)

@@ -52,7 +52,7 @@ def main():
     from transformers import BertConfig, BertModel
 
     from modelkiln.config import load_config
-    from modelkiln.plugins.manager import build_catalog
+    from modelkiln.plugins.manager import load_plugins
 
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     bandwidth = bandwidth_gb_s()
@@ -73,7 +73,7 @@ def main():
     elapsed = time.time() - started
     best = next(v for v in variants if v["id"] in promoted)
 
-    served = build_catalog().runtimes["torch"].load(Path(best["path"]), best["file"], "cuda", 2)
+    served = load_plugins().runtimes["torch"].load(Path(best["path"]), best["file"], "cuda", 2)
     batch = torch.from_numpy(ids[:BATCH]).cuda()
     mask = torch.ones_like(batch)
 

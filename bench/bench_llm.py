@@ -75,7 +75,7 @@ def main():
     import torch
     from transformers import LlamaForCausalLM
 
-    from modelkiln.plugins.compiler import compile_loaded
+    from modelkiln.steps.compiler import compile_loaded
     from modelkiln.targets.decoding import PROMPT_TOKENS, export_decoder, prompt_ids, time_decoding
 
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
@@ -145,7 +145,7 @@ def main():
     import numpy as np
 
     from modelkiln.plugins.api import TORCH, ModelHandle, StepContext
-    from modelkiln.plugins.weight_only import WeightOnly
+    from modelkiln.steps.weight_only import WeightOnly
     from modelkiln.targets.quality import NEXT_TOKEN_TOP1, next_token_kl, score
 
     del compiled, program

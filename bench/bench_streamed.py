@@ -27,9 +27,9 @@ PROBE = r"""
 import json, statistics, sys, time
 from pathlib import Path
 import numpy as np
-from modelkiln.plugins.manager import build_catalog
+from modelkiln.plugins.manager import load_plugins
 path, file = Path(sys.argv[1]), sys.argv[2]
-served = build_catalog().runtimes["torch"].load(path, file, "cpu", 2)
+served = load_plugins().runtimes["torch"].load(path, file, "cpu", 2)
 ids = {"input_ids": np.random.default_rng(0).integers(0, 32000, (1, 128))}
 served(ids)
 times = []

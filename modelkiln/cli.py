@@ -10,6 +10,7 @@ import click
 
 from .errors import KilnError
 from .files import write_whole
+from .units import format_size
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -52,15 +53,6 @@ def table(rows: list[list], headers: list[str]) -> str:
 
 def _fmt_ms(value):
     return "" if value is None else f"{value:.3f}"
-
-
-def _fmt_size(value):
-    if value is None:
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
 
 
 def _fmt_quality(metrics):
@@ -222,7 +214,7 @@ def _print_variants(config, model, as_json):
             _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")),
             *([_fmt_ms((m.get("runoff") or {}).get("latency_p50_ms"))] if raced else []),
             *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token"))] if decoding else []),
-            _fmt_size(m.get("size_bytes")),
+            format_size(m.get("size_bytes")),
             (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}", v.get("reason") or "",
         ])
     click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
@@ -321,7 +313,7 @@ def promoted(config_path, as_json):
         click.echo(json.dumps(entries, indent=2))
         return
     rows = [[e["model"], e["target"], e["version"], e["variant"], _fmt_ms(e["metrics"]["latency_p50_ms"]),
-             _fmt_size(e["metrics"]["size_bytes"]), _fmt_quality(e["metrics"]), e["path"]] for e in entries]
+             format_size(e["metrics"]["size_bytes"]), _fmt_quality(e["metrics"]), e["path"]] for e in entries]
     click.echo(table(rows, ["model", "target", "version", "variant", "p50 ms", "size", "quality (delta)", "path"]))
 
 
@@ -331,37 +323,37 @@ def promoted(config_path, as_json):
 def plugins(config_path, as_json):
     """Loaded plugins, where they come from, and the steps, runtimes and formats they add."""
     from .config import Config
-    from .plugins.manager import catalog_for
+    from .plugins.manager import plugins_for
 
     try:
         config = _load(config_path)
     except KilnError:
         config = Config()  # listing plugins needs no configuration
-    catalog = catalog_for(config)
+    loaded = plugins_for(config)
     steps = [
         {"step": s.name, "plugin": s.plugin, "runtimes": sorted(s.forms), "description": s.description,
          "params": [{"name": p.name, "type": p.type.__name__, "default": p.default, "description": p.description}
                     for p in s.params]}
-        for s in catalog.steps.values()
+        for s in loaded.steps.values()
     ]
-    plugins_ = [vars(p) for p in catalog.plugins]
+    infos = [vars(p) for p in loaded.loaded]
     if as_json:
-        click.echo(json.dumps({"plugins": plugins_, "steps": steps,
-                               "runtimes": sorted(catalog.runtimes), "formats": [f.name for f in catalog.formats],
-                               "registry_kinds": sorted(catalog.registry_kinds), "errors": catalog.errors}, indent=2))
+        click.echo(json.dumps({"plugins": infos, "steps": steps,
+                               "runtimes": sorted(loaded.runtimes), "formats": [f.name for f in loaded.formats],
+                               "registry_kinds": sorted(loaded.registry_kinds), "errors": loaded.errors}, indent=2))
         return
     click.echo(table([[p["name"], p["distribution"], p["version"], p["module"], ", ".join(p["hooks"])]
-                      for p in plugins_], ["plugin", "package", "version", "module", "hooks"]))
+                      for p in infos], ["plugin", "package", "version", "module", "hooks"]))
     click.echo()
     rows = []
     for s in steps:
         params = ", ".join(f"{p['name']}: {p['type']} = {p['default']!r} ({p['description']})" for p in s["params"])
         rows.append([s["step"], s["plugin"], ", ".join(s["runtimes"]), s["description"], params])
     click.echo(table(rows, ["step", "plugin", "runtimes", "description", "parameters"]))
-    click.echo(f"\nruntimes: {', '.join(sorted(catalog.runtimes))}")
-    click.echo(f"checkpoint formats: {', '.join(f.name for f in catalog.formats)}")
-    click.echo(f"registry kinds: {', '.join(sorted(catalog.registry_kinds))}")
-    for name, reason in catalog.errors.items():
+    click.echo(f"\nruntimes: {', '.join(sorted(loaded.runtimes))}")
+    click.echo(f"checkpoint formats: {', '.join(f.name for f in loaded.formats)}")
+    click.echo(f"registry kinds: {', '.join(sorted(loaded.registry_kinds))}")
+    for name, reason in loaded.errors.items():
         click.echo(f"plugin {name} failed to load: {reason}", err=True)
 
 
@@ -370,13 +362,14 @@ def plugins(config_path, as_json):
 @json_option
 def targets(config_path, as_json):
     """Configured targets and whether this host can run them."""
-    from .plugins.manager import catalog_for
+    from .plugins.manager import plugins_for
+    from .targets.devices import target_unavailable_reason
 
     config = _load(config_path)
-    catalog = catalog_for(config)
+    runtimes = plugins_for(config).runtimes
     entries = []
     for name, target in config.targets.items():
-        reason = catalog.unavailable_reason(target)
+        reason = target_unavailable_reason(target, runtimes)
         entries.append({"target": name, "device": target.device, "runtimes": target.runtimes,
                         "threads": target.threads, "devices": target.devices, "memory_mb": target.memory_mb,
                         "batch_sizes": target.batch_sizes,

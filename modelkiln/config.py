@@ -23,6 +23,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_ENV = "KILN_CONFIG"
+# Log line formats (``daemon/logs.py`` writes them).
+LOG_FORMATS = ("text", "json")
+# What the policy may minimise; the decode objectives are read from the decode figures
+# of causal language models (batch 1).
+DECODE_OBJECTIVES = ("decode_ms_per_token", "prefill_ms")
+OBJECTIVES = ("latency_p50_ms", "latency_p95_ms", *DECODE_OBJECTIVES)
 
 
 @dataclass
@@ -272,10 +278,8 @@ def _validate(config: Config, file: Path) -> None:
         except (KeyError, IndexError, ValueError):
             raise ConfigError(f"{file}: 'registry.mlflow.{key}' = {text!r} may only use {{model}} and "
                               "{target}") from None
-    from .daemon.logs import FORMATS
-
-    if config.logging.format not in FORMATS:
-        raise ConfigError(f"{file}: 'logging.format' must be one of {', '.join(FORMATS)}, "
+    if config.logging.format not in LOG_FORMATS:
+        raise ConfigError(f"{file}: 'logging.format' must be one of {', '.join(LOG_FORMATS)}, "
                           f"got {config.logging.format!r}")
     if config.http.address:
         host, _, port = config.http.address.rpartition(":")
@@ -302,8 +306,6 @@ def _validate(config: Config, file: Path) -> None:
             f"{file}: 'policy.objective_batch_size' = {config.policy.objective_batch_size} "
             "is not measured by any target: add it to the targets' batch_sizes"
         )
-    from .policy import OBJECTIVES
-
     if config.policy.objective not in OBJECTIVES:
         raise ConfigError(f"{file}: 'policy.objective' must be one of {', '.join(OBJECTIVES)}, "
                           f"got {config.policy.objective!r}")

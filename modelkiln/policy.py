@@ -16,15 +16,11 @@ and the run-off's figures decide between them.
 
 from __future__ import annotations
 
-from .config import PolicyConfig
-from .targets.quality import relative_drop
-from .targets.sharded import PLAN_FILE
+from .config import DECODE_OBJECTIVES, PolicyConfig
+from .targets.quality import EPSILON, within_drop
 
 # Contenders timed together at most: each is loaded into the run-off's one process.
 RUNOFF_MOST = 3
-
-# Float noise in a score must not turn an identical model into a rejected one.
-_EPSILON = 1e-9
 
 
 def within_tolerance(candidate: dict, policy: PolicyConfig) -> bool:
@@ -32,16 +28,24 @@ def within_tolerance(candidate: dict, policy: PolicyConfig) -> bool:
     quality, baseline = metrics.get("quality"), metrics.get("baseline_quality")
     if quality is None or baseline is None:
         return False
-    return relative_drop(quality, baseline) <= policy.max_quality_drop + _EPSILON
+    return within_drop(quality, baseline, policy.max_quality_drop)
+
+
+def _recorded(candidate: dict, key: str):
+    """What the last step that recorded ``key`` in the variant's lineage said, or None."""
+    for step in reversed(candidate.get("lineage") or []):
+        value = (step.get("record") or {}).get(key)
+        if value is not None:
+            return value
+    return None
 
 
 def resident_weights_mib(candidate: dict) -> float | None:
     """The weights a variant holds at once while serving, MiB: what a step that streams
     them recorded (``resident_weights_mib``), else the whole artifact's size."""
-    for step in reversed(candidate.get("lineage") or []):
-        resident = (step.get("record") or {}).get("resident_weights_mib")
-        if resident is not None:
-            return float(resident)
+    resident = _recorded(candidate, "resident_weights_mib")
+    if resident is not None:
+        return float(resident)
     size = (candidate.get("metrics") or {}).get("size_bytes")
     return None if size is None else size / 2**20
 
@@ -52,11 +56,6 @@ def fits_memory(candidate: dict, memory_mb: int) -> bool:
         return True
     resident = resident_weights_mib(candidate)
     return resident is not None and resident <= memory_mb
-
-
-# Objectives read from the decode figures of causal language models (batch 1).
-DECODE_OBJECTIVES = ("decode_ms_per_token", "prefill_ms")
-OBJECTIVES = ("latency_p50_ms", "latency_p95_ms", *DECODE_OBJECTIVES)
 
 
 def objective_value(candidate: dict, policy: PolicyConfig) -> float | None:
@@ -85,7 +84,7 @@ def runoff_contenders(candidates: list[dict], policy: PolicyConfig, memory_mb: i
     tensor-parallel variants (one process group per process)."""
     if policy.runoff_margin <= 0 or policy.objective in DECODE_OBJECTIVES:
         return []
-    ranked = sorted((c for c in _eligible(candidates, policy) if c.get("file") != PLAN_FILE),
+    ranked = sorted((c for c in _eligible(candidates, policy) if (_recorded(c, "ranks") or 1) == 1),
                     key=lambda c: objective_value(c, policy))
     if len(ranked) < 2:
         return []
@@ -124,6 +123,6 @@ def pareto_front(candidates: list[dict], policy: PolicyConfig) -> list[dict]:
     points = [p for p in points if p[0] is not None and p[1] is not None]
     front = []
     for cost, quality, candidate in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not front or quality > front[-1][1] + _EPSILON:
+        if not front or quality > front[-1][1] + EPSILON:
             front.append((cost, quality, candidate))
     return [c for _, _, c in front]

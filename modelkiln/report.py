@@ -13,7 +13,7 @@ import math
 from html import escape
 
 from . import policy as builtin_policy
-from .cli import _fmt_size
+from .units import format_size
 
 WIDTH, HEIGHT = 720, 380
 LEFT, RIGHT, TOP, BOTTOM = 70, 190, 24, 52
@@ -171,7 +171,7 @@ def _variants_table(variants: list[dict], promoted_ids: set[int]) -> str:
             f"<td>{escape(v['variant'])}</td><td class=\"status-{escape(v['status'])}\">{escape(v['status'])}</td>"
             f"<td class=num>{_fmt(m.get('latency_p50_ms'))}</td><td class=num>{_fmt(m.get('latency_p95_ms'))}</td>"
             f"<td class=num>{_fmt(m.get('throughput_per_s'), 1)}</td>{decode}"
-            f"<td class=num>{_fmt_size(m.get('size_bytes'))}</td><td class=num>{quality}</td>"
+            f"<td class=num>{format_size(m.get('size_bytes'))}</td><td class=num>{quality}</td>"
             f"<td class=reason>{escape(v.get('reason') or '')}</td></tr>"
         )
     head = ("<tr><th></th><th>version</th><th>variant</th><th>status</th><th>p50 ms</th><th>p95 ms</th>"
@@ -219,7 +219,7 @@ def render(model: str, checkpoints: list[dict], variants: list[dict], history: l
                  "<th>content hash</th><th>source</th><th>reason</th></tr>")
     for c in reversed(checkpoints):
         parts.append(f"<tr><td>{escape(c['version'])}</td><td>{escape(c['status'])}</td>"
-                     f"<td>{escape(c.get('format') or '')}</td><td class=num>{_fmt_size(c.get('size_bytes'))}</td>"
+                     f"<td>{escape(c.get('format') or '')}</td><td class=num>{format_size(c.get('size_bytes'))}</td>"
                      f"<td><code>{escape(c['content_hash'][:16])}</code></td><td>{escape(c.get('source') or '')}</td>"
                      f"<td class=reason>{escape(c.get('reason') or '')}</td></tr>")
     parts.append("</table></body></html>")

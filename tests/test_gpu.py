@@ -101,7 +101,7 @@ def test_a_cuda_target_measures_on_the_gpu_and_promotes(kiln_dir, digits_checkpo
 def test_cuda_graphs_are_skipped_on_a_cpu_target(tmp_path):
     from modelkiln.errors import StepNotApplicable
     from modelkiln.plugins.api import TORCH, ModelHandle, StepContext
-    from modelkiln.plugins.compiler import Inductor
+    from modelkiln.steps.compiler import Inductor
 
     context = StepContext(tmp_path, "cpu", "torch", "cpu", 2, {})
     model = ModelHandle(TORCH, object(), [])
@@ -134,7 +134,7 @@ def test_int4_weights_on_cuda_use_the_packed_kernel_and_survive_export(tmp_path)
     import torch
 
     from modelkiln.plugins.api import TORCH, ModelHandle, StepContext
-    from modelkiln.plugins.weight_only import WeightOnly
+    from modelkiln.steps.weight_only import WeightOnly
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 40),
@@ -172,13 +172,13 @@ def test_a_one_rank_group_serves_the_tensor_parallel_decoding_path(tmp_path, dev
     from test_decoding import tiny_llama
 
     from modelkiln.plugins.api import SHARDED, InputSpec, ModelHandle
-    from modelkiln.plugins.shard import ShardedModel, find_head_splits, find_splits, split_module
-    from modelkiln.registry.formats import _hf_wrapper
+    from modelkiln.steps.shard import ShardedModel, find_head_splits, find_splits, split_module
+    from modelkiln.registry.formats import hf_wrapper
     from modelkiln.targets import sharded
     from modelkiln.targets.decoding import NEW_TOKENS, PROMPT_TOKENS, prompt_ids
 
     model = tiny_llama()
-    wrapper = _hf_wrapper(model)
+    wrapper = hf_wrapper(model)
     ids = torch.randint(0, 256, (4, 16))
     splits = find_splits(wrapper, (ids[:2],), 1) + find_head_splits(wrapper, 1)
     assert len(splits) == 4  # two MLPs and two attention blocks, each "split" into one part

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from modelkiln.daemon.phases import _in_form
+from modelkiln.pipeline.phases import _in_form
 from modelkiln.errors import StepNotApplicable
 from modelkiln.plugins.api import ONNX, TORCH, ModelHandle, Runtime, Step
 

@@ -71,7 +71,8 @@ def test_close_candidates_go_to_a_run_off_whose_side_by_side_figures_decide():
     policy = PolicyConfig(runoff_margin=0.1)
     a, b, far, bad = candidate("a", 10.0, 1), candidate("b", 10.8, 1), candidate("far", 11.5, 1), candidate("bad", 9, 0.5)
     sharded = candidate("tp", 10.5, 1)
-    sharded["file"] = "plan.json"  # its ranks need a process group of their own
+    # Its ranks need a process group of their own: what the shard step records says so.
+    sharded["lineage"] = [{"step": "shard.tensor_parallel", "record": {"ranks": 2}}]
     assert [c["id"] for c in runoff_contenders([far, b, bad, sharded, a], policy)] == ["a", "b"]
     assert runoff_contenders([a, far], policy) == []  # nothing within 10 % of the best
     assert runoff_contenders([a, b], PolicyConfig(runoff_margin=0.0)) == []

@@ -55,7 +55,7 @@ class Escaping(torch.nn.Module):
 
 
 def _splits(module, ranks=2):
-    from modelkiln.plugins.shard import find_splits
+    from modelkiln.steps.shard import find_splits
 
     return [s.as_dict() for s in find_splits(module.eval(), (torch.randn(2, 16),), ranks)]
 
@@ -142,7 +142,7 @@ def test_a_bert_encoder_splits_its_heads_and_mlps_over_two_ranks(kiln_dir, tmp_p
 def test_a_model_over_the_memory_budget_is_streamed_from_capped_shards(kiln_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modelkiln.plugins.manager import build_catalog
+    from modelkiln.plugins.manager import load_plugins
     from modelkiln.targets import streamed
 
     text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
@@ -176,7 +176,7 @@ def test_a_model_over_the_memory_budget_is_streamed_from_capped_shards(kiln_dir,
     largest_module = record["resident_weights_mib"] * 2**20
     assert all(p.stat().st_size <= 2**20 + largest_module + 4096 for p in shards)
     # Served as the daemon measured it: never more than one module's weights at once.
-    served = build_catalog().runtimes["torch"].load(path, capped["file"], "cpu", 1)
+    served = load_plugins().runtimes["torch"].load(path, capped["file"], "cpu", 1)
     served({"input_ids": np.random.default_rng(0).integers(0, 1000, (2, 16))})
     assert 0 < served.module.peak_bytes <= largest_module
 
@@ -195,7 +195,7 @@ def test_a_factory_built_model_over_the_budget_is_streamed_rebuilt_by_its_factor
     from safetensors.torch import save_file
 
     from helpers import deep_mlp
-    from modelkiln.plugins.manager import build_catalog
+    from modelkiln.plugins.manager import load_plugins
     from modelkiln.targets import streamed
 
     text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
@@ -221,7 +221,7 @@ def test_a_factory_built_model_over_the_budget_is_streamed_rebuilt_by_its_factor
     promoted = {(e["model"], e["target"]): e["variant_id"] for e in promoted_entries(config)}
     assert promoted["deep", "small"] == capped["id"]
     assert capped["metrics"]["quality"] == variants["small", "torch:baseline"]["metrics"]["quality"]
-    served = build_catalog().runtimes["torch"].load(path, capped["file"], "cpu", 1)
+    served = load_plugins().runtimes["torch"].load(path, capped["file"], "cpu", 1)
     x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
     with torch.inference_mode():
         expected = original(torch.from_numpy(x)).numpy()

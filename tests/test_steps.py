@@ -224,7 +224,7 @@ def test_the_cuda_int8_weight_layer_matches_the_float_layer_on_any_device():
     per output channel, computed in the activations' dtype (checked here on the cpu)."""
     import torch
 
-    from modelkiln.plugins.weight_only import _dequant_layer_class
+    from modelkiln.steps.weight_only import _dequant_layer_class
 
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -271,15 +271,15 @@ def test_head_pruning_takes_whole_key_value_groups_of_a_rotary_grouped_query_mod
     from test_decoding import tiny_llama
 
     from modelkiln.plugins.api import TORCH, InputSpec, ModelHandle, StepContext
-    from modelkiln.plugins.prune import Structured
-    from modelkiln.registry.formats import _hf_wrapper
+    from modelkiln.steps.prune import Structured
+    from modelkiln.registry.formats import hf_wrapper
     from modelkiln.targets.decoding import NEW_TOKENS, PROMPT_TOKENS, prompt_ids
     from modelkiln.targets.torchrt import TorchRuntime
 
     model = tiny_llama()  # 2 blocks; 4 query heads share 2 key/value heads of 16; rotary
     ids = np.random.default_rng(0).integers(0, 256, (8, 16)).astype(np.int64)
     context = StepContext(tmp_path, "cpu", "torch", "cpu", 2, {"input_ids": ids})
-    handle = ModelHandle(TORCH, _hf_wrapper(model), [InputSpec("input_ids", (-1, 16), "int64", 256)])
+    handle = ModelHandle(TORCH, hf_wrapper(model), [InputSpec("input_ids", (-1, 16), "int64", 256)])
     params = {"amount": 0.0, "heads": 0.5, "recovery_steps": 0, "learning_rate": 1e-3}
     pruned = Structured().apply(handle, params, context)
     record = context.record
@@ -303,7 +303,7 @@ def test_head_pruning_takes_whole_key_value_groups_of_a_rotary_grouped_query_mod
     # key/value head never finished), heads by hand after it; the model still runs.
     context.record = {}
     both = dict(params, amount=0.5)
-    handle = ModelHandle(TORCH, _hf_wrapper(tiny_llama()), handle.inputs)
+    handle = ModelHandle(TORCH, hf_wrapper(tiny_llama()), handle.inputs)
     Structured().apply(handle, both, context)
     assert context.record["attention_heads_after"] == 4
     assert context.record["parameters_after"] < context.record["parameters_before"] - 2 * (2 * 32 * 64 + 2 * 16 * 64)
@@ -315,4 +315,4 @@ def test_head_pruning_takes_whole_key_value_groups_of_a_rotary_grouped_query_mod
     single = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                           num_attention_heads=4, num_key_value_heads=1)).eval()
     with pytest.raises(StepNotApplicable, match="fewer key/value heads than pruning takes one of"):
-        Structured().apply(ModelHandle(TORCH, _hf_wrapper(single), handle.inputs), params, context)
+        Structured().apply(ModelHandle(TORCH, hf_wrapper(single), handle.inputs), params, context)

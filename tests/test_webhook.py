@@ -84,7 +84,7 @@ def test_promotion_and_failed_job_events_are_posted_signed_and_retried(kiln_dir,
 KILLED_SENDER = """
 import sys, time
 from pathlib import Path
-from modelkiln.plugins.webhook import Outbox, Sender, Settings
+from modelkiln.events.webhook import Outbox, Sender, Settings
 # Nothing listens on port 9: the first try fails, the retry waits far longer than the test.
 sender = Sender(Settings(urls=["http://127.0.0.1:9/hook"], retries=1, backoff_seconds=600.0),
                 Outbox(Path(sys.argv[1])))
@@ -101,7 +101,7 @@ def test_events_a_killed_daemon_never_sent_are_sent_by_the_next_one_in_order(tmp
     import subprocess
     import sys
 
-    from modelkiln.plugins.webhook import Outbox, Sender, Settings
+    from modelkiln.events.webhook import Outbox, Sender, Settings
 
     folder = tmp_path / ".webhook-outbox"
     child = subprocess.Popen([sys.executable, "-c", KILLED_SENDER, str(folder)], stdout=subprocess.PIPE, text=True)

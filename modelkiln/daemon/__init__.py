@@ -1,1 +1,2 @@
-"""The service: watcher, reconciler (ingest), scheduler, executor, jobs, promotion, the loop."""
+"""The service process: watcher, ingest, planner, leasing, executor, promotion, the loop.
+What runs in a worker process lives in ``modelkiln.pipeline``."""

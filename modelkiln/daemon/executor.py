@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import worker
+from ..pipeline import worker
 
 log = logging.getLogger(__name__)
 

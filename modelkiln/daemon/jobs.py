@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 class JobBook:
     """Turns jobs into phases and outcomes into catalogue rows. Runs in the daemon."""
 
-    def __init__(self, config, catalog, layout: Layout):
+    def __init__(self, config, plugins, layout: Layout):
         self.config = config
-        self.catalog = catalog
+        self.plugins = plugins
         self.layout = layout
 
     # -- planning ---------------------------------------------------------------------
@@ -46,7 +46,7 @@ class JobBook:
         for target_name, target in self.config.targets.items():
             for runtime in target.runtimes:
                 for text in target.recipes:
-                    recipe = parse_recipe(text, self.catalog.steps, f"targets.{target_name}.recipes")
+                    recipe = parse_recipe(text, self.plugins.steps, f"targets.{target_name}.recipes")
                     variant, created = queries.get_or_add_variant(
                         session, checkpoint.id, target_name, runtime, recipe.text
                     )

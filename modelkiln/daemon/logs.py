@@ -14,7 +14,6 @@ import sys
 from datetime import datetime, timezone
 
 FIELDS = ("model", "version", "target", "job")
-FORMATS = ("text", "json")
 
 
 def about(model=None, version=None, target=None, job=None) -> dict:

@@ -27,11 +27,12 @@ import time
 import uuid
 
 from ..errors import ConfigError
-from ..plugins.manager import catalog_for, notify, start_plugins
+from ..plugins.manager import plugins_for, notify, start_plugins
 from ..plugins.recipes import parse_recipe
 from ..registry.directory import Candidate
 from ..store import queries, views
 from ..store.db import open_store
+from ..targets.devices import target_unavailable_reason
 from ..store.models import Checkpoint, Job, Variant
 from .executor import Executor
 from .health import HealthServer
@@ -98,18 +99,18 @@ class Daemon:
         self.store = open_store(config)
         if config.http.address:  # bound first: a taken port is a config error, before any work starts
             self.http = HealthServer(self, config.http.address)
-        self.catalog = catalog_for(config, self.extra_plugins)
+        self.plugins = plugins_for(config, self.extra_plugins)
         self._check_config()
         self.layout = Layout(config.artifacts_path)
         self.layout.root.mkdir(parents=True, exist_ok=True)
         config.promoted_path.mkdir(parents=True, exist_ok=True)
-        self.book = JobBook(config, self.catalog, self.layout)
-        self.promoter = Promoter(config, self.catalog.manager, config.promoted_path)
-        self.registry = self.catalog.registry_kinds[config.registry.kind](config)
-        self.ingestor = Ingestor(self.store, self.layout, self.catalog.formats, config.registry.quiet_seconds,
+        self.book = JobBook(config, self.plugins, self.layout)
+        self.promoter = Promoter(config, self.plugins.manager, config.promoted_path)
+        self.registry = self.plugins.registry_kinds[config.registry.kind](config)
+        self.ingestor = Ingestor(self.store, self.layout, self.plugins.formats, config.registry.quiet_seconds,
                                  config.registry.kind, clock=self.wall_clock)
         self.available_targets = self._available_targets()
-        start_plugins(self.catalog.manager, config)
+        start_plugins(self.plugins.manager, config)
         self._recover()
         self.executor = Executor(config.workers.count, config.workers.job_timeout_seconds,
                                  memory_limit_mb=config.workers.memory_limit_mb, clock=self.clock,
@@ -137,22 +138,22 @@ class Daemon:
 
     def _check_config(self) -> None:
         file = self.config.source
-        kinds = self.catalog.registry_kinds
+        kinds = self.plugins.registry_kinds
         if self.config.registry.kind not in kinds:
             raise ConfigError(f"{file}: registry.kind {self.config.registry.kind!r} is not installed "
                               f"(installed: {', '.join(sorted(kinds))})")
         for name, target in self.config.targets.items():
             for runtime in target.runtimes:
-                if runtime not in self.catalog.runtimes:
+                if runtime not in self.plugins.runtimes:
                     raise ConfigError(f"{file}: targets.{name}.runtimes names {runtime!r}, which no "
-                                      f"plugin provides (installed: {', '.join(sorted(self.catalog.runtimes))})")
+                                      f"plugin provides (installed: {', '.join(sorted(self.plugins.runtimes))})")
             for text in target.recipes:
-                parse_recipe(text, self.catalog.steps, f"{file}: targets.{name}.recipes")
+                parse_recipe(text, self.plugins.steps, f"{file}: targets.{name}.recipes")
 
     def _available_targets(self) -> list[str]:
         available = []
         for name, target in self.config.targets.items():
-            reason = self.catalog.unavailable_reason(target)
+            reason = target_unavailable_reason(target, self.plugins.runtimes)
             if reason:
                 log.warning("target %s is unavailable on this host (%s); its jobs wait for a host "
                             "that has it", name, reason)
@@ -226,7 +227,7 @@ class Daemon:
         unfinished = self.executor.stop(0)
         with self.store.session() as session:
             queries.release_jobs(session, self.owner, unfinished, "the daemon stopped before it finished")
-        notify(self.catalog.manager, "kiln_daemon_stopping")
+        notify(self.plugins.manager, "kiln_daemon_stopping")
         if self.http:
             self.http.stop()
             self.http = None
@@ -363,9 +364,9 @@ class Daemon:
                  f" ({outcome.reason})" if outcome and outcome.reason else "", extra=self._about(session, job))
         if job.kind == "variant":
             variant = views.variant_dict(session.get(Variant, job.variant_id))
-            notify(self.catalog.manager, "kiln_variant_measured", variant=variant)
+            notify(self.plugins.manager, "kiln_variant_measured", variant=variant)
         if job.state == "failed":
-            notify(self.catalog.manager, "kiln_job_failed", job=views.job_dict(job))
+            notify(self.plugins.manager, "kiln_job_failed", job=views.job_dict(job))
         self._after_job(session, checkpoint, job)
         work = self.layout.job_work(job.id)
         if job.state != "failed" or outcome is None:

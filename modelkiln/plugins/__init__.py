@@ -1,4 +1,5 @@
-"""Plugins: the hook specifications, the manager factory, recipes, and the built-in steps.
+"""The plugin system only: the hook specifications, the typed contracts plugins implement
+or receive (``api``), the manager that loads them, and recipes (chains of steps).
 
 ``hookimpl`` is the marker plugin authors decorate their hook functions with.
 """

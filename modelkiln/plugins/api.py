@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from ..errors import CheckpointRejected, StepNotApplicable
 
 # The forms a model takes between steps.
 TORCH = "torch"  # ModelHandle.obj is a torch.nn.Module returning one tensor
 ONNX = "onnx"  # ModelHandle.obj is the Path of an ONNX file
-# ModelHandle.obj is a plugins.shard.ShardedModel: one module per rank plus the plan. No
+# ModelHandle.obj is a steps.shard.ShardedModel: one module per rank plus the plan. No
 # step takes this form, so a shard ends its recipe; the torch runtime saves and serves it.
 SHARDED = "torch-sharded"
 # ModelHandle.obj is a Hugging Face-wrapped torch module whose weights are to be written
@@ -43,6 +43,7 @@ __all__ = [
     "LoadedCheckpoint",
     "ModelHandle",
     "Param",
+    "QualityGate",
     "Runtime",
     "Step",
     "StepContext",
@@ -107,6 +108,19 @@ class ModelHandle:
     notes: dict = field(default_factory=dict)
 
 
+class QualityGate(Protocol):
+    """How a variant's quality will be judged: the original model's outputs on the sample
+    inputs, the metric, the original's quality and the largest accepted relative drop."""
+
+    baseline_quality: float
+
+    def score(self, outputs) -> float:
+        """``outputs`` (on the sample inputs, batch first) scored as the gate scores them."""
+
+    def passes(self, quality: float) -> bool:
+        """Whether a variant of this quality passes the gate."""
+
+
 @dataclass
 class StepContext:
     """What a step may use: a private work folder, the target, and sample data."""
@@ -122,14 +136,9 @@ class StepContext:
     calibration_inputs: dict | None = None
     # Unlabelled inputs from train.npz, for steps that fine-tune or distill.
     training_inputs: dict | None = None
-    # What the quality gate will judge, for steps that tune themselves against it: the
-    # original model's outputs on sample_inputs, the eval labels if any, the metric,
-    # the original's quality and the largest accepted relative drop.
-    reference_outputs: Any = None
-    labels: Any = None
-    quality_metric: str = ""
-    baseline_quality: float | None = None
-    max_quality_drop: float = 0.01
+    # The quality gate the variant will meet, for steps that tune themselves against it
+    # (see QualityGate); None where nothing will judge the step's result.
+    gate: QualityGate | None = None
     # Anything the step wants kept in the variant's lineage (e.g. measured sparsity).
     record: dict = field(default_factory=dict)
     # The target's device count: ranks of a sharded variant.
@@ -139,18 +148,16 @@ class StepContext:
 
     def quality(self, outputs) -> float:
         """``outputs`` (on sample_inputs) scored the way the quality gate scores them."""
-        import numpy as np
-
-        from ..targets.quality import score
-
-        return score(self.quality_metric, np.asarray(outputs, dtype=np.float32),
-                     np.asarray(self.reference_outputs, dtype=np.float32), self.labels)
+        return self._gate().score(outputs)
 
     def passes(self, quality: float) -> bool:
         """Whether a variant of this quality would pass the policy's quality gate."""
-        from ..targets.quality import relative_drop
+        return self._gate().passes(quality)
 
-        return relative_drop(quality, self.baseline_quality) <= self.max_quality_drop + 1e-9
+    def _gate(self) -> QualityGate:
+        if self.gate is None:
+            raise StepNotApplicable("no quality gate is set for this step, so it cannot tune itself")
+        return self.gate
 
     def new_path(self, name: str) -> Path:
         path = self.work_dir / name

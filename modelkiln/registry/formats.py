@@ -200,7 +200,7 @@ def _check_safetensors(path: Path) -> None:
         raise CheckpointRejected(f"{path}: not a valid safetensors file ({exc})") from None
 
 
-def _hf_wrapper(model):
+def hf_wrapper(model):
     """Wrap a transformers model so it takes token ids and returns one tensor."""
     import torch
 
@@ -288,7 +288,7 @@ class HuggingFaceFormat(CheckpointFormat):
             "parameters": sum(p.numel() for p in model.parameters()),
             "architecture": type(model).__name__,
         }
-        return LoadedCheckpoint(self.name, inputs, module=_hf_wrapper(model), info=info)
+        return LoadedCheckpoint(self.name, inputs, module=hf_wrapper(model), info=info)
 
 
 BUILTIN_FORMATS = [OnnxFormat(), HuggingFaceFormat(), SafetensorsFormat(), StateDictFormat()]

@@ -88,7 +88,7 @@ class Variant(Base):
     # KV cache), or None: see targets/decoding.py.
     decode: Mapped[dict | None] = mapped_column(JSON)
     # Its latency timed in one process, interleaved with the variants that were within
-    # policy.runoff_margin of the best (see daemon/runoff.py), or None.
+    # policy.runoff_margin of the best (see pipeline/runoff.py), or None.
     runoff: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -53,3 +53,15 @@ def unavailable_reason(device: str, count: int = 1) -> str | None:
     if torch_cuda_version() is None:
         return "the installed torch is a CPU build; install a CUDA build of torch on this host"
     return None
+
+
+def target_unavailable_reason(target, runtimes: dict) -> str | None:
+    """None when this host can serve ``target`` (a ``TargetConfig``) with the installed
+    ``runtimes`` (name -> Runtime), else why not."""
+    # Whether the hardware is here (once per target), then whether each runtime serves it.
+    reasons = [unavailable_reason(target.device, target.devices)]
+    for name in target.runtimes:
+        runtime = runtimes.get(name)
+        reasons.append(f"runtime {name} is not installed" if runtime is None
+                       else runtime.unavailable_reason(target.device))
+    return "; ".join(r for r in reasons if r) or None

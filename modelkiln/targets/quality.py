@@ -63,3 +63,31 @@ def relative_drop(quality: float, baseline: float) -> float:
     if baseline == 0:
         return -quality
     return (baseline - quality) / abs(baseline)
+
+
+# Float noise in a score must not turn an identical model into a rejected one.
+EPSILON = 1e-9
+
+
+def within_drop(quality: float, baseline: float, max_drop: float) -> bool:
+    """Whether ``quality`` is at most ``max_drop`` (relative) below ``baseline``."""
+    return relative_drop(quality, baseline) <= max_drop + EPSILON
+
+
+class Gate:
+    """The quality gate a variant meets (``plugins.api.QualityGate``): its outputs on the
+    sample inputs scored against the original's, within ``max_drop`` of the baseline."""
+
+    def __init__(self, metric: str, reference: np.ndarray, labels: np.ndarray | None,
+                 baseline_quality: float, max_drop: float):
+        self.metric = metric
+        self.reference = np.asarray(reference, dtype=np.float32)
+        self.labels = labels
+        self.baseline_quality = baseline_quality
+        self.max_drop = max_drop
+
+    def score(self, outputs) -> float:
+        return score(self.metric, np.asarray(outputs, dtype=np.float32), self.reference, self.labels)
+
+    def passes(self, quality: float) -> bool:
+        return within_drop(quality, self.baseline_quality, self.max_drop)

@@ -37,6 +37,8 @@ from ..errors import StepNotApplicable
 from ..plugins.api import TORCH, ModelHandle
 
 PLAN_FILE = "plan.json"
+# The default process group's name in torch.distributed; the loader checks it matches.
+WORLD_GROUP = "0"
 CHECK_FILE = "check.npz"
 PLAN_FORMAT = "modelkiln.tensor_parallel/1"
 # The sharded and unsharded outputs may differ by the order of a sum: within this share
@@ -64,7 +66,6 @@ def save(model, directory: Path) -> str:
     """Export every rank's module of a SHARDED ``model``, write the plan; return its name."""
     import torch
 
-    from ..plugins.shard import WORLD_GROUP
     from .torchrt import dynamic_batch, example_args
 
     sharded = model.obj

@@ -99,7 +99,7 @@ def skeleton(architecture: dict):
     import torch
     import transformers
 
-    from ..registry.formats import _hf_wrapper, import_factory
+    from ..registry.formats import hf_wrapper, import_factory
 
     if "factory" in architecture:
         with torch.device("meta"):
@@ -112,7 +112,7 @@ def skeleton(architecture: dict):
         if architecture.get("attn_implementation"):
             config._attn_implementation = architecture["attn_implementation"]
         with torch.device("meta"):
-            module = _hf_wrapper(cls(config))
+            module = hf_wrapper(cls(config))
     if architecture.get("dtype"):  # computed in the type the weights were saved in
         module = module.to(getattr(torch, architecture["dtype"]))
     return module

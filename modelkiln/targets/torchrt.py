@@ -5,7 +5,7 @@ TorchScript archive (``model.pt``) where it cannot (torch.ao quantized modules),
 serving code needs ``torch.export.load`` or ``torch.jit.load`` and nothing of modelkiln.
 A tensor-parallel variant is one ``torch.export`` program per rank plus ``plan.json``
 (see ``sharded.py``); a compiled one is the program plus ``serving.json`` naming the
-``torch.compile`` mode to apply once loaded (see ``plugins/compiler.py``).
+``torch.compile`` mode to apply once loaded (see ``steps/compiler.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import warnings
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import SHARDED, STREAMED, TORCH, ModelHandle, Runtime
-from ..plugins.compiler import compile_loaded
 from . import decoding, fusion, sharded, streamed
 
 EXPORT_FILE = "model.pt2"
@@ -24,6 +23,14 @@ SCRIPT_FILE = "model.pt"
 # How serving code must load the program when not just torch.export.load: the
 # compile.inductor mode, and a causal LM's static-cache decoding program.
 SERVING_FILE = "serving.json"
+
+
+def compile_loaded(module, mode: str):
+    """How a loaded program is compiled (``compile.inductor``), in the measurement and in
+    serving code alike."""
+    import torch
+
+    return torch.compile(module, mode=mode, dynamic=False)
 
 
 def example_args(model, batch: int = 2):

@@ -18,12 +18,12 @@ import numpy as np
 from ..config import ArchitectureConfig
 from ..errors import CheckpointRejected, StepNotApplicable
 from ..plugins.api import ONNX, TORCH, InputSpec, LoadContext, ModelHandle, StepContext
-from ..plugins.manager import build_catalog
+from ..plugins.manager import load_plugins
 from ..plugins.recipes import parse_recipe
 from ..registry.data import load_calibration, load_eval, load_train
 from ..registry.formats import detect_format, no_format_reason
 from ..targets import harness
-from ..targets.quality import NEXT_TOKEN_TOP1, choose_metric, next_token_kl, score
+from ..targets.quality import NEXT_TOKEN_TOP1, Gate, choose_metric, next_token_kl, score
 
 REFERENCE_FILE = "reference.npz"
 INSPECT_FILE = "inspect.json"
@@ -33,23 +33,23 @@ _INFER_CHUNK = 64
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_catalog(enabled: tuple, disabled: tuple):
-    return build_catalog(enabled, disabled)
+def _cached_plugins(enabled: tuple, disabled: tuple):
+    return load_plugins(enabled, disabled)
 
 
-def _catalog(spec):
+def _plugins(spec):
     # Cached per process; the fork server fills the cache for the default lists once
-    # (modelkiln.daemon.warm), so a job's process does not rescan entry points.
-    return _cached_catalog(tuple(spec.get("enabled", ())), tuple(spec.get("disabled", ())))
+    # (modelkiln.pipeline.warm), so a job's process does not rescan entry points.
+    return _cached_plugins(tuple(spec.get("enabled", ())), tuple(spec.get("disabled", ())))
 
 
-def _load(spec, catalog, fmt_name: str | None = None):
+def _load(spec, plugins, fmt_name: str | None = None):
     directory = Path(spec["checkpoint_dir"])
     files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     fmt = (
-        next((f for f in catalog.formats if f.name == fmt_name), None)
+        next((f for f in plugins.formats if f.name == fmt_name), None)
         if fmt_name
-        else detect_format(catalog.formats, files)
+        else detect_format(plugins.formats, files)
     )
     if fmt is None:
         raise CheckpointRejected(no_format_reason(directory, files))
@@ -124,9 +124,9 @@ def _resolve_inputs(loaded, eval_data, calibration, directory: Path) -> list[Inp
 def inspect_checkpoint(spec: dict) -> dict:
     """Load the checkpoint safely, settle its inputs, and record the reference outputs."""
     started = time.perf_counter()
-    catalog = _catalog(spec)
+    plugins = _plugins(spec)
     directory = Path(spec["checkpoint_dir"])
-    loaded = _load(spec, catalog)
+    loaded = _load(spec, plugins)
     eval_data = load_eval(directory)
     calibration = load_calibration(directory)
     inputs = _resolve_inputs(loaded, eval_data, calibration, directory)
@@ -201,13 +201,13 @@ def _in_form(model, form: str, runtime, step, context):
 def build_variant(spec: dict) -> dict:
     """Load the checkpoint, apply the recipe's steps, convert for the runtime, save."""
     t0 = time.perf_counter()
-    catalog = _catalog(spec)
+    plugins = _plugins(spec)
     inspected, arrays, samples = _reference(spec)
-    runtime = catalog.runtimes.get(spec["runtime"])
+    runtime = plugins.runtimes.get(spec["runtime"])
     if runtime is None:
         raise StepNotApplicable(f"runtime {spec['runtime']} is not installed on this host")
-    recipe = parse_recipe(spec["recipe"], catalog.steps)
-    loaded = _load(spec, catalog, inspected["format"])
+    recipe = parse_recipe(spec["recipe"], plugins.steps)
+    loaded = _load(spec, plugins, inspected["format"])
     inputs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i["high"]) for i in inspected["inputs"]]
     if loaded.module is not None:
         # Which factory built the module: what a step that rebuilds it elsewhere names.
@@ -220,15 +220,15 @@ def build_variant(spec: dict) -> dict:
     target = spec["target"]
     context = StepContext(
         Path(spec["work_dir"]), target["name"], runtime.name, target["device"], target["threads"], samples,
-        calibration, training, reference_outputs=arrays["reference"], labels=arrays.get("labels"),
-        quality_metric=inspected["quality_metric"], baseline_quality=inspected["baseline_quality"],
-        max_quality_drop=spec.get("max_quality_drop", 0.01), devices=target.get("devices", 1),
-        memory_mb=target.get("memory_mb", 0),
+        calibration, training,
+        gate=Gate(inspected["quality_metric"], arrays["reference"], arrays.get("labels"),
+                  inspected["baseline_quality"], spec.get("max_quality_drop", 0.01)),
+        devices=target.get("devices", 1), memory_mb=target.get("memory_mb", 0),
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []
     for step_ref in recipe.steps:
-        step = catalog.steps[step_ref.name]
+        step = plugins.steps[step_ref.name]
         form = step.forms.get(runtime.name)
         if form is None:
             raise StepNotApplicable(f"{step.name} does not serve the {runtime.name} runtime")
@@ -261,9 +261,9 @@ def _dir_size(path: Path) -> int:
 def measure_variant(spec: dict) -> dict:
     """Load the artifact as serving code would, score its quality, time it per batch size."""
     t0 = time.perf_counter()
-    catalog = _catalog(spec)
+    plugins = _plugins(spec)
     inspected, arrays, samples = _reference(spec)
-    runtime = catalog.runtimes[spec["runtime"]]
+    runtime = plugins.runtimes[spec["runtime"]]
     target = spec["target"]
     out = Path(spec["out_dir"])
     rss_before = harness.current_rss_bytes()

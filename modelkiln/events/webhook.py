@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..files import write_whole
-from . import hookimpl
+from ..plugins import hookimpl
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ def tune(build: Callable[[frozenset, str | None], Any], evaluate: Callable[[Any]
     lost = {}
     for name in probes:
         _, alone = trial(form, builder, only=name)
-        lost[name] = context.baseline_quality - alone
+        lost[name] = context.gate.baseline_quality - alone
     order = sorted(probes, key=lambda name: -lost[name])
     keep_float = 1
     # At least one layer stays quantized, or the "variant" would be the baseline again.

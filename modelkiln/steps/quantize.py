@@ -24,8 +24,8 @@ import warnings
 import numpy as np
 
 from ..errors import StepNotApplicable
-from . import hookimpl
-from .api import ONNX, TORCH, ModelHandle, Param, Step
+from ..plugins import hookimpl
+from ..plugins.api import ONNX, TORCH, ModelHandle, Param, Step
 from ..targets.harness import run_chunked
 from ..targets.onnxrt import session_runner
 from .smooth import smooth_module

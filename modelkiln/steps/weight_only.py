@@ -34,8 +34,8 @@ import warnings
 import numpy as np
 
 from ..errors import StepNotApplicable
-from . import hookimpl
-from .api import ONNX, TORCH, ModelHandle, Param, Step
+from ..plugins import hookimpl
+from ..plugins.api import ONNX, TORCH, ModelHandle, Param, Step
 
 # Tiles along the input dimension in PyTorch's CPU int4 packing (its kernels' choice);
 # that packing also wants the output width divisible by 16: other layers stay in float.

@@ -31,21 +31,21 @@ PRELOAD = [
     # Hugging Face checkpoints: the import alone is seconds per process otherwise.
     "transformers",
     "transformers.modeling_utils",
-    "modelkiln.daemon.phases",
+    "modelkiln.pipeline.phases",
     "modelkiln.registry.formats",
     "modelkiln.targets.onnxrt",
     "modelkiln.targets.torchrt",
-    "modelkiln.plugins.quantize",
-    "modelkiln.plugins.prune",
-    "modelkiln.plugins.distill",
-    "modelkiln.plugins.shard",
-    "modelkiln.plugins.compiler",
-    "modelkiln.plugins.weight_only",
-    "modelkiln.plugins.smooth",
+    "modelkiln.steps.quantize",
+    "modelkiln.steps.prune",
+    "modelkiln.steps.distill",
+    "modelkiln.steps.shard",
+    "modelkiln.steps.compiler",
+    "modelkiln.steps.weight_only",
+    "modelkiln.steps.smooth",
     "onnxruntime.quantization.matmul_nbits_quantizer",
     "modelkiln.targets.sharded",
     "torch_pruning",
-    "modelkiln.daemon.warm",  # runs one tiny export so that no job pays its first-use cost
+    "modelkiln.pipeline.warm",  # runs one tiny export so that no job pays its first-use cost
 ]
 
 

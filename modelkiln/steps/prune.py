@@ -28,8 +28,8 @@ compress better).
 from __future__ import annotations
 
 from ..errors import StepNotApplicable
-from . import hookimpl
-from .api import TORCH, ModelHandle, Param, Step
+from ..plugins import hookimpl
+from ..plugins.api import TORCH, ModelHandle, Param, Step
 from .training import distill, training_data
 
 

@@ -16,8 +16,8 @@ resident and read per call) and the skeleton is rebuilt in that type.
 from __future__ import annotations
 
 from ..errors import StepNotApplicable
-from . import hookimpl
-from .api import STREAMED, TORCH, ModelHandle, Param, Step
+from ..plugins import hookimpl
+from ..plugins.api import STREAMED, TORCH, ModelHandle, Param, Step
 from .quantize import unwrap_half_precision
 
 

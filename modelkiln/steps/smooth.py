@@ -16,8 +16,8 @@ graph-level pass could fold it into a preceding LayerNorm). Per-channel maxima c
 from __future__ import annotations
 
 from ..errors import StepNotApplicable
-from . import hookimpl
-from .api import TORCH, ModelHandle, Param, Step
+from ..plugins import hookimpl
+from ..plugins.api import TORCH, ModelHandle, Param, Step
 
 # Rows of calibration data used for the activation maxima.
 CALIBRATION_ROWS = 512

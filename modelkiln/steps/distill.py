@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 
 from ..errors import StepNotApplicable
-from . import hookimpl
-from .api import TORCH, ModelHandle, Param, Step
+from ..plugins import hookimpl
+from ..plugins.api import TORCH, ModelHandle, Param, Step
 from .training import distill, training_data
 
 

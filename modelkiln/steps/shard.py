@@ -33,8 +33,9 @@ import copy
 from dataclasses import dataclass
 
 from ..errors import StepNotApplicable
-from . import hookimpl
-from .api import SHARDED, TORCH, ModelHandle, Step
+from ..plugins import hookimpl
+from ..plugins.api import SHARDED, TORCH, ModelHandle, Step
+from ..targets.sharded import WORLD_GROUP
 from .quantize import unwrap_half_precision
 
 # Rows of the sample inputs whose unsharded outputs travel with the artifact, for the check.
@@ -223,10 +224,6 @@ def _row_parallel_class():
             return total if self.bias is None else total + self.bias
 
     return RowParallelLinearModule
-
-
-# The default process group's name in torch.distributed; the loader checks it matches.
-WORLD_GROUP = "0"
 
 
 def split_module(module, splits: list[Split], rank: int, ranks: int):

@@ -18,18 +18,11 @@ specialised for its shape instead of one graph with a symbolic dimension.
 from __future__ import annotations
 
 from ..errors import StepNotApplicable
-from . import hookimpl
-from .api import TORCH, ModelHandle, Param, Step
+from ..plugins import hookimpl
+from ..plugins.api import TORCH, ModelHandle, Param, Step
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def compile_loaded(module, mode: str):
-    """How a loaded program is compiled, in the measurement and in serving code alike."""
-    import torch
-
-    return torch.compile(module, mode=mode, dynamic=False)
 
 
 class Inductor(Step):

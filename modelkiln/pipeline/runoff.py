@@ -24,13 +24,13 @@ ROUNDS = 6
 
 
 def run_off(spec: dict) -> dict:
-    catalog = _catalog(spec)
+    plugins = _plugins(spec)
     _, _, samples = _reference(spec)
     target, settings = spec["target"], spec["measure"]
     inputs = harness.batch_of(samples, spec["batch_size"])
     timers = {}
     for contender in spec["contenders"]:
-        runtime = catalog.runtimes[contender["runtime"]]
+        runtime = plugins.runtimes[contender["runtime"]]
         run = runtime.load(Path(contender["path"]), contender["file"], target["device"], target["threads"])
         timer = harness.timer_for(run)  # as the measurement times it
         timer(inputs, warmup_runs=settings["warmup_runs"], min_runs=1, stability=0.0, max_seconds=0.0)

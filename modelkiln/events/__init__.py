@@ -1,0 +1,1 @@
+"""Built-in plugins that react to the daemon's events (``webhook``)."""
