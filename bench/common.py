@@ -60,7 +60,7 @@ def optimize(config, checkpoint_dir: Path, model: str) -> tuple[list[dict], set[
     """The `kiln optimize` path in-process; returns every variant (as `kiln variants
     --json` prints it) and the ids of the promoted ones."""
     from modelkiln.daemon.service import Daemon
-    from modelkiln.registry.directory import Candidate
+    from modelkiln.plugins.api import Candidate
     from modelkiln.store import queries, views
     from modelkiln.store.db import open_store
     from modelkiln.store.models import Checkpoint

@@ -120,11 +120,9 @@ def serve(config_path, stop_timeout):
 def optimize(config_path, path, model, version):
     """Run the pipeline once on the checkpoint folder PATH, without the watcher."""
     from .daemon.service import Daemon
-    from sqlalchemy import select
-
-    from .registry.directory import Candidate, valid_name
+    from .plugins.api import Candidate
+    from .registry.directory import valid_name
     from .store import queries
-    from .store.models import Checkpoint, Job
 
     config = _load(config_path)
     _setup_logging("WARNING")
@@ -144,8 +142,8 @@ def optimize(config_path, path, model, version):
         while True:
             daemon.run_once(0.1)
             with daemon.store.session() as session:
-                checkpoint = session.get(Checkpoint, checkpoint_id)
-                jobs = session.scalars(select(Job).where(Job.checkpoint_id == checkpoint_id)).all()
+                checkpoint = queries.checkpoint(session, checkpoint_id)
+                jobs = queries.jobs_of(session, checkpoint_id)
                 ended = sum(j.state in queries.TERMINAL_JOB_STATES for j in jobs)
                 progress = (checkpoint.status, ended, len(jobs))
                 if progress != shown:
@@ -280,11 +278,11 @@ def retry(config_path, model, version):
     added to the config, a disk freed, an overloaded host. A running daemon picks them up
     within seconds; `kiln optimize` or the next `kiln serve` otherwise.
     """
-    from .store import queries
+    from .store import units
 
     config = _load(config_path)
     with _store(config).session() as session:
-        retried = queries.retry_checkpoints(session, model, version)
+        retried = units.retry_checkpoints(session, model, version)
     if not retried:
         raise KilnError(f"{model}{'/' + version if version else ''}: no rejected or failed checkpoint, "
                         "and no failed variant job, to retry")

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from modelkiln.daemon.service import Daemon
-from modelkiln.registry.directory import Candidate
+from modelkiln.plugins.api import Candidate
 from modelkiln.store.models import Checkpoint
 
 

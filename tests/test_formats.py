@@ -31,6 +31,7 @@ def export_onnx(folder):
     return folder
 
 
+@pytest.mark.hooks("kiln_checkpoint_formats")
 def test_detection_by_file_names():
     formats = kiln_checkpoint_formats()
     assert detect_format(formats, ["model.onnx", "eval.npz"]).name == "onnx"

@@ -38,7 +38,7 @@ needs_gpu = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU (
 def test_a_cuda_target_waits_on_a_host_without_a_gpu(kiln_dir, digits_checkpoint):
     from modelkiln.config import load_config
     from modelkiln.daemon.service import Daemon
-    from modelkiln.registry.directory import Candidate
+    from modelkiln.plugins.api import Candidate
     from modelkiln.store import queries
     from modelkiln.store.db import open_store
     from modelkiln.store.models import Checkpoint, Job

@@ -3,6 +3,7 @@
 import os
 import queue
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -55,14 +56,14 @@ def test_a_renamed_folder_is_taken_at_once(config, ingestor):
     ingest, _ = ingestor
     version_folder(config)
     (candidate,) = candidates(config)
-    assert ingest.ingest(candidate, complete=True).outcome == "taken"
+    assert ingest.ingest(replace(candidate, complete=True)).outcome == "taken"
 
 
 def test_a_touched_but_unchanged_folder_is_not_new(config, ingestor):
     ingest, clock = ingestor
     folder = version_folder(config)
     (candidate,) = candidates(config)
-    first = ingest.ingest(candidate, complete=True)
+    first = ingest.ingest(replace(candidate, complete=True))
     os.utime(folder / "model.safetensors", (clock.now + 5, clock.now + 5))
     clock.now += 10
     assert ingest.ingest(candidate).outcome == "unchanged"
@@ -76,7 +77,7 @@ def test_the_snapshot_is_what_was_hashed(config, ingestor):
     ingest, _ = ingestor
     folder = version_folder(config)
     (candidate,) = candidates(config)
-    ingest.ingest(candidate, complete=True)
+    ingest.ingest(replace(candidate, complete=True))
     (folder / "model.safetensors").write_bytes(b"changed later")
     snapshots = list(config.artifacts_path.glob("tiny/*/checkpoint/model.safetensors"))
     assert [p.read_bytes() for p in snapshots] == [b"x" * 100]
@@ -102,7 +103,7 @@ def test_a_symlink_out_of_the_checkpoint_is_rejected(config, ingestor, tmp_path)
     (tmp_path / "secret").write_text("secret")
     (folder / "extra.bin").symlink_to(tmp_path / "secret")
     (candidate,) = candidates(config)
-    result = ingest.ingest(candidate, complete=True)
+    result = ingest.ingest(replace(candidate, complete=True))
     from modelkiln.store.models import Checkpoint
 
     with ingest.store.session() as session:

@@ -95,6 +95,7 @@ def checkpoint_rows(config):
         store.dispose()
 
 
+@pytest.mark.hooks("kiln_registry_kinds")
 def test_versions_are_pulled_processed_and_promotions_written_back(mlflow_server, kiln_dir, digits_checkpoint):
     from mlflow import MlflowClient
 

@@ -149,7 +149,7 @@ class Recorder:
         self.lifecycle.append(("stopping", None))
 
     @hookimpl
-    def kiln_variant_measured(self, variant):
+    def kiln_variant_ended(self, variant):
         self.measured.append(variant)
 
     @hookimpl
@@ -169,7 +169,7 @@ class Broken:
         raise RuntimeError("a plugin that cannot start")
 
     @hookimpl
-    def kiln_variant_measured(self, variant):
+    def kiln_variant_ended(self, variant):
         raise RuntimeError("a broken plugin")
 
     @hookimpl
@@ -177,6 +177,8 @@ class Broken:
         raise RuntimeError("a broken policy")
 
 
+@pytest.mark.hooks("kiln_daemon_started", "kiln_daemon_stopping", "kiln_variant_ended", "kiln_variant_promoted",
+                   "kiln_choose_variant")
 def test_event_hooks_and_a_policy_plugin(config, tiny_checkpoint):
     recorder = Recorder()
     checkpoint = optimize_once(config, tiny_checkpoint, "tiny", extra_plugins=[recorder, Broken()])
@@ -207,6 +209,7 @@ class FailedJobs:
         ("helpers:greedy_factory", "out of memory"),
     ],
 )
+@pytest.mark.hooks("kiln_job_failed")
 def test_a_worker_that_hangs_crashes_or_exits_fails_one_job(config, tiny_checkpoint, factory, reason):
     config.workers.job_timeout_seconds = 4
     config.workers.max_attempts = 1

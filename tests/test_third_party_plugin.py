@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 PACKAGE = Path(__file__).parent.parent / "examples" / "weight-sharing"
 
 
+@pytest.mark.hooks("kiln_steps")
 def test_an_installed_plugin_adds_a_step_the_daemon_runs_and_records(tmp_path, kiln_dir, digits_checkpoint):
     site = tmp_path / "site"
     # Built from a copy: a build writes build/ and *.egg-info next to the sources.

@@ -17,9 +17,7 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from sqlalchemy import func, select, text
-
-from ..store.models import Checkpoint, Job, Promotion
+from ..store import queries
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +29,7 @@ def health(daemon) -> tuple[bool, dict[str, str]]:
     checks: dict[str, str] = {}
     try:
         with daemon.store.session() as session:
-            session.execute(text("SELECT 1"))
+            queries.ping(session)
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"failing: {exc}"
@@ -62,13 +60,10 @@ def metrics_text(daemon) -> str:
         out.append(f"# TYPE {name} {kind}")
 
     with daemon.store.session() as session:
-        by_status = dict(session.execute(select(Checkpoint.status, func.count()).group_by(Checkpoint.status)).all())
-        jobs = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()
-        durations = session.execute(
-            select(Job.kind, Job.state, Job.started_at, Job.finished_at)
-            .where(Job.started_at.is_not(None), Job.finished_at.is_not(None))
-        ).all()
-        promotions = session.execute(select(Promotion.target, func.count()).group_by(Promotion.target)).all()
+        by_status = queries.checkpoint_counts(session)
+        jobs = queries.job_counts_by_kind(session)
+        durations = queries.job_durations(session)
+        promotions = queries.promotion_counts(session)
 
     family("kiln_checkpoints_seen_total", "counter", "Checkpoints recorded since the catalogue was created.")
     out.append(_line("kiln_checkpoints_seen_total", sum(by_status.values())))
@@ -82,8 +77,8 @@ def metrics_text(daemon) -> str:
 
     family("kiln_job_duration_seconds", "histogram", "Wall time of finished jobs, from lease to result.")
     series: dict[tuple[str, str], list[float]] = {}
-    for kind, state, started, finished in durations:
-        series.setdefault((kind, state), []).append(max(0.0, (finished - started).total_seconds()))
+    for kind, state, seconds in durations:
+        series.setdefault((kind, state), []).append(seconds)
     for (kind, state), values in sorted(series.items()):
         for bound in DURATION_BUCKETS:
             out.append(_line("kiln_job_duration_seconds_bucket", sum(v <= bound for v in values),
@@ -93,7 +88,7 @@ def metrics_text(daemon) -> str:
         out.append(_line("kiln_job_duration_seconds_count", len(values), kind=kind, state=state))
 
     family("kiln_promotions_total", "counter", "Promotions recorded, by target (rollbacks included).")
-    for target, count in sorted(promotions):
+    for target, count in sorted(promotions.items()):
         out.append(_line("kiln_promotions_total", count, target=target))
 
     pending = sum(count for _, state, count in jobs if state == "pending")

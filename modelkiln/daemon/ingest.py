@@ -4,6 +4,9 @@ The snapshot is a copy under ``artifacts/`` and the hash is computed on that cop
 what is recorded is exactly what every job later reads: a folder that changes after (or
 while) it is taken becomes a new checkpoint, never a mix of two. If the source changes
 during the copy, the copy is discarded and the version is looked at again later.
+
+The filesystem facts are gathered first (a cheap look, then the copy, the hash and the
+format), and the catalogue is written once, at the end.
 """
 
 from __future__ import annotations
@@ -14,12 +17,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy.exc import IntegrityError
-
-from ..registry.directory import Candidate, content_hash, copy_files, observe
+from ..plugins.api import Candidate
+from ..registry.directory import content_hash, copy_files, observe
 from ..registry.formats import detect_format, no_format_reason
-from ..store import queries
-from ..store.models import Checkpoint
+from ..store import queries, units
 from .layout import Layout
 from .logs import about
 
@@ -44,12 +45,9 @@ class Ingestor:
         self.registry_kind = registry_kind
         self.clock = clock
 
-    def ingest(self, candidate: Candidate, complete: bool = False) -> IngestResult:
-        """Take ``candidate`` if it is new and complete.
-
-        :param complete: the folder was renamed into place, so it is complete now;
-            otherwise it must have been quiet for ``quiet_seconds``.
-        """
+    def ingest(self, candidate: Candidate) -> IngestResult:
+        """Take ``candidate`` if it is new and complete: renamed into place
+        (``candidate.complete``), or quiet for ``quiet_seconds``."""
         try:
             seen = observe(candidate.path)
         except FileNotFoundError:
@@ -59,7 +57,7 @@ class Ingestor:
             if latest is not None and latest.fingerprint == seen.fingerprint:
                 return IngestResult("unchanged", latest.id)
         now = self.clock()
-        if not complete and now - seen.newest_mtime < self.quiet_seconds:
+        if not candidate.complete and now - seen.newest_mtime < self.quiet_seconds:
             return IngestResult("wait", retry_at=seen.newest_mtime + self.quiet_seconds)
         staging = self.layout.incoming / f"{candidate.model}-{uuid.uuid4().hex[:12]}"
         try:
@@ -79,19 +77,16 @@ class Ingestor:
         else:
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(snapshot)
-        return self._record(candidate, seen, digest, snapshot)
+        fmt = detect_format(self.formats, list(seen.files))
+        return self._record(candidate, seen, digest, snapshot, fmt)
 
-    def _record(self, candidate, seen, digest, snapshot) -> IngestResult:
+    def _record(self, candidate: Candidate, seen, digest: str, snapshot, fmt) -> IngestResult:
         with self.store.session() as session:
             existing = queries.checkpoint_by_key(session, candidate.model, candidate.version, digest)
             if existing is not None:
-                # Touched but not changed: remember the new stat signature, nothing to do.
-                existing.fingerprint = seen.fingerprint
-                session.commit()
+                units.remember_fingerprint(session, existing, seen.fingerprint)
                 return IngestResult("unchanged", existing.id)
-            fmt = detect_format(self.formats, list(seen.files))
             status, reason = "ingested", None
-            twin = queries.same_content(session, candidate.model, digest)
             if seen.escaping_links:
                 status = "rejected"
                 reason = (
@@ -102,25 +97,19 @@ class Ingestor:
                 status, reason = "rejected", f"{candidate.path}: the version folder holds no files"
             elif fmt is None:
                 status, reason = "rejected", no_format_reason(candidate.path, seen.files)
-            elif twin is not None:
-                status = "duplicate"
-                reason = f"same content as {twin.model}/{twin.version}, which is processed already"
-            checkpoint = Checkpoint(
-                model=candidate.model, version=candidate.version, registry_kind=self.registry_kind,
+            else:
+                twin = queries.same_content(session, candidate.model, digest)
+                if twin is not None:
+                    status = "duplicate"
+                    reason = f"same content as {twin.model}/{twin.version}, which is processed already"
+            checkpoint_id = units.record_checkpoint(
+                session, model=candidate.model, version=candidate.version, registry_kind=self.registry_kind,
                 source_uri=candidate.uri, format=fmt.name if fmt else None, content_hash=digest,
                 size_bytes=seen.size_bytes, fingerprint=seen.fingerprint, status=status, reason=reason,
                 snapshot_path=str(snapshot),
             )
-            session.add(checkpoint)
-            try:
-                session.flush()
-                if status == "ingested":
-                    queries.add_job(session, "inspect", checkpoint.id, None, None)
-                session.commit()
-            except IntegrityError:
-                # Another daemon on the same database recorded it first.
-                session.rollback()
-                return IngestResult("unchanged")
-            log.info("checkpoint %s/%s %s (%s, %s)", candidate.model, candidate.version, status,
-                     fmt.name if fmt else "no format", digest[:16], extra=about(candidate.model, candidate.version))
-            return IngestResult("taken", checkpoint.id)
+        if checkpoint_id is None:  # another daemon on the same database recorded it first
+            return IngestResult("unchanged")
+        log.info("checkpoint %s/%s %s (%s, %s)", candidate.model, candidate.version, status,
+                 fmt.name if fmt else "no format", digest[:16], extra=about(candidate.model, candidate.version))
+        return IngestResult("taken", checkpoint_id)

@@ -7,9 +7,12 @@ crash between the two is repaired at the next start by ``sync_links``. The decis
 After ``kiln retry`` sends failed variant jobs back, the round decides again under its
 own key (``...:retry<n>``), and promotes only if its choice differs from what is served.
 
-When the closest candidates are within ``policy.runoff_margin`` of the best, the decision
-waits for a run-off job that times them side by side (``runoff.py``); a run-off that
-fails leaves the decision to the separate measurements.
+The promoter owns the run-off. When the closest candidates are within
+``policy.runoff_margin`` of the best, the decision waits for a run-off job: the promoter
+queues it, tells the planner what it runs (the worker's side is
+``modelkiln.pipeline.runoff``: the contenders loaded in one process, timed in turn) and
+records its figures on each contender's variant, where the policy reads them. A run-off
+that fails leaves the decision to the separate measurements.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import logging
 import os
 from pathlib import Path
 
-from sqlalchemy.exc import IntegrityError
+from dataclasses import asdict
 
 from .. import policy as builtin_policy
 from ..plugins.manager import first_result, notify
-from ..store import queries, views
-from ..store.models import Checkpoint, Promotion
+from ..store import queries, units, views
+from ..store.models import Checkpoint, Job, Promotion
+from .executor import Outcome, Phase
 from .logs import about
+from .planner import target_spec
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +108,9 @@ class Promoter:
             log.info("%s/%s on %s: still %s after the retry", checkpoint.model, checkpoint.version, target,
                      chosen["variant"], extra=about(checkpoint.model, checkpoint.version, target))
             return None
-        promotion = Promotion(model=checkpoint.model, target=target, variant_id=chosen["id"],
-                              checkpoint_id=checkpoint.id, decision_key=key, reason=how)
-        session.add(promotion)
-        try:
-            session.commit()
-        except IntegrityError:  # another daemon decided first
-            session.rollback()
+        promotion = units.record_promotion(session, model=checkpoint.model, target=target, variant_id=chosen["id"],
+                                           checkpoint_id=checkpoint.id, decision_key=key, reason=how)
+        if promotion is None:  # another daemon decided first
             return None
         self.publish(promotion)
         log.info("promoted %s/%s on %s: %s", checkpoint.model, checkpoint.version, target, chosen["variant"],
@@ -128,15 +129,44 @@ class Promoter:
         contenders = builtin_policy.runoff_contenders(candidates, self.config.policy, memory_mb)
         if not contenders:
             return False
-        queries.add_job(session, "runoff", checkpoint.id, None, target, key=key)
-        try:
-            session.commit()
-        except IntegrityError:  # another daemon queued it first
-            session.rollback()
+        units.queue_job(session, "runoff", checkpoint.id, target, key)
         log.info("%s/%s on %s: %d variants within %.0f%% of the best; timing them side by side before promoting",
                  checkpoint.model, checkpoint.version, target, len(contenders),
                  100 * self.config.policy.runoff_margin, extra=about(checkpoint.model, checkpoint.version, target))
         return True
+
+    def runoff_phases(self, session, job: Job, spec: dict) -> list[Phase] | None:
+        """The run-off of the candidates now closest to the best (None: no longer any)."""
+        contenders = builtin_policy.runoff_contenders(
+            candidates_for(session, self.config, job.checkpoint_id, job.target), self.config.policy,
+            self.config.targets[job.target].memory_mb)
+        if not contenders:
+            return None
+        spec.update(
+            target=target_spec(self.config, job.target),
+            measure=asdict(self.config.measure),
+            batch_size=self.config.policy.objective_batch_size,
+            threads=self.config.targets[job.target].threads,
+            contenders=[{k: c[k] for k in ("id", "variant", "runtime", "path", "file")} for c in contenders],
+        )
+        return [Phase("runoff", spec)]
+
+    @staticmethod
+    def record_runoff(session, job: Job, outcome: Outcome | None) -> None:
+        if outcome is None:
+            units.finish_job(session, job, "skipped", "no variants close enough to the best any more")
+            return
+        if outcome.status != "measured":
+            # The separate measurements decide then; the log and the job say why.
+            units.finish_job(session, job, "failed", outcome.reason)
+            return
+        result = outcome.results[-1]
+        rivals = sorted(int(i) for i in result["contenders"])
+        units.record_runoff(session, job, {
+            int(variant_id): {**figures, "batch_size": result["batch_size"], "rounds": result["rounds"],
+                              "rivals": [i for i in rivals if i != int(variant_id)], "job": job.id}
+            for variant_id, figures in result["contenders"].items()
+        })
 
     def describe(self, promotion: Promotion) -> dict:
         return views.promotion_dict(promotion, str(self.link(promotion.model, promotion.target)))

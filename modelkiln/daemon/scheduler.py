@@ -1,4 +1,5 @@
-"""Timed work on APScheduler 3.x: reconcile scans, lease expiry, clean-up, registry sync.
+"""Timed work on APScheduler 3.x: reconcile scans, lease expiry, clean-up, registry sync,
+and the second look at a version folder once its quiet period is over.
 
 Scheduled functions only post a message to the daemon's inbox; the service loop does
 the work, so every database write happens on one thread. The one exception is the sync
@@ -13,16 +14,17 @@ from __future__ import annotations
 import queue
 from datetime import datetime
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 _INBOXES: dict[str, queue.Queue] = {}
 _SYNCS: dict[str, object] = {}
 
 
-def post(daemon_id: str, message: str) -> None:
+def post(daemon_id: str, message: str, payload=None) -> None:
     inbox = _INBOXES.get(daemon_id)
     if inbox is not None:
-        inbox.put((message, None))
+        inbox.put((message, payload))
 
 
 def sync(daemon_id: str) -> None:
@@ -64,6 +66,32 @@ class Scheduler:
                 coalesce=True, max_instances=1, misfire_grace_time=int(max(1, self.sync_seconds)),
             )
         self._scheduler.start()
+
+    def post_at(self, when: float, key: str, message: str, payload=None) -> None:
+        """Post ``(message, payload)`` once at ``when`` (epoch seconds); a second call with
+        the same ``key`` replaces the first."""
+        if self._scheduler is None:
+            return
+        # No misfire limit: a late second look is still worth taking.
+        self._scheduler.add_job(post, "date", run_date=datetime.fromtimestamp(when), args=(self.daemon_id, message,
+                                payload), id=f"{self.daemon_id}:at:{key}", replace_existing=True,
+                                misfire_grace_time=None)
+
+    def cancel(self, key: str) -> None:
+        """Forget what ``post_at`` planned under ``key``, if it has not run yet."""
+        if self._scheduler is not None:
+            try:
+                self._scheduler.remove_job(f"{self.daemon_id}:at:{key}")
+            except JobLookupError:
+                pass
+
+    @property
+    def planned(self) -> int:
+        """How many ``post_at`` messages are still to come."""
+        if self._scheduler is None:
+            return 0
+        prefix = f"{self.daemon_id}:at:"
+        return sum(1 for job in self._scheduler.get_jobs() if job.id.startswith(prefix))
 
     def sync_soon(self) -> None:
         """Run the registry sync now (after a promotion) instead of at its next tick."""

@@ -5,13 +5,14 @@
                  left running, repair promoted links, start the worker fork server, the
                  watcher (for registries worth watching) and the scheduler (with the
                  sync of a remote registry), then serve HTTP
-    run_once()   drain the inbox (events, scheduled ticks), ingest what is due, reap
-                 finished jobs and record them, lease new ones, renew leases
+    run_once()   drain the inbox (hints, scheduled ticks), reap finished jobs and
+                 record them, lease new ones, renew leases
     stop(t)      stop taking work, let running jobs finish for up to t seconds, hand
                  the rest back to pending, tell plugins, shut everything down
 
 Signal handlers only record the signal; the loop acts on it. A second SIGTERM/SIGINT
-forces the stop. All database writes happen on the loop's thread.
+forces the stop. All database writes happen on the loop's thread, through the store's
+units of work.
 """
 
 from __future__ import annotations
@@ -25,21 +26,23 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 from ..errors import ConfigError
-from ..plugins.manager import plugins_for, notify, start_plugins
+from ..plugins.api import Candidate
+from ..plugins.manager import notify, plugins_for, start_plugins
 from ..plugins.recipes import parse_recipe
-from ..registry.directory import Candidate
-from ..store import queries, views
+from ..store import queries, units, views
 from ..store.db import open_store
+from ..store.models import Checkpoint, Job
 from ..targets.devices import target_unavailable_reason
-from ..store.models import Checkpoint, Job, Variant
 from .executor import Executor
 from .health import HealthServer
 from .ingest import Ingestor
-from .jobs import JobBook
 from .layout import Layout
 from .logs import about
+from .outcomes import Outcomes
+from .planner import Planner
 from .promoter import Promoter
 from .scheduler import Scheduler
 from .sync import RegistrySync
@@ -78,7 +81,6 @@ class Daemon:
         self.inbox: queue.Queue = queue.Queue()
         self.stopping = False
         self._signals = 0
-        self._due: dict[tuple[str, str], tuple[float, Candidate]] = {}
         self._next_heartbeat = 0.0
         self.watcher = self.scheduler = self.http = None
         self.started = False
@@ -104,8 +106,9 @@ class Daemon:
         self.layout = Layout(config.artifacts_path)
         self.layout.root.mkdir(parents=True, exist_ok=True)
         config.promoted_path.mkdir(parents=True, exist_ok=True)
-        self.book = JobBook(config, self.plugins, self.layout)
         self.promoter = Promoter(config, self.plugins.manager, config.promoted_path)
+        self.planner = Planner(config, self.plugins, self.layout, self.promoter)
+        self.outcomes = Outcomes(self.layout, self.planner, self.promoter)
         self.registry = self.plugins.registry_kinds[config.registry.kind](config)
         self.ingestor = Ingestor(self.store, self.layout, self.plugins.formats, config.registry.quiet_seconds,
                                  config.registry.kind, clock=self.wall_clock)
@@ -123,11 +126,11 @@ class Daemon:
             self.watcher.start()
         if self.schedule:
             sync = None
-            if hasattr(self.registry, "poll"):
+            if self.registry.poll_seconds > 0:  # versions live elsewhere: poll and publish back
                 sync = RegistrySync(self.registry, self.store, self.inbox, self.promoter.describe)
             self.scheduler = Scheduler(self.id, self.inbox, config.registry.rescan_seconds,
                                        config.workers.lease_seconds, sync=sync,
-                                       sync_seconds=getattr(self.registry, "poll_seconds", 60.0))
+                                       sync_seconds=self.registry.poll_seconds)
             self.scheduler.start()
         self.inbox.put(("rescan", None))
         self.started = True
@@ -172,13 +175,12 @@ class Daemon:
                 and (int(owner.rsplit(":", 1)[1]) == os.getpid() or not _pid_alive(int(owner.rsplit(":", 1)[1])))
             ]
             if dead:
-                n = queries.requeue_jobs(session, queries.owned_by(dead), self.config.workers.max_attempts,
-                                         "the daemon running it stopped")
+                n = units.requeue_owned(session, dead, self.config.workers.max_attempts,
+                                        "the daemon running it stopped")
                 log.info("returned %d job(s) of a stopped daemon to pending", n)
             for checkpoint in queries.checkpoints(session):
-                if checkpoint.status in ("ready", "done"):
-                    self.book.plan(session, checkpoint)
-            session.commit()
+                if checkpoint.status in ("ready", "done"):  # recipes added to the config since
+                    units.add_variants(session, checkpoint.id, self.planner.plan(checkpoint))
             for checkpoint in queries.checkpoints(session):
                 if checkpoint.status == "ready":
                     self._after_job(session, checkpoint, None)
@@ -226,7 +228,7 @@ class Daemon:
         # 3. What is still running is killed and returned to pending for the next start.
         unfinished = self.executor.stop(0)
         with self.store.session() as session:
-            queries.release_jobs(session, self.owner, unfinished, "the daemon stopped before it finished")
+            units.release_jobs(session, self.owner, unfinished, "the daemon stopped before it finished")
         notify(self.plugins.manager, "kiln_daemon_stopping")
         if self.http:
             self.http.stop()
@@ -244,13 +246,10 @@ class Daemon:
         if self.executor.running_jobs:
             now = self.clock()
             wait = min(wait, max(0.0, self._next_heartbeat - now), max(0.0, self.executor.next_deadline - now))
-        if self._due:
-            wait = min(wait, max(0.0, min(t for t, _ in self._due.values()) - self.wall_clock()))
         return wait
 
     def run_once(self, timeout: float = 0.0) -> None:
         self._drain(timeout)
-        self._ingest_due()
         self._reap()
         if not self.stopping:
             self._lease()
@@ -268,13 +267,12 @@ class Daemon:
         for kind, payload in messages:
             if kind == "rescan":
                 rescan = True
-            elif kind == "hint":
-                self._take(Candidate(payload.model, payload.version, self.registry.path / payload.model / payload.version),
-                           complete=payload.complete)
+            elif kind == "hint":  # a candidate the watcher found, or a quiet period ended
+                self._take(payload)
             elif kind == "expire_leases":
                 with self.store.session() as session:
-                    queries.requeue_jobs(session, queries.expired_condition(), self.config.workers.max_attempts,
-                                         "its lease expired (worker or daemon killed)")
+                    units.requeue_expired(session, self.config.workers.max_attempts,
+                                          "its lease expired (worker or daemon killed)")
             elif kind == "cleanup":
                 self._cleanup()
         if rescan:
@@ -283,54 +281,47 @@ class Daemon:
     @property
     def versions_waiting(self) -> int:
         """Version folders seen but not yet quiet long enough to be taken."""
-        return len(self._due)
+        return self.scheduler.planned if self.scheduler else 0
 
     def reconcile(self) -> None:
         """Compare the registry with the catalogue; ingest what events missed."""
         for candidate in self.registry.scan():
-            self._take(candidate, complete=candidate.complete)
+            self._take(candidate)
 
     def ingest_path(self, candidate: Candidate) -> int | None:
         """Take a folder that is known complete now (``kiln optimize``)."""
-        return self._take(candidate, complete=True)
+        return self._take(replace(candidate, complete=True))
 
-    def _take(self, candidate: Candidate, complete: bool) -> int | None:
+    def _take(self, candidate: Candidate) -> int | None:
         try:
-            result = self.ingestor.ingest(candidate, complete=complete)
+            result = self.ingestor.ingest(candidate)
         except OSError as exc:
             log.error("cannot ingest %s: %s", candidate.path, exc,
                       extra=about(candidate.model, candidate.version))
             return None
-        key = (candidate.model, candidate.version)
-        if result.outcome == "wait":
-            self._due[key] = (result.retry_at, candidate)
-        else:
-            self._due.pop(key, None)
-        release = getattr(self.registry, "release", None)  # optional for a registry kind
-        if release is not None and result.outcome in ("taken", "unchanged"):
+        key = f"quiet:{candidate.model}/{candidate.version}"
+        if self.scheduler is not None:
+            if result.outcome == "wait":  # a second look once its quiet period is over
+                self.scheduler.post_at(result.retry_at, key, "hint", replace(candidate, complete=False))
+            else:
+                self.scheduler.cancel(key)
+        if result.outcome in ("taken", "unchanged"):
             try:
-                release(candidate)
+                self.registry.release(candidate)
             except OSError as exc:  # the copy stays; the next scan tries again
                 log.warning("cannot release %s: %s", candidate.path, exc,
                             extra=about(candidate.model, candidate.version))
         return result.checkpoint_id
-
-    def _ingest_due(self) -> None:
-        now = self.wall_clock()
-        for key, (when, candidate) in list(self._due.items()):
-            if when <= now:
-                del self._due[key]
-                self._take(candidate, complete=False)
 
     def _lease(self) -> None:
         slots = self.executor.free_slots
         if slots <= 0:
             return
         with self.store.session() as session:
-            jobs = queries.lease_jobs(session, self.owner, self.available_targets, slots,
-                                      self.config.workers.lease_seconds)
+            jobs = units.lease_jobs(session, self.owner, self.available_targets, slots,
+                                    self.config.workers.lease_seconds)
             for job in jobs:
-                phases = self.book.phases(session, job)
+                phases = self.planner.phases(session, job)
                 if phases is None:  # its result is on disk already (a job repeated after a crash)
                     self._finish(session, job, None)
                     continue
@@ -340,7 +331,7 @@ class Daemon:
                 except OSError as exc:
                     log.error("job %d: cannot start a worker process (%s); it goes back to pending", job.id, exc,
                               extra=self._about(session, job))
-                    queries.release_jobs(session, self.owner, [job.id], f"cannot start a worker: {exc}")
+                    units.release_jobs(session, self.owner, [job.id], f"cannot start a worker: {exc}")
 
     def _reap(self) -> None:
         outcomes = self.executor.poll()
@@ -348,7 +339,7 @@ class Daemon:
             return
         with self.store.session() as session:
             for outcome in outcomes:
-                job = session.get(Job, outcome.job_id)
+                job = queries.job(session, outcome.job_id)
                 if job.lease_owner != self.owner or job.state != "running":
                     # Our lease expired and another daemon took the job: its result wins.
                     log.warning("job %d ended after its lease was lost; result discarded", job.id,
@@ -357,14 +348,13 @@ class Daemon:
                 self._finish(session, job, outcome)
 
     def _finish(self, session, job: Job, outcome) -> None:
-        checkpoint = self.book.record(session, job, outcome)
-        session.commit()
+        checkpoint = self.outcomes.record(session, job, outcome)
         status = outcome.status if outcome else "existing"
         log.info("job %d ended: %s %s%s", job.id, self._label(session, job), status,
                  f" ({outcome.reason})" if outcome and outcome.reason else "", extra=self._about(session, job))
         if job.kind == "variant":
-            variant = views.variant_dict(session.get(Variant, job.variant_id))
-            notify(self.plugins.manager, "kiln_variant_measured", variant=variant)
+            variant = views.variant_dict(queries.variant(session, job.variant_id))
+            notify(self.plugins.manager, "kiln_variant_ended", variant=variant)
         if job.state == "failed":
             notify(self.plugins.manager, "kiln_job_failed", job=views.job_dict(job))
         self._after_job(session, checkpoint, job)
@@ -384,9 +374,7 @@ class Daemon:
             for target in targets:
                 if self.promoter.consider(session, checkpoint, target) and self.scheduler:
                     self.scheduler.sync_soon()  # a remote registry hears of it now
-            if not queries.open_jobs_for(session, checkpoint.id):
-                checkpoint.status = "done"
-                session.commit()
+            units.close_if_done(session, checkpoint)
 
     def _heartbeat(self) -> None:
         now = self.clock()
@@ -395,7 +383,7 @@ class Daemon:
             return
         self._next_heartbeat = now + self.config.workers.lease_seconds / 3
         with self.store.session() as session:
-            queries.renew_leases(session, self.owner, running, self.config.workers.lease_seconds)
+            units.renew_leases(session, self.owner, running, self.config.workers.lease_seconds)
 
     def _cleanup(self) -> None:
         """Remove what a killed daemon left half-done: staging folders of jobs that are
@@ -404,7 +392,7 @@ class Daemon:
         with self.store.session() as session:
             for staging in self.layout.root.glob("*/*/*/.tmp-*"):
                 job_id = self.layout.staging_job(staging)
-                job = session.get(Job, job_id) if job_id is not None else None
+                job = queries.job(session, job_id) if job_id is not None else None
                 if job is None or job.state != "running":
                     shutil.rmtree(staging, ignore_errors=True)
         cutoff = self.wall_clock() - STALE_INCOMING_SECONDS
@@ -415,11 +403,11 @@ class Daemon:
 
     @staticmethod
     def _about(session, job: Job) -> dict:
-        checkpoint = session.get(Checkpoint, job.checkpoint_id)
+        checkpoint = queries.checkpoint(session, job.checkpoint_id)
         return about(checkpoint.model, checkpoint.version, job.target, job.id)
 
     @staticmethod
     def _label(session, job: Job) -> str:
         if job.variant_id is None:
             return job.kind
-        return f"{job.kind} {views.variant_label(session.get(Variant, job.variant_id))}"
+        return f"{job.kind} {views.variant_label(queries.variant(session, job.variant_id))}"

@@ -10,22 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from dataclasses import dataclass
+from dataclasses import replace
 
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Hint:
-    model: str
-    version: str
-    path: str
-    # True when the version folder itself (or its model folder) was renamed into place,
-    # which makes it complete now; False means "something changed in there".
-    complete: bool
 
 
 class _Handler(FileSystemEventHandler):
@@ -40,10 +30,12 @@ class _Handler(FileSystemEventHandler):
             path = getattr(event, "dest_path", "") or event.src_path
             moved_folder = event.event_type == "moved" and event.is_directory
             for candidate in self.registry.locate(os.fsdecode(path)):
+                # The version folder itself (or its model folder) renamed into place is
+                # complete now; anything else means "something changed in there".
                 complete = moved_folder and os.path.abspath(os.fsdecode(path)) in (
                     str(candidate.path), str(candidate.path.parent)
                 )
-                self.inbox.put(("hint", Hint(candidate.model, candidate.version, str(candidate.path), complete)))
+                self.inbox.put(("hint", replace(candidate, complete=complete)))
         except Exception:  # an exception here would stop watchdog's observer thread
             log.exception("ignoring a file-system event that could not be handled")
 

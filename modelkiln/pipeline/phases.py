@@ -8,7 +8,6 @@ processes so that what a build allocated never inflates a measurement.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -18,29 +17,16 @@ import numpy as np
 from ..config import ArchitectureConfig
 from ..errors import CheckpointRejected, StepNotApplicable
 from ..plugins.api import ONNX, TORCH, InputSpec, LoadContext, ModelHandle, StepContext
-from ..plugins.manager import load_plugins
 from ..plugins.recipes import parse_recipe
 from ..registry.data import load_calibration, load_eval, load_train
 from ..registry.formats import detect_format, no_format_reason
 from ..targets import harness
 from ..targets.quality import NEXT_TOKEN_TOP1, Gate, choose_metric, next_token_kl, score
+from .context import INSPECT_FILE, REFERENCE_FILE, plugins_for_spec, reference
 
-REFERENCE_FILE = "reference.npz"
-INSPECT_FILE = "inspect.json"
 # Eval rows used for a quality score: enough for a stable accuracy, bounded for big sets.
 MAX_EVAL_ROWS = 4096
 _INFER_CHUNK = 64
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_plugins(enabled: tuple, disabled: tuple):
-    return load_plugins(enabled, disabled)
-
-
-def _plugins(spec):
-    # Cached per process; the fork server fills the cache for the default lists once
-    # (modelkiln.pipeline.warm), so a job's process does not rescan entry points.
-    return _cached_plugins(tuple(spec.get("enabled", ())), tuple(spec.get("disabled", ())))
 
 
 def _load(spec, plugins, fmt_name: str | None = None):
@@ -124,9 +110,9 @@ def _resolve_inputs(loaded, eval_data, calibration, directory: Path) -> list[Inp
 def inspect_checkpoint(spec: dict) -> dict:
     """Load the checkpoint safely, settle its inputs, and record the reference outputs."""
     started = time.perf_counter()
-    plugins = _plugins(spec)
+    plugins = plugins_for_spec(spec)
     directory = Path(spec["checkpoint_dir"])
-    loaded = _load(spec, plugins)
+    loaded = _load(spec, plugins, spec.get("format"))
     eval_data = load_eval(directory)
     calibration = load_calibration(directory)
     inputs = _resolve_inputs(loaded, eval_data, calibration, directory)
@@ -177,16 +163,6 @@ def inspect_checkpoint(spec: dict) -> dict:
     return result
 
 
-def _reference(spec) -> tuple[dict, dict, dict]:
-    """What inspect recorded: its result, the saved arrays, and the sample inputs by name."""
-    work = Path(spec["reference_dir"])
-    inspected = json.loads((work / INSPECT_FILE).read_text())
-    with np.load(work / REFERENCE_FILE, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    samples = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("input:")}
-    return inspected, arrays, samples
-
-
 def _in_form(model, form: str, runtime, step, context):
     """``model`` in ``form``, converting through the runtime where that is the way there."""
     if model.form == form:
@@ -201,8 +177,8 @@ def _in_form(model, form: str, runtime, step, context):
 def build_variant(spec: dict) -> dict:
     """Load the checkpoint, apply the recipe's steps, convert for the runtime, save."""
     t0 = time.perf_counter()
-    plugins = _plugins(spec)
-    inspected, arrays, samples = _reference(spec)
+    plugins = plugins_for_spec(spec)
+    inspected, arrays, samples = reference(spec)
     runtime = plugins.runtimes.get(spec["runtime"])
     if runtime is None:
         raise StepNotApplicable(f"runtime {spec['runtime']} is not installed on this host")
@@ -261,8 +237,8 @@ def _dir_size(path: Path) -> int:
 def measure_variant(spec: dict) -> dict:
     """Load the artifact as serving code would, score its quality, time it per batch size."""
     t0 = time.perf_counter()
-    plugins = _plugins(spec)
-    inspected, arrays, samples = _reference(spec)
+    plugins = plugins_for_spec(spec)
+    inspected, arrays, samples = reference(spec)
     runtime = plugins.runtimes[spec["runtime"]]
     target = spec["target"]
     out = Path(spec["out_dir"])
@@ -302,17 +278,3 @@ def measure_variant(spec: dict) -> dict:
         "measurements": measurements,
         "timings": {"measure_seconds": time.perf_counter() - t0},
     }
-
-
-def run_off(spec: dict) -> dict:
-    from .runoff import run_off as timed_side_by_side  # it builds on this module's helpers
-
-    return timed_side_by_side(spec)
-
-
-PHASES = {
-    "inspect": inspect_checkpoint,
-    "build": build_variant,
-    "measure": measure_variant,
-    "runoff": run_off,
-}

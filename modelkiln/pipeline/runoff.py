@@ -1,14 +1,12 @@
 """The run-off phase: the closest candidates of one checkpoint on one target, timed side
 by side in one process.
 
-Each variant was measured in its own process, at its own moment; on a shared or virtual
-host the machine's speed drifts between those moments (the GPU machine's 16-vCPU Xeon:
-the same int8 BERT ran 28-45 ms in fifteen processes over three minutes), so two
-candidates within a few percent of each other were ranked by the drift as much as by
-themselves. Here every contender is loaded as serving code would load it, then each is
+Each variant was measured in its own process, at its own moment, and a shared or
+virtual host's speed drifts between those moments by more than the gap between close
+candidates. Here every contender is loaded as serving code would load it, then each is
 timed for ``measure.min_runs`` runs in turn, round after round, the order reversed every
-other round: whatever the host does meets every contender alike. Each contender's figure
-is the median over rounds of its per-round median (and p95).
+other round, so whatever the host does meets every contender alike. Each contender's
+figure is the median over rounds of its per-round median (and p95).
 """
 
 from __future__ import annotations
@@ -18,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from ..targets import harness
-from .phases import _catalog, _reference
+from .context import plugins_for_spec, reference
 
 ROUNDS = 6
 
 
 def run_off(spec: dict) -> dict:
-    plugins = _plugins(spec)
-    _, _, samples = _reference(spec)
+    plugins = plugins_for_spec(spec)
+    _, _, samples = reference(spec)
     target, settings = spec["target"], spec["measure"]
     inputs = harness.batch_of(samples, spec["batch_size"])
     timers = {}

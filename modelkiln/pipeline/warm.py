@@ -52,8 +52,8 @@ if _in_fork_server():
 
 try:
     _warm_up()
-    from .phases import _cached_plugins
+    from .context import cached_plugins
 
-    _cached_plugins((), ())
+    cached_plugins((), ())
 except Exception as exc:  # a slower first job is better than no fork server
     log.warning("worker warm-up failed (%s); jobs will start cold", exc)

@@ -32,6 +32,7 @@ PRELOAD = [
     "transformers",
     "transformers.modeling_utils",
     "modelkiln.pipeline.phases",
+    "modelkiln.pipeline.runoff",
     "modelkiln.registry.formats",
     "modelkiln.targets.onnxrt",
     "modelkiln.targets.torchrt",
@@ -88,7 +89,10 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
             mapped = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         limit = mapped + memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    from .phases import PHASES
+    from .phases import build_variant, inspect_checkpoint, measure_variant
+    from .runoff import run_off
+
+    phases = {"inspect": inspect_checkpoint, "build": build_variant, "measure": measure_variant, "runoff": run_off}
 
     if spec.get("threads"):
         import torch
@@ -97,7 +101,7 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
         # each phase gets the threads its spec grants: the target's, or a worker's share.
         torch.set_num_threads(int(spec["threads"]))
     try:
-        result = PHASES[phase](spec)
+        result = phases[phase](spec)
     except CheckpointRejected as exc:
         result = {"status": "rejected", "reason": str(exc)}
     except StepNotApplicable as exc:

@@ -7,7 +7,12 @@ A plugin contributes objects through the hooks in ``hookspecs.py``:
 - a ``Runtime`` converts a model into the form it serves (e.g. exports to ONNX), saves
   it as a serving artifact, and loads the artifact the way serving code would;
 - a ``CheckpointFormat`` recognises a checkpoint folder by its file names and loads it
-  safely into a ``LoadedCheckpoint``.
+  safely into a ``LoadedCheckpoint``;
+- a ``RegistryKind`` is a place checkpoints come from: it finds ``Candidate`` version
+  folders, and for a remote registry brings them in and hears of promotions.
+
+Event hooks receive the typed dicts below (``VariantEvent``, ``PromotionEvent``,
+``JobEvent``): what ``kiln variants --json``, ``kiln promoted --json`` print.
 
 Nothing here imports torch or onnxruntime, so plugins can be listed instantly.
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypedDict
 
 from ..errors import CheckpointRejected, StepNotApplicable
 
@@ -36,18 +41,23 @@ __all__ = [
     "SHARDED",
     "STREAMED",
     "TORCH",
+    "Candidate",
     "CheckpointFormat",
     "CheckpointRejected",
     "InputSpec",
+    "JobEvent",
     "LoadContext",
     "LoadedCheckpoint",
     "ModelHandle",
     "Param",
+    "PromotionEvent",
     "QualityGate",
+    "RegistryKind",
     "Runtime",
     "Step",
     "StepContext",
     "StepNotApplicable",
+    "VariantEvent",
 ]
 
 
@@ -228,3 +238,122 @@ class CheckpointFormat:
     def load(self, directory: Path, context: LoadContext) -> LoadedCheckpoint:
         """Read the checkpoint without executing code from it; raise CheckpointRejected."""
         raise NotImplementedError
+
+
+# -- registries -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A version folder a registry found: maybe new, maybe complete; ingest decides."""
+
+    model: str
+    version: str
+    path: Path
+    # Where the version came from, when the folder is a local copy (e.g. models:/name/3).
+    source_uri: str | None = None
+    # The folder was renamed into place whole (a finished download, a ``mv`` into the
+    # watched folder): complete now, no quiet period.
+    complete: bool = False
+
+    @property
+    def uri(self) -> str:
+        return self.source_uri or self.path.as_uri()
+
+
+class RegistryKind:
+    """A place checkpoints come from. Subclass it, build from ``__init__(self, config)``
+    (the daemon's ``modelkiln.config.Config``), and contribute the class through
+    ``kiln_registry_kinds``.
+
+    Every kind keeps its versions as local folders ``<path>/<model>/<version>/`` that the
+    daemon snapshots. A kind whose versions live elsewhere (a model registry server) sets
+    ``poll_seconds`` and brings new versions into ``path`` in ``poll``; ``poll`` and
+    ``publish`` run on the scheduler's thread, never on the service loop.
+    """
+
+    kind: str = ""
+    # Whether file-system events under ``path`` are worth watching (checkpoints are
+    # written there by people or tools, not only by ``poll``).
+    watches: bool = False
+    # Seconds between polls of a remote registry; 0 for a kind with nothing to poll.
+    poll_seconds: float = 0.0
+    path: Path
+
+    def scan(self) -> list[Candidate]:
+        """Every version folder there is now: the reconcile scan, the source of truth."""
+        raise NotImplementedError
+
+    def locate(self, path: str) -> list[Candidate]:
+        """The version folder(s) a file-system event's path belongs to (none: ignore it)."""
+        return []
+
+    def poll(self) -> int:
+        """Bring new versions into ``path``, each renamed into place whole; return how many."""
+        return 0
+
+    def publish(self, promotion: PromotionEvent, variants: list[VariantEvent]) -> None:
+        """Write a current promotion back to the registry; called again after every
+        promotion and poll, so it must be idempotent."""
+
+    def release(self, candidate: Candidate) -> None:
+        """``candidate`` is recorded (its snapshot holds what it had): free a local copy
+        the kind made of it, if any. A folder that is the user's stays."""
+
+
+# -- event payloads ---------------------------------------------------------------------
+
+
+class VariantEvent(TypedDict, total=False):
+    """A variant, as ``kiln variants --json`` prints it. ``metrics`` when it succeeded,
+    ``reason`` otherwise; ``within_tolerance`` and ``fits_memory`` only where the policy
+    receives it."""
+
+    id: int
+    variant: str  # "<runtime>:<recipe>"
+    model: str
+    version: str
+    checkpoint: str  # the first 16 hex digits of the content hash
+    target: str
+    runtime: str
+    recipe: str
+    status: str  # pending, succeeded, failed, skipped
+    lineage: list[dict]
+    path: str | None
+    file: str | None
+    metrics: dict
+    reason: str | None
+    within_tolerance: bool
+    fits_memory: bool
+
+
+class PromotionEvent(TypedDict):
+    """A promotion, as one entry of ``kiln promoted --json``."""
+
+    id: int
+    model: str
+    target: str
+    variant_id: int
+    variant: str
+    version: str
+    recipe: str
+    runtime: str
+    path: str  # the promoted link
+    artifact: str  # the variant folder it points to
+    file: str
+    metrics: dict | None
+    promoted_at: str
+    reason: str | None
+
+
+class JobEvent(TypedDict):
+    """A job that failed for good."""
+
+    id: int
+    kind: str  # inspect, variant, runoff
+    model: str
+    version: str
+    target: str | None
+    variant: str | None
+    attempts: int
+    reason: str | None

@@ -6,9 +6,11 @@ names match the hooks below. Install it with an entry point in the ``modelkiln``
     [project.entry-points.modelkiln]
     my_plugin = "my_package.kiln_plugin"
 
-Hooks are always called with keyword arguments. Contribution hooks run in the daemon
-and in every worker process; event hooks run in the daemon only, each implementation
-inside its own try/except, so a broken plugin is logged by name and the daemon goes on.
+Hooks are always called with keyword arguments, one implementation at a time, each inside
+its own try/except, so a broken plugin is logged by name and the daemon goes on; hook
+wrappers (``wrapper=True``) are therefore not supported, and a plugin that declares one is
+not loaded. Contribution hooks run in the daemon and in every worker process; event hooks
+run in the daemon only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from ..config import Config, PolicyConfig
-    from .api import CheckpointFormat, Runtime, Step
+    from .api import CheckpointFormat, JobEvent, PromotionEvent, RegistryKind, Runtime, Step, VariantEvent
 
 hookspec = pluggy.HookspecMarker("modelkiln")
 
@@ -58,19 +60,14 @@ def kiln_checkpoint_formats() -> list[CheckpointFormat]:
 
 
 @hookspec
-def kiln_registry_kinds() -> dict[str, type]:
+def kiln_registry_kinds() -> dict[str, type[RegistryKind]]:
     """Contribute registry kinds, the places checkpoints come from.
 
-    :returns: a mapping from the kind's name (the config's ``registry.kind``) to a class
-        built as ``cls(config)`` that offers ``path`` (the local folder of version
-        folders), ``watches`` (whether file-system events under it are worth watching),
-        ``scan()`` and ``locate(path)`` like
-        ``modelkiln.registry.directory.DirectoryRegistry``. A kind whose versions live
-        elsewhere also offers ``poll_seconds``, ``poll()`` (bring new versions into
-        ``path``, each renamed into place whole; returns how many arrived) and
-        ``publish(promotion, variants)`` (write a current promotion back, idempotently),
-        which run on the scheduler's thread, like
-        ``modelkiln.registry.mlflow_registry.MlflowRegistry``.
+    :returns: a mapping from the kind's name (the config's ``registry.kind``) to a
+        subclass of ``modelkiln.plugins.api.RegistryKind``, built as ``cls(config)``:
+        ``scan()`` and ``locate(path)`` find version folders under its ``path``; a kind
+        whose versions live elsewhere sets ``poll_seconds`` and implements ``poll()`` and
+        ``publish(promotion, variants)`` (see ``modelkiln.registry.mlflow_registry``).
     """
 
 
@@ -98,32 +95,34 @@ def kiln_daemon_stopping() -> None:
 
 
 @hookspec
-def kiln_job_failed(job: dict) -> None:
+def kiln_job_failed(job: JobEvent) -> None:
     """Called when a job has failed for good (its reason recorded; not called for a job
     that is skipped, nor for one that goes back to pending to be tried again).
 
-    :param job: ``id``, ``kind`` (``inspect`` or ``variant``), ``model``, ``version``,
-        ``target`` (None for inspect jobs), ``variant`` (its label, or None), ``attempts``
-        and ``reason``.
+    :param job: a ``modelkiln.plugins.api.JobEvent``: ``id``, ``kind`` (``inspect``,
+        ``variant`` or ``runoff``), ``model``, ``version``, ``target`` (None for inspect
+        jobs), ``variant`` (its label, or None), ``attempts`` and ``reason``.
     """
 
 
 @hookspec
-def kiln_variant_measured(variant: dict) -> None:
-    """Called once a variant has been built and measured (or has failed or been skipped).
+def kiln_variant_ended(variant: VariantEvent) -> None:
+    """Called once a variant's job has ended: built and measured (``status``
+    "succeeded", with ``metrics``), or "failed" or "skipped" (with ``reason``).
 
-    :param variant: the variant as ``kiln variants --json`` prints it: ``model``,
-        ``version``, ``target``, ``runtime``, ``recipe``, ``status`` and ``metrics``
-        or ``reason``.
+    :param variant: a ``modelkiln.plugins.api.VariantEvent``, the variant as ``kiln
+        variants --json`` prints it: ``model``, ``version``, ``target``, ``runtime``,
+        ``recipe``, ``status`` and ``metrics`` or ``reason``.
     """
 
 
 @hookspec
-def kiln_variant_promoted(promotion: dict) -> None:
+def kiln_variant_promoted(promotion: PromotionEvent) -> None:
     """Called after a promotion has been recorded and the promoted link swapped.
 
-    :param promotion: as ``kiln promoted --json`` prints one entry: ``model``,
-        ``target``, ``variant``, ``recipe``, ``path`` and ``metrics``.
+    :param promotion: a ``modelkiln.plugins.api.PromotionEvent``, as ``kiln promoted
+        --json`` prints one entry: ``model``, ``target``, ``variant``, ``recipe``,
+        ``path`` and ``metrics``.
     """
 
 
@@ -131,13 +130,13 @@ def kiln_variant_promoted(promotion: dict) -> None:
 
 
 @hookspec(firstresult=True)
-def kiln_choose_variant(candidates: list[dict], policy: PolicyConfig) -> dict | None:
+def kiln_choose_variant(candidates: list[VariantEvent], policy: PolicyConfig) -> VariantEvent | None:
     """Replace the promotion policy. The first implementation returning non-None wins;
     when all return None the built-in policy (``modelkiln.policy``) decides.
 
     :param candidates: every succeeded variant of one checkpoint on one target, each a
-        dict as in ``kiln_variant_measured`` with ``id``, ``within_tolerance`` and
-        ``fits_memory`` (its resident weights fit the target's ``memory_mb``) added.
+        ``VariantEvent`` with ``within_tolerance`` and ``fits_memory`` (its resident
+        weights fit the target's ``memory_mb``) set.
     :param policy: the configured ``[policy]`` table.
     :returns: the chosen candidate (one of ``candidates``), or None to pass.
     """

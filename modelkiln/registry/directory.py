@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..plugins import hookimpl
+from ..plugins.api import Candidate, RegistryKind
 
 # Model and version names become folder names under artifacts/ and promoted/:
 # nothing that could climb out of a root or confuse a shell.
@@ -24,21 +25,6 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 def valid_name(name: str) -> bool:
     return bool(NAME_PATTERN.match(name)) and ".." not in name
-
-
-@dataclass(frozen=True)
-class Candidate:
-    model: str
-    version: str
-    path: Path
-    # Where the version came from, when the folder is a local copy (e.g. models:/name/3).
-    source_uri: str | None = None
-    # The folder was renamed into place whole (a finished download): no quiet period.
-    complete: bool = False
-
-    @property
-    def uri(self) -> str:
-        return self.source_uri or self.path.as_uri()
 
 
 @dataclass(frozen=True)
@@ -102,11 +88,8 @@ def copy_files(source: Path, files: tuple[str, ...], destination: Path) -> None:
         shutil.copyfile(source / rel, dst)
 
 
-class DirectoryRegistry:
-    """Registry kinds offer ``path``, ``watches``, ``scan()`` and ``locate(path)``; a kind
-    whose versions live elsewhere also offers ``poll()`` and ``publish(promotions)``, and
-    may offer ``release(candidate)`` to free its local copy of a recorded version (see
-    ``modelkiln.registry.mlflow_registry``)."""
+class DirectoryRegistry(RegistryKind):
+    """Version folders written into the watched folder by people or tools."""
 
     kind = "directory"
     # File-system events under ``path`` are worth watching: checkpoints are written there.
@@ -130,10 +113,6 @@ class DirectoryRegistry:
 
     def _candidate(self, model: str, version: str, path: Path) -> Candidate:
         return Candidate(model, version, path)
-
-    def release(self, candidate: Candidate) -> None:
-        """Called once ``candidate`` is recorded (its snapshot holds what it had). The
-        directory registry's folders are the user's: they stay as they are."""
 
     def _is_own_dir(self, path: Path) -> bool:
         # A symlinked model or version folder could point anywhere: never followed.

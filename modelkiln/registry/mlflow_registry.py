@@ -41,7 +41,8 @@ from pathlib import Path
 
 from ..files import write_whole
 from ..plugins import hookimpl
-from .directory import Candidate, DirectoryRegistry, valid_name
+from ..plugins.api import Candidate
+from .directory import DirectoryRegistry, valid_name
 
 log = logging.getLogger(__name__)
 

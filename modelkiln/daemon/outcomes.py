@@ -1,0 +1,97 @@
+"""Recording what a job's phases produced: the worker's results become catalogue rows
+(through the store's units of work) and, for a variant, its final folder.
+
+A variant's ``variant.json`` is written into the staging folder, which is then renamed
+into place: a final variant folder is always complete. If that folder exists already (a
+job repeated after a crash), it is recorded as it stands.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from ..store import queries, units
+from ..store.models import Checkpoint, Job
+from ..targets.quality import relative_drop
+from .executor import Outcome
+from .layout import VARIANT_FILE, Layout
+
+
+class Outcomes:
+    def __init__(self, layout: Layout, planner, promoter):
+        self.layout = layout
+        self.planner = planner
+        self.promoter = promoter
+
+    def record(self, session, job: Job, outcome: Outcome | None) -> Checkpoint:
+        """Record an ended job (``outcome`` None: its result exists already)."""
+        checkpoint = queries.checkpoint(session, job.checkpoint_id)
+        if job.kind == "inspect":
+            self._record_inspect(session, job, checkpoint, outcome)
+        elif job.kind == "runoff":
+            self.promoter.record_runoff(session, job, outcome)
+        else:
+            self._record_variant(session, job, checkpoint, outcome)
+        return checkpoint
+
+    def _record_inspect(self, session, job: Job, checkpoint: Checkpoint, outcome: Outcome) -> None:
+        if outcome.status == "ready":
+            # A ready checkpoint is recorded with its plan, in one transaction.
+            result = outcome.results[-1]
+            info = {k: result[k] for k in ("inputs", "quality_metric", "baseline_quality", "samples", "info")}
+            units.record_inspection(session, job, checkpoint, "ready", format=result["format"], info=info,
+                                    plan=self.planner.plan(checkpoint))
+        else:
+            units.record_inspection(session, job, checkpoint, "rejected" if outcome.status == "rejected" else "failed",
+                                    reason=outcome.reason)
+
+    def _record_variant(self, session, job: Job, checkpoint: Checkpoint, outcome: Outcome | None) -> None:
+        variant = queries.variant(session, job.variant_id)
+        final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target,
+                                    variant.runtime, variant.recipe)
+        staging = self.layout.staging(final, job.id)
+        if outcome is not None and outcome.status != "measured":
+            shutil.rmtree(staging, ignore_errors=True)
+            units.record_variant_ended(session, job, variant, "skipped" if outcome.status == "skipped" else "failed",
+                                       outcome.reason)
+            return
+        if outcome is not None:
+            built, measured = outcome.results
+            document = variant_document(checkpoint, variant, built, measured)
+            (staging / VARIANT_FILE).write_text(json.dumps(document, indent=2))
+            if final.exists():
+                shutil.rmtree(staging, ignore_errors=True)  # a repeated job lost the race
+            else:
+                staging.rename(final)
+        document = json.loads((final / VARIANT_FILE).read_text())
+        units.record_variant(session, job, variant, str(final), document)
+
+
+def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:
+    """``variant.json``: enough for serving code and for rebuilding the catalogue row."""
+    baseline = measured["baseline_quality"]
+    return {
+        "model": checkpoint.model,
+        "version": checkpoint.version,
+        "checkpoint": {"content_hash": checkpoint.content_hash, "source": checkpoint.source_uri,
+                       "format": checkpoint.format},
+        "target": variant.target,
+        "runtime": variant.runtime,
+        "file": built["file"],
+        "recipe": variant.recipe or "baseline",
+        "lineage": built["lineage"],
+        "inputs": checkpoint.info["inputs"],
+        "metrics": {
+            "quality_metric": measured["quality_metric"],
+            "quality": measured["quality"],
+            "baseline_quality": baseline,
+            "quality_delta": measured["quality"] - baseline,
+            "relative_quality_drop": relative_drop(measured["quality"], baseline),
+            "size_bytes": measured["size_bytes"],
+            "batches": measured["measurements"],
+            "checks": measured.get("checks", {}),
+            "decode": measured.get("decode"),
+        },
+        "timings": {**built["timings"], **measured["timings"]},
+    }

@@ -1,0 +1,89 @@
+"""Planning: the variants a checkpoint gets, and the phases each job runs in a worker.
+
+An ``inspect`` job loads a checkpoint and records its reference outputs; when it is
+ready, one ``variant`` job per (target, runtime, recipe) is planned. A ``variant`` job
+builds the artifact into a staging folder and measures it there (``outcomes.py`` then
+writes ``variant.json`` and renames the folder into place). A ``runoff`` job's phases
+come from the promoter, which owns the run-off.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+
+from ..plugins.recipes import parse_recipe
+from ..store import queries
+from ..store.models import Checkpoint, Job
+from .executor import Phase
+from .layout import VARIANT_FILE, Layout
+
+
+def target_spec(config, name: str) -> dict:
+    """A target as a worker's phase needs it."""
+    target = config.targets[name]
+    return {"name": name, "device": target.device, "threads": target.threads, "devices": target.devices,
+            "memory_mb": target.memory_mb, "batch_sizes": list(target.batch_sizes)}
+
+
+class Planner:
+    def __init__(self, config, plugins, layout: Layout, promoter):
+        self.config = config
+        self.plugins = plugins
+        self.layout = layout
+        self.promoter = promoter
+
+    def plan(self, checkpoint: Checkpoint) -> list[tuple[str, str, str]]:
+        """(target, runtime, canonical recipe) of every variant the config asks for."""
+        return [
+            (target_name, runtime, parse_recipe(text, self.plugins.steps, f"targets.{target_name}.recipes").text)
+            for target_name, target in self.config.targets.items()
+            for runtime in target.runtimes
+            for text in target.recipes
+        ]
+
+    def base_spec(self, checkpoint: Checkpoint) -> dict:
+        """What every phase of a job on ``checkpoint`` is told."""
+        arch = self.config.architectures.get(checkpoint.model)
+        return {
+            "model": checkpoint.model,
+            "checkpoint_dir": checkpoint.snapshot_path,
+            # Detected once, at ingest: the worker loads it with the same format.
+            "format": checkpoint.format,
+            "architecture": asdict(arch) if arch else None,
+            "enabled": list(self.config.plugins.enabled),
+            "disabled": list(self.config.plugins.disabled),
+            "reference_dir": str(self.layout.reference(checkpoint.model, checkpoint.content_hash)),
+        }
+
+    def phases(self, session, job: Job) -> list[Phase] | None:
+        """The phases to run, or None when the job's result already exists (on disk, or
+        for a run-off: no variants close enough to the best any more)."""
+        checkpoint = queries.checkpoint(session, job.checkpoint_id)
+        spec = self.base_spec(checkpoint)
+        if job.kind == "inspect":
+            threads = max(1, (os.cpu_count() or 1) // self.config.workers.count)
+            spec.update(work_dir=spec["reference_dir"], sample_count=self.config.measure.sample_count,
+                        threads=threads)
+            return [Phase("inspect", spec)]
+        if job.kind == "runoff":
+            return self.promoter.runoff_phases(session, job, spec)
+        variant = queries.variant(session, job.variant_id)
+        final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target,
+                                    variant.runtime, variant.recipe)
+        if (final / VARIANT_FILE).exists():
+            return None
+        staging = self.layout.staging(final, job.id)
+        shutil.rmtree(staging, ignore_errors=True)
+        spec.update(
+            work_dir=str(self.layout.job_work(job.id) / "steps"),
+            out_dir=str(staging),
+            runtime=variant.runtime,
+            recipe=variant.recipe,
+            target=target_spec(self.config, variant.target),
+            measure=asdict(self.config.measure),
+            max_quality_drop=self.config.policy.max_quality_drop,
+            threads=self.config.targets[variant.target].threads,
+        )
+        return [Phase("build", spec), Phase("measure", spec)]
