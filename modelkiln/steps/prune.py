@@ -1,28 +1,18 @@
 """Built-in prune steps.
 
-``prune.structured``: removes whole channels (Linear output features, Conv output
-channels) so the dense model really shrinks, following the dependencies between layers
-with torch-pruning's dependency graph so the model stays valid. Layers that produce the
-model's output keep their width. With ``heads > 0`` whole attention heads go too: each
-attention block whose query/key/value projections are found (``query``/``key``/``value``
-or ``q_proj``/``k_proj``/``v_proj``, as Hugging Face and most hand-written blocks name
-them) loses that share of its heads, the least important by the weights' magnitude, with
-the head size kept; the block's head count (and the model config's, so a static KV cache
-is sized right) is updated. Blocks in Hugging Face's ``q_proj/k_proj/v_proj/o_proj``
-layout with grouped-query attention or rotary position embeddings (whose q/k
-half-rotations torch-pruning's dependency graph does not finish on) are pruned here by
-hand instead: whole key/value groups go (each key/value head with the query heads that
-read it; with one query per key/value head, single heads), the least important by the
-squared magnitude of their q/k/v rows and o columns, the same number in every block so
-that one config describes them all. Where unlabelled data exists it is followed by a
-short recovery fine-tune distilled from the original model.
+``prune.structured`` removes whole channels, MLP width and (``heads``) whole attention
+heads, so the dense model really shrinks; torch-pruning's dependency graph keeps the
+model valid, and the layers that produce its output keep their width. Attention in the
+``q_proj/k_proj/v_proj/o_proj`` layout with grouped-query attention or rotary embeddings,
+which that graph does not finish on, is cut here by hand: whole key/value groups, the
+same number per block, so one config describes them all. Head counts are updated on the
+blocks and the config (a static KV cache is sized from it). A short recovery fine-tune
+distilled from the original follows where data exists.
 
-``prune.magnitude``: global unstructured magnitude pruning of Linear and Conv weights.
-The smallest weights across all those layers are set to zero and the pruning is made
-permanent (no masks or hooks remain in the artifact); the sparsity actually reached is
-recorded. Dense kernels run no faster on zeros: its value is for sparse runtimes and as
-the first step of a chain (e.g. followed by quantization, whose int8 weights then
-compress better).
+``prune.magnitude`` zeroes the smallest Linear and Conv weights across the model and
+makes it permanent (no masks or hooks remain); it records the sparsity reached. Dense
+kernels run no faster on zeros: it serves sparse runtimes and chains (int8 weights with
+many zeros compress better).
 """
 
 from __future__ import annotations

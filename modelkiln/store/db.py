@@ -24,11 +24,10 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 def make_engine(url: str, busy_timeout_ms: int = 30000, transactional_ddl: bool = False) -> Engine:
     """``transactional_ddl``: for migrations. Python's sqlite3 only opens a transaction
-    before INSERT/UPDATE/DELETE, so each CREATE TABLE commits on its own and a daemon
-    killed while creating the schema left half of it behind (found by the SIGKILL
-    campaign). This engine turns the driver's own handling off and begins every
-    transaction itself, SQLAlchemy's recipe for pysqlite, so a migration is one
-    transaction: all of it or none of it."""
+    before INSERT/UPDATE/DELETE, so each CREATE TABLE would commit on its own and a
+    process killed mid-migration would leave half a schema. This engine turns the
+    driver's own handling off and begins every transaction itself (SQLAlchemy's recipe
+    for pysqlite), so a migration is one transaction: all of it or none of it."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
