@@ -145,9 +145,12 @@ def tiny_bert(folder, **extra):
 
 def test_hugging_face_folder_loads_without_remote_code(tmp_path):
     loaded = HuggingFaceFormat().load(tiny_bert(tmp_path / "bert"), LoadContext("bert"))
-    assert loaded.inputs[0].name == "input_ids" and loaded.inputs[0].high == 100
+    # What its serving code passes, in the order of the model's forward, of any length.
+    assert [i.name for i in loaded.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert loaded.inputs[0].high == 100 and loaded.output == "logits"
+    assert all(i.dims == ("batch", "sequence") and dict(i.limits) == {"sequence": 64} for i in loaded.inputs)
     ids = torch.randint(0, 100, (2, 8))
-    assert loaded.module(ids).shape == (2, 3)
+    assert loaded.module(ids, torch.ones_like(ids), torch.zeros_like(ids)).shape == (2, 3)
 
 
 def test_hugging_face_models_export_eager_attention_to_onnx(tmp_path):
@@ -159,8 +162,9 @@ def test_hugging_face_models_export_eager_attention_to_onnx(tmp_path):
     loaded = HuggingFaceFormat().load(tiny_bert(tmp_path / "bert"), LoadContext("bert"))
     inner = loaded.module.inner
     assert inner.config._attn_implementation == "sdpa"
-    ids = {"input_ids": np.random.default_rng(0).integers(0, 100, (2, 8))}
-    export_to_onnx(loaded.module, loaded.inputs, ids, tmp_path / "model.onnx")
+    from modelkiln.pipeline.samples import generate
+
+    export_to_onnx(loaded.module, loaded.inputs, generate(loaded.inputs, 2), tmp_path / "model.onnx")
     ops = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
     # SDPA's export guards fully masked rows with IsNaN/Where around the Softmax; the
     # eager attention graph has no such guard.

@@ -30,12 +30,14 @@ class Siblings(torch.nn.Module):
 
 def test_sibling_linears_become_one_product_with_the_same_outputs(tmp_path):
     from modelkiln.targets.fusion import fused_program
-    from modelkiln.targets.torchrt import dynamic_batch
+    from modelkiln.plugins.api import InputSpec
+    from modelkiln.targets.shapes import dynamic_shapes
 
     model = Siblings().eval()
     args = (torch.randn(3, 16),)
-    program = torch.export.export(model, args, dynamic_shapes=dynamic_batch(model, args))
-    fused, fused_away = fused_program(program, args, {}, lambda m: dynamic_batch(m, args))
+    inputs = [InputSpec(f"x{i}", (-1, *a.shape[1:]), "float32") for i, a in enumerate(args)]
+    program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes(model, inputs))
+    fused, fused_away = fused_program(program, args, {}, lambda m: dynamic_shapes(m, inputs))
     assert fused_away == 3  # q, k, v -> 1 (biases concatenated); gate, up -> 1; tied reads x * 2
     assert linear_calls(program.graph) == 7 and linear_calls(fused.graph) == 4
     torch.export.save(fused, str(tmp_path / "model.pt2"))

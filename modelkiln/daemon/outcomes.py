@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 
+from ..plugins.api import InputSpec
 from ..store import queries, units
 from ..store.models import Checkpoint, Job
 from ..targets.quality import relative_drop
@@ -39,7 +40,8 @@ class Outcomes:
         if outcome.status == "ready":
             # A ready checkpoint is recorded with its plan, in one transaction.
             result = outcome.results[-1]
-            info = {k: result[k] for k in ("inputs", "quality_metric", "baseline_quality", "samples", "info")}
+            info = {k: result.get(k) for k in ("inputs", "outputs", "lengths", "sample_source", "quality_metric",
+                                               "baseline_quality", "samples", "info")}
             units.record_inspection(session, job, checkpoint, "ready", format=result["format"], info=info,
                                     plan=self.planner.plan(checkpoint))
         else:
@@ -81,7 +83,13 @@ def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:
         "file": built["file"],
         "recipe": variant.recipe or "baseline",
         "lineage": built["lineage"],
-        "inputs": checkpoint.info["inputs"],
+        # What serving code passes and gets back: names, types, and shapes with a name
+        # for every dimension that varies between requests.
+        "inputs": [{"name": spec.name, "dtype": spec.dtype, "shape": spec.symbolic_shape()}
+                   for spec in map(InputSpec.from_dict, checkpoint.info["inputs"])],
+        "outputs": checkpoint.info.get("outputs") or [],
+        # Files beside the model that serving code reads (a tokenizer, the model's config).
+        "serving_files": built.get("serving_files", []),
         "metrics": {
             "quality_metric": measured["quality_metric"],
             "quality": measured["quality"],
@@ -92,6 +100,8 @@ def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:
             "batches": measured["measurements"],
             "checks": measured.get("checks", {}),
             "decode": measured.get("decode"),
+            # For models that take sequences: the lengths timed, and the figures at the longest.
+            "sequence": measured.get("sequence"),
         },
         "timings": {**built["timings"], **measured["timings"]},
     }

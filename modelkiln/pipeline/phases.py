@@ -18,14 +18,23 @@ from ..config import ArchitectureConfig
 from ..errors import CheckpointRejected, StepNotApplicable
 from ..plugins.api import ONNX, TORCH, InputSpec, LoadContext, ModelHandle, StepContext
 from ..plugins.recipes import parse_recipe
-from ..registry.data import load_calibration, load_eval, load_train
 from ..registry.formats import detect_format, no_format_reason
 from ..targets import harness
-from ..targets.quality import NEXT_TOKEN_TOP1, Gate, choose_metric, next_token_kl, score
+from ..targets.quality import (
+    COSINE,
+    NEXT_TOKEN_TOP1,
+    POOLED_COSINE,
+    Gate,
+    choose_metric,
+    next_token_kl,
+    row_cosines,
+    score,
+)
+from ..targets.shapes import onnx_axes
 from .context import INSPECT_FILE, REFERENCE_FILE, plugins_for_spec, reference
+from .samples import MASK, request_batch, settle
+from .samples import lengths as sample_lengths
 
-# Eval rows used for a quality score: enough for a stable accuracy, bounded for big sets.
-MAX_EVAL_ROWS = 4096
 _INFER_CHUNK = 64
 
 
@@ -63,96 +72,43 @@ def _run_source(loaded, arrays: dict) -> np.ndarray:
     return harness.run_chunked(run, arrays, _INFER_CHUNK)
 
 
-def _generate(inputs: list[InputSpec], count: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for spec in inputs:
-        shape = (count, *spec.shape[1:])
-        if np.dtype(spec.dtype).kind in "iu":
-            out[spec.name] = rng.integers(0, spec.high or 2, size=shape).astype(spec.dtype)
-        else:
-            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return out
-
-
-def _resolve_inputs(loaded, eval_data, calibration, directory: Path) -> list[InputSpec]:
-    """The model's inputs as the rest of the pipeline uses them.
-
-    Shipped data decides the per-row shape (e.g. the sequence length of token ids) when
-    its rank fits the model's input; whether the model really takes it is settled by the
-    reference run that follows, which rejects the checkpoint with the error if not.
-    """
-    data = eval_data if eval_data is not None else calibration
-    if data is None:
-        if not loaded.inputs:
-            raise CheckpointRejected(
-                f"{directory}: the model's input shape is unknown; set input_shape in its "
-                "[architectures.<model>] table or ship eval.npz / calibration.npz"
-            )
-        return loaded.inputs
-    array = data["inputs"]
-    if not loaded.inputs:
-        return [InputSpec("input", (-1, *array.shape[1:]), array.dtype.name)]
-    if len(loaded.inputs) != 1:
-        raise CheckpointRejected(
-            f"{directory}: eval/calibration data holds one input array but the model takes "
-            f"{len(loaded.inputs)} inputs"
-        )
-    (spec,) = loaded.inputs
-    if array.ndim != len(spec.shape):
-        raise CheckpointRejected(
-            f"{directory}: data inputs have shape {array.shape[1:]} per row but the model "
-            f"takes {tuple(spec.shape[1:])}"
-        )
-    return [InputSpec(spec.name, (-1, *array.shape[1:]), spec.dtype, spec.high)]
-
-
 def inspect_checkpoint(spec: dict) -> dict:
     """Load the checkpoint safely, settle its inputs, and record the reference outputs."""
     started = time.perf_counter()
     plugins = plugins_for_spec(spec)
     directory = Path(spec["checkpoint_dir"])
     loaded = _load(spec, plugins, spec.get("format"))
-    eval_data = load_eval(directory)
-    calibration = load_calibration(directory)
-    inputs = _resolve_inputs(loaded, eval_data, calibration, directory)
-    count = spec["sample_count"]
-    if eval_data is not None:
-        source = eval_data["inputs"][:MAX_EVAL_ROWS]
-    elif calibration is not None:
-        source = calibration["inputs"][:count]
-    else:
-        source = None
-    if source is not None:
-        samples = {inputs[0].name: np.ascontiguousarray(source.astype(inputs[0].dtype))}
-    else:
-        samples = _generate(inputs, count)
+    settled = settle(loaded, directory, spec["sample_count"])
+    inputs, rows = settled.inputs, settled.samples
     try:
-        reference = _run_source(loaded, samples)
+        reference = _run_source(loaded, rows)
     except Exception as exc:
         raise CheckpointRejected(f"{directory}: the model fails on its sample inputs ({exc})") from None
-    labels = eval_data["labels"][:MAX_EVAL_ROWS] if eval_data is not None else None
     from ..targets.decoding import find_causal_lm
 
     causal_lm = loaded.module is not None and find_causal_lm(loaded.module) is not None
-    metric = choose_metric(reference, labels, causal_lm)
-    baseline_quality = score(metric, reference, reference, labels)
-    arrays = {f"input:{k}": v for k, v in samples.items()}
+    mask = rows.get(MASK)
+    metric = choose_metric(reference, settled.labels, causal_lm, masked=mask is not None)
+    baseline_quality = score(metric, reference, reference, settled.labels, mask)
+    arrays = {f"input:{k}": v for k, v in rows.items()}
     arrays["reference"] = reference
-    if labels is not None:
-        arrays["labels"] = labels
-    if calibration is not None:
-        arrays["calibration"] = calibration["inputs"]
-    train = load_train(directory)
-    if train is not None:
-        arrays["train"] = train["inputs"]
+    if settled.labels is not None:
+        arrays["labels"] = settled.labels
+    for kind, data in (("calibration", settled.calibration), ("train", settled.train)):
+        arrays.update({f"{kind}:{k}": v for k, v in (data or {}).items()})
     work = Path(spec["work_dir"])
     work.mkdir(parents=True, exist_ok=True)
     np.savez(work / REFERENCE_FILE, **arrays)
+    output_axes = onnx_axes(inputs, reference.shape)[1]
     result = {
         "status": "ready",
         "format": loaded.format,
-        "inputs": [dict(name=i.name, shape=list(i.shape), dtype=i.dtype, high=i.high) for i in inputs],
+        "inputs": [i.as_dict() for i in inputs],
+        "outputs": [{"name": loaded.output, "dtype": "float32",
+                     "shape": [output_axes.get(axis, size) for axis, size in enumerate(reference.shape)]}],
+        "lengths": sample_lengths(inputs, rows),
+        "sample_source": settled.source,
+        "serving_files": loaded.serving_files,
         "quality_metric": metric,
         "baseline_quality": baseline_quality,
         "samples": int(len(reference)),
@@ -174,6 +130,31 @@ def _in_form(model, form: str, runtime, step, context):
     raise StepNotApplicable(f"{step.name} needs a {form} model, but this one is {model.form} by now")
 
 
+def _rows_of(arrays: dict, kind: str) -> dict | None:
+    """The ``calibration`` or ``train`` rows inspect saved, by input name."""
+    prefix = f"{kind}:"
+    rows = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    return rows or None
+
+
+def _serving_files(spec: dict, inspected: dict, model, out: Path) -> list[str]:
+    """Copy what serving code reads beside the model (tokenizer, config) into the variant
+    folder. A module that carries its own config (a pruned model's head counts) writes
+    that one instead of the checkpoint's."""
+    import shutil
+
+    source = Path(spec["checkpoint_dir"])
+    copied = []
+    for name in inspected.get("serving_files", []):
+        if not (out / name).exists():
+            shutil.copyfile(source / name, out / name)
+            copied.append(name)
+    config = getattr(getattr(model.obj, "inner", None), "config", None)
+    if model.form == TORCH and "config.json" in copied and hasattr(config, "to_json_file"):
+        config.to_json_file(str(out / "config.json"))
+    return copied
+
+
 def build_variant(spec: dict) -> dict:
     """Load the checkpoint, apply the recipe's steps, convert for the runtime, save."""
     t0 = time.perf_counter()
@@ -184,21 +165,21 @@ def build_variant(spec: dict) -> dict:
         raise StepNotApplicable(f"runtime {spec['runtime']} is not installed on this host")
     recipe = parse_recipe(spec["recipe"], plugins.steps)
     loaded = _load(spec, plugins, inspected["format"])
-    inputs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i["high"]) for i in inspected["inputs"]]
+    inputs = [InputSpec.from_dict(i) for i in inspected["inputs"]]
     if loaded.module is not None:
         # Which factory built the module: what a step that rebuilds it elsewhere names.
         notes = {"factory": loaded.info["factory"]} if loaded.info.get("factory") else {}
         model = ModelHandle(TORCH, loaded.module, inputs, notes)
     else:
         model = ModelHandle(ONNX, Path(loaded.onnx_path), inputs)
-    calibration = {inputs[0].name: arrays["calibration"]} if "calibration" in arrays else None
-    training = {inputs[0].name: arrays["train"]} if "train" in arrays else None
+    calibration = _rows_of(arrays, "calibration")
+    training = _rows_of(arrays, "train")
     target = spec["target"]
     context = StepContext(
         Path(spec["work_dir"]), target["name"], runtime.name, target["device"], target["threads"], samples,
         calibration, training,
         gate=Gate(inspected["quality_metric"], arrays["reference"], arrays.get("labels"),
-                  inspected["baseline_quality"], spec.get("max_quality_drop", 0.01)),
+                  inspected["baseline_quality"], spec.get("max_quality_drop", 0.01), samples.get(MASK)),
         devices=target.get("devices", 1), memory_mb=target.get("memory_mb", 0),
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
@@ -222,12 +203,13 @@ def build_variant(spec: dict) -> dict:
             "record": context.record, "seconds": s1 - s0,
         })
     c0 = time.perf_counter()
-    model = runtime.convert(model, context)
     out = Path(spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    companions = _serving_files(spec, inspected, model, out)
+    model = runtime.convert(model, context)
     file = runtime.save(model, out)
     timings["convert_seconds"] += time.perf_counter() - c0
-    return {"status": "built", "file": file, "lineage": lineage, "timings": timings}
+    return {"status": "built", "file": file, "serving_files": companions, "lineage": lineage, "timings": timings}
 
 
 def _dir_size(path: Path) -> int:
@@ -244,31 +226,48 @@ def measure_variant(spec: dict) -> dict:
     out = Path(spec["out_dir"])
     rss_before = harness.current_rss_bytes()
     run = runtime.load(out, spec["previous"]["file"], target["device"], target["threads"])
-    outputs = harness.run_chunked(run, samples, _INFER_CHUNK)
+    outputs = harness.run_chunked(run, samples, _INFER_CHUNK).astype(np.float32)
     metric = inspected["quality_metric"]
-    quality = score(metric, outputs.astype(np.float32), arrays["reference"].astype(np.float32), arrays.get("labels"))
+    expected = arrays["reference"].astype(np.float32)
+    quality = score(metric, outputs, expected, arrays.get("labels"), samples.get(MASK))
     settings = spec["measure"]
-    measurements = []
     timer = harness.timer_for(run)
-    for batch_size in target["batch_sizes"]:
-        timing = timer(
-            harness.batch_of(samples, batch_size),
-            warmup_runs=settings["warmup_runs"], min_runs=settings["min_runs"],
-            stability=settings["stability"], max_seconds=settings["max_seconds"],
-            min_seconds=settings["min_seconds"],
-        )
-        timing["batch_size"] = batch_size
-        timing["throughput_per_s"] = batch_size * 1000.0 / timing["latency_p50_ms"]
-        timing.setdefault("peak_memory_bytes", max(0, harness.peak_rss_bytes() - rss_before))
-        measurements.append(timing)
+
+    def timed(length: int | None) -> list[dict]:
+        rows = []
+        for batch_size in target["batch_sizes"]:
+            timing = timer(
+                request_batch(inspected["inputs"], samples, batch_size, length),
+                warmup_runs=settings["warmup_runs"], min_runs=settings["min_runs"],
+                stability=settings["stability"], max_seconds=settings["max_seconds"],
+                min_seconds=settings["min_seconds"],
+            )
+            timing["batch_size"] = batch_size
+            timing["throughput_per_s"] = batch_size * 1000.0 / timing["latency_p50_ms"]
+            timing.setdefault("peak_memory_bytes", max(0, harness.peak_rss_bytes() - rss_before))
+            rows.append(timing)
+        return rows
+
+    # A model that takes sequences is timed at the samples' median length (what a typical
+    # request costs: the figures the policy compares) and at their longest.
+    lengths = inspected.get("lengths")
+    measurements = timed(lengths["median"] if lengths else None)
+    sequence = None
+    if lengths:
+        at_max = measurements if lengths["max"] == lengths["median"] else timed(lengths["max"])
+        sequence = {"median_length": lengths["median"], "max_length": lengths["max"],
+                    "batches_at_max_length": at_max}
     decode = run.time_decoding() if hasattr(run, "time_decoding") else None
     # What the runtime checked while loading (e.g. a sharded variant's equality check).
     checks = dict(getattr(run, "details", {}))
     if metric == NEXT_TOKEN_TOP1:
-        checks["next_token_kl"] = next_token_kl(outputs.astype(np.float32), arrays["reference"].astype(np.float32))
+        checks["next_token_kl"] = next_token_kl(outputs, expected)
+    elif metric in (COSINE, POOLED_COSINE):  # the mean decides; the worst sample is worth seeing
+        checks["min_cosine"] = float(row_cosines(metric, outputs, expected, samples.get(MASK)).min())
     return {
         "status": "measured",
         "checks": checks,
+        "sequence": sequence,
         # A causal language model's prefill and per-token decode latency, where measured.
         "decode": decode,
         "quality_metric": metric,

@@ -17,15 +17,18 @@ import numpy as np
 
 from ..targets import harness
 from .context import plugins_for_spec, reference
+from .samples import request_batch
 
 ROUNDS = 6
 
 
 def run_off(spec: dict) -> dict:
     plugins = plugins_for_spec(spec)
-    _, _, samples = reference(spec)
+    inspected, _, samples = reference(spec)
     target, settings = spec["target"], spec["measure"]
-    inputs = harness.batch_of(samples, spec["batch_size"])
+    # The requests the measurement timed: at the samples' median length, if they vary.
+    inputs = request_batch(inspected["inputs"], samples, spec["batch_size"],
+                           (inspected.get("lengths") or {}).get("median"))
     timers = {}
     for contender in spec["contenders"]:
         runtime = plugins.runtimes[contender["runtime"]]

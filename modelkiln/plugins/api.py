@@ -73,13 +73,41 @@ class Param:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input. ``shape`` includes the batch dimension as -1."""
+    """One model input.
+
+    ``shape`` is the shape of the sample inputs, batch first as -1. ``dims`` names the
+    dimensions that vary between requests, one entry per dimension (None: fixed), e.g.
+    ``("batch", "sequence")`` for token ids of any length; empty means only the batch
+    varies. Inputs that share a name share the size (``input_ids`` and
+    ``attention_mask``); ``limits`` caps a named dimension (the positions a model has).
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name
     # For integer inputs (token ids): sample values are drawn from [0, high).
     high: int | None = None
+    dims: tuple[str | None, ...] = ()
+    limits: tuple[tuple[str, int], ...] = ()
+
+    def dynamic(self) -> dict[int, str]:
+        """Dimension index -> name, for every dimension that varies."""
+        named = {i: name for i, name in enumerate(self.dims) if name}
+        return named or {0: "batch"}
+
+    def symbolic_shape(self) -> list:
+        """The shape as serving code sees it: a name for each dimension that varies."""
+        dynamic = self.dynamic()
+        return [dynamic.get(i, size) for i, size in enumerate(self.shape)]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "high": self.high,
+                "dims": list(self.dims), "limits": dict(self.limits)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InputSpec:
+        return cls(data["name"], tuple(data["shape"]), data["dtype"], data.get("high"),
+                   tuple(data.get("dims") or ()), tuple(sorted((data.get("limits") or {}).items())))
 
 
 @dataclass
@@ -100,6 +128,14 @@ class LoadedCheckpoint:
     module: Any | None = None  # torch.nn.Module returning one tensor
     onnx_path: Path | None = None
     info: dict = field(default_factory=dict)
+    # The name of the one output the pipeline compares (the original's own name).
+    output: str = "output"
+    # ``tokenize(texts, max_length) -> {input name: int64 array}``, padded to the longest
+    # text, where the checkpoint ships a tokenizer; None otherwise.
+    tokenize: Callable[[list[str], int], dict] | None = None
+    # Files of the checkpoint folder that every variant folder gets a copy of, because
+    # serving code needs them beside the model (a tokenizer, a config).
+    serving_files: list[str] = field(default_factory=list)
 
 
 @dataclass

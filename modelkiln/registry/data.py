@@ -1,4 +1,12 @@
-"""Evaluation and calibration data shipped beside a checkpoint, read without pickle."""
+"""Evaluation, calibration and training data shipped beside a checkpoint, read without
+pickle.
+
+Arrays (``eval.npz``, ``calibration.npz``, ``train.npz``) hold ``inputs`` for a model
+with one input, or one array per input name (``input_ids``, ``attention_mask``, ...),
+plus ``labels`` (integers) in ``eval.npz``. Text (``eval.jsonl``, ``calibration.jsonl``,
+``train.jsonl``: one ``{"text": ...}`` object per line, ``"label"`` optional in
+``eval.jsonl``) is tokenized with the checkpoint's own tokenizer.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +21,10 @@ EVAL_FILE = "eval.npz"
 CALIBRATION_FILE = "calibration.npz"
 # Unlabelled inputs steps may train on (recovery fine-tunes, distillation).
 TRAIN_FILE = "train.npz"
-DATA_FILES = (EVAL_FILE, CALIBRATION_FILE, TRAIN_FILE)
+TEXT_FILES = ("eval.jsonl", "calibration.jsonl", "train.jsonl")
+DATA_FILES = (EVAL_FILE, CALIBRATION_FILE, TRAIN_FILE, *TEXT_FILES)
+# Lines of text read at most: enough for a stable score, bounded for big files.
+MAX_TEXT_LINES = 4096
 
 
 def _load_npz(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -43,11 +54,11 @@ def load_eval(directory: Path) -> dict[str, np.ndarray] | None:
     path = directory / EVAL_FILE
     if not path.exists():
         return None
-    arrays = _load_npz(path, ("inputs", "labels"))
-    if len(arrays["inputs"]) != len(arrays["labels"]) or len(arrays["inputs"]) == 0:
+    arrays = _load_npz(path, ("labels",))
+    rows = {name: len(array) for name, array in arrays.items()}
+    if len(set(rows.values())) != 1 or not rows["labels"] or len(rows) < 2:
         raise CheckpointRejected(
-            f"{path}: inputs has {len(arrays['inputs'])} rows but labels has "
-            f"{len(arrays['labels'])}; they must match and be non-empty"
+            f"{path}: its arrays have {rows} rows; inputs and labels must match, with at least one row"
         )
     return arrays
 
@@ -56,9 +67,9 @@ def _load_inputs(directory: Path, name: str) -> dict[str, np.ndarray] | None:
     path = directory / name
     if not path.exists():
         return None
-    arrays = _load_npz(path, ("inputs",))
-    if len(arrays["inputs"]) == 0:
-        raise CheckpointRejected(f"{path}: inputs is empty")
+    arrays = _load_npz(path, ())
+    if not arrays or any(len(array) == 0 for array in arrays.values()):
+        raise CheckpointRejected(f"{path}: holds no rows; save inputs (or one array per input name)")
     return arrays
 
 
@@ -68,3 +79,37 @@ def load_calibration(directory: Path) -> dict[str, np.ndarray] | None:
 
 def load_train(directory: Path) -> dict[str, np.ndarray] | None:
     return _load_inputs(directory, TRAIN_FILE)
+
+
+def load_text(directory: Path, kind: str) -> tuple[list[str], np.ndarray | None] | None:
+    """The texts of ``<kind>.jsonl`` (``kind``: eval, calibration or train) and their
+    labels when every line has one; None when the file is not there."""
+    path = directory / f"{kind}.jsonl"
+    if not path.exists():
+        return None
+    import json
+
+    texts, labels = [], []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise ValueError(f'line {number} is not an object with a "text" string')
+                label = row.get("label")
+                if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
+                    raise ValueError(f'line {number}: "label" must be an integer')
+                texts.append(row["text"])
+                labels.append(label)
+                if len(texts) == MAX_TEXT_LINES:
+                    break
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointRejected(
+            f'{path}: not JSON lines of {{"text": ...}} ({exc}); write one object per line'
+        ) from None
+    if not texts:
+        raise CheckpointRejected(f"{path}: holds no text")
+    has_labels = all(label is not None for label in labels)
+    return texts, np.asarray(labels, dtype=np.int64) if has_labels and kind == "eval" else None

@@ -200,17 +200,26 @@ def _check_safetensors(path: Path) -> None:
         raise CheckpointRejected(f"{path}: not a valid safetensors file ({exc})") from None
 
 
-def hf_wrapper(model):
-    """Wrap a transformers model so it takes token ids and returns one tensor."""
+def hf_wrapper(model, input_names=("input_ids",), output: str | None = None):
+    """Wrap a transformers model so it takes its inputs by position, in ``input_names``
+    order, and returns one tensor: ``output`` of its results (by default ``logits``, else
+    ``last_hidden_state``). Without an ``attention_mask`` input every token is attended."""
     import torch
 
     class HuggingFaceForward(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
+            self.input_names = tuple(input_names)
+            self.output_name = output
 
-        def forward(self, input_ids):
-            out = self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        def forward(self, *inputs):
+            named = dict(zip(self.input_names, inputs))
+            if "attention_mask" not in named:
+                named["attention_mask"] = torch.ones_like(named["input_ids"])
+            out = self.inner(**named)
+            if self.output_name is not None:
+                return out[self.output_name]
             for key in ("logits", "last_hidden_state"):
                 if key in out:
                     return out[key]
@@ -221,9 +230,7 @@ def hf_wrapper(model):
             """Export the eager attention graph, then go back to what torch serves fastest.
 
             onnxruntime's kernels and fusions know the eager attention's MatMul/Softmax
-            pattern; the graph exported from SDPA is another, slower one there (int8
-            BERT-base on a VNNI Xeon: 3.34x fp32 eager against 3.15x from the SDPA export,
-            same run; equal on an AVX2 host).
+            pattern; the graph exported from SDPA is another, slower one there.
             """
             before = getattr(self.inner.config, "_attn_implementation", None)
             switch = getattr(self.inner, "set_attn_implementation", None)
@@ -241,6 +248,58 @@ def hf_wrapper(model):
                 switch(before)
 
     return HuggingFaceForward(model).eval()
+
+
+# Files a Hugging Face folder's serving code reads beside the weights: they travel into
+# every variant folder.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+    "preprocessor_config.json",
+)
+# Architectures whose position ids start after the padding index, so two positions of
+# max_position_embeddings are never a token's.
+_PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
+
+
+def _tokenizer(directory: Path):
+    """The folder's own tokenizer, or None when it ships none (or one transformers cannot
+    read without remote code)."""
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except Exception:
+        return None
+
+
+def _encoder_inputs(model, tokenizer) -> tuple[str, ...]:
+    """What an encoder's serving code passes: token ids, the attention mask, and token
+    type ids where the tokenizer makes them (or, without one, the model uses them), in
+    the order of the model's ``forward``."""
+    import inspect
+
+    accepted = list(inspect.signature(model.forward).parameters)
+    wanted = {"input_ids", "attention_mask"}
+    if tokenizer is not None:
+        wanted |= set(getattr(tokenizer, "model_input_names", ())) & {"token_type_ids"}
+    elif (getattr(model.config, "type_vocab_size", 0) or 0) > 1:
+        wanted.add("token_type_ids")
+    return tuple(name for name in accepted if name in wanted)
+
+
+def _output_name(model, input_names) -> str:
+    """The name of the result serving code reads (``logits``, ``last_hidden_state``)."""
+    import torch
+
+    example = {name: torch.ones(1, 2, dtype=torch.long) if name == "attention_mask"
+               else torch.zeros(1, 2, dtype=torch.long) for name in input_names}
+    with torch.inference_mode():
+        out = model(**example)
+    keys = list(out.keys())
+    return next((k for k in ("logits", "last_hidden_state") if k in keys), keys[0])
 
 
 class HuggingFaceFormat(CheckpointFormat):
@@ -280,15 +339,44 @@ class HuggingFaceFormat(CheckpointFormat):
             raise CheckpointRejected(f"{directory}: transformers cannot load it ({exc})") from None
         model.eval()
         vocab = getattr(model.config, "vocab_size", None) or 1000
-        # Never longer than the model has positions for.
-        positions = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQUENCE_LENGTH
-        length = min(DEFAULT_SEQUENCE_LENGTH, int(positions))
-        inputs = [InputSpec("input_ids", (-1, length), "int64", high=int(vocab))]
+        positions = int(getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQUENCE_LENGTH)
         info = {
             "parameters": sum(p.numel() for p in model.parameters()),
             "architecture": type(model).__name__,
         }
-        return LoadedCheckpoint(self.name, inputs, module=hf_wrapper(model), info=info)
+        serving_files = sorted(
+            name for name in ("config.json", *TOKENIZER_FILES) if (directory / name).is_file())
+        if hasattr(model, "can_generate") and model.can_generate():
+            # A causal language model: token ids of the sample length, as its decoding
+            # program and tensor-parallel ranks take them.
+            length = min(DEFAULT_SEQUENCE_LENGTH, positions)
+            inputs = [InputSpec("input_ids", (-1, length), "int64", high=int(vocab))]
+            return LoadedCheckpoint(self.name, inputs, module=hf_wrapper(model), info=info,
+                                    serving_files=serving_files)
+        tokenizer = _tokenizer(directory)
+        limit = positions - 2 if getattr(model.config, "model_type", "") in _PADDING_OFFSET_POSITIONS else positions
+        if tokenizer is not None and 0 < getattr(tokenizer, "model_max_length", 0) < limit:
+            limit = int(tokenizer.model_max_length)
+        length = min(DEFAULT_SEQUENCE_LENGTH, limit)
+        names = _encoder_inputs(model, tokenizer)
+        inputs = [
+            InputSpec(name, (-1, length), "int64", high=int(vocab) if name == "input_ids" else None,
+                      dims=("batch", "sequence"), limits=(("sequence", limit),))
+            for name in names
+        ]
+        output = _output_name(model, names)
+        info["tokenizer"] = tokenizer is not None
+
+        def tokenize(texts: list[str], max_length: int) -> dict:
+            import numpy as np
+
+            encoded = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length,
+                                return_tensors="np")
+            return {name: np.asarray(encoded[name], dtype=np.int64) for name in names}
+
+        return LoadedCheckpoint(self.name, inputs, module=hf_wrapper(model, names, output), info=info,
+                                output=output, tokenize=tokenize if tokenizer is not None else None,
+                                serving_files=serving_files)
 
 
 BUILTIN_FORMATS = [OnnxFormat(), HuggingFaceFormat(), SafetensorsFormat(), StateDictFormat()]

@@ -288,7 +288,7 @@ class TensorParallel(Step):
         import numpy as np
         import torch
 
-        from ..targets.torchrt import example_args
+        from ..targets.shapes import example_args
 
         ranks = context.devices
         if ranks < 2:

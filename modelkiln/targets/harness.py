@@ -111,12 +111,3 @@ def run_chunked(run, arrays: dict, chunk: int = 64) -> np.ndarray:
         np.asarray(run({k: np.ascontiguousarray(v[start:start + chunk]) for k, v in arrays.items()}))
         for start in range(0, total, chunk)
     ])
-
-
-def batch_of(samples: dict, batch_size: int) -> dict:
-    """The first ``batch_size`` rows of every input, repeating rows when there are fewer."""
-    out = {}
-    for name, array in samples.items():
-        reps = -(-batch_size // len(array))
-        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:batch_size])
-    return out

@@ -17,7 +17,8 @@ OPSET = 17
 
 
 def export_to_onnx(module, inputs, example: dict, path: Path) -> None:
-    """Export a torch module with a dynamic batch dimension.
+    """Export a torch module with its inputs' names and varying dimensions (the batch, a
+    sequence), and its output under the original's name (``module.output_name``).
 
     The TorchScript-based exporter is tried first because it takes a fraction of a second
     on models the torch.export-based one needs seconds for; the latter is the fallback.
@@ -32,25 +33,29 @@ def export_to_onnx(module, inputs, example: dict, path: Path) -> None:
 def _export(module, inputs, example: dict, path: Path) -> None:
     import torch
 
+    from .shapes import dynamic_shapes, onnx_axes
+
     names = [spec.name for spec in inputs]
     # Two rows are enough to trace (the batch axis is dynamic); tracing with every sample
     # ran a large model over all of them, several times.
     args = tuple(torch.from_numpy(example[name][:2]) for name in names)
+    with torch.inference_mode():
+        output_shape = tuple(module(*args).shape)
+    input_axes, output_axes = onnx_axes(inputs, output_shape)
+    output = getattr(module, "output_name", None) or "output"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
                 module, args, str(path), dynamo=False, opset_version=OPSET,
-                input_names=names, output_names=["output"],
-                dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
+                input_names=names, output_names=[output], dynamic_axes={**input_axes, output: output_axes},
             )
             return
         except Exception:
             pass
-        batch = torch.export.Dim("batch", min=1, max=65536)
         torch.onnx.export(
-            module, args, str(path), dynamo=True, input_names=names, output_names=["output"],
-            dynamic_shapes=tuple({0: batch} for _ in names),
+            module, args, str(path), dynamo=True, input_names=names, output_names=[output],
+            dynamic_shapes=dynamic_shapes(module, inputs),
         )
 
 

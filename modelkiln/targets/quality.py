@@ -1,6 +1,10 @@
 """Quality: a task metric on eval data where the checkpoint ships it, else fidelity to
 the original model's outputs on sample inputs.
 
+An encoder's hidden states are compared the way its users read them: mean-pooled over
+the tokens its attention mask keeps (padding excluded), one cosine per sample
+(``pooled_cosine``); a variant that mishandles padding or the mask shows there.
+
 A causal language model's forward pass over a prompt gives, at every position, the
 logits of the next token given the true prefix (teacher forcing). Its fidelity is the
 share of positions whose most likely next token is the original's (``next_token_top1``),
@@ -17,34 +21,53 @@ ACCURACY = "accuracy"
 TOP1_AGREEMENT = "top1_agreement"
 COSINE = "cosine"
 NEXT_TOKEN_TOP1 = "next_token_top1"
+POOLED_COSINE = "pooled_cosine"
 
 
 def is_classifier_output(outputs: np.ndarray) -> bool:
     return outputs.ndim == 2 and outputs.shape[1] > 1
 
 
-def choose_metric(reference: np.ndarray, labels: np.ndarray | None, causal_lm: bool = False) -> str:
+def choose_metric(reference: np.ndarray, labels: np.ndarray | None, causal_lm: bool = False,
+                  masked: bool = False) -> str:
     if causal_lm and reference.ndim == 3:
         return NEXT_TOKEN_TOP1
     if labels is not None and labels.dtype.kind in "iu" and labels.ndim == 1 and is_classifier_output(reference):
         return ACCURACY
     if is_classifier_output(reference):
         return TOP1_AGREEMENT
+    if masked and reference.ndim == 3:
+        return POOLED_COSINE
     return COSINE
 
 
-def score(metric: str, outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
+def pooled(outputs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean over the positions ``mask`` keeps: [rows, positions, width] -> [rows, width]."""
+    keep = mask.astype(np.float64)[..., None]
+    return (outputs.astype(np.float64) * keep).sum(axis=1) / np.maximum(keep.sum(axis=1), 1.0)
+
+
+def row_cosines(metric: str, outputs: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """One cosine similarity per sample: of the pooled embeddings for ``pooled_cosine``,
+    of the whole flattened output otherwise."""
+    if metric == POOLED_COSINE:
+        a, b = pooled(outputs, mask), pooled(reference, mask)
+    else:
+        a = outputs.reshape(len(outputs), -1).astype(np.float64)
+        b = reference.reshape(len(reference), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)
+
+
+def score(metric: str, outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None,
+          mask: np.ndarray | None = None) -> float:
     if outputs.shape != reference.shape:
         raise ValueError(f"output shape {outputs.shape} differs from the original's {reference.shape}")
     if metric == ACCURACY:
         return float(np.mean(outputs.argmax(axis=-1) == labels))
     if metric in (TOP1_AGREEMENT, NEXT_TOKEN_TOP1):  # for logits [rows, positions, vocab]: every position
         return float(np.mean(outputs.argmax(axis=-1) == reference.argmax(axis=-1)))
-    a = outputs.reshape(len(outputs), -1).astype(np.float64)
-    b = reference.reshape(len(reference), -1).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)
-    return float(np.mean(cos))
+    return float(np.mean(row_cosines(metric, outputs, reference, mask)))
 
 
 def next_token_kl(outputs: np.ndarray, reference: np.ndarray) -> float:
@@ -79,15 +102,16 @@ class Gate:
     sample inputs scored against the original's, within ``max_drop`` of the baseline."""
 
     def __init__(self, metric: str, reference: np.ndarray, labels: np.ndarray | None,
-                 baseline_quality: float, max_drop: float):
+                 baseline_quality: float, max_drop: float, mask: np.ndarray | None = None):
         self.metric = metric
         self.reference = np.asarray(reference, dtype=np.float32)
         self.labels = labels
+        self.mask = mask
         self.baseline_quality = baseline_quality
         self.max_drop = max_drop
 
     def score(self, outputs) -> float:
-        return score(self.metric, np.asarray(outputs, dtype=np.float32), self.reference, self.labels)
+        return score(self.metric, np.asarray(outputs, dtype=np.float32), self.reference, self.labels, self.mask)
 
     def passes(self, quality: float) -> bool:
         return within_drop(quality, self.baseline_quality, self.max_drop)

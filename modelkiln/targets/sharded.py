@@ -66,7 +66,7 @@ def save(model, directory: Path) -> str:
     """Export every rank's module of a SHARDED ``model``, write the plan; return its name."""
     import torch
 
-    from .torchrt import dynamic_batch, example_args
+    from .shapes import dynamic_shapes, example_args
 
     sharded = model.obj
     ranks = len(sharded.ranks)
@@ -77,7 +77,7 @@ def save(model, directory: Path) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                program = torch.export.export(module, args, dynamic_shapes=dynamic_batch(module, args))
+                program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(module, model.inputs))
             except Exception as exc:
                 raise StepNotApplicable(f"rank {rank}'s module cannot be exported: {exc}") from None
         file = f"rank{rank}/model.pt2"

@@ -17,6 +17,7 @@ from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import SHARDED, STREAMED, TORCH, ModelHandle, Runtime
 from . import decoding, fusion, sharded, streamed
+from .shapes import dynamic_shapes, example_args
 
 EXPORT_FILE = "model.pt2"
 SCRIPT_FILE = "model.pt"
@@ -31,35 +32,6 @@ def compile_loaded(module, mode: str):
     import torch
 
     return torch.compile(module, mode=mode, dynamic=False)
-
-
-def example_args(model, batch: int = 2):
-    """Inputs to trace ``model`` with, on the device its module's weights are on."""
-    import torch
-
-    weights = next(iter(model.obj.parameters()), None) if isinstance(model.obj, torch.nn.Module) else None
-    device = weights.device if weights is not None else "cpu"
-    args = []
-    for spec in model.inputs:
-        shape = [batch, *spec.shape[1:]]
-        if spec.dtype.startswith("int"):
-            args.append(torch.zeros(shape, dtype=getattr(torch, spec.dtype), device=device))
-        else:
-            args.append(torch.randn(shape, dtype=getattr(torch, spec.dtype), device=device))
-    return tuple(args)
-
-
-def dynamic_batch(module, args) -> tuple:
-    """A dynamic batch dimension for every input, shaped like ``forward``'s signature:
-    torch.export wants the specs of ``forward(self, *inputs)`` nested in one tuple."""
-    import inspect
-
-    import torch
-
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    specs = tuple({0: batch} for _ in args)
-    kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
-    return (specs,) if kinds == [inspect.Parameter.VAR_POSITIONAL] else specs
 
 
 class TorchRuntime(Runtime):
@@ -96,12 +68,12 @@ class TorchRuntime(Runtime):
             warnings.simplefilter("ignore")
             if model.notes.get("serialize") != "torchscript":
                 try:
-                    program = torch.export.export(model.obj, args, dynamic_shapes=dynamic_batch(model.obj, args))
+                    program = torch.export.export(model.obj, args, dynamic_shapes=dynamic_shapes(model.obj, model.inputs))
                 except Exception as exc:
                     if model.notes.get("compile"):
                         raise StepNotApplicable(f"torch.compile needs a torch.export program: {exc}") from None
                 else:
-                    program, fused = fusion.fused_program(program, args, {}, lambda m: dynamic_batch(m, args))
+                    program, fused = fusion.fused_program(program, args, {}, lambda m: dynamic_shapes(m, model.inputs))
                     torch.export.save(program, str(directory / EXPORT_FILE))
                     serving = self._serving(model, directory)
                     if fused:

@@ -1,0 +1,192 @@
+"""The inputs a checkpoint is judged and timed on, settled once by the inspect phase.
+
+Shipped data comes first: ``eval`` (scored with its labels when it has them), else
+``calibration``, as arrays (``.npz``) or as text (``.jsonl``, tokenized with the
+checkpoint's own tokenizer at natural lengths, padded to the longest). Without data,
+samples are generated from the model's inputs: fixed dimensions as the model declares
+them, and for token ids with an attention mask, lengths that vary from row to row with
+the rest padded and masked, as a batch of real requests is.
+
+A model whose inputs have a ``sequence`` dimension is timed at the samples' median
+length (what a typical request costs) and at their longest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointRejected
+from ..plugins.api import InputSpec
+from ..registry.data import load_calibration, load_eval, load_text, load_train
+
+# Eval rows used for a quality score: enough for a stable accuracy, bounded for big sets.
+MAX_EVAL_ROWS = 4096
+SEQUENCE = "sequence"
+MASK = "attention_mask"
+
+
+@dataclass
+class SampleSet:
+    inputs: list[InputSpec]
+    samples: dict  # input name -> array, batch first
+    labels: np.ndarray | None
+    calibration: dict | None
+    train: dict | None
+    source: str  # where the samples came from: a file name, or "generated"
+
+
+def settle(loaded, directory: Path, count: int) -> SampleSet:
+    """The checkpoint's inputs as the pipeline uses them, and its sample, calibration and
+    training rows by input name."""
+    evaluation, eval_source = _rows(loaded, directory, "eval", load_eval)
+    calibration, calibration_source = _rows(loaded, directory, "calibration", load_calibration)
+    train, _ = _rows(loaded, directory, "train", load_train)
+    labels = evaluation.pop("labels", None) if evaluation is not None else None
+    if calibration is not None:
+        calibration.pop("labels", None)
+    if train is not None:
+        train.pop("labels", None)
+    data = evaluation if evaluation is not None else calibration
+    inputs = _resolve_inputs(loaded, data, directory)
+    if evaluation is not None:
+        samples = {k: v[:MAX_EVAL_ROWS] for k, v in evaluation.items()}
+        labels = labels[:MAX_EVAL_ROWS] if labels is not None else None
+        source = eval_source
+    elif calibration is not None:
+        samples, source = {k: v[:count] for k, v in calibration.items()}, calibration_source
+    else:
+        samples, source = generate(inputs, count), "generated"
+    samples = {spec.name: np.ascontiguousarray(samples[spec.name].astype(spec.dtype)) for spec in inputs}
+    return SampleSet(inputs, samples, labels, calibration, train, source)
+
+
+def _rows(loaded, directory: Path, kind: str, load_npz) -> tuple[dict | None, str]:
+    """``<kind>.npz`` or ``<kind>.jsonl`` as arrays by input name (+ ``labels``)."""
+    arrays = load_npz(directory)
+    if arrays is not None:
+        return _by_input_name(loaded, arrays, directory / f"{kind}.npz"), f"{kind}.npz"
+    text = load_text(directory, kind)
+    if text is None:
+        return None, ""
+    path = directory / f"{kind}.jsonl"
+    if loaded.tokenize is None:
+        raise CheckpointRejected(
+            f"{path}: text needs the model's tokenizer, and the checkpoint ships none; add its "
+            f"tokenizer files (tokenizer.json, tokenizer_config.json, ...) or ship {kind}.npz instead"
+        )
+    texts, labels = text
+    rows = loaded.tokenize(texts, _longest(loaded.inputs))
+    if labels is not None:
+        rows["labels"] = labels
+    return rows, f"{kind}.jsonl"
+
+
+def _longest(inputs: list[InputSpec]) -> int:
+    """The most tokens one row may hold: the sequence limit, else the sample length."""
+    for spec in inputs:
+        limit = dict(spec.limits).get(SEQUENCE)
+        if limit:
+            return int(limit)
+    return max((spec.shape[1] for spec in inputs if len(spec.shape) > 1), default=512)
+
+
+def _by_input_name(loaded, arrays: dict, path: Path) -> dict:
+    names = [spec.name for spec in loaded.inputs]
+    labels = {"labels": arrays["labels"]} if "labels" in arrays else {}
+    if names and all(name in arrays for name in names):
+        rows = {name: arrays[name] for name in names}
+    elif "inputs" in arrays and len(names) <= 1:
+        rows = {names[0] if names else "input": arrays["inputs"]}
+    else:
+        raise CheckpointRejected(
+            f"{path}: holds {sorted(arrays)}, but the model takes {names}; save one array per input "
+            "name (numpy.savez(path, input_ids=..., attention_mask=...)), or `inputs` for a model "
+            "with one input"
+        )
+    counts = {name: len(array) for name, array in rows.items()}
+    if len(set(counts.values())) != 1:
+        raise CheckpointRejected(f"{path}: its arrays have different numbers of rows: {counts}")
+    return {**rows, **labels}
+
+
+def _resolve_inputs(loaded, data: dict | None, directory: Path) -> list[InputSpec]:
+    """Shipped data decides the per-row shape (the sequence length of token ids, say)
+    when its rank fits the model's input; whether the model really takes it is settled
+    by the reference run that follows, which rejects the checkpoint with the error if not."""
+    if data is None:
+        if not loaded.inputs:
+            raise CheckpointRejected(
+                f"{directory}: the model's input shape is unknown; set input_shape in its "
+                "[architectures.<model>] table or ship eval.npz / calibration.npz"
+            )
+        return loaded.inputs
+    if not loaded.inputs:
+        ((name, array),) = data.items()
+        return [InputSpec(name, (-1, *array.shape[1:]), array.dtype.name)]
+    resolved = []
+    for spec in loaded.inputs:
+        array = data[spec.name]
+        if array.ndim != len(spec.shape):
+            raise CheckpointRejected(
+                f"{directory}: data for input {spec.name} has shape {array.shape[1:]} per row but "
+                f"the model takes {tuple(spec.shape[1:])}"
+            )
+        resolved.append(replace(spec, shape=(-1, *array.shape[1:])))
+    return resolved
+
+
+def generate(inputs: list[InputSpec], count: int, seed: int = 0) -> dict:
+    """Sample inputs for a model that ships no data. Token ids beside an attention mask
+    get lengths from an eighth of the sample length to all of it, padded with id 0."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    names = {spec.name for spec in inputs}
+    lengths = None
+    for spec in inputs:
+        shape = (count, *spec.shape[1:])
+        if np.dtype(spec.dtype).kind not in "iu":
+            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            continue
+        masked = MASK in names and SEQUENCE in spec.dims and len(shape) == 2
+        if masked and lengths is None:
+            lengths = rng.integers(max(1, shape[1] // 8), shape[1] + 1, size=count)
+        if spec.name == MASK and masked:
+            out[spec.name] = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(spec.dtype)
+        elif spec.name == "token_type_ids":
+            out[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        else:
+            values = rng.integers(0, spec.high or 2, size=shape).astype(spec.dtype)
+            if masked:
+                values[np.arange(shape[1])[None, :] >= lengths[:, None]] = 0
+            out[spec.name] = values
+    return out
+
+
+def lengths(inputs: list[InputSpec], samples: dict) -> dict | None:
+    """The samples' median and longest real length, for a model with a sequence input
+    (None otherwise): the median from the attention mask where there is one."""
+    sequence = [spec for spec in inputs if SEQUENCE in spec.dims]
+    if not sequence:
+        return None
+    longest = int(samples[sequence[0].name].shape[1])
+    mask = samples.get(MASK)
+    median = int(np.median(mask.sum(axis=1))) if mask is not None else longest
+    return {"median": max(1, median), "max": longest}
+
+
+def request_batch(inputs: list[dict], samples: dict, batch_size: int, length: int | None = None) -> dict:
+    """``batch_size`` requests as a caller sends them: the first rows of the samples
+    (repeated when there are fewer), cut to ``length`` tokens (every one of them real)
+    for the inputs with a sequence dimension."""
+    out = {}
+    for spec in inputs:
+        array = samples[spec["name"]]
+        reps = -(-batch_size // len(array))
+        rows = np.concatenate([array] * reps)[:batch_size]
+        if length is not None and SEQUENCE in (spec.get("dims") or ()):
+            rows = np.ones_like(rows[:, :length]) if spec["name"] == MASK else rows[:, :length]
+        out[spec["name"]] = np.ascontiguousarray(rows)
+    return out

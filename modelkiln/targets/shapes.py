@@ -1,0 +1,62 @@
+"""What both exporters are told about a model's inputs: example tensors to trace with, and
+which dimensions vary between requests (``InputSpec.dims``), with the same dimension
+object for inputs that share a name (token ids and their attention mask)."""
+
+from __future__ import annotations
+
+import inspect
+
+# The most rows one call may take: a bound torch.export wants for every dimension.
+MAX_BATCH = 65536
+
+
+def example_args(model, batch: int = 2):
+    """Inputs to trace ``model`` with, on the device its module's weights are on. Masks
+    are ones (nothing masked), other integer inputs zeros (a valid token id and type)."""
+    import torch
+
+    weights = next(iter(model.obj.parameters()), None) if isinstance(model.obj, torch.nn.Module) else None
+    device = weights.device if weights is not None else "cpu"
+    args = []
+    for spec in model.inputs:
+        shape = [batch, *spec.shape[1:]]
+        dtype = getattr(torch, spec.dtype)
+        if not spec.dtype.startswith("int"):
+            args.append(torch.randn(shape, dtype=dtype, device=device))
+        elif "mask" in spec.name:
+            args.append(torch.ones(shape, dtype=dtype, device=device))
+        else:
+            args.append(torch.zeros(shape, dtype=dtype, device=device))
+    return tuple(args)
+
+
+def dynamic_shapes(module, inputs) -> tuple:
+    """torch.export's ``dynamic_shapes`` for ``inputs`` (InputSpecs), shaped like
+    ``forward``'s signature: the specs of ``forward(self, *inputs)`` nest in one tuple."""
+    import torch
+
+    dims: dict = {}
+    specs = []
+    for spec in inputs:
+        limits = dict(spec.limits)
+        axes = {}
+        for axis, name in spec.dynamic().items():
+            if name not in dims:
+                dims[name] = torch.export.Dim(name, min=1, max=limits.get(name, MAX_BATCH))
+            axes[axis] = dims[name]
+        specs.append(axes)
+    kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+    return (tuple(specs),) if kinds == [inspect.Parameter.VAR_POSITIONAL] else tuple(specs)
+
+
+def onnx_axes(inputs, output_shape) -> tuple[dict, dict]:
+    """The ONNX exporter's ``dynamic_axes``: per input its named dimensions, and for the
+    output the batch plus every dimension as long as a named input dimension (the
+    sequence of an encoder's hidden states)."""
+    axes = {spec.name: spec.dynamic() for spec in inputs}
+    output = {0: "batch"}
+    sizes = {spec.shape[axis]: name for spec in inputs for axis, name in spec.dynamic().items() if axis > 0}
+    for axis, size in enumerate(output_shape):
+        if axis > 0 and size in sizes:
+            output[axis] = sizes[size]
+    return axes, output
