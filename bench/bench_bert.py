@@ -1,8 +1,8 @@
 """A BERT-base-sized encoder: the promoted variant against PyTorch fp32 eager.
 
 A Hugging Face folder holding `BertModel(BertConfig())` (110 M parameters, random
-init), with `calibration.npz` of token ids at sequence 128 so the daemon measures that
-length. `kiln optimize`'s path runs the recipes below on the `cpu` target (both
+init), with `calibration.npz` of token ids at sequence 128 (all real tokens: attention mask of
+ones) so the daemon measures that length. `kiln optimize`'s path runs the recipes below on the `cpu` target (both
 runtimes, 2 threads, batch 1). Then, in this process, the promoted artifact (loaded
 as serving code would) and the eager fp32 model take turns in interleaved rounds on the
 same inputs, so that both see the same machine; the ratio is of their medians. The
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved, optimize, print_table, recipes_config  # noqa: E402
+from common import encoder_rows, interleaved, optimize, print_table, recipes_config  # noqa: E402
 
 SEQ = 128
 RECIPES = [
@@ -48,7 +48,7 @@ def main():
     BertModel(BertConfig()).save_pretrained(str(staged), safe_serialization=True)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 30522, size=(64, SEQ)).astype(np.int64)
-    np.savez(staged / "calibration.npz", inputs=ids)
+    np.savez(staged / "calibration.npz", **encoder_rows(ids))
 
     started = time.time()
     variants, promoted = optimize(config, staged, "bert")
@@ -64,9 +64,9 @@ def main():
 
     runtime = load_plugins().runtimes[best["runtime"]]
     served = runtime.load(Path(best["path"]), best["file"], "cpu", 2)
-    one = {"input_ids": ids[:1]}
+    one = encoder_rows(ids[:1])
     medians = interleaved({"eager": lambda: eager(one), "promoted": lambda: served(one)}, "cpu", ROUNDS, RUNS)
-    check = {"input_ids": ids[:16]}
+    check = encoder_rows(ids[:16])
     a, b = eager(check).ravel(), np.asarray(served(check)).ravel()
     cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_bert import SEQ  # noqa: E402
-from common import interleaved, kiln_folder, optimize, print_table  # noqa: E402
+from common import encoder_rows, interleaved, kiln_folder, optimize, print_table  # noqa: E402
 
 BATCH = 32
 ROUNDS, RUNS = 5, 10
@@ -67,7 +67,7 @@ def main():
     staged = folder / "staged" / "bert"
     BertModel(BertConfig()).save_pretrained(str(staged), safe_serialization=True)
     ids = np.random.default_rng(0).integers(0, 30522, size=(64, SEQ)).astype(np.int64)
-    np.savez(staged / "calibration.npz", inputs=ids)
+    np.savez(staged / "calibration.npz", **encoder_rows(ids))
     started = time.time()
     variants, promoted = optimize(config, staged, "bert")
     elapsed = time.time() - started
@@ -79,7 +79,7 @@ def main():
 
     def promoted_call():
         with torch.inference_mode():
-            served.module(batch)
+            served.module(batch, mask, torch.zeros_like(batch))
 
     alone = interleaved({"promoted": promoted_call}, "cuda", ROUNDS, RUNS)["promoted"]
     eager = BertModel.from_pretrained(str(staged)).eval().cuda()

@@ -82,6 +82,13 @@ def optimize(config, checkpoint_dir: Path, model: str) -> tuple[list[dict], set[
     return variants, promoted
 
 
+def encoder_rows(ids):
+    """A BERT-style encoder's inputs for token ids of one length: nothing padded."""
+    import numpy as np
+
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
 def interleaved(calls: dict, device: str = "cpu", rounds: int = 7, runs: int = 8) -> dict:
     """Median ms per callable, measured in alternating rounds so that every callable sees
     the same machine; timed as the daemon times (``harness.stopwatch``: CUDA events on a

@@ -195,3 +195,12 @@ def test_corrupt_eval_file_is_rejected(tmp_path):
     with pytest.raises(CheckpointRejected, match="eval.npz"):
         load_eval(tmp_path)
     assert not zipfile.is_zipfile(tmp_path / "eval.npz")
+
+
+def test_a_torchscript_archive_is_rejected_with_what_to_ship_instead(tmp_path):
+    torch.jit.save(torch.jit.script(tiny_mlp()), str(tmp_path / "model.pt"))
+    with pytest.raises(CheckpointRejected) as raised:
+        StateDictFormat().load(tmp_path, LoadContext("tiny"))
+    reason = str(raised.value)
+    assert "TorchScript archive" in reason and "model.safetensors" in reason and "model.onnx" in reason
+    assert "weights_only=False" not in reason  # torch's own advice, never to be taken on such a file

@@ -157,6 +157,18 @@ class SafetensorsFormat(CheckpointFormat):
         return LoadedCheckpoint(self.name, inputs, module=module, info=info)
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip holding the module's code beside its constants."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(name.split("/", 1)[-1].startswith("code/") or name.endswith("/constants.pkl") for name in names)
+
+
 class StateDictFormat(CheckpointFormat):
     name = "state_dict"
     description = "PyTorch state dict (*.pt/*.pth) loaded with torch.load(weights_only=True) + factory"
@@ -170,6 +182,12 @@ class StateDictFormat(CheckpointFormat):
         import torch
 
         (path,) = [p for p in directory.iterdir() if p.suffix in (".pt", ".pth")]
+        if _is_torchscript(path):
+            raise CheckpointRejected(
+                f"{path}: is a TorchScript archive, which holds code and is never loaded; ship the "
+                "weights instead (model.safetensors, or a state dict saved with torch.save(model.state_dict())) "
+                "with a factory in [architectures.<model>], or the model exported to ONNX (model.onnx)"
+            )
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
