@@ -82,6 +82,47 @@ def optimize(config, checkpoint_dir: Path, model: str) -> tuple[list[dict], set[
     return variants, promoted
 
 
+# Standard-library modules whose docstrings give English sentences on every machine.
+_DOC_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures", "configparser",
+    "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "fractions", "functools",
+    "gzip", "hashlib", "heapq", "http.client", "inspect", "ipaddress", "itertools", "json", "logging",
+    "mailbox", "pathlib", "pickle", "queue", "random", "shutil", "statistics", "string", "tarfile",
+    "textwrap", "threading", "typing", "unittest", "urllib.parse", "zipfile",
+)
+
+
+def stdlib_sentences(count: int, offset: int = 0) -> list[str]:
+    """``count`` English sentences of natural lengths (4 to 45 words) from the Python
+    standard library's docstrings, in a fixed order; ``offset`` gives a disjoint set."""
+    import importlib
+    import inspect
+    import re
+    import zlib
+
+    found = set()
+    for name in _DOC_MODULES:
+        module = importlib.import_module(name)
+        docs = [inspect.getdoc(module)]
+        for attr in sorted(dir(module)):
+            value = getattr(module, attr, None)
+            # Submodules come and go with what else was imported: not a fixed set.
+            if not attr.startswith("_") and not inspect.ismodule(value):
+                docs.append(inspect.getdoc(value))
+        for doc in filter(None, docs):
+            text = " ".join(line.strip() for line in doc.splitlines()
+                            if line.strip() and not line.startswith((" ", ">>>", "-", "*", "..")))
+            for sentence in re.split(r"(?<=[.!?])\s+", text):
+                words = sentence.split()
+                if (4 <= len(words) <= 45 and sentence[0].isupper() and sentence[-1] in ".!?"
+                        and "=" not in sentence and "__" not in sentence):
+                    found.add(sentence)
+    ordered = sorted(found, key=lambda s: (zlib.crc32(s.encode()), s))
+    if len(ordered) < offset + count:
+        raise RuntimeError(f"only {len(ordered)} docstring sentences; asked for {offset + count}")
+    return ordered[offset:offset + count]
+
+
 def encoder_rows(ids):
     """A BERT-style encoder's inputs for token ids of one length: nothing padded."""
     import numpy as np

@@ -216,6 +216,25 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+# Samples run one at a time, unpadded, against their rows of the padded batch.
+ALONE_ROWS = 16
+
+
+def _padded_vs_alone(run, samples: dict, outputs: np.ndarray) -> float:
+    """The least cosine between a sample's pooled embedding in the padded batch and run
+    alone at its own length: 1.0 where padding and batch company change nothing (float
+    variants); dynamic int8 scales its activations per batch, so it shows there."""
+    mask = samples[MASK]
+    worst = 1.0
+    for row in range(min(ALONE_ROWS, len(mask))):
+        length = int(mask[row].sum())
+        alone = {k: np.ascontiguousarray(v[row:row + 1, :length]) for k, v in samples.items()}
+        single = np.asarray(run(alone), dtype=np.float32)
+        padded = outputs[row:row + 1, :length]
+        worst = min(worst, float(row_cosines(POOLED_COSINE, single, padded, alone[MASK])[0]))
+    return worst
+
+
 def measure_variant(spec: dict) -> dict:
     """Load the artifact as serving code would, score its quality, time it per batch size."""
     t0 = time.perf_counter()
@@ -264,6 +283,8 @@ def measure_variant(spec: dict) -> dict:
         checks["next_token_kl"] = next_token_kl(outputs, expected)
     elif metric in (COSINE, POOLED_COSINE):  # the mean decides; the worst sample is worth seeing
         checks["min_cosine"] = float(row_cosines(metric, outputs, expected, samples.get(MASK)).min())
+    if metric == POOLED_COSINE:
+        checks["padded_vs_alone_min_cosine"] = _padded_vs_alone(run, samples, outputs)
     return {
         "status": "measured",
         "checks": checks,

@@ -28,11 +28,15 @@ from ..plugins import hookimpl
 from ..plugins.api import ONNX, TORCH, ModelHandle, Param, Step
 from ..targets.harness import run_chunked
 from ..targets.onnxrt import session_runner
-from .smooth import smooth_module
+from .smooth import smooth_module, smooth_onnx
 from .tuning import tune
 
 # SmoothQuant's migration strength when the tuner tries smoothing (its paper's default).
 SMOOTH_ALPHA = 0.5
+# On the onnxruntime path, tried in turn: a pretrained MiniLM encoder's per-sentence cosine
+# was best at 0.7-0.8 and worse with 0.5 than without smoothing (BENCHMARKS.md), while an
+# extreme outlier channel (x1000) needs 0.5.
+ONNX_SMOOTH_ALPHAS = (0.8, 0.5)
 
 
 def _onnx_outputs(path, context) -> np.ndarray:
@@ -86,23 +90,37 @@ class Int8Dynamic(Step):
             # selection lists are matched against the rewritten node's name.
             return sorted({alias for node in nodes for alias in (node, f"{node}_MatMul")}) or None
 
-        def builder(per_channel):
+        def builder(per_channel, source=lambda: model.obj):
             def build(excluded, only):
                 out = context.new_path(f"int8_dynamic/{next(counter)}/model.onnx")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     quantize_dynamic(
-                        str(model.obj), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
+                        str(source()), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
                         nodes_to_exclude=names(excluded), nodes_to_quantize=names([only]) if only else None,
                     )
                 return out
             return build
 
+        def smoothed_builder(alpha):
+            smoothed = []
+
+            def source():
+                if not smoothed:  # smoothed once, on first use: the tuner may never need it
+                    path = context.new_path(f"int8_dynamic/smoothed-{alpha}/model.onnx")
+                    smooth_onnx(model.obj, context.calibration_inputs or context.sample_inputs, alpha, path)
+                    smoothed.append(path)
+                return smoothed[0]
+            return builder(True, source)
+
         build = builder(params["per_channel"])
         if params["tune"]:
-            # SmoothQuant works on the torch module, before export: chain quantize.smooth
-            # in front for onnxruntime; here the other weight-scale form is tried.
+            # Per-channel weight scales first (no cost at run time), then SmoothQuant on
+            # the graph with them (one Mul per smoothed activation), before any layer is
+            # kept in float (which costs the most).
             alternatives = [] if params["per_channel"] else [("per_channel", builder(True))]
+            alternatives += [(f"smoothed (alpha {alpha}), per_channel", smoothed_builder(alpha))
+                             for alpha in ONNX_SMOOTH_ALPHAS]
             out, record = tune(build, lambda path: context.quality(_onnx_outputs(path, context)),
                                _onnx_weighted_nodes(model.obj), context, params["tune_budget"], alternatives)
             context.record.update(record)

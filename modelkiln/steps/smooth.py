@@ -15,6 +15,10 @@ graph-level pass could fold it into a preceding LayerNorm). Per-channel maxima c
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Param, Step
@@ -86,6 +90,95 @@ def smooth_module(module, inputs, data: dict, alpha: float):
         renamed[name] = f"{name}.1"
     return module, renamed, {"smoothed_layers": len(ratios), "largest_scale_spread": max(ratios, default=1.0),
                              "alpha": alpha}
+
+
+def smooth_onnx(path: Path, data: dict, alpha: float, out: Path) -> dict:
+    """SmoothQuant on an ONNX graph, for models that reach the quantizer as ONNX: each
+    activation that feeds MatMuls or Gemms with a constant float weight (a block's q/k/v
+    share one) is multiplied by ``1 / s`` in a new ``Mul``, and those weights' input
+    channels by ``s``: exact in float. The maxima are read from the graph's own tensors on ``data``
+    (calibration arrays by input name, padded positions included: dynamic quantization
+    sees them too). Writes ``out``; returns the figures for the lineage."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    groups: dict[str, list] = {}
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or node.input[0] in weights or node.input[1] not in weights:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        tensor = weights[node.input[1]]
+        if (len(tensor.dims) == 2 and tensor.data_type == onnx.TensorProto.FLOAT
+                and not attributes.get("transA", 0)):
+            groups.setdefault(node.input[0], []).append(node)
+    if not groups:
+        raise StepNotApplicable("the model has no MatMul or Gemm with a float32 weight to smooth")
+
+    def input_axis(node) -> int:
+        """The weight's axis along the input channels: rows, or columns of a Gemm's B^T."""
+        transposed = any(a.name == "transB" and helper.get_attribute_value(a) for a in node.attribute)
+        return 1 if node.op_type == "Gemm" and transposed else 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in groups)
+    probe_path = out.parent / "smooth-probe.onnx"
+    onnx.save_model(probe, str(probe_path), save_as_external_data=probe.ByteSize() > 1_800_000_000,
+                    location=probe_path.name + ".data")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the names
+    session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
+    feeds = [i.name for i in session.get_inputs()]
+    names = list(groups)
+    maxima: dict = {}
+    rows = len(next(iter(data.values())))
+    for start in range(0, min(rows, CALIBRATION_ROWS), 64):
+        batch = {name: np.ascontiguousarray(data[name][start:start + 64]) for name in feeds}
+        for name, value in zip(names, session.run(names, batch)):
+            value = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            maxima[name] = np.maximum(maxima[name], value) if name in maxima else value
+    del session
+    for leftover in out.parent.glob(probe_path.name + "*"):
+        leftover.unlink()
+    scales, ratios = {}, []
+    for name, nodes in groups.items():
+        weight_max = np.max([np.abs(numpy_helper.to_array(weights[n.input[1]])).max(axis=1 - input_axis(n))
+                             for n in nodes], axis=0)
+        s = np.clip(np.clip(maxima[name], 1e-5, None) ** alpha / np.clip(weight_max, 1e-5, None) ** (1 - alpha),
+                    1e-5, None).astype(np.float32)
+        scales[name] = s
+        ratios.append(float(s.max() / s.min()))
+        for node in nodes:
+            scale = s[:, None] if input_axis(node) == 0 else s[None, :]
+            smoothed = numpy_helper.from_array(numpy_helper.to_array(weights[node.input[1]]) * scale,
+                                               f"{node.input[1]}.smoothed.{node.name}")
+            graph.initializer.append(smoothed)
+            node.input[1] = smoothed.name
+    # Each Mul goes right before the first node that reads its activation: the node list
+    # stays in topological order.
+    nodes, placed = [], set()
+    for node in graph.node:
+        for name in node.input:
+            if name in scales and name not in placed:
+                graph.initializer.append(numpy_helper.from_array(1.0 / scales[name], f"{name}.smooth_inverse"))
+                nodes.append(helper.make_node("Mul", [name, f"{name}.smooth_inverse"], [f"{name}.smoothed"],
+                                              name=f"{name}.smooth"))
+                placed.add(name)
+        if node.op_type in ("MatMul", "Gemm") and node.input[0] in scales and node in groups[node.input[0]]:
+            node.input[0] = f"{node.input[0]}.smoothed"
+        nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    onnx.save_model(model, str(out), save_as_external_data=model.ByteSize() > 1_800_000_000,
+                    location=out.name + ".data")
+    return {"smoothed_groups": len(scales), "largest_scale_spread": max(ratios), "alpha": alpha}
 
 
 class Smooth(Step):
