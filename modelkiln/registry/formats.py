@@ -80,16 +80,17 @@ class OnnxFormat(CheckpointFormat):
             if value.name in initializers:
                 continue
             tensor_type = value.type.tensor_type
-            dims = []
+            shape, names = [], []
             for i, dim in enumerate(tensor_type.shape.dim):
-                if dim.HasField("dim_value") and dim.dim_value > 0 and i > 0:
-                    dims.append(dim.dim_value)
-                else:
-                    dims.append(-1 if i == 0 else DEFAULT_SYMBOLIC_DIM)
+                fixed = dim.HasField("dim_value") and dim.dim_value > 0 and i > 0
+                shape.append(dim.dim_value if fixed else -1 if i == 0 else DEFAULT_SYMBOLIC_DIM)
+                # The graph's own names for the dimensions that vary, the first as the batch.
+                names.append(None if fixed else "batch" if i == 0 else dim.dim_param or f"dim{i}")
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
-            inputs.append(InputSpec(value.name, tuple(dims), dtype))
+            inputs.append(InputSpec(value.name, tuple(shape), dtype, dims=tuple(names)))
         info = {"opset": max((o.version for o in model.opset_import), default=0)}
-        return LoadedCheckpoint(self.name, inputs, onnx_path=path, info=info)
+        output = model.graph.output[0].name if model.graph.output else "output"
+        return LoadedCheckpoint(self.name, inputs, onnx_path=path, info=info, output=output)
 
 
 def import_factory(spec: str):

@@ -4,9 +4,9 @@
 ``quantize_dynamic`` for onnxruntime artifacts, ``torch.ao`` dynamic quantization of
 Linear layers for torch artifacts (saved as TorchScript, which carries the packed int8
 weights that torch.export cannot). Accuracy-aware by default: a result that misses the
-quality gate is tuned (``tuning.py``): first the other form is tried whole (per-channel
-weight scales on onnxruntime; SmoothQuant on torch, where the module is still at hand),
-then its most sensitive layers are kept in float.
+quality gate is tuned (``tuning.py``): first other forms are tried whole (on onnxruntime
+per-channel weight scales, then SmoothQuant on the graph; on torch SmoothQuant on the
+module), then the most sensitive layers are kept in float.
 
 ``quantize.int8_static``: int8 weights and uint8 activations with scales calibrated ahead
 of time, in onnxruntime's QDQ format (per-channel weights by default), after onnxruntime's
