@@ -24,6 +24,8 @@ from ..registry.data import load_calibration, load_eval, load_text, load_train
 
 # Eval rows used for a quality score: enough for a stable accuracy, bounded for big sets.
 MAX_EVAL_ROWS = 4096
+# For models that take sequences, whose reference outputs hold a vector per token.
+MAX_SEQUENCE_EVAL_ROWS = 512
 SEQUENCE = "sequence"
 MASK = "attention_mask"
 
@@ -52,8 +54,9 @@ def settle(loaded, directory: Path, count: int) -> SampleSet:
     data = evaluation if evaluation is not None else calibration
     inputs = _resolve_inputs(loaded, data, directory)
     if evaluation is not None:
-        samples = {k: v[:MAX_EVAL_ROWS] for k, v in evaluation.items()}
-        labels = labels[:MAX_EVAL_ROWS] if labels is not None else None
+        most = MAX_SEQUENCE_EVAL_ROWS if any(SEQUENCE in spec.dims for spec in inputs) else MAX_EVAL_ROWS
+        samples = {k: v[:most] for k, v in evaluation.items()}
+        labels = labels[:most] if labels is not None else None
         source = eval_source
     elif calibration is not None:
         samples, source = {k: v[:count] for k, v in calibration.items()}, calibration_source
