@@ -46,7 +46,10 @@ def architecture_of(module, factory: str | None = None) -> dict | None:
     config = getattr(inner, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         return {"class": type(inner).__name__, "config": config.to_dict(),
-                "attn_implementation": getattr(config, "_attn_implementation", None)}
+                "attn_implementation": getattr(config, "_attn_implementation", None),
+                # What the wrapper takes and returns, as the checkpoint's did.
+                "inputs": list(getattr(module, "input_names", ("input_ids",))),
+                "output": getattr(module, "output_name", None)}
     if factory:
         return {"factory": factory}
     return None
@@ -95,7 +98,7 @@ def save(module, directory: Path, shard_mb: int, architecture: dict, dtype: str 
 
 def skeleton(architecture: dict):
     """The module ``architecture`` describes, on the meta device: shapes, no memory. A
-    Hugging Face model comes in the wrapper that takes token ids, as the checkpoint did."""
+    Hugging Face model comes in the wrapper that takes its inputs, as the checkpoint did."""
     import torch
     import transformers
 
@@ -112,7 +115,7 @@ def skeleton(architecture: dict):
         if architecture.get("attn_implementation"):
             config._attn_implementation = architecture["attn_implementation"]
         with torch.device("meta"):
-            module = hf_wrapper(cls(config))
+            module = hf_wrapper(cls(config), architecture.get("inputs", ("input_ids",)), architecture.get("output"))
     if architecture.get("dtype"):  # computed in the type the weights were saved in
         module = module.to(getattr(torch, architecture["dtype"]))
     return module
