@@ -10,7 +10,7 @@ import click
 
 from .errors import KilnError
 from .files import write_whole
-from .units import format_size
+from .sizes import format_size
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 

@@ -13,7 +13,7 @@ import math
 from html import escape
 
 from . import policy as builtin_policy
-from .units import format_size
+from .sizes import format_size
 
 WIDTH, HEIGHT = 720, 380
 LEFT, RIGHT, TOP, BOTTOM = 70, 190, 24, 52
