@@ -78,6 +78,11 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
+    # Libraries write stray files into the working directory (onnxruntime's shape
+    # inference leaves a copy of the model, weights and all, when it gives up): they land
+    # in the job's scratch folder, which goes with the job, not beside the daemon.
+    sys.path[:] = [entry or os.getcwd() for entry in sys.path]
+    os.chdir(os.path.dirname(os.path.abspath(log_path)))
     # An address-space limit cannot apply to GPU work: CUDA maps far more address space
     # than memory it uses, and a spawned worker has not mapped torch yet.
     if memory_limit_mb and spec.get("target", {}).get("device", "cpu") == "cpu":
