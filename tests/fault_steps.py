@@ -55,6 +55,13 @@ def _fail_while_marked():
         raise OSError(28, "No space left on device")
 
 
+def _litter():
+    """Writes into the working directory, as onnxruntime's shape inference does when it
+    gives up: the file must land in the job's scratch folder."""
+    with open("stray.bin", "wb") as handle:
+        handle.write(b"\0" * 1024)
+
+
 class Heavy(Step):
     """The model plus a 512 x 512 matrix product whose result is multiplied by zero: the
     same outputs, a millisecond slower per call (torch.export keeps the product)."""
@@ -81,4 +88,4 @@ class Heavy(Step):
 @hookimpl
 def kiln_steps():
     return [Fault("raise", _raise), Fault("hang", _hang), Fault("hoard", _hoard), Fault("kill", _kill),
-            Fault("exit", _exit), Fault("flaky", _fail_while_marked), Heavy()]
+            Fault("exit", _exit), Fault("flaky", _fail_while_marked), Fault("litter", _litter), Heavy()]

@@ -50,7 +50,7 @@ def test_faulty_third_party_steps_fail_their_own_job_only(tmp_path, kiln_dir, ti
     site = tmp_path / "site"
     install_entry_point(site, "faults", "fault_steps")
     path = kiln_dir / "kiln.toml"
-    recipes = ", ".join(f'"{r}"' for r in ["baseline", *FAULTS])
+    recipes = ", ".join(f'"{r}"' for r in ["baseline", *FAULTS, "fault.litter"])
     text = re.sub(r"(?m)^recipes = \[[^\]]*\]", f"recipes = [{recipes}]", path.read_text())
     for old, new in (('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]'),
                      ("job_timeout_seconds = 1800.0", "job_timeout_seconds = 8.0"),
@@ -59,16 +59,21 @@ def test_faulty_third_party_steps_fail_their_own_job_only(tmp_path, kiln_dir, ti
         text = text.replace(old, new)
     path.write_text(text)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parent)])}
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     out = subprocess.run([sys.executable, "-m", "modelkiln", "optimize", str(tiny_checkpoint), "--model", "tiny",
                           "--version", "1", "--config", str(path)], capture_output=True, text=True, env=env,
-                         timeout=600)
+                         timeout=600, cwd=cwd)
     assert out.returncode == 0, out.stderr
+    # A step that writes into its working directory writes into its job's scratch folder.
+    assert list(cwd.iterdir()) == []
     store = open_store(load_config(path))
     with store.session() as session:
         variants = {v.recipe or "baseline": (v.status, v.reason) for v in queries.variants_of_model(session, "tiny")}
         promoted = [p.variant.recipe or "baseline" for p in queries.current_promotions(session)]
     store.dispose()
-    assert variants["baseline"] == ("succeeded", None) and promoted == ["baseline"]
+    assert variants["baseline"] == variants["fault.litter"] == ("succeeded", None)
+    assert promoted in (["baseline"], ["fault.litter"])  # the same model either way
     for recipe, reason in FAULTS.items():
         status, recorded = variants[recipe]
         assert status == "failed" and reason in recorded, (recipe, recorded)
