@@ -67,6 +67,17 @@ def _hf_truncated_weights(folder):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
+def _text_with_a_broken_line(folder):
+    from test_interface import tiny_encoder
+
+    tiny_encoder(folder / "hf")
+    for f in (folder / "hf").iterdir():
+        shutil.move(str(f), folder / f.name)
+    (folder / "hf").rmdir()
+    with open(folder / "calibration.jsonl", "a") as handle:
+        handle.write('{"text": "an unterminated string\n')
+
+
 CASES = {
     "empty safetensors": (_write("model.safetensors", b""), "model.safetensors"),
     "truncated safetensors": (_write("model.safetensors", lambda f: _safetensors_bytes()[:700]), "model.safetensors"),
@@ -78,6 +89,7 @@ CASES = {
     "corrupt onnx": (_write("model.onnx", lambda f: b"\x08\x07\x12garbage" + _onnx_bytes(f)[40:90]), "model.onnx"),
     "hugging face config cut off": (_hf_bad_config, "config.json"),
     "hugging face weights truncated": (_hf_truncated_weights, "model.safetensors"),
+    "calibration text with a broken line": (_text_with_a_broken_line, "calibration.jsonl"),
 }
 
 
@@ -91,7 +103,8 @@ def test_a_broken_checkpoint_is_rejected_with_a_reason_naming_the_file(config, t
         shutil.rmtree(leftover)
     checkpoint = optimize_once(config, folder, "tiny", "1")
     assert checkpoint.status == "rejected", (checkpoint.status, checkpoint.reason)
-    assert file in checkpoint.reason, checkpoint.reason
+    # The file where the user put it, not the daemon's snapshot of it.
+    assert str(folder / file) in checkpoint.reason, checkpoint.reason
     # The daemon goes on: a good checkpoint of the same model is processed next.
     assert optimize_once(config, tiny_checkpoint, "tiny", "2").status == "done"
 

@@ -46,7 +46,7 @@ class Outcomes:
                                     plan=self.planner.plan(checkpoint))
         else:
             units.record_inspection(session, job, checkpoint, "rejected" if outcome.status == "rejected" else "failed",
-                                    reason=outcome.reason)
+                                    reason=in_source_terms(outcome.reason, checkpoint))
 
     def _record_variant(self, session, job: Job, checkpoint: Checkpoint, outcome: Outcome | None) -> None:
         variant = queries.variant(session, job.variant_id)
@@ -68,6 +68,19 @@ class Outcomes:
                 staging.rename(final)
         document = json.loads((final / VARIANT_FILE).read_text())
         units.record_variant(session, job, variant, str(final), document)
+
+
+def in_source_terms(reason: str | None, checkpoint: Checkpoint) -> str | None:
+    """``reason`` naming the files where the user put them, not the snapshot the worker
+    read: the version folder for a local registry, the version's URI otherwise."""
+    if not reason:
+        return reason
+    source = checkpoint.source_uri
+    if source.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        source = unquote(urlparse(source).path)
+    return reason.replace(checkpoint.snapshot_path, source.rstrip("/"))
 
 
 def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:

@@ -95,7 +95,10 @@ def load_text(directory: Path, kind: str) -> tuple[list[str], np.ndarray | None]
             for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"line {number}: {exc.msg} (column {exc.colno})") from None
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise ValueError(f'line {number} is not an object with a "text" string')
                 label = row.get("label")
