@@ -62,8 +62,24 @@ def settle(loaded, directory: Path, count: int) -> SampleSet:
         samples, source = {k: v[:count] for k, v in calibration.items()}, calibration_source
     else:
         samples, source = generate(inputs, count), "generated"
+    if source != "generated":
+        inputs, samples = _without_spare_padding(inputs, samples)
     samples = {spec.name: np.ascontiguousarray(samples[spec.name].astype(spec.dtype)) for spec in inputs}
     return SampleSet(inputs, samples, labels, calibration, train, source)
+
+
+def _without_spare_padding(inputs: list[InputSpec], samples: dict) -> tuple[list[InputSpec], dict]:
+    """Rows taken from a longer file were padded to its longest line: cut the columns no
+    sample uses (right-padded token inputs only; some tokenizers pad on the left)."""
+    tokens = [spec for spec in inputs if SEQUENCE in spec.dims and len(spec.shape) == 2]
+    mask = samples.get(MASK)
+    if mask is None or not tokens:
+        return inputs, samples
+    longest = max(1, int(mask.sum(axis=1).max()))
+    if not (mask[:, longest:] == 0).all():
+        return inputs, samples
+    samples = {k: v[:, :longest] if any(k == spec.name for spec in tokens) else v for k, v in samples.items()}
+    return [replace(spec, shape=(-1, longest)) if spec in tokens else spec for spec in inputs], samples
 
 
 def _rows(loaded, directory: Path, kind: str, load_npz) -> tuple[dict | None, str]:
