@@ -20,7 +20,7 @@ def test_a_causal_lm_is_measured_by_prefill_and_decode(kiln_dir, tmp_path):
         'runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]')
     (kiln_dir / "kiln.toml").write_text(text)
     config = load_config(kiln_dir / "kiln.toml")
-    check_decoding(config, tmp_path, "cpu")
+    check_decoding(config, tmp_path, "cpu", with_text=True)
     out = subprocess.run([sys.executable, "-m", "modelkiln", "variants", "llm", "--config", str(kiln_dir / "kiln.toml")],
                          capture_output=True, text=True, check=True).stdout
     assert "ms/token" in out and "prefill of a 32-token prompt" in out
@@ -28,11 +28,16 @@ def test_a_causal_lm_is_measured_by_prefill_and_decode(kiln_dir, tmp_path):
     for variant in all_variants(config, "llm"):
         metrics = variant["metrics"]
         assert metrics["quality_metric"] == "next_token_top1" and metrics["baseline_quality"] == 1.0
-        kl = json.loads((Path(variant["path"]) / "variant.json").read_text())["metrics"]["checks"]["next_token_kl"]
+        checks = json.loads((Path(variant["path"]) / "variant.json").read_text())["metrics"]["checks"]
+        kl = checks["next_token_kl"]
+        # Perplexity on the shipped text, packed into windows of real tokens, beside the original's.
+        assert 1 < checks["baseline_perplexity"] < 1000
         if variant["recipe"] == "baseline":
             assert metrics["quality"] == 1.0 and kl < 1e-6
+            assert abs(checks["perplexity"] - checks["baseline_perplexity"]) < 1e-6 * checks["baseline_perplexity"]
         else:  # bf16: a few near-ties may flip, the distributions stay close
             assert metrics["quality"] >= 0.9 and 0 < kl < 0.05, (metrics["quality"], kl)
+            assert abs(checks["perplexity"] / checks["baseline_perplexity"] - 1) < 0.05
 
 
 def test_the_llm_gate_rejects_a_variant_whose_next_tokens_drift():
@@ -64,16 +69,42 @@ def tiny_llama():
         num_key_value_heads=2, max_position_embeddings=128)).eval()
 
 
-def check_decoding(config, tmp_path, device):
+def word_tokenizer(folder: Path, vocab_size: int = 256):
+    """A word-level tokenizer of at most ``vocab_size`` tokens, saved into ``folder``."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w.strip(".,").lower() for w in TEXT.split()})[: vocab_size - 2]
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>").save_pretrained(str(folder))
+
+
+TEXT = ("the daemon watches a folder of models and every new checkpoint is quantized pruned and measured "
+        "on each target before the fastest variant that keeps its quality is promoted for serving code")
+
+
+def check_decoding(config, tmp_path, device, with_text=False):
     """A tiny Llama through the pipeline: every variant has decode figures, and the
-    baseline's greedy tokens are those of transformers' own generate on ``device``."""
+    baseline's greedy tokens are those of transformers' own generate on ``device``.
+    ``with_text``: the checkpoint ships its tokenizer and ``calibration.jsonl``."""
     from modelkiln.targets.decoding import NEW_TOKENS, PROMPT_TOKENS, prompt_ids
 
     model = tiny_llama()
     folder = tmp_path / "llm"
     model.save_pretrained(str(folder), safe_serialization=True)
+    if with_text:
+        word_tokenizer(folder)
+        lines = [json.dumps({"text": " ".join(TEXT.split()[i:] + TEXT.split()[:i])}) for i in range(40)]
+        (folder / "calibration.jsonl").write_text("\n".join(lines) + "\n")
     checkpoint = optimize_once(config, folder, "llm", timeout=300)
     assert checkpoint.status == "done", checkpoint.reason
+    if with_text:  # the text, end to end, in windows of the sample length
+        assert checkpoint.info["sample_source"] == "calibration.jsonl"
+        assert checkpoint.info["inputs"][0]["shape"] == [-1, 128]
     variants = all_variants(config, "llm")
     assert {v["status"] for v in variants} == {"succeeded"}, {v["variant"]: v.get("reason") for v in variants}
     for variant in variants:

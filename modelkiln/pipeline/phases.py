@@ -27,6 +27,7 @@ from ..targets.quality import (
     Gate,
     choose_metric,
     next_token_kl,
+    perplexity,
     row_cosines,
     score,
 )
@@ -281,6 +282,9 @@ def measure_variant(spec: dict) -> dict:
     checks = dict(getattr(run, "details", {}))
     if metric == NEXT_TOKEN_TOP1:
         checks["next_token_kl"] = next_token_kl(outputs, expected)
+        # On the sample text itself: how well each variant predicts it, beside the original.
+        checks["perplexity"] = perplexity(outputs, samples["input_ids"])
+        checks["baseline_perplexity"] = perplexity(expected, samples["input_ids"])
     elif metric in (COSINE, POOLED_COSINE):  # the mean decides; the worst sample is worth seeing
         checks["min_cosine"] = float(row_cosines(metric, outputs, expected, samples.get(MASK)).min())
     if metric == POOLED_COSINE:

@@ -309,6 +309,23 @@ def _encoder_inputs(model, tokenizer) -> tuple[str, ...]:
     return tuple(name for name in accepted if name in wanted)
 
 
+def _text_windows(tokenizer, length: int):
+    """``tokenize`` for a causal LM: the texts' tokens end to end (an end-of-text token
+    between texts), cut into rows of ``length``, as language models are evaluated: no
+    padding, every position a real next token."""
+
+    def tokenize(texts: list[str], max_length: int) -> dict:
+        import numpy as np
+
+        separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        stream = [token for text in texts for token in tokenizer(text)["input_ids"] + separator]
+        width = min(length, len(stream))
+        rows = len(stream) // width
+        return {"input_ids": np.asarray(stream[:rows * width], dtype=np.int64).reshape(rows, width)}
+
+    return tokenize
+
+
 def _output_name(model, input_names) -> str:
     """The name of the result serving code reads (``logits``, ``last_hidden_state``)."""
     import torch
@@ -365,14 +382,15 @@ class HuggingFaceFormat(CheckpointFormat):
         }
         serving_files = sorted(
             name for name in ("config.json", *TOKENIZER_FILES) if (directory / name).is_file())
+        tokenizer = _tokenizer(directory)
         if hasattr(model, "can_generate") and model.can_generate():
             # A causal language model: token ids of the sample length, as its decoding
-            # program and tensor-parallel ranks take them.
+            # program and tensor-parallel ranks take them; text becomes windows of it.
             length = min(DEFAULT_SEQUENCE_LENGTH, positions)
             inputs = [InputSpec("input_ids", (-1, length), "int64", high=int(vocab))]
             return LoadedCheckpoint(self.name, inputs, module=hf_wrapper(model), info=info,
+                                    tokenize=_text_windows(tokenizer, length) if tokenizer is not None else None,
                                     serving_files=serving_files)
-        tokenizer = _tokenizer(directory)
         limit = positions - 2 if getattr(model.config, "model_type", "") in _PADDING_OFFSET_POSITIONS else positions
         if tokenizer is not None and 0 < getattr(tokenizer, "model_max_length", 0) < limit:
             limit = int(tokenizer.model_max_length)

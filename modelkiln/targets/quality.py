@@ -81,6 +81,16 @@ def next_token_kl(outputs: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=-1)))
 
 
+def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    """exp of the mean negative log-likelihood of each next token of ``ids`` under the
+    ``logits`` at the position before it ([rows, positions, vocab], teacher-forced)."""
+    x = logits[:, :-1].astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    log_probs = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, ids[:, 1:, None].astype(np.int64), axis=-1)
+    return float(np.exp(-picked.mean()))
+
+
 def relative_drop(quality: float, baseline: float) -> float:
     """How much worse than the baseline, as a fraction of it (negative: better)."""
     if baseline == 0:
