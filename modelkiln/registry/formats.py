@@ -309,6 +309,11 @@ def _encoder_inputs(model, tokenizer) -> tuple[str, ...]:
     return tuple(name for name in accepted if name in wanted)
 
 
+# Windows of text a causal LM is judged on at most: its reference holds a distribution over
+# the vocabulary at every position (64 x 128 positions x 32 000 tokens: 1 GiB).
+MAX_TEXT_WINDOWS = 64
+
+
 def _text_windows(tokenizer, length: int):
     """``tokenize`` for a causal LM: the texts' tokens end to end (an end-of-text token
     between texts), cut into rows of ``length``, as language models are evaluated: no
@@ -320,7 +325,7 @@ def _text_windows(tokenizer, length: int):
         separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         stream = [token for text in texts for token in tokenizer(text)["input_ids"] + separator]
         width = min(length, len(stream))
-        rows = len(stream) // width
+        rows = min(len(stream) // width, MAX_TEXT_WINDOWS)
         return {"input_ids": np.asarray(stream[:rows * width], dtype=np.int64).reshape(rows, width)}
 
     return tokenize
