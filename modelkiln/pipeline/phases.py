@@ -23,6 +23,7 @@ from ..targets import harness
 from ..targets.quality import (
     COSINE,
     NEXT_TOKEN_TOP1,
+    PERPLEXITY_RATIO,
     POOLED_COSINE,
     Gate,
     choose_metric,
@@ -89,8 +90,9 @@ def inspect_checkpoint(spec: dict) -> dict:
 
     causal_lm = loaded.module is not None and find_causal_lm(loaded.module) is not None
     mask = rows.get(MASK)
-    metric = choose_metric(reference, settled.labels, causal_lm, masked=mask is not None)
-    baseline_quality = score(metric, reference, reference, settled.labels, mask)
+    metric = choose_metric(reference, settled.labels, causal_lm, masked=mask is not None,
+                           real_data=settled.source != "generated")
+    baseline_quality = score(metric, reference, reference, settled.labels, mask, rows.get("input_ids"))
     arrays = {f"input:{k}": v for k, v in rows.items()}
     arrays["reference"] = reference
     if settled.labels is not None:
@@ -180,7 +182,8 @@ def build_variant(spec: dict) -> dict:
         Path(spec["work_dir"]), target["name"], runtime.name, target["device"], target["threads"], samples,
         calibration, training,
         gate=Gate(inspected["quality_metric"], arrays["reference"], arrays.get("labels"),
-                  inspected["baseline_quality"], spec.get("max_quality_drop", 0.01), samples.get(MASK)),
+                  inspected["baseline_quality"], spec.get("max_quality_drop", 0.01), samples.get(MASK),
+                  samples.get("input_ids")),
         devices=target.get("devices", 1), memory_mb=target.get("memory_mb", 0),
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
@@ -249,7 +252,7 @@ def measure_variant(spec: dict) -> dict:
     outputs = harness.run_chunked(run, samples, _INFER_CHUNK).astype(np.float32)
     metric = inspected["quality_metric"]
     expected = arrays["reference"].astype(np.float32)
-    quality = score(metric, outputs, expected, arrays.get("labels"), samples.get(MASK))
+    quality = score(metric, outputs, expected, arrays.get("labels"), samples.get(MASK), samples.get("input_ids"))
     settings = spec["measure"]
     timer = harness.timer_for(run)
 
@@ -280,8 +283,9 @@ def measure_variant(spec: dict) -> dict:
     decode = run.time_decoding() if hasattr(run, "time_decoding") else None
     # What the runtime checked while loading (e.g. a sharded variant's equality check).
     checks = dict(getattr(run, "details", {}))
-    if metric == NEXT_TOKEN_TOP1:
+    if metric in (NEXT_TOKEN_TOP1, PERPLEXITY_RATIO):
         checks["next_token_kl"] = next_token_kl(outputs, expected)
+        checks["next_token_top1"] = score(NEXT_TOKEN_TOP1, outputs, expected, None)
         # On the sample text itself: how well each variant predicts it, beside the original.
         checks["perplexity"] = perplexity(outputs, samples["input_ids"])
         checks["baseline_perplexity"] = perplexity(expected, samples["input_ids"])
