@@ -29,6 +29,7 @@ from ..targets.quality import (
     choose_metric,
     next_token_kl,
     perplexity,
+    perplexity_ratio,
     row_cosines,
     score,
 )
@@ -93,6 +94,8 @@ def inspect_checkpoint(spec: dict) -> dict:
     metric = choose_metric(reference, settled.labels, causal_lm, masked=mask is not None,
                            real_data=settled.source != "generated")
     baseline_quality = score(metric, reference, reference, settled.labels, mask, rows.get("input_ids"))
+    # The original's perplexity on its samples: once here, not again in every variant's job.
+    baseline_perplexity = perplexity(reference, rows["input_ids"]) if causal_lm and reference.ndim == 3 else None
     arrays = {f"input:{k}": v for k, v in rows.items()}
     arrays["reference"] = reference
     if settled.labels is not None:
@@ -114,6 +117,7 @@ def inspect_checkpoint(spec: dict) -> dict:
         "serving_files": loaded.serving_files,
         "quality_metric": metric,
         "baseline_quality": baseline_quality,
+        "baseline_perplexity": baseline_perplexity,
         "samples": int(len(reference)),
         "info": loaded.info,
         "seconds": time.perf_counter() - started,
@@ -252,7 +256,14 @@ def measure_variant(spec: dict) -> dict:
     outputs = harness.run_chunked(run, samples, _INFER_CHUNK).astype(np.float32)
     metric = inspected["quality_metric"]
     expected = arrays["reference"].astype(np.float32)
-    quality = score(metric, outputs, expected, arrays.get("labels"), samples.get(MASK), samples.get("input_ids"))
+    language_model = metric in (NEXT_TOKEN_TOP1, PERPLEXITY_RATIO)
+    if language_model:  # each perplexity computed once: the quality and the checks share them
+        variant_perplexity = perplexity(outputs, samples["input_ids"])
+        baseline_perplexity = inspected.get("baseline_perplexity") or perplexity(expected, samples["input_ids"])
+    if metric == PERPLEXITY_RATIO:
+        quality = perplexity_ratio(baseline_perplexity, variant_perplexity)
+    else:
+        quality = score(metric, outputs, expected, arrays.get("labels"), samples.get(MASK))
     settings = spec["measure"]
     timer = harness.timer_for(run)
 
@@ -283,12 +294,12 @@ def measure_variant(spec: dict) -> dict:
     decode = run.time_decoding() if hasattr(run, "time_decoding") else None
     # What the runtime checked while loading (e.g. a sharded variant's equality check).
     checks = dict(getattr(run, "details", {}))
-    if metric in (NEXT_TOKEN_TOP1, PERPLEXITY_RATIO):
+    if language_model:
         checks["next_token_kl"] = next_token_kl(outputs, expected)
         checks["next_token_top1"] = score(NEXT_TOKEN_TOP1, outputs, expected, None)
         # On the sample text itself: how well each variant predicts it, beside the original.
-        checks["perplexity"] = perplexity(outputs, samples["input_ids"])
-        checks["baseline_perplexity"] = perplexity(expected, samples["input_ids"])
+        checks["perplexity"] = variant_perplexity
+        checks["baseline_perplexity"] = baseline_perplexity
     elif metric in (COSINE, POOLED_COSINE):  # the mean decides; the worst sample is worth seeing
         checks["min_cosine"] = float(row_cosines(metric, outputs, expected, samples.get(MASK)).min())
     if metric == POOLED_COSINE:

@@ -70,7 +70,7 @@ def score(metric: str, outputs: np.ndarray, reference: np.ndarray, labels: np.nd
     if outputs.shape != reference.shape:
         raise ValueError(f"output shape {outputs.shape} differs from the original's {reference.shape}")
     if metric == PERPLEXITY_RATIO:
-        return perplexity(reference, ids) / perplexity(outputs, ids)
+        return perplexity_ratio(perplexity(reference, ids), perplexity(outputs, ids))
     if metric == ACCURACY:
         return float(np.mean(outputs.argmax(axis=-1) == labels))
     if metric in (TOP1_AGREEMENT, NEXT_TOKEN_TOP1):  # for logits [rows, positions, vocab]: every position
@@ -91,12 +91,22 @@ def next_token_kl(outputs: np.ndarray, reference: np.ndarray) -> float:
 
 def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
     """exp of the mean negative log-likelihood of each next token of ``ids`` under the
-    ``logits`` at the position before it ([rows, positions, vocab], teacher-forced)."""
-    x = logits[:, :-1].astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    log_probs = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    picked = np.take_along_axis(log_probs, ids[:, 1:, None].astype(np.int64), axis=-1)
-    return float(np.exp(-picked.mean()))
+    ``logits`` at the position before it ([rows, positions, vocab], teacher-forced). One
+    row at a time: a large vocabulary's log-probabilities for every row at once would
+    take gigabytes."""
+    total, count = 0.0, 0
+    for row_logits, row_ids in zip(logits, ids):
+        x = row_logits[:-1].astype(np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        log_probs = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+        total -= float(np.take_along_axis(log_probs, row_ids[1:, None].astype(np.int64), axis=-1).sum())
+        count += len(row_ids) - 1
+    return float(np.exp(total / count))
+
+
+def perplexity_ratio(baseline_perplexity: float, variant_perplexity: float) -> float:
+    """The ``perplexity_ratio`` quality: 1.0 for the original, below when worse."""
+    return baseline_perplexity / variant_perplexity
 
 
 def relative_drop(quality: float, baseline: float) -> float:
