@@ -134,30 +134,101 @@ def optimize(config_path, path, model, version):
             raise click.BadParameter(f"{kind} name {name!r} must match [A-Za-z0-9][A-Za-z0-9._+-]*; pass --{kind}")
     daemon = Daemon(config, watch=False, schedule=False)
     daemon.start()
+    bars = ProgressBars(click.get_text_stream("stderr"))
     try:
         checkpoint_id = daemon.ingest_path(Candidate(model, version, folder))
         if checkpoint_id is None:
             raise KilnError(f"{folder}: could not be ingested (see the log above)")
-        shown = None
         while True:
             daemon.run_once(0.1)
             with daemon.store.session() as session:
                 checkpoint = queries.checkpoint(session, checkpoint_id)
                 jobs = queries.jobs_of(session, checkpoint_id)
-                ended = sum(j.state in queries.TERMINAL_JOB_STATES for j in jobs)
-                progress = (checkpoint.status, ended, len(jobs))
-                if progress != shown:
-                    shown = progress
-                    click.echo(f"{model}/{version}: {checkpoint.status}, {ended}/{len(jobs)} jobs done", err=True)
-                if checkpoint.status in ("done", "rejected", "failed", "duplicate"):
+                bars.show(f"{model}/{version}", checkpoint.status, jobs,
+                          {job_id: daemon.executor.progress(job_id) for job_id in daemon.executor.running_jobs})
+                if checkpoint.status in ("done", "rejected", "failed", "duplicate", "cancelled"):
                     break
                 if not daemon.available_targets and checkpoint.status == "ready":
                     raise KilnError("no configured target is available on this host; see `kiln targets`")
     finally:
+        bars.close()
         daemon.stop(5)
-    if checkpoint.status in ("rejected", "failed"):
+    if checkpoint.status in ("rejected", "failed", "cancelled"):
         raise KilnError(f"{model}/{version} {checkpoint.status}: {checkpoint.reason}")
     _print_variants(config, model, as_json=False)
+
+
+class ProgressBars:
+    """`kiln optimize`'s view of its jobs: a bar per running job (the step it is in, k of
+    n where the step reports it, elapsed time), redrawn in place on a terminal and printed
+    as a line every few seconds otherwise, and a line as each job ends."""
+
+    WIDTH = 24
+    PLAIN_SECONDS = 10.0
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.ended: set[int] = set()
+        self.drawn = 0
+        self.last = 0.0
+        self.status = None
+
+    def show(self, name: str, status: str, jobs: list, reports: dict) -> None:
+        import time
+
+        from .pipeline.progress import describe
+        from .sizes import format_duration
+        from .store.models import utcnow
+        from .store.queries import TERMINAL_JOB_STATES
+
+        lines = []
+        if status != self.status:
+            self.status = status
+            lines.append(f"{name}: {status}")
+        for job in jobs:
+            if job.state in TERMINAL_JOB_STATES and job.id not in self.ended:
+                self.ended.add(job.id)
+                label = job.kind if job.variant is None else f"{job.variant.runtime}:{job.variant.recipe or 'baseline'}"
+                lines.append(f"  {len(self.ended)}/{len(jobs)} {label}: {job.state}"
+                             + (f" ({job.reason})" if job.reason else ""))
+        bars = []
+        for job in jobs:
+            if job.state != "running" or job.started_at is None:
+                continue
+            report = reports.get(job.id) or {}
+            done, total = report.get("done"), report.get("total")
+            share = done / total if done is not None and total else 0.0
+            bar = "#" * int(share * self.WIDTH) + "." * (self.WIDTH - int(share * self.WIDTH))
+            label = job.kind if job.variant is None else f"{job.variant.runtime}:{job.variant.recipe or 'baseline'}"
+            elapsed = format_duration((utcnow() - job.started_at).total_seconds())
+            bars.append(f"  [{bar}] {label}  {describe(report) or 'starting'}  {elapsed}")
+        now = time.monotonic()
+        if self.tty:
+            self._clear()
+            for line in lines:
+                self.stream.write(line + "\n")
+            for line in bars:
+                self.stream.write(line[:200] + "\n")
+            self.drawn = len(bars)
+        else:
+            for line in lines:
+                self.stream.write(line + "\n")
+            if bars and now - self.last >= self.PLAIN_SECONDS:
+                self.last = now
+                for line in bars:
+                    self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _clear(self) -> None:
+        for _ in range(self.drawn):
+            self.stream.write("\x1b[1A\x1b[2K")
+        self.drawn = 0
+
+    def close(self) -> None:
+        if self.tty:
+            self._clear()
+            self.stream.flush()
 
 
 @main.command()
@@ -167,29 +238,48 @@ def status(config_path, as_json):
     """Checkpoints and their status, jobs by state, promotions."""
     from .store import queries, views
 
+    from .pipeline.progress import describe
+    from .sizes import format_duration
+
     config = _load(config_path)
     store = _store(config)
     with store.session() as session:
         checkpoints = [views.checkpoint_dict(c) for c in queries.checkpoints(session)]
         jobs = queries.job_counts(session)
+        running = [views.running_job_dict(j) for j in queries.running_jobs(session)]
         promotions = len(queries.current_promotions(session))
     if as_json:
-        click.echo(json.dumps({"checkpoints": checkpoints, "jobs": jobs, "promotions": promotions}, indent=2))
+        click.echo(json.dumps({"checkpoints": checkpoints, "jobs": jobs, "running": running,
+                               "promotions": promotions}, indent=2))
         return
     rows = [[c["model"], c["version"], c["status"], c["format"], c["content_hash"][:12], c.get("reason", "")]
             for c in checkpoints]
     click.echo(table(rows, ["model", "version", "status", "format", "hash", "reason"]))
     click.echo("\njobs: " + (", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"))
-    click.echo(f"promoted (model, target) pairs: {promotions}")
+    if running:
+        click.echo("\nrunning:")
+        click.echo(table([[j["id"], f"{j['model']}/{j['version']}", j["target"] or "", j["variant"] or j["kind"],
+                           describe(j["progress"]), format_duration(j["elapsed_seconds"]),
+                           format_duration(j["left_seconds"]), j["host"]] for j in running],
+                         ["job", "checkpoint", "target", "variant", "doing", "elapsed", "left (about)", "host"]))
+    click.echo(f"\npromoted (model, target) pairs: {promotions}")
 
 
 def _print_variants(config, model, as_json):
     from .store import queries, views
 
+    from .sizes import format_duration
+
     store = _store(config)
     with store.session() as session:
         variants = views.with_parents([views.variant_dict(v) for v in queries.variants_of_model(session, model)])
         promoted = {p.variant_id for p in queries.current_promotions(session)}
+        running = {variant_id: views.running_job_dict(job)
+                   for variant_id, job in queries.running_of_variants(session, [v["id"] for v in variants]).items()}
+    for v in variants:  # a variant whose job runs shows as running, with how long so far
+        if v["id"] in running:
+            v["status"] = "running"
+            v["elapsed_seconds"] = running[v["id"]]["elapsed_seconds"]
     if as_json:
         click.echo(json.dumps(variants, indent=2))
         return
@@ -208,7 +298,8 @@ def _print_variants(config, model, as_json):
         decode = m.get("decode") or {}
         rows.append([
             "*" if v["id"] in promoted else "", v["version"], v["target"], v["variant"],
-            (v["parent"] or "").split(":", 1)[-1], v["status"],
+            (v["parent"] or "").split(":", 1)[-1],
+            v["status"] + (f" {format_duration(v['elapsed_seconds'])}" if v["status"] == "running" else ""),
             _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")),
             *([_fmt_ms((m.get("runoff") or {}).get("latency_p50_ms"))] if raced else []),
             *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token"))] if decoding else []),
@@ -270,10 +361,10 @@ def report(config_path, model, out_dir):
 @click.argument("model")
 @click.argument("version", required=False)
 def retry(config_path, model, version):
-    """Send MODEL's failed work back (all versions, or VERSION).
+    """Send MODEL's failed or cancelled work back (all versions, or VERSION).
 
-    Rejected or failed checkpoints are inspected again; a checkpoint whose inspection
-    succeeded has its failed variant jobs run again, after which the targets they are on
+    Rejected, failed or cancelled checkpoints are inspected again; a checkpoint whose
+    inspection succeeded has its failed and cancelled variant jobs run again, after which the targets they are on
     decide their promotion again. For causes outside the checkpoint's content: a factory
     added to the config, a disk freed, an overloaded host. A running daemon picks them up
     within seconds; `kiln optimize` or the next `kiln serve` otherwise.
@@ -284,14 +375,48 @@ def retry(config_path, model, version):
     with _store(config).session() as session:
         retried = units.retry_checkpoints(session, model, version)
     if not retried:
-        raise KilnError(f"{model}{'/' + version if version else ''}: no rejected or failed checkpoint, "
-                        "and no failed variant job, to retry")
+        raise KilnError(f"{model}{'/' + version if version else ''}: no rejected, failed or cancelled "
+                        "checkpoint, and no failed or cancelled variant job, to retry")
     for checkpoint, jobs in retried:
         if jobs:
             click.echo(f"{checkpoint.model}/{checkpoint.version} ({checkpoint.content_hash[:12]}): "
-                       f"{jobs} failed variant job(s) will run again")
+                       f"{jobs} failed or cancelled variant job(s) will run again")
             continue
         click.echo(f"{checkpoint.model}/{checkpoint.version} ({checkpoint.content_hash[:12]}): will be inspected again")
+
+
+@main.command()
+@config_option
+@click.argument("model")
+@click.argument("version", required=False)
+@click.option("--recipe", help="Only the variants of this recipe (as `kiln variants` shows it; \"baseline\" too).")
+@click.option("--target", help="Only jobs on this target.")
+def cancel(config_path, model, version, recipe, target):
+    """End MODEL's pending and running jobs (all versions, or VERSION).
+
+    They are recorded as cancelled and never run again by themselves; a running one is
+    stopped by its daemon within seconds. The checkpoint's promotion is then decided among
+    the variants measured so far. `kiln retry` sends cancelled work back.
+    """
+    from .plugins.recipes import parse_recipe
+    from .store import queries, units
+
+    config = _load(config_path)
+    if recipe is not None and recipe != "baseline":
+        from .plugins.manager import plugins_for
+
+        recipe = parse_recipe(recipe, plugins_for(config).steps, "--recipe").text
+    with _store(config).session() as session:
+        jobs = queries.open_jobs_to_cancel(session, model, version, recipe, target)
+        ended = units.cancel_jobs(session, jobs, "cancelled by `kiln cancel`")
+        lines = [f"job {j.id}: {j.checkpoint.model}/{j.checkpoint.version} "
+                 + (f"{j.target} {j.variant.runtime}:{j.variant.recipe or 'baseline'}" if j.variant else j.kind)
+                 + (" (was running: its daemon stops it)" if j.lease_owner else "") for j in ended]
+    what = f"{model}{'/' + version if version else ''}" + (f" recipe {recipe or 'baseline'}" if recipe is not None else "")
+    if not lines:
+        raise KilnError(f"{what}: no pending or running job to cancel")
+    click.echo("\n".join(lines))
+    click.echo(f"cancelled {len(lines)} job(s) of {what}; `kiln retry {model}` sends them back")
 
 
 @main.command()

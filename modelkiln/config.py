@@ -81,7 +81,8 @@ class WorkersConfig:
     job_timeout_seconds: float = 1800.0
     lease_seconds: float = 60.0
     max_attempts: int = 3
-    # Address-space limit of each worker process in MiB; 0 for none.
+    # Address-space limit of each worker process in MiB; 0: three quarters of the host's
+    # memory (or its cgroup's limit) shared among the workers.
     memory_limit_mb: int = 0
 
 
@@ -135,6 +136,9 @@ class PolicyConfig:
     # Eligible variants whose objective is within this share of the best one's are timed
     # again, interleaved in one process, and that run-off decides (0: no run-off).
     runoff_margin: float = 0.25
+    # Wall-clock minutes within which a checkpoint's variant jobs may start, counted from
+    # its inspection; later ones are skipped with the reason (0: no budget).
+    budget_minutes: float = 60.0
 
 
 @dataclass
@@ -311,6 +315,8 @@ def _validate(config: Config, file: Path) -> None:
                           f"got {config.policy.objective!r}")
     if not 0 <= config.policy.max_quality_drop < 1:
         raise ConfigError(f"{file}: 'policy.max_quality_drop' must be in [0, 1)")
+    if config.policy.budget_minutes < 0:
+        raise ConfigError(f"{file}: 'policy.budget_minutes' must be 0 (no budget) or more")
     if config.policy.runoff_margin < 0:
         raise ConfigError(f"{file}: 'policy.runoff_margin' must be 0 (no run-off) or more")
     for name, arch in config.architectures.items():
@@ -395,9 +401,11 @@ job_timeout_seconds = 1800.0
 # A job whose lease is not renewed for this long (daemon killed) returns to pending.
 lease_seconds = 60.0
 max_attempts = 3
-# Address-space limit of each worker process in MiB (0: none). A job that needs more
-# fails with "out of memory" instead of pushing the host into swap or the OOM killer.
-# Applies to cpu targets: CUDA maps far more address space than it uses.
+# Address-space limit of each worker process in MiB. A job that needs more fails with
+# "out of memory" instead of pushing the host into swap or the OOM killer. 0: three
+# quarters of the host's memory (or of its cgroup's limit), shared among the workers.
+# Steps that train pick batch sizes that fit it. Applies to cpu targets: CUDA maps far
+# more address space than it uses.
 memory_limit_mb = 0
 
 [measure]
@@ -455,6 +463,13 @@ objective_batch_size = 1
 # best latency are timed again side by side, interleaved in one process, and that
 # run-off decides. 0 turns it off.
 runoff_margin = 0.25
+# Promotion is anytime: a variant that passes the gate is promoted as soon as it is
+# measured if it beats what is served (by more than runoff_margin against a variant of
+# the same checkpoint); the last variant's end makes the final decision. Jobs run cheapest
+# first (exports and post-training quantization before anything that trains), and a
+# checkpoint's variant jobs must start within budget_minutes of its inspection: later ones
+# are skipped with the reason. 0: no budget.
+budget_minutes = 60.0
 
 # Weights without an architecture (model.safetensors or a state dict .pt/.pth) need a
 # factory that builds the module, matched on the model's folder name. For example:

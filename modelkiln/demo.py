@@ -183,7 +183,7 @@ def _wait_for_promotion(store, queries, version: str, targets, server, deadline:
             if checkpoint is not None and checkpoint.status in ("rejected", "failed"):
                 raise RuntimeError(f"checkpoint {DEMO_MODEL}/{version} {checkpoint.status}: {checkpoint.reason}")
             if checkpoint is not None and checkpoint.status == "done":
-                if not any(queries.promotion_by_key(session, queries.decision_key(checkpoint, t)) for t in targets):
+                if not any(p.target in targets for p in queries.promotions_of(session, checkpoint.id)):
                     raise RuntimeError(f"{DEMO_MODEL}/{version}: no variant met the policy; see `kiln variants {DEMO_MODEL}`")
                 return checkpoint.id
         time.sleep(0.2)

@@ -1,4 +1,4 @@
-"""How sizes read in tables: the CLI's listings and the HTML report agree."""
+"""How sizes and spans of time read in tables and logs: the CLI, the report and the daemon agree."""
 
 from __future__ import annotations
 
@@ -12,3 +12,17 @@ def format_size(value) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return ""
+
+
+def format_duration(seconds: float | None) -> str:
+    """``seconds`` as an operator reads a span: "45 s", "3m05s", "1h02m"."""
+    if seconds is None:
+        return ""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

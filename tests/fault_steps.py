@@ -85,7 +85,23 @@ class Heavy(Step):
         return type(model)(model.form, Slowed(model.obj).eval(), model.inputs, dict(model.notes))
 
 
+class Unballast(Step):
+    """Drops the ballast of ``helpers.ballasted_mlp`` (the same outputs, much faster),
+    after a couple of seconds' work; planned as costly, so it runs after the baseline."""
+
+    name = "fault.unballast"
+    description = "the same model without its ballast"
+    forms = {"torch": TORCH}
+    relative_cost = 5.0
+
+    def apply(self, model, params, context):
+        time.sleep(2)
+        model.obj.ballast = None
+        return model
+
+
 @hookimpl
 def kiln_steps():
     return [Fault("raise", _raise), Fault("hang", _hang), Fault("hoard", _hoard), Fault("kill", _kill),
-            Fault("exit", _exit), Fault("flaky", _fail_while_marked), Fault("litter", _litter), Heavy()]
+            Fault("exit", _exit), Fault("flaky", _fail_while_marked), Fault("litter", _litter), Heavy(),
+            Unballast()]

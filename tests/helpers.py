@@ -28,6 +28,26 @@ def deep_mlp():
     return nn.Sequential(*layers, nn.Linear(256, 10))
 
 
+def ballasted_mlp():
+    """tiny_mlp's outputs behind a 512 x 512 matrix product multiplied by zero: slow until
+    a step (fault.unballast) drops the ballast."""
+    import torch
+    import torch.nn as nn
+
+    class Ballasted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_mlp()
+            self.ballast = nn.Parameter(torch.randn(512, 512), requires_grad=False)
+
+        def forward(self, x):
+            if self.ballast is None:
+                return self.inner(x)
+            return self.inner(x) + 0.0 * (self.ballast @ self.ballast @ self.ballast).sum()
+
+    return Ballasted()
+
+
 def hanging_factory():
     time.sleep(3600)
 

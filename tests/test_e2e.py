@@ -3,6 +3,7 @@ the watched folder, SIGTERM and SIGKILL."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,9 @@ def test_renamed_checkpoint_ends_up_promoted(kiln_dir, digits_checkpoint):
         place(digits_checkpoint, kiln_dir / "models", "digits", "1")
         link = kiln_dir / "promoted" / "digits" / "cpu"
         wait_for(link.is_symlink, 180, "the promoted link", daemon)
+        # Promotion is anytime: the link comes with the first good variant; the rest follow.
+        wait_for(lambda: json.loads(kiln(kiln_dir, "status", "--json"))["checkpoints"][0]["status"] == "done", 180,
+                 "every variant job to end", daemon)
         (entry,) = json.loads(kiln(kiln_dir, "promoted", "--json"))
         for key in ("model", "target", "variant", "recipe", "path", "metrics"):
             assert key in entry
@@ -114,7 +118,8 @@ def test_renamed_checkpoint_ends_up_promoted(kiln_dir, digits_checkpoint):
         assert code == 200
         lines = body.splitlines()
         assert "kiln_checkpoints_seen_total 1" in lines
-        assert 'kiln_promotions_total{target="cpu"} 1' in lines
+        # One promotion per better variant measured, of the four.
+        assert any(re.fullmatch(r'kiln_promotions_total\{target="cpu"\} [1-4]', line) for line in lines)
         assert 'kiln_jobs{kind="variant",state="succeeded"} 4' in lines
         assert 'kiln_job_duration_seconds_count{kind="variant",state="succeeded"} 4' in lines
         assert "kiln_queue_depth 0" in lines and "kiln_up 1" in lines

@@ -11,6 +11,7 @@ means is the service's business.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import multiprocessing
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..pipeline import worker
+from ..pipeline import progress, worker
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,32 @@ class _Running:
     index: int = 0
 
 
+# With workers.memory_limit_mb = 0, the workers share this part of the host's memory (or
+# of the cgroup's limit, in a container): what is left keeps the daemon, the fork server
+# and the rest of the host out of the OOM killer's way.
+HOST_MEMORY_SHARE = 0.75
+
+
+def host_memory_bytes() -> int:
+    """Physical memory, or the cgroup's limit where that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def worker_memory_limit_mb(configured: int, workers: int) -> int:
+    """Each worker's memory limit: ``workers.memory_limit_mb``, or the host's share."""
+    if configured > 0:
+        return configured
+    return int(host_memory_bytes() * HOST_MEMORY_SHARE / max(1, workers) / 2**20)
+
+
 def _last_words(log_path: Path) -> str:
     """What the log's last line and the disk say about a worker that could not report."""
     words = ""
@@ -116,6 +143,10 @@ class Executor:
         self._context = multiprocessing.get_context("forkserver")
         if preload:
             self._context.set_forkserver_preload(worker.PRELOAD)
+        # Registered after multiprocessing's own exit handler, so it runs first: a worker
+        # busy for minutes must never hold the interpreter's exit (multiprocessing joins
+        # every child it started), whatever path the daemon left by.
+        atexit.register(self.kill_all)
 
     def warm_up(self) -> None:
         """Start the fork server and wait until it has preloaded (seconds: it imports
@@ -270,6 +301,28 @@ class Executor:
             pass
         process.join(5)
 
+    def progress(self, job_id: int) -> dict | None:
+        """What the job's worker last reported doing (``pipeline/progress.py``), or None."""
+        running = self._running.get(job_id)
+        return None if running is None else progress.read(running.work_dir)
+
+    def cancel(self, job_id: int) -> None:
+        """Kill the job's worker and forget the job (it was cancelled)."""
+        running = self._running.pop(job_id, None)
+        if running is not None and running.worker is not None:
+            self._discard(running.worker)
+
+    def kill_all(self) -> None:
+        """Kill every process this executor started, at once."""
+        for running in list(self._running.values()):
+            if running.worker is not None and running.worker.process.is_alive():
+                self._kill(running.worker.process)
+        if self._spare is not None and self._spare.process.is_alive():
+            self._kill(self._spare.process)
+        for process, _ in self._exiting:
+            if process.is_alive():
+                self._kill(process)
+
     def stop(self, timeout: float) -> list[int]:
         """Give running phases ``timeout`` seconds to end, then kill them.
 
@@ -290,4 +343,5 @@ class Executor:
             if process.is_alive():
                 self._kill(process)
         self._exiting.clear()
+        atexit.unregister(self.kill_all)
         return unfinished

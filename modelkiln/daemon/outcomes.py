@@ -43,7 +43,7 @@ class Outcomes:
             info = {k: result.get(k) for k in ("inputs", "outputs", "lengths", "sample_source", "quality_metric",
                                                "baseline_quality", "samples", "info")}
             units.record_inspection(session, job, checkpoint, "ready", format=result["format"], info=info,
-                                    plan=self.planner.plan(checkpoint))
+                                    plan=self.planner.plan(session, checkpoint))
         else:
             units.record_inspection(session, job, checkpoint, "rejected" if outcome.status == "rejected" else "failed",
                                     reason=in_source_terms(outcome.reason, checkpoint))

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from ..plugins.recipes import parse_recipe
 from ..store import queries
 from ..store.models import Checkpoint, Job
+from .estimates import Planned, plan_entry
 from .executor import Phase
 from .layout import VARIANT_FILE, Layout
 
@@ -33,15 +34,39 @@ class Planner:
         self.plugins = plugins
         self.layout = layout
         self.promoter = promoter
+        self._wanted = None
 
-    def plan(self, checkpoint: Checkpoint) -> list[tuple[str, str, str]]:
+    def wanted(self) -> set[tuple[str, str, str]]:
         """(target, runtime, canonical recipe) of every variant the config asks for."""
-        return [
+        if self._wanted is None:
+            self._wanted = self._parse_wanted()
+        return self._wanted
+
+    def _parse_wanted(self) -> set[tuple[str, str, str]]:
+        return {
             (target_name, runtime, parse_recipe(text, self.plugins.steps, f"targets.{target_name}.recipes").text)
             for target_name, target in self.config.targets.items()
             for runtime in target.runtimes
             for text in target.recipes
+        }
+
+    def plan(self, session, checkpoint: Checkpoint) -> list[Planned]:
+        """Every variant the config asks for, with what it is expected to cost and gain."""
+        batch_size = self.config.policy.objective_batch_size
+        return [
+            plan_entry(session, checkpoint, target, runtime, recipe, self.plugins.steps, batch_size)
+            for target, runtime, recipe in sorted(self.wanted())
         ]
+
+    def unwanted_reason(self, variant) -> str | None:
+        """Why a planned variant is no longer wanted by this host's config (None: it is).
+        Only for targets this host configures: another host's targets are its own."""
+        target = self.config.targets.get(variant.target)
+        if target is None or (variant.target, variant.runtime, variant.recipe) in self.wanted():
+            return None
+        if variant.runtime not in target.runtimes:
+            return f"runtime {variant.runtime} is no longer in targets.{variant.target}.runtimes"
+        return f"recipe {variant.recipe or 'baseline'!r} is no longer in targets.{variant.target}.recipes"
 
     def base_spec(self, checkpoint: Checkpoint) -> dict:
         """What every phase of a job on ``checkpoint`` is told."""

@@ -2,10 +2,13 @@
 
 The database is the truth and the link follows it: the promotion row is committed
 first, then ``promoted/<model>/<target>`` is replaced by a rename of a fresh symlink. A
-crash between the two is repaired at the next start by ``sync_links``. The decision key
-``auto:<checkpoint>:<target>`` makes a second decision for the same checkpoint a no-op.
-After ``kiln retry`` sends failed variant jobs back, the round decides again under its
-own key (``...:retry<n>``), and promotes only if its choice differs from what is served.
+crash between the two is repaired at the next start by ``sync_links``.
+
+Promotion is anytime: each measured variant may be promoted at once (see ``consider``),
+so the first promotion comes after the fastest good recipe, not the slowest, and the
+history keeps every step. Deciding again is harmless: a choice already served is not
+promoted twice, and the decision key ``auto:<checkpoint>:<target>:<n>`` (the n-th
+promotion of that checkpoint there) lets two daemons record each step once.
 
 The promoter owns the run-off. When the closest candidates are within
 ``policy.runoff_margin`` of the best, the decision waits for a run-off job: the promoter
@@ -68,22 +71,51 @@ class Promoter:
         return self.root / model / target
 
     def consider(self, session, checkpoint: Checkpoint, target: str) -> Promotion | None:
-        """Promote for (checkpoint's model, target) once every variant job there has ended."""
-        if queries.variant_jobs_open(session, checkpoint.id, target):
-            return None
-        key = queries.decision_key(checkpoint, target)
-        if queries.promotion_by_key(session, key) is not None:
-            return None
+        """Promote for (checkpoint's model, target) what the policy now chooses.
+
+        Anytime: while variant jobs are still open, a measured variant that passes the gate
+        is promoted at once when nothing of this checkpoint is served yet and it beats what
+        is served (or nothing is), or when it beats the served variant of this checkpoint by
+        more than the run-off margin; closer calls wait. Once every variant job has ended,
+        the decision is final: the run-off times the closest candidates side by side where
+        the margin calls for it, and its choice is promoted if it is not the one served."""
         current = queries.current_promotion(session, checkpoint.model, target)
         if current is not None and current.checkpoint_id > checkpoint.id:
-            log.info("%s/%s: a newer checkpoint is already promoted on %s; not promoting",
-                     checkpoint.model, checkpoint.version, target, extra=about(checkpoint.model, checkpoint.version, target))
-            return None
+            return None  # a newer checkpoint is served: an older one's variants do not replace it
+        open_jobs = queries.variant_jobs_open(session, checkpoint.id, target)
         target_config = self.config.targets.get(target)
         memory_mb = target_config.memory_mb if target_config is not None else 0
         candidates = candidates_for(session, self.config, checkpoint.id, target)
-        if self._runoff_pending(session, checkpoint, target, candidates, memory_mb):
+        if not open_jobs and self._runoff_pending(session, checkpoint, target, candidates, memory_mb):
             return None
+        chosen, how = self._choose(candidates, memory_mb)
+        if chosen is None:
+            if not open_jobs and (current is None or current.checkpoint_id != checkpoint.id):
+                log.warning("%s/%s: no variant on %s meets the policy; nothing promoted",
+                            checkpoint.model, checkpoint.version, target,
+                            extra=about(checkpoint.model, checkpoint.version, target))
+            return None
+        if current is not None and current.variant_id == chosen["id"]:
+            return None
+        if open_jobs:
+            why = self._early_reason(chosen, current, checkpoint, candidates)
+            if why is None:
+                return None
+            how = f"{why}; {open_jobs} variant job(s) still to end ({how})"
+        promotion = units.record_promotion(session, model=checkpoint.model, target=target, variant_id=chosen["id"],
+                                           checkpoint_id=checkpoint.id,
+                                           decision_key=queries.decision_key(session, checkpoint, target), reason=how)
+        if promotion is None:  # another daemon decided first
+            return None
+        self.publish(promotion)
+        log.info("promoted %s/%s on %s: %s%s", checkpoint.model, checkpoint.version, target, chosen["variant"],
+                 f" ({open_jobs} variant job(s) still to end)" if open_jobs else "",
+                 extra=about(checkpoint.model, checkpoint.version, target))
+        notify(self.manager, "kiln_variant_promoted", promotion=self.describe(promotion))
+        return promotion
+
+    def _choose(self, candidates: list[dict], memory_mb: int) -> tuple[dict | None, str]:
+        """The policy's choice among ``candidates`` (a plugin's, else the built-in), and why."""
         plugin, chosen = first_result(self.manager, "kiln_choose_variant", candidates=candidates,
                                       policy=self.config.policy)
         how = f"policy of plugin {plugin}"
@@ -99,24 +131,28 @@ class Promoter:
             raced = sum(1 for c in candidates if builtin_policy.runoff_value(c, self.config.policy) is not None)
             if chosen is not None and builtin_policy.runoff_value(chosen, self.config.policy) is not None:
                 how += f", by a run-off of {raced} variants timed side by side"
-        if chosen is None:
-            log.warning("%s/%s: no variant on %s meets the policy; nothing promoted",
-                        checkpoint.model, checkpoint.version, target,
-                        extra=about(checkpoint.model, checkpoint.version, target))
+        return chosen, how
+
+    def _early_reason(self, chosen: dict, current: Promotion | None, checkpoint: Checkpoint,
+                      candidates: list[dict]) -> str | None:
+        """Why ``chosen`` is promoted before the checkpoint's last variant ends, or None
+        when it waits for the final decision: it beats what is served on the objective
+        (by more than the run-off margin against a variant of the same checkpoint: a
+        closer call is the run-off's to make)."""
+        policy = self.config.policy
+        value = builtin_policy.objective_value(chosen, policy)
+        if current is None:
+            return "the first variant to pass the gate"
+        served = next((c for c in candidates if c["id"] == current.variant_id), None)
+        if served is None:  # served from an earlier checkpoint
+            served = views.variant_dict(current.variant)
+            margin = 0.0
+        else:
+            margin = policy.runoff_margin
+        was = builtin_policy.objective_value(served, policy)
+        if value is None or was is None or was <= value * (1 + margin):
             return None
-        if current is not None and current.variant_id == chosen["id"]:  # a retry round that changes nothing
-            log.info("%s/%s on %s: still %s after the retry", checkpoint.model, checkpoint.version, target,
-                     chosen["variant"], extra=about(checkpoint.model, checkpoint.version, target))
-            return None
-        promotion = units.record_promotion(session, model=checkpoint.model, target=target, variant_id=chosen["id"],
-                                           checkpoint_id=checkpoint.id, decision_key=key, reason=how)
-        if promotion is None:  # another daemon decided first
-            return None
-        self.publish(promotion)
-        log.info("promoted %s/%s on %s: %s", checkpoint.model, checkpoint.version, target, chosen["variant"],
-                 extra=about(checkpoint.model, checkpoint.version, target))
-        notify(self.manager, "kiln_variant_promoted", promotion=self.describe(promotion))
-        return promotion
+        return f"{policy.objective} {value:.3f} beats the served {served['variant']} ({was:.3f})"
 
     def _runoff_pending(self, session, checkpoint: Checkpoint, target: str, candidates: list[dict],
                         memory_mb: int) -> bool:

@@ -27,16 +27,19 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from datetime import timedelta
 
 from ..errors import ConfigError
 from ..plugins.api import Candidate
 from ..plugins.manager import notify, plugins_for, start_plugins
+from ..pipeline import progress
 from ..plugins.recipes import parse_recipe
+from ..sizes import format_duration, format_size
 from ..store import queries, units, views
 from ..store.db import open_store
-from ..store.models import Checkpoint, Job
+from ..store.models import Checkpoint, Job, utcnow
 from ..targets.devices import target_unavailable_reason
-from .executor import Executor
+from .executor import Executor, worker_memory_limit_mb
 from .health import HealthServer
 from .ingest import Ingestor
 from .layout import Layout
@@ -51,9 +54,17 @@ from .watcher import Watcher
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 5.0
+# How often running jobs are checked for a `kiln cancel`, and their progress logged.
+CANCEL_CHECK_SECONDS = 2.0
+PROGRESS_LOG_SECONDS = 60.0
 BUSY_WAIT_SECONDS = 0.1
 ERROR_BACKOFF_SECONDS = 1.0
 STALE_INCOMING_SECONDS = 3600.0
+
+
+def _left(report: dict) -> str:
+    eta = report.get("eta_seconds")
+    return f", about {format_duration(eta)} left" if isinstance(eta, (int, float)) and eta >= 0 else ""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -81,6 +92,11 @@ class Daemon:
         self.inbox: queue.Queue = queue.Queue()
         self.stopping = False
         self._signals = 0
+        self._signal_name = ""
+        self._in_stop = False
+        self._next_cancel_check = 0.0
+        # job id -> when its progress was last logged
+        self._progress_logged: dict[int, float] = {}
         self._next_heartbeat = 0.0
         self.watcher = self.scheduler = self.http = None
         self.started = False
@@ -115,8 +131,9 @@ class Daemon:
         self.available_targets = self._available_targets()
         start_plugins(self.plugins.manager, config)
         self._recover()
+        self.memory_limit_mb = worker_memory_limit_mb(config.workers.memory_limit_mb, config.workers.count)
         self.executor = Executor(config.workers.count, config.workers.job_timeout_seconds,
-                                 memory_limit_mb=config.workers.memory_limit_mb, clock=self.clock,
+                                 memory_limit_mb=self.memory_limit_mb, clock=self.clock,
                                  on_exit=lambda: self.inbox.put(("reap", None)))
         self.executor.start(preload=self.preload)
         if self.preload:
@@ -136,8 +153,11 @@ class Daemon:
         self.started = True
         if self.http:
             self.http.start()
-        log.info("daemon %s started: registry %s, targets %s", self.owner, self.registry.path,
-                 ", ".join(self.available_targets) or "none available")
+        log.info("daemon %s started: registry %s, targets %s, %d worker(s) of at most %s each%s", self.owner,
+                 self.registry.path, ", ".join(self.available_targets) or "none available", config.workers.count,
+                 format_size(self.memory_limit_mb * 2**20),
+                 "" if config.workers.memory_limit_mb else " (a share of this host's memory; workers.memory_limit_mb"
+                                                           " sets it)")
 
     def _check_config(self) -> None:
         file = self.config.source
@@ -180,18 +200,38 @@ class Daemon:
                 log.info("returned %d job(s) of a stopped daemon to pending", n)
             for checkpoint in queries.checkpoints(session):
                 if checkpoint.status in ("ready", "done"):  # recipes added to the config since
-                    units.add_variants(session, checkpoint.id, self.planner.plan(checkpoint))
-            for checkpoint in queries.checkpoints(session):
-                if checkpoint.status == "ready":
-                    self._after_job(session, checkpoint, None)
+                    units.add_variants(session, checkpoint.id, self.planner.plan(session, checkpoint))
+                if checkpoint.status == "ready":  # recipes removed from it since
+                    self._cancel_unwanted(session, queries.pending_variant_jobs(session, checkpoint.id))
+            self._settle(session)
             self.promoter.sync_links(session)
+
+    def _cancel_unwanted(self, session, jobs: list[Job]) -> int:
+        """Cancel the pending variant jobs whose recipe or runtime this host's config no
+        longer asks for; returns how many."""
+        cancelled = 0
+        for job in jobs:
+            reason = self.planner.unwanted_reason(job.variant)
+            if reason is not None:
+                units.cancel_jobs(session, [job], f"cancelled: {reason}")
+                log.info("job %d cancelled: %s %s", job.id, views.variant_label(job.variant), reason,
+                         extra=self._about(session, job))
+                cancelled += 1
+        return cancelled
+
+    def _settle(self, session) -> None:
+        """Decide and close the ready checkpoints whose jobs ended without this daemon
+        seeing them end (cancelled from the command line, ended under a killed daemon)."""
+        for checkpoint in queries.checkpoints_with_status(session, "ready"):
+            self._after_job(session, checkpoint, None)
 
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
             self._signals += 1
             self.stopping = True
-            if self._signals > 1:
-                raise KeyboardInterrupt  # second signal: stop now
+            self._signal_name = signal.Signals(signum).name
+            if self._signals > 1 and not self._in_stop:
+                raise KeyboardInterrupt  # second signal before the stop began: stop now
             # Wake the loop from its idle wait. A thread, because the queue's lock may be
             # held by the very code this handler interrupted.
             threading.Thread(target=self.inbox.put, args=(("wake", None),), daemon=True).start()
@@ -215,14 +255,22 @@ class Daemon:
         if not self.started:
             return
         self.stopping = True
+        self._in_stop = True
+        running = len(self.executor.running_jobs)
+        if self._signals > 1:
+            timeout = 0.0
+        log.info("stopping%s: %d job(s) running%s", f" on {self._signal_name}" if self._signal_name else "", running,
+                 f"; they get {timeout:g} s to finish, then go back to pending (a second signal stops now)"
+                 if running and timeout > 0 else "")
         # 1. No new hints or ticks.
         if self.watcher:
             self.watcher.stop()
         if self.scheduler:
             self.scheduler.stop()
-        # 2. Running jobs may finish and be recorded within the timeout.
+        # 2. Running jobs may finish and be recorded within the timeout; a second signal
+        # ends the wait.
         deadline = self.clock() + timeout
-        while self.executor.running_jobs and self.clock() < deadline:
+        while self.executor.running_jobs and self.clock() < deadline and self._signals < 2:
             self._reap()
             time.sleep(BUSY_WAIT_SECONDS)
         # 3. What is still running is killed and returned to pending for the next start.
@@ -245,12 +293,14 @@ class Daemon:
         wait = IDLE_WAIT_SECONDS
         if self.executor.running_jobs:
             now = self.clock()
-            wait = min(wait, max(0.0, self._next_heartbeat - now), max(0.0, self.executor.next_deadline - now))
+            wait = min(wait, max(0.0, self._next_heartbeat - now), max(0.0, self.executor.next_deadline - now),
+                       max(0.0, self._next_cancel_check - now))
         return wait
 
     def run_once(self, timeout: float = 0.0) -> None:
         self._drain(timeout)
         self._reap()
+        self._check_cancelled()
         if not self.stopping:
             self._lease()
         self._heartbeat()
@@ -277,6 +327,8 @@ class Daemon:
                 self._cleanup()
         if rescan:
             self.reconcile()
+            with self.store.session() as session:
+                self._settle(session)
 
     @property
     def versions_waiting(self) -> int:
@@ -321,6 +373,8 @@ class Daemon:
             jobs = units.lease_jobs(session, self.owner, self.available_targets, slots,
                                     self.config.workers.lease_seconds)
             for job in jobs:
+                if job.kind == "variant" and not self._still_wanted(session, job):
+                    continue
                 phases = self.planner.phases(session, job)
                 if phases is None:  # its result is on disk already (a job repeated after a crash)
                     self._finish(session, job, None)
@@ -333,6 +387,53 @@ class Daemon:
                               extra=self._about(session, job))
                     units.release_jobs(session, self.owner, [job.id], f"cannot start a worker: {exc}")
 
+    def _still_wanted(self, session, job: Job) -> bool:
+        """Whether a variant job just leased should run: its recipe is still in the config
+        and its checkpoint is within its budget; if not, it ends here with the reason."""
+        checkpoint = queries.checkpoint(session, job.checkpoint_id)
+        reason = self.planner.unwanted_reason(job.variant)
+        if reason is not None:
+            units.record_variant_ended(session, job, job.variant, "cancelled", f"cancelled: {reason}")
+            log.info("job %d cancelled: %s", job.id, reason, extra=self._about(session, job))
+            self._after_job(session, checkpoint, job)
+            return False
+        budget = self.config.policy.budget_minutes
+        since = queries.ready_since(session, checkpoint.id) if budget > 0 else None
+        if since is None or utcnow() - since < timedelta(minutes=budget):
+            return True
+        reason = (f"not started within the checkpoint's budget (policy.budget_minutes = {budget:g}, counted from "
+                  f"its inspection at {since:%Y-%m-%d %H:%M:%S} UTC)")
+        units.record_variant_ended(session, job, job.variant, "skipped", reason)
+        waiting = queries.pending_variant_jobs(session, checkpoint.id)
+        units.skip_jobs(session, waiting, reason)
+        log.warning("%s/%s: budget of %g min spent; %d variant job(s) skipped", checkpoint.model,
+                    checkpoint.version, budget, 1 + len(waiting), extra=about(checkpoint.model, checkpoint.version))
+        self._after_job(session, checkpoint, job)
+        return False
+
+    def _check_cancelled(self) -> None:
+        """Stop the running jobs an operator cancelled (`kiln cancel`), every couple of seconds."""
+        running = self.executor.running_jobs
+        now = self.clock()
+        if not running or now < self._next_cancel_check:
+            return
+        self._next_cancel_check = now + CANCEL_CHECK_SECONDS
+        with self.store.session() as session:
+            for job_id in queries.cancelled_among(session, running):
+                self.executor.cancel(job_id)
+                job = queries.job(session, job_id)
+                log.info("job %d cancelled while running: %s", job_id, self._label(session, job),
+                         extra=self._about(session, job))
+                self._ended(session, job)
+                units.finish_job(session, job, "cancelled", job.reason)  # drops the lease
+                shutil.rmtree(self.layout.job_work(job_id), ignore_errors=True)
+                if job.variant is not None:
+                    checkpoint = queries.checkpoint(session, job.checkpoint_id)
+                    shutil.rmtree(self.layout.staging(self.layout.variant(
+                        checkpoint.model, checkpoint.content_hash, job.variant.target, job.variant.runtime,
+                        job.variant.recipe), job_id), ignore_errors=True)
+                self._after_job(session, queries.checkpoint(session, job.checkpoint_id), job)
+
     def _reap(self) -> None:
         outcomes = self.executor.poll()
         if not outcomes:
@@ -340,6 +441,9 @@ class Daemon:
         with self.store.session() as session:
             for outcome in outcomes:
                 job = queries.job(session, outcome.job_id)
+                if job.state == "cancelled":  # cancelled as it ended: the result is not kept
+                    self.inbox.put(("wake", None))
+                    continue
                 if job.lease_owner != self.owner or job.state != "running":
                     # Our lease expired and another daemon took the job: its result wins.
                     log.warning("job %d ended after its lease was lost; result discarded", job.id,
@@ -352,11 +456,7 @@ class Daemon:
         status = outcome.status if outcome else "existing"
         log.info("job %d ended: %s %s%s", job.id, self._label(session, job), status,
                  f" ({outcome.reason})" if outcome and outcome.reason else "", extra=self._about(session, job))
-        if job.kind == "variant":
-            variant = views.variant_dict(queries.variant(session, job.variant_id))
-            notify(self.plugins.manager, "kiln_variant_ended", variant=variant)
-        if job.state == "failed":
-            notify(self.plugins.manager, "kiln_job_failed", job=views.job_dict(job))
+        self._ended(session, job)
         self._after_job(session, checkpoint, job)
         work = self.layout.job_work(job.id)
         if job.state != "failed" or outcome is None:
@@ -367,6 +467,15 @@ class Daemon:
             for entry in work.iterdir():
                 if entry.name != "worker.log":
                     shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+    def _ended(self, session, job: Job) -> None:
+        """Tell plugins that a job ended."""
+        self._progress_logged.pop(job.id, None)
+        if job.kind == "variant":
+            variant = views.variant_dict(queries.variant(session, job.variant_id))
+            notify(self.plugins.manager, "kiln_variant_ended", variant=variant)
+        if job.state == "failed":
+            notify(self.plugins.manager, "kiln_job_failed", job=views.job_dict(job))
 
     def _after_job(self, session, checkpoint: Checkpoint, job: Job | None) -> None:
         targets = [job.target] if job is not None and job.target else list(self.config.targets)
@@ -382,8 +491,15 @@ class Daemon:
         if not running or now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.config.workers.lease_seconds / 3
+        reports = {job_id: report for job_id in running if (report := self.executor.progress(job_id)) is not None}
         with self.store.session() as session:
-            units.renew_leases(session, self.owner, running, self.config.workers.lease_seconds)
+            units.renew_leases(session, self.owner, running, self.config.workers.lease_seconds, reports)
+            for job_id, report in reports.items():
+                if report.get("activity") and now - self._progress_logged.get(job_id, -1e9) >= PROGRESS_LOG_SECONDS:
+                    self._progress_logged[job_id] = now
+                    job = queries.job(session, job_id)
+                    log.info("job %d: %s%s", job_id, progress.describe(report), _left(report),
+                             extra=self._about(session, job))
 
     def _cleanup(self) -> None:
         """Remove what a killed daemon left half-done: staging folders of jobs that are

@@ -34,6 +34,7 @@ from ..targets.quality import (
     score,
 )
 from ..targets.shapes import onnx_axes
+from . import progress
 from .context import INSPECT_FILE, REFERENCE_FILE, plugins_for_spec, reference
 from .samples import MASK, request_batch, settle
 from .samples import lengths as sample_lengths
@@ -182,6 +183,7 @@ def build_variant(spec: dict) -> dict:
     calibration = _rows_of(arrays, "calibration")
     training = _rows_of(arrays, "train")
     target = spec["target"]
+    tracker = progress.current()
     context = StepContext(
         Path(spec["work_dir"]), target["name"], runtime.name, target["device"], target["threads"], samples,
         calibration, training,
@@ -189,6 +191,7 @@ def build_variant(spec: dict) -> dict:
                   inspected["baseline_quality"], spec.get("max_quality_drop", 0.01), samples.get(MASK),
                   samples.get("input_ids")),
         devices=target.get("devices", 1), memory_mb=target.get("memory_mb", 0),
+        worker_memory_mb=spec.get("worker_memory_mb", 0), reporter=tracker,
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []
@@ -197,6 +200,8 @@ def build_variant(spec: dict) -> dict:
         form = step.forms.get(runtime.name)
         if form is None:
             raise StepNotApplicable(f"{step.name} does not serve the {runtime.name} runtime")
+        if tracker is not None:
+            tracker.step(step.name)
         c0 = time.perf_counter()
         model = _in_form(model, form, runtime, step, context)
         s0 = time.perf_counter()
@@ -210,6 +215,8 @@ def build_variant(spec: dict) -> dict:
             "step": step.name, "params": params, "plugin": getattr(step, "plugin", ""),
             "record": context.record, "seconds": s1 - s0,
         })
+    if tracker is not None:
+        tracker.step(f"saving for {runtime.name}")
     c0 = time.perf_counter()
     out = Path(spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -267,9 +274,14 @@ def measure_variant(spec: dict) -> dict:
     settings = spec["measure"]
     timer = harness.timer_for(run)
 
+    tracker = progress.current()
+
     def timed(length: int | None) -> list[dict]:
         rows = []
-        for batch_size in target["batch_sizes"]:
+        for index, batch_size in enumerate(target["batch_sizes"]):
+            if tracker is not None:
+                tracker(f"timing batch {batch_size}" + (f" at {length} tokens" if length else ""), index,
+                        len(target["batch_sizes"]))
             timing = timer(
                 request_batch(inspected["inputs"], samples, batch_size, length),
                 warmup_runs=settings["warmup_runs"], min_runs=settings["min_runs"],

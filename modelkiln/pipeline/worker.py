@@ -94,8 +94,13 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
             mapped = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         limit = mapped + memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    from . import progress
     from .phases import build_variant, inspect_checkpoint, measure_variant
     from .runoff import run_off
+
+    progress.start(os.getcwd(), phase)
+    # What the job may use in all: steps that train size their batches within it.
+    spec = {**spec, "worker_memory_mb": memory_limit_mb}
 
     phases = {"inspect": inspect_checkpoint, "build": build_variant, "measure": measure_variant, "runoff": run_off}
 

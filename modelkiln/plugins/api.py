@@ -191,6 +191,18 @@ class StepContext:
     devices: int = 1
     # The target's memory budget for one variant's weights, MiB (0: none).
     memory_mb: int = 0
+    # What this worker process may use in all, MiB: workers.memory_limit_mb, or the
+    # host's share when that is 0. Steps that train size their batches within it.
+    worker_memory_mb: int = 0
+    # Called with what a long step is doing (see ``progress``); set by the worker.
+    reporter: Callable[..., None] | None = None
+
+    def progress(self, activity: str, done: int, total: int, **figures) -> None:
+        """Report that ``activity`` has done ``done`` of ``total`` (steps, layers, ...),
+        with figures such as ``loss`` or ``eta_seconds``. Cheap to call every iteration:
+        the worker keeps the newest and the daemon shows it (``kiln status``, its log)."""
+        if self.reporter is not None:
+            self.reporter(activity, done, total, **figures)
 
     def quality(self, outputs) -> float:
         """``outputs`` (on sample_inputs) scored the way the quality gate scores them."""
@@ -227,9 +239,19 @@ class Step:
     description: str = ""
     params: tuple[Param, ...] = ()
     forms: dict = {}
+    # What the step costs, as a multiple of exporting and measuring the model once:
+    # planning runs cheap recipes first, so the first promotion comes early.
+    relative_cost: float = 1.0
 
     def apply(self, model: ModelHandle, params: dict, context: StepContext) -> ModelHandle:
         raise NotImplementedError
+
+    def expected_seconds(self, params: dict, baseline_seconds: float, size_bytes: int) -> float:
+        """Seconds this step is expected to add to a job on a checkpoint of ``size_bytes``
+        whose baseline (export and measurement alone) takes ``baseline_seconds``. Steps
+        that train override it with their time budget. Used until the catalogue has this
+        recipe's real times for the model."""
+        return self.relative_cost * baseline_seconds
 
 
 class Runtime:

@@ -14,7 +14,7 @@ import copy
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Param, Step
-from .training import distill, training_data
+from .training import distill, expected_training_seconds, training_data
 
 
 def _repeated_stack(module):
@@ -56,9 +56,13 @@ class Depth(Step):
         Param("keep_every", int, 2, "keep one block in this many (2 halves the depth)"),
         Param("steps", int, 500, "distillation steps"),
         Param("learning_rate", float, 1e-4, "of the distillation"),
-        Param("max_seconds", float, 300.0, "time budget of the distillation"),
+        Param("max_seconds", float, 0.0, "time budget of the distillation; 0: a minute plus a second per 2M "
+                                         "parameters, at most 15 min"),
     )
     forms = {"onnxruntime": TORCH, "torch": TORCH}
+
+    def expected_seconds(self, params, baseline_seconds, size_bytes):
+        return baseline_seconds + expected_training_seconds(params["max_seconds"], size_bytes)
 
     def apply(self, model, params, context):
         import torch.nn as nn
@@ -79,10 +83,11 @@ class Depth(Step):
         setattr(parent, name, container(kept) if container is nn.ModuleList else nn.Sequential(*kept))
         counters = _layer_count_attributes(student, len(blocks), len(kept))
         data, source = training_data(context)
-        loss = distill(student, teacher, data, params["steps"], params["learning_rate"],
-                       max_seconds=params["max_seconds"])
+        trained = distill(student, teacher, data, params["steps"], params["learning_rate"],
+                          max_seconds=params["max_seconds"], context=context)
+        context.record.update({f"distill_{k}": v for k, v in trained.items() if v is not None})
         context.record.update(
-            blocks_before=len(blocks), blocks_after=len(kept), distill_loss=loss, distill_data=source,
+            blocks_before=len(blocks), blocks_after=len(kept), distill_data=source,
             parameters_before=sum(p.numel() for p in teacher.parameters()),
             parameters_after=sum(p.numel() for p in student.parameters()), updated=counters,
         )

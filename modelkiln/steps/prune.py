@@ -20,7 +20,7 @@ from __future__ import annotations
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Param, Step
-from .training import distill, training_data
+from .training import distill, expected_training_seconds, training_data
 
 
 def _prunable(module):
@@ -247,8 +247,14 @@ class Structured(Step):
         Param("heads", float, 0.0, "share of attention heads removed from each attention block, in [0, 1)"),
         Param("recovery_steps", int, 300, "fine-tune steps distilled from the original; 0 for none"),
         Param("learning_rate", float, 1e-3, "of the recovery fine-tune"),
+        Param("max_seconds", float, 0.0, "time budget of the recovery fine-tune; 0: a minute plus a second "
+                                         "per 2M parameters, at most 15 min"),
     )
     forms = {"onnxruntime": TORCH, "torch": TORCH}
+
+    def expected_seconds(self, params, baseline_seconds, size_bytes):
+        training = expected_training_seconds(params["max_seconds"], size_bytes) if params["recovery_steps"] else 0
+        return baseline_seconds + training
 
     def apply(self, model, params, context):
         import copy
@@ -310,8 +316,9 @@ class Structured(Step):
         record.update(parameters_before=before, parameters_after=after)
         data, source = training_data(context)
         if params["recovery_steps"] > 0:
-            record["recovery_loss"] = distill(module, teacher, data, params["recovery_steps"],
-                                              params["learning_rate"])
+            trained = distill(module, teacher, data, params["recovery_steps"], params["learning_rate"],
+                              max_seconds=params["max_seconds"], context=context, activity="recovery fine-tune")
+            record.update({f"recovery_{k}": v for k, v in trained.items() if v is not None})
             record["recovery_data"] = source
         context.record.update(record)
         return ModelHandle(TORCH, module, model.inputs, dict(model.notes))

@@ -70,7 +70,7 @@ class Variant(Base):
     runtime: Mapped[str] = mapped_column(String(32))
     # Canonical recipe text; "" is the baseline.
     recipe: Mapped[str] = mapped_column(Text)
-    # pending -> succeeded / failed / skipped
+    # pending -> succeeded / failed / skipped / cancelled
     status: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     artifact_path: Mapped[str | None] = mapped_column(Text)
@@ -128,8 +128,17 @@ class Job(Base):
     variant_id: Mapped[int | None] = mapped_column(ForeignKey("variants.id"))
     # The target whose hardware must be present to run it; None runs anywhere.
     target: Mapped[str | None] = mapped_column(String(64))
-    # pending -> running -> succeeded / failed / skipped
+    # pending -> running -> succeeded / failed / skipped / cancelled
     state: Mapped[str] = mapped_column(String(16), index=True)
+    # Leased lowest first: the expected seconds it takes over what it is expected to
+    # gain, so exports and post-training quantization run before anything that trains
+    # (see daemon/estimates.py). Inspections and run-offs are 0.
+    priority: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # What the job is expected to take, seconds (from the catalogue's earlier times for
+    # the same recipe, else from the model's size and the steps' costs).
+    estimate_seconds: Mapped[float | None] = mapped_column(Float)
+    # What a running job reports doing: phase, step, "k of n", loss; refreshed with its lease.
+    progress: Mapped[dict | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str | None] = mapped_column(Text)
     lease_owner: Mapped[str | None] = mapped_column(String(128))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from sqlalchemy import and_, func, select, text
 from sqlalchemy.orm import Session, selectinload
 
-from .models import Checkpoint, Job, Promotion, Variant
+from .models import Checkpoint, Job, Measurement, Promotion, Variant
 
-TERMINAL_JOB_STATES = ("succeeded", "failed", "skipped")
+TERMINAL_JOB_STATES = ("succeeded", "failed", "skipped", "cancelled")
 
 
 def ping(session: Session) -> None:
@@ -68,14 +68,28 @@ def checkpoints(session: Session, model: str | None = None) -> list[Checkpoint]:
     return list(session.scalars(query))
 
 
+def checkpoints_with_status(session: Session, status: str) -> list[Checkpoint]:
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.status == status).order_by(Checkpoint.id)))
+
+
 def _in_round(key: str, checkpoint: Checkpoint) -> str:
     """``key`` of the checkpoint's current retry round (round 0 keeps the plain key)."""
     return f"{key}:retry{checkpoint.retries}" if checkpoint.retries else key
 
 
-def decision_key(checkpoint: Checkpoint, target: str) -> str:
-    """The promotion decision of one checkpoint on one target: one per retry round."""
-    return _in_round(f"auto:{checkpoint.id}:{target}", checkpoint)
+def decision_key(session: Session, checkpoint: Checkpoint, target: str) -> str:
+    """The key of the next promotion of one checkpoint on one target: ``auto:<checkpoint>:
+    <target>:<n>``, n counting its promotions there (a checkpoint may be promoted several
+    times as better variants are measured). Two daemons deciding the same step compute
+    the same key, and the catalogue keeps only one."""
+    prefix = f"auto:{checkpoint.id}:{target}:"
+    made = session.scalar(select(func.count()).select_from(Promotion).where(Promotion.decision_key.startswith(prefix)))
+    return f"{prefix}{made + 1}"
+
+
+def promotions_of(session: Session, checkpoint_id: int) -> list[Promotion]:
+    return list(session.scalars(select(Promotion).where(Promotion.checkpoint_id == checkpoint_id)
+                                .order_by(Promotion.id)))
 
 
 # -- jobs -----------------------------------------------------------------------------
@@ -97,6 +111,89 @@ def running_owners(session: Session) -> list[str]:
 def job_counts(session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
     return {state: count for state, count in rows}
+
+
+def running_jobs(session: Session) -> list[Job]:
+    """Every running job, oldest lease first, with its checkpoint and variant."""
+    return list(session.scalars(
+        select(Job).where(Job.state == "running")
+        .options(selectinload(Job.checkpoint), selectinload(Job.variant))
+        .order_by(Job.started_at, Job.id)
+    ))
+
+
+def running_of_variants(session: Session, variant_ids: list[int]) -> dict[int, Job]:
+    """The running job of each of these variants that has one."""
+    if not variant_ids:
+        return {}
+    jobs = session.scalars(select(Job).where(Job.state == "running", Job.variant_id.in_(variant_ids)))
+    return {job.variant_id: job for job in jobs}
+
+
+def cancelled_among(session: Session, job_ids: list[int]) -> list[int]:
+    """Which of these (running here) jobs an operator has cancelled since."""
+    if not job_ids:
+        return []
+    return list(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.state == "cancelled")))
+
+
+def open_jobs_to_cancel(session: Session, model: str, version: str | None = None, recipe: str | None = None,
+                        target: str | None = None) -> list[Job]:
+    """Pending and running jobs of ``model`` (one version, one recipe, one target, or all)."""
+    query = (select(Job).join(Checkpoint, Job.checkpoint_id == Checkpoint.id)
+             .outerjoin(Variant, Job.variant_id == Variant.id)
+             .where(Checkpoint.model == model, Job.state.in_(("pending", "running")))
+             .options(selectinload(Job.checkpoint), selectinload(Job.variant)).order_by(Job.id))
+    if version is not None:
+        query = query.where(Checkpoint.version == version)
+    if recipe is not None:  # variant jobs of that recipe only
+        query = query.where(Variant.recipe == ("" if recipe == "baseline" else recipe))
+    if target is not None:
+        query = query.where(Job.target == target)
+    return list(session.scalars(query))
+
+
+def pending_variant_jobs(session: Session, checkpoint_id: int) -> list[Job]:
+    return list(session.scalars(
+        select(Job).where(Job.checkpoint_id == checkpoint_id, Job.kind == "variant", Job.state == "pending")
+        .options(selectinload(Job.variant)).order_by(Job.id)))
+
+
+def ready_since(session: Session, checkpoint_id: int):
+    """When the checkpoint's inspection ended (its budget counts from then), or None."""
+    return session.scalar(select(Job.finished_at).where(Job.key == f"inspect:{checkpoint_id}"))
+
+
+def recipe_history(session: Session, model: str, target: str, runtime: str, recipe: str,
+                   before_checkpoint: int) -> tuple[Variant, float] | None:
+    """The newest ended variant of the same recipe on an earlier checkpoint of ``model``,
+    with the seconds its job took: what planning expects of the recipe next time."""
+    row = session.execute(
+        select(Variant, Job.started_at, Job.finished_at)
+        .join(Checkpoint, Variant.checkpoint_id == Checkpoint.id)
+        .join(Job, Job.variant_id == Variant.id)
+        .where(Checkpoint.model == model, Checkpoint.id < before_checkpoint, Variant.target == target,
+               Variant.runtime == runtime, Variant.recipe == recipe,
+               Job.state.in_(("succeeded", "failed", "skipped")),
+               Job.started_at.is_not(None), Job.finished_at.is_not(None))
+        .options(selectinload(Variant.measurements))
+        .order_by(Checkpoint.id.desc()).limit(1)
+    ).first()
+    if row is None:
+        return None
+    variant, started, finished = row
+    return variant, max(0.0, (finished - started).total_seconds())
+
+
+def best_objective(session: Session, checkpoint_id: int, target: str, batch_size: int) -> float | None:
+    """The lowest p50 latency measured at ``batch_size`` among a checkpoint's baselines on
+    ``target``: what a recipe's gain is counted against."""
+    return session.scalar(
+        select(func.min(Measurement.latency_p50_ms))
+        .join(Variant, Measurement.variant_id == Variant.id)
+        .where(Variant.checkpoint_id == checkpoint_id, Variant.target == target, Variant.recipe == "",
+               Variant.status == "succeeded", Measurement.batch_size == batch_size)
+    )
 
 
 def jobs_of(session: Session, checkpoint_id: int) -> list[Job]:
@@ -170,10 +267,6 @@ def variants_of_model(session: Session, model: str) -> list[Variant]:
 
 
 # -- promotions -----------------------------------------------------------------------
-
-
-def promotion_by_key(session: Session, decision_key: str) -> Promotion | None:
-    return session.scalars(select(Promotion).where(Promotion.decision_key == decision_key)).first()
 
 
 def current_promotions(session: Session) -> list[Promotion]:

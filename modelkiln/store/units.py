@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,8 +40,9 @@ def remember_fingerprint(session: Session, checkpoint: Checkpoint, fingerprint: 
 
 def record_inspection(session: Session, job: Job, checkpoint: Checkpoint, status: str, *, format: str | None = None,
                       info: dict | None = None, reason: str | None = None, plan=()) -> None:
-    """An inspect job's result: "ready" (with its format, its info and its ``plan``, the
-    (target, runtime, recipe) of each variant to build), "rejected" or "failed"."""
+    """An inspect job's result: "ready" (with its format, its info and its ``plan``, a
+    ``Planned`` per variant to build: target, runtime, recipe, estimate and priority),
+    "rejected" or "failed"."""
     checkpoint.status = status
     if status == "ready":
         checkpoint.format = format
@@ -54,7 +55,7 @@ def record_inspection(session: Session, job: Job, checkpoint: Checkpoint, status
 
 
 def add_variants(session: Session, checkpoint_id: int, plan) -> int:
-    """A variant and its job for each (target, runtime, recipe) not planned yet."""
+    """A variant and its job for each planned (target, runtime, recipe) not planned yet."""
     added = _add_variants(session, checkpoint_id, plan)
     session.commit()
     return added
@@ -70,11 +71,12 @@ def close_if_done(session: Session, checkpoint: Checkpoint) -> bool:
 
 def retry_checkpoints(session: Session, model: str, version: str | None = None) -> list[tuple[Checkpoint, int]]:
     """Send ``model``'s checkpoints (one version or all) back for a cause outside their
-    content (a config fixed since, a disk freed, a host overloaded): rejected or failed
-    ones are inspected again; one whose inspection succeeded has its failed variant jobs
-    run again, and the targets they are on decide their promotion again once they end.
+    content (a config fixed since, a disk freed, a host overloaded) or after a `kiln
+    cancel`: rejected, failed or cancelled ones are inspected again; one whose inspection
+    succeeded has its failed and cancelled variant jobs run again, and the targets they are on decide their promotion again once they end.
     Returns each checkpoint with the number of variant jobs sent back (0: re-inspected)."""
-    query = select(Checkpoint).where(Checkpoint.model == model, Checkpoint.status.in_(("rejected", "failed")))
+    query = select(Checkpoint).where(Checkpoint.model == model,
+                                     Checkpoint.status.in_(("rejected", "failed", "cancelled")))
     if version is not None:
         query = query.where(Checkpoint.version == version)
     retried = []
@@ -88,7 +90,7 @@ def retry_checkpoints(session: Session, model: str, version: str | None = None) 
     query = (select(Job, Variant).join(Variant, Job.variant_id == Variant.id)
              .join(Checkpoint, Job.checkpoint_id == Checkpoint.id)
              .where(Checkpoint.model == model, Checkpoint.status.in_(("ready", "done")),
-                    Job.kind == "variant", Job.state == "failed"))
+                    Job.kind == "variant", Job.state.in_(("failed", "cancelled"))))
     if version is not None:
         query = query.where(Checkpoint.version == version)
     failed: dict[int, int] = {}
@@ -127,7 +129,8 @@ def lease_jobs(
     """
     now = now or utcnow()
     runnable = or_(Job.target.is_(None), Job.target.in_(targets)) if targets else Job.target.is_(None)
-    query = select(Job.id).where(Job.state == "pending", runnable).order_by(Job.id).limit(limit)
+    # Cheapest expected work first (inspections and run-offs have priority 0), then oldest.
+    query = select(Job.id).where(Job.state == "pending", runnable).order_by(Job.priority, Job.id).limit(limit)
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     claimed = []
@@ -145,18 +148,29 @@ def lease_jobs(
     session.commit()
     if not claimed:
         return []
-    return list(session.scalars(select(Job).where(Job.id.in_(claimed)).order_by(Job.id)))
+    return list(session.scalars(select(Job).where(Job.id.in_(claimed)).order_by(Job.priority, Job.id)))
 
 
-def renew_leases(session: Session, owner: str, job_ids: list[int], lease_seconds: float) -> None:
+def renew_leases(session: Session, owner: str, job_ids: list[int], lease_seconds: float,
+                 progress: dict[int, dict] | None = None) -> None:
+    """Extend the leases of these running jobs, with what each reports doing (``progress``)."""
     if not job_ids:
         return
     now = utcnow()
-    session.execute(
-        update(Job)
-        .where(Job.id.in_(job_ids), Job.lease_owner == owner, Job.state == "running")
-        .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
-    )
+    progress = progress or {}
+    still = [job_id for job_id in job_ids if job_id not in progress]
+    if still:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(still), Job.lease_owner == owner, Job.state == "running")
+            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        )
+    for job_id, report in progress.items():
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds), progress=report)
+        )
     session.commit()
 
 
@@ -168,7 +182,8 @@ def release_jobs(session: Session, owner: str, job_ids: list[int], reason: str) 
         update(Job)
         .where(Job.id.in_(job_ids), Job.lease_owner == owner, Job.state == "running")
         .values(state="pending", lease_owner=None, lease_expires_at=None, reason=reason,
-                attempts=func.max(Job.attempts - 1, 0))
+                # Not counted: the attempt was this daemon's stop, not the job's fault.
+                attempts=case((Job.attempts > 0, Job.attempts - 1), else_=0))
     )
     session.commit()
 
@@ -185,6 +200,38 @@ def requeue_owned(session: Session, owners: list[str], max_attempts: int, reason
 
 def finish_job(session: Session, job: Job, state: str, reason: str | None = None) -> None:
     _finish(job, state, reason)
+    session.commit()
+
+
+def cancel_jobs(session: Session, jobs: list[Job], reason: str) -> list[Job]:
+    """End pending and running jobs as "cancelled" (never retried by themselves; `kiln
+    retry` sends them back). A running job keeps its lease owner, whose daemon sees the
+    state, stops the worker and lets the checkpoint move on. A cancelled inspection
+    cancels its checkpoint. Returns the jobs it ended."""
+    ended = []
+    for job in jobs:
+        if job.state not in ("pending", "running"):
+            continue
+        owner = job.lease_owner
+        _finish(job, "cancelled", reason)
+        job.lease_owner = owner if owner else None
+        if job.variant is not None:
+            job.variant.status, job.variant.reason, job.variant.finished_at = "cancelled", reason, utcnow()
+        if job.kind == "inspect":
+            job.checkpoint.status, job.checkpoint.reason = "cancelled", reason
+        ended.append(job)
+    session.commit()
+    return ended
+
+
+def skip_jobs(session: Session, jobs: list[Job], reason: str) -> None:
+    """End pending variant jobs as "skipped" with ``reason`` (e.g. past the checkpoint's budget)."""
+    for job in jobs:
+        if job.state != "pending":
+            continue
+        _finish(job, "skipped", reason)
+        if job.variant is not None:
+            job.variant.status, job.variant.reason, job.variant.finished_at = "skipped", reason, utcnow()
     session.commit()
 
 
@@ -268,14 +315,17 @@ def _add_variants(session: Session, checkpoint_id: int, plan) -> int:
         select(Variant.target, Variant.runtime, Variant.recipe).where(Variant.checkpoint_id == checkpoint_id)
     ).tuples())
     added = 0
-    for target, runtime, recipe in plan:
-        if (target, runtime, recipe) in existing:
+    for planned in plan:
+        key = (planned.target, planned.runtime, planned.recipe)
+        if key in existing:
             continue
-        existing.add((target, runtime, recipe))
-        variant = Variant(checkpoint_id=checkpoint_id, target=target, runtime=runtime, recipe=recipe, status="pending")
+        existing.add(key)
+        variant = Variant(checkpoint_id=checkpoint_id, target=planned.target, runtime=planned.runtime,
+                          recipe=planned.recipe, status="pending")
         session.add(variant)
         session.flush()
-        _add_job(session, "variant", checkpoint_id, variant.id, target)
+        job = _add_job(session, "variant", checkpoint_id, variant.id, planned.target)
+        job.priority, job.estimate_seconds = planned.priority, planned.estimate_seconds
         added += 1
     return added
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .models import Checkpoint, Job, Promotion, Variant
+import time
+from datetime import datetime
+
+from .models import Checkpoint, Job, Promotion, Variant, utcnow
 
 
 def variant_label(variant: Variant) -> str:
@@ -131,3 +134,31 @@ def checkpoint_dict(checkpoint: Checkpoint) -> dict:
     if checkpoint.reason:
         out["reason"] = checkpoint.reason
     return out
+
+
+def running_job_dict(job: Job, now: datetime | None = None) -> dict:
+    """A running job as `kiln status` shows it: what it is, what it reports doing, how
+    long it has run and about how long it has left (what its step reports, else its
+    estimate less the time so far)."""
+    now = now or utcnow()
+    elapsed = (now - job.started_at).total_seconds() if job.started_at else None
+    report = job.progress or {}
+    left = report.get("eta_seconds")
+    if left is not None and report.get("at"):  # reported a moment ago
+        left = max(0.0, left - max(0.0, time.time() - report["at"]))
+    if left is None and job.estimate_seconds is not None and elapsed is not None:
+        left = max(0.0, job.estimate_seconds - elapsed)
+    checkpoint = job.checkpoint
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "model": checkpoint.model,
+        "version": checkpoint.version,
+        "target": job.target,
+        "variant": variant_label(job.variant) if job.variant is not None else None,
+        "host": job.lease_owner,
+        "progress": job.progress,
+        "elapsed_seconds": elapsed,
+        "estimate_seconds": job.estimate_seconds,
+        "left_seconds": left,
+    }

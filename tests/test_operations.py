@@ -1,0 +1,328 @@
+"""A daemon an operator can watch and steer: anytime promotion, cheap-first order, time
+and memory budgets, progress, cancel, and a stop that stops."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from modelkiln.config import load_config
+from modelkiln.store import queries
+from modelkiln.store.db import open_store
+from modelkiln.store.models import Job
+
+TESTS = Path(__file__).parent
+
+
+def set_config(path: Path, recipes: list[str], *replacements: tuple[str, str]) -> None:
+    text = re.sub(r"(?m)^recipes = \[[^\]]*\]", "recipes = [" + ", ".join(f'"{r}"' for r in recipes) + "]",
+                  path.read_text())
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
+def kiln(path: Path, *args, env=None, check=True, timeout=300):
+    out = subprocess.run([sys.executable, "-m", "modelkiln", *args, "--config", str(path)], capture_output=True,
+                         text=True, env=env or {**os.environ, "PYTHONPATH": str(TESTS)}, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str, daemon=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if daemon is not None and daemon.poll() is not None:
+            raise AssertionError(f"the daemon exited ({daemon.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- anytime promotion, cheap first ----------------------------------------------------
+
+
+@pytest.fixture
+def ballasted_checkpoint(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    from helpers import ballasted_mlp
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("staged") / "ballasted"
+    folder.mkdir()
+    save_file(ballasted_mlp().state_dict(), str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.slow
+def test_the_first_promotion_comes_after_the_cheapest_good_variant_and_a_better_one_supersedes_it(
+        tmp_path, kiln_dir, ballasted_checkpoint):
+    """The config lists the costly recipe first; the baseline still runs first (cheap
+    first) and is promoted at once, before the costly job starts (anytime); the costly
+    variant, much faster, then supersedes it. The history keeps both steps."""
+    from test_reliability import install_entry_point
+
+    site = tmp_path / "site"
+    install_entry_point(site, "faults", "fault_steps")
+    path = kiln_dir / "kiln.toml"
+    set_config(path, ["fault.unballast", "baseline"],
+               ('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]'))
+    with path.open("a") as fh:
+        fh.write('\n[architectures.ballasted]\nfactory = "helpers:ballasted_mlp"\ninput_shape = [16]\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(TESTS)])}
+    kiln(path, "optimize", str(ballasted_checkpoint), "--model", "ballasted", "--version", "1", env=env)
+
+    store = open_store(load_config(path))
+    with store.session() as session:
+        jobs = {j.variant.recipe: j for j in queries.jobs_of(session, 1) if j.kind == "variant"}
+        history = queries.promotion_history(session, "ballasted")
+        steps = [(p.variant.recipe, p.decision_key, p.reason, p.promoted_at) for p in history]
+    store.dispose()
+    assert jobs[""].started_at < jobs["fault.unballast"].started_at  # cheap first
+    assert jobs[""].priority < jobs["fault.unballast"].priority
+    assert [s[0] for s in steps] == ["", "fault.unballast"], steps
+    assert [s[1] for s in steps] == ["auto:1:cpu:1", "auto:1:cpu:2"]
+    first, second = steps
+    assert "first variant to pass the gate" in first[2] and "1 variant job(s) still to end" in first[2]
+    assert first[3] <= jobs["fault.unballast"].started_at  # promoted before the costly job began
+    assert "lowest latency_p50_ms" in second[2]
+
+
+# -- cancel, progress, recipes removed from the config ---------------------------------
+
+
+def serve(kiln_dir: Path, *args, new_session: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "KILN_CONFIG": str(kiln_dir / "kiln.toml"), "PYTHONPATH": str(TESTS)}
+    log = open(kiln_dir / "serve.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "modelkiln", "serve", *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=new_session)
+
+
+def running_job(store, recipe_start: str):
+    with store.session() as session:
+        for job in queries.running_jobs(session):
+            if job.variant is not None and job.variant.recipe.startswith(recipe_start) and job.progress \
+                    and job.progress.get("activity"):
+                return job.id
+    return None
+
+
+TRAIN_FOREVER = "prune.structured(recovery_steps=100000000, max_seconds=600.0)"
+
+
+@pytest.mark.slow
+def test_a_running_training_job_shows_its_progress_and_kiln_cancel_ends_it(kiln_dir, digits_checkpoint):
+    from helpers import place
+
+    path = kiln_dir / "kiln.toml"
+    set_config(path, [TRAIN_FOREVER, "baseline"], ('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]'))
+    daemon = serve(kiln_dir)
+    store = open_store(load_config(path))
+    try:
+        wait_for(lambda: b"started:" in (kiln_dir / "serve.log").read_bytes(), 60, "the daemon to start", daemon)
+        place(digits_checkpoint, kiln_dir / "models", "digits", "1")
+        job_id = wait_for(lambda: running_job(store, "prune.structured"), 120, "the training job's progress", daemon)
+        status = kiln(path, "status").stdout
+        assert re.search(rf"(?m)^{job_id} +digits/1 +cpu +torch:prune\.structured.*recovery fine-tune \d+/100000000"
+                         r", loss [\d.e+-]+ +\d+ s", status), status
+        variants = kiln(path, "variants", "digits").stdout
+        assert re.search(r"torch:prune\.structured\S* .* running \d+ s", variants), variants
+        # The baseline ran first and is served already, while the training goes on.
+        assert kiln(path, "promoted").stdout.count("torch:baseline") == 1
+
+        out = kiln(path, "cancel", "digits", "1", "--recipe", TRAIN_FOREVER).stdout
+        assert f"job {job_id}: digits/1 cpu torch:{TRAIN_FOREVER}" in out and "was running" in out
+        wait_for(lambda: b"cancelled while running" in (kiln_dir / "serve.log").read_bytes(), 30,
+                 "the daemon to stop the cancelled job", daemon)
+
+        def done():
+            with store.session() as session:
+                return queries.checkpoint(session, 1).status == "done"
+        wait_for(done, 30, "the checkpoint to close", daemon)
+        with store.session() as session:
+            job = queries.job(session, job_id)
+            assert (job.state, job.lease_owner, job.reason) == ("cancelled", None, "cancelled by `kiln cancel`")
+            assert job.variant.status == "cancelled"
+        assert not (kiln_dir / "artifacts" / "work" / str(job_id)).exists()
+        again = kiln(path, "cancel", "digits", check=False)
+        assert again.returncode == 2 and "no pending or running job to cancel" in again.stderr
+        assert "1 failed or cancelled variant job(s) will run again" in kiln(path, "retry", "digits").stdout
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        store.dispose()
+
+
+def test_recipes_removed_from_the_config_have_their_pending_jobs_cancelled_at_start(config, kiln_dir,
+                                                                                      digits_checkpoint):
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.plugins.api import Candidate
+
+    from helpers import run_until_done
+
+    path = kiln_dir / "kiln.toml"
+    set_config(path, ["baseline", "quantize.int8_dynamic", "quantize.bf16"],
+               ('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]'))
+    daemon = Daemon(load_config(path), watch=False, schedule=False)
+    daemon.start()
+    try:
+        checkpoint_id = daemon.ingest_path(Candidate("digits", "1", digits_checkpoint))
+        def variant_running():
+            daemon.run_once(0.05)
+            with daemon.store.session() as session:
+                return any(j.kind == "variant" for j in queries.running_jobs(session))
+        wait_for(variant_running, 60, "the first variant job")
+    finally:
+        daemon.stop(0)  # the running job goes back to pending with the rest
+    set_config(path, ["baseline"])
+    daemon = Daemon(load_config(path), watch=False, schedule=False)
+    daemon.start()
+    try:
+        checkpoint = run_until_done(daemon, checkpoint_id)
+        with daemon.store.session() as session:
+            jobs = {j.variant.recipe: (j.state, j.reason) for j in queries.jobs_of(session, checkpoint_id)
+                    if j.variant is not None}
+            served = [p.variant.recipe for p in queries.current_promotions(session)]
+    finally:
+        daemon.stop(5)
+    assert checkpoint.status == "done" and served == [""]
+    assert jobs[""] == ("succeeded", None)
+    for recipe in ("quantize.int8_dynamic", "quantize.bf16"):
+        assert jobs[recipe] == ("cancelled", f"cancelled: recipe '{recipe}' is no longer in targets.cpu.recipes")
+
+
+def test_variant_jobs_not_started_within_the_checkpoint_budget_are_skipped_with_the_reason(
+        kiln_dir, digits_checkpoint, monkeypatch):
+    from datetime import timedelta
+
+    import modelkiln.daemon.service as service
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.plugins.api import Candidate
+    from modelkiln.store.models import utcnow
+
+    from helpers import run_until_done
+
+    path = kiln_dir / "kiln.toml"
+    text = path.read_text().replace("budget_minutes = 60.0", "budget_minutes = 5.0")
+    path.write_text(text)
+    # The host's clock, as the lease sees it, ten minutes after the inspection.
+    monkeypatch.setattr(service, "utcnow", lambda: utcnow() + timedelta(minutes=10))
+    daemon = Daemon(load_config(path), watch=False, schedule=False)
+    daemon.start()
+    try:
+        checkpoint = run_until_done(daemon, daemon.ingest_path(Candidate("digits", "1", digits_checkpoint)))
+        with daemon.store.session() as session:
+            variants = queries.variants_of(session, checkpoint.id)
+            promoted = queries.current_promotions(session)
+    finally:
+        daemon.stop(5)
+    assert checkpoint.status == "done" and promoted == [] and len(variants) == 4
+    for variant in variants:
+        assert variant.status == "skipped"
+        assert variant.reason.startswith("not started within the checkpoint's budget (policy.budget_minutes = 5,")
+
+
+# -- budgets of the steps that train ---------------------------------------------------
+
+
+def test_training_stops_at_its_time_budget_and_fits_its_batch_to_the_worker_memory():
+    import numpy as np
+    import torch
+
+    from helpers import tiny_mlp
+    from modelkiln.steps.training import distill, fit_batch_size, time_budget
+
+    assert fit_batch_size(64, 2**20, 16) == 2  # 16 MiB: a quarter for activations, twice for backward
+    assert fit_batch_size(64, 2**20, 0) == 64
+    assert time_budget(30.0, 10**9) == 30.0
+    assert time_budget(0.0, 22_000_000) == pytest.approx(71.0)  # a sentence encoder: about a minute
+    assert time_budget(0.0, 7_000_000_000) == 900.0
+
+    reports = []
+
+    class Context:
+        worker_memory_mb = 0
+
+        def progress(self, activity, done, total, **figures):
+            reports.append((activity, done, total, figures))
+
+    torch.manual_seed(0)
+    teacher, student = tiny_mlp(), tiny_mlp()
+    inputs = {"x": np.random.default_rng(0).standard_normal((256, 16)).astype(np.float32)}
+    started = time.monotonic()
+    record = distill(student, teacher, inputs, 10**8, 1e-3, max_seconds=1.0, context=Context())
+    assert time.monotonic() - started < 5
+    assert record["stopped"] == f"time budget of 1 s reached after {record['steps']} of 100000000 steps"
+    assert record["batch_size"] == 64 and record["steps"] == len(reports)
+    activity, done, total, figures = reports[-1]
+    assert (activity, done, total) == ("distillation", record["steps"], 10**8)
+    assert figures["loss"] == record["loss"] and figures["eta_seconds"] <= 1.0
+
+
+# -- stop means stop -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_group_then_twice_to_the_daemon_stops_a_training_job_and_the_next_start_finishes_it(
+        kiln_dir, digits_checkpoint):
+    """systemd's default KillMode signals the whole group; an impatient operator signals
+    the daemon again. It stops at once, hands the job back without counting the attempt,
+    and the next start runs the job to its end once."""
+    from helpers import place
+
+    path = kiln_dir / "kiln.toml"
+    recipe = "prune.structured(recovery_steps=100000000, max_seconds=8)"
+    set_config(path, [recipe], ('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]'))
+    daemon = serve(kiln_dir, "--stop-timeout", "30", new_session=True)
+    store = open_store(load_config(path))
+    try:
+        wait_for(lambda: b"started:" in (kiln_dir / "serve.log").read_bytes(), 60, "the daemon to start", daemon)
+        place(digits_checkpoint, kiln_dir / "models", "digits", "1")
+        job_id = wait_for(lambda: running_job(store, "prune.structured"), 120, "the training to begin", daemon)
+        sent = time.monotonic()
+        os.killpg(daemon.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(30)
+        took = time.monotonic() - sent
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+    log = (kiln_dir / "serve.log").read_text()
+    assert took < 5.5, took  # not the 30 s stop timeout: the second signal ends the wait
+    assert code in (0, 130), code
+    assert "stopping on SIGTERM: 1 job(s) running" in log and "handed back" in log
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.attempts, job.lease_owner) == ("pending", 0, None)
+
+    daemon = serve(kiln_dir)
+    try:
+        def done():
+            with store.session() as session:
+                return queries.checkpoint(session, 1).status == "done"
+        wait_for(done, 120, "the job to run again to its end", daemon)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.attempts) == ("succeeded", 1)
+        record = job.variant.lineage[0]["record"]
+        assert record["recovery_stopped"].startswith("time budget of 8 s reached after ")
+        assert len(queries.promotion_history(session, "digits")) == 1
+    store.dispose()
