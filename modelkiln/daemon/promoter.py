@@ -88,7 +88,7 @@ class Promoter:
         candidates = candidates_for(session, self.config, checkpoint.id, target)
         if not open_jobs and self._runoff_pending(session, checkpoint, target, candidates, memory_mb):
             return None
-        chosen, how = self._choose(candidates, memory_mb)
+        chosen, how, by_plugin = self._choose(candidates, memory_mb)
         if chosen is None:
             if not open_jobs and (current is None or current.checkpoint_id != checkpoint.id):
                 log.warning("%s/%s: no variant on %s meets the policy; nothing promoted",
@@ -98,7 +98,9 @@ class Promoter:
         if current is not None and current.variant_id == chosen["id"]:
             return None
         if open_jobs:
-            why = self._early_reason(chosen, current, checkpoint, candidates)
+            # A policy plugin sees the candidates measured so far and owns the choice.
+            why = ("its choice among the variants measured so far" if by_plugin
+                   else self._early_reason(chosen, current, checkpoint, candidates))
             if why is None:
                 return None
             how = f"{why}; {open_jobs} variant job(s) still to end ({how})"
@@ -114,8 +116,9 @@ class Promoter:
         notify(self.manager, "kiln_variant_promoted", promotion=self.describe(promotion))
         return promotion
 
-    def _choose(self, candidates: list[dict], memory_mb: int) -> tuple[dict | None, str]:
-        """The policy's choice among ``candidates`` (a plugin's, else the built-in), and why."""
+    def _choose(self, candidates: list[dict], memory_mb: int) -> tuple[dict | None, str, bool]:
+        """The policy's choice among ``candidates`` (a plugin's, else the built-in), why,
+        and whether a plugin made it."""
         plugin, chosen = first_result(self.manager, "kiln_choose_variant", candidates=candidates,
                                       policy=self.config.policy)
         how = f"policy of plugin {plugin}"
@@ -123,6 +126,7 @@ class Promoter:
             log.error("plugin %s: kiln_choose_variant returned something that is not one of the "
                       "candidates; the built-in policy decides", plugin)
             chosen = None
+        by_plugin = chosen is not None
         if chosen is None:
             chosen = builtin_policy.choose(candidates, self.config.policy)
             how = (f"lowest {self.config.policy.objective} at batch {self.config.policy.objective_batch_size} "
@@ -131,7 +135,7 @@ class Promoter:
             raced = sum(1 for c in candidates if builtin_policy.runoff_value(c, self.config.policy) is not None)
             if chosen is not None and builtin_policy.runoff_value(chosen, self.config.policy) is not None:
                 how += f", by a run-off of {raced} variants timed side by side"
-        return chosen, how
+        return chosen, how, by_plugin
 
     def _early_reason(self, chosen: dict, current: Promotion | None, checkpoint: Checkpoint,
                       candidates: list[dict]) -> str | None:
