@@ -10,7 +10,7 @@ import click
 
 from .errors import KilnError
 from .files import write_whole
-from .sizes import format_size
+from .sizes import format_size, printable
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -45,7 +45,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 
 
 def table(rows: list[list], headers: list[str]) -> str:
-    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    cells = [[("" if c is None else printable(str(c))) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])

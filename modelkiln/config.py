@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import types
 import typing
@@ -290,11 +291,22 @@ def _validate(config: Config, file: Path) -> None:
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"{file}: 'http.address' must be host:port (e.g. \"127.0.0.1:9464\") or \"\" "
                               f"to turn the endpoint off, got {config.http.address!r}")
-    if config.workers.count < 1:
-        raise ConfigError(f"{file}: 'workers.count' must be at least 1")
+    for key, value, low, inclusive in _ranges(config):
+        if value < low or (value == low and not inclusive):
+            raise ConfigError(f"{file}: '{key}' must be {'at least' if inclusive else 'more than'} {low:g}, "
+                              f"got {value!r}")
+    if config.measure.max_seconds < config.measure.min_seconds:
+        raise ConfigError(f"{file}: 'measure.max_seconds' ({config.measure.max_seconds:g}) is below "
+                          f"'measure.min_seconds' ({config.measure.min_seconds:g})")
     if not config.targets:
         raise ConfigError(f"{file}: at least one [targets.NAME] table is needed")
     for name, target in config.targets.items():
+        # A target's name becomes a folder and a link under promoted/<model>/.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or ".." in name:
+            raise ConfigError(f"{file}: target name {name!r} must be letters, digits, '.', '_' or '-' (it names "
+                              "the folder promoted/<model>/<target>)")
+        if target.threads < 1:
+            raise ConfigError(f"{file}: 'targets.{name}.threads' must be at least 1, got {target.threads}")
         if not target.runtimes:
             raise ConfigError(f"{file}: 'targets.{name}.runtimes' must name at least one runtime")
         if not target.batch_sizes or min(target.batch_sizes) < 1:
@@ -325,6 +337,28 @@ def _validate(config: Config, file: Path) -> None:
                 f"{file}: 'architectures.{name}.factory' must be 'module:callable', "
                 f"got {arch.factory!r}"
             )
+
+
+def _ranges(config: Config):
+    """(key, value, lowest, whether the lowest itself is allowed) of every plain number."""
+    w, m, r = config.workers, config.measure, config.registry
+    return (
+        ("workers.count", w.count, 1, True),
+        ("workers.job_timeout_seconds", w.job_timeout_seconds, 0, False),
+        ("workers.lease_seconds", w.lease_seconds, 0, False),
+        ("workers.max_attempts", w.max_attempts, 1, True),
+        ("workers.memory_limit_mb", w.memory_limit_mb, 0, True),
+        ("measure.warmup_runs", m.warmup_runs, 0, True),
+        ("measure.min_runs", m.min_runs, 1, True),
+        ("measure.stability", m.stability, 0, False),
+        ("measure.min_seconds", m.min_seconds, 0, True),
+        ("measure.max_seconds", m.max_seconds, 0, False),
+        ("measure.sample_count", m.sample_count, 1, True),
+        ("registry.quiet_seconds", r.quiet_seconds, 0, True),
+        ("registry.rescan_seconds", r.rescan_seconds, 0, False),
+        ("registry.mlflow.poll_seconds", r.mlflow.poll_seconds, 0, False),
+        ("store.busy_timeout_ms", config.store.busy_timeout_ms, 0, True),
+    )
 
 
 def find_config_path(path: str | os.PathLike | None) -> Path:

@@ -1,4 +1,5 @@
-"""How sizes and spans of time read in tables and logs: the CLI, the report and the daemon agree."""
+"""How sizes, spans of time and untrusted names read in tables and logs: the CLI, the
+report and the daemon agree."""
 
 from __future__ import annotations
 
@@ -26,3 +27,9 @@ def format_duration(seconds: float | None) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes: a file name or a reason from a
+    crafted folder can neither move the cursor nor start a fake row of a table."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from modelkiln.config import TargetConfig, load_config, write_default_config
@@ -102,3 +104,32 @@ def test_a_negative_memory_budget_is_refused(tmp_path):
     path.write_text('[targets.cpu]\ndevice = "cpu"\nmemory_mb = -1\n')
     with pytest.raises(ConfigError, match="'targets.cpu.memory_mb' must be 0"):
         load_config(path)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("job_timeout_seconds = 1800.0", "job_timeout_seconds = -1.0", "'workers.job_timeout_seconds' must be more than 0"),
+    ("lease_seconds = 60.0", "lease_seconds = -5.0", "'workers.lease_seconds' must be more than 0"),
+    ("sample_count = 64", "sample_count = 0", "'measure.sample_count' must be at least 1"),
+    ("min_runs = 20", "min_runs = 0", "'measure.min_runs' must be at least 1"),
+    ("threads = 2", "threads = -1", "'targets.cpu.threads' must be at least 1"),
+    ("memory_limit_mb = 0", "memory_limit_mb = -100", "'workers.memory_limit_mb' must be at least 0"),
+    ("[targets.cpu]", '[targets."../../../escape"]', "target name '../../../escape' must be"),
+    ("budget_minutes = 60.0", "budget_minutes = -1.0", "'policy.budget_minutes' must be 0"),
+])
+def test_every_number_and_target_name_is_checked(tmp_path, old, new, message):
+    path = write_default_config(tmp_path)
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_device_no_runtime_serves_is_a_config_error(config):
+    from modelkiln.daemon.service import Daemon
+
+    config.targets["cpu"].device = "cpuu"
+    with pytest.raises(ConfigError, match=r"targets.cpu.device 'cpuu' is served by none of its runtimes "
+                                          r"\(onnxruntime: cpu; torch: cpu, cuda\)"):
+        Daemon(config, preload=False).start()

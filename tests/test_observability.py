@@ -72,3 +72,39 @@ def test_unknown_log_format_and_bad_address_are_named(kiln_dir):
     path.write_text(text.replace('address = "127.0.0.1:0"', 'address = "localhost"'))
     with pytest.raises(ConfigError, match="'http.address' must be host:port"):
         load_config(path)
+
+
+def test_idle_connections_are_bounded_and_closed(config, monkeypatch):
+    """Thousands of idle connections once held a thread each, forever."""
+    import socket
+    import threading
+    import time
+
+    import modelkiln.daemon.health as health
+
+    monkeypatch.setattr(health._Handler, "timeout", 1.0)
+    daemon = Daemon(config, preload=False)
+    daemon.start()
+    try:
+        host, port = daemon.http.address.rsplit(":", 1)
+        before = threading.active_count()
+        idle = [socket.create_connection((host, int(port))) for _ in range(60)]
+        time.sleep(0.5)
+        assert threading.active_count() - before <= health.MOST_CONNECTIONS
+        time.sleep(1.5)  # past the idle timeout: the server has closed every one
+        for sock in idle:
+            sock.settimeout(2)
+            assert sock.recv(1) == b""
+            sock.close()
+        code, _ = http_get(f"http://{daemon.http.address}/healthz")
+        assert code == 200
+    finally:
+        daemon.stop(5)
+
+
+def test_status_shows_names_and_reasons_without_their_control_characters():
+    from modelkiln.cli import table
+
+    out = table([["m\x1b[2J", "reason\nfake row"]], ["model", "reason"])
+    assert "\x1b" not in out and "\\x1b[2J" in out and "reason\\nfake row" in out
+    assert len(out.splitlines()) == 3

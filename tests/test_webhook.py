@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -75,8 +76,10 @@ def test_promotion_and_failed_job_events_are_posted_signed_and_retried(kiln_dir,
     assert (failed["job"]["kind"], failed["job"]["model"], failed["job"]["version"]) == ("inspect", "tiny", "2")
     assert "SystemExit" in failed["job"]["reason"]
     for headers, body in receiver.requests:
-        expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
-        assert headers["X-Kiln-Signature"] == expected
+        # Stripe's scheme: the HMAC covers the timestamp and the body, so a replay is seen.
+        stamp, signature = (part.split("=", 1)[1] for part in headers["X-Kiln-Signature"].split(","))
+        assert abs(int(stamp) - time.time()) < 600
+        assert signature == hmac.new(b"s3cret", stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
         assert headers["Content-Type"] == "application/json"
     assert list((config.artifacts_path / ".webhook-outbox").iterdir()) == []  # all delivered
 
@@ -142,3 +145,35 @@ def test_bad_webhook_settings_refuse_the_start_and_name_the_key(kiln_dir, tiny_c
     config.plugins.settings["webhook"] = {"urls": ["http://x"], "retries": "5"}
     with pytest.raises(ConfigError, match="'plugins.settings.webhook.retries' must be int, got str"):
         optimize_once(config, tiny_checkpoint, "tiny")
+
+
+def test_a_redirect_is_never_followed_and_the_event_stays_in_the_outbox(tmp_path, caplog):
+    from modelkiln.events.webhook import Outbox, Sender, Settings
+
+    landed = Receiver()
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", landed.url)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    folder = tmp_path / ".webhook-outbox"
+    try:
+        sender = Sender(Settings(urls=[f"http://127.0.0.1:{server.server_address[1]}/hook"], secret="s",
+                                 backoff_seconds=0.01), Outbox(folder))
+        sender.put("promoted", {"promotion": {"model": "m", "version": "1"}})
+        sender.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        landed.close()
+    assert landed.requests == []  # neither the body nor the signature went to the other host
+    assert len(list(folder.iterdir())) == 1
+    assert any("redirect (HTTP 302" in r.getMessage() and "never followed" in r.getMessage() for r in caplog.records)

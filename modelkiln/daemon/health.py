@@ -34,11 +34,30 @@ def health(daemon) -> tuple[bool, dict[str, str]]:
     except Exception as exc:
         checks["database"] = f"failing: {exc}"
     checks["loop"] = "ok" if daemon.started and not daemon.stopping else "stopping"
+    checks["disk"] = disk_check(daemon.layout.root)
     if daemon.schedule:
         checks["scheduler"] = "ok" if daemon.scheduler is not None and daemon.scheduler.alive else "not running"
     if daemon.watcher is not None or (daemon.watch and daemon.registry.watches):
         checks["watcher"] = "ok" if daemon.watcher is not None and daemon.watcher.alive else "not running"
     return all(v == "ok" for v in checks.values()), checks
+
+
+# Below this much free space where artifacts go, snapshots and variants fail: say so.
+LOW_DISK_BYTES = 256 * 2**20
+
+
+def disk_check(folder) -> str:
+    """"ok", or how little space is left where checkpoints are copied and variants built."""
+    import os
+
+    try:
+        stat = os.statvfs(folder)
+    except OSError as exc:
+        return f"failing: {exc}"
+    free = stat.f_bavail * stat.f_frsize
+    if free < LOW_DISK_BYTES:
+        return f"low: {free // 2**20} MiB free in {folder}; ingests and jobs fail until space is freed"
+    return "ok"
 
 
 def _escape(value) -> str:
@@ -105,8 +124,15 @@ def metrics_text(daemon) -> str:
     return "\n".join(out) + "\n"
 
 
+# A connection that sends nothing for this long is closed; at most this many are served
+# at once (each has a thread), the rest are refused until one ends.
+IDLE_SECONDS = 10.0
+MOST_CONNECTIONS = 16
+
+
 class _Handler(BaseHTTPRequestHandler):
     daemon = None  # set on the subclass made per server
+    timeout = IDLE_SECONDS  # the socket's: an idle or slow client gives its thread back
 
     def do_GET(self):  # noqa: N802 (the standard library's name)
         path = self.path.split("?", 1)[0]
@@ -134,18 +160,44 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http: " + format, *args)
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """Threads per connection, but no more than MOST_CONNECTIONS at once: a client that
+    opens thousands of idle connections cannot make the daemon start thousands of threads."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MOST_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # busy: closed at once; a scraper retries
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class HealthServer:
     def __init__(self, daemon, address: str):
         host, _, port = address.rpartition(":")
         handler = type("Handler", (_Handler,), {"daemon": daemon})
         try:
-            self._server = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
+            self._server = _BoundedServer((host.strip("[]"), int(port)), handler)
         except OSError as exc:
             from ..errors import ConfigError
 
             raise ConfigError(f"{daemon.config.source}: cannot listen on http.address {address!r} ({exc}); "
                               "choose a free port, or \"\" to turn /healthz and /metrics off") from None
-        self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="kiln-http", daemon=True)
 
     @property

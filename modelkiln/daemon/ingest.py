@@ -66,11 +66,18 @@ class Ingestor:
         except FileNotFoundError:
             shutil.rmtree(staging, ignore_errors=True)
             return IngestResult("wait", retry_at=now + self.quiet_seconds)
+        except BaseException:  # a full disk, say: the partial copy goes, the next look starts over
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if after.fingerprint != seen.fingerprint:
             # Written to while we copied: the copy may be a mix; look again once quiet.
             shutil.rmtree(staging, ignore_errors=True)
             return IngestResult("wait", retry_at=self.clock() + self.quiet_seconds)
-        digest = content_hash(staging, seen.files)
+        try:
+            digest = content_hash(staging, seen.files)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         snapshot = self.layout.snapshot(candidate.model, digest)
         if snapshot.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -87,12 +94,8 @@ class Ingestor:
                 units.remember_fingerprint(session, existing, seen.fingerprint)
                 return IngestResult("unchanged", existing.id)
             status, reason = "ingested", None
-            if seen.escaping_links:
-                status = "rejected"
-                reason = (
-                    f"{candidate.path}: symlink(s) {', '.join(seen.escaping_links)} point outside "
-                    "the checkpoint folder and are never followed; copy the files in instead"
-                )
+            if seen.problems:
+                status, reason = "rejected", f"{candidate.path}: " + "; ".join(seen.problems)
             elif not seen.files:
                 status, reason = "rejected", f"{candidate.path}: the version folder holds no files"
             elif fmt is None:

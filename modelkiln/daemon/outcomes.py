@@ -112,6 +112,8 @@ def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:
             "size_bytes": measured["size_bytes"],
             "batches": measured["measurements"],
             "checks": measured.get("checks", {}),
+            # Why it misses the quality gate (None: it passes).
+            "gate": measured.get("gate"),
             "decode": measured.get("decode"),
             # For models that take sequences: the lengths timed, and the figures at the longest.
             "sequence": measured.get("sequence"),

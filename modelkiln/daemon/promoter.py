@@ -27,6 +27,7 @@ from pathlib import Path
 from dataclasses import asdict
 
 from .. import policy as builtin_policy
+from ..plugins.api import version_order
 from ..plugins.manager import first_result, notify
 from ..store import queries, units, views
 from ..store.models import Checkpoint, Job, Promotion
@@ -44,6 +45,16 @@ def swap_link(link: Path, target: Path) -> None:
         tmp.unlink()
     os.symlink(target, tmp)
     os.replace(tmp, link)  # rename(2): readers see the old link or the new, never none
+
+
+def _newer(served: Checkpoint, checkpoint: Checkpoint) -> bool:
+    """Whether ``served`` is a later version of the model than ``checkpoint`` (or the same
+    version's later content): an older version taken late never replaces it."""
+    if served.id == checkpoint.id:
+        return False
+    if served.version == checkpoint.version:
+        return served.id > checkpoint.id
+    return version_order(served.version) > version_order(checkpoint.version)
 
 
 def candidates_for(session, config, checkpoint_id: int, target: str) -> list[dict]:
@@ -73,16 +84,21 @@ class Promoter:
     def consider(self, session, checkpoint: Checkpoint, target: str) -> Promotion | None:
         """Promote for (checkpoint's model, target) what the policy now chooses.
 
-        Anytime: while variant jobs are still open, a measured variant that passes the gate
-        is promoted at once when nothing of this checkpoint is served yet and it beats what
-        is served (or nothing is), or when it beats the served variant of this checkpoint by
-        more than the run-off margin; closer calls wait. Once every variant job has ended,
-        the decision is final: the run-off times the closest candidates side by side where
-        the margin calls for it, and its choice is promoted if it is not the one served."""
+        Anytime: while variant jobs are still open, the policy's choice among the variants
+        measured so far is promoted at once if nothing is served, or if it beats the served
+        variant on the objective: by any amount when that one is an older checkpoint's, by
+        more than the run-off margin when it is this checkpoint's (a closer call waits for
+        the end). Once every variant job has ended the decision is final: a run-off times
+        the closest candidates side by side where the margin calls for one, and the choice
+        is promoted unless it is the one served."""
         current = queries.current_promotion(session, checkpoint.model, target)
-        if current is not None and current.checkpoint_id > checkpoint.id:
-            return None  # a newer checkpoint is served: an older one's variants do not replace it
         open_jobs = queries.variant_jobs_open(session, checkpoint.id, target)
+        if current is not None and _newer(current.variant.checkpoint, checkpoint):
+            if not open_jobs:
+                log.info("%s/%s: a later version (%s) is already promoted on %s; not promoting", checkpoint.model,
+                         checkpoint.version, current.variant.checkpoint.version, target,
+                         extra=about(checkpoint.model, checkpoint.version, target))
+            return None
         target_config = self.config.targets.get(target)
         memory_mb = target_config.memory_mb if target_config is not None else 0
         candidates = candidates_for(session, self.config, checkpoint.id, target)

@@ -6,12 +6,15 @@
                  watcher (for registries worth watching) and the scheduler (with the
                  sync of a remote registry), then serve HTTP
     run_once()   drain the inbox (hints, scheduled ticks), reap finished jobs and
-                 record them, lease new ones, renew leases
+                 record them, stop jobs cancelled from the command line, lease new ones
+                 (cheapest first; those whose recipe left the config or whose checkpoint's
+                 budget is spent end there with the reason), renew leases with what each
+                 job reports doing
     stop(t)      stop taking work, let running jobs finish for up to t seconds, hand
                  the rest back to pending, tell plugins, shut everything down
 
 Signal handlers only record the signal; the loop acts on it. A second SIGTERM/SIGINT
-forces the stop. All database writes happen on the loop's thread, through the store's
+ends the stop's wait for running jobs (or, before the stop began, interrupts the loop). All database writes happen on the loop's thread, through the store's
 units of work.
 """
 
@@ -30,11 +33,11 @@ from dataclasses import replace
 from datetime import timedelta
 
 from ..errors import ConfigError
+from ..pipeline import progress
 from ..plugins.api import Candidate
 from ..plugins.manager import notify, plugins_for, start_plugins
-from ..pipeline import progress
 from ..plugins.recipes import parse_recipe
-from ..sizes import format_duration, format_size
+from ..sizes import format_duration, format_size, printable
 from ..store import queries, units, views
 from ..store.db import open_store
 from ..store.models import Checkpoint, Job, utcnow
@@ -97,6 +100,8 @@ class Daemon:
         self._next_cancel_check = 0.0
         # job id -> when its progress was last logged
         self._progress_logged: dict[int, float] = {}
+        # version folder -> why it could not be ingested (logged once until it changes)
+        self._failed_takes: dict[str, str] = {}
         self._next_heartbeat = 0.0
         self.watcher = self.scheduler = self.http = None
         self.started = False
@@ -170,6 +175,10 @@ class Daemon:
                 if runtime not in self.plugins.runtimes:
                     raise ConfigError(f"{file}: targets.{name}.runtimes names {runtime!r}, which no "
                                       f"plugin provides (installed: {', '.join(sorted(self.plugins.runtimes))})")
+            served = {r: self.plugins.runtimes[r].devices for r in target.runtimes}
+            if not any(target.device.split(":", 1)[0] in devices for devices in served.values()):
+                raise ConfigError(f"{file}: targets.{name}.device {target.device!r} is served by none of its runtimes ("
+                                  + "; ".join(f"{r}: {', '.join(d)}" for r, d in served.items()) + ")")
             for text in target.recipes:
                 parse_recipe(text, self.plugins.steps, f"{file}: targets.{name}.recipes")
 
@@ -347,10 +356,14 @@ class Daemon:
     def _take(self, candidate: Candidate) -> int | None:
         try:
             result = self.ingestor.ingest(candidate)
-        except OSError as exc:
-            log.error("cannot ingest %s: %s", candidate.path, exc,
-                      extra=about(candidate.model, candidate.version))
+        except Exception as exc:  # noqa: BLE001 - one bad folder must not stop the scan or the batch
+            message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else str(exc)
+            if self._failed_takes.get(str(candidate.path)) != message:  # once, not at every rescan
+                self._failed_takes[str(candidate.path)] = message
+                log.error("cannot ingest %s: %s; it is looked at again at each rescan", printable(str(candidate.path)),
+                          message, extra=about(candidate.model, candidate.version))
             return None
+        self._failed_takes.pop(str(candidate.path), None)
         key = f"quiet:{candidate.model}/{candidate.version}"
         if self.scheduler is not None:
             if result.outcome == "wait":  # a second look once its quiet period is over
@@ -380,6 +393,7 @@ class Daemon:
                     self._finish(session, job, None)
                     continue
                 log.info("job %d started: %s", job.id, self._label(session, job), extra=self._about(session, job))
+                self._progress_logged[job.id] = self.clock()  # its first progress line after a while
                 try:
                     self.executor.submit(job.id, phases, self.layout.job_work(job.id))
                 except OSError as exc:
@@ -421,18 +435,23 @@ class Daemon:
         with self.store.session() as session:
             for job_id in queries.cancelled_among(session, running):
                 self.executor.cancel(job_id)
-                job = queries.job(session, job_id)
-                log.info("job %d cancelled while running: %s", job_id, self._label(session, job),
-                         extra=self._about(session, job))
-                self._ended(session, job)
-                units.finish_job(session, job, "cancelled", job.reason)  # drops the lease
-                shutil.rmtree(self.layout.job_work(job_id), ignore_errors=True)
-                if job.variant is not None:
-                    checkpoint = queries.checkpoint(session, job.checkpoint_id)
-                    shutil.rmtree(self.layout.staging(self.layout.variant(
-                        checkpoint.model, checkpoint.content_hash, job.variant.target, job.variant.runtime,
-                        job.variant.recipe), job_id), ignore_errors=True)
-                self._after_job(session, queries.checkpoint(session, job.checkpoint_id), job)
+                self._drop_cancelled(session, queries.job(session, job_id))
+
+    def _drop_cancelled(self, session, job: Job) -> None:
+        """A job cancelled while it ran here: its lease, scratch and staging folders go,
+        and its checkpoint moves on without it."""
+        log.info("job %d cancelled while running: %s", job.id, self._label(session, job),
+                 extra=self._about(session, job))
+        units.finish_job(session, job, "cancelled", job.reason)  # drops the lease
+        self._ended(session, job)
+        checkpoint = queries.checkpoint(session, job.checkpoint_id)
+        shutil.rmtree(self.layout.job_work(job.id), ignore_errors=True)
+        if job.variant is not None:
+            variant = job.variant
+            final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target, variant.runtime,
+                                        variant.recipe)
+            shutil.rmtree(self.layout.staging(final, job.id), ignore_errors=True)
+        self._after_job(session, checkpoint, job)
 
     def _reap(self) -> None:
         outcomes = self.executor.poll()
@@ -442,7 +461,7 @@ class Daemon:
             for outcome in outcomes:
                 job = queries.job(session, outcome.job_id)
                 if job.state == "cancelled":  # cancelled as it ended: the result is not kept
-                    self.inbox.put(("wake", None))
+                    self._drop_cancelled(session, job)
                     continue
                 if job.lease_owner != self.owner or job.state != "running":
                     # Our lease expired and another daemon took the job: its result wins.
@@ -495,7 +514,7 @@ class Daemon:
         with self.store.session() as session:
             units.renew_leases(session, self.owner, running, self.config.workers.lease_seconds, reports)
             for job_id, report in reports.items():
-                if report.get("activity") and now - self._progress_logged.get(job_id, -1e9) >= PROGRESS_LOG_SECONDS:
+                if report.get("activity") and now - self._progress_logged.get(job_id, now) >= PROGRESS_LOG_SECONDS:
                     self._progress_logged[job_id] = now
                     job = queries.job(session, job_id)
                     log.info("job %d: %s%s", job_id, progress.describe(report), _left(report),

@@ -5,7 +5,7 @@ Configured in ``[plugins.settings.webhook]``::
 
     urls = ["https://ci.example.com/hooks/kiln"]
     events = ["promoted", "job_failed"]   # the default: both
-    secret = ""            # when set, X-Kiln-Signature: sha256=<HMAC of the body>
+    secret = ""            # when set: X-Kiln-Signature: t=<unix time>,v1=<HMAC-SHA256 of "<t>.<body>">
     timeout_seconds = 5.0
     retries = 5            # after the first try, with exponential back-off
     backoff_seconds = 1.0
@@ -13,7 +13,15 @@ Configured in ``[plugins.settings.webhook]``::
 Events are queued by the hooks and delivered by one background thread, so a slow or
 unreachable receiver never holds up the service loop. A delivery is retried on a
 connection error, a timeout, 429 or 5xx; another 4xx is the receiver refusing it and is
-logged, not retried. Every event carries an ``id`` (also in ``X-Kiln-Delivery``) that
+logged, not retried. A redirect is never followed (it would send the event and its
+signature to another address, and urllib would turn the POST into a GET without its
+body): it is logged as a misconfigured URL, and the event stays in the outbox until a
+start finds the URL fixed.
+
+The signature (Stripe's scheme) covers a timestamp and the body, so a receiver can
+refuse replays: it computes HMAC-SHA256 over ``"<t>.<raw body>"`` with the shared
+secret, compares it with ``v1`` in constant time, and rejects ``t`` older than a few
+minutes. Without a secret nothing is signed, and the daemon says so at start. Every event carries an ``id`` (also in ``X-Kiln-Delivery``) that
 stays the same across retries and restarts, so a receiver can drop duplicates.
 
 Each event is written to an outbox folder (``<artifacts>/.webhook-outbox/``, one JSON
@@ -152,25 +160,37 @@ class Sender:
             if item is None:
                 return
             path, body, data = item
+            kept = False
             for url in self.settings.urls:
-                self._deliver(url, body, data)
+                kept |= self._deliver(url, body, data) is None
             if self._stopping.is_set():
                 return  # cut short by the stop: the event stays in the outbox
-            if path is not None:
+            if path is not None and not kept:
                 Outbox.done(path)
 
-    def _deliver(self, url: str, body: dict, data: bytes) -> bool:
+    def _headers(self, body: dict, data: bytes) -> dict:
         headers = {"Content-Type": "application/json", "User-Agent": "modelkiln-webhook",
                    "X-Kiln-Event": body["event"], "X-Kiln-Delivery": body["id"]}
-        if self.settings.secret:
-            digest = hmac.new(self.settings.secret.encode(), data, hashlib.sha256).hexdigest()
-            headers["X-Kiln-Signature"] = f"sha256={digest}"
+        if self.settings.secret:  # signed at each try: the timestamp says when it was sent
+            stamp = str(int(time.time()))
+            digest = hmac.new(self.settings.secret.encode(), stamp.encode() + b"." + data, hashlib.sha256).hexdigest()
+            headers["X-Kiln-Signature"] = f"t={stamp},v1={digest}"
+        return headers
+
+    def _deliver(self, url: str, body: dict, data: bytes) -> bool | None:
+        """True: delivered; False: refused or given up on; None: redirected (kept)."""
         for attempt in range(self.settings.retries + 1):
             try:
-                request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.settings.timeout_seconds):
+                request = urllib.request.Request(url, data=data, headers=self._headers(body, data), method="POST")
+                with _OPENER.open(request, timeout=self.settings.timeout_seconds):
                     return True
             except urllib.error.HTTPError as exc:
+                if 300 <= exc.code < 400:
+                    log.error("webhook: %s answered the %s event with a redirect (HTTP %d to %s), which is never "
+                              "followed; set the final URL in [plugins.settings.webhook] urls. The event stays in "
+                              "the outbox for the next start", url, body["event"], exc.code,
+                              exc.headers.get("Location", "?"))
+                    return None
                 if exc.code != 429 and exc.code < 500:
                     log.error("webhook: %s refused the %s event (HTTP %d); not retried", url, body["event"], exc.code)
                     return False
@@ -188,6 +208,13 @@ class Sender:
         return False
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises HTTPError with the 3xx code
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
 _sender: Sender | None = None
 
 
@@ -198,6 +225,9 @@ def kiln_daemon_started(config):
     if _sender is not None:
         _sender.close(0)
     _sender = Sender(settings, Outbox(config.artifacts_path / OUTBOX)) if settings.urls else None
+    if settings.urls and not settings.secret:
+        log.warning("webhook: no secret in [plugins.settings.webhook]: events go out unsigned, so receivers "
+                    "cannot tell them from forged ones; set secret")
 
 
 @hookimpl

@@ -27,6 +27,8 @@ from ..targets.quality import (
     POOLED_COSINE,
     Gate,
     choose_metric,
+    degenerate_reason,
+    gate_reason,
     next_token_kl,
     perplexity,
     perplexity_ratio,
@@ -88,6 +90,11 @@ def inspect_checkpoint(spec: dict) -> dict:
         reference = _run_source(loaded, rows)
     except Exception as exc:
         raise CheckpointRejected(f"{directory}: the model fails on its sample inputs ({exc})") from None
+    if not np.isfinite(reference).all():
+        bad = int((~np.isfinite(reference.reshape(len(reference), -1)).all(axis=1)).sum())
+        raise CheckpointRejected(f"{directory}: the model's outputs are NaN or infinite on {bad} of its "
+                                 f"{len(reference)} sample inputs ({settled.source}); nothing can be compared to "
+                                 "them: check the weights and the sample data")
     from ..targets.decoding import find_causal_lm
 
     causal_lm = loaded.module is not None and find_causal_lm(loaded.module) is not None
@@ -271,6 +278,12 @@ def measure_variant(spec: dict) -> dict:
         quality = perplexity_ratio(baseline_perplexity, variant_perplexity)
     else:
         quality = score(metric, outputs, expected, arrays.get("labels"), samples.get(MASK))
+    degenerate = degenerate_reason(outputs, expected)
+    if degenerate is not None:  # no metric may call such outputs faithful
+        quality = 0.0
+    gate = gate_reason(quality, inspected["baseline_quality"], spec.get("max_quality_drop", 0.01), metric)
+    if degenerate is not None:
+        gate = f"{gate} ({degenerate})"
     settings = spec["measure"]
     timer = harness.timer_for(run)
 
@@ -316,8 +329,12 @@ def measure_variant(spec: dict) -> dict:
         checks["min_cosine"] = float(row_cosines(metric, outputs, expected, samples.get(MASK)).min())
     if metric == POOLED_COSINE:
         checks["padded_vs_alone_min_cosine"] = _padded_vs_alone(run, samples, outputs)
+    if degenerate is not None:
+        checks["degenerate"] = degenerate
     return {
         "status": "measured",
+        # Why the variant misses the quality gate, or None when it passes.
+        "gate": gate,
         "checks": checks,
         "sequence": sequence,
         # A causal language model's prefill and per-token decode latency, where measured.

@@ -319,6 +319,17 @@ class Candidate:
         return self.source_uri or self.path.as_uri()
 
 
+def version_order(version: str) -> tuple:
+    """How versions of one model sort: numbers as numbers ("9" before "10"), the rest as
+    text, so "1", "2", "10" and "2024-01-05", "2024-01-06" come in the order they were
+    made. Registries list versions in it, and an older version never replaces a newer
+    one's promotion."""
+    import re
+
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", version) if part)
+
+
 class RegistryKind:
     """A place checkpoints come from. Subclass it, build from ``__init__(self, config)``
     (the daemon's ``modelkiln.config.Config``), and contribute the class through

@@ -27,11 +27,29 @@ DATA_FILES = (EVAL_FILE, CALIBRATION_FILE, TRAIN_FILE, *TEXT_FILES)
 MAX_TEXT_LINES = 4096
 
 
+# Uncompressed size of a data file's arrays, at most: a few kilobytes of a compressed
+# archive can claim gigabytes.
+MAX_DATA_BYTES = 2 * 2**30
+
+
 def _load_npz(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise CheckpointRejected(f"{path}: not an .npz archive (a plain .npy, or something else); save the arrays "
+                                 "with numpy.savez(path, name=array, ...)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            claimed = sum(member.file_size for member in archive.infolist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointRejected(f"{path}: not a readable .npz file ({exc})") from None
+    if claimed > MAX_DATA_BYTES:
+        raise CheckpointRejected(f"{path}: its arrays take {claimed / 2**30:.1f} GiB uncompressed; at most "
+                                 f"{MAX_DATA_BYTES / 2**30:.0f} GiB of sample data is read: ship fewer rows")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except ValueError as exc:
+        if "pickle" not in str(exc):  # a header that does not describe its data, say
+            raise CheckpointRejected(f"{path}: not a readable .npz file ({exc})") from None
         # numpy raises ValueError for object arrays when pickles are not allowed.
         raise CheckpointRejected(
             f"{path}: holds pickled objects, which are never loaded; save plain numeric "
@@ -47,6 +65,12 @@ def _load_npz(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
     for name, array in arrays.items():
         if array.dtype.kind not in "biuf":
             raise CheckpointRejected(f"{path}: array {name} has dtype {array.dtype}; use numbers")
+        if array.ndim == 0:
+            raise CheckpointRejected(f"{path}: array {name} is a single number; save one row per sample")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array.reshape(len(array), -1)).all(axis=1)).sum())
+            raise CheckpointRejected(f"{path}: array {name} holds NaN or infinite values in {bad} of its "
+                                     f"{len(array)} rows; nothing can be measured on them: drop those rows")
     return arrays
 
 
@@ -55,6 +79,10 @@ def load_eval(directory: Path) -> dict[str, np.ndarray] | None:
     if not path.exists():
         return None
     arrays = _load_npz(path, ("labels",))
+    labels = arrays["labels"]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise CheckpointRejected(f"{path}: labels has shape {labels.shape} and dtype {labels.dtype}; give one "
+                                 "integer class per row (shape [rows])")
     rows = {name: len(array) for name, array in arrays.items()}
     if len(set(rows.values())) != 1 or not rows["labels"] or len(rows) < 2:
         raise CheckpointRejected(

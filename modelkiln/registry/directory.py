@@ -8,6 +8,7 @@ version from one it has already taken, and make a content-addressed snapshot.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -16,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..plugins import hookimpl
-from ..plugins.api import Candidate, RegistryKind
+from ..plugins.api import Candidate, RegistryKind, version_order
+from ..sizes import printable
+
+log = logging.getLogger(__name__)
 
 # Model and version names become folder names under artifacts/ and promoted/:
 # nothing that could climb out of a root or confuse a shell.
@@ -27,6 +31,10 @@ def valid_name(name: str) -> bool:
     return bool(NAME_PATTERN.match(name)) and ".." not in name
 
 
+# Deeper than this is no model layout: a folder bomb, refused with the reason.
+MAX_DEPTH = 32
+
+
 @dataclass(frozen=True)
 class Observation:
     """A cheap look at a version folder."""
@@ -35,37 +43,77 @@ class Observation:
     size_bytes: int
     newest_mtime: float
     fingerprint: str
-    # Symlinks that point outside the version folder (never followed).
-    escaping_links: tuple[str, ...]
+    # Why the folder cannot be taken as it is (links that leave it or lead nowhere, names
+    # that are not UTF-8, nesting too deep), each naming the entries; empty when none.
+    problems: tuple[str, ...] = ()
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def observe(path: Path) -> Observation:
-    entries = []
-    escaping = []
+    """Names, sizes and times of the files under ``path``, walked without recursion and
+    without following any link out of it (a link to a file inside counts as that file; a
+    link to a folder is not walked)."""
+    entries, escaping, broken, unnamed, deep = [], [], [], [], []
     newest = path.stat().st_mtime
     total = 0
     root = path.resolve()
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-        dirnames.sort()
-        newest = max(newest, os.stat(dirpath).st_mtime)
-        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
-            full = os.path.join(dirpath, name)
+    stack = [(str(path), 0)]
+    while stack:
+        folder, depth = stack.pop()
+        newest = max(newest, os.stat(folder).st_mtime)
+        for name in sorted(os.listdir(folder), reverse=True):
+            full = os.path.join(folder, name)
             rel = os.path.relpath(full, path)
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes, kept as surrogates by os.listdir
+                unnamed.append(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+                continue
             st = os.lstat(full)
             if stat.S_ISLNK(st.st_mode):
-                target = Path(full).resolve()
+                try:
+                    target = Path(full).resolve(strict=True)
+                except (OSError, RuntimeError):  # dangling, or a loop of links
+                    broken.append(rel)
+                    continue
                 if not str(target).startswith(str(root) + os.sep):
                     escaping.append(rel)
                     continue
                 st = os.stat(full)
+                if stat.S_ISDIR(st.st_mode):
+                    continue  # what it links to is walked where it is
+            if stat.S_ISDIR(st.st_mode):
+                if depth + 1 > MAX_DEPTH:
+                    deep.append(rel)
+                else:
+                    stack.append((full, depth + 1))
+                continue
             if not stat.S_ISREG(st.st_mode):
                 continue
             newest = max(newest, st.st_mtime)
             total += st.st_size
             entries.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(entries + escaping).encode()).hexdigest()
+    for found in (entries, escaping, broken, unnamed, deep):
+        found.sort()
+    problems = []
+    if escaping:
+        problems.append(f"symlink(s) {_listing(escaping)} point outside the checkpoint folder and are never "
+                        "followed; copy the files in instead")
+    if broken:
+        problems.append(f"symlink(s) {_listing(broken)} lead nowhere (dangling, or a loop); remove them or copy "
+                        "the files in")
+    if unnamed:
+        problems.append(f"file name(s) {_listing(unnamed)} are not UTF-8; rename them")
+    if deep:
+        problems.append(f"folders nested deeper than {MAX_DEPTH} levels ({_listing(deep, 1)}); no model needs "
+                        "that")
+    digest = hashlib.sha256("\n".join(entries + escaping + broken + unnamed + deep).encode()).hexdigest()
     files = tuple(e.split("\0", 1)[0] for e in entries)
-    return Observation(files, total, newest, digest, tuple(escaping))
+    return Observation(files, total, newest, digest, tuple(problems))
 
 
 def content_hash(path: Path, files: tuple[str, ...]) -> str:
@@ -97,16 +145,23 @@ class DirectoryRegistry(RegistryKind):
 
     def __init__(self, config):
         self.path = config.registry_path
+        self._skipped: set[tuple[str, str]] = set()
 
     def scan(self) -> list[Candidate]:
-        """Every well-named version folder; hidden and staging folders are skipped."""
+        """Every well-named version folder, each model's in version order; hidden and
+        staging folders are skipped, anything else that is skipped is logged once."""
         found = []
         if not self.path.is_dir():
             return found
         for model_dir in sorted(self.path.iterdir()):
             if not self._is_own_dir(model_dir):
                 continue
-            for version_dir in sorted(model_dir.iterdir()):
+            try:
+                versions = sorted(model_dir.iterdir(), key=lambda p: version_order(p.name))
+            except OSError as exc:
+                self._skip(model_dir, f"cannot be listed ({exc})")
+                continue
+            for version_dir in versions:
                 if self._is_own_dir(version_dir):
                     found.append(self._candidate(model_dir.name, version_dir.name, version_dir))
         return found
@@ -115,8 +170,31 @@ class DirectoryRegistry(RegistryKind):
         return Candidate(model, version, path)
 
     def _is_own_dir(self, path: Path) -> bool:
-        # A symlinked model or version folder could point anywhere: never followed.
-        return valid_name(path.name) and path.is_dir() and not path.is_symlink()
+        """A well-named real folder. A symlinked model or version folder could point
+        anywhere: never followed. What is skipped, other than hidden and staging names,
+        is logged once."""
+        name = path.name
+        if name.startswith("."):
+            return False
+        if not valid_name(name):
+            self._skip(path, "is not a valid name (letters, digits, '.', '_', '+', '-'; at most 128; no '..'); "
+                             "rename it")
+            return False
+        if path.is_symlink():
+            self._skip(path, "is a symlink, which is never followed; move or copy the folder in instead")
+            return False
+        if not path.is_dir():
+            if path.parent != self.path:
+                self._skip(path, "is a file where a version folder is expected; put the files in "
+                                 f"{path.parent}/<version>/")
+            return False
+        return True
+
+    def _skip(self, path: Path, why: str) -> None:
+        key = (str(path), why)
+        if key not in self._skipped:
+            self._skipped.add(key)
+            log.warning("%s %s: skipped", printable(str(path)), why)
 
     def locate(self, path: str | os.PathLike) -> list[Candidate]:
         """The version folder(s) an event path belongs to: a path inside a version, a
@@ -126,18 +204,20 @@ class DirectoryRegistry(RegistryKind):
         except ValueError:
             return []
         parts = rel.parts
-        if not parts or not valid_name(parts[0]):
+        if not parts or parts[0].startswith("."):
             return []
         model_dir = self.path / parts[0]
-        if len(parts) == 1:
-            if not self._is_own_dir(model_dir):
-                return []
-            return [
-                Candidate(parts[0], v.name, v) for v in sorted(model_dir.iterdir()) if self._is_own_dir(v)
-            ]
-        if not valid_name(parts[1]):
+        if not (model_dir.exists() or model_dir.is_symlink()) or not self._is_own_dir(model_dir):
             return []
-        return [Candidate(parts[0], parts[1], model_dir / parts[1])]
+        if len(parts) == 1:
+            return [Candidate(parts[0], v.name, v)
+                    for v in sorted(model_dir.iterdir(), key=lambda p: version_order(p.name)) if self._is_own_dir(v)]
+        version_dir = model_dir / parts[1]
+        if parts[1].startswith(".") or not (version_dir.exists() or version_dir.is_symlink()):
+            return []  # gone already, or a staging folder: its rename brings it
+        if not self._is_own_dir(version_dir):
+            return []
+        return [Candidate(parts[0], parts[1], version_dir)]
 
 
 @hookimpl

@@ -207,6 +207,31 @@ class StateDictFormat(CheckpointFormat):
         return LoadedCheckpoint(self.name, inputs, module=module, info=info)
 
 
+def _check_described_size(directory: Path, cls, transformers) -> None:
+    """Refuse a config that describes a far bigger model than its weights hold (a
+    vocabulary of 25 M, 10,000 layers): built on the meta device first, which takes no
+    memory, so the real load cannot grow a worker without bound."""
+    import torch
+
+    weights = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True,
+                                                         trust_remote_code=False)
+        with torch.device("meta"):
+            skeleton = (transformers.AutoModel.from_config(config) if cls is transformers.AutoModel
+                        else cls(config))
+    except Exception as exc:
+        raise CheckpointRejected(f"{directory / 'config.json'}: transformers cannot build the model it describes "
+                                 f"({type(exc).__name__}: {exc})") from None
+    described = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    # Weights may be 16-bit where the model builds 32-bit parameters, and tied or
+    # initialised ones (position ids, heads) need not be stored: 4x leaves room for both.
+    if described > 4 * weights + 64 * 2**20:
+        raise CheckpointRejected(
+            f"{directory / 'config.json'}: describes a model of {described / 2**30:.1f} GiB of parameters, but its "
+            f"*.safetensors hold {weights / 2**30:.2f} GiB; the config does not match the weights")
+
+
 def _check_safetensors(path: Path) -> None:
     """Parse the header only (it bounds every tensor by the file's size): cheap, and the
     error names the file."""
@@ -369,9 +394,12 @@ class HuggingFaceFormat(CheckpointFormat):
         import transformers
 
         architectures = raw.get("architectures") or []
-        cls = getattr(transformers, architectures[0], None) if architectures else None
-        if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = getattr(transformers, architectures[0], None) if architectures and isinstance(
+            architectures[0], str) else None
+        # Only a model class: the config must not pick any other callable of transformers.
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             cls = transformers.AutoModel
+        _check_described_size(directory, cls, transformers)
         try:
             model = cls.from_pretrained(
                 str(directory), local_files_only=True, trust_remote_code=False, use_safetensors=True

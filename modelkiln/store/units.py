@@ -249,7 +249,8 @@ def record_variant(session: Session, job: Job, variant: Variant, artifact_path: 
     """A built and measured variant, from its ``variant.json`` ``document``."""
     metrics = document["metrics"]
     variant.status = "succeeded"
-    variant.reason = None
+    # Measured, but shown with why it cannot be promoted where the gate says so.
+    variant.reason = metrics.get("gate")
     variant.artifact_path = artifact_path
     variant.artifact_file = document["file"]
     variant.size_bytes = metrics["size_bytes"]
@@ -352,6 +353,11 @@ def _requeue(session: Session, condition, max_attempts: int, reason: str) -> int
             job.state = "failed"
             job.reason = f"{reason}; gave up after {job.attempts} attempts"
             job.finished_at = utcnow()
+            # What the job was for fails with it, so that `kiln retry` can send it back.
+            if job.kind == "inspect" and job.checkpoint.status == "ingested":
+                job.checkpoint.status, job.checkpoint.reason = "failed", job.reason
+            if job.variant is not None and job.variant.status == "pending":
+                job.variant.status, job.variant.reason, job.variant.finished_at = "failed", job.reason, utcnow()
         else:
             job.state = "pending"
             job.reason = reason

@@ -62,8 +62,8 @@ def variant_dict(variant: Variant) -> dict:
     }
     if variant.status == "succeeded":
         out["metrics"] = metrics(variant)
-    else:
-        out["reason"] = variant.reason
+    # Why it failed or was skipped or cancelled, or why a measured one misses the gate.
+    out["reason"] = variant.reason
     return out
 
 

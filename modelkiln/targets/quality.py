@@ -60,8 +60,28 @@ def row_cosines(metric: str, outputs: np.ndarray, reference: np.ndarray, mask: n
     else:
         a = outputs.reshape(len(outputs), -1).astype(np.float64)
         b = reference.reshape(len(reference), -1).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        cosines = np.sum(a * b, axis=1) / np.maximum(norm_a * norm_b, 1e-30)
+    # Two zero vectors agree; a zero, infinite or NaN output against anything else does not.
+    cosines = np.where((norm_a > 0) & (norm_b > 0), cosines, np.where((norm_a == 0) & (norm_b == 0), 1.0, 0.0))
+    return np.where(_finite_rows(a) & np.isfinite(cosines), cosines, 0.0)
+
+
+def _finite_rows(outputs: np.ndarray) -> np.ndarray:
+    return np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
+
+
+def degenerate_reason(outputs: np.ndarray, reference: np.ndarray) -> str | None:
+    """Why a variant's outputs cannot be the model's, whatever a metric says: NaN or
+    infinite values, or one output for every sample where the original's differ."""
+    bad = int((~_finite_rows(outputs)).sum())
+    if bad:
+        return f"NaN or infinite outputs on {bad} of {len(outputs)} samples"
+    flat, expected = outputs.reshape(len(outputs), -1), reference.reshape(len(reference), -1)
+    if len(flat) > 1 and np.ptp(flat, axis=0).max() == 0 and np.ptp(expected, axis=0).max() > 0:
+        return f"the same output for all {len(outputs)} samples, where the original's differ"
+    return None
 
 
 def score(metric: str, outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None,
@@ -71,10 +91,12 @@ def score(metric: str, outputs: np.ndarray, reference: np.ndarray, labels: np.nd
         raise ValueError(f"output shape {outputs.shape} differs from the original's {reference.shape}")
     if metric == PERPLEXITY_RATIO:
         return perplexity_ratio(perplexity(reference, ids), perplexity(outputs, ids))
+    finite = _finite_rows(outputs)  # a row with NaN or infinite outputs is wrong, whatever its argmax
     if metric == ACCURACY:
-        return float(np.mean(outputs.argmax(axis=-1) == labels))
+        return float(np.mean((outputs.argmax(axis=-1) == labels) & finite))
     if metric in (TOP1_AGREEMENT, NEXT_TOKEN_TOP1):  # for logits [rows, positions, vocab]: every position
-        return float(np.mean(outputs.argmax(axis=-1) == reference.argmax(axis=-1)))
+        agree = outputs.argmax(axis=-1) == reference.argmax(axis=-1)
+        return float(np.mean(agree & finite.reshape((-1,) + (1,) * (agree.ndim - 1))))
     return float(np.mean(row_cosines(metric, outputs, reference, mask)))
 
 
@@ -105,8 +127,10 @@ def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
 
 
 def perplexity_ratio(baseline_perplexity: float, variant_perplexity: float) -> float:
-    """The ``perplexity_ratio`` quality: 1.0 for the original, below when worse."""
-    return baseline_perplexity / variant_perplexity
+    """The ``perplexity_ratio`` quality: 1.0 for the original, below when worse (0.0 when
+    the variant's perplexity is not a number: NaN or infinite logits)."""
+    ratio = baseline_perplexity / variant_perplexity
+    return float(ratio) if np.isfinite(ratio) else 0.0
 
 
 def relative_drop(quality: float, baseline: float) -> float:
@@ -146,3 +170,12 @@ class Gate:
 
     def passes(self, quality: float) -> bool:
         return within_drop(quality, self.baseline_quality, self.max_drop)
+
+
+def gate_reason(quality: float, baseline: float, max_drop: float, metric: str) -> str | None:
+    """Why a variant of ``quality`` misses the gate (None: it passes), in the words
+    `kiln variants` shows."""
+    if within_drop(quality, baseline, max_drop):
+        return None
+    return (f"quality gate not met: {metric} {quality:.4f} is {relative_drop(quality, baseline):.2%} below the "
+            f"original's {baseline:.4f}; policy.max_quality_drop allows {max_drop:.2%}")
