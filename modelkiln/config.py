@@ -60,6 +60,9 @@ class RegistryConfig:
     path: Path = Path("models")
     quiet_seconds: float = 2.0
     rescan_seconds: float = 60.0
+    # A version folder larger than this (apparent size: sparse files count in full) is
+    # refused before it is copied; 0: no cap beyond the free disk space.
+    max_checkpoint_gb: float = 100.0
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
@@ -356,6 +359,7 @@ def _ranges(config: Config):
         ("measure.sample_count", m.sample_count, 1, True),
         ("registry.quiet_seconds", r.quiet_seconds, 0, True),
         ("registry.rescan_seconds", r.rescan_seconds, 0, False),
+        ("registry.max_checkpoint_gb", r.max_checkpoint_gb, 0, True),
         ("registry.mlflow.poll_seconds", r.mlflow.poll_seconds, 0, False),
         ("store.busy_timeout_ms", config.store.busy_timeout_ms, 0, True),
     )
@@ -399,6 +403,9 @@ path = "models"
 quiet_seconds = 2.0
 # The reconcile scan that finds whatever file-system events missed.
 rescan_seconds = 60.0
+# A version folder larger than this (sparse files counted in full) is refused before it
+# is copied, as is one larger than the free space where artifacts go. 0: no fixed cap.
+max_checkpoint_gb = 100.0
 
 # With kind = "mlflow", checkpoints come from an MLflow Model Registry instead: new
 # model versions are found by polling, downloaded into `path` (a local cache), and

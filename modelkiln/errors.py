@@ -20,3 +20,8 @@ class CheckpointRejected(KilnError):
 
 class StepNotApplicable(KilnError):
     """A step does not apply to this model or target: the job is recorded as skipped."""
+
+
+class NotTakenYet(KilnError):
+    """A version folder cannot be taken now (too big to copy, say): logged once, looked at
+    again at each rescan, taken once the cause is gone."""

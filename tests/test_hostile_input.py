@@ -334,3 +334,28 @@ def test_a_checkpoint_whose_inspection_gave_up_is_failed_and_can_be_retried(conf
         assert [(c.id, n) for c, n in retried] == [(checkpoint_id, 0)]
         assert queries.checkpoint(session, checkpoint_id).status == "ingested"
     store.dispose()
+
+
+def test_a_sparse_file_claiming_gigabytes_is_refused_before_it_is_copied(config, tiny_checkpoint, caplog):
+    config.registry.max_checkpoint_gb = 1.0
+    version = config.registry_path / "tiny" / "1"
+    shutil.copytree(tiny_checkpoint, version)
+    with open(version / "padding.bin", "wb") as handle:  # 5 GiB apparent, a few KB on disk
+        handle.truncate(5 * 2**30)
+    time.sleep(config.registry.quiet_seconds + 0.5)
+    daemon = Daemon(config, watch=False, schedule=False, preload=False)
+    daemon.start()
+    try:
+        started = time.monotonic()
+        daemon.reconcile()
+        daemon.reconcile()
+        took = time.monotonic() - started
+        with daemon.store.session() as session:
+            assert queries.checkpoints(session) == []
+    finally:
+        daemon.stop(0)
+    assert took < 5, took  # nothing was copied or hashed
+    refused = [r.getMessage() for r in caplog.records if "over registry.max_checkpoint_gb" in r.getMessage()]
+    assert len(refused) == 1 and str(version) in refused[0] and "5.0 GiB" in refused[0]
+    incoming = config.artifacts_path / ".incoming"
+    assert not incoming.exists() or list(incoming.iterdir()) == []

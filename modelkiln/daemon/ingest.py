@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from ..errors import NotTakenYet
 from ..plugins.api import Candidate
 from ..registry.directory import content_hash, copy_files, observe
 from ..registry.formats import detect_format, no_format_reason
@@ -37,7 +38,8 @@ class IngestResult:
 
 class Ingestor:
     def __init__(self, store, layout: Layout, formats, quiet_seconds: float, registry_kind: str = "directory",
-                 clock=time.time):
+                 clock=time.time, max_bytes: int = 0):
+        self.max_bytes = max_bytes
         self.store = store
         self.layout = layout
         self.formats = formats
@@ -59,6 +61,9 @@ class Ingestor:
         now = self.clock()
         if not candidate.complete and now - seen.newest_mtime < self.quiet_seconds:
             return IngestResult("wait", retry_at=seen.newest_mtime + self.quiet_seconds)
+        too_big = self._too_big(seen.size_bytes)
+        if too_big is not None:  # refused before a byte is copied; looked at again at each rescan
+            raise NotTakenYet(f"{candidate.path}: {too_big}")
         staging = self.layout.incoming / f"{candidate.model}-{uuid.uuid4().hex[:12]}"
         try:
             copy_files(candidate.path, seen.files, staging)
@@ -86,6 +91,20 @@ class Ingestor:
             staging.rename(snapshot)
         fmt = detect_format(self.formats, list(seen.files))
         return self._record(candidate, seen, digest, snapshot, fmt)
+
+    def _too_big(self, size: int) -> str | None:
+        """Why a folder of ``size`` bytes is not copied, or None."""
+        if self.max_bytes and size > self.max_bytes:
+            return (f"holds {size / 2**30:.1f} GiB (sparse files counted in full), over registry.max_checkpoint_gb "
+                    f"({self.max_bytes / 2**30:g} GiB); raise it if the checkpoint is real")
+        try:
+            free = shutil.disk_usage(self.layout.root).free
+        except OSError:
+            return None
+        if size > free:
+            return (f"holds {size / 2**30:.1f} GiB, more than is free where artifacts go ({self.layout.root}); it "
+                    "is taken once space is freed")
+        return None
 
     def _record(self, candidate: Candidate, seen, digest: str, snapshot, fmt) -> IngestResult:
         with self.store.session() as session:

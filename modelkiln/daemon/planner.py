@@ -50,12 +50,16 @@ class Planner:
             for text in target.recipes
         }
 
-    def plan(self, session, checkpoint: Checkpoint) -> list[Planned]:
-        """Every variant the config asks for, with what it is expected to cost and gain."""
+    def plan(self, session, checkpoint: Checkpoint, only_missing: bool = False) -> list[Planned]:
+        """Every variant the config asks for (``only_missing``: that the checkpoint does not
+        have yet), with what it is expected to cost and gain."""
+        wanted = self.wanted()
+        if only_missing:
+            wanted = wanted - queries.planned_variants(session, checkpoint.id)
         batch_size = self.config.policy.objective_batch_size
         return [
             plan_entry(session, checkpoint, target, runtime, recipe, self.plugins.steps, batch_size)
-            for target, runtime, recipe in sorted(self.wanted())
+            for target, runtime, recipe in sorted(wanted)
         ]
 
     def unwanted_reason(self, variant) -> str | None:

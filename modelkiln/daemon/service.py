@@ -32,7 +32,7 @@ import uuid
 from dataclasses import replace
 from datetime import timedelta
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NotTakenYet
 from ..pipeline import progress
 from ..plugins.api import Candidate
 from ..plugins.manager import notify, plugins_for, start_plugins
@@ -132,7 +132,8 @@ class Daemon:
         self.outcomes = Outcomes(self.layout, self.planner, self.promoter)
         self.registry = self.plugins.registry_kinds[config.registry.kind](config)
         self.ingestor = Ingestor(self.store, self.layout, self.plugins.formats, config.registry.quiet_seconds,
-                                 config.registry.kind, clock=self.wall_clock)
+                                 config.registry.kind, clock=self.wall_clock,
+                                 max_bytes=int(config.registry.max_checkpoint_gb * 2**30))
         self.available_targets = self._available_targets()
         start_plugins(self.plugins.manager, config)
         self._recover()
@@ -209,7 +210,9 @@ class Daemon:
                 log.info("returned %d job(s) of a stopped daemon to pending", n)
             for checkpoint in queries.checkpoints(session):
                 if checkpoint.status in ("ready", "done"):  # recipes added to the config since
-                    units.add_variants(session, checkpoint.id, self.planner.plan(session, checkpoint))
+                    missing = self.planner.plan(session, checkpoint, only_missing=True)
+                    if missing:
+                        units.add_variants(session, checkpoint.id, missing)
                 if checkpoint.status == "ready":  # recipes removed from it since
                     self._cancel_unwanted(session, queries.pending_variant_jobs(session, checkpoint.id))
             self._settle(session)
@@ -357,7 +360,7 @@ class Daemon:
         try:
             result = self.ingestor.ingest(candidate)
         except Exception as exc:  # noqa: BLE001 - one bad folder must not stop the scan or the batch
-            message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else str(exc)
+            message = str(exc) if isinstance(exc, (OSError, NotTakenYet)) else f"{type(exc).__name__}: {exc}"
             if self._failed_takes.get(str(candidate.path)) != message:  # once, not at every rescan
                 self._failed_takes[str(candidate.path)] = message
                 log.error("cannot ingest %s: %s; it is looked at again at each rescan", printable(str(candidate.path)),

@@ -244,6 +244,12 @@ def open_jobs_for(session: Session, checkpoint_id: int) -> int:
 # -- variants -------------------------------------------------------------------------
 
 
+def planned_variants(session: Session, checkpoint_id: int) -> set[tuple[str, str, str]]:
+    """(target, runtime, recipe) of every variant a checkpoint has."""
+    return set(session.execute(select(Variant.target, Variant.runtime, Variant.recipe)
+                               .where(Variant.checkpoint_id == checkpoint_id)).tuples())
+
+
 def variants_of(session: Session, checkpoint_id: int, target: str | None = None) -> list[Variant]:
     query = (
         select(Variant)
