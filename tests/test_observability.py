@@ -108,3 +108,16 @@ def test_status_shows_names_and_reasons_without_their_control_characters():
     out = table([["m\x1b[2J", "reason\nfake row"]], ["model", "reason"])
     assert "\x1b" not in out and "\\x1b[2J" in out and "reason\\nfake row" in out
     assert len(out.splitlines()) == 3
+
+
+def test_healthz_fails_when_the_database_file_is_deleted_under_the_daemon(config):
+    daemon = Daemon(config, preload=False)
+    daemon.start()
+    try:
+        url = f"http://{daemon.http.address}/healthz"
+        assert http_get(url)[0] == 200
+        (config.source.parent / "kiln.db").unlink()
+        code, body = http_get(url)
+        assert code == 503 and "was deleted while the daemon had it open" in json.loads(body)["checks"]["database"]
+    finally:
+        daemon.stop(5)

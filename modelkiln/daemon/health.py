@@ -30,7 +30,8 @@ def health(daemon) -> tuple[bool, dict[str, str]]:
     try:
         with daemon.store.session() as session:
             queries.ping(session)
-        checks["database"] = "ok"
+        problem = daemon.store.file_problem()
+        checks["database"] = f"failing: {problem}" if problem else "ok"
     except Exception as exc:
         checks["database"] = f"failing: {exc}"
     checks["loop"] = "ok" if daemon.started and not daemon.stopping else "stopping"

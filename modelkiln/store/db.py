@@ -167,6 +167,34 @@ class Store:
     def __init__(self, url: str, busy_timeout_ms: int = 30000):
         self.engine = make_engine(url, busy_timeout_ms)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # A SQLite file's identity when opened: deleted or replaced under a running daemon,
+        # its connections go on writing to the unlinked inode and nobody else sees it.
+        self._path = self.engine.url.database if url.startswith("sqlite") else None
+        self._identity = None
+
+    def remember_file(self) -> None:
+        """Note which file the path names now (after the first connection created it)."""
+        self._identity = self._file_identity()
+
+    def _file_identity(self):
+        if not self._path or self._path == ":memory:":
+            return None
+        try:
+            stat = Path(self._path).stat()
+        except OSError:
+            return None
+        return (stat.st_dev, stat.st_ino)
+
+    def file_problem(self) -> str | None:
+        """Why the SQLite file this store opened is no longer the one at its path, or None."""
+        if self._identity is None:
+            return None
+        now = self._file_identity()
+        if now is None:
+            return f"{self._path} was deleted while the daemon had it open; restart the daemon"
+        if now != self._identity:
+            return f"{self._path} was replaced while the daemon had it open; restart the daemon"
+        return None
 
     def session(self) -> Session:
         return self._sessions()
@@ -179,4 +207,5 @@ def open_store(config, *, allow_upgrade: bool = False) -> Store:
     store = Store(config.store_url, config.store.busy_timeout_ms)
     hint = f" --config {config.source}" if config.source else ""
     ensure_schema(store.engine, allow_upgrade=allow_upgrade, config_hint=hint)
+    store.remember_file()
     return store
