@@ -23,6 +23,7 @@ Run: .venv/bin/python bench/bench_first_promotion.py [--models minilm,bert] [--l
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -153,12 +154,18 @@ def report(result: dict) -> None:
     promoted_ids = {h["variant_id"] for h in result["history"]}
     for v in variants:
         m = v.get("metrics") or {}
+        peaks = {}
+        if v.get("path"):
+            document = json.loads((Path(v["path"]) / "variant.json").read_text())
+            peaks = {k: b for k, b in (document.get("peak_rss_bytes") or {}).items() if b}
         rows.append(["*" if v["id"] in promoted_ids else "", v["variant"], v["status"],
                      f"{m['latency_p50_ms']:.2f}" if m.get("latency_p50_ms") else "",
                      f"{m['quality']:.4f}" if m.get("quality") is not None else "",
-                     f"{result['durations'].get(v['id'], 0):.0f}", (v.get("reason") or "")[:90]])
+                     f"{result['durations'].get(v['id'], 0):.0f}",
+                     " / ".join(f"{peaks[k] / 2**30:.2f}" for k in ("build", "measure") if k in peaks),
+                     (v.get("reason") or "")[:90]])
     print_table(f"{name}: every default recipe (cpu target, both runtimes); * = promoted at some point", rows,
-                ["", "variant", "status", "p50 ms", "quality", "job s", "reason"])
+                ["", "variant", "status", "p50 ms", "quality", "job s", "peak GiB build / measure", "reason"])
     print_table(f"{name}: promotion history", [
         [h["promoted_at"][11:19], h["variant"], f"{(datetime.fromisoformat(h['promoted_at'][:-1]) - dropped_utc).total_seconds() / 60:.1f}",
          h["reason"][:110]] for h in result["history"]], ["UTC", "variant", "min after drop", "reason"])

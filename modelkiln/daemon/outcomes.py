@@ -119,4 +119,6 @@ def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:
             "sequence": measured.get("sequence"),
         },
         "timings": {**built["timings"], **measured["timings"]},
+        # The most each phase's process held at once (resident), bytes.
+        "peak_rss_bytes": {"build": built.get("peak_rss_bytes"), "measure": measured.get("peak_rss_bytes")},
     }

@@ -121,6 +121,10 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
     except BaseException as exc:  # noqa: BLE001 - SystemExit from a plugin fails the job too
         traceback.print_exc()
         result = {"status": "failed", "reason": f"{phase}: {type(exc).__name__}: {exc}"}
+    import resource
+
+    # The most this process held at once: what a job costs the host, per phase.
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     _write_result(result_path, result)
     log.flush()
     if conn is not None:

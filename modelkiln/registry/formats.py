@@ -52,7 +52,8 @@ class OnnxFormat(CheckpointFormat):
         import onnx
         from onnx.external_data_helper import uses_external_data
 
-        (name,) = [f.name for f in directory.iterdir() if f.suffix == ".onnx"]
+        # Files only: a folder named x.onnx beside model.onnx is not a second model.
+        (name,) = [f.name for f in directory.iterdir() if f.suffix == ".onnx" and f.is_file()]
         path = directory / name
         try:
             model = onnx.load(str(path), load_external_data=False)

@@ -25,6 +25,7 @@ from ..plugins.api import TORCH, ModelHandle, Param, Step
 
 # Rows of calibration data used for the activation maxima.
 CALIBRATION_ROWS = 512
+PROBE_ROWS = 8
 
 
 def _scale_class():
@@ -70,10 +71,12 @@ def smooth_module(module, inputs, data: dict, alpha: float):
         return hook
 
     hooks = [m.register_forward_hook(record(name)) for name, m in linears.items()]
-    batch = [torch.from_numpy(np.ascontiguousarray(data[spec.name][:CALIBRATION_ROWS])) for spec in inputs]
+    rows = min(CALIBRATION_ROWS, len(data[inputs[0].name]))
     try:
         with torch.no_grad():
-            module(*batch)
+            for start in range(0, rows, PROBE_ROWS * 4):  # bounded memory: the maxima merge across chunks
+                module(*(torch.from_numpy(np.ascontiguousarray(data[spec.name][start:min(rows, start + PROBE_ROWS * 4)]))
+                         for spec in inputs))
     finally:
         for hook in hooks:
             hook.remove()
@@ -135,8 +138,9 @@ def smooth_onnx(path: Path, data: dict, alpha: float, out: Path) -> dict:
     names = list(groups)
     maxima: dict = {}
     rows = len(next(iter(data.values())))
-    for start in range(0, min(rows, CALIBRATION_ROWS), 64):
-        batch = {name: np.ascontiguousarray(data[name][start:start + 64]) for name in feeds}
+    # A few rows at a time: every probed activation of a batch is held at once.
+    for start in range(0, min(rows, CALIBRATION_ROWS), PROBE_ROWS):
+        batch = {name: np.ascontiguousarray(data[name][start:start + PROBE_ROWS]) for name in feeds}
         for name, value in zip(names, session.run(names, batch)):
             value = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
             maxima[name] = np.maximum(maxima[name], value) if name in maxima else value
