@@ -374,9 +374,10 @@ class RegistryKind:
 
 
 class VariantEvent(TypedDict, total=False):
-    """A variant, as ``kiln variants --json`` prints it. ``metrics`` when it succeeded,
-    ``reason`` otherwise; ``within_tolerance`` and ``fits_memory`` only where the policy
-    receives it."""
+    """A variant, as ``kiln variants --json`` prints it. ``metrics`` when it succeeded;
+    ``reason`` says why it failed, was skipped or cancelled, or why a measured one misses
+    the quality gate (None otherwise); ``within_tolerance`` and ``fits_memory`` only where
+    the policy receives it."""
 
     id: int
     variant: str  # "<runtime>:<recipe>"
@@ -386,7 +387,7 @@ class VariantEvent(TypedDict, total=False):
     target: str
     runtime: str
     recipe: str
-    status: str  # pending, succeeded, failed, skipped
+    status: str  # pending, succeeded, failed, skipped, cancelled
     lineage: list[dict]
     path: str | None
     file: str | None

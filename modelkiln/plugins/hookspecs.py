@@ -108,7 +108,8 @@ def kiln_job_failed(job: JobEvent) -> None:
 @hookspec
 def kiln_variant_ended(variant: VariantEvent) -> None:
     """Called once a variant's job has ended: built and measured (``status``
-    "succeeded", with ``metrics``), or "failed" or "skipped" (with ``reason``).
+    "succeeded", with ``metrics``, and a ``reason`` when it misses the quality gate), or
+    "failed", "skipped" or "cancelled" (with ``reason``).
 
     :param variant: a ``modelkiln.plugins.api.VariantEvent``, the variant as ``kiln
         variants --json`` prints it: ``model``, ``version``, ``target``, ``runtime``,
@@ -119,6 +120,8 @@ def kiln_variant_ended(variant: VariantEvent) -> None:
 @hookspec
 def kiln_variant_promoted(promotion: PromotionEvent) -> None:
     """Called after a promotion has been recorded and the promoted link swapped.
+    Promotion is anytime: one checkpoint may be promoted several times on a target as
+    better variants are measured (``reason`` says why each time).
 
     :param promotion: a ``modelkiln.plugins.api.PromotionEvent``, as ``kiln promoted
         --json`` prints one entry: ``model``, ``target``, ``variant``, ``recipe``,
