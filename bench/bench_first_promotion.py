@@ -188,7 +188,7 @@ def report(result: dict) -> None:
 def served_speed(result: dict) -> None:
     """The promoted minilm folder, loaded as serving code loads it, against eager fp32."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     from bench_encoder import serving
     from common import stdlib_sentences

@@ -76,18 +76,23 @@ def digits_checkpoint(tmp_path_factory, trained_digits):
     return folder
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path_factory):
+def weights_folder(tmp_path_factory, name: str, factory) -> Path:
+    """A checkpoint folder holding ``factory()``'s weights (seed 0) as model.safetensors."""
     import torch
     from safetensors.torch import save_file
 
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("staged") / name
+    folder.mkdir()
+    save_file(factory().state_dict(), str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path_factory):
     from helpers import tiny_mlp
 
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("staged") / "tiny"
-    folder.mkdir()
-    save_file(tiny_mlp().state_dict(), str(folder / "model.safetensors"))
-    return folder
+    return weights_folder(tmp_path_factory, "tiny", tiny_mlp)
 
 
 @pytest.fixture(autouse=True)

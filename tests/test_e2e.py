@@ -113,7 +113,7 @@ def test_renamed_checkpoint_ends_up_promoted(kiln_dir, digits_checkpoint):
 
         code, body = http_get(f"http://127.0.0.1:{port}/healthz")
         assert code == 200 and json.loads(body)["checks"] == {
-            "database": "ok", "loop": "ok", "disk": "ok", "scheduler": "ok", "watcher": "ok"}
+            "database": "ok", "loop": "ok", "disk": "ok", "ingest": "ok", "scheduler": "ok", "watcher": "ok"}
         code, body = http_get(f"http://127.0.0.1:{port}/metrics")
         assert code == 200
         lines = body.splitlines()

@@ -137,3 +137,43 @@ def test_the_watcher_reports_a_rename_as_complete(config):
         assert any(h.complete and (h.model, h.version) == ("m", "1") for h in hints)
     finally:
         watcher.stop()
+
+
+def test_copying_and_hashing_run_off_the_service_loop(config, tiny_checkpoint):
+    """A checkpoint of tens of GB takes minutes to copy and hash; the loop must go on
+    reaping, leasing and renewing leases meanwhile (a stalled loop let its own running
+    jobs' leases expire)."""
+    import shutil
+
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.store import queries
+
+    daemon = Daemon(config, watch=False, schedule=False, preload=False)
+    daemon.start()
+    slow = daemon.ingestor.prepare
+
+    def prepare(candidate):  # a big copy
+        time.sleep(2.0)
+        return slow(candidate)
+
+    daemon.ingestor.prepare = prepare
+    try:
+        shutil.copytree(tiny_checkpoint, config.registry_path / "tiny" / "1")
+        os.utime(config.registry_path / "tiny" / "1", (time.time() - 60, time.time() - 60))
+        for path in (config.registry_path / "tiny" / "1").iterdir():
+            os.utime(path, (time.time() - 60, time.time() - 60))
+        daemon.inbox.put(("rescan", None))
+        started = time.monotonic()
+        daemon.run_once(0)
+        daemon.run_once(0)
+        assert time.monotonic() - started < 1.0  # the loop did not wait for the copy
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            daemon.run_once(0.1)
+            with daemon.store.session() as session:
+                if queries.checkpoints(session, "tiny"):
+                    break
+        with daemon.store.session() as session:
+            assert [c.status for c in queries.checkpoints(session, "tiny")] == ["ingested"]
+    finally:
+        daemon.stop(0)

@@ -17,6 +17,7 @@ from modelkiln.config import load_config
 from modelkiln.store import queries
 from modelkiln.store.db import open_store
 from modelkiln.store.models import Job
+from test_e2e import serve, wait_for
 
 TESTS = Path(__file__).parent
 
@@ -38,33 +39,15 @@ def kiln(path: Path, *args, env=None, check=True, timeout=300):
     return out
 
 
-def wait_for(predicate, timeout: float, what: str, daemon=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if daemon is not None and daemon.poll() is not None:
-            raise AssertionError(f"the daemon exited ({daemon.returncode}) while waiting for {what}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 # -- anytime promotion, cheap first ----------------------------------------------------
 
 
 @pytest.fixture
 def ballasted_checkpoint(tmp_path_factory):
-    import torch
-    from safetensors.torch import save_file
-
+    from conftest import weights_folder
     from helpers import ballasted_mlp
 
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("staged") / "ballasted"
-    folder.mkdir()
-    save_file(ballasted_mlp().state_dict(), str(folder / "model.safetensors"))
-    return folder
+    return weights_folder(tmp_path_factory, "ballasted", ballasted_mlp)
 
 
 @pytest.mark.slow
@@ -102,13 +85,6 @@ def test_the_first_promotion_comes_after_the_cheapest_good_variant_and_a_better_
 
 
 # -- cancel, progress, recipes removed from the config ---------------------------------
-
-
-def serve(kiln_dir: Path, *args, new_session: bool = False) -> subprocess.Popen:
-    env = {**os.environ, "KILN_CONFIG": str(kiln_dir / "kiln.toml"), "PYTHONPATH": str(TESTS)}
-    log = open(kiln_dir / "serve.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "modelkiln", "serve", *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
 def running_job(store, recipe_start: str):

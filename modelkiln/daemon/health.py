@@ -36,6 +36,7 @@ def health(daemon) -> tuple[bool, dict[str, str]]:
         checks["database"] = f"failing: {exc}"
     checks["loop"] = "ok" if daemon.started and not daemon.stopping else "stopping"
     checks["disk"] = disk_check(daemon.layout.root)
+    checks["ingest"] = "ok" if daemon.background.alive else "not running"
     if daemon.schedule:
         checks["scheduler"] = "ok" if daemon.scheduler is not None and daemon.scheduler.alive else "not running"
     if daemon.watcher is not None or (daemon.watch and daemon.registry.watches):

@@ -6,13 +6,17 @@ while) it is taken becomes a new checkpoint, never a mix of two. If the source c
 during the copy, the copy is discarded and the version is looked at again later.
 
 The filesystem facts are gathered first (a cheap look, then the copy, the hash and the
-format), and the catalogue is written once, at the end.
+format: ``prepare``, which the service runs on a thread of its own, since a big
+checkpoint takes minutes), and the catalogue is written once, at the end, on the
+service loop (``record``).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,6 +40,64 @@ class IngestResult:
     retry_at: float | None = None
 
 
+@dataclass
+class Prepared:
+    """A version copied and hashed, waiting to be recorded."""
+
+    candidate: Candidate
+    seen: object  # registry.directory.Observation
+    digest: str
+    snapshot: object
+    fmt: object
+
+
+class Background:
+    """One daemon thread that runs slow ingest work (scans, copies, hashes) in the order it
+    is given, off the service loop, and posts each outcome to the loop's inbox as
+    ``(kind, (key, value, error))``. A key already waiting or running is not queued again:
+    a burst of file events makes one copy, not one per event. A daemon thread: a stop
+    never waits for a copy, whose half-made folder the next start's clean-up removes."""
+
+    def __init__(self, inbox):
+        self.inbox = inbox
+        self.tasks: queue.Queue = queue.Queue()
+        self.pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="kiln-ingest", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, kind: str, key: str, fn, *args) -> bool:
+        with self._lock:
+            if key in self.pending:
+                return False
+            self.pending.add(key)
+        self.tasks.put((kind, key, fn, args))
+        return True
+
+    def done(self, key: str) -> None:
+        with self._lock:
+            self.pending.discard(key)
+
+    def stop(self) -> None:
+        self.tasks.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self.tasks.get()
+            if item is None:
+                return
+            kind, key, fn, args = item
+            try:
+                value, error = fn(*args), None
+            except Exception as exc:  # noqa: BLE001 - reported on the loop, naming the folder
+                value, error = None, exc
+            self.inbox.put((kind, (key, value, error)))
+
+
 class Ingestor:
     def __init__(self, store, layout: Layout, formats, quiet_seconds: float, registry_kind: str = "directory",
                  clock=time.time, max_bytes: int = 0):
@@ -50,6 +112,13 @@ class Ingestor:
     def ingest(self, candidate: Candidate) -> IngestResult:
         """Take ``candidate`` if it is new and complete: renamed into place
         (``candidate.complete``), or quiet for ``quiet_seconds``."""
+        prepared = self.prepare(candidate)
+        return self.record(prepared) if isinstance(prepared, Prepared) else prepared
+
+    def prepare(self, candidate: Candidate) -> Prepared | IngestResult:
+        """Everything but the catalogue write: look, copy, hash, detect the format. Slow
+        for a big checkpoint (minutes for tens of GB), so the service runs it on its
+        ingest thread; it only reads the catalogue."""
         try:
             seen = observe(candidate.path)
         except FileNotFoundError:
@@ -90,7 +159,11 @@ class Ingestor:
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(snapshot)
         fmt = detect_format(self.formats, list(seen.files))
-        return self._record(candidate, seen, digest, snapshot, fmt)
+        return Prepared(candidate, seen, digest, snapshot, fmt)
+
+    def record(self, prepared: Prepared) -> IngestResult:
+        """The catalogue write of a prepared version (on the service loop's thread)."""
+        return self._record(prepared.candidate, prepared.seen, prepared.digest, prepared.snapshot, prepared.fmt)
 
     def _too_big(self, size: int) -> str | None:
         """Why a folder of ``size`` bytes is not copied, or None."""

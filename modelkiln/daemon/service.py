@@ -44,7 +44,7 @@ from ..store.models import Checkpoint, Job, utcnow
 from ..targets.devices import target_unavailable_reason
 from .executor import Executor, worker_memory_limit_mb
 from .health import HealthServer
-from .ingest import Ingestor
+from .ingest import Background, Ingestor, Prepared
 from .layout import Layout
 from .logs import about
 from .outcomes import Outcomes
@@ -131,6 +131,7 @@ class Daemon:
         self.planner = Planner(config, self.plugins, self.layout, self.promoter)
         self.outcomes = Outcomes(self.layout, self.planner, self.promoter)
         self.registry = self.plugins.registry_kinds[config.registry.kind](config)
+        self.background = Background(self.inbox)
         self.ingestor = Ingestor(self.store, self.layout, self.plugins.formats, config.registry.quiet_seconds,
                                  config.registry.kind, clock=self.wall_clock,
                                  max_bytes=int(config.registry.max_checkpoint_gb * 2**30))
@@ -275,6 +276,7 @@ class Daemon:
                  f"; they get {timeout:g} s to finish, then go back to pending (a second signal stops now)"
                  if running and timeout > 0 else "")
         # 1. No new hints or ticks.
+        self.background.stop()
         if self.watcher:
             self.watcher.stop()
         if self.scheduler:
@@ -330,7 +332,16 @@ class Daemon:
             if kind == "rescan":
                 rescan = True
             elif kind == "hint":  # a candidate the watcher found, or a quiet period ended
-                self._take(payload)
+                self._take_later(payload)
+            elif kind == "scanned":  # the registry's versions, listed on the ingest thread
+                key, candidates, error = payload
+                self.background.done(key)
+                if error is not None:
+                    log.error("the %s registry's scan failed: %s", self.registry.kind, error)
+                for candidate in candidates or ():
+                    self._take_later(candidate)
+            elif kind == "prepared":  # a version copied and hashed on the ingest thread
+                self._prepared(*payload)
             elif kind == "expire_leases":
                 with self.store.session() as session:
                     units.requeue_expired(session, self.config.workers.max_attempts,
@@ -338,7 +349,7 @@ class Daemon:
             elif kind == "cleanup":
                 self._cleanup()
         if rescan:
-            self.reconcile()
+            self.background.submit("scanned", "scan", self.registry.scan)
             with self.store.session() as session:
                 self._settle(session)
 
@@ -348,7 +359,8 @@ class Daemon:
         return self.scheduler.planned if self.scheduler else 0
 
     def reconcile(self) -> None:
-        """Compare the registry with the catalogue; ingest what events missed."""
+        """Compare the registry with the catalogue and ingest what events missed, here
+        and now (the loop does the same on the ingest thread, at each rescan)."""
         for candidate in self.registry.scan():
             self._take(candidate)
 
@@ -357,15 +369,48 @@ class Daemon:
         return self._take(replace(candidate, complete=True))
 
     def _take(self, candidate: Candidate) -> int | None:
+        """Ingest ``candidate`` on this thread."""
         try:
             result = self.ingestor.ingest(candidate)
         except Exception as exc:  # noqa: BLE001 - one bad folder must not stop the scan or the batch
-            message = str(exc) if isinstance(exc, (OSError, NotTakenYet)) else f"{type(exc).__name__}: {exc}"
-            if self._failed_takes.get(str(candidate.path)) != message:  # once, not at every rescan
-                self._failed_takes[str(candidate.path)] = message
-                log.error("cannot ingest %s: %s; it is looked at again at each rescan", printable(str(candidate.path)),
-                          message, extra=about(candidate.model, candidate.version))
+            self._not_taken(candidate, exc)
             return None
+        return self._taken(candidate, result)
+
+    def _take_later(self, candidate: Candidate) -> None:
+        """Copy and hash ``candidate`` on the ingest thread; ``_prepared`` records it."""
+        self.background.submit("prepared", str(candidate.path), self._prepare, candidate)
+
+    def _prepare(self, candidate: Candidate):
+        """On the ingest thread: the candidate and what preparing it gave (or raised)."""
+        try:
+            return candidate, self.ingestor.prepare(candidate)
+        except Exception as exc:  # noqa: BLE001 - reported on the loop, naming the folder
+            return candidate, exc
+
+    def _prepared(self, key: str, value, error: Exception | None) -> None:
+        self.background.done(key)
+        if error is not None:  # not from the ingest itself (that comes back in value): a bug
+            log.error("ingesting %s failed: %s", printable(key), error)
+            return
+        candidate, prepared = value
+        try:
+            if isinstance(prepared, Exception):
+                raise prepared
+            result = self.ingestor.record(prepared) if isinstance(prepared, Prepared) else prepared
+        except Exception as exc:  # noqa: BLE001 - as in _take
+            self._not_taken(candidate, exc)
+            return
+        self._taken(candidate, result)
+
+    def _not_taken(self, candidate: Candidate, exc: Exception) -> None:
+        message = str(exc) if isinstance(exc, (OSError, NotTakenYet)) else f"{type(exc).__name__}: {exc}"
+        if self._failed_takes.get(str(candidate.path)) != message:  # once, not at every rescan
+            self._failed_takes[str(candidate.path)] = message
+            log.error("cannot ingest %s: %s; it is looked at again at each rescan", printable(str(candidate.path)),
+                      message, extra=about(candidate.model, candidate.version))
+
+    def _taken(self, candidate: Candidate, result) -> int | None:
         self._failed_takes.pop(str(candidate.path), None)
         key = f"quiet:{candidate.model}/{candidate.version}"
         if self.scheduler is not None:

@@ -148,14 +148,8 @@ def running_job_dict(job: Job, now: datetime | None = None) -> dict:
         left = max(0.0, left - max(0.0, time.time() - report["at"]))
     if left is None and job.estimate_seconds is not None and elapsed is not None:
         left = max(0.0, job.estimate_seconds - elapsed)
-    checkpoint = job.checkpoint
     return {
-        "id": job.id,
-        "kind": job.kind,
-        "model": checkpoint.model,
-        "version": checkpoint.version,
-        "target": job.target,
-        "variant": variant_label(job.variant) if job.variant is not None else None,
+        **job_dict(job),
         "host": job.lease_owner,
         "progress": job.progress,
         "elapsed_seconds": elapsed,
