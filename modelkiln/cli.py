@@ -285,6 +285,11 @@ def _print_variants(config, model, as_json):
         if v["id"] in running:
             v["status"] = "running"
             v["elapsed_seconds"] = running[v["id"]]["elapsed_seconds"]
+    if not variants:
+        with store.session() as session:
+            known = bool(queries.checkpoints(session, model))
+        if not known:
+            raise KilnError(f"no checkpoint of model {model!r} in {config.store_url}; `kiln status` lists the models")
     if as_json:
         click.echo(json.dumps(variants, indent=2))
         return
@@ -424,6 +429,126 @@ def cancel(config_path, model, version, recipe, target):
     click.echo(f"cancelled {len(lines)} job(s) of {what}; `kiln retry {model}` sends them back")
 
 
+def _who() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _by_hand(config, action: str, variant_of, reason: str | None) -> None:
+    """Record a promotion made by hand (pinned), swap the link, print what is served."""
+    from .daemon.promoter import Promoter
+
+    promoter = Promoter(config, None, config.promoted_path)
+    with _store(config).session() as session:
+        variant = variant_of(session)
+        why = f"{action} by {_who()}" + (f": {reason}" if reason else "")
+        promotion = promoter.promote_by_hand(session, variant, why)
+        entry = promoter.describe(promotion)
+    click.echo(f"{entry['model']} on {entry['target']}: now {entry['variant']} of version {entry['version']} "
+               f"({entry['path']} -> {entry['artifact']}); pinned: `kiln unpin {entry['model']} {entry['target']}` "
+               "hands it back to the policy")
+
+
+@main.command()
+@config_option
+@click.argument("model")
+@click.argument("target")
+@click.argument("variant")
+@click.option("--version", "version", help="The checkpoint version (default: the newest with that variant measured).")
+@click.option("--reason", help="Why, for the promotion history.")
+def promote(config_path, model, target, variant, version, reason):
+    """Serve VARIANT (as `kiln variants` names it, e.g. onnxruntime:quantize.int8_dynamic)
+    of MODEL on TARGET now, and pin it there.
+
+    Recorded in the promotion history with who and why; the link is swapped at once, and a
+    running daemon tells plugins (webhook) and the registry (MLflow) within seconds.
+    Automatic promotions stop on a pinned target until `kiln unpin`."""
+    from .store import queries
+
+    config = _load(config_path)
+
+    def find(session):
+        runtime, _, recipe = variant.partition(":")
+        recipe = "" if recipe in ("", "baseline") else recipe
+        matches = [v for v in queries.variants_of_model(session, model)
+                   if v.target == target and v.runtime == runtime and v.recipe == recipe
+                   and v.status == "succeeded" and (version is None or v.checkpoint.version == version)]
+        if not matches:
+            raise KilnError(f"{model}: no measured variant {variant!r} on target {target!r}"
+                            + (f" of version {version}" if version else "") + "; `kiln variants " + model +
+                            "` lists them")
+        return max(matches, key=lambda v: v.checkpoint_id)
+
+    _by_hand(config, "promoted by hand", find, reason)
+
+
+@main.command()
+@config_option
+@click.argument("model")
+@click.argument("target")
+@click.option("--to", "to_version", help="The version to go back to (default: what was served before).")
+@click.option("--reason", help="Why, for the promotion history.")
+def rollback(config_path, model, target, to_version, reason):
+    """Serve again what MODEL served on TARGET before (or the last variant of version
+    --to that was served), and pin it there until `kiln unpin`."""
+    from .store import queries
+
+    config = _load(config_path)
+
+    def find(session):
+        history = queries.promotion_history_of(session, model, target)
+        if not history:
+            raise KilnError(f"{model} has never been promoted on {target!r}; `kiln promoted` lists what is served")
+        current = history[-1]
+        earlier = [p for p in reversed(history[:-1]) if p.variant_id != current.variant_id
+                   and (to_version is None or p.variant.checkpoint.version == to_version)]
+        if not earlier:
+            what = f"version {to_version}" if to_version else "another variant"
+            raise KilnError(f"{model} on {target}: {what} was never served before; nothing to roll back to "
+                            f"(`kiln report {model}` shows the history)")
+        return earlier[0].variant
+
+    _by_hand(config, f"rolled back{' to version ' + to_version if to_version else ''}", find, reason)
+
+
+@main.command()
+@config_option
+@click.argument("model")
+@click.argument("target")
+@click.option("--reason", help="Why, shown with the pin.")
+def pin(config_path, model, target, reason):
+    """Keep MODEL on TARGET on what it serves now: automatic promotions stop there."""
+    from .store import queries, units
+
+    config = _load(config_path)
+    with _store(config).session() as session:
+        if queries.current_promotion(session, model, target) is None:
+            raise KilnError(f"{model} is not served on {target!r}; nothing to pin (`kiln promoted` lists what is)")
+        units.pin(session, model, target, f"pinned by {_who()}" + (f": {reason}" if reason else ""))
+    click.echo(f"{model} on {target}: pinned; `kiln unpin {model} {target}` hands it back to the policy")
+
+
+@main.command()
+@config_option
+@click.argument("model")
+@click.argument("target")
+def unpin(config_path, model, target):
+    """Hand MODEL on TARGET back to the policy: the next variant measured may be promoted."""
+    from .store import units
+
+    config = _load(config_path)
+    with _store(config).session() as session:
+        if not units.unpin(session, model, target):
+            raise KilnError(f"{model} on {target!r} is not pinned")
+    click.echo(f"{model} on {target}: unpinned; automatic promotion resumes")
+
+
 @main.command()
 @config_option
 @json_option
@@ -436,13 +561,17 @@ def promoted(config_path, as_json):
     store = _store(config)
     promoter = Promoter(config, None, config.promoted_path)
     with store.session() as session:
-        entries = [promoter.describe(p) for p in queries.current_promotions(session)]
+        pins = {(p.model, p.target): p.reason for p in queries.pins(session)}
+        entries = [{**promoter.describe(p), "pinned": pins.get((p.model, p.target))}
+                   for p in queries.current_promotions(session)]
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
     rows = [[e["model"], e["target"], e["version"], e["variant"], _fmt_ms(e["metrics"]["latency_p50_ms"]),
-             format_size(e["metrics"]["size_bytes"]), _fmt_quality(e["metrics"]), e["path"]] for e in entries]
-    click.echo(table(rows, ["model", "target", "version", "variant", "p50 ms", "size", "quality (delta)", "path"]))
+             format_size(e["metrics"]["size_bytes"]), _fmt_quality(e["metrics"]), e["path"], e["pinned"] or ""]
+            for e in entries]
+    click.echo(table(rows, ["model", "target", "version", "variant", "p50 ms", "size", "quality (delta)", "path",
+                            "pinned"]))
 
 
 @main.command()

@@ -44,9 +44,9 @@ class MlflowConfig:
     models: list[str] = field(default_factory=list)
     filter: str = ""
     poll_seconds: float = 60.0
-    # On promotion: this alias (with {target}) is set on the source model's version, the
-    # variant is registered as a version of the derived model, and the measurements of
-    # every variant are logged as one run (with a child run per variant) in the experiment.
+    # On promotion: the variant is registered as a version of the derived model, this
+    # alias (with {target}) is set on that version, and the measurements of every variant
+    # are logged as one run (with a child run per variant) in the experiment.
     alias: str = "kiln-{target}"
     derived_model: str = "{model}-kiln-{target}"
     experiment: str = "modelkiln"
@@ -419,8 +419,9 @@ registry_uri = ""
 models = []
 filter = ""
 poll_seconds = 60.0
-# What a promotion writes back: this alias on the source version, a version of the
-# derived registered model holding the variant, and a run with every variant's metrics.
+# What a promotion writes back: a version of the derived registered model holding the
+# variant, this alias on it (models:/<derived>@<alias> loads what is served), and a run
+# with every variant's metrics.
 alias = "kiln-{target}"
 derived_model = "{model}-kiln-{target}"
 experiment = "modelkiln"

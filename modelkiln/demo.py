@@ -127,6 +127,9 @@ def run_demo(directory: Path, echo, timeout: float = 600.0) -> int:
     config_file = directory / "kiln.toml"
     if not config_file.exists():
         write_default_config(directory, DEMO_ARCHITECTURE)
+        # Any free port: another daemon on this host may hold the default one.
+        text = config_file.read_text().replace('address = "127.0.0.1:9464"', 'address = "127.0.0.1:0"')
+        config_file.write_text(text)
         echo(f"wrote {config_file}")
     config = load_config(config_file)
     started = time.time()
@@ -166,7 +169,8 @@ def _wait_for_start(log_path: Path, server, timeout: float) -> None:
     deadline = time.time() + timeout
     while b"started:" not in log_path.read_bytes():
         if server.poll() is not None:
-            raise RuntimeError(f"`kiln serve` exited early; see {log_path}")
+            lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+            raise RuntimeError(f"`kiln serve` exited early: {lines[-1] if lines else 'no output'} (see {log_path})")
         if time.time() > deadline:
             raise TimeoutError(f"`kiln serve` did not start in {timeout:.0f} s; see {log_path}")
         time.sleep(0.1)

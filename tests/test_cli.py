@@ -5,9 +5,11 @@ import sys
 from collections import Counter
 from html.parser import HTMLParser
 
+import pytest
 from click.testing import CliRunner
 
 from helpers import optimize_once
+from modelkiln import hookimpl
 from modelkiln.cli import main
 
 
@@ -93,3 +95,77 @@ def test_optimize_command_prints_the_variants(kiln_dir, tiny_checkpoint):
 def test_db_upgrade(kiln_dir):
     result = CliRunner().invoke(main, ["db", "upgrade", "--config", str(kiln_dir / "kiln.toml")])
     assert result.exit_code == 0 and "head" in result.output
+
+
+class Announced:
+    def __init__(self):
+        self.promoted = []
+
+    @hookimpl
+    def kiln_variant_promoted(self, promotion):
+        self.promoted.append(promotion)
+
+
+@pytest.mark.hooks("kiln_variant_promoted")
+def test_promote_rollback_pin_and_unpin_by_hand(config, kiln_dir, tiny_checkpoint):
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from helpers import tiny_mlp
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.store import queries
+    from modelkiln.store.db import open_store
+
+    cfg = ["--config", str(kiln_dir / "kiln.toml")]
+    runner = CliRunner()
+    first = optimize_once(config, tiny_checkpoint, "tiny", "1")
+    link = config.promoted_path / "tiny" / "cpu"
+
+    def served():
+        return json.loads(runner.invoke(main, ["promoted", "--json", *cfg]).output)[0]
+
+    before = served()
+    assert before["pinned"] is None
+    chosen = next(v for v in ("torch:baseline", "onnxruntime:baseline") if v != before["variant"])
+    out = runner.invoke(main, ["promote", "tiny", "cpu", chosen, "--reason", "canary", *cfg])
+    assert out.exit_code == 0, out.output
+    now = served()
+    assert now["variant"] == chosen and os.readlink(link) == now["artifact"]
+    assert now["reason"].startswith("promoted by hand by ") and now["reason"].endswith(": canary")
+    assert now["pinned"] == now["reason"]
+
+    # A running daemon announces it to plugins (the webhook) within seconds.
+    announced = Announced()
+    daemon = Daemon(config, watch=False, schedule=False, extra_plugins=[announced], preload=False)
+    daemon.start()
+    try:
+        out = runner.invoke(main, ["rollback", "tiny", "cpu", *cfg])
+        assert out.exit_code == 0, out.output
+        deadline = __import__("time").monotonic() + 10
+        while not announced.promoted and __import__("time").monotonic() < deadline:
+            daemon.run_once(0.2)
+    finally:
+        daemon.stop(0)
+    assert [p["variant"] for p in announced.promoted] == [before["variant"]]
+    back = served()
+    assert back["variant"] == before["variant"] and os.readlink(link) == back["artifact"]
+    assert back["reason"].startswith("rolled back by ") and back["pinned"]
+
+    # Pinned: a new checkpoint is measured but not promoted automatically.
+    save_file(tiny_mlp().state_dict(), str(tiny_checkpoint / "model.safetensors"))
+    second = optimize_once(config, tiny_checkpoint, "tiny", "2")
+    assert second.status == "done" and served()["version"] == "1"
+    store = open_store(config)
+    with store.session() as session:
+        assert {p.checkpoint_id for p in queries.promotion_history(session, "tiny")} == {first.id}
+    store.dispose()
+
+    assert runner.invoke(main, ["unpin", "tiny", "cpu", *cfg]).exit_code == 0
+    again = runner.invoke(main, ["unpin", "tiny", "cpu", *cfg])
+    assert again.exit_code != 0 and "is not pinned" in str(again.exception or again.output)
+    assert runner.invoke(main, ["rollback", "tiny", "cpu", "--to", "7", *cfg]).exit_code != 0
+    assert runner.invoke(main, ["promote", "tiny", "cpu", "torch:nothing", *cfg]).exit_code != 0
+    page = runner.invoke(main, ["report", "tiny", "--out", str(kiln_dir), *cfg])
+    assert page.exit_code == 0 and "promoted by hand by" in Path(kiln_dir / "tiny.html").read_text()

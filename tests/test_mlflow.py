@@ -120,10 +120,11 @@ def test_versions_are_pulled_processed_and_promotions_written_back(mlflow_server
         """The alias is set and every promotion step is written back (one derived version
         each): promotion is anytime, so the first step comes before the last."""
         try:
-            if client.get_model_version_by_alias("digits", "kiln-cpu").version != "1":
-                return False
             steps = client.search_model_versions("name = 'digits-kiln-cpu'")
+            served = client.get_model_version_by_alias("digits-kiln-cpu", "kiln-cpu").version
         except Exception:
+            return False
+        if int(served) != max(int(v.version) for v in steps):
             return False
         rows = checkpoint_rows(config)
         if rows.get(("digits", "1"), ("",))[0] != "done":
@@ -161,6 +162,10 @@ def test_versions_are_pulled_processed_and_promotions_written_back(mlflow_server
     versions = client.search_model_versions("name = 'digits-kiln-cpu'")
     derived = max(versions, key=lambda v: int(v.version))
     assert derived.tags["kiln.source_version"] == "1"
+    # models:/digits-kiln-cpu@kiln-cpu loads what is served; the source version points to it.
+    assert client.get_model_version_by_alias("digits-kiln-cpu", "kiln-cpu").version == derived.version
+    assert client.get_model_version("digits", "1").tags["kiln.served.cpu"] == f"digits-kiln-cpu/{derived.version}"
+    assert "e+" not in derived.tags["kiln.metric.size_bytes"]  # plain decimal
     assert derived.tags["kiln.recipe"] == promoted["recipe"]
     assert float(derived.tags["kiln.metric.latency_p50_ms_b1"]) == pytest.approx(
         promoted["metrics"]["latency_p50_ms"], rel=1e-4)

@@ -64,3 +64,12 @@ def setup_logging(level: str, fmt: str = "text", stream=None) -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # APScheduler logs every tick at INFO; the daemon logs what matters itself.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # Alembic says which plugins and dialect it set up at every start: only a migration
+    # actually applied ("Running upgrade ...") is news.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.INFO)
+    logging.getLogger("alembic.runtime.migration").addFilter(_only_upgrades)
+
+
+def _only_upgrades(record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO or record.getMessage().startswith("Running upgrade")

@@ -93,6 +93,14 @@ class Promoter:
         is promoted unless it is the one served."""
         current = queries.current_promotion(session, checkpoint.model, target)
         open_jobs = queries.variant_jobs_open(session, checkpoint.id, target)
+        pinned = queries.pin(session, checkpoint.model, target)
+        if pinned is not None:
+            if not open_jobs:
+                log.info("%s/%s: %s is pinned on %s (%s); nothing promoted automatically; `kiln unpin %s %s` hands "
+                         "it back to the policy", checkpoint.model, checkpoint.version, checkpoint.model, target,
+                         pinned.reason, checkpoint.model, target,
+                         extra=about(checkpoint.model, checkpoint.version, target))
+            return None
         if current is not None and _newer(current.variant.checkpoint, checkpoint):
             if not open_jobs:
                 log.info("%s/%s: a later version (%s) is already promoted on %s; not promoting", checkpoint.model,
@@ -223,6 +231,18 @@ class Promoter:
                               "rivals": [i for i in rivals if i != int(variant_id)], "job": job.id}
             for variant_id, figures in result["contenders"].items()
         })
+
+    def promote_by_hand(self, session, variant, reason: str) -> Promotion:
+        """Serve ``variant`` on its target now, pinned there (`kiln promote`, `kiln
+        rollback`): recorded in the history with ``reason``, then the link swapped."""
+        checkpoint = variant.checkpoint
+        promotion = units.record_manual_promotion(
+            session, model=checkpoint.model, target=variant.target, variant_id=variant.id,
+            checkpoint_id=checkpoint.id, reason=reason, pin_reason=reason)
+        self.publish(promotion)
+        log.info("promoted %s/%s on %s by hand: %s (%s)", checkpoint.model, checkpoint.version, variant.target,
+                 views.variant_label(variant), reason, extra=about(checkpoint.model, checkpoint.version, variant.target))
+        return promotion
 
     def describe(self, promotion: Promotion) -> dict:
         return views.promotion_dict(promotion, str(self.link(promotion.model, promotion.target)))

@@ -57,8 +57,9 @@ from .watcher import Watcher
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 5.0
-# How often running jobs are checked for a `kiln cancel`, and their progress logged.
-CANCEL_CHECK_SECONDS = 2.0
+# How often what an operator did from the command line (cancel, promote) is looked for,
+# and how often a running job's progress is logged.
+OPERATOR_CHECK_SECONDS = 2.0
 PROGRESS_LOG_SECONDS = 60.0
 BUSY_WAIT_SECONDS = 0.1
 ERROR_BACKOFF_SECONDS = 1.0
@@ -68,6 +69,23 @@ STALE_INCOMING_SECONDS = 3600.0
 def _left(report: dict) -> str:
     eta = report.get("eta_seconds")
     return f", about {format_duration(eta)} left" if isinstance(eta, (int, float)) and eta >= 0 else ""
+
+
+def _ending(session, job: Job, outcome) -> str:
+    """What a job's end line adds: a measured variant's latency and quality (and why it
+    misses the gate, if it does), or the reason it failed or was skipped."""
+    if outcome is not None and outcome.reason:
+        return f" ({outcome.reason})"
+    if job.kind != "variant" or job.state != "succeeded":
+        return ""
+    variant = queries.variant(session, job.variant_id)
+    metrics = views.metrics(variant) or {}
+    if metrics.get("latency_p50_ms") is None:
+        return ""
+    first = metrics["batches"][0]["batch_size"] if metrics.get("batches") else 1
+    text = (f" (p50 {metrics['latency_p50_ms']:.3f} ms at batch {first}, {metrics['quality_metric']} "
+            f"{metrics['quality']:.4f} against {metrics['baseline_quality']:.4f}")
+    return text + (f"; {variant.reason})" if variant.reason else ")")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -97,7 +115,8 @@ class Daemon:
         self._signals = 0
         self._signal_name = ""
         self._in_stop = False
-        self._next_cancel_check = 0.0
+        self._next_operator_check = 0.0
+        self._seen_promotion = 0
         # job id -> when its progress was last logged
         self._progress_logged: dict[int, float] = {}
         # version folder -> why it could not be ingested (logged once until it changes)
@@ -218,6 +237,7 @@ class Daemon:
                     self._cancel_unwanted(session, queries.pending_variant_jobs(session, checkpoint.id))
             self._settle(session)
             self.promoter.sync_links(session)
+            self._seen_promotion = queries.last_promotion_id(session)
 
     def _cancel_unwanted(self, session, jobs: list[Job]) -> int:
         """Cancel the pending variant jobs whose recipe or runtime this host's config no
@@ -308,13 +328,13 @@ class Daemon:
         if self.executor.running_jobs:
             now = self.clock()
             wait = min(wait, max(0.0, self._next_heartbeat - now), max(0.0, self.executor.next_deadline - now),
-                       max(0.0, self._next_cancel_check - now))
+                       max(0.0, self._next_operator_check - now))
         return wait
 
     def run_once(self, timeout: float = 0.0) -> None:
         self._drain(timeout)
         self._reap()
-        self._check_cancelled()
+        self._check_operator()
         if not self.stopping:
             self._lease()
         self._heartbeat()
@@ -473,17 +493,29 @@ class Daemon:
         self._after_job(session, checkpoint, job)
         return False
 
-    def _check_cancelled(self) -> None:
-        """Stop the running jobs an operator cancelled (`kiln cancel`), every couple of seconds."""
-        running = self.executor.running_jobs
+    def _check_operator(self) -> None:
+        """Every couple of seconds, act on what an operator did from the command line:
+        stop the running jobs they cancelled (`kiln cancel`), and announce promotions they
+        made by hand (`kiln promote`, `kiln rollback`): the link here brought in line, the
+        plugins told (webhook), a remote registry synced."""
         now = self.clock()
-        if not running or now < self._next_cancel_check:
+        if now < self._next_operator_check:
             return
-        self._next_cancel_check = now + CANCEL_CHECK_SECONDS
+        self._next_operator_check = now + OPERATOR_CHECK_SECONDS
+        running = self.executor.running_jobs
         with self.store.session() as session:
             for job_id in queries.cancelled_among(session, running):
                 self.executor.cancel(job_id)
                 self._drop_cancelled(session, queries.job(session, job_id))
+            for promotion in queries.promotions_after(session, self._seen_promotion):
+                self._seen_promotion = promotion.id
+                if not promotion.decision_key.startswith("manual:"):
+                    continue  # the policy's, announced by the daemon that decided it
+                if queries.current_promotion(session, promotion.model, promotion.target).id == promotion.id:
+                    self.promoter.publish(promotion)
+                notify(self.plugins.manager, "kiln_variant_promoted", promotion=self.promoter.describe(promotion))
+                if self.scheduler:
+                    self.scheduler.sync_soon()
 
     def _drop_cancelled(self, session, job: Job) -> None:
         """A job cancelled while it ran here: its lease, scratch and staging folders go,
@@ -521,8 +553,8 @@ class Daemon:
     def _finish(self, session, job: Job, outcome) -> None:
         checkpoint = self.outcomes.record(session, job, outcome)
         status = outcome.status if outcome else "existing"
-        log.info("job %d ended: %s %s%s", job.id, self._label(session, job), status,
-                 f" ({outcome.reason})" if outcome and outcome.reason else "", extra=self._about(session, job))
+        log.info("job %d ended: %s %s%s", job.id, self._label(session, job), status, _ending(session, job, outcome),
+                 extra=self._about(session, job))
         self._ended(session, job)
         self._after_job(session, checkpoint, job)
         work = self.layout.job_work(job.id)

@@ -88,6 +88,13 @@ def flat_metrics(metrics: dict | None) -> dict[str, float]:
     return out
 
 
+def plain_number(value: float) -> str:
+    """A number as people and MLflow's UI read it: 19599400, 0.000012 (no exponent)."""
+    import numpy as np
+
+    return np.format_float_positional(float(value), trim="-")
+
+
 class MlflowRegistry(DirectoryRegistry):
     kind = "mlflow"
     # Versions arrive by download (a rename into place), announced by poll(): nothing to watch.
@@ -210,23 +217,27 @@ class MlflowRegistry(DirectoryRegistry):
         derived = self.settings.derived_model.format(model=model, target=target)
         client = self.client
         self._ensure_derived_model(derived, model, target)
-        exists = any(v.tags.get(PROMOTION_TAG) == key
-                     for v in _pages(client.search_model_versions, filter_string=f"name = '{derived}'"))
-        if not exists:
+        made = next((v for v in _pages(client.search_model_versions, filter_string=f"name = '{derived}'")
+                     if v.tags.get(PROMOTION_TAG) == key), None)
+        if made is None:
             run = self._measurement_run(promotion, variants)
             metrics = flat_metrics(promotion.get("metrics"))
             tags = {
                 PROMOTION_TAG: key, "kiln.source_model": model, "kiln.source_version": version,
                 "kiln.target": target, "kiln.recipe": promotion["recipe"], "kiln.runtime": promotion["runtime"],
                 "kiln.file": promotion.get("file") or "",
-                **{f"kiln.metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+                **{f"kiln.metric.{k}": plain_number(v) for k, v in metrics.items()},
             }
-            client.create_model_version(
+            made = client.create_model_version(
                 derived, source=f"{run.info.artifact_uri}/variant", run_id=run.info.run_id, tags=tags,
                 description=f"{promotion['variant']} of {model} version {version}, promoted on {target} "
                             f"by modelkiln ({promotion.get('reason') or 'policy'})",
             )
-        client.set_registered_model_alias(model, self.settings.alias.format(model=model, target=target), version)
+        # The alias goes where the served variant is: models:/<derived>@kiln-<target> loads
+        # what is served. The source version says which derived version serves it.
+        alias = self.settings.alias.format(model=model, target=target)
+        client.set_registered_model_alias(derived, alias, made.version)
+        client.set_model_version_tag(model, version, f"kiln.served.{target}", f"{derived}/{made.version}")
         self._published.add(key)
         log.info("mlflow: published the promotion of %s version %s on %s (%s)", model, version, target, derived)
         return True

@@ -160,11 +160,26 @@ class Promotion(Base):
     target: Mapped[str] = mapped_column(String(64))
     variant_id: Mapped[int] = mapped_column(ForeignKey("variants.id"))
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"))
-    # "auto:<checkpoint>:<target>" for the policy's decision: a checkpoint is promoted
-    # at most once per target, however often its last job is reported (once per retry
-    # round after `kiln retry`: "...:retry<n>").
+    # "auto:<checkpoint>:<target>:<n>" for the policy's n-th promotion of a checkpoint
+    # there (each step once, whichever daemon decides it); "manual:<id>" for one made by
+    # hand (`kiln promote`, `kiln rollback`).
     decision_key: Mapped[str] = mapped_column(String(128), unique=True)
     reason: Mapped[str] = mapped_column(Text)
     promoted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
     variant: Mapped[Variant] = relationship()
+
+
+class Pin(Base):
+    """A (model, target) whose served variant only a person changes: automatic promotions
+    stop there until it is unpinned."""
+
+    __tablename__ = "pins"
+    __table_args__ = (UniqueConstraint("model", "target"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(128))
+    target: Mapped[str] = mapped_column(String(64))
+    # Who pinned it and why, as the history shows it.
+    reason: Mapped[str] = mapped_column(Text)
+    pinned_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import and_, func, select, text
 from sqlalchemy.orm import Session, selectinload
 
-from .models import Checkpoint, Job, Measurement, Promotion, Variant
+from .models import Checkpoint, Job, Measurement, Pin, Promotion, Variant
 
 TERMINAL_JOB_STATES = ("succeeded", "failed", "skipped", "cancelled")
 
@@ -311,3 +311,25 @@ def promotion_history(session: Session, model: str) -> list[Promotion]:
     return list(session.scalars(
         select(Promotion).where(Promotion.model == model).order_by(Promotion.id)
     ))
+
+
+def pin(session: Session, model: str, target: str) -> Pin | None:
+    return session.scalars(select(Pin).where(Pin.model == model, Pin.target == target)).first()
+
+
+def pins(session: Session) -> list[Pin]:
+    return list(session.scalars(select(Pin).order_by(Pin.model, Pin.target)))
+
+
+def promotions_after(session: Session, promotion_id: int) -> list[Promotion]:
+    """Promotions recorded after ``promotion_id`` (by any daemon, or by hand)."""
+    return list(session.scalars(select(Promotion).where(Promotion.id > promotion_id).order_by(Promotion.id)))
+
+
+def last_promotion_id(session: Session) -> int:
+    return session.scalar(select(func.max(Promotion.id))) or 0
+
+
+def promotion_history_of(session: Session, model: str, target: str) -> list[Promotion]:
+    return list(session.scalars(select(Promotion).where(Promotion.model == model, Promotion.target == target)
+                                .order_by(Promotion.id)))

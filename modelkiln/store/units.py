@@ -4,13 +4,14 @@ first), so a reader of this file sees every way the catalogue changes."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 
 from sqlalchemy import case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .models import Checkpoint, Job, Measurement, Promotion, Variant, utcnow
+from .models import Checkpoint, Job, Measurement, Pin, Promotion, Variant, utcnow
 from .queries import open_jobs_for
 
 # -- checkpoints ----------------------------------------------------------------------
@@ -300,7 +301,42 @@ def record_promotion(session: Session, *, model: str, target: str, variant_id: i
     return promotion
 
 
+def record_manual_promotion(session: Session, *, model: str, target: str, variant_id: int, checkpoint_id: int,
+                            reason: str, pin_reason: str) -> Promotion:
+    """A promotion made by hand, and the pin that keeps it served."""
+    promotion = Promotion(model=model, target=target, variant_id=variant_id, checkpoint_id=checkpoint_id,
+                          decision_key=f"manual:{uuid.uuid4().hex}", reason=reason)
+    session.add(promotion)
+    _pin(session, model, target, pin_reason)
+    session.commit()
+    return promotion
+
+
+def pin(session: Session, model: str, target: str, reason: str) -> None:
+    """Keep (model, target) on what it serves: automatic promotions stop there."""
+    _pin(session, model, target, reason)
+    session.commit()
+
+
+def unpin(session: Session, model: str, target: str) -> bool:
+    """Hand (model, target) back to the policy; False when it was not pinned."""
+    pinned = session.scalars(select(Pin).where(Pin.model == model, Pin.target == target)).first()
+    if pinned is None:
+        return False
+    session.delete(pinned)
+    session.commit()
+    return True
+
+
 # -- helpers, inside a caller's transaction ---------------------------------------------
+
+
+def _pin(session: Session, model: str, target: str, reason: str) -> None:
+    pinned = session.scalars(select(Pin).where(Pin.model == model, Pin.target == target)).first()
+    if pinned is None:
+        session.add(Pin(model=model, target=target, reason=reason))
+    else:
+        pinned.reason, pinned.pinned_at = reason, utcnow()
 
 
 def _add_job(session: Session, kind: str, checkpoint_id: int, variant_id: int | None, target: str | None,
