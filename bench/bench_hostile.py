@@ -102,9 +102,9 @@ def cases(outside: Path) -> dict:
 
     def nested(folder):
         deep = folder
-        for _ in range(1100):
+        for _ in range(1100):  # os.makedirs recurses once per level
             deep = deep / "d"
-        os.makedirs(deep)
+            deep.mkdir()
 
     def sparse(folder):
         with open(folder / "padding.bin", "wb") as handle:
@@ -179,6 +179,7 @@ def main():
             model = "good" if name.startswith("a good") else f"case{number}"
             final = models / model / "1"
             final.parent.mkdir(parents=True, exist_ok=True)
+            offset = (folder / "serve.log").stat().st_size
             if kind == "link":
                 os.symlink(outside, final)
             else:
@@ -187,7 +188,6 @@ def main():
                 make(staging)
                 os.rename(staging, final)
             dropped = time.time()
-            offset = (folder / "serve.log").stat().st_size
             peak, outcome = 0, None
             while time.time() - dropped < args.timeout and outcome is None:
                 for pid in workers(serve.process.pid):

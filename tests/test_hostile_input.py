@@ -359,3 +359,49 @@ def test_a_sparse_file_claiming_gigabytes_is_refused_before_it_is_copied(config,
     assert len(refused) == 1 and str(version) in refused[0] and "5.0 GiB" in refused[0]
     incoming = config.artifacts_path / ".incoming"
     assert not incoming.exists() or list(incoming.iterdir()) == []
+
+
+def test_a_folder_nested_a_thousand_deep_does_not_leave_the_daemon_deaf(config, tiny_checkpoint, caplog):
+    """watchdog walks a folder renamed into place to report what is inside; 1,100 nested
+    folders raised RecursionError in its emitter thread, which died: no event was seen
+    again until a restart. Then an emitter that dies anyway: the daemon notices, restarts
+    the watcher and scans for what it missed."""
+    from helpers import place
+
+    daemon = Daemon(config, preload=False)  # watching, with its scheduler (rescans every 60 s)
+    daemon.start()
+    try:
+        staging = config.registry_path / ".staging"
+        deep = staging / "1"
+        deep.mkdir(parents=True)
+        shutil.copytree(tiny_checkpoint, deep, dirs_exist_ok=True)
+        for _ in range(1100):
+            deep = deep / "d"
+            deep.mkdir()
+        (config.registry_path / "deep").mkdir()
+        (staging / "1").rename(config.registry_path / "deep" / "1")
+
+        def seen_within(model: str, seconds: float) -> float:
+            started = time.monotonic()
+            while time.monotonic() - started < seconds:
+                daemon.run_once(0.2)
+                with daemon.store.session() as session:
+                    if queries.checkpoints(session, model):
+                        break
+            return time.monotonic() - started
+
+        assert seen_within("deep", 15) < 15
+        assert daemon.watcher.alive
+        place(tiny_checkpoint, config.registry_path, "tiny", "1")
+        assert seen_within("tiny", 15) < 15  # by its event, not the minute-long rescan
+        assert not any("the file watcher stopped" in r.getMessage() for r in caplog.records)
+
+        next(iter(daemon.watcher._observer.emitters)).stop()  # an emitter dies anyway
+        place(tiny_checkpoint, config.registry_path, "tiny2", "1")
+        assert seen_within("tiny2", 15) < 15
+        assert daemon.watcher.alive
+        with daemon.store.session() as session:
+            assert [c.status for c in queries.checkpoints(session, "deep")] == ["rejected"]
+    finally:
+        daemon.stop(0)
+    assert any("the file watcher stopped" in r.getMessage() for r in caplog.records)

@@ -494,7 +494,8 @@ class Daemon:
         return False
 
     def _check_operator(self) -> None:
-        """Every couple of seconds, act on what an operator did from the command line:
+        """Every couple of seconds: restart the file watcher if it died, and act on what an
+        operator did from the command line:
         stop the running jobs they cancelled (`kiln cancel`), and announce promotions they
         made by hand (`kiln promote`, `kiln rollback`): the link here brought in line, the
         plugins told (webhook), a remote registry synced."""
@@ -502,6 +503,15 @@ class Daemon:
         if now < self._next_operator_check:
             return
         self._next_operator_check = now + OPERATOR_CHECK_SECONDS
+        if self.watcher is not None and not self.watcher.alive and not self.stopping:
+            log.error("the file watcher stopped (see the traceback above); restarting it, and scanning for what "
+                      "it missed")
+            try:
+                self.watcher.restart()
+            except Exception:  # noqa: BLE001 - the rescans still find everything; tried again shortly
+                log.exception("the file watcher could not be restarted; new versions are found by the rescan "
+                              "every %g s meanwhile", self.config.registry.rescan_seconds)
+            self.inbox.put(("rescan", None))
         running = self.executor.running_jobs
         with self.store.session() as session:
             for job_id in queries.cancelled_among(session, running):

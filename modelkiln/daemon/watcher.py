@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 from dataclasses import replace
 
 from watchdog.events import FileSystemEventHandler
@@ -48,6 +49,11 @@ class Watcher:
 
     def start(self) -> None:
         self.registry.path.mkdir(parents=True, exist_ok=True)
+        # watchdog walks the tree with os.walk, which recurses once per level on this
+        # Python: a folder nested a thousand deep exhausted the default limit (1000) and
+        # killed its threads. A path longer than PATH_MAX (4096 bytes) ends any walk, so
+        # no folder is deeper than about 2,050 levels to it; 10,000 covers that.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
         self._observer = Observer()
         self._observer.schedule(_Handler(self.registry, self.inbox), str(self.registry.path), recursive=True)
         self._observer.daemon = True
@@ -55,10 +61,19 @@ class Watcher:
 
     @property
     def alive(self) -> bool:
-        return self._observer is not None and self._observer.is_alive()
+        """The observer and every emitter thread running: an emitter that died (watchdog's
+        walk of a folder nested a thousand deep raised RecursionError in it) leaves the
+        observer up but deaf."""
+        observer = self._observer
+        return observer is not None and observer.is_alive() and all(e.is_alive() for e in observer.emitters)
+
+    def restart(self) -> None:
+        self.stop(1.0)
+        self.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._observer is not None:
             self._observer.stop()
-            self._observer.join(timeout)
+            if self._observer.is_alive():
+                self._observer.join(timeout)
             self._observer = None
