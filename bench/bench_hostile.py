@@ -194,9 +194,12 @@ def main():
                     peak = max(peak, peak_rss_bytes(pid))
                 with store.session() as session:
                     checkpoint = next(iter(queries.checkpoints(session, model)), None)
-                    if checkpoint is not None and checkpoint.status in ("rejected", "failed", "done", "duplicate"):
-                        promoted = [p for p in queries.current_promotions(session) if p.model == model]
-                        outcome = (checkpoint.status + (" and promoted" if promoted else ""), checkpoint.reason or "")
+                    promoted = [p for p in queries.current_promotions(session) if p.model == model]
+                    if promoted:  # the first promotion: the daemon is serving it
+                        outcome = ("promoted", f"{promoted[0].variant.runtime}:{promoted[0].variant.recipe or 'baseline'}"
+                                               f" ({promoted[0].reason})")
+                    elif checkpoint is not None and checkpoint.status in ("rejected", "failed", "done", "duplicate"):
+                        outcome = (checkpoint.status, checkpoint.reason or "")
                 with open(folder / "serve.log", "rb") as log:
                     log.seek(offset)
                     for line in log.read().decode(errors="replace").splitlines():

@@ -120,8 +120,11 @@ def test_a_pickle_that_runs_code_is_never_unpickled(tmp_path):
     folder.mkdir()
     marker = tmp_path / "pwned"
     torch.save({"weight": Evil(str(marker))}, folder / "model.pt")  # zip-format .pt
-    with pytest.raises(CheckpointRejected, match="weights-only"):
+    with pytest.raises(CheckpointRejected, match="weights-only") as raised:
         StateDictFormat().load(folder, ARCH)
+    # What was refused (the global it would call), never torch's advice to load it unsafely.
+    reason = str(raised.value)
+    assert "GLOBAL io.open" in reason and "weights_only" not in reason and "safe_globals" not in reason
     (folder / "model.pt").write_bytes(pickle.dumps(Evil(str(marker))))  # legacy pickle
     with pytest.raises(CheckpointRejected):
         StateDictFormat().load(folder, ARCH)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import threading
 import time
 
@@ -404,4 +405,6 @@ def test_a_folder_nested_a_thousand_deep_does_not_leave_the_daemon_deaf(config, 
             assert [c.status for c in queries.checkpoints(session, "deep")] == ["rejected"]
     finally:
         daemon.stop(0)
+        # rm walks without recursion: Python's rmtree (pytest's clean-up too) would not.
+        subprocess.run(["rm", "-rf", str(config.registry_path / "deep")], check=True)
     assert any("the file watcher stopped" in r.getMessage() for r in caplog.records)

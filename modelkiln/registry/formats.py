@@ -193,7 +193,7 @@ class StateDictFormat(CheckpointFormat):
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = _unpickling_cause(exc)
             raise CheckpointRejected(
                 f"{path}: holds objects that a weights-only load refuses ({reason}); "
                 "it is never unpickled. Save a plain state dict or safetensors instead"
@@ -206,6 +206,16 @@ class StateDictFormat(CheckpointFormat):
             raise CheckpointRejected(f"{path}: not a state dict (a mapping of names to tensors)")
         module, inputs, info = _build_from_factory(context, state, path)
         return LoadedCheckpoint(self.name, inputs, module=module, info=info)
+
+
+def _unpickling_cause(exc: Exception) -> str:
+    """What a weights-only load refused, without torch's advice to retry with
+    ``weights_only=False`` (which runs the file's code: never for an untrusted file)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))
+              and "weights_only" not in line]
+    # torch also suggests allowlisting the global "if you trust" it: the file is not trusted.
+    return causes[0].split(" Please use")[0] if causes else type(exc).__name__
 
 
 def _check_described_size(directory: Path, cls, transformers) -> None:
