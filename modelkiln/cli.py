@@ -117,7 +117,8 @@ def serve(config_path, stop_timeout):
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", help="Model name (default: the folder's parent's name).")
 @click.option("--version", "version", help="Version (default: the folder's name).")
-def optimize(config_path, path, model, version):
+@json_option
+def optimize(config_path, path, model, version, as_json):
     """Run the pipeline once on the checkpoint folder PATH, without the watcher."""
     from .daemon.service import Daemon
     from .plugins.api import Candidate
@@ -155,7 +156,7 @@ def optimize(config_path, path, model, version):
         daemon.stop(5)
     if checkpoint.status in ("rejected", "failed", "cancelled"):
         raise KilnError(f"{model}/{version} {checkpoint.status}: {checkpoint.reason}")
-    _print_variants(config, model, as_json=False)
+    _print_variants(config, model, as_json=as_json)
 
 
 class ProgressBars:
@@ -368,9 +369,10 @@ def report(config_path, model, out_dir):
 
 @main.command()
 @config_option
+@json_option
 @click.argument("model")
 @click.argument("version", required=False)
-def retry(config_path, model, version):
+def retry(config_path, as_json, model, version):
     """Send MODEL's failed or cancelled work back (all versions, or VERSION).
 
     Rejected, failed or cancelled checkpoints are inspected again; a checkpoint whose
@@ -387,6 +389,10 @@ def retry(config_path, model, version):
     if not retried:
         raise KilnError(f"{model}{'/' + version if version else ''}: no rejected, failed or cancelled "
                         "checkpoint, and no failed or cancelled variant job, to retry")
+    if as_json:
+        click.echo(json.dumps([{"model": c.model, "version": c.version, "content_hash": c.content_hash,
+                                "jobs_sent_back": jobs, "inspected_again": jobs == 0} for c, jobs in retried], indent=2))
+        return
     for checkpoint, jobs in retried:
         if jobs:
             click.echo(f"{checkpoint.model}/{checkpoint.version} ({checkpoint.content_hash[:12]}): "

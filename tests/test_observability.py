@@ -121,3 +121,24 @@ def test_healthz_fails_when_the_database_file_is_deleted_under_the_daemon(config
         assert code == 503 and "was deleted while the daemon had it open" in json.loads(body)["checks"]["database"]
     finally:
         daemon.stop(5)
+
+
+def test_systemd_hears_ready_watchdog_and_stopping(config, tmp_path, monkeypatch):
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.settimeout(10)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # a ping at least every second
+    daemon = Daemon(config, watch=False, schedule=False, preload=False)
+    daemon.start()
+    try:
+        ready = listener.recv(4096).decode()
+        assert ready.startswith("READY=1\nSTATUS=serving: registry ")
+        daemon.run_once(0)
+        assert listener.recv(4096) == b"WATCHDOG=1"
+    finally:
+        daemon.stop(0)
+    assert listener.recv(4096) == b"STOPPING=1\nSTATUS=stopping"
+    listener.close()

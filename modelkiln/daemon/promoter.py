@@ -134,8 +134,7 @@ class Promoter:
         if promotion is None:  # another daemon decided first
             return None
         self.publish(promotion)
-        log.info("promoted %s/%s on %s: %s%s", checkpoint.model, checkpoint.version, target, chosen["variant"],
-                 f" ({open_jobs} variant job(s) still to end)" if open_jobs else "",
+        log.info("promoted %s/%s on %s: %s (%s)", checkpoint.model, checkpoint.version, target, chosen["variant"], how,
                  extra=about(checkpoint.model, checkpoint.version, target))
         notify(self.manager, "kiln_variant_promoted", promotion=self.describe(promotion))
         return promotion

@@ -52,6 +52,7 @@ from .planner import Planner
 from .promoter import Promoter
 from .scheduler import Scheduler
 from .sync import RegistrySync
+from .systemd import Notifier
 from .watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Daemon:
         self.id = uuid.uuid4().hex[:8]
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.inbox: queue.Queue = queue.Queue()
+        self.notifier = Notifier()
         self.stopping = False
         self._signals = 0
         self._signal_name = ""
@@ -179,6 +181,8 @@ class Daemon:
         self.started = True
         if self.http:
             self.http.start()
+        self.notifier.ready(f"serving: registry {self.registry.path}, targets "
+                            f"{', '.join(self.available_targets) or 'none available'}")
         log.info("daemon %s started: registry %s, targets %s, %d worker(s) of at most %s each%s", self.owner,
                  self.registry.path, ", ".join(self.available_targets) or "none available", config.workers.count,
                  format_size(self.memory_limit_mb * 2**20),
@@ -289,6 +293,7 @@ class Daemon:
             return
         self.stopping = True
         self._in_stop = True
+        self.notifier.stopping()
         running = len(self.executor.running_jobs)
         if self._signals > 1:
             timeout = 0.0
@@ -332,6 +337,7 @@ class Daemon:
         return wait
 
     def run_once(self, timeout: float = 0.0) -> None:
+        self.notifier.alive()  # the loop turns: systemd's watchdog, where one is set
         self._drain(timeout)
         self._reap()
         self._check_operator()
