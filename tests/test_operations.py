@@ -302,3 +302,12 @@ def test_sigterm_to_the_group_then_twice_to_the_daemon_stops_a_training_job_and_
         assert record["recovery_stopped"].startswith("time budget of 8 s reached after ")
         assert len(queries.promotion_history(session, "digits")) == 1
     store.dispose()
+
+
+def test_a_worker_has_a_memory_limit_by_default(monkeypatch):
+    from modelkiln.daemon import executor
+
+    monkeypatch.setattr(executor, "host_memory_bytes", lambda: 24 * 2**30)
+    assert executor.worker_memory_limit_mb(0, 1) == 18 * 1024  # three quarters of the host's
+    assert executor.worker_memory_limit_mb(0, 2) == 9 * 1024  # shared among the workers
+    assert executor.worker_memory_limit_mb(4096, 2) == 4096  # what the config says

@@ -50,6 +50,16 @@ PRELOAD = [
 ]
 
 
+# What onnxruntime, torch and numpy say when an allocation fails in C++.
+_ALLOCATION_FAILED = ("bad_alloc", "Failed to allocate memory", "can't allocate memory", "Unable to allocate",
+                      "not enough memory")
+
+
+def _out_of_memory(phase: str, limit_mb: int) -> str:
+    return (f"out of memory at {phase} (the worker's limit is {limit_mb} MiB; workers.memory_limit_mb sets it, "
+            "0 for three quarters of the host's memory)")
+
+
 def ready() -> None:
     """A no-op run once at start-up: it returns when the fork server has preloaded."""
 
@@ -117,10 +127,13 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
     except StepNotApplicable as exc:
         result = {"status": "skipped", "reason": str(exc)}
     except MemoryError:
-        result = {"status": "failed", "reason": f"{phase}: out of memory (limit {memory_limit_mb} MB)"}
+        result = {"status": "failed", "reason": _out_of_memory(phase, memory_limit_mb)}
     except BaseException as exc:  # noqa: BLE001 - SystemExit from a plugin fails the job too
         traceback.print_exc()
         result = {"status": "failed", "reason": f"{phase}: {type(exc).__name__}: {exc}"}
+    if memory_limit_mb and any(sign in (result.get("reason") or "") for sign in _ALLOCATION_FAILED):
+        # onnxruntime and torch allocate in C++: past the limit they raise their own errors.
+        result["reason"] = f"{_out_of_memory(phase, memory_limit_mb)}: {result['reason']}"
     import resource
 
     # The most this process held at once: what a job costs the host, per phase.
