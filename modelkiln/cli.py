@@ -405,7 +405,9 @@ def retry(config_path, as_json, model, version):
 @config_option
 @click.argument("model")
 @click.argument("version", required=False)
-@click.option("--recipe", help="Only the variants of this recipe (as `kiln variants` shows it; \"baseline\" too).")
+@click.option("--recipe", help="Only the variants of this recipe, as `kiln variants` names it: "
+                              "\"runtime:recipe\" for one runtime's, or the recipe alone for every runtime's "
+                              "(\"baseline\" too).")
 @click.option("--target", help="Only jobs on this target.")
 def cancel(config_path, model, version, recipe, target):
     """End MODEL's pending and running jobs (all versions, or VERSION).
@@ -418,17 +420,25 @@ def cancel(config_path, model, version, recipe, target):
     from .store import queries, units
 
     config = _load(config_path)
-    if recipe is not None and recipe != "baseline":
+    runtime = None
+    if recipe is not None:
         from .plugins.manager import plugins_for
 
-        recipe = parse_recipe(recipe, plugins_for(config).steps, "--recipe").text
+        loaded = plugins_for(config)
+        head, colon, rest = recipe.partition(":")
+        if colon and head in loaded.runtimes:  # "onnxruntime:quantize.int8_dynamic", as `kiln variants` shows
+            runtime, recipe = head, rest
+        if recipe != "baseline":
+            recipe = parse_recipe(recipe, loaded.steps, "--recipe").text
     with _store(config).session() as session:
-        jobs = queries.open_jobs_to_cancel(session, model, version, recipe, target)
+        jobs = [j for j in queries.open_jobs_to_cancel(session, model, version, recipe, target)
+                if runtime is None or (j.variant is not None and j.variant.runtime == runtime)]
         ended = units.cancel_jobs(session, jobs, "cancelled by `kiln cancel`")
         lines = [f"job {j.id}: {j.checkpoint.model}/{j.checkpoint.version} "
                  + (f"{j.target} {j.variant.runtime}:{j.variant.recipe or 'baseline'}" if j.variant else j.kind)
                  + (" (was running: its daemon stops it)" if j.lease_owner else "") for j in ended]
-    what = f"{model}{'/' + version if version else ''}" + (f" recipe {recipe or 'baseline'}" if recipe is not None else "")
+    what = f"{model}{'/' + version if version else ''}" + (
+        f" recipe {(runtime + ':') if runtime else ''}{recipe or 'baseline'}" if recipe is not None else "")
     if not lines:
         raise KilnError(f"{what}: no pending or running job to cancel")
     click.echo("\n".join(lines))
@@ -468,7 +478,8 @@ def _by_hand(config, action: str, variant_of, reason: str | None) -> None:
 @click.argument("variant")
 @click.option("--version", "version", help="The checkpoint version (default: the newest with that variant measured).")
 @click.option("--reason", help="Why, for the promotion history.")
-def promote(config_path, model, target, variant, version, reason):
+@click.option("--force", is_flag=True, help="Serve it even though it misses the quality gate.")
+def promote(config_path, model, target, variant, version, reason, force):
     """Serve VARIANT (as `kiln variants` names it, e.g. onnxruntime:quantize.int8_dynamic)
     of MODEL on TARGET now, and pin it there.
 
@@ -489,9 +500,13 @@ def promote(config_path, model, target, variant, version, reason):
             raise KilnError(f"{model}: no measured variant {variant!r} on target {target!r}"
                             + (f" of version {version}" if version else "") + "; `kiln variants " + model +
                             "` lists them")
-        return max(matches, key=lambda v: v.checkpoint_id)
+        chosen = max(matches, key=lambda v: v.checkpoint_id)
+        if chosen.reason and not force:  # a measured variant has a reason when it misses the gate
+            raise KilnError(f"{model}: {variant} of version {chosen.checkpoint.version} on {target}: {chosen.reason}; "
+                            "pass --force to serve it anyway")
+        return chosen
 
-    _by_hand(config, "promoted by hand", find, reason)
+    _by_hand(config, "promoted by hand" + (" (forced past the quality gate)" if force else ""), find, reason)
 
 
 @main.command()
@@ -548,11 +563,23 @@ def unpin(config_path, model, target):
     """Hand MODEL on TARGET back to the policy: the next variant measured may be promoted."""
     from .store import units
 
+    from .daemon.promoter import Promoter
+    from .plugins.manager import plugins_for
+    from .store import queries
+
     config = _load(config_path)
+    promoter = Promoter(config, plugins_for(config).manager, config.promoted_path)
     with _store(config).session() as session:
         if not units.unpin(session, model, target):
             raise KilnError(f"{model} on {target!r} is not pinned")
-    click.echo(f"{model} on {target}: unpinned; automatic promotion resumes")
+        # The policy decides now over the newest checkpoint's variants, as at its last job.
+        newest = next((c for c in reversed(queries.checkpoints(session, model))
+                       if c.status in ("ready", "done") and queries.variants_of(session, c.id, target)), None)
+        promotion = promoter.consider(session, newest, target, by=f"unpinned by {_who()}") if newest else None
+        served = queries.current_promotion(session, model, target)
+        label = f"{served.variant.runtime}:{served.variant.recipe or 'baseline'}" if served else "nothing"
+    click.echo(f"{model} on {target}: unpinned; automatic promotion resumes"
+               + (f"; the policy now serves {label}" if promotion else f"; {label} stays served"))
 
 
 @main.command()

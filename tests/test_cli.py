@@ -162,10 +162,31 @@ def test_promote_rollback_pin_and_unpin_by_hand(config, kiln_dir, tiny_checkpoin
         assert {p.checkpoint_id for p in queries.promotion_history(session, "tiny")} == {first.id}
     store.dispose()
 
-    assert runner.invoke(main, ["unpin", "tiny", "cpu", *cfg]).exit_code == 0
+    out = runner.invoke(main, ["unpin", "tiny", "cpu", *cfg])
+    assert out.exit_code == 0 and "the policy now serves" in out.output, out.output
+    assert served()["version"] == "2" and served()["reason"].startswith("unpinned by ")  # decided at once
     again = runner.invoke(main, ["unpin", "tiny", "cpu", *cfg])
     assert again.exit_code != 0 and "is not pinned" in str(again.exception or again.output)
     assert runner.invoke(main, ["rollback", "tiny", "cpu", "--to", "7", *cfg]).exit_code != 0
     assert runner.invoke(main, ["promote", "tiny", "cpu", "torch:nothing", *cfg]).exit_code != 0
     page = runner.invoke(main, ["report", "tiny", "--out", str(kiln_dir), *cfg])
     assert page.exit_code == 0 and "promoted by hand by" in Path(kiln_dir / "tiny.html").read_text()
+
+
+def test_promote_refuses_a_variant_that_misses_the_gate_unless_forced(config, kiln_dir, tiny_checkpoint):
+    import re as _re
+
+    from modelkiln.config import load_config
+
+    path = kiln_dir / "kiln.toml"
+    path.write_text(_re.sub(r"(?m)^recipes = \[[^\]]*\]", 'recipes = ["baseline", "prune.magnitude(amount=0.999)"]',
+                            path.read_text()))
+    optimize_once(load_config(path), tiny_checkpoint, "tiny", "1")
+    cfg = ["--config", str(path)]
+    runner = CliRunner()
+    out = runner.invoke(main, ["promote", "tiny", "cpu", "torch:prune.magnitude(amount=0.999)", *cfg])
+    assert out.exit_code != 0 and "quality gate not met" in str(out.exception) and "--force" in str(out.exception)
+    out = runner.invoke(main, ["promote", "tiny", "cpu", "torch:prune.magnitude(amount=0.999)", "--force", *cfg])
+    assert out.exit_code == 0, out.output
+    served = json.loads(runner.invoke(main, ["promoted", "--json", *cfg]).output)[0]
+    assert served["recipe"] == "prune.magnitude(amount=0.999)" and "forced past the quality gate" in served["reason"]

@@ -209,7 +209,7 @@ def test_links_loops_odd_names_and_deep_folders_are_refused_and_never_stop_the_s
         daemon.stop(0)
     assert "linked" not in rows
     assert rows["2"][0] == "rejected" and "symlink(s) 'a', 'b' lead nowhere" in rows["2"][1]
-    assert rows["3"][0] == "rejected" and "are not UTF-8; rename them" in rows["3"][1]
+    assert rows["3"][0] == "rejected" and "file name(s) 'caf\\xe9.bin' are not UTF-8; rename them" in rows["3"][1]
     assert rows["4"][0] == "rejected" and "nested deeper than 32 levels" in rows["4"][1]
     assert rows["9"][0] == rows["10"][0] == "ingested"
     assert order.index("9") < order.index("10")  # versions in version order, not text order

@@ -205,6 +205,7 @@ class Ingestor:
             )
         if checkpoint_id is None:  # another daemon on the same database recorded it first
             return IngestResult("unchanged")
-        log.info("checkpoint %s/%s %s (%s, %s)", candidate.model, candidate.version, status,
-                 fmt.name if fmt else "no format", digest[:16], extra=about(candidate.model, candidate.version))
+        log.info("checkpoint %s/%s %s (%s, %s)%s", candidate.model, candidate.version, status,
+                 fmt.name if fmt else "no format", digest[:16], f": {reason}" if reason else "",
+                 extra=about(candidate.model, candidate.version))
         return IngestResult("taken", checkpoint_id)

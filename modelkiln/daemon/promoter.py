@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from dataclasses import asdict
@@ -81,7 +82,7 @@ class Promoter:
     def link(self, model: str, target: str) -> Path:
         return self.root / model / target
 
-    def consider(self, session, checkpoint: Checkpoint, target: str) -> Promotion | None:
+    def consider(self, session, checkpoint: Checkpoint, target: str, by: str | None = None) -> Promotion | None:
         """Promote for (checkpoint's model, target) what the policy now chooses.
 
         Anytime: while variant jobs are still open, the policy's choice among the variants
@@ -90,7 +91,10 @@ class Promoter:
         more than the run-off margin when it is this checkpoint's (a closer call waits for
         the end). Once every variant job has ended the decision is final: a run-off times
         the closest candidates side by side where the margin calls for one, and the choice
-        is promoted unless it is the one served."""
+        is promoted unless it is the one served.
+
+        ``by``: an operator's action that asked for the decision (`kiln unpin`), recorded
+        in the reason and announced like a promotion made by hand."""
         current = queries.current_promotion(session, checkpoint.model, target)
         open_jobs = queries.variant_jobs_open(session, checkpoint.id, target)
         pinned = queries.pin(session, checkpoint.model, target)
@@ -128,9 +132,11 @@ class Promoter:
             if why is None:
                 return None
             how = f"{why}; {open_jobs} variant job(s) still to end ({how})"
+        key = queries.decision_key(session, checkpoint, target)
+        if by is not None:
+            key, how = f"manual:{uuid.uuid4().hex}", f"{by}: {how}"
         promotion = units.record_promotion(session, model=checkpoint.model, target=target, variant_id=chosen["id"],
-                                           checkpoint_id=checkpoint.id,
-                                           decision_key=queries.decision_key(session, checkpoint, target), reason=how)
+                                           checkpoint_id=checkpoint.id, decision_key=key, reason=how)
         if promotion is None:  # another daemon decided first
             return None
         self.publish(promotion)

@@ -47,7 +47,7 @@ from .health import HealthServer
 from .ingest import Background, Ingestor, Prepared
 from .layout import Layout
 from .logs import about
-from .outcomes import Outcomes
+from .outcomes import Outcomes, in_source_terms
 from .planner import Planner
 from .promoter import Promoter
 from .scheduler import Scheduler
@@ -75,8 +75,8 @@ def _left(report: dict) -> str:
 def _ending(session, job: Job, outcome) -> str:
     """What a job's end line adds: a measured variant's latency and quality (and why it
     misses the gate, if it does), or the reason it failed or was skipped."""
-    if outcome is not None and outcome.reason:
-        return f" ({outcome.reason})"
+    if outcome is not None and outcome.reason:  # naming the user's files, not the snapshot
+        return f" ({in_source_terms(outcome.reason, queries.checkpoint(session, job.checkpoint_id))})"
     if job.kind != "variant" or job.state != "succeeded":
         return ""
     variant = queries.variant(session, job.variant_id)
@@ -527,6 +527,9 @@ class Daemon:
                 self._seen_promotion = promotion.id
                 if not promotion.decision_key.startswith("manual:"):
                     continue  # the policy's, announced by the daemon that decided it
+                log.info("promoted %s on %s by an operator: %s (%s)", promotion.model, promotion.target,
+                         views.variant_label(promotion.variant), promotion.reason,
+                         extra=about(promotion.model, None, promotion.target))
                 if queries.current_promotion(session, promotion.model, promotion.target).id == promotion.id:
                     self.promoter.publish(promotion)
                 notify(self.plugins.manager, "kiln_variant_promoted", promotion=self.promoter.describe(promotion))

@@ -75,7 +75,7 @@ def read(folder: Path) -> dict | None:
 
 
 def describe(state: dict | None) -> str:
-    """One line: "build: prune.structured: recovery fine-tune 40/300, loss 0.0123"."""
+    """One line: "build: prune.structured: recovery fine-tune 40/300 within 71 s, loss 0.0123"."""
     if not state:
         return ""
     parts = [state.get("phase", "")]
@@ -84,6 +84,8 @@ def describe(state: dict | None) -> str:
     text = ": ".join(p for p in parts if p)
     if state.get("activity"):
         text += f": {state['activity']} {state.get('done', 0)}/{state.get('total', 0)}"
+        if state.get("budget_seconds"):  # it stops at its time budget, whichever comes first
+            text += f" within {state['budget_seconds']} s"
         if state.get("loss") is not None:
             text += f", loss {state['loss']:.4g}"
     return text

@@ -49,7 +49,7 @@ class Observation:
 
 
 def _listing(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
+    shown = ", ".join(f"'{printable(n)}'" for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
@@ -71,7 +71,7 @@ def observe(path: Path) -> Observation:
             try:
                 rel.encode("utf-8")
             except UnicodeEncodeError:  # undecodable bytes, kept as surrogates by os.listdir
-                unnamed.append(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+                unnamed.append(rel.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace"))
                 continue
             st = os.lstat(full)
             if stat.S_ISLNK(st.st_mode):

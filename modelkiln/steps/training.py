@@ -118,7 +118,7 @@ def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, ba
         now = time.monotonic()
         per_step = (now - started) / done
         if context is not None:
-            context.progress(activity, done, steps, loss=loss_value,
+            context.progress(activity, done, steps, loss=loss_value, budget_seconds=round(budget),
                              eta_seconds=min(deadline - now, per_step * (steps - done)))
         if now > deadline and done < steps:
             stopped = f"time budget of {budget:.0f} s reached after {done} of {steps} steps"

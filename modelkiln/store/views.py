@@ -147,7 +147,8 @@ def running_job_dict(job: Job, now: datetime | None = None) -> dict:
     if left is not None and report.get("at"):  # reported a moment ago
         left = max(0.0, left - max(0.0, time.time() - report["at"]))
     if left is None and job.estimate_seconds is not None and elapsed is not None:
-        left = max(0.0, job.estimate_seconds - elapsed)
+        # Past its estimate: how long is not known (blank, not "0 s").
+        left = job.estimate_seconds - elapsed if job.estimate_seconds > elapsed else None
     return {
         **job_dict(job),
         "host": job.lease_owner,
