@@ -58,7 +58,8 @@ def _fmt_ms(value):
 def _fmt_quality(metrics):
     if not metrics or metrics.get("quality") is None:
         return ""
-    return f"{metrics['quality']:.4f} ({metrics['quality_delta']:+.4f})"
+    delta = metrics["quality_delta"] + 0.0 if abs(metrics["quality_delta"]) >= 5e-5 else 0.0  # no "-0.0000"
+    return f"{metrics['quality']:.4f} ({delta:+.4f})"
 
 
 @click.group(context_settings=CONTEXT)

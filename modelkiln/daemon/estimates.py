@@ -38,6 +38,8 @@ class Planned:
     priority: float
     # Where the estimate came from: "history" or "size".
     basis: str = "size"
+    # Why it is skipped without a job running (a step that does not serve the runtime).
+    skip_reason: str | None = None
 
 
 def baseline_seconds(size_bytes: int) -> float:
@@ -70,6 +72,10 @@ def _gain(session, variant, target: str, batch_size: int) -> float:
 def plan_entry(session, checkpoint: Checkpoint, target: str, runtime: str, recipe_text: str, steps: dict,
                batch_size: int) -> Planned:
     recipe = parse_recipe(recipe_text, steps)
+    for ref in recipe.steps:  # known now: no worker needs to start to find it out
+        if runtime not in steps[ref.name].forms:
+            return Planned(target, runtime, recipe.text, 0.0, 0.0, "size",
+                           skip_reason=f"{ref.name} does not serve the {runtime} runtime")
     history = queries.recipe_history(session, checkpoint.model, target, runtime, recipe.text, checkpoint.id)
     if history is not None:
         variant, seconds = history

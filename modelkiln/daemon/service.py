@@ -575,6 +575,10 @@ class Daemon:
         log.info("job %d ended: %s %s%s", job.id, self._label(session, job), status, _ending(session, job, outcome),
                  extra=self._about(session, job))
         self._ended(session, job)
+        if job.kind == "inspect" and checkpoint.status == "ready":  # variants skipped by planning
+            for variant in queries.variants_of(session, checkpoint.id):
+                if variant.status == "skipped":
+                    notify(self.plugins.manager, "kiln_variant_ended", variant=views.variant_dict(variant))
         self._after_job(session, checkpoint, job)
         work = self.layout.job_work(job.id)
         if job.state != "failed" or outcome is None:
@@ -601,7 +605,19 @@ class Daemon:
             for target in targets:
                 if self.promoter.consider(session, checkpoint, target) and self.scheduler:
                     self.scheduler.sync_soon()  # a remote registry hears of it now
-            units.close_if_done(session, checkpoint)
+            if units.close_if_done(session, checkpoint):
+                self._log_done(session, checkpoint)
+
+    def _log_done(self, session, checkpoint: Checkpoint) -> None:
+        """The line that says a checkpoint is finished, and what each target serves."""
+        counts: dict[str, int] = {}
+        for variant in queries.variants_of(session, checkpoint.id):
+            counts[variant.status] = counts.get(variant.status, 0) + 1
+        served = [f"{p.target}: {views.variant_label(p.variant)} of version {p.variant.checkpoint.version}"
+                  for p in queries.current_promotions(session) if p.model == checkpoint.model]
+        log.info("%s/%s done: every job ended (%s); serving %s", checkpoint.model, checkpoint.version,
+                 ", ".join(f"{n} {status}" for status, n in sorted(counts.items())), "; ".join(served) or "nothing",
+                 extra=about(checkpoint.model, checkpoint.version))
 
     def _heartbeat(self) -> None:
         now = self.clock()

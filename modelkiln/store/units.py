@@ -363,6 +363,9 @@ def _add_variants(session: Session, checkpoint_id: int, plan) -> int:
         session.flush()
         job = _add_job(session, "variant", checkpoint_id, variant.id, planned.target)
         job.priority, job.estimate_seconds = planned.priority, planned.estimate_seconds
+        if planned.skip_reason:  # settled by planning: no worker runs it
+            variant.status, variant.reason, variant.finished_at = "skipped", planned.skip_reason, utcnow()
+            _finish(job, "skipped", planned.skip_reason)
         added += 1
     return added
 
