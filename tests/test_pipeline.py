@@ -325,7 +325,9 @@ def test_close_variants_are_decided_by_a_run_off_timed_side_by_side(kiln_dir, di
         assert (job.kind, job.state) == ("runoff", "succeeded")
     (promotion,) = promoted_entries(config)
     assert promotion["variant_id"] == min(raced, key=lambda v: v["metrics"]["runoff"]["latency_p50_ms"])["id"]
-    assert f"by a run-off of {RUNOFF_MOST} variants timed side by side" in promotion["reason"]
+    # Promoted by the run-off, or earlier (anytime) and then confirmed by it.
+    assert (f"by a run-off of {RUNOFF_MOST} variants timed side by side" in promotion["reason"]
+            or "variant job(s) still to end" in promotion["reason"]), promotion["reason"]
     out = subprocess.run([sys.executable, "-m", "modelkiln", "variants", "digits", "--config", str(kiln_dir / "kiln.toml")],
                          capture_output=True, text=True, check=True).stdout
     assert "run-off p50" in out and "timed again side by side" in out

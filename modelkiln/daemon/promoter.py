@@ -124,6 +124,9 @@ class Promoter:
                             extra=about(checkpoint.model, checkpoint.version, target))
             return None
         if current is not None and current.variant_id == chosen["id"]:
+            if not open_jobs and "run-off" in how:
+                log.info("%s/%s on %s: the run-off confirms %s", checkpoint.model, checkpoint.version, target,
+                         chosen["variant"], extra=about(checkpoint.model, checkpoint.version, target))
             return None
         if open_jobs:
             # A policy plugin sees the candidates measured so far and owns the choice.

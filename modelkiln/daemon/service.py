@@ -39,7 +39,7 @@ from ..plugins.manager import notify, plugins_for, start_plugins
 from ..plugins.recipes import parse_recipe
 from ..sizes import format_duration, format_size, printable
 from ..store import queries, units, views
-from ..store.db import open_store
+from ..store.db import DatabaseBusy, open_store
 from ..store.models import Checkpoint, Job, utcnow
 from ..targets.devices import target_unavailable_reason
 from .executor import Executor, worker_memory_limit_mb
@@ -424,6 +424,13 @@ class Daemon:
             if isinstance(prepared, Exception):
                 raise prepared
             result = self.ingestor.record(prepared) if isinstance(prepared, Prepared) else prepared
+        except DatabaseBusy as exc:  # the database busy or away for a moment: soon, not at the rescan
+            log.warning("cannot record %s yet (%s); retrying in %.0f s", printable(key), str(exc).splitlines()[0],
+                        ERROR_BACKOFF_SECONDS, extra=about(candidate.model, candidate.version))
+            if self.scheduler is not None:
+                self.scheduler.post_at(self.wall_clock() + ERROR_BACKOFF_SECONDS,
+                                       f"quiet:{candidate.model}/{candidate.version}", "hint", candidate)
+            return
         except Exception as exc:  # noqa: BLE001 - as in _take
             self._not_taken(candidate, exc)
             return

@@ -15,11 +15,16 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import StoreError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+# What a write raises while the database is locked past its busy timeout or unreachable:
+# a moment's trouble, worth retrying soon (the rest of the code never names SQLAlchemy).
+DatabaseBusy = OperationalError
 
 
 def make_engine(url: str, busy_timeout_ms: int = 30000, transactional_ddl: bool = False) -> Engine:
