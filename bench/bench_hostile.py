@@ -203,7 +203,8 @@ def main():
                 with open(folder / "serve.log", "rb") as log:
                     log.seek(offset)
                     for line in log.read().decode(errors="replace").splitlines():
-                        if str(final) in line and ("skipped" in line or "cannot ingest" in line):
+                        if str(final) in line and ("skipped" in line or "cannot ingest" in line
+                                                   or "not taken yet" in line):
                             outcome = ("not taken (logged)", line.split(": ", 1)[-1])
                 time.sleep(0.2)
             took = time.time() - dropped

@@ -438,10 +438,14 @@ class Daemon:
 
     def _not_taken(self, candidate: Candidate, exc: Exception) -> None:
         message = str(exc) if isinstance(exc, (OSError, NotTakenYet)) else f"{type(exc).__name__}: {exc}"
-        if self._failed_takes.get(str(candidate.path)) != message:  # once, not at every rescan
-            self._failed_takes[str(candidate.path)] = message
-            log.error("cannot ingest %s: %s; it is looked at again at each rescan", printable(str(candidate.path)),
-                      message, extra=about(candidate.model, candidate.version))
+        if self._failed_takes.get(str(candidate.path)) == message:  # once, not at every rescan
+            return
+        self._failed_takes[str(candidate.path)] = message
+        if isinstance(exc, NotTakenYet):  # its message names the folder and what to do
+            log.warning("not taken yet: %s", printable(message), extra=about(candidate.model, candidate.version))
+            return
+        log.error("cannot ingest %s: %s; it is looked at again at each rescan", printable(str(candidate.path)),
+                  message, extra=about(candidate.model, candidate.version))
 
     def _taken(self, candidate: Candidate, result) -> int | None:
         self._failed_takes.pop(str(candidate.path), None)
