@@ -213,9 +213,8 @@ def cancel_jobs(session: Session, jobs: list[Job], reason: str) -> list[Job]:
     for job in jobs:
         if job.state not in ("pending", "running"):
             continue
-        owner = job.lease_owner
-        _finish(job, "cancelled", reason)
-        job.lease_owner = owner if owner else None
+        job.state, job.reason, job.finished_at = "cancelled", reason, utcnow()
+        job.lease_expires_at = None  # the owner (if running) stays: its daemon sees the state and stops it
         if job.variant is not None:
             job.variant.status, job.variant.reason, job.variant.finished_at = "cancelled", reason, utcnow()
         if job.kind == "inspect":
