@@ -177,3 +177,30 @@ def test_copying_and_hashing_run_off_the_service_loop(config, tiny_checkpoint):
             assert [c.status for c in queries.checkpoints(session, "tiny")] == ["ingested"]
     finally:
         daemon.stop(0)
+
+
+def test_a_copy_that_runs_out_of_disk_leaves_nothing_and_is_taken_once_space_returns(config, ingestor, monkeypatch):
+    """ENOSPC in the middle of the snapshot copy (the disk filled by something else after
+    the free-space check): the half-made copy goes, the error reaches the caller (the
+    daemon logs it once), and the next look takes the folder whole."""
+    import errno
+
+    import modelkiln.daemon.ingest as ingest_module
+
+    ingest, _ = ingestor
+    version_folder(config)
+    (candidate,) = candidates(config)
+    real_copy = ingest_module.copy_files
+
+    def copy_until_full(source, files, destination):
+        destination.mkdir(parents=True)
+        (destination / files[0]).write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ingest_module, "copy_files", copy_until_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        ingest.ingest(replace(candidate, complete=True))
+    incoming = config.artifacts_path / ".incoming"
+    assert not incoming.exists() or list(incoming.iterdir()) == []
+    monkeypatch.setattr(ingest_module, "copy_files", real_copy)  # space freed
+    assert ingest.ingest(replace(candidate, complete=True)).outcome == "taken"
