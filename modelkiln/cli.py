@@ -55,6 +55,19 @@ def _fmt_ms(value):
     return "" if value is None else f"{value:.3f}"
 
 
+def _worst(variant: dict) -> str:
+    """", worst 0.9480": the least per-sample cosine its variant.json records (the gate
+    judges the mean), for encoders and other cosine-scored models."""
+    if not variant.get("path"):
+        return ""
+    try:
+        checks = json.loads((Path(variant["path"]) / "variant.json").read_text())["metrics"].get("checks") or {}
+    except (OSError, ValueError, KeyError):
+        return ""
+    worst = checks.get("min_cosine")
+    return f", worst {worst:.4f}" if isinstance(worst, (int, float)) else ""
+
+
 def _fmt_quality(metrics):
     if not metrics or metrics.get("quality") is None:
         return ""
@@ -316,7 +329,8 @@ def _print_variants(config, model, as_json):
             *([_fmt_ms((m.get("runoff") or {}).get("latency_p50_ms"))] if raced else []),
             *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token"))] if decoding else []),
             format_size(m.get("size_bytes")),
-            (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}", v.get("reason") or "",
+            (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}{_worst(v)}",
+            v.get("reason") or "",
         ])
     click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
                             *(["run-off p50"] if raced else []), *(["prefill ms", "ms/token"] if decoding else []),
