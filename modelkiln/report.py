@@ -34,6 +34,7 @@ small { color: #6b7580; }
 .status-failed { color: #b3261e; } .status-skipped { color: #6b7580; } .status-succeeded { color: #256c3a; }
 svg { background: #fff; border: 1px solid #e6e9ed; border-radius: 6px; }
 svg text { font: 12px system-ui, sans-serif; fill: #38414b; }
+svg text.label { font-size: 11px; font-weight: 600; }
 .note { color: #5b6672; font-size: .9em; }
 """
 
@@ -68,15 +69,35 @@ def _ticks(low: float, high: float, log: bool) -> list[float]:
     return [first + i * step for i in range(int((high - first) / step) + 1)]
 
 
+def point_numbers(candidates: list[dict], policy) -> dict[int, int]:
+    """Each plotted variant's number (1 = the fastest), written beside its dot and in the
+    table, so that a printout or a screenshot tells the dots apart."""
+    plotted = [c for c in candidates if builtin_policy.objective_value(c, policy) is not None
+               and (c.get("metrics") or {}).get("quality") is not None]
+    plotted.sort(key=lambda c: (builtin_policy.objective_value(c, policy), c["id"]))
+    return {c["id"]: i for i, c in enumerate(plotted, 1)}
+
+
 def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quality: float | None) -> str:
-    """An SVG scatter of objective (x) against quality (y)."""
+    """An SVG scatter of objective (x) against quality (y). The quality axis spans the
+    variants near the bar: one far below it (a broken variant at 0.36, say) would squeeze
+    the rest into a line, so it is drawn as a triangle on the bottom edge instead."""
     points = [(builtin_policy.objective_value(c, policy), (c.get("metrics") or {}).get("quality"), c)
               for c in candidates]
     points = [p for p in points if p[0] is not None and p[1] is not None]
     if not points:
         return '<p class="note">No measured variant to plot.</p>'
+    numbers = point_numbers(candidates, policy)
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     bar = baseline_quality * (1 - policy.max_quality_drop) if baseline_quality is not None else None
+    floor = None
+    if bar is not None:
+        top = max(ys + [baseline_quality])
+        floor = bar - 4 * max(top - bar, 1e-6)  # four times the allowed drop below the bar
+        if min(ys) >= floor:
+            floor = None
+        else:
+            ys = [max(y, floor) for y in ys]
     x_low, x_high = min(xs), max(xs)
     # A log scale once the spread is wide: fast variants bunch up at the left otherwise.
     log = x_high / max(x_low, 1e-12) > 4
@@ -127,26 +148,37 @@ def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quali
     colour = {r: RUNTIME_COLOURS[i % len(RUNTIME_COLOURS)] for i, r in enumerate(runtimes)}
     front_ids = {c["id"] for c in front}
     for x, y, c in sorted(points, key=lambda p: p[2]["id"] == promoted_id):
-        cx, cy = sx(x), sy(y)
-        title = escape(f"{c['variant']}: {x:.4g} ms, quality {y:.4f}"
+        clipped = floor is not None and y < floor
+        cx, cy = sx(x), sy(floor if clipped else y)
+        title = escape(f"#{numbers[c['id']]} {c['variant']}: {x:.4g} ms, quality {y:.4f}"
+                       + (" (below the plotted range)" if clipped else "")
                        + (" (Pareto front)" if c["id"] in front_ids else "")
                        + (" (promoted)" if c["id"] == promoted_id else ""))
         if c["id"] == promoted_id:
             out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="11" fill="none" stroke="#e0a100" stroke-width="3"/>')
         edge = 'stroke="#1d232b" stroke-width="1.5"' if c["id"] in front_ids else 'stroke="#fff" stroke-width="1"'
-        out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5.5" fill="{colour[c["runtime"]]}" '
-                   f'{edge}><title>{title}</title></circle>')
+        if clipped:  # a downward triangle on the bottom edge: "further down than shown"
+            out.append(f'<path d="M{cx - 6:.1f},{cy - 5:.1f} L{cx + 6:.1f},{cy - 5:.1f} L{cx:.1f},{cy + 5:.1f} Z" '
+                       f'fill="{colour[c["runtime"]]}" {edge}><title>{title}</title></path>')
+        else:
+            out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5.5" fill="{colour[c["runtime"]]}" '
+                       f'{edge}><title>{title}</title></circle>')
+        out.append(f'<text x="{cx + 8:.1f}" y="{cy - 7:.1f}" class="label">{numbers[c["id"]]}</text>')
     lx = LEFT + inner_w + 18
     legend = [(colour[r], r, "dot") for r in runtimes] + [("#e0a100", "promoted", "ring"),
                                                         ("#1d232b", "Pareto front (outlined)", "line")]
     if bar is not None:
         legend.append(("#b3261e", "quality bar", "dash"))
+    if floor is not None:
+        legend.append(("#5b6672", "below the range shown", "triangle"))
     for i, (col, label, kind) in enumerate(legend):
         y = TOP + 12 + i * 20
         if kind == "dot":
             out.append(f'<circle cx="{lx + 6}" cy="{y - 4}" r="5.5" fill="{col}"/>')
         elif kind == "ring":
             out.append(f'<circle cx="{lx + 6}" cy="{y - 4}" r="7" fill="none" stroke="{col}" stroke-width="3"/>')
+        elif kind == "triangle":
+            out.append(f'<path d="M{lx},{y - 9} L{lx + 12},{y - 9} L{lx + 6},{y + 1} Z" fill="{col}"/>')
         else:
             dash = ' stroke-dasharray="5 4"' if kind == "dash" else ""
             out.append(f'<line x1="{lx}" y1="{y - 4}" x2="{lx + 14}" y2="{y - 4}" stroke="{col}" stroke-width="2"{dash}/>')
@@ -155,7 +187,7 @@ def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quali
     return "\n".join(out)
 
 
-def _variants_table(variants: list[dict], promoted_ids: set[int]) -> str:
+def _variants_table(variants: list[dict], promoted_ids: set[int], numbers: dict[int, int] | None = None) -> str:
     # Causal language models get their per-token decode latency as one more column.
     decoding = any((v.get("metrics") or {}).get("decode") for v in variants)
     rows = []
@@ -167,14 +199,15 @@ def _variants_table(variants: list[dict], promoted_ids: set[int]) -> str:
         decode = (f"<td class=num>{_fmt((m.get('decode') or {}).get('decode_ms_per_token'))}</td>"
                   if decoding else "")
         rows.append(
-            f"<tr{cls}><td>{'&#9733;' if v['id'] in promoted_ids else ''}</td><td>{escape(v['version'])}</td>"
+            f"<tr{cls}><td>{'&#9733;' if v['id'] in promoted_ids else ''}</td>"
+            f"<td class=num>{numbers.get(v['id'], '') if numbers else ''}</td><td>{escape(v['version'])}</td>"
             f"<td>{escape(v['variant'])}</td><td class=\"status-{escape(v['status'])}\">{escape(v['status'])}</td>"
             f"<td class=num>{_fmt(m.get('latency_p50_ms'))}</td><td class=num>{_fmt(m.get('latency_p95_ms'))}</td>"
             f"<td class=num>{_fmt(m.get('throughput_per_s'), 1)}</td>{decode}"
             f"<td class=num>{format_size(m.get('size_bytes'))}</td><td class=num>{quality}</td>"
             f"<td class=reason>{escape(v.get('reason') or '')}</td></tr>"
         )
-    head = ("<tr><th></th><th>version</th><th>variant</th><th>status</th><th>p50 ms</th><th>p95 ms</th>"
+    head = ("<tr><th></th><th title=\"its number on the plot\">#</th><th>version</th><th>variant</th><th>status</th><th>p50 ms</th><th>p95 ms</th>"
             f"<th>per s</th>{'<th>ms/token</th>' if decoding else ''}<th>size</th><th>quality (delta)</th>"
             "<th>reason</th></tr>")
     return f"<div class=scroll><table>{head}{''.join(rows)}</table></div>"
@@ -195,16 +228,19 @@ def render(model: str, checkpoints: list[dict], variants: list[dict], history: l
         parts.append(f"<h2>Target {escape(target)}</h2>")
         latest = next((c for c in reversed(checkpoints)
                        if any(v["checkpoint"] == c["content_hash"][:16] for v in on_target)), None)
+        numbers = {}
         if latest is not None:
             newest = [v for v in on_target if v["checkpoint"] == latest["content_hash"][:16]
                       and v["status"] == "succeeded"]
             baseline = next((v["metrics"].get("baseline_quality") for v in newest), None)
-            parts.append(f"<p>Version {escape(latest['version'])}: each dot is a variant; hover for its figures.</p>")
+            numbers = point_numbers(newest, policy)
+            parts.append(f"<p>Version {escape(latest['version'])}: each dot is a variant, numbered as in the table "
+                         "below (1 = the fastest); hover for its figures.</p>")
             parts.append(plot(newest, current.get(target), policy, baseline))
         # Newest version first; within a version, in the order the recipes are configured.
         order = {c["content_hash"][:16]: i for i, c in enumerate(checkpoints)}
         rows = sorted(on_target, key=lambda v: (-order.get(v["checkpoint"], 0), v["id"]))
-        parts.append(_variants_table(rows, {current.get(target)}))
+        parts.append(_variants_table(rows, {current.get(target)}, numbers))
     parts.append("<h2>Promotion history</h2>")
     if history:
         rows = "".join(

@@ -66,7 +66,27 @@ def test_listings_after_a_run(config, kiln_dir, tiny_checkpoint):
     # Circles: one per measured variant, plus the promoted ring, plus the legend's two
     # runtime dots and ring.
     assert sum(1 for v in variants if v["status"] == "succeeded") == page.count("<circle") - 4
+    # Every dot carries its number, and the table the same numbers: a screenshot tells them apart.
+    measured = sum(1 for v in variants if v["status"] == "succeeded")
+    assert page.count('class="label"') == measured
+    assert all(f'<td class=num>{n}</td>' in page for n in range(1, measured + 1))
     assert runner.invoke(main, ["report", "nosuchmodel", *cfg]).exit_code != 0
+
+
+def test_the_plot_keeps_its_quality_axis_near_the_bar_and_marks_what_falls_below():
+    from modelkiln.config import PolicyConfig
+    from modelkiln.report import plot
+
+    def candidate(i, latency, quality):
+        return {"id": i, "variant": f"torch:r{i}", "runtime": "torch", "status": "succeeded",
+                "metrics": {"quality": quality, "baseline_quality": 1.0, "size_bytes": 1,
+                            "batches": [{"batch_size": 1, "latency_p50_ms": latency}]}}
+
+    svg = plot([candidate(1, 5.0, 1.0), candidate(2, 2.0, 0.995), candidate(3, 1.0, 0.36)], 2, PolicyConfig(), 1.0)
+    assert svg.count("<path") == 2  # the broken variant on the bottom edge, and its legend entry
+    assert "#1 torch:r3: 1 ms, quality 0.3600 (below the plotted range)" in svg
+    ticks = [float(t.split("<")[0]) for t in svg.split('text-anchor="end">')[1:]]
+    assert min(ticks) > 0.9  # the axis spans the variants near the bar, not 0.36 to 1.0
 
 
 class PageParser(HTMLParser):
