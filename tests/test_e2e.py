@@ -34,8 +34,10 @@ def running_variant_job(store):
 
 
 def slower_measurements(kiln_dir):
-    """Long enough that a job is reliably caught running."""
-    text = (kiln_dir / "kiln.toml").read_text().replace("max_seconds = 0.2", "max_seconds = 1.0")
+    """Long enough that a job is reliably caught running: every batch size timed for at
+    least a second (a job caught at its last moment once ended before the kill on CI)."""
+    text = (kiln_dir / "kiln.toml").read_text().replace("max_seconds = 0.2", "max_seconds = 2.0").replace(
+        "min_seconds = 0.0", "min_seconds = 1.0")
     (kiln_dir / "kiln.toml").write_text(text)
 
 
