@@ -196,6 +196,7 @@ class ProgressBars:
         from .sizes import format_duration
         from .store.models import utcnow
         from .store.queries import TERMINAL_JOB_STATES
+        from .store.views import variant_label
 
         lines = []
         if status != self.status:
@@ -204,7 +205,7 @@ class ProgressBars:
         for job in jobs:
             if job.state in TERMINAL_JOB_STATES and job.id not in self.ended:
                 self.ended.add(job.id)
-                label = job.kind if job.variant is None else f"{job.variant.runtime}:{job.variant.recipe or 'baseline'}"
+                label = job.kind if job.variant is None else variant_label(job.variant)
                 lines.append(f"  {len(self.ended)}/{len(jobs)} {label}: {job.state}"
                              + (f" ({job.reason})" if job.reason else ""))
         bars = []
@@ -215,7 +216,7 @@ class ProgressBars:
             done, total = report.get("done"), report.get("total")
             share = done / total if done is not None and total else 0.0
             bar = "#" * int(share * self.WIDTH) + "." * (self.WIDTH - int(share * self.WIDTH))
-            label = job.kind if job.variant is None else f"{job.variant.runtime}:{job.variant.recipe or 'baseline'}"
+            label = job.kind if job.variant is None else variant_label(job.variant)
             elapsed = format_duration((utcnow() - job.started_at).total_seconds())
             bars.append(f"  [{bar}] {label}  {describe(report) or 'starting'}  {elapsed}")
         now = time.monotonic()
@@ -432,7 +433,7 @@ def cancel(config_path, model, version, recipe, target):
     the variants measured so far. `kiln retry` sends cancelled work back.
     """
     from .plugins.recipes import parse_recipe
-    from .store import queries, units
+    from .store import queries, units, views
 
     config = _load(config_path)
     runtime = None
@@ -450,7 +451,7 @@ def cancel(config_path, model, version, recipe, target):
                 if runtime is None or (j.variant is not None and j.variant.runtime == runtime)]
         ended = units.cancel_jobs(session, jobs, "cancelled by `kiln cancel`")
         lines = [f"job {j.id}: {j.checkpoint.model}/{j.checkpoint.version} "
-                 + (f"{j.target} {j.variant.runtime}:{j.variant.recipe or 'baseline'}" if j.variant else j.kind)
+                 + (f"{j.target} {views.variant_label(j.variant)}" if j.variant else j.kind)
                  + (" (was running: its daemon stops it)" if j.lease_owner else "") for j in ended]
     what = f"{model}{'/' + version if version else ''}" + (
         f" recipe {(runtime + ':') if runtime else ''}{recipe or 'baseline'}" if recipe is not None else "")
@@ -580,7 +581,7 @@ def unpin(config_path, model, target):
 
     from .daemon.promoter import Promoter
     from .plugins.manager import plugins_for
-    from .store import queries
+    from .store import queries, views
 
     config = _load(config_path)
     promoter = Promoter(config, plugins_for(config).manager, config.promoted_path)
@@ -592,7 +593,7 @@ def unpin(config_path, model, target):
                        if c.status in ("ready", "done") and queries.variants_of(session, c.id, target)), None)
         promotion = promoter.consider(session, newest, target, by=f"unpinned by {_who()}") if newest else None
         served = queries.current_promotion(session, model, target)
-        label = f"{served.variant.runtime}:{served.variant.recipe or 'baseline'}" if served else "nothing"
+        label = views.variant_label(served.variant) if served else "nothing"
     click.echo(f"{model} on {target}: unpinned; automatic promotion resumes"
                + (f"; the policy now serves {label}" if promotion else f"; {label} stays served"))
 
