@@ -75,7 +75,7 @@ def main():
     import torch
     from transformers import LlamaForCausalLM
 
-    from modelkiln.steps.compiler import compile_loaded
+    from modelkiln.targets.compiled import compile_loaded, serving_entry
     from modelkiln.targets.decoding import PROMPT_TOKENS, export_decoder, prompt_ids, time_decoding
 
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
@@ -120,7 +120,7 @@ def main():
     add(f"decode program, bf16, as exported, Linears unfused (export {exported:.0f} s)",
         decode["decode_ms_per_token"], 2, decode["tokens"], reference)
     t0 = time.time()
-    compiled = compile_loaded(program.module(), "reduce-overhead")
+    compiled = compile_loaded(program.module(), serving_entry("reduce-overhead"))
     decode = time_decoding(compiled, config.vocab_size, "cuda")
     add(f"decode program, bf16, Linears unfused -> compile.inductor ({time.time() - t0:.0f} s)",
         decode["decode_ms_per_token"], 2, decode["tokens"], reference)
@@ -133,7 +133,7 @@ def main():
         program, fused = export_decoder(model)
     exported = time.time() - t0
     t0 = time.time()
-    compiled = compile_loaded(program.module(), "reduce-overhead")
+    compiled = compile_loaded(program.module(), serving_entry("reduce-overhead"))
     decode = time_decoding(compiled, config.vocab_size, "cuda")
     add(f"modelkiln decode.pt2 ({fused} Linears fused; export {exported:.0f} s), bf16 -> compile.inductor "
         f"({time.time() - t0:.0f} s)", decode["decode_ms_per_token"], 2, decode["tokens"], reference)
@@ -170,7 +170,7 @@ def main():
         t0 = time.time()
         with torch.no_grad():
             program, _ = export_decoder(model)
-        compiled = compile_loaded(program.module(), "reduce-overhead")
+        compiled = compile_loaded(program.module(), serving_entry("reduce-overhead"))
         decode = time_decoding(compiled, config.vocab_size, "cuda")
         add(f"modelkiln decode.pt2, bf16 -> weight_only(bits={bits}, block_size={block}) -> compile.inductor "
             f"({time.time() - t0:.0f} s)", decode["decode_ms_per_token"], bytes_per_param, decode["tokens"], reference)

@@ -66,6 +66,14 @@ def trained_digits():
     return train_digits(epochs=4)
 
 
+@pytest.fixture(scope="session")
+def trained_lm():
+    """A small Llama trained on English text (``helpers.trained_llama``), and the text."""
+    from helpers import trained_llama
+
+    return trained_llama()
+
+
 @pytest.fixture
 def digits_checkpoint(tmp_path_factory, trained_digits):
     """A complete digits checkpoint folder (safetensors + eval.npz) outside any registry."""

@@ -152,3 +152,43 @@ def greedy_factory():
 
     hoard = np.ones(2 * 1024**3, dtype=np.uint8)  # 2 GiB, touched
     return hoard
+
+
+def english_text() -> bytes:
+    """Some kilobytes of English prose that every Python carries: its modules' docstrings."""
+    import argparse
+    import collections
+    import json
+    import logging
+    import subprocess
+    import textwrap
+    import unittest
+
+    modules = (argparse, collections, json, logging, subprocess, textwrap, unittest)
+    return "\n\n".join(" ".join(m.__doc__.split()) for m in modules if m.__doc__).encode("ascii", "ignore")
+
+
+def trained_llama(steps: int = 300, seed: int = 0):
+    """A small Llama (bytes as tokens; 2 blocks, 4 query heads in 2 key/value groups)
+    trained on ``english_text`` until its next-byte guesses are confident: random weights
+    make the top logits nearly tie, which says nothing about greedy tokens. Returns the
+    model and the text."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128))
+    text = english_text()
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    window = 64
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - window - 1, (32,))
+        batch = torch.stack([data[s:s + window + 1] for s in starts.tolist()])
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), text

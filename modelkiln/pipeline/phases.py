@@ -134,10 +134,13 @@ def inspect_checkpoint(spec: dict) -> dict:
     return result
 
 
-def _in_form(model, form: str, runtime, step, context):
-    """``model`` in ``form``, converting through the runtime where that is the way there."""
-    if model.form == form:
+def _in_form(model, forms, runtime, step, context):
+    """``model`` in one of ``forms`` (one form, or a tuple of the forms the step takes as
+    they are), converting through the runtime where that is the way there."""
+    forms = (forms,) if isinstance(forms, str) else tuple(forms)
+    if model.form in forms:
         return model
+    form = forms[0]
     if form == runtime.form:
         converted = runtime.convert(model, context)
         if converted.form == form:

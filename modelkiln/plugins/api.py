@@ -229,8 +229,9 @@ class Step:
     ``forms`` maps each runtime the step serves to the form it transforms for that
     runtime, e.g. ``{"onnxruntime": ONNX, "torch": TORCH}`` for a quantizer with one
     implementation per runtime, or ``{"onnxruntime": TORCH, "torch": TORCH}`` for a pruner
-    that works on the module before it is exported. The model is converted into that
-    form before ``apply`` runs. A runtime missing from ``forms``, or a model that can no
+    that works on the module before it is exported; a tuple names several forms the step
+    takes as they are (the first is the one others are converted into). The model is
+    converted into that form before ``apply`` runs. A runtime missing from ``forms``, or a model that can no
     longer take the form (an ONNX model for a step that needs a module), makes the
     variant skipped, as does ``apply`` raising ``StepNotApplicable`` with a reason.
     """

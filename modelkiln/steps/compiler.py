@@ -3,8 +3,12 @@
 A compiled module cannot be saved as such: an AOTInductor package would be the way, but
 loading one crashed on the GPU machine's torch (2.11) in our trials. So the artifact stays
 the portable ``torch.export`` program, and ``serving.json`` beside it tells serving code
-to compile it once loaded, with the recorded mode, exactly as the measurement does:
-``torch.compile(torch.export.load(path).module(), mode=...)``. The first calls of each
+to compile it once loaded, with the recorded mode and Inductor options, exactly as the
+measurement does: ``torch.compile(torch.export.load(path).module(), dynamic=False,
+options=...)`` (``targets/compiled.py``). A tensor-parallel variant (``shard.tensor_parallel``
+first) records them in ``plan.json`` and each rank compiles its own programs: the
+all-reduces are functional collectives inside the rank's graph, so with CUDA graphs a
+decoding step is one graph replay per rank, NCCL calls included. The first calls of each
 input shape pay the compilation (seconds to minutes); the warm-up runs absorb it.
 
 ``reduce-overhead`` (the default) adds CUDA graphs: one replay per call instead of a
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import TORCH, ModelHandle, Param, Step
+from ..plugins.api import SHARDED, TORCH, ModelHandle, Param, Step
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -29,7 +33,8 @@ class Inductor(Step):
     name = "compile.inductor"
     description = "torch.compile the served program at load (TorchInductor kernels; CUDA graphs by default)"
     params = (Param("mode", str, "reduce-overhead", f"torch.compile mode: {', '.join(MODES)}"),)
-    forms = {"torch": TORCH}
+    # A sharded variant is compiled rank by rank, its all-reduces inside each rank's graph.
+    forms = {"torch": (TORCH, SHARDED)}
 
     def apply(self, model, params, context):
         mode = params["mode"]
@@ -41,7 +46,7 @@ class Inductor(Step):
         if model.notes.get("serialize") == "torchscript":
             raise StepNotApplicable(f"{self.name}: this model is saved as TorchScript, which torch.compile does not take")
         context.record.update(mode=mode)
-        return ModelHandle(TORCH, model.obj, model.inputs, {**model.notes, "compile": mode})
+        return ModelHandle(model.form, model.obj, model.inputs, {**model.notes, "compile": mode})
 
 
 @hookimpl

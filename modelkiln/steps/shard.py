@@ -40,6 +40,8 @@ from .quantize import unwrap_half_precision
 
 # Rows of the sample inputs whose unsharded outputs travel with the artifact, for the check.
 CHECK_ROWS = 4
+# A causal LM's greedy check: this many new tokens after each check row's first tokens.
+GREEDY_TOKENS = 16
 
 
 @dataclass
@@ -74,6 +76,9 @@ class ShardedModel:
     check_rounding: float = 0.0
     replicated_parameters: int = 0
     split_parameters: int = 0
+    # For a causal LM: prompts, the unsharded model's greedy tokens after them and each
+    # token's margin over the runner-up logit (``greedy_reference``); None otherwise.
+    greedy: dict | None = None
 
 
 def _elementwise_ops():
@@ -262,6 +267,36 @@ def split_module(module, splits: list[Split], rank: int, ranks: int):
     return local.eval()
 
 
+def greedy_reference(module, rows: dict) -> dict | None:
+    """The unsharded causal LM's greedy continuation of the check rows' first tokens
+    (at most ``decoding.PROMPT_TOKENS``, so prompt and tokens fit the decoding program's
+    cache): ``{"prompts", "tokens", "margins"}``, each margin the gap between the chosen
+    token's logit and the runner-up's. None for any other model. Whole forward passes,
+    no cache: the reference is computed as plainly as possible."""
+    import numpy as np
+    import torch
+
+    from ..targets.decoding import PROMPT_TOKENS, find_causal_lm
+
+    lm = find_causal_lm(module)
+    ids = rows.get("input_ids", next(iter(rows.values()), None))
+    if lm is None or ids is None or ids.dtype != np.int64 or ids.ndim != 2:
+        return None
+    prompts = np.ascontiguousarray(ids[:, :PROMPT_TOKENS])
+    device = next(lm.parameters()).device
+    sequence = torch.from_numpy(prompts).to(device)
+    tokens, margins = [], []
+    with torch.inference_mode():
+        for _ in range(GREEDY_TOKENS):
+            logits = lm(input_ids=sequence).logits[:, -1].float()
+            top = logits.topk(2, dim=-1)
+            tokens.append(top.indices[:, :1])
+            margins.append((top.values[:, 0] - top.values[:, 1]).cpu())
+            sequence = torch.cat([sequence, top.indices[:, :1]], 1)
+    return {"prompts": prompts, "tokens": torch.cat(tokens, 1).cpu().numpy(),
+            "margins": torch.stack(margins, 1).numpy()}
+
+
 def _compute_dtype(module):
     """The type a module computes in: quantize.bf16/fp16's wrapper says; else its weights'."""
     import torch
@@ -325,8 +360,11 @@ class TensorParallel(Step):
             replicated_parameters=total - split_count,
             parameters_per_rank=sum(p.numel() for p in rank_modules[0].parameters()),
         )
+        greedy = greedy_reference(module, rows)
+        if greedy is not None:
+            context.record["greedy_check_tokens"] = int(greedy["tokens"].size)
         sharded = ShardedModel(rank_modules, splits, rows, expected, replicated_parameters=total - split_count,
-                               split_parameters=split_count, check_rounding=rounding)
+                               split_parameters=split_count, check_rounding=rounding, greedy=greedy)
         return ModelHandle(SHARDED, sharded, model.inputs, dict(model.notes))
 
 

@@ -2,23 +2,32 @@
 
 The artifact is a folder::
 
-    plan.json          ranks, backend, process-group name, the splits, the check
+    plan.json          ranks, backend, process-group name, the splits, the check,
+                       and with compile.inductor the torch.compile options
     rank0/model.pt2    each rank's torch.export program (its all-reduces are traced
     rank1/model.pt2    functional collectives on the default process group)
     rank0/decode.pt2   for a causal LM, each rank's static-cache decoding program
     rank1/decode.pt2   (``decoding.py``), its KV cache holding that rank's heads only
-    check.npz          a few input rows and the unsharded model's outputs on them
+    check.npz          a few input rows and the unsharded model's outputs on them; for a
+                       causal LM also prompts, its greedy tokens and their logit margins
 
 Serving it is what ``load`` does, and what serving code would do with torchrun: start
 one process per rank, join them into a process group (gloo on cpu, NCCL on cuda), load
-each rank's program. The calling process is rank 0: it receives a request, broadcasts
-the inputs to the other ranks, and every rank runs its program; the programs' all-reduces
-combine the partial results, so rank 0's output is the model's output. A decoding step
-is the same with the decoding programs; its few token ids and positions travel inside
-the request header, so a step costs one broadcast besides the programs' all-reduces.
+each rank's program and compile it as the plan says (with CUDA graphs the all-reduces are
+captured inside each rank's graph). The calling process is rank 0: it receives a
+request, broadcasts the inputs to the other ranks, and every rank runs its program; the
+programs' all-reduces combine the partial results, so rank 0's output is the model's
+output.
 
-Every load first runs the check rows and compares them with the unsharded outputs; a
-sharded variant that does not compute the same function fails its measurement.
+Decoding is different: every rank holds the whole logits after the last all-reduce, so
+every rank picks the same greedy token, and a generation runs on all ranks at once from
+one request (the prompt and how many tokens), each feeding its own tokens back, with no
+communication per token besides the programs' own all-reduces.
+
+Every load first runs the check rows and compares them with the unsharded outputs, and
+for a causal LM generates greedily from the check prompts and compares the tokens with
+the unsharded model's; a sharded variant that does not compute the same function fails
+its measurement.
 """
 
 from __future__ import annotations
@@ -35,11 +44,14 @@ import numpy as np
 
 from ..errors import StepNotApplicable
 from ..plugins.api import TORCH, ModelHandle
+from . import decoding
+from .compiled import compile_loaded, serving_entry
 
 PLAN_FILE = "plan.json"
 # The default process group's name in torch.distributed; the loader checks it matches.
 WORLD_GROUP = "0"
 CHECK_FILE = "check.npz"
+GREEDY_FILE = "greedy_check.npz"
 PLAN_FORMAT = "modelkiln.tensor_parallel/1"
 # The sharded and unsharded outputs may differ by the order of a sum: within this share
 # of the output's scale (max |x|, at least 1) they are taken as equal.
@@ -47,7 +59,9 @@ RELATIVE_TOLERANCE = 1e-4
 # The header broadcast before each request: input count, program, whether the inputs'
 # values follow inline, then (dtype code, rank, dims) per input, then those values.
 _HEADER = 64
-_FORWARD, _DECODE = 0, 1
+# Requests: a forward call; the decoding measurement (``decoding.time_decoding``), run by
+# every rank; greedy generation from prompts, run by every rank.
+_FORWARD, _TIME_DECODING, _GREEDY = 0, 1, 2
 _DTYPES = ["float32", "float16", "bfloat16", "int64", "int32", "bool", "float64"]
 _START_TIMEOUT = timedelta(seconds=120)
 
@@ -102,6 +116,11 @@ def save(model, directory: Path) -> str:
     }
     if decode:
         plan["decode"] = decode
+    if sharded.greedy is not None and "files" in decode:
+        np.savez(directory / GREEDY_FILE, **sharded.greedy)
+        plan["greedy_check"] = GREEDY_FILE
+    if model.notes.get("compile"):
+        plan["compile"] = serving_entry(model.notes["compile"])
     (directory / PLAN_FILE).write_text(json.dumps(plan, indent=2))
     return PLAN_FILE
 
@@ -109,8 +128,6 @@ def save(model, directory: Path) -> str:
 def _save_decoder(module, rank: int, directory: Path, decode: dict) -> dict:
     """Save rank ``rank``'s decoding program if the model is a causal LM; the plan's
     ``decode`` entry so far, or why there is none (the forward programs still serve)."""
-    from . import decoding
-
     if "error" in decode:
         return decode
     file = f"rank{rank}/{decoding.DECODE_FILE}"
@@ -156,12 +173,18 @@ def _join(rank: int, ranks: int, port: int, device: str, threads: int, directory
         decode = plan.get("decode", {})
         if "files" in decode:
             programs.append(torch.export.load(str(directory / decode["files"][rank])).module().to(local))
+    if "compile" in plan:  # each rank compiles its own; the first call of each shape pays it
+        programs = [compile_loaded(program, plan["compile"]) for program in programs]
     return programs
 
 
-def _call(programs, program: int, tensors):
-    if program == _DECODE:
-        return programs[_DECODE](input_ids=tensors[0], cache_position=tensors[1])
+def _call(programs, program: int, tensors, plan: dict, device: str):
+    """Run request ``program`` on this rank; every rank gets the same result."""
+    if program == _TIME_DECODING:
+        return decoding.time_decoding(programs[1], plan["decode"]["vocab_size"], device)
+    if program == _GREEDY:
+        prompts, new_tokens = tensors[0].cpu().numpy(), int(tensors[1])
+        return [decoding.greedy_tokens(programs[1], prompt, new_tokens, device) for prompt in prompts]
     return programs[_FORWARD](*tensors)
 
 
@@ -240,7 +263,7 @@ def rank_main(rank: int, ranks: int, port: int, device: str, threads: int, direc
     local = _rank_device(device, rank)
     with torch.inference_mode():
         while (request := _receive(local)) is not None:
-            _call(programs, *request)
+            _call(programs, *request, plan, local)
     dist.destroy_process_group()
 
 
@@ -269,29 +292,30 @@ class RankGroup:
         self.programs = _join(0, self.ranks, port, device, per_rank, directory, self.plan)
         self.closed = False
         atexit.register(self.close)
-        decode = self.plan.get("decode", {})
-        if "files" in decode:
-            from . import decoding
+        if "files" in self.plan.get("decode", {}):
+            # A causal LM: prefill and per-token decode, every rank running the same loop.
+            self.time_decoding = lambda: self._request(_TIME_DECODING, [])
 
-            # A causal LM: prefill and per-token decode over the ranks, as for one device.
-            self.time_decoding = lambda: decoding.time_decoding(self.decode, decode["vocab_size"], self.local)
+    def _request(self, program: int, tensors: list):
+        import torch
+
+        with torch.inference_mode():
+            _send(tensors, self.local, program)
+            return _call(self.programs, program, tensors, self.plan, self.local)
 
     def __call__(self, inputs: dict) -> np.ndarray:
         import torch
 
-        tensors = [torch.from_numpy(v).to(self.local) for v in inputs.values()]
-        with torch.inference_mode():
-            _send(tensors, self.local)
-            out = _call(self.programs, _FORWARD, tensors)
+        out = self._request(_FORWARD, [torch.from_numpy(v).to(self.local) for v in inputs.values()])
         return out.float().cpu().numpy()
 
-    def decode(self, input_ids, cache_position):
-        """One call of the decoding programs on every rank; rank 0's logits."""
+    def greedy(self, prompts: np.ndarray, new_tokens: int) -> list[list[int]]:
+        """Greedy tokens of each prompt (rows of equal length), generated on every rank."""
         import torch
 
-        with torch.inference_mode():
-            _send([input_ids, cache_position], self.local, _DECODE)
-            return _call(self.programs, _DECODE, [input_ids, cache_position])
+        tensors = [torch.from_numpy(np.ascontiguousarray(prompts, dtype=np.int64)).to(self.local),
+                   torch.tensor([new_tokens], dtype=torch.int64, device=self.local)]
+        return self._request(_GREEDY, tensors)
 
     def check(self) -> dict:
         """Compare the outputs on the check rows with the unsharded model's."""
@@ -306,7 +330,35 @@ class RankGroup:
                 f"the {self.ranks}-rank output differs from the unsharded model's by {diff:.3g} "
                 f"(tolerance {limit:.3g}): the split is wrong for this model"
             )
-        return {"ranks": self.ranks, "max_abs_diff": diff, "tolerance": limit, "rows": int(len(expected))}
+        found = {"ranks": self.ranks, "max_abs_diff": diff, "tolerance": limit, "rows": int(len(expected))}
+        if "greedy_check" in self.plan:
+            found.update(self._check_greedy(limit))
+        return found
+
+    def _check_greedy(self, limit: float) -> dict:
+        """Greedy tokens over the ranks against the unsharded model's on the check prompts.
+        Where they first differ, the unsharded model's two best logits must have been
+        within twice the check's tolerance of each other (a tie that rounding may break
+        either way); the rest of that prompt's tokens follow another path and are not
+        compared. Any other difference fails the check."""
+        with np.load(self.directory / self.plan["greedy_check"], allow_pickle=False) as npz:
+            prompts, expected, margins = npz["prompts"], npz["tokens"], npz["margins"]
+        got = self.greedy(prompts, expected.shape[1])
+        equal, ties = 0, 0
+        for row, (tokens, want, margin) in enumerate(zip(got, expected.tolist(), margins)):
+            for position, (token, wanted) in enumerate(zip(tokens, want)):
+                if token == wanted:
+                    equal += 1
+                    continue
+                if margin[position] > 2 * limit:
+                    raise RuntimeError(
+                        f"greedy decoding over {self.ranks} ranks chose token {token} where the unsharded "
+                        f"model chooses {wanted} (prompt {row}, new token {position}; its top two logits "
+                        f"{margin[position]:.3g} apart, tolerance {2 * limit:.3g}): the split is wrong for this model")
+                ties += 1
+                break
+        return {"greedy_prompts": int(len(prompts)), "greedy_positions": int(expected.size),
+                "greedy_equal": equal, "greedy_ties": ties, "greedy_tokens": got}
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -5,7 +5,7 @@ TorchScript archive (``model.pt``) where it cannot (torch.ao quantized modules),
 serving code needs ``torch.export.load`` or ``torch.jit.load`` and nothing of modelkiln.
 A tensor-parallel variant is one ``torch.export`` program per rank plus ``plan.json``
 (see ``sharded.py``); a compiled one is the program plus ``serving.json`` naming the
-``torch.compile`` mode to apply once loaded (see ``steps/compiler.py``).
+``torch.compile`` mode and options to apply once loaded (see ``compiled.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import SHARDED, STREAMED, TORCH, ModelHandle, Runtime
 from . import decoding, fusion, sharded, streamed
+from .compiled import compile_loaded, serving_entry
 from .shapes import dynamic_shapes, example_args
 
 EXPORT_FILE = "model.pt2"
@@ -24,14 +25,6 @@ SCRIPT_FILE = "model.pt"
 # How serving code must load the program when not just torch.export.load: the
 # compile.inductor mode, and a causal LM's static-cache decoding program.
 SERVING_FILE = "serving.json"
-
-
-def compile_loaded(module, mode: str):
-    """How a loaded program is compiled (``compile.inductor``), in the measurement and in
-    serving code alike."""
-    import torch
-
-    return torch.compile(module, mode=mode, dynamic=False)
 
 
 class TorchRuntime(Runtime):
@@ -93,7 +86,7 @@ class TorchRuntime(Runtime):
         language model the static-cache decoding program (or why there is none)."""
         serving = {}
         if model.notes.get("compile"):
-            serving["compile"] = {"mode": model.notes["compile"], "dynamic": False}
+            serving["compile"] = serving_entry(model.notes["compile"])
         decode = decoding.save_decoder(model.obj, directory / decoding.DECODE_FILE)
         if decode is not None:
             serving["decode"] = decode if "error" in decode else {"file": decoding.DECODE_FILE, **decode}
@@ -113,12 +106,12 @@ class TorchRuntime(Runtime):
                 module = torch.export.load(str(directory / file)).module().to(device)
                 serving = json.loads((directory / SERVING_FILE).read_text()) if (directory / SERVING_FILE).exists() else {}
                 if "compile" in serving:
-                    module = compile_loaded(module, serving["compile"]["mode"])
+                    module = compile_loaded(module, serving["compile"])
                 decode = serving.get("decode", {})
                 if "file" in decode:
                     decoder = torch.export.load(str(directory / decode["file"])).module().to(device)
                     if "compile" in serving:
-                        decoder = compile_loaded(decoder, serving["compile"]["mode"])
+                        decoder = compile_loaded(decoder, serving["compile"])
                     return Serving(module, device, decoder, decode["vocab_size"])
             else:
                 module = torch.jit.load(str(directory / file), map_location=device)
