@@ -13,13 +13,13 @@ with 4-bit weights than in fp32 (see BENCHMARKS.md). The measurement decides.
 - torch (cpu): each Linear becomes a module calling PyTorch's packed weight-only kernels:
   ``_weight_int8pack_mm`` (one scale per output channel) or ``_weight_int4pack_mm_for_cpu``
   (per-group scale and zero point), which ``torch.export`` carries.
-- torch (cuda), int8: each Linear keeps an int8 weight and one scale per output channel
-  in the layer's own dtype, and computes ``linear(x, weight.to(x.dtype)) * scale``, the
-  form gpt-fast compiles into a kernel that reads one byte per weight. Measured on an
-  H100 (BENCHMARKS.md), TorchInductor (torch 2.11) did not fuse the conversion into the
-  matrix product of the exported program: the weight is converted at every call and a
-  7B decoding step took 53 ms against 7 ms in bf16, so the policy does not promote it.
-  A fused kernel (a GEMV written for one row, or torchao's) is what is missing.
+- torch (cuda), int8: not offered. An int8 weight converted in the matrix product
+  (``linear(x, weight.to(x.dtype)) * scale``, the form gpt-fast compiles into one kernel)
+  was measured (BENCHMARKS.md): TorchInductor (torch 2.11) did not fuse the conversion
+  into the product of the exported program, so every call converted the whole weight
+  and a 7B decoding step took 53 ms against 4.75 ms in bf16 on an H200 (7 ms on an
+  H100). Without a fused dequantizing kernel the variant only costs a build and a
+  measurement; int4 (below) has one.
 - torch (cuda), int4: block-wise asymmetric int4 in PyTorch's own CUDA kernel for it
   (``_weight_int4pack_mm``, the tinygemm kernel gpt-fast uses; compute capability 8.0+),
   bf16 activations; layers whose widths the kernel does not take stay in float. On an
@@ -115,30 +115,6 @@ def _torch_layer_class():
     return WeightOnlyLinear
 
 
-def _dequant_layer_class():
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class Int8WeightLinear(nn.Module):
-        """int8 weight, one scale per output channel, computed in the activations' dtype."""
-
-        def __init__(self, linear: nn.Linear):
-            super().__init__()
-            weight = linear.weight.detach()
-            scale = weight.float().abs().amax(1).clamp(min=1e-12) / 127
-            self.register_buffer("weight", torch.round(weight.float() / scale[:, None]).clamp(-128, 127)
-                                 .to(torch.int8))
-            self.register_buffer("scales", scale.to(weight.dtype))
-            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-        def forward(self, x):
-            out = F.linear(x, self.weight.to(x.dtype)) * self.scales
-            return out if self.bias is None else out + self.bias
-
-    return Int8WeightLinear
-
-
 def _int4_cuda_tiles(in_features: int, out_features: int, block: int) -> int:
     """The widest K tiling PyTorch's CUDA int4 kernel (tinygemm) takes for this layer, or 0
     when it takes none: input width divisible by 16 x tiles and by the group, output by 8."""
@@ -188,9 +164,14 @@ def _int4_cuda_layer_class():
     return Int4WeightLinear
 
 
+CUDA_INT8 = ("int8 is not offered on cuda: PyTorch has no fused int8 weight-only matmul, and converting "
+             "the weights at every call made a 7B decoding step 11x slower than bf16")
+
+
 class WeightOnly(Step):
     name = "quantize.weight_only"
-    description = "int8 or block-wise int4 weights, float activations (onnxruntime MatMulNBits; torch packed kernels on cpu)"
+    description = ("int8 or block-wise int4 weights, float activations (onnxruntime MatMulNBits; torch packed "
+                   "kernels on cpu; on cuda int4 only: " + CUDA_INT8 + ")")
     params = (
         Param("bits", int, 4, "4 or 8"),
         Param("block_size", int, 32, "weights sharing one scale (int4; onnxruntime int8 too): 16, 32, 64, 128"),
@@ -252,33 +233,27 @@ class WeightOnly(Step):
         import torch
 
         module = model.obj  # converted in place, layer by layer: a 7B model has no room for a copy
+        if bits == 8:
+            raise StepNotApplicable(f"{self.name}: {CUDA_INT8}; use bits=4")
         floats = [(name, m) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
                   and m.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)]
-        if bits == 8:
-            layer_class = _dequant_layer_class()
-            layers = [(name, (m,)) for name, m in floats]
-            kernel = "int8 weight, dequantized in the matmul"
-        else:
-            if block not in (32, 64, 128):
-                raise StepNotApplicable(f"{self.name}: PyTorch's int4 kernel on cuda takes block_size 32, 64 or 128, "
-                                        f"got {block}")
-            if torch.cuda.get_device_capability(context.device) < (8, 0):
-                raise StepNotApplicable(f"{self.name}: PyTorch's int4 kernel needs a GPU of compute capability 8.0 "
-                                        "or newer")
-            layer_class = _int4_cuda_layer_class()
-            layers = [(name, (m, block, tiles, context.device)) for name, m in floats
-                      if (tiles := _int4_cuda_tiles(m.in_features, m.out_features, block))]
-            kernel = "int4 tinygemm (_weight_int4pack_mm), bf16 activations"
+        if block not in (32, 64, 128):
+            raise StepNotApplicable(f"{self.name}: PyTorch's int4 kernel on cuda takes block_size 32, 64 or 128, "
+                                    f"got {block}")
+        if torch.cuda.get_device_capability(context.device) < (8, 0):
+            raise StepNotApplicable(f"{self.name}: PyTorch's int4 kernel needs a GPU of compute capability 8.0 "
+                                    "or newer")
+        layer_class = _int4_cuda_layer_class()
+        layers = [(name, (m, block, tiles, context.device)) for name, m in floats
+                  if (tiles := _int4_cuda_tiles(m.in_features, m.out_features, block))]
         if not layers:
-            raise StepNotApplicable("the model has no floating-point Linear layer" if bits == 8 else
-                                    "the model has no floating-point Linear layer the int4 kernel takes (input "
+            raise StepNotApplicable("the model has no floating-point Linear layer the int4 kernel takes (input "
                                     f"widths divisible by block_size = {block} and by 32, output widths by 8)")
         with torch.no_grad():
             for name, args in layers:
                 module.set_submodule(name, layer_class(*args))
-        context.record.update(quantized_layers=len(layers), bits=bits, kernel=kernel)
-        if bits == 4:
-            context.record["block_size"] = block
+        context.record.update(quantized_layers=len(layers), bits=bits, block_size=block,
+                              kernel="int4 tinygemm (_weight_int4pack_mm), bf16 activations")
         return ModelHandle(TORCH, module.eval(), model.inputs, dict(model.notes))
 
 
