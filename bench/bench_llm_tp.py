@@ -1,28 +1,33 @@
-"""Tensor-parallel decoding on two GPUs beside one: a Llama-2-7B-shaped checkpoint.
+"""Tensor-parallel decoding on two GPUs against the promoted one-GPU variant.
 
-For the two-GPU machine (nvidia-h200-x2). The checkpoint: the 7B shape of
-``bench_llm.py``, random weights, saved as a bf16 Hugging Face folder with
-``calibration.npz`` (4 prompts of 32 tokens: the daemon's quality samples and the
-sharded variant's equality check rows). The daemon's path (``kiln optimize``) runs two
-targets of the torch runtime, batch 1, promoting by ``decode_ms_per_token``:
+For the two-GPU machine (nvidia-h200-x2), one call. Two parts, in one run:
 
-- ``one``: ``device = "cuda"``, ``devices = 1``, recipe ``baseline``;
-- ``two``: ``device = "cuda"``, ``devices = 2``, recipe ``shard.tensor_parallel`` (MLP
-  chains and attention heads split over cuda:0 and cuda:1, NCCL).
-
-Neither is compiled (``compile.inductor`` does not take a sharded program), so the two
-rows differ by the split alone. Printed: each variant's prefill and per-token decode
-latency, its floor (the bytes of weights one GPU reads per token over the copy
-bandwidth: all of them on one GPU, the replicated part plus half the split part on two),
-the sharded variant's equality check (max |difference| against the unsharded outputs and
-its tolerance), whether both variants decode the same greedy tokens, and the cost of one
-all-reduce of a token's hidden state (two per block per token).
-
-The gate is loosened to a 50 % drop, as in ``bench_llm_daemon.py``: the daemon's
-reference is computed on the CPU and random weights make the top logits nearly tie.
+1. **The 7B shape's speed** (Llama-2-7B-shaped, random bf16 weights, batch 1, a
+   32-token prompt then 32 greedy tokens). One GPU: the program the daemon promotes for
+   a causal LM there, ``quantize.bf16 -> compile.inductor`` (``decode.pt2`` with sibling
+   Linears fused, compiled with CUDA graphs and the recorded options). Two GPUs: what
+   ``shard.tensor_parallel -> compile.inductor`` serves, built the same way in each
+   rank's process (the split plan from the export graph, the rank's module, its fused
+   decoding program, compiled with its all-reduces inside the CUDA graph), every rank
+   running the decoding loop (``targets/sharded.py``). These rows call the same
+   functions as the daemon's worker but skip writing and reading the artifacts (27 GB
+   per variant); part 2 runs the daemon's whole path. Printed: ms per token, the floor
+   (the bytes each GPU reads per token over the copy bandwidth measured in this run),
+   the ratio two/one, and the share of a token's time that its 64 all-reduces take
+   (measured alone: 64 chained all-reduces of one token's hidden state captured in one
+   CUDA graph).
+2. **Greedy equality on a trained model, through the daemon.** A small Llama trained on
+   English text for a few seconds (``tests/helpers.py: trained_llama``; random weights
+   make the top logits nearly tie, which says nothing about tokens), dropped into
+   ``kiln optimize`` with the default quality gate and two cuda targets: ``one``
+   (``compile.inductor``, ``quantize.bf16 -> compile.inductor``) and ``two`` (devices = 2;
+   the same after ``shard.tensor_parallel``). Printed per variant: decode ms/token,
+   quality, and the sharded variants' load check (greedy tokens over both GPUs against
+   the unsharded model's on 4 text prompts x 16 tokens); then the one-GPU variants'
+   tokens against the two-GPU ones' on the same prompts.
 
 Run on the two-GPU machine:  python3 bench/bench_llm_tp.py
-Check the script on a CPU:   python3 bench/bench_llm_tp.py --tiny   (a small Llama, gloo)
+Check the script on a CPU:   python3 bench/bench_llm_tp.py --tiny   (small models, gloo)
 """
 
 from __future__ import annotations
@@ -30,142 +35,261 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_llm import llama_7b_config  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from common import kiln_folder, optimize, print_table  # noqa: E402
 
-ALL_REDUCES = 200
+def shape_config(tiny: bool):
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(vocab_size=2000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
+    from bench_llm import llama_7b_config
+
+    return llama_7b_config()
 
 
-def _all_reduce_rank(rank: int, port: int, backend: str, hidden: int, dtype: str, result) -> None:
+def build(tiny: bool, device: str):
+    """The seeded random bf16 model, created on ``device`` (the same weights on every GPU)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(shape_config(tiny)).to(torch.bfloat16).eval()
+
+
+def _all_reduce_ms(device: str, hidden: int, count: int, mode: str) -> float:
+    """Milliseconds for ``count`` chained all-reduces of one token's hidden state, compiled
+    as the decoding step is (one CUDA graph on a GPU)."""
+    import torch
+
+    from modelkiln.targets.compiled import compile_loaded, serving_entry
+    from modelkiln.targets.decoding import _Marks
+
+    def reduces(x):
+        for _ in range(count):
+            x = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x, "sum", "0")) * 0.5
+        return x
+
+    compiled = compile_loaded(reduces, serving_entry(mode))
+    x = torch.ones(1, 1, hidden, dtype=torch.bfloat16, device=device)
+    for _ in range(5):
+        x = compiled(x)
+    marks = _Marks(device)
+    marks.mark()
+    for _ in range(50):
+        x = compiled(x)
+    marks.mark()
+    return marks.elapsed()[0] / 50
+
+
+def rank_main(rank: int, ranks: int, port: int, tiny: bool, mode: str, results) -> None:
+    """One rank of the two-GPU row: split, export, compile, decode; rank 0 reports."""
     import torch
     import torch.distributed as dist
 
-    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
-    if backend == "nccl":
+    from modelkiln.registry.formats import hf_wrapper
+    from modelkiln.steps.shard import find_head_splits, find_splits, split_module
+    from modelkiln.targets.compiled import compile_loaded, serving_entry
+    from modelkiln.targets.decoding import export_decoder, find_causal_lm, time_decoding
+
+    cuda = not tiny
+    device = f"cuda:{rank}" if cuda else "cpu"
+    if cuda:
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    tensor = torch.ones(1, 1, hidden, dtype=getattr(torch, dtype), device=device)
-    for _ in range(20):
-        dist.all_reduce(tensor)
-    if backend == "nccl":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(ALL_REDUCES):
-        dist.all_reduce(tensor)
-        if backend == "nccl":
-            torch.cuda.synchronize()  # as in decoding: each step waits for its result
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=ranks)
+    t0 = time.time()
+    wrapper = hf_wrapper(build(tiny, device))
+    ids = torch.zeros(2, 16, dtype=torch.long, device=device)
+    with torch.no_grad():
+        splits = find_splits(wrapper, (ids,), ranks) + find_head_splits(wrapper, ranks)
+        local = split_module(wrapper, splits, rank, ranks)
+        del wrapper
+        if cuda:
+            torch.cuda.empty_cache()
+        lm = find_causal_lm(local)
+        program, fused = export_decoder(lm)
+    per_rank = sum(p.numel() for p in local.parameters())
+    del local, lm
+    built = time.time() - t0
+    t0 = time.time()
+    compiled = compile_loaded(program.module(), serving_entry(mode))
+    decode = time_decoding(compiled, shape_config(tiny).vocab_size, device)
+    shape = shape_config(tiny)
+    reduce_ms = _all_reduce_ms(device, shape.hidden_size, 2 * shape.num_hidden_layers, mode)
     if rank == 0:
-        result.put((time.perf_counter() - started) / ALL_REDUCES * 1e6)
+        results.put({"decode": decode, "parameters_per_rank": per_rank, "splits": len(splits), "fused": fused,
+                     "build_s": built, "compile_and_time_s": time.time() - t0, "reduce_ms": reduce_ms})
     dist.destroy_process_group()
 
 
-def all_reduce_us(backend: str, hidden: int, dtype: str) -> float:
-    """Microseconds per all-reduce of one token's hidden state between two ranks."""
+def two_gpus(tiny: bool, mode: str) -> dict:
     import multiprocessing
 
     from modelkiln.targets.sharded import _free_port
 
     context = multiprocessing.get_context("spawn")
-    result, port = context.Queue(), _free_port()
-    ranks = [context.Process(target=_all_reduce_rank, args=(r, port, backend, hidden, dtype, result))
-             for r in range(2)]
-    for process in ranks:
+    results, port = context.Queue(), _free_port()
+    processes = [context.Process(target=rank_main, args=(r, 2, port, tiny, mode, results)) for r in range(2)]
+    for process in processes:
         process.start()
-    value = result.get(timeout=300)
-    for process in ranks:
-        process.join(60)
-    return value
+    found = results.get(timeout=900)
+    for process in processes:
+        process.join(120)
+    return found
 
 
-def two_target_config(tiny: bool) -> Path:
-    """A kiln folder with targets ``one`` (baseline, one device) and ``two`` (the shard step
-    over two devices)."""
-    device = "cpu" if tiny else "cuda"
-    folder = kiln_folder(recipes=["baseline"], replacements={
-        'runtimes = ["onnxruntime", "torch"]': 'runtimes = ["torch"]',
-        "batch_sizes = [1, 8]": "batch_sizes = [1]",
-        'objective = "latency_p50_ms"': 'objective = "decode_ms_per_token"',
-        "max_quality_drop = 0.01": "max_quality_drop = 0.5"})
-    text = (folder / "kiln.toml").read_text()
-    one = text[text.index("[targets.cpu]"):text.index("[policy]")]
-    one = one.replace("[targets.cpu]", "[targets.one]").replace('device = "cpu"', f'device = "{device}"')
-    two = one.replace("[targets.one]", "[targets.two]").replace("devices = 1", "devices = 2")
-    two = re.sub(r"(?m)^recipes = \[[^\]]*\]", 'recipes = ["shard.tensor_parallel"]', two)
-    assert "devices = 2" in two and "shard.tensor_parallel" in two
-    (folder / "kiln.toml").write_text(text.replace(text[text.index("[targets.cpu]"):text.index("[policy]")], one + two))
-    return folder
-
-
-def main():
-    import numpy as np
+def one_gpu(tiny: bool, mode: str) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modelkiln.config import load_config
+    from modelkiln.targets.compiled import compile_loaded, serving_entry
+    from modelkiln.targets.decoding import export_decoder, time_decoding
 
-    tiny = "--tiny" in sys.argv
-    started = time.time()
-    shape = (LlamaConfig(vocab_size=2000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
-             if tiny else llama_7b_config())
-    folder = two_target_config(tiny)
-    config = load_config(folder / "kiln.toml")
-    staged = folder / "staged" / "llama"
-    torch.manual_seed(0)
-    with torch.device("cpu" if tiny else "cuda"):
-        model = LlamaForCausalLM(shape).to(torch.bfloat16).eval()
+    device = "cpu" if tiny else "cuda:0"
+    model = build(tiny, device)
     params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(str(staged), safe_serialization=True)
-    del model
-    prompts = np.random.default_rng(1).integers(0, shape.vocab_size, size=(4, 32)).astype(np.int64)
-    np.savez(staged / "calibration.npz", inputs=prompts)
-    print(f"checkpoint: {params / 1e9:.3f} B parameters, written in {time.time() - started:.0f} s; "
-          f"disk free {shutil.disk_usage(folder).free / 1e9:.0f} GB", flush=True)
-
     t0 = time.time()
-    variants, promoted = optimize(config, staged, "llama")
-    daemon_s = time.time() - t0
-    shutil.rmtree(staged, ignore_errors=True)
+    with torch.no_grad():
+        program, fused = export_decoder(model)
+    del model
+    compiled = compile_loaded(program.module(), serving_entry(mode))
+    decode = time_decoding(compiled, shape_config(tiny).vocab_size, device)
+    del compiled, program
+    torch._dynamo.reset()
+    if not tiny:
+        torch.cuda.empty_cache()
+    return {"decode": decode, "parameters": params, "fused": fused, "seconds": time.time() - t0}
 
+
+def speed(tiny: bool) -> None:
+    mode = "default" if tiny else "reduce-overhead"
     if tiny:
-        bandwidth, backend = None, "gloo"
+        bandwidth = None
     else:
         from bench_gpu import bandwidth_gb_s
 
-        bandwidth, backend = bandwidth_gb_s(), "nccl"
-    reduce_us = all_reduce_us(backend, shape.hidden_size, "bfloat16")
-    rows, tokens = [], {}
-    for v in variants:
+        bandwidth = bandwidth_gb_s()
+    one = one_gpu(tiny, mode)
+    print(f"one device: {one['decode']['decode_ms_per_token']:.3f} ms/token ({one['seconds']:.0f} s)", flush=True)
+    two = two_gpus(tiny, mode)
+    print(f"two devices: {two['decode']['decode_ms_per_token']:.3f} ms/token ({two['build_s']:.0f} s to build, "
+          f"{two['compile_and_time_s']:.0f} s to compile and time)", flush=True)
+
+    def floor(parameters):
+        return f"{parameters * 2 / (bandwidth * 1e9) * 1000:.2f}" if bandwidth else ""
+
+    ms_one, ms_two = one["decode"]["decode_ms_per_token"], two["decode"]["decode_ms_per_token"]
+    rows = [
+        ["one GPU: bf16 -> compile.inductor (promoted)", f"{ms_one:.2f}", floor(one["parameters"]),
+         f"{one['decode']['decode_p95_ms']:.2f}", f"{one['decode']['prefill_ms']:.2f}", "1.00x", ""],
+        [f"two GPUs: bf16 -> shard.tensor_parallel -> compile.inductor ({two['splits']} splits)", f"{ms_two:.2f}",
+         floor(two["parameters_per_rank"]), f"{two['decode']['decode_p95_ms']:.2f}",
+         f"{two['decode']['prefill_ms']:.2f}", f"{ms_two / ms_one:.2f}x",
+         f"{two['reduce_ms']:.2f} ms ({two['reduce_ms'] / ms_two:.0%})"],
+    ]
+    name = "small Llama on the CPU (gloo, mode default)" if tiny else "Llama-2-7B-shaped, random bf16"
+    print_table(f"{name}, batch 1, 32-token prompt, 32 greedy tokens"
+                + (f"; copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""),
+                rows, ["variant", "decode ms/token", "floor ms", "p95 ms", "prefill ms", "vs one GPU",
+                       f"{2 * shape_config(tiny).num_hidden_layers} all-reduces alone (share)"])
+    if bandwidth:
+        print(f"one GPU at {ms_one / float(floor(one['parameters'])):.2f}x its floor; "
+              f"two GPUs at {ms_two / float(floor(two['parameters_per_rank'])):.2f}x theirs")
+    same = sum(a == b for a, b in zip(one["decode"]["tokens"], two["decode"]["tokens"]))
+    print(f"greedy tokens (random weights, near ties) equal at {same} of {len(one['decode']['tokens'])} positions")
+
+
+def two_target_config(tiny: bool) -> Path:
+    """A default kiln folder with targets ``one`` and ``two`` (devices = 2) of the torch runtime."""
+    device = "cpu" if tiny else "cuda"
+    compiled = 'compile.inductor(mode="default")' if tiny else "compile.inductor"
+    folder = kiln_folder(replacements={
+        'runtimes = ["onnxruntime", "torch"]': 'runtimes = ["torch"]',
+        "batch_sizes = [1, 8]": "batch_sizes = [1]"})
+    text = (folder / "kiln.toml").read_text()
+    text = re.sub(r"(?m)^recipes = \[[^\]]*\]", f"recipes = ['{compiled}', 'quantize.bf16 -> {compiled}']", text)
+    cpu = text[text.index("[targets.cpu]"):text.index("[policy]")]
+    one = cpu.replace("[targets.cpu]", "[targets.one]").replace('device = "cpu"', f'device = "{device}"')
+    two = one.replace("[targets.one]", "[targets.two]").replace("devices = 1", "devices = 2")
+    two = re.sub(r"(?m)^recipes = \[[^\]]*\]",
+                 f"recipes = ['shard.tensor_parallel -> {compiled}', 'quantize.bf16 -> shard.tensor_parallel -> "
+                 f"{compiled}']", two)
+    assert "devices = 2" in two and "shard.tensor_parallel" in two
+    (folder / "kiln.toml").write_text(text.replace(cpu, one + two))
+    return folder
+
+
+def equality(tiny: bool) -> None:
+    import numpy as np
+    import torch
+    from helpers import trained_llama
+
+    from modelkiln.config import load_config
+    from modelkiln.targets.decoding import greedy_tokens
+
+    t0 = time.time()
+    model, text = trained_llama()
+    trained_s = time.time() - t0
+    folder = two_target_config(tiny)
+    staged = folder / "staged" / "trained-llama"
+    model.save_pretrained(str(staged), safe_serialization=True)
+    windows = np.stack([np.frombuffer(text[i * 97:i * 97 + 64], dtype=np.uint8) for i in range(16)])
+    np.savez(staged / "calibration.npz", inputs=windows.astype(np.int64))
+    t0 = time.time()
+    variants, promoted = optimize(load_config(folder / "kiln.toml"), staged, "trained-llama")
+    daemon_s = time.time() - t0
+    rows, checks, ones = [], {}, {}
+    for v in sorted(variants, key=lambda v: (v["target"], v["variant"])):
         m = v.get("metrics") or {}
         decode = m.get("decode") or {}
-        if not decode:
-            rows.append([v["target"], v["variant"], v["status"], "", "", "", "", "", (v.get("reason") or "")[:80]])
+        recipe = v["variant"].removeprefix("torch:")
+        check = {}
+        if v["status"] == "succeeded":
+            document = json.loads((Path(v["path"]) / "variant.json").read_text())
+            check = document["metrics"].get("checks", {}).get("shard_check", {})
+        if check:
+            checks["bf16" if "bf16" in recipe else "fp32"] = check
+        elif v["status"] == "succeeded" and v["target"] == "one":
+            ones["bf16" if "bf16" in recipe else "fp32"] = Path(v["path"])
+        rows.append([v["target"], recipe + (" (promoted)" if v["id"] in promoted else ""), v["status"],
+                     f"{decode['decode_ms_per_token']:.3f}" if decode else "", f"{m['quality']:.4f}" if m else "",
+                     f"{check['greedy_equal']} of {check['greedy_positions']}, {check['greedy_ties']} ties"
+                     if check else "", (v.get("reason") or "")[:70]])
+    print_table(f"trained small Llama (trained {trained_s:.0f} s), default gate, {daemon_s:.0f} s in the daemon",
+                rows, ["target", "variant", "status", "decode ms/token", "next-token top-1",
+                       "greedy tokens over 2 ranks = unsharded", "reason"])
+    # The one-GPU artifacts, loaded as serving code would, on the sharded check's prompts.
+    for kind, path in ones.items():
+        if kind not in checks:
             continue
-        document = json.loads((Path(v["path"]) / "variant.json").read_text())
-        record = v["lineage"][0]["record"] if v["lineage"] else {}
-        per_gpu = record.get("parameters_per_rank", params)
-        floor = f"{per_gpu * 2 / (bandwidth * 1e9) * 1000:.2f}" if bandwidth else ""
-        check = document["metrics"]["checks"].get("shard_check")
-        tokens[v["target"]] = decode["tokens"]
-        rows.append([v["target"], v["variant"], v["status"], f"{decode['decode_ms_per_token']:.2f}", floor,
-                     f"{decode['prefill_ms']:.2f}", f"{m['quality']:.4f}",
-                     f"{check['max_abs_diff']:.3g} <= {check['tolerance']:.3g}" if check else "", ""])
-    print_table(f"{'small Llama on the CPU (gloo)' if tiny else 'Llama-2-7B-shaped, bf16'}: one device against "
-                f"two ({daemon_s:.0f} s in the daemon)" + (f"; copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""),
-                rows, ["target", "variant", "status", "decode ms/token", "floor ms", "prefill ms",
-                       "next-token top-1", "sharded check", "reason"])
-    if len(tokens) == 2:
-        same = sum(a == b for a, b in zip(tokens["one"], tokens["two"]))
-        print(f"greedy tokens equal at {same} of {len(tokens['one'])} positions")
-    layers = shape.num_hidden_layers
-    print(f"all-reduce of one token's hidden state ({shape.hidden_size} bf16, {backend}): {reduce_us:.1f} us; "
-          f"{2 * layers} per token = {2 * layers * reduce_us / 1000:.2f} ms/token")
+        prompts = np.load(next(Path(v["path"]) for v in variants if v["target"] == "two" and v["status"] ==
+                               "succeeded" and ("bf16" in v["variant"]) == (kind == "bf16")) / "greedy_check.npz")[
+            "prompts"]
+        device = "cpu" if tiny else "cuda:0"
+        program = torch.export.load(str(path / "decode.pt2")).module().to(device)
+        one = [greedy_tokens(program, p, 16, device) for p in prompts]
+        two = checks[kind]["greedy_tokens"]
+        same = sum(a == b for x, y in zip(one, two) for a, b in zip(x, y))
+        print(f"{kind}: the one-GPU artifact's greedy tokens equal the two-GPU variant's at {same} of "
+              f"{sum(len(x) for x in one)} positions ({len(prompts)} text prompts x 16 tokens)")
+
+
+def main():
+    tiny = "--tiny" in sys.argv
+    only = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if not only or "speed" in only:
+        speed(tiny)
+    if not only or "equality" in only:
+        equality(tiny)
 
 
 if __name__ == "__main__":
