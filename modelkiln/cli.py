@@ -305,7 +305,7 @@ def _print_variants(config, model, as_json):
         with store.session() as session:
             known = bool(queries.checkpoints(session, model))
         if not known:
-            raise KilnError(f"no checkpoint of model {model!r} in {config.store_url}; `kiln status` lists the models")
+            raise KilnError(f"no checkpoint of model {model!r} in {config.store_shown}; `kiln status` lists the models")
     if as_json:
         click.echo(json.dumps(variants, indent=2))
         return
@@ -373,7 +373,7 @@ def report(config_path, model, out_dir):
         history = [views.promotion_dict(p, "") for p in queries.promotion_history(session, model)]
         current = {p.target: p.variant_id for p in queries.current_promotions(session) if p.model == model}
     if not checkpoints:
-        raise KilnError(f"no checkpoint of model {model!r} in {config.store_url}; `kiln status` lists the models")
+        raise KilnError(f"no checkpoint of model {model!r} in {config.store_shown}; `kiln status` lists the models")
     page = render(model, checkpoints, variants, history, current, config.policy,
                   datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     folder = Path(out_dir)
@@ -704,7 +704,7 @@ def db_upgrade(config_path):
 
     config = _load(config_path)
     store = open_store(config, allow_upgrade=True)
-    click.echo(f"{config.store_url}: at schema revision {current_revision(store.engine)} (head {head_revision()})")
+    click.echo(f"{config.store_shown}: at schema revision {current_revision(store.engine)} (head {head_revision()})")
 
 
 @main.command()

@@ -200,6 +200,11 @@ class Config:
         return f"sqlite:///{self._resolve(Path(url))}"
 
     @property
+    def store_shown(self) -> str:
+        """``store_url`` as messages show it: a password in it replaced by ``***``."""
+        return re.sub(r"^([a-z0-9+]+://[^:/@]*:)[^@]*@", r"\1***@", self.store_url)
+
+    @property
     def registry_path(self) -> Path:
         return self._resolve(self.registry.path)
 

@@ -8,8 +8,11 @@ promoted link and checks that the folder it points to is complete (``variant.jso
 the file it names). Afterwards the catalogue must say: every job ended and succeeded,
 every checkpoint done, each step of a checkpoint's promotion history once (never the same
 variant twice in a row), the newest checkpoint promoted on each target, the links
-pointing at the newest promotion, and SQLite's
-``PRAGMA integrity_check`` answering ok.
+pointing at the newest promotion, and (on SQLite) ``PRAGMA integrity_check`` answering ok.
+
+The catalogue is the default SQLite file, or any database URL (``store_url``: a
+PostgreSQL server shared by several hosts); ``daemons = 2`` runs two daemons on the one
+catalogue and folder, as two hosts would, each kill striking one of them at random.
 
 ``tests/test_reliability.py`` runs two seeds; ``bench/bench_sigkill.py`` runs fifty.
 """
@@ -21,7 +24,6 @@ import os
 import random
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -46,12 +48,14 @@ input_shape = [16]
 """
 
 
-def campaign_folder(folder: Path) -> Path:
+def campaign_folder(folder: Path, store_url: str | None = None) -> Path:
     from modelkiln.config import write_default_config
 
     write_default_config(folder, CONFIG_EXTRA)
     path = folder / "kiln.toml"
     text = path.read_text()
+    if store_url:
+        text = text.replace('url = "kiln.db"', f'url = "{store_url}"', 1)
     text = re.sub(r"(?m)^recipes = \[[^\]]*\]", 'recipes = ["baseline", "quantize.int8_dynamic"]', text, count=1)
     for old, new in (('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["onnxruntime"]'),
                      ("warmup_runs = 5", "warmup_runs = 1"), ("min_runs = 20", "min_runs = 5"),
@@ -114,10 +118,12 @@ def serve(folder: Path, log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "modelkiln", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def run_campaign(folder: Path, seed: int, kills: int = KILLS, timeout: float = 240.0) -> dict:
+def run_campaign(folder: Path, seed: int, kills: int = KILLS, timeout: float = 240.0,
+                 store_url: str | None = None, daemons: int = 1) -> dict:
     """One seeded run; returns what happened and every problem found (``problems``)."""
     rng = random.Random(seed)
-    campaign_folder(folder)
+    campaign_folder(folder, store_url)
+    catalogue = _catalogue(folder)
     staged = stage_checkpoints(folder, seed)
     (folder / "promoted").mkdir(exist_ok=True)
     reader = Reader(folder / "promoted")
@@ -128,7 +134,7 @@ def run_campaign(folder: Path, seed: int, kills: int = KILLS, timeout: float = 2
     events += [(rng.uniform(0.3, 8.0), "kill", k) for k in range(kills)]
     events.sort()
     log = open(folder / "serve.log", "ab")
-    daemon = serve(folder, log)
+    running = [serve(folder, log) for _ in range(daemons)]
     started = time.monotonic()
     killed_at = []
     for at, kind, index in events:
@@ -141,71 +147,90 @@ def run_campaign(folder: Path, seed: int, kills: int = KILLS, timeout: float = 2
             else:
                 os.rename(staged[index].parent, final)
         else:
-            daemon.send_signal(signal.SIGKILL)
-            daemon.wait(10)
+            victim = rng.randrange(daemons)
+            running[victim].send_signal(signal.SIGKILL)
+            running[victim].wait(10)
             killed_at.append(round(time.monotonic() - started, 2))
-            daemon = serve(folder, log)
+            running[victim] = serve(folder, log)
     problems: list[str] = []
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if daemon.poll() is not None:
-                problems.append(f"kiln serve exited with {daemon.returncode}")
+            exited = [d.returncode for d in running if d.poll() is not None]
+            if exited:
+                problems.append(f"kiln serve exited with {exited[0]}")
                 break
-            if _settled(folder):
+            if _settled(catalogue):
                 break
             time.sleep(0.25)
         else:
             problems.append(f"not settled after {timeout:.0f} s")
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            problems.append("did not stop within 60 s of SIGTERM")
+        for daemon in running:
+            daemon.send_signal(signal.SIGTERM)
+        for daemon in running:
+            try:
+                daemon.wait(60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                problems.append("did not stop within 60 s of SIGTERM")
         reader.stop_event.set()
         reader.join(5)
         log.close()
     problems += reader.violations[:10]
-    problems += check_catalogue(folder)
+    problems += check_catalogue(folder, catalogue)
+    catalogue.dispose()
     return {"seed": seed, "kills_at_s": killed_at, "seconds": round(time.monotonic() - started, 1),
             "reader_looks": reader.looks, "problems": problems}
 
 
-def _settled(folder: Path) -> bool:
-    db = folder / "kiln.db"
-    if not db.exists():
-        return False
+def _catalogue(folder: Path):
+    """An engine on the campaign's catalogue, whichever database the config names."""
+    from sqlalchemy import create_engine
+
+    from modelkiln.config import load_config
+
+    return create_engine(load_config(folder / "kiln.toml").store_url)
+
+
+def _settled(catalogue) -> bool:
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    database = catalogue.url.database
+    if catalogue.dialect.name == "sqlite" and not Path(database).exists():
+        return False  # looking would create the file before the daemon does
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            done = conn.execute("SELECT COUNT(*) FROM checkpoints WHERE status = 'done'").fetchone()[0]
-            open_jobs = conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running')").fetchone()[0]
-    except sqlite3.Error:
-        return False
+        with catalogue.connect() as conn:
+            done = conn.execute(text("SELECT COUNT(*) FROM checkpoints WHERE status = 'done'")).scalar_one()
+            open_jobs = conn.execute(text(
+                "SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running')")).scalar_one()
+    except SQLAlchemyError:
+        return False  # not created yet, or busy
     return done == CHECKPOINTS and open_jobs == 0
 
 
-def check_catalogue(folder: Path) -> list[str]:
+def check_catalogue(folder: Path, catalogue) -> list[str]:
+    from sqlalchemy import text
+
     problems = []
-    db = folder / "kiln.db"
-    with sqlite3.connect(db) as conn:
-        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        if integrity != "ok":
-            problems.append(f"integrity_check: {integrity}")
-        checkpoints = conn.execute("SELECT id, version, status FROM checkpoints ORDER BY id").fetchall()
+    with catalogue.connect() as conn:
+        if catalogue.dialect.name == "sqlite":
+            integrity = conn.execute(text("PRAGMA integrity_check")).scalar_one()
+            if integrity != "ok":
+                problems.append(f"integrity_check: {integrity}")
+        checkpoints = conn.execute(text("SELECT id, version, status FROM checkpoints ORDER BY id")).fetchall()
         if len(checkpoints) != CHECKPOINTS or any(status != "done" for _, _, status in checkpoints):
             problems.append(f"checkpoints: {checkpoints}")
-        bad_jobs = conn.execute("SELECT id, kind, state, reason FROM jobs WHERE state != 'succeeded'").fetchall()
+        bad_jobs = conn.execute(text("SELECT id, kind, state, reason FROM jobs WHERE state != 'succeeded'")).fetchall()
         if bad_jobs:
             problems.append(f"jobs not succeeded: {bad_jobs}")
         # Anytime promotion: a checkpoint may be promoted several times on a target as
         # better variants are measured, each step once (keys 1..n), never the same variant
         # twice in a row.
         steps: dict[tuple, list] = {}
-        for c, t, key, variant in conn.execute(
-                "SELECT checkpoint_id, target, decision_key, variant_id FROM promotions ORDER BY id"):
+        for c, t, key, variant in conn.execute(text(
+                "SELECT checkpoint_id, target, decision_key, variant_id FROM promotions ORDER BY id")):
             steps.setdefault((c, t), []).append((key, variant))
         for (c, t), made in steps.items():
             if [k for k, _ in made] != [f"auto:{c}:{t}:{n}" for n in range(1, len(made) + 1)] or any(
@@ -216,9 +241,9 @@ def check_catalogue(folder: Path) -> list[str]:
             if not steps.get((newest, target)):
                 problems.append(f"newest checkpoint {newest} has no promotion on {target}")
                 continue
-            (artifact,) = conn.execute(
+            (artifact,) = conn.execute(text(
                 "SELECT v.artifact_path FROM promotions p JOIN variants v ON v.id = p.variant_id "
-                "WHERE p.target = ? ORDER BY p.id DESC LIMIT 1", (target,)).fetchone()
+                "WHERE p.target = :target ORDER BY p.id DESC LIMIT 1"), {"target": target}).fetchone()
             link = folder / "promoted" / "tiny" / target
             if not link.is_symlink() or os.readlink(link) != artifact:
                 problems.append(f"{link} does not point at the newest promotion ({artifact})")

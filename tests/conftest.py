@@ -67,6 +67,29 @@ def trained_digits():
 
 
 @pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server on loopback for the session (``postgres.py``)."""
+    import os
+
+    import postgres
+
+    bin_dir = postgres.binaries()
+    if bin_dir is None:
+        if os.environ.get("KILN_REQUIRE_POSTGRES") == "1":
+            pytest.fail("KILN_REQUIRE_POSTGRES=1 but no PostgreSQL server binaries (initdb) are installed")
+        pytest.skip("no PostgreSQL server binaries (initdb): .ci/run installs them")
+    server = postgres.Server(bin_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(scope="session")
 def trained_lm():
     """A small Llama trained on English text (``helpers.trained_llama``), and the text."""
     from helpers import trained_llama

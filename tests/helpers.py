@@ -192,3 +192,14 @@ def trained_llama(steps: int = 300, seed: int = 0):
         loss.backward()
         optimizer.step()
     return model.eval(), text
+
+
+def use_store(kiln_dir: Path, url: str):
+    """Point ``kiln_dir``'s config at the database ``url``; the loaded config."""
+    path = kiln_dir / "kiln.toml"
+    text = path.read_text()
+    assert 'url = "kiln.db"' in text
+    path.write_text(text.replace('url = "kiln.db"', f'url = "{url}"', 1))
+    from modelkiln.config import load_config
+
+    return load_config(path)

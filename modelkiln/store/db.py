@@ -13,7 +13,7 @@ import fcntl
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -109,15 +109,29 @@ def _known_revisions() -> set[str]:
     return {rev.revision for rev in script.walk_revisions()}
 
 
+# pg_advisory_lock's key for schema checks and upgrades: any constant no other code uses.
+_MIGRATION_LOCK_KEY = 0x6B696C6E6D696772  # "kilnmigr"
+
+
 @contextmanager
 def _migration_lock(engine: Engine):
-    """Serialise schema checks and upgrades between processes sharing a SQLite file.
+    """Serialise schema checks and upgrades between processes sharing a database.
 
-    SQLite DDL is not transactional through pysqlite, so a process that looked while
-    another was migrating would see half a schema. Whoever finds the revision is not
-    head takes this lock and looks again; the migrator holds it until it is done.
-    PostgreSQL's DDL is transactional and needs no such lock.
+    Whoever finds the revision is not head takes this lock and looks again; the migrator
+    holds it until it is done. A SQLite file: a lock file beside it (SQLite DDL is not
+    transactional through pysqlite, so a process that looked while another migrated would
+    see half a schema). PostgreSQL: a session-level advisory lock (its DDL is
+    transactional, but two hosts creating the same tables at once would both try, and
+    one fail on a unique violation).
     """
+    if engine.url.get_backend_name() == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        return
     database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
     if not database or database == ":memory:":
         yield

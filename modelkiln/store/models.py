@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -44,7 +45,7 @@ class Checkpoint(Base):
     source_uri: Mapped[str] = mapped_column(Text)
     format: Mapped[str | None] = mapped_column(String(32))
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     # Cheap stat signature of the source folder: a rescan compares it before hashing.
     fingerprint: Mapped[str] = mapped_column(String(64))
     # ingested -> ready -> done, or rejected / duplicate
@@ -75,7 +76,7 @@ class Variant(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     artifact_path: Mapped[str | None] = mapped_column(Text)
     artifact_file: Mapped[str | None] = mapped_column(Text)
-    size_bytes: Mapped[int | None] = mapped_column(Integer)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     quality_metric: Mapped[str | None] = mapped_column(String(32))
     quality: Mapped[float | None] = mapped_column(Float)
     baseline_quality: Mapped[float | None] = mapped_column(Float)
@@ -109,7 +110,7 @@ class Measurement(Base):
     latency_p50_ms: Mapped[float] = mapped_column(Float)
     latency_p95_ms: Mapped[float] = mapped_column(Float)
     throughput_per_s: Mapped[float] = mapped_column(Float)
-    peak_memory_bytes: Mapped[int] = mapped_column(Integer)
+    peak_memory_bytes: Mapped[int] = mapped_column(BigInteger)
     runs: Mapped[int] = mapped_column(Integer)
 
     variant: Mapped[Variant] = relationship(back_populates="measurements")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import case, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -120,6 +120,15 @@ def queue_job(session: Session, kind: str, checkpoint_id: int, target: str | Non
         session.rollback()
 
 
+def database_now(session: Session) -> datetime:
+    """The time leases are stamped and judged by: the database server's clock where hosts
+    share one (PostgreSQL), so a host whose clock runs ahead cannot expire its peers'
+    leases early; the host's own for a SQLite file, which one host holds."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.execute(text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")).scalar_one()
+    return utcnow()
+
+
 def lease_jobs(
     session: Session, owner: str, targets: list[str], limit: int, lease_seconds: float, now: datetime | None = None
 ) -> list[Job]:
@@ -128,7 +137,7 @@ def lease_jobs(
     Each job is claimed by a compare-and-set UPDATE, so two daemons on one database never
     run the same job; on PostgreSQL the candidate scan skips rows another host has locked.
     """
-    now = now or utcnow()
+    now = now or database_now(session)
     runnable = or_(Job.target.is_(None), Job.target.in_(targets)) if targets else Job.target.is_(None)
     # Cheapest expected work first (inspections and run-offs have priority 0), then oldest.
     query = select(Job.id).where(Job.state == "pending", runnable).order_by(Job.priority, Job.id).limit(limit)
@@ -157,7 +166,7 @@ def renew_leases(session: Session, owner: str, job_ids: list[int], lease_seconds
     """Extend the leases of these running jobs, with what each reports doing (``progress``)."""
     if not job_ids:
         return
-    now = utcnow()
+    now = database_now(session)
     progress = progress or {}
     still = [job_id for job_id in job_ids if job_id not in progress]
     if still:
@@ -191,7 +200,7 @@ def release_jobs(session: Session, owner: str, job_ids: list[int], reason: str) 
 
 def requeue_expired(session: Session, max_attempts: int, reason: str, now: datetime | None = None) -> int:
     """Running jobs whose lease ran out go back to pending, or fail after too many tries."""
-    return _requeue(session, Job.lease_expires_at < (now or utcnow()), max_attempts, reason)
+    return _requeue(session, Job.lease_expires_at < (now or database_now(session)), max_attempts, reason)
 
 
 def requeue_owned(session: Session, owners: list[str], max_attempts: int, reason: str) -> int:
