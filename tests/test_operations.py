@@ -311,3 +311,54 @@ def test_a_worker_has_a_memory_limit_by_default(monkeypatch):
     assert executor.worker_memory_limit_mb(0, 1) == 18 * 1024  # three quarters of the host's
     assert executor.worker_memory_limit_mb(0, 2) == 9 * 1024  # shared among the workers
     assert executor.worker_memory_limit_mb(4096, 2) == 4096  # what the config says
+
+
+def test_hosts_with_different_targets_on_one_catalogue_each_get_their_targets_promoted(kiln_dir, tiny_checkpoint,
+                                                                                       tmp_path):
+    """Host A runs the cpu target only; host B, sharing the database and folders, runs cpu
+    and edge. A checkpoint A inspected (and finished) gets edge variants when B starts; one
+    A inspects while B runs gets them at B's next rescan; both are promoted on edge."""
+    from helpers import run_until_done
+    from modelkiln.config import load_config
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.plugins.api import Candidate
+    from modelkiln.store import queries
+
+    config_a = load_config(kiln_dir / "kiln.toml")
+    text = (kiln_dir / "kiln.toml").read_text()
+    cpu = text[text.index("[targets.cpu]"):text.index("[policy]")]
+    edge = cpu.replace("[targets.cpu]", "[targets.edge]").replace('runtimes = ["onnxruntime", "torch"]',
+                                                                   'runtimes = ["torch"]')
+    (kiln_dir / "b.toml").write_text(text.replace(cpu, cpu + edge))
+    config_b = load_config(kiln_dir / "b.toml")
+
+    host_a = Daemon(config_a, watch=False, schedule=False)
+    host_a.start()
+    first = host_a.ingest_path(Candidate("tiny", "1", tiny_checkpoint))
+    assert run_until_done(host_a, first).status == "done"
+    host_b = Daemon(config_b, watch=False, schedule=False)
+    host_b.start()  # plans edge for version 1 and makes it ready again
+    try:
+        assert run_until_done(host_b, first).status == "done"
+        import torch
+        from safetensors.torch import save_file
+
+        from helpers import tiny_mlp
+
+        torch.manual_seed(1)
+        (tmp_path / "v2").mkdir()
+        save_file(tiny_mlp().state_dict(), str(tmp_path / "v2" / "model.safetensors"))
+        second = host_a.ingest_path(Candidate("tiny", "2", tmp_path / "v2"))
+        assert run_until_done(host_a, second).status == "done"  # host A knows nothing of edge
+        host_b.inbox.put(("rescan", None))
+        host_b.run_once(0.05)
+        assert run_until_done(host_b, second).status == "done"
+    finally:
+        host_b.stop(5)
+        host_a.stop(5)
+    with host_b.store.session() as session:
+        served = {(p.target, p.variant.checkpoint.version) for p in queries.current_promotions(session)}
+        variants = {(v.target, v.checkpoint.version) for v in queries.variants_of_model(session, "tiny")}
+    assert {("cpu", "2"), ("edge", "2")} <= served, served
+    assert {("edge", "1"), ("edge", "2")} <= variants
+    assert (kiln_dir / "promoted" / "tiny" / "edge").is_symlink()

@@ -50,12 +50,14 @@ class Planner:
             for text in target.recipes
         }
 
-    def plan(self, session, checkpoint: Checkpoint, only_missing: bool = False) -> list[Planned]:
+    def plan(self, session, checkpoint: Checkpoint, only_missing: bool = False, planned: set | None = None
+             ) -> list[Planned]:
         """Every variant the config asks for (``only_missing``: that the checkpoint does not
-        have yet), with what it is expected to cost and gain."""
+        have yet; ``planned``: what it has, when the caller looked already), with what it
+        is expected to cost and gain."""
         wanted = self.wanted()
         if only_missing:
-            wanted = wanted - queries.planned_variants(session, checkpoint.id)
+            wanted = wanted - (planned if planned is not None else queries.planned_variants(session, checkpoint.id))
         batch_size = self.config.policy.objective_batch_size
         return [
             plan_entry(session, checkpoint, target, runtime, recipe, self.plugins.steps, batch_size)

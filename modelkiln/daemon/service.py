@@ -232,16 +232,37 @@ class Daemon:
                 n = units.requeue_owned(session, dead, self.config.workers.max_attempts,
                                         "the daemon running it stopped")
                 log.info("returned %d job(s) of a stopped daemon to pending", n)
-            for checkpoint in queries.checkpoints(session):
-                if checkpoint.status in ("ready", "done"):  # recipes added to the config since
-                    missing = self.planner.plan(session, checkpoint, only_missing=True)
-                    if missing:
-                        units.add_variants(session, checkpoint.id, missing)
-                if checkpoint.status == "ready":  # recipes removed from it since
-                    self._cancel_unwanted(session, queries.pending_variant_jobs(session, checkpoint.id))
+            self._plan_missing(session)
+            for checkpoint in queries.checkpoints_with_status(session, "ready"):  # recipes removed since
+                self._cancel_unwanted(session, queries.pending_variant_jobs(session, checkpoint.id))
             self._settle(session)
             self.promoter.sync_links(session)
             self._seen_promotion = queries.last_promotion_id(session)
+
+    def _plan_missing(self, session) -> int:
+        """Variant jobs for what this host's config asks of checkpoints already inspected
+        and not planned yet: recipes or targets added to this config since, or checkpoints
+        another host inspected for its own targets (hosts sharing a catalogue may run
+        different target tables). A done checkpoint given jobs is ready again, so its
+        promotions are decided as they end. One query for the whole catalogue, on start
+        and at every rescan; returns how many variants were added."""
+        wanted = self.planner.wanted()
+        targets = sorted({target for target, _, _ in wanted})
+        added = 0
+        for checkpoint_id, planned in queries.planned_by_checkpoint(session, ("ready", "done"), targets).items():
+            if not wanted - planned:
+                continue
+            checkpoint = queries.checkpoint(session, checkpoint_id)
+            missing = self.planner.plan(session, checkpoint, only_missing=True, planned=planned)
+            count = units.add_variants(session, checkpoint.id, missing)
+            if count:
+                units.reopen(session, checkpoint)
+                added += count
+                log.info("%s/%s: %d variant(s) planned for %s, added to this host's config or not planned by the "
+                         "host that inspected it", checkpoint.model, checkpoint.version, count,
+                         ", ".join(sorted({p.target for p in missing})),
+                         extra=about(checkpoint.model, checkpoint.version))
+        return added
 
     def _cancel_unwanted(self, session, jobs: list[Job]) -> int:
         """Cancel the pending variant jobs whose recipe or runtime this host's config no
@@ -377,6 +398,7 @@ class Daemon:
         if rescan:
             self.background.submit("scanned", "scan", self.registry.scan)
             with self.store.session() as session:
+                self._plan_missing(session)
                 self._settle(session)
 
     @property

@@ -244,6 +244,20 @@ def open_jobs_for(session: Session, checkpoint_id: int) -> int:
 # -- variants -------------------------------------------------------------------------
 
 
+def planned_by_checkpoint(session: Session, statuses: tuple[str, ...], targets: list[str]) -> dict[int, set]:
+    """For every checkpoint of these statuses: the (target, runtime, recipe) of its
+    variants on ``targets`` (an empty set where it has none), in one query."""
+    found: dict[int, set] = {cid: set() for cid in session.scalars(
+        select(Checkpoint.id).where(Checkpoint.status.in_(statuses)))}
+    rows = session.execute(
+        select(Variant.checkpoint_id, Variant.target, Variant.runtime, Variant.recipe)
+        .join(Checkpoint, Checkpoint.id == Variant.checkpoint_id)
+        .where(Checkpoint.status.in_(statuses), Variant.target.in_(targets)))
+    for checkpoint_id, target, runtime, recipe in rows:
+        found.setdefault(checkpoint_id, set()).add((target, runtime, recipe))
+    return found
+
+
 def planned_variants(session: Session, checkpoint_id: int) -> set[tuple[str, str, str]]:
     """(target, runtime, recipe) of every variant a checkpoint has."""
     return set(session.execute(select(Variant.target, Variant.runtime, Variant.recipe)

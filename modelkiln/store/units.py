@@ -56,10 +56,23 @@ def record_inspection(session: Session, job: Job, checkpoint: Checkpoint, status
 
 
 def add_variants(session: Session, checkpoint_id: int, plan) -> int:
-    """A variant and its job for each planned (target, runtime, recipe) not planned yet."""
-    added = _add_variants(session, checkpoint_id, plan)
-    session.commit()
+    """A variant and its job for each planned (target, runtime, recipe) not planned yet.
+    Another host planning the same at the same moment wins: 0 is returned then."""
+    try:
+        added = _add_variants(session, checkpoint_id, plan)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return 0
     return added
+
+
+def reopen(session: Session, checkpoint: Checkpoint) -> None:
+    """A done checkpoint given new variant jobs (a target or recipe added, on this host or
+    another sharing the catalogue) is ready again: its promotions are decided as they end."""
+    if checkpoint.status == "done":
+        checkpoint.status = "ready"
+        session.commit()
 
 
 def close_if_done(session: Session, checkpoint: Checkpoint) -> bool:
