@@ -142,3 +142,65 @@ def test_systemd_hears_ready_watchdog_and_stopping(config, tmp_path, monkeypatch
         daemon.stop(0)
     assert listener.recv(4096) == b"STOPPING=1\nSTATUS=stopping"
     listener.close()
+
+
+def test_healthz_says_starting_while_a_large_catalogue_is_recovered(config, monkeypatch):
+    """The port answers from the moment it is bound: 503 "starting" during recovery,
+    not a connection that hangs."""
+    import threading
+
+    recovering, finish = threading.Event(), threading.Event()
+    original = Daemon._recover
+
+    def slow_recover(self):
+        recovering.set()
+        finish.wait(30)
+        original(self)
+
+    monkeypatch.setattr(Daemon, "_recover", slow_recover)
+    daemon = Daemon(config, preload=False)
+    starter = threading.Thread(target=daemon.start)
+    starter.start()
+    try:
+        assert recovering.wait(30)
+        code, body = http_get(f"http://{daemon.http.address}/healthz")
+        assert code == 503 and json.loads(body)["checks"] == {"loop": "starting"}
+        assert "kiln_up 0" in http_get(f"http://{daemon.http.address}/metrics")[1].splitlines()
+        finish.set()
+        starter.join(60)
+        assert http_get(f"http://{daemon.http.address}/healthz")[0] == 200
+    finally:
+        finish.set()
+        starter.join(60)
+        daemon.stop(5)
+
+
+def check_duration_histogram(store) -> None:
+    """The /metrics histogram as the database aggregates it, against durations set here."""
+    from datetime import datetime, timedelta
+
+    from modelkiln.store import queries
+    from modelkiln.store.models import Checkpoint, Job
+
+    start = datetime(2026, 11, 30, 12, 0, 0)
+    with store.session() as session:
+        checkpoint = Checkpoint(model="m", version="1", registry_kind="directory", source_uri="/x",
+                                content_hash="h" * 64, size_bytes=1, fingerprint="f", status="done", snapshot_path="/x")
+        session.add(checkpoint)
+        session.flush()
+        for n, seconds in enumerate((0.2, 0.7, 3.0, 45.0, 7200.0)):
+            session.add(Job(key=f"j{n}", kind="variant", checkpoint_id=checkpoint.id, state="succeeded",
+                            started_at=start, finished_at=start + timedelta(seconds=seconds)))
+        session.add(Job(key="pending", kind="variant", checkpoint_id=checkpoint.id, state="pending"))
+        session.commit()
+        ((kind, state, count, total, within),) = queries.job_duration_histogram(session, (0.5, 1, 60, 3600))
+    assert (kind, state, count) == ("variant", "succeeded", 5)
+    assert total == pytest.approx(7248.9, abs=1e-3) and within == [1, 2, 4, 4]
+
+
+def test_the_job_duration_histogram_is_aggregated_by_sqlite(config):
+    from modelkiln.store.db import open_store
+
+    store = open_store(config)
+    check_duration_histogram(store)
+    store.dispose()

@@ -26,6 +26,10 @@ DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 def health(daemon) -> tuple[bool, dict[str, str]]:
+    if not daemon.started and not daemon.stopping:
+        # Answered from the first moment the port is open: recovery of a large catalogue
+        # takes seconds, and a probe must hear "not yet", not hang.
+        return False, {"loop": "starting"}
     checks: dict[str, str] = {}
     try:
         with daemon.store.session() as session:
@@ -80,10 +84,16 @@ def metrics_text(daemon) -> str:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
 
+    if not daemon.started:
+        family("kiln_up", "gauge", "1 while /healthz reports ready.")
+        out.append(_line("kiln_up", 0))
+        return "\n".join(out) + "\n"
+    # Aggregates computed by the database: a scrape costs the same with a thousand jobs
+    # in the catalogue as with a hundred thousand.
     with daemon.store.session() as session:
         by_status = queries.checkpoint_counts(session)
         jobs = queries.job_counts_by_kind(session)
-        durations = queries.job_durations(session)
+        histogram = queries.job_duration_histogram(session, DURATION_BUCKETS)
         promotions = queries.promotion_counts(session)
 
     family("kiln_checkpoints_seen_total", "counter", "Checkpoints recorded since the catalogue was created.")
@@ -97,16 +107,12 @@ def metrics_text(daemon) -> str:
         out.append(_line("kiln_jobs", count, kind=kind, state=state))
 
     family("kiln_job_duration_seconds", "histogram", "Wall time of finished jobs, from lease to result.")
-    series: dict[tuple[str, str], list[float]] = {}
-    for kind, state, seconds in durations:
-        series.setdefault((kind, state), []).append(seconds)
-    for (kind, state), values in sorted(series.items()):
-        for bound in DURATION_BUCKETS:
-            out.append(_line("kiln_job_duration_seconds_bucket", sum(v <= bound for v in values),
-                             kind=kind, state=state, le=bound))
-        out.append(_line("kiln_job_duration_seconds_bucket", len(values), kind=kind, state=state, le="+Inf"))
-        out.append(_line("kiln_job_duration_seconds_sum", round(sum(values), 6), kind=kind, state=state))
-        out.append(_line("kiln_job_duration_seconds_count", len(values), kind=kind, state=state))
+    for kind, state, count, total, buckets in sorted(histogram):
+        for bound, within in zip(DURATION_BUCKETS, buckets):
+            out.append(_line("kiln_job_duration_seconds_bucket", within, kind=kind, state=state, le=bound))
+        out.append(_line("kiln_job_duration_seconds_bucket", count, kind=kind, state=state, le="+Inf"))
+        out.append(_line("kiln_job_duration_seconds_sum", round(total, 6), kind=kind, state=state))
+        out.append(_line("kiln_job_duration_seconds_count", count, kind=kind, state=state))
 
     family("kiln_promotions_total", "counter", "Promotions recorded, by target (rollbacks included).")
     for target, count in sorted(promotions.items()):

@@ -143,6 +143,7 @@ class Daemon:
         self.store = open_store(config)
         if config.http.address:  # bound first: a taken port is a config error, before any work starts
             self.http = HealthServer(self, config.http.address)
+            self.http.start()  # answers "starting" (503) until the recovery below ends
         self.plugins = plugins_for(config, self.extra_plugins)
         self._check_config()
         self.layout = Layout(config.artifacts_path)
@@ -179,8 +180,6 @@ class Daemon:
             self.scheduler.start()
         self.inbox.put(("rescan", None))
         self.started = True
-        if self.http:
-            self.http.start()
         self.notifier.ready(f"serving: registry {self.registry.path}, targets "
                             f"{', '.join(self.available_targets) or 'none available'}")
         log.info("daemon %s started: registry %s, targets %s, %d worker(s) of at most %s each%s", self.owner,
