@@ -122,7 +122,7 @@ def test_renamed_checkpoint_ends_up_promoted(kiln_dir, digits_checkpoint):
         assert "kiln_checkpoints_seen_total 1" in lines
         # One promotion per better variant measured, of the four.
         assert any(re.fullmatch(r'kiln_promotions_total\{target="cpu"\} [1-4]', line) for line in lines)
-        assert 'kiln_jobs{kind="variant",state="succeeded"} 4' in lines
+        assert 'kiln_jobs_ended_total{kind="variant",state="succeeded"} 4' in lines
         assert 'kiln_job_duration_seconds_count{kind="variant",state="succeeded"} 4' in lines
         assert "kiln_queue_depth 0" in lines and "kiln_up 1" in lines
         assert http_get(f"http://127.0.0.1:{port}/nothing")[0] == 404

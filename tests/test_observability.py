@@ -175,32 +175,12 @@ def test_healthz_says_starting_while_a_large_catalogue_is_recovered(config, monk
         daemon.stop(5)
 
 
-def check_duration_histogram(store) -> None:
-    """The /metrics histogram as the database aggregates it, against durations set here."""
-    from datetime import datetime, timedelta
+def test_job_counts_and_durations_are_kept_as_jobs_end_not_scanned_per_scrape():
+    from modelkiln.daemon.health import JobStats
 
-    from modelkiln.store import queries
-    from modelkiln.store.models import Checkpoint, Job
-
-    start = datetime(2026, 11, 30, 12, 0, 0)
-    with store.session() as session:
-        checkpoint = Checkpoint(model="m", version="1", registry_kind="directory", source_uri="/x",
-                                content_hash="h" * 64, size_bytes=1, fingerprint="f", status="done", snapshot_path="/x")
-        session.add(checkpoint)
-        session.flush()
-        for n, seconds in enumerate((0.2, 0.7, 3.0, 45.0, 7200.0)):
-            session.add(Job(key=f"j{n}", kind="variant", checkpoint_id=checkpoint.id, state="succeeded",
-                            started_at=start, finished_at=start + timedelta(seconds=seconds)))
-        session.add(Job(key="pending", kind="variant", checkpoint_id=checkpoint.id, state="pending"))
-        session.commit()
-        ((kind, state, count, total, within),) = queries.job_duration_histogram(session, (0.5, 1, 60, 3600))
-    assert (kind, state, count) == ("variant", "succeeded", 5)
-    assert total == pytest.approx(7248.9, abs=1e-3) and within == [1, 2, 4, 4]
-
-
-def test_the_job_duration_histogram_is_aggregated_by_sqlite(config):
-    from modelkiln.store.db import open_store
-
-    store = open_store(config)
-    check_duration_histogram(store)
-    store.dispose()
+    stats = JobStats(bounds=(0.5, 1, 60, 3600))
+    for seconds in (0.2, 0.7, 3.0, 45.0, 7200.0):
+        stats.observe("variant", "succeeded", seconds)
+    stats.observe("inspect", "failed", 2.0)
+    assert stats.snapshot() == [("inspect", "failed", 1, 2.0, [0, 0, 1, 1]),
+                                ("variant", "succeeded", 5, pytest.approx(7248.9), [1, 2, 4, 4])]

@@ -135,10 +135,3 @@ def test_sigkill_of_either_of_two_daemons_on_postgresql_loses_nothing_and_promot
     assert result["problems"] == [], result
     assert len(result["kills_at_s"]) == 3 and result["reader_looks"] > 100
 
-
-def test_the_job_duration_histogram_is_aggregated_by_postgresql(kiln_dir, postgres_url):
-    from test_observability import check_duration_histogram
-
-    store = open_store(use_store(kiln_dir, postgres_url))
-    check_duration_histogram(store)
-    store.dispose()

@@ -25,6 +25,32 @@ log = logging.getLogger(__name__)
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
+class JobStats:
+    """The jobs this daemon saw end since it started: how many, by kind and state, and how
+    long each took from lease to result (the /metrics histogram). Counted as jobs end, not
+    from the catalogue at each scrape, so a scrape costs the same whatever the history;
+    and per daemon, as Prometheus counters are per process: hosts sharing a catalogue each
+    report their own jobs, and a query sums them."""
+
+    def __init__(self, bounds=DURATION_BUCKETS):
+        self.bounds = bounds
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str], list] = {}  # -> [count, seconds summed, per-bound counts]
+
+    def observe(self, kind: str, state: str, seconds: float) -> None:
+        with self._lock:
+            series = self._series.setdefault((kind, state), [0, 0.0, [0] * len(self.bounds)])
+            series[0] += 1
+            series[1] += seconds
+            for n, bound in enumerate(self.bounds):
+                series[2][n] += seconds <= bound
+
+    def snapshot(self) -> list[tuple[str, str, int, float, list[int]]]:
+        with self._lock:
+            return sorted((kind, state, c, total, list(within))
+                          for (kind, state), (c, total, within) in self._series.items())
+
+
 def health(daemon) -> tuple[bool, dict[str, str]]:
     if not daemon.started and not daemon.stopping:
         # Answered from the first moment the port is open: recovery of a large catalogue
@@ -88,13 +114,13 @@ def metrics_text(daemon) -> str:
         family("kiln_up", "gauge", "1 while /healthz reports ready.")
         out.append(_line("kiln_up", 0))
         return "\n".join(out) + "\n"
-    # Aggregates computed by the database: a scrape costs the same with a thousand jobs
-    # in the catalogue as with a hundred thousand.
+    # Indexed counts only (checkpoints by status, open jobs, promotions by target): a
+    # scrape costs the same with a thousand jobs in the catalogue as with a hundred thousand.
     with daemon.store.session() as session:
         by_status = queries.checkpoint_counts(session)
-        jobs = queries.job_counts_by_kind(session)
-        histogram = queries.job_duration_histogram(session, DURATION_BUCKETS)
+        jobs = queries.open_job_counts(session)
         promotions = queries.promotion_counts(session)
+    ended = daemon.job_stats.snapshot()
 
     family("kiln_checkpoints_seen_total", "counter", "Checkpoints recorded since the catalogue was created.")
     out.append(_line("kiln_checkpoints_seen_total", sum(by_status.values())))
@@ -102,12 +128,16 @@ def metrics_text(daemon) -> str:
     for status in sorted(by_status):
         out.append(_line("kiln_checkpoints", by_status[status], status=status))
 
-    family("kiln_jobs", "gauge", "Jobs by kind and state.")
+    family("kiln_jobs", "gauge", "Open jobs in the catalogue, by kind and state (pending, running).")
     for kind, state, count in sorted(jobs):
         out.append(_line("kiln_jobs", count, kind=kind, state=state))
 
-    family("kiln_job_duration_seconds", "histogram", "Wall time of finished jobs, from lease to result.")
-    for kind, state, count, total, buckets in sorted(histogram):
+    family("kiln_jobs_ended_total", "counter", "Jobs this daemon ran that ended, by kind and final state.")
+    for kind, state, count, _, _ in ended:
+        out.append(_line("kiln_jobs_ended_total", count, kind=kind, state=state))
+    family("kiln_job_duration_seconds", "histogram",
+           "Wall time of the jobs this daemon ran, from lease to result, by kind and final state.")
+    for kind, state, count, total, buckets in ended:
         for bound, within in zip(DURATION_BUCKETS, buckets):
             out.append(_line("kiln_job_duration_seconds_bucket", within, kind=kind, state=state, le=bound))
         out.append(_line("kiln_job_duration_seconds_bucket", count, kind=kind, state=state, le="+Inf"))

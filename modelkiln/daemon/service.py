@@ -43,7 +43,7 @@ from ..store.db import DatabaseBusy, open_store
 from ..store.models import Checkpoint, Job, utcnow
 from ..targets.devices import target_unavailable_reason
 from .executor import Executor, worker_memory_limit_mb
-from .health import HealthServer
+from .health import HealthServer, JobStats
 from .ingest import Background, Ingestor, Prepared
 from .layout import Layout
 from .logs import about
@@ -125,6 +125,7 @@ class Daemon:
         self._failed_takes: dict[str, str] = {}
         self._next_heartbeat = 0.0
         self.watcher = self.scheduler = self.http = None
+        self.job_stats = JobStats()
         self.started = False
 
     # -- lifecycle --------------------------------------------------------------------
@@ -623,8 +624,10 @@ class Daemon:
                     shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
     def _ended(self, session, job: Job) -> None:
-        """Tell plugins that a job ended."""
+        """Count a job that ended (/metrics) and tell plugins."""
         self._progress_logged.pop(job.id, None)
+        if job.started_at is not None and job.finished_at is not None:
+            self.job_stats.observe(job.kind, job.state, max(0.0, (job.finished_at - job.started_at).total_seconds()))
         if job.kind == "variant":
             variant = views.variant_dict(queries.variant(session, job.variant_id))
             notify(self.plugins.manager, "kiln_variant_ended", variant=variant)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import and_, case, func, select, text
+from sqlalchemy import and_, func, select, text
 from sqlalchemy.orm import Session, selectinload
 
 from .models import Checkpoint, Job, Measurement, Pin, Promotion, Variant
@@ -205,28 +205,11 @@ def checkpoint_counts(session: Session) -> dict[str, int]:
     return dict(session.execute(select(Checkpoint.status, func.count()).group_by(Checkpoint.status)).all())
 
 
-def job_counts_by_kind(session: Session) -> list[tuple[str, str, int]]:
-    """(kind, state, count) of every job kind and state there is."""
+def open_job_counts(session: Session) -> list[tuple[str, str, int]]:
+    """(kind, state, count) of the pending and running jobs (the state index finds them)."""
     return [tuple(row) for row in session.execute(
-        select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()]
-
-
-def job_duration_histogram(session: Session, bounds) -> list[tuple[str, str, int, float, list[int]]]:
-    """Per (kind, state) of the ended jobs: how many, their seconds from lease to result
-    summed, and how many took at most each of ``bounds`` seconds; in one aggregate query."""
-    if session.get_bind().dialect.name == "postgresql":
-        seconds = func.extract("epoch", Job.finished_at - Job.started_at)
-    else:
-        seconds = (func.julianday(Job.finished_at) - func.julianday(Job.started_at)) * 86400.0
-    seconds = case((seconds > 0, seconds), else_=0.0)
-    rows = session.execute(
-        select(Job.kind, Job.state, func.count(), func.sum(seconds),
-               *(func.sum(case((seconds <= bound, 1), else_=0)) for bound in bounds))
-        .where(Job.started_at.is_not(None), Job.finished_at.is_not(None))
-        .group_by(Job.kind, Job.state)
-    ).all()
-    return [(kind, state, int(count), float(total or 0.0), [int(n or 0) for n in within])
-            for kind, state, count, total, *within in rows]
+        select(Job.kind, Job.state, func.count()).where(Job.state.in_(("pending", "running")))
+        .group_by(Job.kind, Job.state)).all()]
 
 
 def variant_jobs_open(session: Session, checkpoint_id: int, target: str) -> int:
