@@ -245,7 +245,9 @@ def check_catalogue(folder: Path, catalogue) -> list[str]:
                 "SELECT v.artifact_path FROM promotions p JOIN variants v ON v.id = p.variant_id "
                 "WHERE p.target = :target ORDER BY p.id DESC LIMIT 1"), {"target": target}).fetchone()
             link = folder / "promoted" / "tiny" / target
-            if not link.is_symlink() or os.readlink(link) != artifact:
+            if not os.path.isabs(artifact):  # stored relative to the artifacts folder
+                artifact = str(folder / "artifacts" / artifact)
+            if not link.is_symlink() or str(link.resolve()) != artifact:
                 problems.append(f"{link} does not point at the newest promotion ({artifact})")
     for variant in [v for target in ("cpu", "edge") for v in (folder / "artifacts").glob(f"tiny/*/{target}/*")]:
         if not variant.name.startswith(".") and not (variant / "variant.json").is_file():

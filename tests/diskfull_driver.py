@@ -25,7 +25,7 @@ def main(config_path: str, v1: str, v2: str) -> None:
     artifacts = config.artifacts_path
     first = optimize_once(config, Path(v1), "digits", "1")
     link = config.promoted_path / "digits" / "cpu"
-    before = os.readlink(link)
+    before = str(link.resolve())
     stat = os.statvfs(artifacts)
     filler = artifacts / "filler"
     with open(filler, "wb") as fh:  # written, not sparse: tmpfs counts the pages
@@ -44,8 +44,8 @@ def main(config_path: str, v1: str, v2: str) -> None:
     store.dispose()
     print(json.dumps({
         "first": first.status, "second": second.status, "second_reason": second.reason,
-        "link_before": before, "link_after": os.readlink(link),
-        "link_complete": (Path(os.readlink(link)) / "variant.json").is_file(),
+        "link_before": before, "link_after": str(link.resolve()),
+        "link_complete": (link.resolve() / "variant.json").is_file(),
         "variants": variants, "promotions": promotions,
         "staging_left": [str(p) for p in artifacts.rglob(".tmp-*")],
         "work_left": sorted(str(p.relative_to(artifacts)) for p in (artifacts / ".work").rglob("*") if p.is_file()),

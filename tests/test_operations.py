@@ -17,6 +17,7 @@ from modelkiln.config import load_config
 from modelkiln.store import queries
 from modelkiln.store.db import open_store
 from modelkiln.store.models import Job
+from conftest import fast_config_text
 from test_e2e import serve, wait_for
 
 TESTS = Path(__file__).parent
@@ -362,3 +363,52 @@ def test_hosts_with_different_targets_on_one_catalogue_each_get_their_targets_pr
     assert {("cpu", "2"), ("edge", "2")} <= served, served
     assert {("edge", "1"), ("edge", "2")} <= variants
     assert (kiln_dir / "promoted" / "tiny" / "edge").is_symlink()
+
+
+def test_the_catalogue_and_links_hold_when_the_shared_folder_is_mounted_elsewhere(tmp_path, tiny_checkpoint):
+    """Paths in the catalogue are relative to the artifacts folder and promoted links are
+    relative: the whole folder moved (another host's mount point) still resolves."""
+    import shutil
+
+    from sqlalchemy import text
+
+    from helpers import optimize_once
+    from modelkiln.config import load_config, write_default_config
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.store import queries, views
+    from modelkiln.store.db import open_store
+
+    here = tmp_path / "host-a" / "shared"
+    here.mkdir(parents=True)
+    write_default_config(here, fast_config_text())
+    text_ = (here / "kiln.toml").read_text().replace('address = "127.0.0.1:9464"', 'address = ""')
+    text_ = re.sub(r"(?m)^recipes = \[[^\]]*\]", 'recipes = ["baseline"]', text_)
+    (here / "kiln.toml").write_text(text_)
+    assert optimize_once(load_config(here / "kiln.toml"), tiny_checkpoint, "tiny").status == "done"
+    link = here / "promoted" / "tiny" / "cpu"
+    assert not os.path.isabs(os.readlink(link))
+
+    there = tmp_path / "host-b" / "mnt" / "kiln"
+    there.parent.mkdir(parents=True)
+    shutil.move(str(here), str(there))
+    config = load_config(there / "kiln.toml")
+    store = open_store(config)
+    with store.session() as session:
+        stored = session.execute(text("SELECT artifact_path FROM variants")).scalars().all()
+        variants = [views.variant_dict(v) for v in queries.variants_of_model(session, "tiny")]
+        (served,) = queries.current_promotions(session)
+        snapshot = queries.checkpoint(session, served.checkpoint_id).snapshot_path
+    store.dispose()
+    assert stored and not any(os.path.isabs(path) for path in stored), stored
+    assert all(v["path"].startswith(str(there / "artifacts")) and (Path(v["path"]) / "variant.json").is_file()
+               for v in variants)
+    assert Path(snapshot).is_dir() and snapshot.startswith(str(there))
+    moved = there / "promoted" / "tiny" / "cpu"
+    assert str(moved.resolve()) == served.variant.artifact_path
+    daemon = Daemon(config, watch=False, schedule=False, preload=False)
+    daemon.start()  # nothing to fix: the links already point at the right folders
+    try:
+        with daemon.store.session() as session:
+            assert daemon.promoter.sync_links(session) == 0
+    finally:
+        daemon.stop(5)

@@ -40,12 +40,19 @@ log = logging.getLogger(__name__)
 
 
 def swap_link(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target`` atomically, by a relative path: hosts that mount the
+    shared folder elsewhere follow the same link to the same variant."""
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    os.symlink(target, tmp)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
     os.replace(tmp, link)  # rename(2): readers see the old link or the new, never none
+
+
+def link_target(link: Path) -> Path:
+    """Where a promoted link points, as an absolute path (the link itself is relative)."""
+    return Path(os.path.normpath(os.path.join(link.parent, os.readlink(link))))
 
 
 def _newer(served: Checkpoint, checkpoint: Checkpoint) -> bool:
@@ -264,7 +271,7 @@ class Promoter:
         for promotion in queries.current_promotions(session):
             link = self.link(promotion.model, promotion.target)
             want = Path(promotion.variant.artifact_path)
-            if not link.is_symlink() or Path(os.readlink(link)) != want:
+            if not link.is_symlink() or link_target(link) != Path(os.path.normpath(want)):
                 self.publish(promotion)
                 fixed += 1
         return fixed

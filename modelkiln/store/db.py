@@ -224,6 +224,8 @@ class Store:
 
 def open_store(config, *, allow_upgrade: bool = False) -> Store:
     store = Store(config.store_url, config.store.busy_timeout_ms)
+    # Paths under the artifacts folder are stored relative to it (models.StoredPath).
+    store.engine.dialect.kiln_artifacts_root = str(config.artifacts_path)
     hint = f" --config {config.source}" if config.source else ""
     ensure_schema(store.engine, allow_upgrade=allow_upgrade, config_hint=hint)
     store.remember_file()

@@ -8,6 +8,7 @@ same thing twice therefore fails loudly instead of doing the work twice.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 
 from sqlalchemy import (
@@ -23,10 +24,36 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class StoredPath(TypeDecorator):
+    """A path under the artifacts folder, stored relative to it: hosts sharing a catalogue
+    may mount the shared folder at different places. Written relative when it lies under
+    the root the store was opened with (``engine.dialect.kiln_artifacts_root``, set by
+    ``db.open_store``), read back joined to that host's root; a path outside the root, or
+    a store opened without one, passes unchanged (rows written before this was stored
+    relative stay absolute and still resolve on the host that wrote them)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        root = getattr(dialect, "kiln_artifacts_root", None)
+        if value is None or root is None or not os.path.isabs(value):
+            return value
+        relative = os.path.relpath(value, root)
+        return value if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+    def process_result_value(self, value, dialect):
+        root = getattr(dialect, "kiln_artifacts_root", None)
+        if value is None or root is None or os.path.isabs(value):
+            return value
+        return os.path.join(root, value)
 
 
 class Base(DeclarativeBase):
@@ -51,7 +78,7 @@ class Checkpoint(Base):
     # ingested -> ready -> done, or rejected / duplicate
     status: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
-    snapshot_path: Mapped[str] = mapped_column(Text)
+    snapshot_path: Mapped[str] = mapped_column(StoredPath)
     info: Mapped[dict | None] = mapped_column(JSON)
     # How many times `kiln retry` sent failed variant jobs back: each round may decide
     # the promotion on a target again (its decision and run-off keys carry the round).
@@ -74,7 +101,7 @@ class Variant(Base):
     # pending -> succeeded / failed / skipped / cancelled
     status: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
-    artifact_path: Mapped[str | None] = mapped_column(Text)
+    artifact_path: Mapped[str | None] = mapped_column(StoredPath)
     artifact_file: Mapped[str | None] = mapped_column(Text)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     quality_metric: Mapped[str | None] = mapped_column(String(32))
