@@ -412,3 +412,37 @@ def test_the_catalogue_and_links_hold_when_the_shared_folder_is_mounted_elsewher
             assert daemon.promoter.sync_links(session) == 0
     finally:
         daemon.stop(5)
+
+
+def test_a_host_defining_a_shared_target_otherwise_is_refused_with_what_differs(kiln_dir):
+    """The catalogue records each host's target table; a daemon whose `cpu` differs from a
+    live peer's is refused, naming the peer and the keys; a peer gone quiet binds nobody."""
+    from datetime import timedelta
+
+    from modelkiln.daemon.service import Daemon
+    from modelkiln.errors import ConfigError
+    from modelkiln.store import units
+    from modelkiln.store.models import Host
+
+    config = load_config(kiln_dir / "kiln.toml")
+    store = open_store(config)
+    with store.session() as session:
+        first = Daemon(config, watch=False, schedule=False, preload=False)
+        first.start()
+        first.stop(5)
+        (recorded,) = session.query(Host).all()
+        ours = dict(recorded.targets["cpu"])
+        session.add(Host(name="gpu-host-7", targets={"cpu": {**ours, "threads": 8, "batch_sizes": [1]}},
+                         seen_at=units.database_now(session)))
+        session.commit()
+    with pytest.raises(ConfigError, match=r"targets.cpu is defined otherwise by host gpu-host-7.*"
+                                          r"batch_sizes = \[1, 4\] here, \[1\] there; threads = 2 here, 8 there"):
+        Daemon(config, watch=False, schedule=False, preload=False).start()
+    with store.session() as session:  # the peer stopped long ago: no longer binding
+        peer = session.query(Host).filter_by(name="gpu-host-7").one()
+        peer.seen_at -= timedelta(hours=2)
+        session.commit()
+    later = Daemon(config, watch=False, schedule=False, preload=False)
+    later.start()
+    later.stop(5)
+    store.dispose()

@@ -20,6 +20,7 @@ units of work.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -65,6 +66,9 @@ PROGRESS_LOG_SECONDS = 60.0
 BUSY_WAIT_SECONDS = 0.1
 ERROR_BACKOFF_SECONDS = 1.0
 STALE_INCOMING_SECONDS = 3600.0
+# A host that has not said it runs on the catalogue for this long (or three rescans) is
+# gone: its target table no longer binds the others.
+HOST_SEEN_SECONDS = 600.0
 
 
 def _left(report: dict) -> str:
@@ -159,6 +163,7 @@ class Daemon:
                                  config.registry.kind, clock=self.wall_clock,
                                  max_bytes=int(config.registry.max_checkpoint_gb * 2**30))
         self.available_targets = self._available_targets()
+        self._join_catalogue()
         start_plugins(self.plugins.manager, config)
         self._recover()
         self.memory_limit_mb = worker_memory_limit_mb(config.workers.memory_limit_mb, config.workers.count)
@@ -206,6 +211,33 @@ class Daemon:
                                   + "; ".join(f"{r}: {', '.join(d)}" for r, d in served.items()) + ")")
             for text in target.recipes:
                 parse_recipe(text, self.plugins.steps, f"{file}: targets.{name}.recipes")
+
+    def _target_table(self) -> dict:
+        return {name: dataclasses.asdict(target) for name, target in sorted(self.config.targets.items())}
+
+    def _join_catalogue(self) -> None:
+        """Refuse a target defined otherwise by another host running on this catalogue
+        (seen within HOST_SEEN_SECONDS): its variants would be measured two ways and each
+        host would cancel the other's recipes. Then record this host's table."""
+        mine = self._target_table()
+        host = socket.gethostname()
+        with self.store.session() as session:
+            since = units.database_now(session) - timedelta(seconds=max(HOST_SEEN_SECONDS,
+                                                                        3 * self.config.registry.rescan_seconds))
+            for peer in queries.hosts_seen_since(session, since):
+                if peer.name == host:
+                    continue
+                for name, ours in mine.items():
+                    theirs = peer.targets.get(name)
+                    if theirs is None or theirs == ours:
+                        continue
+                    differs = "; ".join(f"{key} = {ours.get(key)!r} here, {theirs.get(key)!r} there"
+                                        for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key))
+                    raise ConfigError(
+                        f"{self.config.source}: targets.{name} is defined otherwise by host {peer.name}, which "
+                        f"runs on this catalogue ({differs}). Hosts sharing a catalogue must define a shared "
+                        "target alike: make the two definitions equal, or give this one another name.")
+            units.record_host(session, host, mine)
 
     def _available_targets(self) -> list[str]:
         available = []
@@ -398,6 +430,7 @@ class Daemon:
         if rescan:
             self.background.submit("scanned", "scan", self.registry.scan)
             with self.store.session() as session:
+                units.record_host(session, socket.gethostname(), self._target_table())  # still here
                 self._plan_missing(session)
                 self._settle(session)
 

@@ -31,6 +31,10 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+# 64-bit byte counts: PostgreSQL's BIGINT; SQLite's INTEGER is 64-bit already (0008).
+Bytes = BigInteger().with_variant(Integer(), "sqlite")
+
+
 class StoredPath(TypeDecorator):
     """A path under the artifacts folder, stored relative to it: hosts sharing a catalogue
     may mount the shared folder at different places. Written relative when it lies under
@@ -72,7 +76,7 @@ class Checkpoint(Base):
     source_uri: Mapped[str] = mapped_column(Text)
     format: Mapped[str | None] = mapped_column(String(32))
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    size_bytes: Mapped[int] = mapped_column(Bytes)
     # Cheap stat signature of the source folder: a rescan compares it before hashing.
     fingerprint: Mapped[str] = mapped_column(String(64))
     # ingested -> ready -> done, or rejected / duplicate
@@ -103,7 +107,7 @@ class Variant(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     artifact_path: Mapped[str | None] = mapped_column(StoredPath)
     artifact_file: Mapped[str | None] = mapped_column(Text)
-    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    size_bytes: Mapped[int | None] = mapped_column(Bytes)
     quality_metric: Mapped[str | None] = mapped_column(String(32))
     quality: Mapped[float | None] = mapped_column(Float)
     baseline_quality: Mapped[float | None] = mapped_column(Float)
@@ -137,7 +141,7 @@ class Measurement(Base):
     latency_p50_ms: Mapped[float] = mapped_column(Float)
     latency_p95_ms: Mapped[float] = mapped_column(Float)
     throughput_per_s: Mapped[float] = mapped_column(Float)
-    peak_memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    peak_memory_bytes: Mapped[int] = mapped_column(Bytes)
     runs: Mapped[int] = mapped_column(Integer)
 
     variant: Mapped[Variant] = relationship(back_populates="measurements")
@@ -211,3 +215,15 @@ class Pin(Base):
     # Who pinned it and why, as the history shows it.
     reason: Mapped[str] = mapped_column(Text)
     pinned_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Host(Base):
+    """A host running a daemon on this catalogue, the target table it runs with, and when
+    it last said so: hosts sharing a catalogue must define a shared target alike."""
+
+    __tablename__ = "hosts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    targets: Mapped[dict] = mapped_column(JSON)
+    seen_at: Mapped[datetime] = mapped_column(DateTime)

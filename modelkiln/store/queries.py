@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import and_, func, select, text
 from sqlalchemy.orm import Session, selectinload
 
-from .models import Checkpoint, Job, Measurement, Pin, Promotion, Variant
+from .models import Checkpoint, Host, Job, Measurement, Pin, Promotion, Variant
 
 TERMINAL_JOB_STATES = ("succeeded", "failed", "skipped", "cancelled")
 
@@ -203,6 +203,11 @@ def jobs_of(session: Session, checkpoint_id: int) -> list[Job]:
 def checkpoint_counts(session: Session) -> dict[str, int]:
     """Checkpoints by status."""
     return dict(session.execute(select(Checkpoint.status, func.count()).group_by(Checkpoint.status)).all())
+
+
+def hosts_seen_since(session: Session, since) -> list:
+    """The hosts that said they run on this catalogue since ``since`` (the database's clock)."""
+    return list(session.scalars(select(Host).where(Host.seen_at >= since).order_by(Host.name)))
 
 
 def open_job_counts(session: Session) -> list[tuple[str, str, int]]:

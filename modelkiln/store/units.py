@@ -11,7 +11,7 @@ from sqlalchemy import case, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .models import Checkpoint, Job, Measurement, Pin, Promotion, Variant, utcnow
+from .models import Checkpoint, Host, Job, Measurement, Pin, Promotion, Variant, utcnow
 from .queries import open_jobs_for
 
 # -- checkpoints ----------------------------------------------------------------------
@@ -423,3 +423,17 @@ def _requeue(session: Session, condition, max_attempts: int, reason: str) -> int
             job.reason = reason
     session.commit()
     return len(jobs)
+
+
+def record_host(session: Session, name: str, targets: dict) -> None:
+    """Say (again) that host ``name`` runs on this catalogue with ``targets``."""
+    now = database_now(session)
+    host = session.scalars(select(Host).where(Host.name == name)).first()
+    if host is None:
+        session.add(Host(name=name, targets=targets, seen_at=now))
+    else:
+        host.targets, host.seen_at = targets, now
+    try:
+        session.commit()
+    except IntegrityError:  # the same host's other daemon recorded it at this moment
+        session.rollback()
