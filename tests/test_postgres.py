@@ -4,7 +4,6 @@ database's clock for leases, passwords kept out of messages, and daemons sharing
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from helpers import use_store
 from modelkiln.store import units
 from modelkiln.store.db import current_revision, head_revision, make_engine, open_store, upgrade
 from modelkiln.store.models import Base, Checkpoint, Job
-from test_store import _open_and_count
+from test_store import open_at_once
 
 
 def test_migrations_build_the_models_schema_with_64_bit_byte_counts(postgres_url):
@@ -36,14 +35,7 @@ def test_migrations_build_the_models_schema_with_64_bit_byte_counts(postgres_url
 
 
 def test_hosts_migrating_an_empty_database_at_once_all_succeed(postgres_url):
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    processes = [context.Process(target=_open_and_count, args=(postgres_url, results)) for _ in range(4)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(60)
-    outcomes = [results.get(timeout=5) for _ in processes]
+    outcomes = open_at_once(postgres_url)  # one migrates under the advisory lock, three wait
     assert all(isinstance(o, int) and o >= 6 for o in outcomes), outcomes
 
 

@@ -82,17 +82,23 @@ def _open_and_count(url, results):
         results.put(repr(exc))
 
 
-def test_processes_opening_a_new_database_at_once_all_succeed(config):
+def open_at_once(url: str, processes: int = 4) -> list:
+    """What each of several processes opening ``url`` at the same moment found: its table
+    count, or the error it met."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    processes = [context.Process(target=_open_and_count, args=(config.store_url, results)) for _ in range(4)]
-    for p in processes:
+    started = [context.Process(target=_open_and_count, args=(url, results)) for _ in range(processes)]
+    for p in started:
         p.start()
-    for p in processes:
+    for p in started:
         p.join(60)
-    outcomes = [results.get(timeout=5) for _ in processes]
+    return [results.get(timeout=5) for _ in started]
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(config):
+    outcomes = open_at_once(config.store_url)
     assert all(isinstance(o, int) and o >= 6 for o in outcomes), outcomes
 
 
