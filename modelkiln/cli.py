@@ -247,10 +247,15 @@ class ProgressBars:
             self.stream.flush()
 
 
+# `kiln status` lists this many checkpoints, newest first, besides those still at work.
+STATUS_RECENT = 20
+
+
 @main.command()
 @config_option
 @json_option
-def status(config_path, as_json):
+@click.option("--all", "show_all", is_flag=True, help="list every checkpoint, not only the recent and unfinished ones")
+def status(config_path, as_json, show_all):
     """Checkpoints and their status, jobs by state, promotions."""
     from .store import queries, views
 
@@ -260,10 +265,13 @@ def status(config_path, as_json):
     config = _load(config_path)
     store = _store(config)
     with store.session() as session:
-        checkpoints = [views.checkpoint_dict(c) for c in queries.checkpoints(session)]
+        listed = queries.checkpoints(session) if as_json or show_all else \
+            queries.recent_checkpoints(session, STATUS_RECENT)
+        checkpoints = [views.checkpoint_dict(c) for c in listed]
+        total = queries.checkpoint_total(session)
         jobs = queries.job_counts(session)
         running = [views.running_job_dict(j) for j in queries.running_jobs(session)]
-        promotions = len(queries.current_promotions(session))
+        promotions = queries.served_pairs(session)
     if as_json:
         click.echo(json.dumps({"checkpoints": checkpoints, "jobs": jobs, "running": running,
                                "promotions": promotions}, indent=2))
@@ -271,6 +279,8 @@ def status(config_path, as_json):
     rows = [[c["model"], c["version"], c["status"], c["format"], c["content_hash"][:12], c.get("reason", "")]
             for c in checkpoints]
     click.echo(table(rows, ["model", "version", "status", "format", "hash", "reason"]))
+    if total > len(checkpoints):
+        click.echo(f"(the {len(checkpoints)} newest and unfinished of {total} checkpoints; --all lists every one)")
     click.echo("\njobs: " + (", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"))
     if running:
         click.echo("\nrunning:")

@@ -210,3 +210,29 @@ def test_promote_refuses_a_variant_that_misses_the_gate_unless_forced(config, ki
     assert out.exit_code == 0, out.output
     served = json.loads(runner.invoke(main, ["promoted", "--json", *cfg]).output)[0]
     assert served["recipe"] == "prune.magnitude(amount=0.999)" and "forced past the quality gate" in served["reason"]
+
+
+def test_status_lists_the_newest_and_unfinished_checkpoints_of_a_long_history(kiln_dir):
+    from click.testing import CliRunner
+
+    from modelkiln.cli import main
+    from modelkiln.config import load_config
+    from modelkiln.store.db import open_store
+    from modelkiln.store.models import Checkpoint
+
+    store = open_store(load_config(kiln_dir / "kiln.toml"))
+    with store.session() as session:
+        for n in range(1, 31):
+            session.add(Checkpoint(model="m", version=str(n), registry_kind="directory", source_uri=f"/r/{n}",
+                                   content_hash=f"{n:064x}", size_bytes=1, fingerprint="f", snapshot_path=f"/s/{n}",
+                                   status="ready" if n == 2 else "done"))
+        session.commit()
+    store.dispose()
+    cfg = ["--config", str(kiln_dir / "kiln.toml")]
+    out = CliRunner().invoke(main, ["status", *cfg])
+    assert out.exit_code == 0, out.output
+    versions = [line.split()[1] for line in out.output.splitlines() if line.startswith("m ")]
+    assert versions == ["2", *map(str, range(11, 31))]  # the unfinished one, then the newest 20
+    assert "(the 21 newest and unfinished of 30 checkpoints; --all lists every one)" in out.output
+    out = CliRunner().invoke(main, ["status", "--all", *cfg])
+    assert len([line for line in out.output.splitlines() if line.startswith("m ")]) == 30

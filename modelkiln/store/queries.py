@@ -108,6 +108,23 @@ def running_owners(session: Session) -> list[str]:
     return list(session.scalars(select(Job.lease_owner).where(Job.state == "running").distinct()))
 
 
+def recent_checkpoints(session: Session, newest: int) -> list[Checkpoint]:
+    """The ``newest`` checkpoints and every one not finished (ingested, ready), oldest first."""
+    recent = select(Checkpoint.id).order_by(Checkpoint.id.desc()).limit(newest).scalar_subquery()
+    return list(session.scalars(select(Checkpoint).where(
+        (Checkpoint.id.in_(recent)) | Checkpoint.status.in_(("ingested", "ready"))).order_by(Checkpoint.id)))
+
+
+def checkpoint_total(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Checkpoint))
+
+
+def served_pairs(session: Session) -> int:
+    """How many (model, target) pairs have a promotion."""
+    pairs = select(Promotion.model, Promotion.target).distinct().subquery()
+    return session.scalar(select(func.count()).select_from(pairs))
+
+
 def job_counts(session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
     return {state: count for state, count in rows}
