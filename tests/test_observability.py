@@ -12,7 +12,7 @@ from modelkiln.config import load_config
 from modelkiln.daemon.logs import about, setup_logging
 from modelkiln.daemon.service import Daemon
 from modelkiln.errors import ConfigError
-from test_e2e import http_get
+from test_e2e import http_get, scrape
 
 
 def test_healthz_turns_unavailable_when_the_scheduler_dies(config):
@@ -25,7 +25,7 @@ def test_healthz_turns_unavailable_when_the_scheduler_dies(config):
         daemon.scheduler.stop()
         code, body = http_get(f"{url}/healthz")
         assert code == 503 and json.loads(body)["checks"]["scheduler"] == "not running"
-        assert "kiln_up 0" in http_get(f"{url}/metrics")[1].splitlines()
+        assert scrape(http_get(f"{url}/metrics")[1])["kiln_up", ()] == 0
     finally:
         daemon.stop(5)
 
@@ -165,7 +165,7 @@ def test_healthz_says_starting_while_a_large_catalogue_is_recovered(config, monk
         assert recovering.wait(30)
         code, body = http_get(f"http://{daemon.http.address}/healthz")
         assert code == 503 and json.loads(body)["checks"] == {"loop": "starting"}
-        assert "kiln_up 0" in http_get(f"http://{daemon.http.address}/metrics")[1].splitlines()
+        assert scrape(http_get(f"http://{daemon.http.address}/metrics")[1])["kiln_up", ()] == 0
         finish.set()
         starter.join(60)
         assert http_get(f"http://{daemon.http.address}/healthz")[0] == 200
@@ -176,7 +176,7 @@ def test_healthz_says_starting_while_a_large_catalogue_is_recovered(config, monk
 
 
 def test_job_counts_and_durations_are_kept_as_jobs_end_not_scanned_per_scrape():
-    from modelkiln.daemon.health import JobStats
+    from modelkiln.daemon.metrics import JobStats
 
     stats = JobStats(bounds=(0.5, 1, 60, 3600))
     for seconds in (0.2, 0.7, 3.0, 45.0, 7200.0):
@@ -184,3 +184,42 @@ def test_job_counts_and_durations_are_kept_as_jobs_end_not_scanned_per_scrape():
     stats.observe("inspect", "failed", 2.0)
     assert stats.snapshot() == [("inspect", "failed", 1, 2.0, [0, 0, 1, 1]),
                                 ("variant", "succeeded", 5, pytest.approx(7248.9), [1, 2, 4, 4])]
+
+
+def test_metrics_parse_with_prometheus_client_with_their_types_and_bounded_labels(config, tiny_checkpoint):
+    """Counters for totals, gauges for states, a histogram, per (model, target) series for
+    what is served, build info and the standard process collector."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from modelkiln.plugins.api import Candidate
+    from helpers import run_until_done
+
+    daemon = Daemon(config, watch=False, schedule=False, preload=False)
+    daemon.start()
+    try:
+        checkpoint_id = daemon.ingest_path(Candidate("tiny", "1", tiny_checkpoint))
+        assert run_until_done(daemon, checkpoint_id).status == "done"
+        body = http_get(f"http://{daemon.http.address}/metrics")[1]
+    finally:
+        daemon.stop(5)
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    types = {name: families[name].type for name in families if name.startswith("kiln_")}
+    assert types == {
+        "kiln_build_info": "gauge", "kiln_up": "gauge", "kiln_checkpoints_seen": "counter",
+        "kiln_checkpoints": "gauge", "kiln_jobs": "gauge", "kiln_oldest_running_job_seconds": "gauge",
+        "kiln_jobs_ended": "counter", "kiln_job_duration_seconds": "histogram", "kiln_promotions": "counter",
+        "kiln_last_promotion_timestamp_seconds": "gauge", "kiln_promoted_latency_seconds": "gauge",
+        "kiln_promoted_quality": "gauge", "kiln_queue_depth": "gauge", "kiln_workers_busy": "gauge",
+        "kiln_workers": "gauge"}, types
+    assert "process_cpu_seconds" in families and "python_info" in families
+    samples = scrape(body)
+    served = (("model", "tiny"), ("target", "cpu"))
+    assert 0 < samples["kiln_promoted_latency_seconds", served] < 1
+    assert 0.9 <= samples["kiln_promoted_quality", served] <= 1.01
+    assert abs(samples["kiln_last_promotion_timestamp_seconds", served] - __import__("time").time()) < 600
+    (info,) = families["kiln_build_info"].samples
+    assert info.labels["version"] == "0.1.0" and info.labels["torch"] and info.value == 1
+    # Labels are bounded: kinds, states, models, targets; never versions or job ids.
+    labels = {key for f in families.values() if f.name.startswith("kiln_") for s in f.samples for key in s.labels}
+    assert labels <= {"status", "kind", "state", "model", "target", "le", "version", "python", "torch",
+                      "onnxruntime"}, labels

@@ -7,7 +7,7 @@ between two daemons on one database) and a few attributes of the running daemon.
 /healthz   200 while the daemon is serving: the database answers, the scheduler's and the
            watcher's threads are alive (where this daemon runs them) and it is not
            stopping; 503 otherwise. The body names every check either way.
-/metrics   text exposition format 0.0.4, no client library needed.
+/metrics   Prometheus text exposition (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -18,38 +18,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..store import queries
+from .metrics import CONTENT_TYPE, metrics_text
 
 log = logging.getLogger(__name__)
-
-# Seconds; jobs range from a baseline export (well under a second) to a distillation.
-DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-
-
-class JobStats:
-    """The jobs this daemon saw end since it started: how many, by kind and state, and how
-    long each took from lease to result (the /metrics histogram). Counted as jobs end, not
-    from the catalogue at each scrape, so a scrape costs the same whatever the history;
-    and per daemon, as Prometheus counters are per process: hosts sharing a catalogue each
-    report their own jobs, and a query sums them."""
-
-    def __init__(self, bounds=DURATION_BUCKETS):
-        self.bounds = bounds
-        self._lock = threading.Lock()
-        self._series: dict[tuple[str, str], list] = {}  # -> [count, seconds summed, per-bound counts]
-
-    def observe(self, kind: str, state: str, seconds: float) -> None:
-        with self._lock:
-            series = self._series.setdefault((kind, state), [0, 0.0, [0] * len(self.bounds)])
-            series[0] += 1
-            series[1] += seconds
-            for n, bound in enumerate(self.bounds):
-                series[2][n] += seconds <= bound
-
-    def snapshot(self) -> list[tuple[str, str, int, float, list[int]]]:
-        with self._lock:
-            return sorted((kind, state, c, total, list(within))
-                          for (kind, state), (c, total, within) in self._series.items())
-
 
 def health(daemon) -> tuple[bool, dict[str, str]]:
     if not daemon.started and not daemon.stopping:
@@ -92,76 +63,6 @@ def disk_check(folder) -> str:
     return "ok"
 
 
-def _escape(value) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _line(name: str, value, **labels) -> str:
-    if labels:
-        inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-        return f"{name}{{{inner}}} {value}"
-    return f"{name} {value}"
-
-
-def metrics_text(daemon) -> str:
-    out: list[str] = []
-
-    def family(name: str, kind: str, help_text: str) -> None:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-
-    if not daemon.started:
-        family("kiln_up", "gauge", "1 while /healthz reports ready.")
-        out.append(_line("kiln_up", 0))
-        return "\n".join(out) + "\n"
-    # Indexed counts only (checkpoints by status, open jobs, promotions by target): a
-    # scrape costs the same with a thousand jobs in the catalogue as with a hundred thousand.
-    with daemon.store.session() as session:
-        by_status = queries.checkpoint_counts(session)
-        jobs = queries.open_job_counts(session)
-        promotions = queries.promotion_counts(session)
-    ended = daemon.job_stats.snapshot()
-
-    family("kiln_checkpoints_seen_total", "counter", "Checkpoints recorded since the catalogue was created.")
-    out.append(_line("kiln_checkpoints_seen_total", sum(by_status.values())))
-    family("kiln_checkpoints", "gauge", "Checkpoints by status.")
-    for status in sorted(by_status):
-        out.append(_line("kiln_checkpoints", by_status[status], status=status))
-
-    family("kiln_jobs", "gauge", "Open jobs in the catalogue, by kind and state (pending, running).")
-    for kind, state, count in sorted(jobs):
-        out.append(_line("kiln_jobs", count, kind=kind, state=state))
-
-    family("kiln_jobs_ended_total", "counter", "Jobs this daemon ran that ended, by kind and final state.")
-    for kind, state, count, _, _ in ended:
-        out.append(_line("kiln_jobs_ended_total", count, kind=kind, state=state))
-    family("kiln_job_duration_seconds", "histogram",
-           "Wall time of the jobs this daemon ran, from lease to result, by kind and final state.")
-    for kind, state, count, total, buckets in ended:
-        for bound, within in zip(DURATION_BUCKETS, buckets):
-            out.append(_line("kiln_job_duration_seconds_bucket", within, kind=kind, state=state, le=bound))
-        out.append(_line("kiln_job_duration_seconds_bucket", count, kind=kind, state=state, le="+Inf"))
-        out.append(_line("kiln_job_duration_seconds_sum", round(total, 6), kind=kind, state=state))
-        out.append(_line("kiln_job_duration_seconds_count", count, kind=kind, state=state))
-
-    family("kiln_promotions_total", "counter", "Promotions recorded, by target (rollbacks included).")
-    for target, count in sorted(promotions.items()):
-        out.append(_line("kiln_promotions_total", count, target=target))
-
-    pending = sum(count for _, state, count in jobs if state == "pending")
-    family("kiln_queue_depth", "gauge",
-           "Work waiting: pending jobs, versions waiting for their quiet period, unread events.")
-    out.append(_line("kiln_queue_depth", pending + daemon.versions_waiting + daemon.inbox.qsize()))
-    family("kiln_workers_busy", "gauge", "Worker processes running a job of this daemon.")
-    out.append(_line("kiln_workers_busy", len(daemon.executor.running_jobs)))
-    family("kiln_workers", "gauge", "Configured worker processes.")
-    out.append(_line("kiln_workers", daemon.config.workers.count))
-    ready, _ = health(daemon)
-    family("kiln_up", "gauge", "1 while /healthz reports ready.")
-    out.append(_line("kiln_up", int(ready)))
-    return "\n".join(out) + "\n"
-
-
 # A connection that sends nothing for this long is closed; at most this many are served
 # at once (each has a thread), the rest are refused until one ends.
 IDLE_SECONDS = 10.0
@@ -180,7 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.dumps({"status": "ok" if ready else "unavailable", "checks": checks}).encode()
                 self._reply(200 if ready else 503, "application/json", body)
             elif path == "/metrics":
-                self._reply(200, "text/plain; version=0.0.4; charset=utf-8", metrics_text(self.daemon).encode())
+                self._reply(200, CONTENT_TYPE, metrics_text(self.daemon))
             else:
                 self._reply(404, "text/plain", b"not found: try /healthz or /metrics\n")
         except Exception as exc:  # a scrape must never take a thread of the daemon down

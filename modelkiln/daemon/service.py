@@ -44,7 +44,8 @@ from ..store.db import DatabaseBusy, open_store
 from ..store.models import Checkpoint, Job, utcnow
 from ..targets.devices import target_unavailable_reason
 from .executor import Executor, worker_memory_limit_mb
-from .health import HealthServer, JobStats
+from .health import HealthServer
+from .metrics import JobStats
 from .ingest import Background, Ingestor, Prepared
 from .layout import Layout
 from .logs import about

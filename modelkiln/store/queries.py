@@ -330,9 +330,11 @@ def current_promotion(session: Session, model: str, target: str) -> Promotion | 
     ).first()
 
 
-def promotion_counts(session: Session) -> dict[str, int]:
-    """Promotions recorded, by target."""
-    return dict(session.execute(select(Promotion.target, func.count()).group_by(Promotion.target)).all())
+def promotion_counts(session: Session) -> dict[tuple[str, str], int]:
+    """Promotion steps recorded, by (model, target)."""
+    rows = session.execute(select(Promotion.model, Promotion.target, func.count())
+                           .group_by(Promotion.model, Promotion.target)).all()
+    return {(model, target): count for model, target, count in rows}
 
 
 def promotion_history(session: Session, model: str) -> list[Promotion]:

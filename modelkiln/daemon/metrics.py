@@ -1,0 +1,194 @@
+"""Prometheus ``/metrics``: what the catalogue holds now, and what this daemon has done.
+
+Built with ``prometheus_client``: a collector reads the catalogue at each scrape
+(indexed counts and the current promotions only, so a scrape costs the same whatever the
+history) beside the standard process and platform collectors. Series:
+
+- gauges of state: checkpoints by status, open jobs by kind and state, per served
+  (model, target) the variant's latency and quality and when it was promoted, the age of
+  the oldest running job, the queue, the workers, ``kiln_up``, ``kiln_build_info``;
+- counters: checkpoints seen and promotions per (model, target), from the catalogue
+  (they only grow); jobs this daemon ran that ended, by kind and final state, and their
+  durations (a histogram), counted as they end (``JobStats``): per process, as Prometheus
+  counters are, so hosts sharing a catalogue each report their own and a query sums them.
+
+Labels are bounded: kinds, states, targets and models (not versions or job ids).
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from importlib import metadata
+
+from ..store import queries, units
+
+# Seconds; jobs range from a baseline export (well under a second) to a distillation.
+DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class JobStats:
+    """The jobs this daemon saw end since it started: how many, by kind and state, and how
+    long each took from lease to result."""
+
+    def __init__(self, bounds=DURATION_BUCKETS):
+        self.bounds = bounds
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str], list] = {}  # -> [count, seconds summed, per-bound counts]
+
+    def observe(self, kind: str, state: str, seconds: float) -> None:
+        with self._lock:
+            series = self._series.setdefault((kind, state), [0, 0.0, [0] * len(self.bounds)])
+            series[0] += 1
+            series[1] += seconds
+            for n, bound in enumerate(self.bounds):
+                series[2][n] += seconds <= bound
+
+    def snapshot(self) -> list[tuple[str, str, int, float, list[int]]]:
+        with self._lock:
+            return sorted((kind, state, c, total, list(within))
+                          for (kind, state), (c, total, within) in self._series.items())
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+class _Collector:
+    """The kiln_* families, read at each scrape."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        from . import health
+
+        daemon = self.daemon
+        info = GaugeMetricFamily("kiln_build_info", "modelkiln and the runtimes it measures with (value 1).",
+                                 labels=["version", "python", "torch", "onnxruntime"])
+        info.add_metric([_version("modelkiln"), platform.python_version(), _version("torch"),
+                         _version("onnxruntime")], 1)
+        yield info
+        up = GaugeMetricFamily("kiln_up", "1 while /healthz reports ready.")
+        if not daemon.started:
+            up.add_metric([], 0)
+            yield up
+            return
+        with daemon.store.session() as session:
+            by_status = queries.checkpoint_counts(session)
+            jobs = queries.open_job_counts(session)
+            promotions = queries.promotion_counts(session)
+            served = queries.current_promotions(session)
+            running = queries.running_jobs(session)
+            now = units.database_now(session)
+            served_rows = [(p.model, p.target, p.promoted_at, _p50_seconds(p.variant, daemon), p.variant.quality)
+                           for p in served]
+
+        seen = CounterMetricFamily("kiln_checkpoints_seen", "Checkpoints recorded since the catalogue was created.")
+        seen.add_metric([], sum(by_status.values()))
+        yield seen
+        checkpoints = GaugeMetricFamily("kiln_checkpoints", "Checkpoints by status.", labels=["status"])
+        for status in sorted(by_status):
+            checkpoints.add_metric([status], by_status[status])
+        yield checkpoints
+
+        open_jobs = GaugeMetricFamily("kiln_jobs", "Open jobs in the catalogue, by kind and state (pending, running).",
+                                      labels=["kind", "state"])
+        for kind, state, count in sorted(jobs):
+            open_jobs.add_metric([kind, state], count)
+        yield open_jobs
+        oldest = GaugeMetricFamily("kiln_oldest_running_job_seconds",
+                                   "How long the longest-running job has run (0: none running).")
+        ages = [(now - j.started_at).total_seconds() for j in running if j.started_at is not None]
+        oldest.add_metric([], max(ages, default=0.0))
+        yield oldest
+
+        ended = daemon.job_stats.snapshot()
+        ended_total = CounterMetricFamily("kiln_jobs_ended", "Jobs this daemon ran that ended, by kind and final state.",
+                                          labels=["kind", "state"])
+        durations = HistogramMetricFamily("kiln_job_duration_seconds",
+                                          "Wall time of the jobs this daemon ran, from lease to result.",
+                                          labels=["kind", "state"])
+        for kind, state, count, total, within in ended:
+            ended_total.add_metric([kind, state], count)
+            buckets = [(str(bound), n) for bound, n in zip(daemon.job_stats.bounds, within)] + [("+Inf", count)]
+            durations.add_metric([kind, state], buckets, total)
+        yield ended_total
+        yield durations
+
+        promoted = CounterMetricFamily("kiln_promotions", "Promotion steps recorded (rollbacks and pins included).",
+                                       labels=["model", "target"])
+        for (model, target), count in sorted(promotions.items()):
+            promoted.add_metric([model, target], count)
+        yield promoted
+        last = GaugeMetricFamily("kiln_last_promotion_timestamp_seconds",
+                                 "When the served variant of a (model, target) was promoted, Unix time.",
+                                 labels=["model", "target"])
+        latency = GaugeMetricFamily("kiln_promoted_latency_seconds",
+                                    "The served variant's p50 latency at the policy's batch size.",
+                                    labels=["model", "target"])
+        quality = GaugeMetricFamily("kiln_promoted_quality", "The served variant's quality score (1: as the original).",
+                                    labels=["model", "target"])
+        for model, target, at, p50, score in served_rows:
+            last.add_metric([model, target], _unix(at))
+            if p50 is not None:
+                latency.add_metric([model, target], p50)
+            if score is not None:
+                quality.add_metric([model, target], score)
+        yield last
+        yield latency
+        yield quality
+
+        pending = sum(count for _, state, count in jobs if state == "pending")
+        depth = GaugeMetricFamily("kiln_queue_depth",
+                                  "Work waiting: pending jobs, versions waiting for their quiet period, unread events.")
+        depth.add_metric([], pending + daemon.versions_waiting + daemon.inbox.qsize())
+        yield depth
+        busy = GaugeMetricFamily("kiln_workers_busy", "Worker processes running a job of this daemon.")
+        busy.add_metric([], len(daemon.executor.running_jobs))
+        yield busy
+        workers = GaugeMetricFamily("kiln_workers", "Configured worker processes.")
+        workers.add_metric([], daemon.config.workers.count)
+        yield workers
+        up.add_metric([], int(health.health(daemon)[0]))
+        yield up
+
+
+def _p50_seconds(variant, daemon) -> float | None:
+    """The variant's p50 at the policy's batch size (else its smallest), in seconds."""
+    measurements = sorted(variant.measurements, key=lambda m: m.batch_size)
+    wanted = daemon.config.policy.objective_batch_size
+    chosen = next((m for m in measurements if m.batch_size == wanted), measurements[0] if measurements else None)
+    return None if chosen is None else chosen.latency_p50_ms / 1000
+
+
+def _unix(naive_utc) -> float:
+    from datetime import timezone
+
+    return naive_utc.replace(tzinfo=timezone.utc).timestamp()
+
+
+def registry_for(daemon):
+    """A collector registry of the daemon's families plus the process and platform ones."""
+    from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(daemon))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def metrics_text(daemon) -> bytes:
+    from prometheus_client import generate_latest
+
+    registry = getattr(daemon, "_metrics_registry", None)
+    if registry is None:
+        registry = daemon._metrics_registry = registry_for(daemon)
+    return generate_latest(registry)
