@@ -328,6 +328,13 @@ def _print_variants(config, model, as_json):
     decoding = any((v.get("metrics") or {}).get("decode") for v in variants)
     # Variants that went to a run-off: its p50, timed side by side with their rivals.
     raced = any((v.get("metrics") or {}).get("runoff") for v in variants)
+    from .policy import NOISY_SPREAD
+
+    def spread_mark(m: dict) -> str:
+        p50, p95 = m.get("latency_p50_ms"), m.get("latency_p95_ms")
+        return " !" if p50 and p95 and p95 > NOISY_SPREAD * p50 else ""
+
+    noisy = any(spread_mark(v.get("metrics") or {}) for v in variants)
     rows = []
     for v in variants:
         m = v.get("metrics") or {}
@@ -336,7 +343,7 @@ def _print_variants(config, model, as_json):
             "*" if v["id"] in promoted else "", v["version"], v["target"], v["variant"],
             (v["parent"] or "").split(":", 1)[-1],
             v["status"] + (f" {format_duration(v['elapsed_seconds'])}" if v["status"] == "running" else ""),
-            _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")),
+            _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")) + spread_mark(m),
             *([_fmt_ms((m.get("runoff") or {}).get("latency_p50_ms"))] if raced else []),
             *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token"))] if decoding else []),
             format_size(m.get("size_bytes")),
@@ -349,7 +356,9 @@ def _print_variants(config, model, as_json):
     click.echo("\n* promoted. Latency at the smallest batch size measured"
                + (f"; prefill of a {PROMPT_TOKENS}-token prompt and per-token decode at batch 1." if decoding else ".")
                + (" Run-off: the closest variants timed again side by side, interleaved in one process (at the"
-                  " policy's batch size); it decided the promotion." if raced else ""))
+                  " policy's batch size); it decided the promotion." if raced else "")
+               + (f" !: p95 over {NOISY_SPREAD:g}x p50, measured while the host was busy; such a variant is timed"
+                  " again in the run-off before it decides a promotion." if noisy else ""))
 
 
 @main.command()

@@ -21,6 +21,8 @@ from .targets.quality import EPSILON, within_drop
 
 # Contenders timed together at most: each is loaded into the run-off's one process.
 RUNOFF_MOST = 3
+# A measurement whose p95 is this many times its p50 was taken while the host was busy.
+NOISY_SPREAD = 3.0
 
 
 def within_tolerance(candidate: dict, policy: PolicyConfig) -> bool:
@@ -68,6 +70,15 @@ def objective_value(candidate: dict, policy: PolicyConfig) -> float | None:
     return None
 
 
+def noisy(candidate: dict, policy: PolicyConfig) -> bool:
+    """Whether the candidate's figures at the policy's batch size spread as a busy host's do."""
+    for row in (candidate.get("metrics") or {}).get("batches", []):
+        if row["batch_size"] == policy.objective_batch_size:
+            p50, p95 = row.get("latency_p50_ms"), row.get("latency_p95_ms")
+            return bool(p50 and p95 and p95 > NOISY_SPREAD * p50)
+    return False
+
+
 def _eligible(candidates: list[dict], policy: PolicyConfig) -> list[dict]:
     return [
         c for c in candidates
@@ -77,8 +88,9 @@ def _eligible(candidates: list[dict], policy: PolicyConfig) -> list[dict]:
 
 def runoff_contenders(candidates: list[dict], policy: PolicyConfig, memory_mb: int = 0) -> list[dict]:
     """The eligible candidates close enough to the best that a run-off decides between
-    them (within ``runoff_margin``, best first, at most RUNOFF_MOST, and on a target with
-    a ``memory_mb`` budget as many as fit it together, since they are loaded together);
+    them (within ``runoff_margin``, best first), and those whose figures are ``noisy``
+    however far off (after the close ones); at most RUNOFF_MOST, and on a target with a
+    ``memory_mb`` budget as many as fit it together, since they are loaded together;
     none when fewer than two. Not for the decode objectives (a causal LM's variants each
     hold two whole programs on the device, timed with its own events), nor for
     tensor-parallel variants (one process group per process)."""
@@ -89,7 +101,8 @@ def runoff_contenders(candidates: list[dict], policy: PolicyConfig, memory_mb: i
     if len(ranked) < 2:
         return []
     best = objective_value(ranked[0], policy)
-    close = [c for c in ranked if objective_value(c, policy) <= best * (1 + policy.runoff_margin)][:RUNOFF_MOST]
+    close = [c for c in ranked if objective_value(c, policy) <= best * (1 + policy.runoff_margin)]
+    close = (close + [c for c in ranked if noisy(c, policy) and c not in close])[:RUNOFF_MOST]
     if memory_mb > 0:
         weights = [resident_weights_mib(c) or 0.0 for c in close]
         close = [c for i, c in enumerate(close) if sum(weights[:i + 1]) <= memory_mb]

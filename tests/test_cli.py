@@ -236,3 +236,34 @@ def test_status_lists_the_newest_and_unfinished_checkpoints_of_a_long_history(ki
     assert "(the 21 newest and unfinished of 30 checkpoints; --all lists every one)" in out.output
     out = CliRunner().invoke(main, ["status", "--all", *cfg])
     assert len([line for line in out.output.splitlines() if line.startswith("m ")]) == 30
+
+
+def test_variants_marks_figures_measured_on_a_busy_moment(kiln_dir):
+    from click.testing import CliRunner
+
+    from modelkiln.cli import main
+    from modelkiln.config import load_config
+    from modelkiln.store.db import open_store
+    from modelkiln.store.models import Checkpoint, Measurement, Variant
+
+    store = open_store(load_config(kiln_dir / "kiln.toml"))
+    with store.session() as session:
+        checkpoint = Checkpoint(model="m", version="1", registry_kind="directory", source_uri="/r", content_hash="h" * 64,
+                                size_bytes=1, fingerprint="f", snapshot_path="/s", status="done")
+        session.add(checkpoint)
+        session.flush()
+        for recipe, p50, p95 in (("", 86.5, 705.0), ("quantize.bf16", 24.0, 30.0)):
+            variant = Variant(checkpoint_id=checkpoint.id, target="cpu", runtime="torch", recipe=recipe,
+                              status="succeeded", quality_metric="cosine", quality=1.0, baseline_quality=1.0,
+                              quality_delta=0.0)
+            session.add(variant)
+            session.flush()
+            session.add(Measurement(variant_id=variant.id, batch_size=1, latency_p50_ms=p50, latency_p95_ms=p95,
+                                    throughput_per_s=1.0, peak_memory_bytes=0, runs=20))
+        session.commit()
+    store.dispose()
+    out = CliRunner().invoke(main, ["variants", "m", "--config", str(kiln_dir / "kiln.toml")])
+    assert out.exit_code == 0, out.output
+    lines = {line.split()[2]: line for line in out.output.splitlines() if line.strip().startswith("1 ")}
+    assert "705.000 !" in lines["torch:baseline"] and "!" not in lines["torch:quantize.bf16"], out.output
+    assert "!: p95 over 3x p50, measured while the host was busy" in out.output

@@ -88,3 +88,21 @@ def test_close_candidates_go_to_a_run_off_whose_side_by_side_figures_decide():
     # A best candidate that was not in the run-off (here a faster sharded one) still wins.
     sharded["metrics"]["batches"][0]["latency_p50_ms"] = 9.0
     assert choose([a, b, far, sharded], policy)["id"] == "tp"
+
+
+def test_a_candidate_measured_on_a_busy_moment_joins_the_run_off_however_far_off():
+    """The issue's case: a baseline measured at 86.5 ms p50 / 705 ms p95 while a step
+    leaving the same computation measured 24 ms: its spread says the host was busy, so it
+    is timed again beside the best before anything is decided."""
+    from modelkiln.policy import NOISY_SPREAD, noisy
+
+    policy = PolicyConfig(runoff_margin=0.25)
+    quiet, busy, slow = candidate("same-graph", 24.0, 1), candidate("baseline", 86.5, 1), candidate("slow", 90.0, 1)
+    busy["metrics"]["batches"][0]["latency_p95_ms"] = 705.0
+    quiet["metrics"]["batches"][0]["latency_p95_ms"] = 30.0
+    slow["metrics"]["batches"][0]["latency_p95_ms"] = 95.0
+    assert noisy(busy, policy) and not noisy(quiet, policy) and not noisy(slow, policy)
+    assert [c["id"] for c in runoff_contenders([quiet, busy, slow], policy)] == ["same-graph", "baseline"]
+    assert runoff_contenders([quiet, slow], policy) == []  # far off but quiet: no re-measure
+    busy["metrics"]["batches"][0]["latency_p95_ms"] = NOISY_SPREAD * 86.5  # at the line: not noisy
+    assert not noisy(busy, policy)
