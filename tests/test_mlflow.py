@@ -227,3 +227,26 @@ def test_an_mlflow_registry_without_a_tracking_uri_is_a_config_error(kiln_dir):
     path.write_text(path.read_text().replace('kind = "directory"', 'kind = "mlflow"'))
     with pytest.raises(ConfigError, match="registry.mlflow.tracking_uri"):
         load_config(path)
+
+
+def test_healthz_reports_an_mlflow_registry_that_cannot_be_polled(kiln_dir, monkeypatch):
+    from modelkiln.daemon.service import Daemon
+    from test_e2e import http_get
+
+    path = kiln_dir / "kiln.toml"
+    text = path.read_text().replace('kind = "directory"', 'kind = "mlflow"').replace('path = "models"',
+                                                                                       'path = "mlflow-cache"')
+    path.write_text(text.replace('tracking_uri = ""', 'tracking_uri = "http://127.0.0.1:9"'))  # nothing listens
+    # MLflow's client retries a refused connection for minutes by default.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    daemon = Daemon(load_config(path), watch=False, schedule=False, preload=False)
+    daemon.start()
+    try:
+        url = f"http://{daemon.http.address}/healthz"
+        assert json.loads(http_get(url)[1])["checks"]["registry"] == "ok"  # no poll yet
+        daemon.registry_sync()
+        code, body = http_get(url)
+        assert code == 503 and json.loads(body)["checks"]["registry"].startswith("failing: polling failed"), body
+    finally:
+        daemon.stop(5)

@@ -38,6 +38,9 @@ def health(daemon) -> tuple[bool, dict[str, str]]:
     checks["loop"] = "ok" if daemon.started and not daemon.stopping else "stopping"
     checks["disk"] = disk_check(daemon.layout.root)
     checks["ingest"] = "ok" if daemon.background.alive else "not running"
+    if daemon.registry_sync is not None:  # a remote registry: its last poll
+        problem = daemon.registry_sync.problem
+        checks["registry"] = "ok" if problem is None else f"failing: {problem}"
     if daemon.schedule:
         checks["scheduler"] = "ok" if daemon.scheduler is not None and daemon.scheduler.alive else "not running"
     if daemon.watcher is not None or (daemon.watch and daemon.registry.watches):

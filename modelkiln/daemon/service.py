@@ -130,6 +130,7 @@ class Daemon:
         self._failed_takes: dict[str, str] = {}
         self._next_heartbeat = 0.0
         self.watcher = self.scheduler = self.http = None
+        self.registry_sync = None
         self.job_stats = JobStats()
         self.started = False
 
@@ -177,12 +178,11 @@ class Daemon:
         if self.watch and self.registry.watches:
             self.watcher = Watcher(self.registry, self.inbox)
             self.watcher.start()
+        if self.registry.poll_seconds > 0:  # versions live elsewhere: poll and publish back
+            self.registry_sync = RegistrySync(self.registry, self.store, self.inbox, self.promoter.describe)
         if self.schedule:
-            sync = None
-            if self.registry.poll_seconds > 0:  # versions live elsewhere: poll and publish back
-                sync = RegistrySync(self.registry, self.store, self.inbox, self.promoter.describe)
             self.scheduler = Scheduler(self.id, self.inbox, config.registry.rescan_seconds,
-                                       config.workers.lease_seconds, sync=sync,
+                                       config.workers.lease_seconds, sync=self.registry_sync,
                                        sync_seconds=self.registry.poll_seconds)
             self.scheduler.start()
         self.inbox.put(("rescan", None))

@@ -24,12 +24,16 @@ class RegistrySync:
         self.store = store
         self.inbox = inbox
         self.describe = describe  # Promoter.describe: a promotion as `kiln promoted --json` prints it
+        # Why the last poll failed (None: it succeeded, or none ran yet): /healthz says so.
+        self.problem: str | None = None
 
     def __call__(self) -> None:
         try:
             if self.registry.poll():
                 self.inbox.put(("rescan", None))
+            self.problem = None
         except Exception as exc:
+            self.problem = f"polling failed: {exc}"[:300]
             log.warning("%s registry: polling failed (%s); trying again at the next poll", self.registry.kind, exc)
         for promotion, variants in self.current_promotions():
             try:
