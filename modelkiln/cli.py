@@ -731,11 +731,8 @@ def db_upgrade(config_path):
               help="Folder for the demo's config, models, database and artifacts.")
 def demo(directory):
     """Train a small model, drop it into a watched folder, and show what gets promoted."""
-    from .config import load_config
     from .demo import DEMO_MODEL, run_demo
 
     folder = Path(directory).absolute()
-    run_demo(folder, click.echo)
-    config = load_config(folder / "kiln.toml")
-    _print_variants(config, DEMO_MODEL, as_json=False)
+    run_demo(folder, click.echo, before_stop=lambda config: _print_variants(config, DEMO_MODEL, as_json=False))
     click.echo(f"\nexplore: kiln promoted --config {folder / 'kiln.toml'}")

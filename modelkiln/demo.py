@@ -119,7 +119,9 @@ def next_version(registry: Path, model: str) -> str:
     return str(max(existing, default=0) + 1)
 
 
-def run_demo(directory: Path, echo, timeout: float = 600.0) -> int:
+def run_demo(directory: Path, echo, timeout: float = 600.0, before_stop=None) -> int:
+    """Train, serve, drop, and echo each variant and promotion as they come; then
+    ``before_stop(config)`` (the CLI prints its table there), then stop the daemon."""
     from .config import load_config, write_default_config
     from .store import queries
     from .store.db import open_store
@@ -152,8 +154,11 @@ def run_demo(directory: Path, echo, timeout: float = 600.0) -> int:
         dropped = time.time()
         final = drop_checkpoint(staged, registry, DEMO_MODEL, version)
         echo(f"dropped checkpoint {final}")
-        promotion = _wait_for_promotion(store, queries, version, list(config.targets), server, dropped + timeout)
-        echo(f"promoted in {time.time() - dropped:.1f} s after the drop\n")
+        promotion = _wait_for_promotion(store, queries, version, list(config.targets), server, dropped + timeout,
+                                        echo)
+        echo(f"every variant ended {time.time() - dropped:.1f} s after the drop\n")
+        if before_stop is not None:
+            before_stop(config)
         return promotion
     finally:
         server.send_signal(signal.SIGTERM)
@@ -162,6 +167,24 @@ def run_demo(directory: Path, echo, timeout: float = 600.0) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
         echo("daemon stopped")
+
+
+def _news(session, queries, views, checkpoint, told: set) -> list[str]:
+    """Lines for the variants that ended and the promotion steps made since ``told``."""
+    lines = []
+    for variant in queries.variants_of(session, checkpoint.id):
+        if variant.status in ("pending", "running") or ("variant", variant.id) in told:
+            continue
+        told.add(("variant", variant.id))
+        first = variant.measurements[0] if variant.measurements else None
+        detail = (f"p50 {first.latency_p50_ms:.3g} ms at batch {first.batch_size}, quality {variant.quality:.4f}"
+                  if first is not None and variant.quality is not None else (variant.reason or "")[:80])
+        lines.append(f"{variant.target} {views.variant_label(variant)}: {variant.status} ({detail})")
+    for promotion in queries.promotions_of(session, checkpoint.id):
+        if ("promotion", promotion.id) not in told:
+            told.add(("promotion", promotion.id))
+            lines.append(f"promoted on {promotion.target}: {views.variant_label(promotion.variant)}")
+    return lines
 
 
 def _wait_for_start(log_path: Path, server, timeout: float) -> None:
@@ -176,7 +199,12 @@ def _wait_for_start(log_path: Path, server, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def _wait_for_promotion(store, queries, version: str, targets, server, deadline: float) -> int:
+def _wait_for_promotion(store, queries, version: str, targets, server, deadline: float, echo=None) -> int:
+    """Until every variant of the dropped version ended; echoes each as it ends and each
+    promotion step as it is made."""
+    from .store import views
+
+    started, told = time.time(), set()
     while time.time() < deadline:
         if server.poll() is not None:
             raise RuntimeError("`kiln serve` exited before the promotion; see kiln-serve.log")
@@ -184,6 +212,9 @@ def _wait_for_promotion(store, queries, version: str, targets, server, deadline:
             checkpoint = next(
                 (c for c in reversed(queries.checkpoints(session, DEMO_MODEL)) if c.version == version), None
             )
+            if checkpoint is not None and echo is not None:
+                for line in _news(session, queries, views, checkpoint, told):
+                    echo(f"  {time.time() - started:5.1f} s  {line}")
             if checkpoint is not None and checkpoint.status in ("rejected", "failed"):
                 raise RuntimeError(f"checkpoint {DEMO_MODEL}/{version} {checkpoint.status}: {checkpoint.reason}")
             if checkpoint is not None and checkpoint.status == "done":

@@ -267,3 +267,29 @@ def test_variants_marks_figures_measured_on_a_busy_moment(kiln_dir):
     lines = {line.split()[2]: line for line in out.output.splitlines() if line.strip().startswith("1 ")}
     assert "705.000 !" in lines["torch:baseline"] and "!" not in lines["torch:quantize.bf16"], out.output
     assert "!: p95 over 3x p50, measured while the host was busy" in out.output
+
+
+@pytest.mark.slow
+def test_the_demo_runs_beside_another_daemon_on_the_default_port_and_narrates(tmp_path):
+    """`kiln demo` picks a free port, says what ends as it ends, and prints its table
+    while the daemon still runs."""
+    import socket
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 9464))  # the default http.address, as another daemon would hold it
+        holder.listen()
+    except OSError:
+        pass  # something on this host holds it already: the same situation
+    try:
+        out = subprocess.run([sys.executable, "-m", "modelkiln", "demo", "--dir", str(tmp_path / "demo")],
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        holder.close()
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    narrated = [line for line in lines if re.match(r"\s+\d+\.\d s  ", line)]
+    assert any("cpu onnxruntime:baseline: succeeded (p50" in line for line in narrated), out.stdout
+    assert any("promoted on cpu: " in line for line in narrated), out.stdout
+    table = next(i for i, line in enumerate(lines) if line.startswith("* promoted."))
+    assert table < lines.index("daemon stopped")
