@@ -220,7 +220,9 @@ class Config:
         path = Path(os.path.expanduser(str(path)))
         if not path.is_absolute() and self.source is not None:
             path = self.source.parent / path
-        return path.absolute()
+        # Normalised: "../shared/models" must compare equal to the paths file-system events
+        # report for it.
+        return Path(os.path.normpath(path.absolute()))
 
 
 def _type_name(tp) -> str:

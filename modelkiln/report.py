@@ -213,6 +213,33 @@ def _variants_table(variants: list[dict], promoted_ids: set[int], numbers: dict[
     return f"<div class=scroll><table>{head}{''.join(rows)}</table></div>"
 
 
+def measured_on(variants: list[dict]) -> str:
+    """A paragraph saying where and with what the newest of ``variants`` was measured, read
+    from its ``variant.json`` (the figures mean something only beside it); "" if unknown."""
+    import json
+    from pathlib import Path
+
+    for variant in sorted(variants, key=lambda v: -v["id"]):
+        try:
+            document = json.loads((Path(variant["path"]) / "variant.json").read_text())
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        env = document.get("measured_on")
+        if not env:
+            continue
+        inputs = ", ".join(f"{i['name']} {i['dtype']} [{', '.join(map(str, i['shape']))}]"
+                           for i in document.get("inputs", []))
+        batches = ", ".join(str(b["batch_size"]) for b in document["metrics"].get("batches", []))
+        device = env.get("gpu") or f"{env.get('cpu', '?')} ({', '.join(env.get('cpu_flags') or []) or 'no AVX2'})"
+        software = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "onnxruntime", "transformers", "modelkiln")
+                             if env.get(k))
+        return (f"<p class=sub>Measured on {escape(env.get('host', '?'))}: {escape(device)}, "
+                f"{env.get('threads')} thread(s) of {env.get('cpus')}; batch sizes {escape(batches)}; inputs "
+                f"{escape(inputs)}; {escape(software)}. Latency is the median (p50) of timed runs after warm-up, "
+                "p95 beside it in the table.</p>")
+    return ""
+
+
 def render(model: str, checkpoints: list[dict], variants: list[dict], history: list[dict],
            current: dict[str, int], policy, generated_at: str) -> str:
     """The page. ``current`` maps each target to the id of the variant served there now."""
@@ -237,6 +264,7 @@ def render(model: str, checkpoints: list[dict], variants: list[dict], history: l
             parts.append(f"<p>Version {escape(latest['version'])}: each dot is a variant, numbered as in the table "
                          "below (1 = the fastest); hover for its figures.</p>")
             parts.append(plot(newest, current.get(target), policy, baseline))
+            parts.append(measured_on(newest))
         # Newest version first; within a version, in the order the recipes are configured.
         order = {c["content_hash"][:16]: i for i, c in enumerate(checkpoints)}
         rows = sorted(on_target, key=lambda v: (-order.get(v["checkpoint"], 0), v["id"]))

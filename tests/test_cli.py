@@ -70,6 +70,14 @@ def test_listings_after_a_run(config, kiln_dir, tiny_checkpoint):
     measured = sum(1 for v in variants if v["status"] == "succeeded")
     assert page.count('class="label"') == measured
     assert all(f'<td class=num>{n}</td>' in page for n in range(1, measured + 1))
+    # Where and with what the figures were measured: host, CPU features, threads, batch
+    # sizes, the inputs' shapes, software versions.
+    import platform
+    import socket
+
+    context = re.search(r"<p class=sub>Measured on ([^<]*)</p>", page).group(1)
+    assert socket.gethostname() in context and "batch sizes 1, 4" in context and "input float32 [batch, 16]" in context
+    assert f"python {platform.python_version()}" in context and "onnxruntime " in context
     assert runner.invoke(main, ["report", "nosuchmodel", *cfg]).exit_code != 0
 
 
@@ -293,3 +301,13 @@ def test_the_demo_runs_beside_another_daemon_on_the_default_port_and_narrates(tm
     assert any("promoted on cpu: " in line for line in narrated), out.stdout
     table = next(i for i, line in enumerate(lines) if line.startswith("* promoted."))
     assert table < lines.index("daemon stopped")
+
+
+def test_an_unreachable_database_is_one_line_naming_the_file_without_the_password(kiln_dir):
+    path = kiln_dir / "kiln.toml"
+    path.write_text(path.read_text().replace('url = "kiln.db"', 'url = "postgresql+psycopg://kiln:s3cret@127.0.0.1:9/kiln"'))
+    out = subprocess.run([sys.executable, "-m", "modelkiln", "status", "--config", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.strip()]
+    assert "cannot open the database" in line and str(path) in line and "kiln:***@" in line and "s3cret" not in line

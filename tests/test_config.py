@@ -133,3 +133,18 @@ def test_a_device_no_runtime_serves_is_a_config_error(config):
     with pytest.raises(ConfigError, match=r"targets.cpu.device 'cpuu' is served by none of its runtimes "
                                           r"\(onnxruntime: cpu; torch: cpu, cuda\)"):
         Daemon(config, preload=False).start()
+
+
+def test_relative_paths_with_dot_dot_are_normalised(tmp_path):
+    """`../shared/models` must compare equal to the paths file-system events report."""
+    from modelkiln.config import load_config, write_default_config
+
+    host = tmp_path / "host-a"
+    host.mkdir()
+    write_default_config(host)
+    path = host / "kiln.toml"
+    path.write_text(path.read_text().replace('path = "models"', 'path = "../shared/models"', 1)
+                    .replace('artifacts = "artifacts"', 'artifacts = "../shared/artifacts"'))
+    config = load_config(path)
+    assert config.registry_path == tmp_path / "shared" / "models"
+    assert config.artifacts_path == tmp_path / "shared" / "artifacts"

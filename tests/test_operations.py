@@ -445,4 +445,10 @@ def test_a_host_defining_a_shared_target_otherwise_is_refused_with_what_differs(
     later = Daemon(config, watch=False, schedule=False, preload=False)
     later.start()
     later.stop(5)
+    # Two daemons of one machine with different config files are two hosts to each other.
+    other = kiln_dir / "other.toml"
+    other.write_text((kiln_dir / "kiln.toml").read_text().replace("threads = 2", "threads = 1", 1))
+    with pytest.raises(ConfigError, match=r"defined otherwise by host .*:.*kiln.toml \(machine:config\).*"
+                                          r"threads = 1 here, 2 there"):
+        Daemon(load_config(other), watch=False, schedule=False, preload=False).start()
     store.dispose()

@@ -118,6 +118,8 @@ def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:
             # For models that take sequences: the lengths timed, and the figures at the longest.
             "sequence": measured.get("sequence"),
         },
+        # Where and with what it was measured: host, CPU and its features, GPU, versions.
+        "measured_on": measured.get("environment"),
         "timings": {**built["timings"], **measured["timings"]},
         # The most each phase's process held at once (resident), bytes.
         "peak_rss_bytes": {"build": built.get("peak_rss_bytes"), "measure": measured.get("peak_rss_bytes")},

@@ -216,12 +216,18 @@ class Daemon:
     def _target_table(self) -> dict:
         return {name: dataclasses.asdict(target) for name, target in sorted(self.config.targets.items())}
 
+    @property
+    def _host_key(self) -> str:
+        """This daemon's name in the catalogue's ``hosts``: the machine and its config file
+        (two daemons of one machine with different configs are two hosts to each other)."""
+        return f"{socket.gethostname()}:{self.config.source or 'no config file'}"
+
     def _join_catalogue(self) -> None:
         """Refuse a target defined otherwise by another host running on this catalogue
         (seen within HOST_SEEN_SECONDS): its variants would be measured two ways and each
         host would cancel the other's recipes. Then record this host's table."""
         mine = self._target_table()
-        host = socket.gethostname()
+        host = self._host_key
         with self.store.session() as session:
             since = units.database_now(session) - timedelta(seconds=max(HOST_SEEN_SECONDS,
                                                                         3 * self.config.registry.rescan_seconds))
@@ -235,8 +241,8 @@ class Daemon:
                     differs = "; ".join(f"{key} = {ours.get(key)!r} here, {theirs.get(key)!r} there"
                                         for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key))
                     raise ConfigError(
-                        f"{self.config.source}: targets.{name} is defined otherwise by host {peer.name}, which "
-                        f"runs on this catalogue ({differs}). Hosts sharing a catalogue must define a shared "
+                        f"{self.config.source}: targets.{name} is defined otherwise by host {peer.name} (machine:"
+                        f"config), which runs on this catalogue ({differs}). Hosts sharing a catalogue must define a shared "
                         "target alike: make the two definitions equal, or give this one another name.")
             units.record_host(session, host, mine)
 
@@ -431,7 +437,7 @@ class Daemon:
         if rescan:
             self.background.submit("scanned", "scan", self.registry.scan)
             with self.store.session() as session:
-                units.record_host(session, socket.gethostname(), self._target_table())  # still here
+                units.record_host(session, self._host_key, self._target_table())  # still here
                 self._plan_missing(session)
                 self._settle(session)
 

@@ -347,5 +347,6 @@ def measure_variant(spec: dict) -> dict:
         "baseline_quality": inspected["baseline_quality"],
         "size_bytes": _dir_size(out),
         "measurements": measurements,
+        "environment": harness.environment(target["device"], target["threads"]),
         "timings": {"measure_seconds": time.perf_counter() - t0},
     }

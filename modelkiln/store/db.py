@@ -227,6 +227,12 @@ def open_store(config, *, allow_upgrade: bool = False) -> Store:
     # Paths under the artifacts folder are stored relative to it (models.StoredPath).
     store.engine.dialect.kiln_artifacts_root = str(config.artifacts_path)
     hint = f" --config {config.source}" if config.source else ""
-    ensure_schema(store.engine, allow_upgrade=allow_upgrade, config_hint=hint)
+    try:
+        ensure_schema(store.engine, allow_upgrade=allow_upgrade, config_hint=hint)
+    except OperationalError as exc:
+        store.dispose()
+        cause = str(exc.orig if exc.orig is not None else exc).strip().splitlines()[0]
+        raise StoreError(f"{config.store_shown}: cannot open the database ({cause}); check store.url in "
+                         f"{config.source or 'the config'} and that the database server runs and accepts it") from None
     store.remember_file()
     return store

@@ -111,3 +111,39 @@ def run_chunked(run, arrays: dict, chunk: int = 64) -> np.ndarray:
         np.asarray(run({k: np.ascontiguousarray(v[start:start + chunk]) for k, v in arrays.items()}))
         for start in range(0, total, chunk)
     ])
+
+
+# The CPU features that decide which kernels run (and so which variant is fastest).
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def environment(device: str, threads: int) -> dict:
+    """Where and with what a variant was measured: the figures only mean something
+    beside it (the hosts a catalogue is measured on differ: AVX2 only, VNNI, AMX)."""
+    import platform
+    import socket
+    import sys
+    from importlib import metadata
+
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = [f for f in _CPU_FLAGS if f in value.split()]
+                    break
+    except OSError:
+        pass
+    found = {"host": socket.gethostname(), "cpu": cpu, "cpu_flags": flags, "cpus": os.cpu_count(),
+             "device": device, "threads": threads, "python": platform.python_version()}
+    if device.startswith("cuda") and "torch" in sys.modules:
+        found["gpu"] = sys.modules["torch"].cuda.get_device_name(device)
+    for package in ("modelkiln", "torch", "onnxruntime", "transformers"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
