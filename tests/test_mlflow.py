@@ -197,6 +197,32 @@ def test_versions_are_pulled_processed_and_promotions_written_back(mlflow_server
     assert len(client.search_model_versions("name = 'digits-kiln-cpu'")) == len(versions)  # nothing twice
     assert len(client.search_runs([experiment.experiment_id])) == len(runs)
 
+    # By hand: promote another variant, then roll back. Each step gets its derived version
+    # and the alias follows what the link serves.
+    from click.testing import CliRunner
+
+    from modelkiln.cli import main
+
+    def served_by_alias() -> tuple[str, str]:
+        tags = client.get_model_version_by_alias("digits-kiln-cpu", "kiln-cpu").tags
+        return tags["kiln.runtime"], tags["kiln.recipe"]
+
+    cfg = ["--config", str(kiln_dir / "kiln.toml")]
+    before = (promoted["runtime"], promoted["recipe"])
+    other = next(f"{v.runtime}:{v.recipe or 'baseline'}" for v in promoted_variants(config)
+                 if v.status == "succeeded" and (v.runtime, v.recipe or "baseline") != before)
+    for command, expected in ((["promote", "digits", "cpu", other], tuple(other.split(":"))),
+                              (["rollback", "digits", "cpu"], before)):
+        out = CliRunner().invoke(main, [*command, *cfg])
+        assert out.exit_code == 0, out.output
+        assert (json_promoted(config)["runtime"], json_promoted(config)["recipe"]) == expected
+        daemon = Daemon(config)
+        daemon.start()
+        try:
+            run_until(daemon, lambda: served_by_alias() == expected)
+        finally:
+            daemon.stop(5)
+
 
 def promoted_variants(config) -> list:
     store = open_store(config)
