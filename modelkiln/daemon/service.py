@@ -45,10 +45,10 @@ from ..store.models import Checkpoint, Job, utcnow
 from ..targets.devices import target_unavailable_reason
 from .executor import Executor, worker_memory_limit_mb
 from .health import HealthServer
-from .metrics import JobStats
 from .ingest import Background, Ingestor, Prepared
 from .layout import Layout
 from .logs import about
+from .metrics import JobStats
 from .outcomes import Outcomes, in_source_terms
 from .planner import Planner
 from .promoter import Promoter

@@ -8,8 +8,9 @@ The artifact is a folder::
     rank1/model.pt2    functional collectives on the default process group)
     rank0/decode.pt2   for a causal LM, each rank's static-cache decoding program
     rank1/decode.pt2   (``decoding.py``), its KV cache holding that rank's heads only
-    check.npz          a few input rows and the unsharded model's outputs on them; for a
-                       causal LM also prompts, its greedy tokens and their logit margins
+    check.npz          a few input rows and the unsharded model's outputs on them
+    greedy_check.npz   for a causal LM: prompts, the unsharded model's greedy tokens after
+                       them, and each token's logit margin over the runner-up
 
 Serving it is what ``load`` does, and what serving code would do with torchrun: start
 one process per rank, join them into a process group (gloo on cpu, NCCL on cuda), load
