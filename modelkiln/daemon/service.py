@@ -173,8 +173,6 @@ class Daemon:
                                  memory_limit_mb=self.memory_limit_mb, clock=self.clock,
                                  on_exit=lambda: self.inbox.put(("reap", None)))
         self.executor.start(preload=self.preload)
-        if self.preload:
-            self.executor.warm_up()
         if self.watch and self.registry.watches:
             self.watcher = Watcher(self.registry, self.inbox)
             self.watcher.start()
@@ -186,7 +184,9 @@ class Daemon:
                                        sync_seconds=self.registry.poll_seconds)
             self.scheduler.start()
         self.inbox.put(("rescan", None))
-        self.started = True
+        self.started = True  # /healthz says ok from here; the warm-up below only makes the first job fast
+        if self.preload:
+            self.executor.warm_up()
         self.notifier.ready(f"serving: registry {self.registry.path}, targets "
                             f"{', '.join(self.available_targets) or 'none available'}")
         log.info("daemon %s started: registry %s, targets %s, %d worker(s) of at most %s each%s", self.owner,
