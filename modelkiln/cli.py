@@ -391,10 +391,11 @@ def report(config_path, model, out_dir):
         variants = [views.variant_dict(v) for v in queries.variants_of_model(session, model)]
         history = [views.promotion_dict(p, "") for p in queries.promotion_history(session, model)]
         current = {p.target: p.variant_id for p in queries.current_promotions(session) if p.model == model}
+        pinned = {pin.target: pin.reason for pin in queries.pins(session) if pin.model == model}
     if not checkpoints:
         raise KilnError(f"no checkpoint of model {model!r} in {config.store_shown}; `kiln status` lists the models")
     page = render(model, checkpoints, variants, history, current, config.policy,
-                  datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+                  datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), pinned)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{model}.html"

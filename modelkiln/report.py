@@ -36,6 +36,7 @@ svg { background: #fff; border: 1px solid #e6e9ed; border-radius: 6px; }
 svg text { font: 12px system-ui, sans-serif; fill: #38414b; }
 svg text.label { font-size: 11px; font-weight: 600; }
 .note { color: #5b6672; font-size: .9em; }
+.pinned { background: #eef3ff; border-left: 3px solid #3b6fd8; padding: .3rem .6rem; }
 """
 
 
@@ -241,8 +242,10 @@ def measured_on(variants: list[dict]) -> str:
 
 
 def render(model: str, checkpoints: list[dict], variants: list[dict], history: list[dict],
-           current: dict[str, int], policy, generated_at: str) -> str:
-    """The page. ``current`` maps each target to the id of the variant served there now."""
+           current: dict[str, int], policy, generated_at: str, pinned: dict[str, str] | None = None) -> str:
+    """The page. ``current`` maps each target to the id of the variant served there now;
+    ``pinned`` each pinned target to why (`kiln pin`, `kiln rollback`, `kiln promote`)."""
+    pinned = pinned or {}
     targets = sorted({v["target"] for v in variants} | set(current))
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(model)} · modelkiln</title>"
              f"<style>{CSS}</style></head><body>"]
@@ -253,6 +256,9 @@ def render(model: str, checkpoints: list[dict], variants: list[dict], history: l
     for target in targets:
         on_target = [v for v in variants if v["target"] == target]
         parts.append(f"<h2>Target {escape(target)}</h2>")
+        if target in pinned:
+            parts.append(f"<p class=pinned>Pinned: automatic promotions stop here until `kiln unpin {escape(model)} "
+                         f"{escape(target)}` ({escape(pinned[target])}).</p>")
         latest = next((c for c in reversed(checkpoints)
                        if any(v["checkpoint"] == c["content_hash"][:16] for v in on_target)), None)
         numbers = {}

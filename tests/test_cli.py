@@ -189,6 +189,9 @@ def test_promote_rollback_pin_and_unpin_by_hand(config, kiln_dir, tiny_checkpoin
     with store.session() as session:
         assert {p.checkpoint_id for p in queries.promotion_history(session, "tiny")} == {first.id}
     store.dispose()
+    assert runner.invoke(main, ["report", "tiny", "--out", str(kiln_dir / "pinned"), *cfg]).exit_code == 0
+    assert "Pinned: automatic promotions stop here until `kiln unpin tiny cpu`" in \
+        (kiln_dir / "pinned" / "tiny.html").read_text()
 
     out = runner.invoke(main, ["unpin", "tiny", "cpu", *cfg])
     assert out.exit_code == 0 and "the policy now serves" in out.output, out.output
@@ -199,6 +202,7 @@ def test_promote_rollback_pin_and_unpin_by_hand(config, kiln_dir, tiny_checkpoin
     assert runner.invoke(main, ["promote", "tiny", "cpu", "torch:nothing", *cfg]).exit_code != 0
     page = runner.invoke(main, ["report", "tiny", "--out", str(kiln_dir), *cfg])
     assert page.exit_code == 0 and "promoted by hand by" in Path(kiln_dir / "tiny.html").read_text()
+    assert "Pinned:" not in Path(kiln_dir / "tiny.html").read_text()  # unpinned since
 
 
 def test_promote_refuses_a_variant_that_misses_the_gate_unless_forced(config, kiln_dir, tiny_checkpoint):
