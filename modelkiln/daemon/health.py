@@ -18,7 +18,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..store import queries
-from .metrics import CONTENT_TYPE, metrics_text
+from .metrics import CONTENT_TYPE, metrics_text, registry_for
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ MOST_CONNECTIONS = 16
 
 class _Handler(BaseHTTPRequestHandler):
     daemon = None  # set on the subclass made per server
+    metrics = None  # the daemon's collector registry, likewise
     timeout = IDLE_SECONDS  # the socket's: an idle or slow client gives its thread back
 
     def do_GET(self):  # noqa: N802 (the standard library's name)
@@ -84,7 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.dumps({"status": "ok" if ready else "unavailable", "checks": checks}).encode()
                 self._reply(200 if ready else 503, "application/json", body)
             elif path == "/metrics":
-                self._reply(200, CONTENT_TYPE, metrics_text(self.daemon))
+                self._reply(200, CONTENT_TYPE, metrics_text(self.metrics))
             else:
                 self._reply(404, "text/plain", b"not found: try /healthz or /metrics\n")
         except Exception as exc:  # a scrape must never take a thread of the daemon down
@@ -132,7 +133,7 @@ class _BoundedServer(ThreadingHTTPServer):
 class HealthServer:
     def __init__(self, daemon, address: str):
         host, _, port = address.rpartition(":")
-        handler = type("Handler", (_Handler,), {"daemon": daemon})
+        handler = type("Handler", (_Handler,), {"daemon": daemon, "metrics": registry_for(daemon)})
         try:
             self._server = _BoundedServer((host.strip("[]"), int(port)), handler)
         except OSError as exc:

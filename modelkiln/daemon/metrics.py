@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import platform
 import threading
-from importlib import metadata
 
 from ..store import queries, units
+from ..targets.harness import package_version
 
 # Seconds; jobs range from a baseline export (well under a second) to a distillation.
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -51,13 +51,6 @@ class JobStats:
                           for (kind, state), (c, total, within) in self._series.items())
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return ""
-
-
 class _Collector:
     """The kiln_* families, read at each scrape."""
 
@@ -72,8 +65,8 @@ class _Collector:
         daemon = self.daemon
         info = GaugeMetricFamily("kiln_build_info", "modelkiln and the runtimes it measures with (value 1).",
                                  labels=["version", "python", "torch", "onnxruntime"])
-        info.add_metric([_version("modelkiln"), platform.python_version(), _version("torch"),
-                         _version("onnxruntime")], 1)
+        info.add_metric([package_version("modelkiln"), platform.python_version(), package_version("torch"),
+                         package_version("onnxruntime")], 1)
         yield info
         up = GaugeMetricFamily("kiln_up", "1 while /healthz reports ready.")
         if not daemon.started:
@@ -85,7 +78,7 @@ class _Collector:
             jobs = queries.open_job_counts(session)
             promotions = queries.promotion_counts(session)
             served = queries.current_promotions(session)
-            running = queries.running_jobs(session)
+            oldest_start = queries.oldest_running_start(session)
             now = units.database_now(session)
             served_rows = [(p.model, p.target, p.promoted_at, _p50_seconds(p.variant, daemon), p.variant.quality)
                            for p in served]
@@ -105,8 +98,7 @@ class _Collector:
         yield open_jobs
         oldest = GaugeMetricFamily("kiln_oldest_running_job_seconds",
                                    "How long the longest-running job has run (0: none running).")
-        ages = [(now - j.started_at).total_seconds() for j in running if j.started_at is not None]
-        oldest.add_metric([], max(ages, default=0.0))
+        oldest.add_metric([], 0.0 if oldest_start is None else max(0.0, (now - oldest_start).total_seconds()))
         yield oldest
 
         ended = daemon.job_stats.snapshot()
@@ -185,10 +177,8 @@ def registry_for(daemon):
     return registry
 
 
-def metrics_text(daemon) -> bytes:
+def metrics_text(registry) -> bytes:
+    """One scrape of a ``registry_for`` registry."""
     from prometheus_client import generate_latest
 
-    registry = getattr(daemon, "_metrics_registry", None)
-    if registry is None:
-        registry = daemon._metrics_registry = registry_for(daemon)
     return generate_latest(registry)

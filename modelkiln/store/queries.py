@@ -139,6 +139,11 @@ def running_jobs(session: Session) -> list[Job]:
     ))
 
 
+def oldest_running_start(session: Session):
+    """When the longest-running job started (None: none runs), by the state index."""
+    return session.scalar(select(func.min(Job.started_at)).where(Job.state == "running"))
+
+
 def running_of_variants(session: Session, variant_ids: list[int]) -> dict[int, Job]:
     """The running job of each of these variants that has one."""
     if not variant_ids:

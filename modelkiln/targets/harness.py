@@ -117,13 +117,22 @@ def run_chunked(run, arrays: dict, chunk: int = 64) -> np.ndarray:
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
+def package_version(package: str) -> str:
+    """The installed version of ``package``, or "" where it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
 def environment(device: str, threads: int) -> dict:
     """Where and with what a variant was measured: the figures only mean something
     beside it (the hosts a catalogue is measured on differ: AVX2 only, VNNI, AMX)."""
     import platform
     import socket
     import sys
-    from importlib import metadata
 
     cpu, flags = platform.processor() or platform.machine(), []
     try:
@@ -142,8 +151,6 @@ def environment(device: str, threads: int) -> dict:
     if device.startswith("cuda") and "torch" in sys.modules:
         found["gpu"] = sys.modules["torch"].cuda.get_device_name(device)
     for package in ("modelkiln", "torch", "onnxruntime", "transformers"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
+        if version := package_version(package):
+            found[package] = version
     return found
