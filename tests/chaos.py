@@ -7,7 +7,7 @@ Meanwhile a reader thread plays serving code: every few milliseconds it resolves
 promoted link and checks that the folder it points to is complete (``variant.json`` and
 the file it names). Afterwards the catalogue must say: every job ended and succeeded,
 every checkpoint done, each step of a checkpoint's promotion history once (never the same
-variant twice in a row), the newest checkpoint promoted on each target, the links
+variant twice in a row), the newest version promoted on each target, the links
 pointing at the newest promotion, and (on SQLite) ``PRAGMA integrity_check`` answering ok.
 
 The catalogue is the default SQLite file, or any database URL (``store_url``: a
@@ -213,6 +213,8 @@ def _settled(catalogue) -> bool:
 def check_catalogue(folder: Path, catalogue) -> list[str]:
     from sqlalchemy import text
 
+    from modelkiln.registry.directory import version_order
+
     problems = []
     with catalogue.connect() as conn:
         if catalogue.dialect.name == "sqlite":
@@ -236,7 +238,8 @@ def check_catalogue(folder: Path, catalogue) -> list[str]:
             if [k for k, _ in made] != [f"auto:{c}:{t}:{n}" for n in range(1, len(made) + 1)] or any(
                     a[1] == b[1] for a, b in zip(made, made[1:])):
                 problems.append(f"promotion steps of checkpoint {c} on {t} repeat: {made}")
-        newest = max((c for c, _, _ in checkpoints), default=None)
+        # The newest by version, not by ingest order: a version dropped late is still older.
+        newest = max(checkpoints, key=lambda row: (version_order(row[1]), row[0]), default=(None,))[0]
         for target in ("cpu", "edge"):
             if not steps.get((newest, target)):
                 problems.append(f"newest checkpoint {newest} has no promotion on {target}")
