@@ -1,12 +1,15 @@
 """Built-in quantize steps.
 
-``quantize.int8_dynamic``: int8 weights, activations quantized on the fly. onnxruntime's
-``quantize_dynamic`` for onnxruntime artifacts, ``torch.ao`` dynamic quantization of
-Linear layers for torch artifacts (saved as TorchScript, which carries the packed int8
-weights that torch.export cannot). Accuracy-aware by default: a result that misses the
-quality gate is tuned (``tuning.py``): first other forms are tried whole (on onnxruntime
-per-channel weight scales, then SmoothQuant on the graph; on torch SmoothQuant on the
-module), then the most sensitive layers are kept in float.
+``quantize.int8_dynamic``: int8 weights, activations quantized on the fly. For
+onnxruntime artifacts one activation scale per row by default (``per_row.py``: a
+request's answer does not depend on its batch), or onnxruntime's own ``quantize_dynamic``
+(one scale per tensor: ``activations = "per_tensor"``); ``torch.ao`` dynamic
+quantization of Linear layers for torch artifacts (saved as TorchScript, which carries
+the packed int8 weights that torch.export cannot). Accuracy-aware by default: a result
+that misses the quality gate is tuned (``tuning.py``): first other forms are tried whole
+(on onnxruntime SmoothQuant on the graph, after per-channel weight scales on the
+per-tensor form; on torch SmoothQuant on the module), then the most sensitive layers are
+kept in float.
 
 ``quantize.int8_static``: int8 weights and uint8 activations with scales calibrated ahead
 of time, in onnxruntime's QDQ format (per-channel weights by default), after onnxruntime's
@@ -28,6 +31,7 @@ from ..plugins import hookimpl
 from ..plugins.api import ONNX, TORCH, ModelHandle, Param, Step
 from ..targets.harness import run_chunked
 from ..targets.onnxrt import session_runner
+from .per_row import quantizable_nodes, quantize_per_row
 from .smooth import smooth_module, smooth_onnx
 from .tuning import tune
 
@@ -53,6 +57,20 @@ def _torch_outputs(module, context) -> np.ndarray:
     return run_chunked(run, context.sample_inputs, 64)
 
 
+def _smoothed_once(model, context, alpha: float):
+    """A source for builders: ``model`` smoothed at ``alpha`` on first use (the tuner may
+    never need it), the same file after."""
+    smoothed = []
+
+    def source():
+        if not smoothed:
+            path = context.new_path(f"int8_dynamic/smoothed-{alpha}/model.onnx")
+            smooth_onnx(model.obj, context.calibration_inputs or context.sample_inputs, alpha, path)
+            smoothed.append(path)
+        return smoothed[0]
+    return source
+
+
 def _onnx_weighted_nodes(path) -> list[str]:
     """MatMul/Gemm nodes with a constant weight, largest weight first."""
     import onnx
@@ -68,7 +86,10 @@ class Int8Dynamic(Step):
     name = "quantize.int8_dynamic"
     description = "int8 weights with dynamically quantized activations (MatMul/Gemm/Linear), accuracy-aware"
     params = (
-        Param("per_channel", bool, False, "one weight scale per output channel (onnxruntime)"),
+        Param("activations", str, "per_row", "onnxruntime: 'per_row' (one scale per token or sample: an answer "
+              "does not depend on its batch) or 'per_tensor' (onnxruntime's own, one scale per batch)"),
+        Param("per_channel", bool, False, "one weight scale per output channel (onnxruntime per_tensor; per_row "
+              "always has one)"),
         Param("tune", bool, True, "keep the most sensitive layers in float until the quality gate passes"),
         Param("tune_budget", int, 12, "most extra candidates built while tuning"),
     )
@@ -80,7 +101,40 @@ class Int8Dynamic(Step):
         return self._torch(model, params, context)
 
     def _onnx(self, model, params, context):
-        import onnx
+        if params["activations"] not in ("per_row", "per_tensor"):
+            raise StepNotApplicable(f"{self.name}: activations must be 'per_row' or 'per_tensor', "
+                                    f"got {params['activations']!r}")
+        if params["activations"] == "per_row":
+            return self._onnx_per_row(model, params, context)
+        return self._onnx_per_tensor(model, params, context)
+
+    def _onnx_per_row(self, model, params, context):
+        counter = iter(range(10**6))
+
+        def builder(source=lambda: model.obj):
+            def build(excluded, only):
+                out = context.new_path(f"int8_dynamic/{next(counter)}/model.onnx")
+                if quantize_per_row(source(), out, excluded, only) == 0:
+                    raise StepNotApplicable("the model has no MatMul or Gemm with a constant float32 weight")
+                return out
+            return build
+
+        def smoothed_builder(alpha):
+            return builder(_smoothed_once(model, context, alpha))
+
+        build = builder()
+        if params["tune"]:
+            # SmoothQuant on the graph (one Mul per smoothed activation) before any layer
+            # is kept in float (which costs the most).
+            alternatives = [(f"smoothed (alpha {alpha})", smoothed_builder(alpha)) for alpha in ONNX_SMOOTH_ALPHAS]
+            out, record = tune(build, lambda path: context.quality(_onnx_outputs(path, context)),
+                               quantizable_nodes(model.obj), context, params["tune_budget"], alternatives)
+            context.record.update(record)
+        else:
+            out = build(frozenset(), None)
+        return self._quantized(model, out, context, activations="per_row")
+
+    def _onnx_per_tensor(self, model, params, context):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         counter = iter(range(10**6))
@@ -103,15 +157,7 @@ class Int8Dynamic(Step):
             return build
 
         def smoothed_builder(alpha):
-            smoothed = []
-
-            def source():
-                if not smoothed:  # smoothed once, on first use: the tuner may never need it
-                    path = context.new_path(f"int8_dynamic/smoothed-{alpha}/model.onnx")
-                    smooth_onnx(model.obj, context.calibration_inputs or context.sample_inputs, alpha, path)
-                    smoothed.append(path)
-                return smoothed[0]
-            return builder(True, source)
+            return builder(True, _smoothed_once(model, context, alpha))
 
         build = builder(params["per_channel"])
         if params["tune"]:
@@ -126,13 +172,17 @@ class Int8Dynamic(Step):
             context.record.update(record)
         else:
             out = build(frozenset(), None)
-        quantized = sum(
-            1 for node in onnx.load(str(out), load_external_data=False).graph.node
-            if "Integer" in node.op_type or "Quant" in node.op_type
-        )
+        return self._quantized(model, out, context, activations="per_tensor")
+
+    @staticmethod
+    def _quantized(model, out, context, activations: str) -> ModelHandle:
+        import onnx
+
+        quantized = sum(1 for node in onnx.load(str(out), load_external_data=False).graph.node
+                        if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger"))
         if quantized == 0:
             raise StepNotApplicable("the model has no operators onnxruntime quantizes dynamically")
-        context.record["quantized_nodes"] = quantized
+        context.record.update(quantized_nodes=quantized, activations=activations)
         return ModelHandle(ONNX, out, model.inputs, dict(model.notes))
 
     def _torch(self, model, params, context):

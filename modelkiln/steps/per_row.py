@@ -1,0 +1,148 @@
+"""Dynamic int8 with one activation scale per row: a graph rewrite for onnxruntime.
+
+onnxruntime's own dynamic quantization (``DynamicQuantizeLinear``) computes one scale
+for a whole activation tensor, so a request's answer depends on what it is batched with:
+a sentence in a padded batch of 16 and the same sentence alone differ (a pretrained
+MiniLM's pooled embeddings down to cosine 0.981), and one long or outlying request
+coarsens every other's quantization. Here every row (a token of a sequence, a sample of
+a 2-D input) gets its own scale, from its own largest magnitude, so a row's result is
+the same whatever shares its batch, and padding never touches a real token's scale.
+
+Per MatMul or Gemm with a constant float32 weight ``W`` (``[K, N]``):
+
+    q  = uint8(round(x * 127 / max|x|_row) + 128)       (shared by the nodes reading x)
+    Wq = int8(round(W / s)),  s = max|W|_column / 127
+    y  = float(MatMulInteger(q, Wq, a_zero_point=128)) * max|x|_row * s / 127
+
+Symmetric activations written as uint8 with zero point 128: uint8 against int8 (U8S8)
+is what onnxruntime's x86 integer kernels run fast (int8 against int8 was 9x slower on
+the same MiniLM), and its ``MatMulInteger`` takes only one zero point per tensor, so the
+per-row part lives in the scale. Weights are per output column (no cost at run time:
+the column scale multiplies the result either way).
+
+Measured on all-MiniLM-L6-v2, 64 stdlib sentences, one thread (AMD EPYC, AVX-512 VNNI):
+per-row pooled cosine to fp32 min 0.9917 / mean 0.9973 and padded == alone exactly, at
+2.56 ms for an 18-token sentence; onnxruntime's per-tensor form 0.9877 / 0.9931, padded
+vs alone 0.981, 2.10 ms; fp32 5.78 ms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Added to a row's largest magnitude: an all-zero row (padding after a mask) divides by it.
+_TINY = 1e-12
+
+
+def _weighted(graph, weights: dict) -> list[int]:
+    """The positions of the MatMul/Gemm nodes this rewrite quantizes: a constant 2-D
+    float32 weight as the second input, and for a Gemm the plain form (no transposed A,
+    alpha = beta = 1). Positions, not the node objects: protobuf hands out a new wrapper
+    at each access."""
+    import onnx
+    from onnx import helper
+
+    chosen = []
+    for index, node in enumerate(graph.node):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        weight = weights.get(node.input[1])
+        if node.input[0] in weights or weight is None or len(weight.dims) != 2 \
+                or weight.data_type != onnx.TensorProto.FLOAT:
+            continue
+        if node.op_type == "Gemm":
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+                continue
+            if len(node.input) > 2 and node.input[2] and node.input[2] not in weights:
+                continue
+        chosen.append(index)
+    return chosen
+
+
+def quantizable_nodes(path: Path) -> list[str]:
+    """Names of the nodes :func:`quantize_per_row` would quantize, largest weight first."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name: t for t in graph.initializer}
+    found = [graph.node[index] for index in _weighted(graph, weights)]
+    nodes = [(int(np.prod(weights[n.input[1]].dims)), n.name) for n in found if n.name]
+    return [name for _, name in sorted(nodes, reverse=True)]
+
+
+def quantize_per_row(source: Path, out: Path, excluded: frozenset = frozenset(), only: str | None = None) -> int:
+    """Write ``source`` with its weighted MatMul/Gemm nodes in int8 (per-row activations,
+    per-column weights) to ``out``; ``excluded`` nodes stay float, or only ``only`` is
+    quantized. Returns how many nodes were quantized."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    weights = {t.name: t for t in graph.initializer}
+    chosen = {index for index in _weighted(graph, weights)
+              if (graph.node[index].name == only if only else graph.node[index].name not in excluded)}
+    constants = {"per_row.zero_point": np.array(128, np.uint8), "per_row.offset": np.array(128, np.float32),
+                 "per_row.levels": np.array(127, np.float32), "per_row.tiny": np.array(_TINY, np.float32),
+                 "per_row.last_axis": np.array([-1], np.int64)}
+    rows: dict[str, tuple[str, str]] = {}  # activation -> (its uint8 form, its per-row largest magnitude)
+    nodes, added = [], []
+    for index, node in enumerate(graph.node):
+        if index not in chosen:
+            nodes.append(node)
+            continue
+        x = node.input[0]
+        if x not in rows:
+            p = f"{x}.per_row"
+            if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
+                reduce = helper.make_node("ReduceMax", [f"{p}.abs", "per_row.last_axis"], [f"{p}.max"], keepdims=1)
+            else:
+                reduce = helper.make_node("ReduceMax", [f"{p}.abs"], [f"{p}.max"], axes=[-1], keepdims=1)
+            nodes += [
+                helper.make_node("Abs", [x], [f"{p}.abs"]), reduce,
+                helper.make_node("Add", [f"{p}.max", "per_row.tiny"], [f"{p}.range"]),
+                helper.make_node("Div", ["per_row.levels", f"{p}.range"], [f"{p}.factor"]),
+                helper.make_node("Mul", [x, f"{p}.factor"], [f"{p}.scaled"]),
+                helper.make_node("Round", [f"{p}.scaled"], [f"{p}.rounded"]),
+                helper.make_node("Add", [f"{p}.rounded", "per_row.offset"], [f"{p}.shifted"]),
+                helper.make_node("Cast", [f"{p}.shifted"], [f"{p}.q"], to=TensorProto.UINT8),
+            ]
+            rows[x] = (f"{p}.q", f"{p}.range")
+        q, row_range = rows[x]
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        transposed = node.op_type == "Gemm" and any(a.name == "transB" and helper.get_attribute_value(a)
+                                                    for a in node.attribute)
+        if transposed:
+            weight = weight.T
+        step = np.maximum(np.abs(weight).max(axis=0), _TINY) / 127
+        name = f"{node.input[1]}.per_row.{node.name or len(added)}"
+        added += [numpy_helper.from_array(np.round(weight / step).clip(-127, 127).astype(np.int8), f"{name}.q"),
+                  numpy_helper.from_array((step / 127).astype(np.float32), f"{name}.scale")]
+        y = node.output[0]
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        scaled = f"{y}.per_row.scaled" if bias else y
+        nodes += [
+            helper.make_node("MatMulInteger", [q, f"{name}.q", "per_row.zero_point"], [f"{y}.per_row.i32"]),
+            helper.make_node("Cast", [f"{y}.per_row.i32"], [f"{y}.per_row.f32"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{y}.per_row.f32", row_range], [f"{y}.per_row.rows"]),
+            helper.make_node("Mul", [f"{y}.per_row.rows", f"{name}.scale"], [scaled]),
+        ]
+        if bias:
+            nodes.append(helper.make_node("Add", [scaled, bias], [y]))
+    if not chosen:
+        return 0
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
+    graph.initializer.extend(added)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    onnx.save_model(model, str(out), save_as_external_data=model.ByteSize() > 1_800_000_000,
+                    location=out.name + ".data")
+    return len(chosen)
