@@ -56,15 +56,9 @@ def _fmt_ms(value):
 
 
 def _worst(variant: dict) -> str:
-    """", worst 0.9480": the least per-sample cosine its variant.json records (the gate
-    judges the mean), for encoders and other cosine-scored models."""
-    if not variant.get("path"):
-        return ""
-    try:
-        checks = json.loads((Path(variant["path"]) / "variant.json").read_text())["metrics"].get("checks") or {}
-    except (OSError, ValueError, KeyError):
-        return ""
-    worst = checks.get("min_cosine")
+    """", worst 0.9480": the least per-sample cosine the measurement recorded, for
+    encoders and other cosine-scored models."""
+    worst = ((variant.get("metrics") or {}).get("checks") or {}).get("min_cosine")
     return f", worst {worst:.4f}" if isinstance(worst, (int, float)) else ""
 
 

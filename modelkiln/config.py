@@ -135,6 +135,12 @@ class TargetConfig:
 class PolicyConfig:
     # Largest accepted quality drop, relative to the baseline (0.01 = 1%).
     max_quality_drop: float = 0.01
+    # Largest drop of the worst sample's quality (cosine metrics), relative to the baseline:
+    # the mean may hide one sentence a variant gets wrong.
+    max_sample_drop: float = 0.05
+    # Least cosine between a sample's output alone and in a padded batch (masked models):
+    # below it a variant's answer depends on what it is batched with.
+    min_batch_agreement: float = 0.999
     objective: str = "latency_p50_ms"
     objective_batch_size: int = 1
     # Eligible variants whose objective is within this share of the best one's are timed
@@ -337,6 +343,10 @@ def _validate(config: Config, file: Path) -> None:
                           f"got {config.policy.objective!r}")
     if not 0 <= config.policy.max_quality_drop < 1:
         raise ConfigError(f"{file}: 'policy.max_quality_drop' must be in [0, 1)")
+    if not 0 <= config.policy.max_sample_drop <= 1:
+        raise ConfigError(f"{file}: 'policy.max_sample_drop' must be in [0, 1] (1: no per-sample floor)")
+    if not 0 <= config.policy.min_batch_agreement <= 1:
+        raise ConfigError(f"{file}: 'policy.min_batch_agreement' must be in [0, 1] (0: not checked)")
     if config.policy.budget_minutes < 0:
         raise ConfigError(f"{file}: 'policy.budget_minutes' must be 0 (no budget) or more")
     if config.policy.runoff_margin < 0:
@@ -505,6 +515,12 @@ recipes = [
 # latency_p50_ms, latency_p95_ms; for causal language models also decode_ms_per_token
 # and prefill_ms (batch 1, 32-token prompt).
 max_quality_drop = 0.01
+# The mean can hide a sample a variant gets wrong: the worst sample's quality (cosine
+# metrics) may drop at most max_sample_drop, and for models with an attention mask a
+# sample's output alone and in a padded batch must agree to min_batch_agreement (cosine),
+# or the variant's answers depend on what it is batched with.
+max_sample_drop = 0.05
+min_batch_agreement = 0.999
 objective = "latency_p50_ms"
 objective_batch_size = 1
 # Variants measured one after another meet the host at different moments (a shared or

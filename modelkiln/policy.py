@@ -1,8 +1,11 @@
 """Choosing what to promote: constraints first, then the objective.
 
-A candidate is a variant as ``kiln variants --json`` prints it. It is eligible when its
-quality is at most ``max_quality_drop`` (relative) below its baseline and, on a target
-with a ``memory_mb`` budget, its weights resident while serving fit that budget; among
+A candidate is a variant as ``kiln variants --json`` prints it. It is eligible when it
+passes the gate (``targets.quality.gate_reason``: its quality at most ``max_quality_drop``
+below its baseline's, its worst sample at most ``max_sample_drop``, and, for models with an
+attention mask, a sample's answer alone and in a padded batch agreeing to
+``min_batch_agreement``) and, on a target with a ``memory_mb`` budget, its weights
+resident while serving fit that budget; among
 eligible candidates the lowest objective wins (p50 latency at the configured batch size, or for
 causal language models the per-token decode or prefill latency), ties going to the
 smaller artifact. The baseline competes like any other variant.
@@ -17,7 +20,7 @@ and the run-off's figures decide between them.
 from __future__ import annotations
 
 from .config import DECODE_OBJECTIVES, PolicyConfig
-from .targets.quality import EPSILON, within_drop
+from .targets.quality import EPSILON, GateLimits, gate_reason
 
 # Contenders timed together at most: each is loaded into the run-off's one process.
 RUNOFF_MOST = 3
@@ -26,11 +29,15 @@ NOISY_SPREAD = 3.0
 
 
 def within_tolerance(candidate: dict, policy: PolicyConfig) -> bool:
+    """Whether the candidate passes the gate under ``policy``: its quality, its worst
+    sample and its batch agreement (judged again here, so a changed policy applies to
+    variants measured before)."""
     metrics = candidate.get("metrics") or {}
     quality, baseline = metrics.get("quality"), metrics.get("baseline_quality")
     if quality is None or baseline is None:
         return False
-    return within_drop(quality, baseline, policy.max_quality_drop)
+    return gate_reason(quality, baseline, metrics.get("quality_metric") or "quality", metrics.get("checks"),
+                       GateLimits.of(policy)) is None
 
 
 def _recorded(candidate: dict, key: str):

@@ -83,6 +83,21 @@ def postgres_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def chromium():
+    """Headless Chromium's binary (``browser.py``)."""
+    import os
+
+    import browser
+
+    found = browser.binary()
+    if found is None:
+        if os.environ.get("KILN_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("KILN_REQUIRE_CHROMIUM=1 but no Chromium is installed")
+        pytest.skip("no Chromium: .ci/run installs Debian's chromium")
+    return found
+
+
 @pytest.fixture
 def postgres_url(postgres_server):
     """A fresh, empty database on the session's PostgreSQL server."""

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from collections import Counter
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -81,6 +82,56 @@ def test_listings_after_a_run(config, kiln_dir, tiny_checkpoint):
     assert runner.invoke(main, ["report", "nosuchmodel", *cfg]).exit_code != 0
 
 
+def test_the_report_in_a_real_browser_shows_every_point_with_its_number(chromium, config, kiln_dir,
+                                                                         tiny_checkpoint, tmp_path):
+    """The report as a person sees it: headless Chromium renders the page, then the same
+    page with the numbers hidden; beside every dot the two screenshots differ in dark
+    pixels (each number is drawn, on screen, and nothing covers it). The screenshot is
+    kept at KILN_SCREENSHOTS when that names a folder (BENCHMARKS.md shows one)."""
+    import os
+    import shutil
+
+    from PIL import Image, ImageChops
+
+    import browser
+
+    optimize_once(config, tiny_checkpoint, "tiny")
+    out = kiln_dir / "report"
+    cfg = ["--config", str(kiln_dir / "kiln.toml")]
+    assert CliRunner().invoke(main, ["report", "tiny", "--out", str(out), *cfg]).exit_code == 0
+    page = out / "tiny.html"
+    html = page.read_text()
+    labels = re.findall(r'<text x="([\d.]+)" y="([\d.]+)" class="label">(\d+)</text>', html)
+    assert len(labels) == 4
+
+    def variant(name, extra_head):
+        copy = tmp_path / name
+        copy.write_text(html.replace("</head>", extra_head + "</head>", 1))
+        return copy
+
+    shown = Image.open(browser.screenshot(chromium, page, tmp_path / "report.png")).convert("RGB")
+    hidden = Image.open(browser.screenshot(
+        chromium, variant("hidden.html", "<style>svg text.label { visibility: hidden; }</style>"),
+        tmp_path / "hidden.png")).convert("RGB")
+    # Where the plot sits on the screen, as the browser laid it out.
+    script = ("<script>addEventListener('load', () => { const r = document.querySelector('svg')"
+              ".getBoundingClientRect(); document.body.dataset.plot = [r.left, r.top, r.width].join(','); });"
+              "</script>")
+    dom = browser.dom_after_load(chromium, variant("measured.html", script))
+    left, top, width = map(float, re.search(r'data-plot="([^"]+)"', dom).group(1).split(","))
+    left, top, scale = left + 1, top + 1, (width - 2) / 720  # inside its 1 px border
+    difference = ImageChops.difference(shown, hidden).convert("L")
+    for x, y, number in labels:
+        box = (int(left + float(x) * scale) - 1, int(top + (float(y) - 12) * scale) - 1,
+               int(left + (float(x) + 8 * len(number)) * scale) + 2, int(top + (float(y) + 3) * scale) + 2)
+        changed = sum(1 for value in difference.crop(box).getdata() if value > 64)
+        dark = sum(1 for pixel in shown.crop(box).getdata() if max(pixel) < 110)
+        assert changed >= 6 and dark >= 4, (number, box, changed, dark)
+    assert any(abs(r - 224) < 20 and abs(g - 161) < 25 and b < 40 for r, g, b in shown.getdata())  # the ring
+    if os.environ.get("KILN_SCREENSHOTS"):
+        shutil.copyfile(tmp_path / "report.png", Path(os.environ["KILN_SCREENSHOTS"]) / "report.png")
+
+
 def test_the_plot_keeps_its_quality_axis_near_the_bar_and_marks_what_falls_below():
     from modelkiln.config import PolicyConfig
     from modelkiln.report import plot
@@ -136,7 +187,6 @@ class Announced:
 
 @pytest.mark.hooks("kiln_variant_promoted")
 def test_promote_rollback_pin_and_unpin_by_hand(config, kiln_dir, tiny_checkpoint):
-    import os
     from pathlib import Path
 
     from safetensors.torch import save_file

@@ -3,7 +3,6 @@ the watched folder, SIGTERM and SIGKILL."""
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys

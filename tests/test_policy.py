@@ -23,6 +23,29 @@ def test_tolerance_is_relative_to_the_baseline():
     assert not within_tolerance(candidate("a", 1, 0.94, 0.95), policy)  # 1.05% drop
 
 
+def test_the_worst_sample_and_the_batch_company_are_judged_beside_the_mean():
+    from modelkiln.targets.quality import GateLimits, gate_reason
+
+    policy = PolicyConfig()  # max_sample_drop 0.05, min_batch_agreement 0.999
+
+    def encoder(min_cosine, agreement):
+        c = candidate("int8", 1, 0.995)
+        c["metrics"].update(quality_metric="pooled_cosine",
+                            checks={"min_cosine": min_cosine, "padded_vs_alone_min_cosine": agreement})
+        return c
+
+    assert within_tolerance(encoder(0.96, 0.9995), policy)
+    assert not within_tolerance(encoder(0.948, 0.9995), policy)  # one sentence it gets wrong
+    assert not within_tolerance(encoder(0.99, 0.981), policy)  # its answer moves with its batch
+    assert within_tolerance(encoder(0.99, 0.981), PolicyConfig(min_batch_agreement=0.0))  # not checked
+    assert within_tolerance(encoder(0.5, 0.9995), PolicyConfig(max_sample_drop=1.0))
+    assert within_tolerance(candidate("no checks", 1, 0.995), policy)  # classifiers, LMs: the mean alone
+    reason = gate_reason(0.95, 1.0, "pooled_cosine", {"min_cosine": 0.9, "padded_vs_alone_min_cosine": 0.98},
+                         GateLimits.of(policy))
+    assert reason.startswith("quality gate not met: pooled_cosine 0.9500 is 5.00% below")
+    assert "policy.max_sample_drop allows 5.00%" in reason and "policy.min_batch_agreement asks 0.9990" in reason
+
+
 def test_nothing_eligible_means_no_choice():
     assert choose([candidate("bad", 1, 0.5)], PolicyConfig()) is None
 

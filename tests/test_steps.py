@@ -394,15 +394,20 @@ def test_per_row_int8_answers_each_row_as_it_would_alone(tmp_path):
     def run(path, inputs):
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": inputs})[0]
 
+    def batched_and_alone(path):
+        return run(path, x), np.concatenate([run(path, x[i:i + 1]) for i in range(len(x))])
+
     expected = run(source, x)
-    batched = run(tmp_path / "rows.onnx", x)
-    alone = np.concatenate([run(tmp_path / "rows.onnx", x[i:i + 1]) for i in range(len(x))])
-    assert np.array_equal(batched, alone)
+    batched, alone = batched_and_alone(tmp_path / "rows.onnx")
     quiet = slice(1, None)
-    assert np.abs(batched[quiet] - expected[quiet]).max() < 0.02 * np.abs(expected[quiet]).max()
+    scale = np.abs(expected[quiet]).max()
+    # The same up to float summation order (kernels differ by batch size), not quantization.
+    assert np.abs(batched - alone).max() <= 1e-5 * np.abs(alone).max()
+    assert np.abs(batched[quiet] - expected[quiet]).max() < 0.02 * scale
     quantize_dynamic(str(source), str(tmp_path / "tensor.onnx"), weight_type=QuantType.QInt8)
-    per_tensor = run(tmp_path / "tensor.onnx", x)
-    assert np.abs(per_tensor[quiet] - expected[quiet]).max() > 2 * np.abs(batched[quiet] - expected[quiet]).max()
+    tensor_batched, tensor_alone = batched_and_alone(tmp_path / "tensor.onnx")
+    assert np.abs(tensor_batched[quiet] - tensor_alone[quiet]).max() > 0.05 * scale  # the loud sample's scale
+    assert np.abs(tensor_batched[quiet] - expected[quiet]).max() > 2 * np.abs(batched[quiet] - expected[quiet]).max()
     assert quantize_per_row(source, tmp_path / "two.onnx", excluded=frozenset(names[:1])) == 2
     assert quantize_per_row(source, tmp_path / "one.onnx", only=names[0]) == 1
     graph = onnx.load(str(tmp_path / "one.onnx")).graph

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from ..plugins.recipes import parse_recipe
 from ..store import queries
 from ..store.models import Checkpoint, Job
+from ..targets.quality import GateLimits
 from .estimates import Planned, plan_entry
 from .executor import Phase
 from .layout import VARIANT_FILE, Layout
@@ -114,7 +115,7 @@ class Planner:
             recipe=variant.recipe,
             target=target_spec(self.config, variant.target),
             measure=asdict(self.config.measure),
-            max_quality_drop=self.config.policy.max_quality_drop,
+            gate=asdict(GateLimits.of(self.config.policy)),
             threads=self.config.targets[variant.target].threads,
         )
         return [Phase("build", spec), Phase("measure", spec)]

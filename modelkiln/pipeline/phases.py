@@ -26,6 +26,7 @@ from ..targets.quality import (
     PERPLEXITY_RATIO,
     POOLED_COSINE,
     Gate,
+    GateLimits,
     choose_metric,
     degenerate_reason,
     gate_reason,
@@ -198,7 +199,7 @@ def build_variant(spec: dict) -> dict:
         Path(spec["work_dir"]), target["name"], runtime.name, target["device"], target["threads"], samples,
         calibration, training,
         gate=Gate(inspected["quality_metric"], arrays["reference"], arrays.get("labels"),
-                  inspected["baseline_quality"], spec.get("max_quality_drop", 0.01), samples.get(MASK),
+                  inspected["baseline_quality"], gate_limits(spec).max_quality_drop, samples.get(MASK),
                   samples.get("input_ids")),
         devices=target.get("devices", 1), memory_mb=target.get("memory_mb", 0),
         worker_memory_mb=spec.get("worker_memory_mb", 0), reporter=tracker,
@@ -235,6 +236,11 @@ def build_variant(spec: dict) -> dict:
     file = runtime.save(model, out)
     timings["convert_seconds"] += time.perf_counter() - c0
     return {"status": "built", "file": file, "serving_files": companions, "lineage": lineage, "timings": timings}
+
+
+def gate_limits(spec: dict) -> GateLimits:
+    """What the job's policy lets the gate allow (defaults where the spec names none)."""
+    return GateLimits(**spec.get("gate", {}))
 
 
 def _dir_size(path: Path) -> int:
@@ -284,9 +290,6 @@ def measure_variant(spec: dict) -> dict:
     degenerate = degenerate_reason(outputs, expected)
     if degenerate is not None:  # no metric may call such outputs faithful
         quality = 0.0
-    gate = gate_reason(quality, inspected["baseline_quality"], spec.get("max_quality_drop", 0.01), metric)
-    if degenerate is not None:
-        gate = f"{gate} ({degenerate})"
     settings = spec["measure"]
     timer = harness.timer_for(run)
 
@@ -334,6 +337,9 @@ def measure_variant(spec: dict) -> dict:
         checks["padded_vs_alone_min_cosine"] = _padded_vs_alone(run, samples, outputs)
     if degenerate is not None:
         checks["degenerate"] = degenerate
+    gate = gate_reason(quality, inspected["baseline_quality"], metric, checks, gate_limits(spec))
+    if degenerate is not None:
+        gate = f"{gate} ({degenerate})"
     return {
         "status": "measured",
         # Why the variant misses the quality gate, or None when it passes.

@@ -122,6 +122,9 @@ class Variant(Base):
     # Its latency timed in one process, interleaved with the variants that were within
     # policy.runoff_margin of the best (see pipeline/runoff.py), or None.
     runoff: Mapped[dict | None] = mapped_column(JSON)
+    # What the measurement checked beside the quality (variant.json's metrics.checks):
+    # the worst sample, padded against alone, a runtime's own checks at load.
+    checks: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 

@@ -283,6 +283,7 @@ def record_variant(session: Session, job: Job, variant: Variant, artifact_path: 
     variant.lineage = document["lineage"]
     variant.timings = document["timings"]
     variant.decode = metrics.get("decode")
+    variant.checks = metrics.get("checks")
     variant.finished_at = utcnow()
     for old in list(variant.measurements):
         session.delete(old)

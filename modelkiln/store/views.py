@@ -40,6 +40,7 @@ def metrics(variant: Variant) -> dict | None:
         "quality_delta": variant.quality_delta,
         "runoff": variant.runoff,
         "decode": variant.decode,
+        "checks": variant.checks or {},
         "batches": batches,
     }
 

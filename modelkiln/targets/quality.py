@@ -19,6 +19,8 @@ worse; a 1 % drop is about a 1 % higher perplexity).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 ACCURACY = "accuracy"
@@ -172,10 +174,35 @@ class Gate:
         return within_drop(quality, self.baseline_quality, self.max_drop)
 
 
-def gate_reason(quality: float, baseline: float, max_drop: float, metric: str) -> str | None:
-    """Why a variant of ``quality`` misses the gate (None: it passes), in the words
-    `kiln variants` shows."""
-    if within_drop(quality, baseline, max_drop):
-        return None
-    return (f"quality gate not met: {metric} {quality:.4f} is {relative_drop(quality, baseline):.2%} below the "
-            f"original's {baseline:.4f}; policy.max_quality_drop allows {max_drop:.2%}")
+@dataclass(frozen=True)
+class GateLimits:
+    """What the gate allows (``[policy]`` keys of the same names)."""
+
+    max_quality_drop: float = 0.01
+    max_sample_drop: float = 0.05
+    min_batch_agreement: float = 0.999
+
+    @classmethod
+    def of(cls, policy) -> "GateLimits":
+        return cls(policy.max_quality_drop, policy.max_sample_drop, policy.min_batch_agreement)
+
+
+def gate_reason(quality: float, baseline: float, metric: str, checks: dict | None = None,
+                limits: GateLimits = GateLimits()) -> str | None:
+    """Why a variant misses the gate (None: it passes), in the words `kiln variants`
+    shows: its quality on the samples, its worst sample (``checks.min_cosine``), and
+    whether a sample's answer changes with its batch (``checks.padded_vs_alone_min_cosine``)."""
+    checks = checks or {}
+    reasons = []
+    if not within_drop(quality, baseline, limits.max_quality_drop):
+        reasons.append(f"{metric} {quality:.4f} is {relative_drop(quality, baseline):.2%} below the original's "
+                       f"{baseline:.4f}; policy.max_quality_drop allows {limits.max_quality_drop:.2%}")
+    worst = checks.get("min_cosine")
+    if worst is not None and not within_drop(worst, baseline, limits.max_sample_drop):
+        reasons.append(f"its worst sample's cosine {worst:.4f} is {relative_drop(worst, baseline):.2%} below the "
+                       f"original's {baseline:.4f}; policy.max_sample_drop allows {limits.max_sample_drop:.2%}")
+    agreement = checks.get("padded_vs_alone_min_cosine")
+    if agreement is not None and agreement < limits.min_batch_agreement - EPSILON:
+        reasons.append(f"a sample alone and in a padded batch agree only to cosine {agreement:.4f} (its answer "
+                       f"depends on its batch); policy.min_batch_agreement asks {limits.min_batch_agreement:.4f}")
+    return "quality gate not met: " + "; ".join(reasons) if reasons else None
