@@ -144,15 +144,19 @@ def main():
     for v in variants:
         m = v.get("metrics")
         if not m:
-            rows.append(["", v["variant"], v["status"], "", "", "", "", (v.get("reason") or "")[:70]])
+            rows.append(["", v["variant"], v["status"], "", "", "", "", "", "", (v.get("reason") or "")[:90]])
             continue
+        checks = m.get("checks") or {}
+        record = v["lineage"][-1]["record"] if v["lineage"] else {}
+        form = " ".join(str(x) for x in (record.get("activations"), record.get("form")) if x)
         rows.append(["*" if v["id"] in promoted else "", v["variant"], v["status"], f"{m['latency_p50_ms']:.2f}",
-                     f"{m['size_bytes'] / 2**20:.1f}", f"{m['quality']:.4f}",
-                     (v["lineage"][-1]["record"].get("form", "") if v["lineage"] else ""), ""])
+                     f"{m['size_bytes'] / 2**20:.1f}", f"{m['quality']:.4f}", f"{checks.get('min_cosine', 0):.4f}",
+                     f"{checks.get('padded_vs_alone_min_cosine', 0):.5f}", form, (v.get("reason") or "")[:90]])
     print_table(f"all-MiniLM-L6-v2, default config{'' if recipes is None else ' with ' + str(recipes)}, cpu target, "
                 f"2 threads: the daemon's measurements ({elapsed:.0f} s; p50 at the calibration sentences' median "
                 "length, batch 1)", rows,
-                ["", "variant", "status", "p50 ms", "MiB", "pooled cosine", "int8 form", "reason"])
+                ["", "variant", "status", "p50 ms", "MiB", "pooled cosine", "worst", "padded vs alone", "int8 form",
+                 "reason"])
     print_table("the promoted folder as serving code loads it, against PyTorch fp32 eager on 256 other sentences",
                 [[best["variant"], f"{per_sentence.min():.4f}", f"{per_sentence.mean():.4f}",
                   f"{padded_vs_alone.min():.5f}"]],

@@ -11,21 +11,21 @@ comparison, and the copy bandwidth for the floor.
 
 Why no ``baseline`` recipe: each torch variant of a causal LM holds a forward program
 and a decoding program (13.5 GB each in bf16), and the machine's 64 GB disk holds the
-checkpoint and one variant, not two. The quality gate still runs against the reference
-the daemon computed from the checkpoint (on the CPU, in bf16); because random weights
-make the top logits nearly tie, its drop is allowed up to 50 % here and the measured
-next-token agreement and KL are printed.
+checkpoint and one variant, not two. The quality gate is the default one (a 1 % drop),
+against the reference the daemon computed from the checkpoint on the CPU in bf16: the
+prompts come from ``calibration.npz``, so the quality is the perplexity ratio on them,
+which near-ties of random weights' top logits do not move (next-token top-1 did: 11 % of
+argmaxes flipped between CPU and GPU bf16 at KL 0.0025 nats, so an earlier version of this
+benchmark allowed a 50 % drop). Random weights: the figures are for speed only.
 Run on the GPU machine: python3 bench/bench_llm_daemon.py
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import bandwidth_gb_s  # noqa: E402
@@ -45,8 +45,7 @@ def main():
     folder = kiln_folder(recipes=["compile.inductor"], replacements={
         'device = "cpu"': 'device = "cuda"', 'runtimes = ["onnxruntime", "torch"]': 'runtimes = ["torch"]',
         "batch_sizes = [1, 8]": "batch_sizes = [1]",
-        'objective = "latency_p50_ms"': 'objective = "decode_ms_per_token"',
-        "max_quality_drop = 0.01": "max_quality_drop = 0.5"})
+        'objective = "latency_p50_ms"': 'objective = "decode_ms_per_token"'})
     config = load_config(folder / "kiln.toml")
     staged = folder / "staged" / "llama7b"
     torch.manual_seed(0)
@@ -75,20 +74,22 @@ def main():
         m = v.get("metrics") or {}
         decode = m.get("decode") or {}
         if not decode:
-            rows.append(["*" if v["id"] in promoted else "", v["variant"], v["status"], "", "", "", "", "",
+            rows.append(["*" if v["id"] in promoted else "", v["variant"], v["status"], "", "", "", "", "", "",
                          (v.get("reason") or "")[:80]])
             continue
-        kl = json.loads((Path(v["path"]) / "variant.json").read_text())["metrics"]["checks"].get("next_token_kl")
+        checks = m.get("checks") or {}
+        kl, top1 = checks.get("next_token_kl"), checks.get("next_token_top1")
         ms = decode["decode_ms_per_token"]
         if v["id"] in promoted:
             best = ms
         rows.append(["*" if v["id"] in promoted else "", v["variant"], v["status"], f"{ms:.2f}",
                      f"{ms / floor:.2f}x", f"{decode['prefill_ms']:.2f}", f"{m['quality']:.4f}",
-                     f"{kl:.4f}" if kl is not None else "", ""])
+                     f"{top1:.4f}" if top1 is not None else "", f"{kl:.4f}" if kl is not None else "",
+                     (v.get("reason") or "")[:80]])
     print_table(f"Llama-2-7B-shaped checkpoint through the daemon on cuda ({daemon_s:.0f} s); copy bandwidth "
                 f"{bandwidth:.0f} GB/s, bf16 floor {floor:.2f} ms/token", rows,
-                ["", "variant", "status", "decode ms/token", "vs floor", "prefill ms", "next-token top-1", "KL",
-                 "reason"])
+                ["", "variant", "status", "decode ms/token", "vs floor", "prefill ms", "quality (perplexity ratio)",
+                 "next-token top-1", "KL", "reason"])
     sys.stdout.flush()
     if best is None:
         return

@@ -114,3 +114,87 @@ def test_a_promoted_encoder_folder_serves_padded_batches_of_any_length_without_m
         for i, sentence in enumerate(SENTENCES):
             alone = served_tokenizer([sentence], return_tensors="np")
             assert cosine(pooled(run(alone), alone["attention_mask"])[0], got[i]) >= 0.999
+
+    # int8 with one activation scale per token: a sentence's embedding does not move with
+    # its batch company either (the gate checks it, policy.min_batch_agreement).
+    int8 = next(v for v in variants if v["variant"] == "onnxruntime:quantize.int8_dynamic")
+    assert int8["metrics"]["checks"]["padded_vs_alone_min_cosine"] >= 0.999
+    assert int8["lineage"][-1]["record"]["activations"] == "per_row"
+    session = ort.InferenceSession(str(Path(int8["path"]) / "model.onnx"), providers=["CPUExecutionProvider"])
+    padded = tokenizer(SENTENCES, padding=True, return_tensors="np")
+    batched = pooled(session.run(None, dict(padded))[0], padded["attention_mask"])
+    for i, sentence in enumerate(SENTENCES):
+        alone = tokenizer([sentence], return_tensors="np")
+        assert cosine(pooled(session.run(None, dict(alone))[0], alone["attention_mask"])[0], batched[i]) >= 0.9999
+
+
+def recurrent_onnx(folder: Path) -> Path:
+    """A voice-activity-detector-shaped ONNX model, as Silero VAD's inputs are: audio
+    ``input`` [batch, samples], a recurrent ``state`` [2, batch, 128] (the batch in the
+    middle) and the sample rate ``sr`` as a scalar int64; outputs ``output`` [batch, 8] and
+    the next state."""
+    import torch
+
+    class Detector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frame, self.mix, self.out = torch.nn.Linear(64, 128), torch.nn.Linear(128, 128), torch.nn.Linear(128, 8)
+
+        def forward(self, input, state, sr):
+            frames = input.reshape(input.shape[0], -1, 64)
+            hidden = torch.tanh(self.frame(frames).mean(1) + self.mix(state[0]) * (sr.float() / 16000.0))
+            return torch.sigmoid(self.out(hidden)), torch.stack([hidden, state[1]])
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    example = (torch.randn(2, 512), torch.zeros(2, 2, 128), torch.tensor(16000))
+    torch.onnx.export(Detector().eval(), example, str(folder / "model.onnx"), dynamo=False,
+                      input_names=["input", "state", "sr"], output_names=["output", "stateN"],
+                      dynamic_axes={"input": {0: "batch", 1: "samples"}, "state": {1: "batch"},
+                                    "output": {0: "batch"}, "stateN": {1: "batch"}})
+    return folder
+
+
+def test_a_recurrent_onnx_model_with_its_batch_in_the_middle_and_a_scalar_input(config, tmp_path):
+    """Each input's batch is found from the graph's own dimension names (state's is its
+    dimension 1), a scalar input is fed as one value, data files hold each input as the
+    model takes it, and without data the scalar's value is asked for, not made up."""
+    import onnxruntime as ort
+
+    from modelkiln.plugins.api import batch_axes
+
+    assert batch_axes({"input": [None, None], "state": [2, None, 128], "sr": []}) == {
+        "input": 0, "state": 1, "sr": None}  # unnamed dimensions: each input's first that varies
+    assert batch_axes({"ids": ["b", "s"], "mask": ["b", "s"], "state": [2, "b", 8]}) == {"ids": 0, "mask": 0, "state": 1}
+
+    bare = recurrent_onnx(tmp_path / "bare")
+    checkpoint = optimize_once(config, bare, "vad")
+    assert checkpoint.status == "rejected"
+    assert "takes sr as a scalar input, whose value cannot be made up; ship calibration.npz" in checkpoint.reason
+
+    folder = recurrent_onnx(tmp_path / "vad")
+    rng = np.random.default_rng(0)
+    audio = rng.standard_normal((32, 512)).astype(np.float32)
+    state = (0.5 * rng.standard_normal((2, 32, 128))).astype(np.float32)
+    np.savez(folder / "calibration.npz", input=audio, state=state, sr=np.array(16000, np.int64))
+    checkpoint = optimize_once(config, folder, "vad", version="2")
+    assert checkpoint.status == "done", checkpoint.reason
+    store = open_store(config)
+    with store.session() as session:
+        variants = {v["variant"]: v for v in map(views.variant_dict, queries.variants_of_model(session, "vad"))}
+        (served,) = [views.variant_dict(p.variant) for p in queries.current_promotions(session)]
+    store.dispose()
+    int8 = variants["onnxruntime:quantize.int8_dynamic"]
+    assert int8["status"] == "succeeded", int8["reason"]
+    assert int8["lineage"][-1]["record"]["quantized_nodes"] == 3
+
+    # The promoted folder as serving code loads it: the model's own layout, three requests.
+    path = Path(served["path"])
+    meta = json.loads((path / "variant.json").read_text())
+    assert [(i["name"], i["shape"], i["dtype"]) for i in meta["inputs"]] == [
+        ("input", ["batch", "samples"], "float32"), ("state", [2, "batch", 128], "float32"), ("sr", [], "int64")]
+    session = ort.InferenceSession(str(path / meta["file"]), providers=["CPUExecutionProvider"])
+    original = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"input": audio[:3], "state": np.ascontiguousarray(state[:, :3]), "sr": np.array(16000, np.int64)}
+    got, expected = session.run(["output"], feed)[0], original.run(["output"], feed)[0]
+    assert got.shape == (3, 8) and np.abs(got - expected).max() < 0.02

@@ -36,6 +36,7 @@ from ..targets.quality import (
     row_cosines,
     score,
 )
+from ..targets.onnxrt import session_runner
 from ..targets.shapes import onnx_axes
 from . import progress
 from .context import INSPECT_FILE, REFERENCE_FILE, plugins_for_spec, reference
@@ -69,12 +70,10 @@ def _run_source(loaded, arrays: dict) -> np.ndarray:
             with torch.inference_mode():
                 return loaded.module(*(torch.from_numpy(v) for v in batch.values())).float().numpy()
     else:
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
+        session = session_runner(loaded.onnx_path, 0)
 
         def run(batch):
-            return np.asarray(session.run(None, batch)[0])
+            return np.asarray(session(batch))
 
     return harness.run_chunked(run, arrays, _INFER_CHUNK)
 

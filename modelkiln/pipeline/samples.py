@@ -61,6 +61,12 @@ def settle(loaded, directory: Path, count: int) -> SampleSet:
     elif calibration is not None:
         samples, source = {k: v[:count] for k, v in calibration.items()}, calibration_source
     else:
+        scalars = sorted(scalars_of(inputs))
+        if scalars:  # a sample rate or a mode flag: a made-up value would judge the model on nonsense
+            raise CheckpointRejected(
+                f"{directory}: the model takes {', '.join(scalars)} as a scalar input, whose value cannot be made "
+                f"up; ship calibration.npz or eval.npz with one array per input name, a scalar as one value "
+                f"(numpy.savez('calibration.npz', ..., {scalars[0]}=numpy.array(16000)), say)")
         samples, source = generate(inputs, count), "generated"
     if source != "generated":
         inputs, samples = _without_spare_padding(inputs, samples)
@@ -125,10 +131,45 @@ def _by_input_name(loaded, arrays: dict, path: Path) -> dict:
             "name (numpy.savez(path, input_ids=..., attention_mask=...)), or `inputs` for a model "
             "with one input"
         )
-    counts = {name: len(array) for name, array in rows.items()}
-    if len(set(counts.values())) != 1:
+    rows = _batch_first(loaded.inputs, rows, path)
+    counts = {name: len(array) for name, array in rows.items() if name not in scalars_of(loaded.inputs)}
+    if len(set(counts.values())) > 1:
         raise CheckpointRejected(f"{path}: its arrays have different numbers of rows: {counts}")
+    total = next(iter(counts.values()), 1)
+    # A scalar input takes one value for a whole batch: each row holds a copy.
+    rows.update({name: np.full(total, rows[name], dtype=rows[name].dtype) for name in scalars_of(loaded.inputs)
+                 if name in rows})
     return {**rows, **labels}
+
+
+def scalars_of(inputs: list[InputSpec]) -> set[str]:
+    """The inputs the model takes without a batch dimension (a sample rate, say)."""
+    return {spec.name for spec in inputs if spec.batch_axis is None}
+
+
+def _batch_first(inputs: list[InputSpec], rows: dict, path: Path) -> dict:
+    """Arrays from a data file, saved as the model takes them (a state [2, rows, 128]),
+    with their rows first, as the pipeline holds every array; scalars checked."""
+    out = dict(rows)
+    for spec in inputs:
+        array = rows.get(spec.name)
+        if array is None:
+            continue
+        if spec.batch_axis is None:
+            if array.ndim != 0:
+                raise CheckpointRejected(
+                    f"{path}: the model takes {spec.name} as a scalar (one value for the whole batch), but the "
+                    f"file holds an array of shape {array.shape}; save one value ({spec.name}=numpy.array(16000), "
+                    "say)")
+        elif array.ndim == 0:
+            raise CheckpointRejected(f"{path}: array {spec.name} is a single number; save one row per sample")
+        elif spec.batch_axis:
+            if array.ndim <= spec.batch_axis:
+                raise CheckpointRejected(
+                    f"{path}: {spec.name} has shape {array.shape}, but the model takes its rows along dimension "
+                    f"{spec.batch_axis} ({spec.symbolic_shape()}); save it as the model takes it")
+            out[spec.name] = np.moveaxis(array, spec.batch_axis, 0)
+    return out
 
 
 def _resolve_inputs(loaded, data: dict | None, directory: Path) -> list[InputSpec]:

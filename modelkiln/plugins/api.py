@@ -89,6 +89,11 @@ class InputSpec:
     high: int | None = None
     dims: tuple[str | None, ...] = ()
     limits: tuple[tuple[str, int], ...] = ()
+    # Where the model itself takes the batch (``shape`` and every array the pipeline
+    # holds are batch first; the runtime moves the batch here): a recurrent state
+    # [layers, batch, width] has 1. None: the model takes no batch dimension (a scalar
+    # such as a sample rate); the rows hold one value each and the first is fed.
+    batch_axis: int | None = 0
 
     def dynamic(self) -> dict[int, str]:
         """Dimension index -> name, for every dimension that varies."""
@@ -96,18 +101,63 @@ class InputSpec:
         return named or {0: "batch"}
 
     def symbolic_shape(self) -> list:
-        """The shape as serving code sees it: a name for each dimension that varies."""
+        """The shape as serving code sees it, in the model's own order: a name for each
+        dimension that varies."""
         dynamic = self.dynamic()
-        return [dynamic.get(i, size) for i, size in enumerate(self.shape)]
+        shape = [dynamic.get(i, size) for i, size in enumerate(self.shape)]
+        if self.batch_axis is None:
+            return shape[1:]
+        return shape[1:self.batch_axis + 1] + shape[:1] + shape[self.batch_axis + 1:]
+
+    def to_model(self, rows):
+        """Batch-first ``rows`` as the model takes them (see ``batch_axis``)."""
+        return to_model_layout(rows, self.batch_axis)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "high": self.high,
-                "dims": list(self.dims), "limits": dict(self.limits)}
+                "dims": list(self.dims), "limits": dict(self.limits), "batch_axis": self.batch_axis}
 
     @classmethod
     def from_dict(cls, data: dict) -> InputSpec:
         return cls(data["name"], tuple(data["shape"]), data["dtype"], data.get("high"),
-                   tuple(data.get("dims") or ()), tuple(sorted((data.get("limits") or {}).items())))
+                   tuple(data.get("dims") or ()), tuple(sorted((data.get("limits") or {}).items())),
+                   data.get("batch_axis", 0))
+
+
+def batch_axes(shapes: dict[str, list]) -> dict[str, int | None]:
+    """Which dimension of each model input holds the batch, from the graph's own input
+    shapes (each dimension an int when fixed, a str when it has a symbolic name, None
+    when it varies unnamed): the symbolic name the most inputs share (a request's inputs
+    have their batch in common), the earliest in the first input on a tie; for an input
+    without it, its first varying dimension, else dimension 0; None for a scalar."""
+    counts: dict[str, int] = {}
+    for shape in shapes.values():
+        for name in {d for d in shape if isinstance(d, str)}:
+            counts[name] = counts.get(name, 0) + 1
+    most = max(counts.values(), default=0)
+    batch = None
+    if most > 1:
+        order = [d for shape in shapes.values() for d in shape if isinstance(d, str)]
+        batch = min((name for name, n in counts.items() if n == most), key=order.index)
+    axes: dict[str, int | None] = {}
+    for input_name, shape in shapes.items():
+        if not shape:
+            axes[input_name] = None
+        elif batch is not None and batch in shape:
+            axes[input_name] = list(shape).index(batch)
+        else:
+            axes[input_name] = next((i for i, d in enumerate(shape) if not isinstance(d, int) or d <= 0), 0)
+    return axes
+
+
+def to_model_layout(rows, batch_axis: int | None):
+    """Batch-first ``rows`` (a numpy array) with the batch moved to ``batch_axis``, or the
+    first row's value where the model takes no batch (``None``)."""
+    import numpy as np
+
+    if batch_axis is None:
+        return np.ascontiguousarray(rows[0])
+    return np.ascontiguousarray(np.moveaxis(rows, 0, batch_axis)) if batch_axis else rows
 
 
 @dataclass

@@ -65,9 +65,12 @@ def _load_npz(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
     for name, array in arrays.items():
         if array.dtype.kind not in "biuf":
             raise CheckpointRejected(f"{path}: array {name} has dtype {array.dtype}; use numbers")
-        if array.ndim == 0:
+        if array.ndim == 0 and name in ("inputs", "labels"):
+            # One number is a scalar input's value (a sample rate) only under that input's name.
             raise CheckpointRejected(f"{path}: array {name} is a single number; save one row per sample")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
+            if array.ndim == 0:
+                raise CheckpointRejected(f"{path}: array {name} is NaN or infinite")
             bad = int((~np.isfinite(array.reshape(len(array), -1)).all(axis=1)).sum())
             raise CheckpointRejected(f"{path}: array {name} holds NaN or infinite values in {bad} of its "
                                      f"{len(array)} rows; nothing can be measured on them: drop those rows")
@@ -83,8 +86,8 @@ def load_eval(directory: Path) -> dict[str, np.ndarray] | None:
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise CheckpointRejected(f"{path}: labels has shape {labels.shape} and dtype {labels.dtype}; give one "
                                  "integer class per row (shape [rows])")
-    rows = {name: len(array) for name, array in arrays.items()}
-    if len(set(rows.values())) != 1 or not rows["labels"] or len(rows) < 2:
+    rows = {name: len(array) for name, array in arrays.items() if array.ndim}  # scalars hold no rows
+    if len(set(rows.values())) != 1 or not rows["labels"] or len(arrays) < 2:
         raise CheckpointRejected(
             f"{path}: its arrays have {rows} rows; inputs and labels must match, with at least one row"
         )
@@ -96,7 +99,7 @@ def _load_inputs(directory: Path, name: str) -> dict[str, np.ndarray] | None:
     if not path.exists():
         return None
     arrays = _load_npz(path, ())
-    if not arrays or any(len(array) == 0 for array in arrays.values()):
+    if not arrays or any(array.ndim and len(array) == 0 for array in arrays.values()):
         raise CheckpointRejected(f"{path}: holds no rows; save inputs (or one array per input name)")
     return arrays
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import CheckpointRejected
 from ..plugins import hookimpl
-from ..plugins.api import CheckpointFormat, InputSpec, LoadContext, LoadedCheckpoint
+from ..plugins.api import CheckpointFormat, InputSpec, LoadContext, LoadedCheckpoint, batch_axes
 from .data import DATA_FILES
 
 # Sequence length used for token inputs when the checkpoint ships no eval/calibration data.
@@ -76,19 +76,23 @@ class OnnxFormat(CheckpointFormat):
         except Exception as exc:
             raise CheckpointRejected(f"{path}: invalid ONNX model ({exc})") from None
         initializers = {t.name for t in model.graph.initializer}
+        graph_inputs = [value for value in model.graph.input if value.name not in initializers]
+
+        def dimension(dim):
+            return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else dim.dim_param or None
+        shapes = {value.name: [dimension(d) for d in value.type.tensor_type.shape.dim] for value in graph_inputs}
+        axes = batch_axes(shapes)
         inputs = []
-        for value in model.graph.input:
-            if value.name in initializers:
-                continue
-            tensor_type = value.type.tensor_type
-            shape, names = [], []
-            for i, dim in enumerate(tensor_type.shape.dim):
-                fixed = dim.HasField("dim_value") and dim.dim_value > 0 and i > 0
-                shape.append(dim.dim_value if fixed else -1 if i == 0 else DEFAULT_SYMBOLIC_DIM)
-                # The graph's own names for the dimensions that vary, the first as the batch.
-                names.append(None if fixed else "batch" if i == 0 else dim.dim_param or f"dim{i}")
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
-            inputs.append(InputSpec(value.name, tuple(shape), dtype, dims=tuple(names)))
+        for value in graph_inputs:
+            # Batch first, as every array the pipeline holds is: the batch (dimension
+            # ``axes[name]`` of the model's own shape) leads, where the input has one.
+            axis, own = axes[value.name], shapes[value.name]
+            rest = [(i, d) for i, d in enumerate(own) if i != axis]
+            shape = [-1] + [d if isinstance(d, int) else DEFAULT_SYMBOLIC_DIM for _, d in rest]
+            # The graph's own names for the dimensions that vary.
+            names = ["batch"] + [None if isinstance(d, int) else d or f"dim{i}" for i, d in rest]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+            inputs.append(InputSpec(value.name, tuple(shape), dtype, dims=tuple(names), batch_axis=axis))
         info = {"opset": max((o.version for o in model.opset_import), default=0)}
         output = model.graph.output[0].name if model.graph.output else "output"
         return LoadedCheckpoint(self.name, inputs, onnx_path=path, info=info, output=output)

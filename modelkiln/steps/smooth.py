@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Param, Step
+from ..targets.onnxrt import session_feed
 
 # Rows of calibration data used for the activation maxima.
 CALIBRATION_ROWS = 512
@@ -134,13 +135,13 @@ def smooth_onnx(path: Path, data: dict, alpha: float, out: Path) -> dict:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the names
     session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
-    feeds = [i.name for i in session.get_inputs()]
+    feed = session_feed(session)
     names = list(groups)
     maxima: dict = {}
     rows = len(next(iter(data.values())))
     # A few rows at a time: every probed activation of a batch is held at once.
     for start in range(0, min(rows, CALIBRATION_ROWS), PROBE_ROWS):
-        batch = {name: np.ascontiguousarray(data[name][start:start + PROBE_ROWS]) for name in feeds}
+        batch = feed({name: array[start:start + PROBE_ROWS] for name, array in data.items()})
         for name, value in zip(names, session.run(names, batch)):
             value = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
             maxima[name] = np.maximum(maxima[name], value) if name in maxima else value

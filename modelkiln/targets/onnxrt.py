@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import ONNX, TORCH, ModelHandle, Runtime
+from ..plugins.api import ONNX, TORCH, ModelHandle, Runtime, batch_axes, to_model_layout
 
 MODEL_FILE = "model.onnx"
 # Protobuf's hard limit: bigger models keep their weights in an external data file.
@@ -59,8 +59,19 @@ def _export(module, inputs, example: dict, path: Path) -> None:
         )
 
 
+def session_feed(session):
+    """``feed(rows) -> {name: array}``: batch-first arrays by input name as ``session``'s
+    model takes them (the batch moved to its own dimension, a scalar's first row)."""
+    axes = batch_axes({i.name: list(i.shape) for i in session.get_inputs()})
+
+    def feed(rows: dict) -> dict:
+        return {name: to_model_layout(rows[name], axis) for name, axis in axes.items()}
+    return feed
+
+
 def session_runner(path: Path, threads: int):
-    """``run(inputs) -> first output`` of an InferenceSession set up as serving code would."""
+    """``run(inputs) -> first output`` of an InferenceSession set up as serving code
+    would, on batch-first arrays by input name."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -68,10 +79,10 @@ def session_runner(path: Path, threads: int):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    feed = session_feed(session)
 
     def run(inputs: dict):
-        return session.run(None, {name: inputs[name] for name in names})[0]
+        return session.run(None, feed(inputs))[0]
 
     return run
 
