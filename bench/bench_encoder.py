@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,9 @@ def main():
     started = time.time()
     variants, promoted = optimize(config, staged, "minilm")
     elapsed = time.time() - started
+    subprocess.run([sys.executable, "-m", "modelkiln", "report", "minilm", "--out", str(folder / "report"),
+                    "--config", str(folder / "kiln.toml")], check=True, capture_output=True)
+    print(f"report: {folder / 'report' / 'minilm.html'}")
     best = next(v for v in variants if v["id"] in promoted)
 
     sentences = stdlib_sentences(256)

@@ -132,18 +132,19 @@ def recurrent_onnx(folder: Path) -> Path:
     """A voice-activity-detector-shaped ONNX model, as Silero VAD's inputs are: audio
     ``input`` [batch, samples], a recurrent ``state`` [2, batch, 128] (the batch in the
     middle) and the sample rate ``sr`` as a scalar int64; outputs ``output`` [batch, 8] and
-    the next state."""
+    the next state (``output``: scores over 8 classes, so quality is top-1 agreement)."""
     import torch
 
     class Detector(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.frame, self.mix, self.out = torch.nn.Linear(64, 128), torch.nn.Linear(128, 128), torch.nn.Linear(128, 8)
+            torch.nn.init.normal_(self.out.weight, std=1.0)  # decided scores, not random near-ties
 
         def forward(self, input, state, sr):
             frames = input.reshape(input.shape[0], -1, 64)
             hidden = torch.tanh(self.frame(frames).mean(1) + self.mix(state[0]) * (sr.float() / 16000.0))
-            return torch.sigmoid(self.out(hidden)), torch.stack([hidden, state[1]])
+            return self.out(hidden), torch.stack([hidden, state[1]])
 
     folder.mkdir(parents=True)
     torch.manual_seed(0)
@@ -186,7 +187,7 @@ def test_a_recurrent_onnx_model_with_its_batch_in_the_middle_and_a_scalar_input(
     store.dispose()
     int8 = variants["onnxruntime:quantize.int8_dynamic"]
     assert int8["status"] == "succeeded", int8["reason"]
-    assert int8["lineage"][-1]["record"]["quantized_nodes"] == 3
+    assert int8["lineage"][-1]["record"]["quantized_nodes"] == 3, int8["lineage"][-1]["record"]
 
     # The promoted folder as serving code loads it: the model's own layout, three requests.
     path = Path(served["path"])
@@ -197,4 +198,4 @@ def test_a_recurrent_onnx_model_with_its_batch_in_the_middle_and_a_scalar_input(
     original = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     feed = {"input": audio[:3], "state": np.ascontiguousarray(state[:, :3]), "sr": np.array(16000, np.int64)}
     got, expected = session.run(["output"], feed)[0], original.run(["output"], feed)[0]
-    assert got.shape == (3, 8) and np.abs(got - expected).max() < 0.02
+    assert got.shape == (3, 8) and np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
