@@ -330,7 +330,7 @@ def measure_variant(spec: dict) -> dict:
         # On the sample text itself: how well each variant predicts it, beside the original.
         checks["perplexity"] = variant_perplexity
         checks["baseline_perplexity"] = baseline_perplexity
-    elif metric in (COSINE, POOLED_COSINE):  # the mean decides; the worst sample is worth seeing
+    elif metric in (COSINE, POOLED_COSINE):  # the gate judges the worst sample too
         checks["min_cosine"] = float(row_cosines(metric, outputs, expected, samples.get(MASK)).min())
     if metric == POOLED_COSINE:
         checks["padded_vs_alone_min_cosine"] = _padded_vs_alone(run, samples, outputs)
