@@ -79,6 +79,25 @@ def point_numbers(candidates: list[dict], policy) -> dict[int, int]:
     return {c["id"]: i for i, c in enumerate(plotted, 1)}
 
 
+# Where a dot's number goes, tried in turn until it overlaps no number placed before:
+# up-right of the dot, down-right, up-left, down-left, then further out.
+_LABEL_OFFSETS = [(8, -7), (8, 15), (-10, -7), (-10, 15), (8, -19), (8, 27)]
+
+
+def _label_place(cx: float, cy: float, digits: int, placed: list) -> tuple[float, float]:
+    """The (x, y) of a dot's number (text baseline, left edge for offsets to the right,
+    right edge for those to the left), clear of the numbers in ``placed``, which it joins."""
+    width, height = 7 * digits, 10
+    box = None
+    for dx, dy in _LABEL_OFFSETS:
+        x = cx + dx if dx > 0 else cx + dx - width
+        box = (x, cy + dy - height, x + width, cy + dy)
+        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+            break
+    placed.append(box)
+    return box[0], box[3]
+
+
 def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quality: float | None) -> str:
     """An SVG scatter of objective (x) against quality (y). The quality axis spans the
     variants near the bar: one far below it (a broken variant at 0.36, say) would squeeze
@@ -142,12 +161,15 @@ def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quali
                    f'({policy.max_quality_drop:.2%} below the baseline)</title></line>')
     front = builtin_policy.pareto_front([p[2] for p in points], policy)
     if len(front) > 1:
+        # Through the points as drawn: one below the plotted range sits on the bottom edge.
         path = " ".join(f"{sx(builtin_policy.objective_value(c, policy)):.1f},"
-                        f"{sy(c['metrics']['quality']):.1f}" for c in front)
+                        f"{sy(c['metrics']['quality'] if floor is None else max(c['metrics']['quality'], floor)):.1f}"
+                        for c in front)
         out.append(f'<polyline points="{path}" fill="none" stroke="#1d232b" stroke-width="1.5" opacity=".55"/>')
     runtimes = sorted({c["runtime"] for _, _, c in points})
     colour = {r: RUNTIME_COLOURS[i % len(RUNTIME_COLOURS)] for i, r in enumerate(runtimes)}
     front_ids = {c["id"] for c in front}
+    placed: list[tuple[float, float, float, float]] = []
     for x, y, c in sorted(points, key=lambda p: p[2]["id"] == promoted_id):
         clipped = floor is not None and y < floor
         cx, cy = sx(x), sy(floor if clipped else y)
@@ -164,7 +186,8 @@ def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quali
         else:
             out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5.5" fill="{colour[c["runtime"]]}" '
                        f'{edge}><title>{title}</title></circle>')
-        out.append(f'<text x="{cx + 8:.1f}" y="{cy - 7:.1f}" class="label">{numbers[c["id"]]}</text>')
+        lx, ly = _label_place(cx, cy, len(str(numbers[c["id"]])), placed)
+        out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" class="label">{numbers[c["id"]]}</text>')
     lx = LEFT + inner_w + 18
     legend = [(colour[r], r, "dot") for r in runtimes] + [("#e0a100", "promoted", "ring"),
                                                         ("#1d232b", "Pareto front (outlined)", "line")]
@@ -195,7 +218,7 @@ def _variants_table(variants: list[dict], promoted_ids: set[int], numbers: dict[
     for v in variants:
         m = v.get("metrics") or {}
         quality = "" if m.get("quality") is None else (
-            f"{m['quality']:.4f} ({m['quality_delta']:+.4f}) <small>{escape(m.get('quality_metric') or '')}</small>")
+            f"{m['quality']:.4f} ({m['quality_delta'] + 0.0 if abs(m['quality_delta']) >= 5e-5 else 0.0:+.4f}) <small>{escape(m.get('quality_metric') or '')}</small>")
         cls = ' class="promoted"' if v["id"] in promoted_ids else ""
         decode = (f"<td class=num>{_fmt((m.get('decode') or {}).get('decode_ms_per_token'))}</td>"
                   if decoding else "")

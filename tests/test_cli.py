@@ -146,6 +146,17 @@ def test_the_plot_keeps_its_quality_axis_near_the_bar_and_marks_what_falls_below
     assert "#1 torch:r3: 1 ms, quality 0.3600 (below the plotted range)" in svg
     ticks = [float(t.split("<")[0]) for t in svg.split('text-anchor="end">')[1:]]
     assert min(ticks) > 0.9  # the axis spans the variants near the bar, not 0.36 to 1.0
+    # The Pareto front runs through the points as drawn: nothing below the frame.
+    (front,) = re.findall(r'<polyline points="([^"]+)"', svg)
+    frame = re.search(r'<rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"', svg)
+    bottom = float(frame.group(2)) + float(frame.group(4))
+    assert all(float(point.split(",")[1]) <= bottom for point in front.split())
+    # Two variants measured alike: their numbers side by side, not on top of each other.
+    svg = plot([candidate(1, 5.0, 1.0), candidate(2, 5.0, 1.0), candidate(3, 5.0, 1.0)], 1, PolicyConfig(), 1.0)
+    places = re.findall(r'<text x="([\d.]+)" y="([\d.]+)" class="label">', svg)
+    assert len(set(places)) == 3
+    boxes = [(float(x), float(y)) for x, y in places]
+    assert all(abs(a[0] - b[0]) >= 7 or abs(a[1] - b[1]) >= 10 for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
 class PageParser(HTMLParser):
