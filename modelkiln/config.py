@@ -412,8 +412,9 @@ DEFAULT_CONFIG_TEMPLATE = '''\
 
 [registry]
 kind = "directory"
-# A checkpoint is a folder <path>/<model>/<version>/ holding the model files,
-# plus optionally eval.npz (arrays inputs, labels) and calibration.npz (array inputs).
+# A checkpoint is a folder <path>/<model>/<version>/ holding the model files, plus
+# optionally data to judge and calibrate it on: eval.npz (inputs and labels),
+# calibration.npz, train.npz, or as text eval/calibration/train.jsonl (see the README).
 path = "models"
 # A version is taken as soon as it is renamed into place, or once nothing in it
 # has changed for this many seconds.

@@ -17,6 +17,7 @@ from .sizes import format_size
 
 WIDTH, HEIGHT = 720, 380
 LEFT, RIGHT, TOP, BOTTOM = 70, 190, 24, 52
+RUNOFF_HEAD = '<th title="p50 when timed side by side with the closest variants">run-off p50</th>'
 RUNTIME_COLOURS = ["#2f6db3", "#d9822b", "#3a9a5b", "#9b59b6", "#c0392b", "#7f8c8d"]
 
 CSS = """
@@ -29,7 +30,7 @@ h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { margin-top: 2.4rem; border-
 table { border-collapse: collapse; width: 100%; margin: .8rem 0 1.2rem; font-variant-numeric: tabular-nums; }
 th, td { text-align: left; padding: .3rem .55rem; border-bottom: 1px solid #e6e9ed; vertical-align: top; }
 th { background: #f4f6f8; font-weight: 600; } td.num { text-align: right; white-space: nowrap; }
-tr.promoted td { background: #fff6dd; } .reason { color: #6b7580; min-width: 12rem; }
+tr.promoted td { background: #fff6dd; } .reason { color: #6b7580; min-width: 12rem; max-width: 22rem; }
 small { color: #6b7580; }
 .status-failed { color: #b3261e; } .status-skipped { color: #6b7580; } .status-succeeded { color: #256c3a; }
 svg { background: #fff; border: 1px solid #e6e9ed; border-radius: 6px; }
@@ -212,8 +213,10 @@ def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quali
 
 
 def _variants_table(variants: list[dict], promoted_ids: set[int], numbers: dict[int, int] | None = None) -> str:
-    # Causal language models get their per-token decode latency as one more column.
+    # Causal language models get their per-token decode latency as one more column, and
+    # variants timed again side by side their run-off figure.
     decoding = any((v.get("metrics") or {}).get("decode") for v in variants)
+    raced = any((v.get("metrics") or {}).get("runoff") for v in variants)
     rows = []
     for v in variants:
         m = v.get("metrics") or {}
@@ -222,16 +225,23 @@ def _variants_table(variants: list[dict], promoted_ids: set[int], numbers: dict[
         cls = ' class="promoted"' if v["id"] in promoted_ids else ""
         decode = (f"<td class=num>{_fmt((m.get('decode') or {}).get('decode_ms_per_token'))}</td>"
                   if decoding else "")
+        runoff = f"<td class=num>{_fmt((m.get('runoff') or {}).get('latency_p50_ms'))}</td>" if raced else ""
+        p50, p95 = m.get("latency_p50_ms"), m.get("latency_p95_ms")
+        # A spread like a busy host's (as `kiln variants` marks it): the run-off re-times such figures.
+        noisy = bool(p50 and p95 and p95 > builtin_policy.NOISY_SPREAD * p50)
+        spread = (f"<span title=\"p95 over {builtin_policy.NOISY_SPREAD:g}x p50: measured while the host was busy"
+                  "\">!</span>" if noisy else "")
         rows.append(
             f"<tr{cls}><td>{'&#9733;' if v['id'] in promoted_ids else ''}</td>"
             f"<td class=num>{numbers.get(v['id'], '') if numbers else ''}</td><td>{escape(v['version'])}</td>"
             f"<td>{escape(v['variant'])}</td><td class=\"status-{escape(v['status'])}\">{escape(v['status'])}</td>"
-            f"<td class=num>{_fmt(m.get('latency_p50_ms'))}</td><td class=num>{_fmt(m.get('latency_p95_ms'))}</td>"
+            f"<td class=num>{_fmt(p50)}</td><td class=num>{_fmt(p95)}{spread}</td>{runoff}"
             f"<td class=num>{_fmt(m.get('throughput_per_s'), 1)}</td>{decode}"
             f"<td class=num>{format_size(m.get('size_bytes'))}</td><td class=num>{quality}</td>"
             f"<td class=reason>{escape(v.get('reason') or '')}</td></tr>"
         )
     head = ("<tr><th></th><th title=\"its number on the plot\">#</th><th>version</th><th>variant</th><th>status</th><th>p50 ms</th><th>p95 ms</th>"
+            f"{RUNOFF_HEAD if raced else ''}"
             f"<th>per s</th>{'<th>ms/token</th>' if decoding else ''}<th>size</th><th>quality (delta)</th>"
             "<th>reason</th></tr>")
     return f"<div class=scroll><table>{head}{''.join(rows)}</table></div>"

@@ -120,4 +120,12 @@ def check_decoding(config, tmp_path, device, with_text=False):
             expected = model.to(device).generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                                  do_sample=False)[0, PROMPT_TOKENS:].tolist()
             assert decode["tokens"] == expected
+            # The forward program scores a prompt of any length, as the original does.
+            meta = json.loads((Path(variant["path"]) / "variant.json").read_text())
+            assert meta["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
+            program = torch.export.load(str(Path(variant["path"]) / meta["file"])).module()
+            for length in (5, 23):
+                with torch.inference_mode():
+                    got, want = program(prompt[:, :length]), model(prompt[:, :length]).logits
+                assert got.shape == want.shape and torch.allclose(got.float(), want.float(), atol=1e-3, rtol=1e-3)
     return variants

@@ -600,7 +600,7 @@ class Daemon:
                 self._seen_promotion = promotion.id
                 if not promotion.decision_key.startswith("manual:"):
                     continue  # the policy's, announced by the daemon that decided it
-                log.info("promoted %s on %s by an operator: %s (%s)", promotion.model, promotion.target,
+                log.info("promoted %s on %s on an operator's command: %s (%s)", promotion.model, promotion.target,
                          views.variant_label(promotion.variant), promotion.reason,
                          extra=about(promotion.model, None, promotion.target))
                 if queries.current_promotion(session, promotion.model, promotion.target).id == promotion.id:

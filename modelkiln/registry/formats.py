@@ -432,10 +432,12 @@ class HuggingFaceFormat(CheckpointFormat):
             name for name in ("config.json", *TOKENIZER_FILES) if (directory / name).is_file())
         tokenizer = _tokenizer(directory)
         if hasattr(model, "can_generate") and model.can_generate():
-            # A causal language model: token ids of the sample length, as its decoding
-            # program and tensor-parallel ranks take them; text becomes windows of it.
+            # A causal language model: token ids of any length up to its positions (its
+            # forward program scores a prompt; its decoding program generates); text becomes
+            # windows of the sample length, every position a real next token.
             length = min(DEFAULT_SEQUENCE_LENGTH, positions)
-            inputs = [InputSpec("input_ids", (-1, length), "int64", high=int(vocab))]
+            inputs = [InputSpec("input_ids", (-1, length), "int64", high=int(vocab), dims=("batch", "sequence"),
+                                limits=(("sequence", positions),))]
             return LoadedCheckpoint(self.name, inputs, module=hf_wrapper(model), info=info,
                                     tokenize=_text_windows(tokenizer, length) if tokenizer is not None else None,
                                     serving_files=serving_files)

@@ -340,7 +340,7 @@ class Int8Static(Step):
         if quantized == 0:
             raise StepNotApplicable("the model has no operators onnxruntime quantizes statically")
         context.record.update(quantize_nodes=quantized, calibration_rows=rows, activations="uint8",
-                              calibration="calibration.npz" if context.calibration_inputs else "sample inputs")
+                              calibration="the checkpoint's calibration data" if context.calibration_inputs else "sample inputs")
         return ModelHandle(ONNX, out, model.inputs, dict(model.notes))
 
 

@@ -198,7 +198,7 @@ class Smooth(Step):
             raise StepNotApplicable(f"{self.name}: alpha must be in [0, 1], got {alpha}")
         data = context.calibration_inputs or context.sample_inputs
         module, _, record = smooth_module(model.obj, model.inputs, data, alpha)
-        context.record.update(record, calibration="calibration.npz" if context.calibration_inputs else "sample inputs")
+        context.record.update(record, calibration="the checkpoint's calibration data" if context.calibration_inputs else "sample inputs")
         return ModelHandle(TORCH, module, model.inputs, dict(model.notes))
 
 

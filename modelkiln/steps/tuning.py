@@ -36,6 +36,10 @@ def tune(build: Callable[[frozenset, str | None], Any], evaluate: Callable[[Any]
     trials = []
 
     def trial(form, builder, excluded=(), only=None):
+        # Each trial builds and scores a whole candidate (a static one calibrates again):
+        # minutes on a real model, so the daemon shows which one is under way.
+        what = f"only {only}" if only else f"{len(excluded)} layer(s) kept float" if excluded else "every layer"
+        context.progress(f"tuning: {form}, {what}", len(trials), budget + 1)
         candidate = builder(frozenset(excluded), only)
         quality = evaluate(candidate)
         trials.append({"form": form, "excluded": list(excluded), "only": only, "quality": quality})
