@@ -3,7 +3,7 @@
 An MLP 64 -> 2048 -> 2048 -> 10 trained on scikit-learn's digits (train.npz holds the
 training inputs for recovery fine-tunes), optimized once on a `cpu` target with both
 runtimes, 2 threads; every variant measured in its own process.
-Run: .venv/bin/python bench/bench_steps.py
+Run: .venv/bin/python bench/bench_steps.py [RECIPE ...] (every recipe below without one)
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ RECIPES = [
     "prune.structured",
     "prune.structured -> quantize.int8_dynamic",
     "prune.structured -> quantize.int8_static",
+    "quantize.ternary",
+    "quantize.binary",
 ]
 
 
@@ -49,7 +51,8 @@ def main():
     from modelkiln.config import load_config
     from modelkiln.demo import write_checkpoint
 
-    folder = recipes_config(RECIPES, '\n[architectures.wide]\nfactory = "bench_steps:wide_mlp"\ninput_shape = [64]\n')
+    recipes = sys.argv[1:] or RECIPES
+    folder = recipes_config(recipes, '\n[architectures.wide]\nfactory = "bench_steps:wide_mlp"\ninput_shape = [64]\n')
     config = load_config(folder / "kiln.toml")
     model, x_train, x_eval, y_eval = train()
     checkpoint_dir = folder / "staged" / "wide"
@@ -62,7 +65,7 @@ def main():
     for v in variants:
         m = v.get("metrics")
         if not m:
-            rows.append(["", v["variant"], v["status"], "", "", "", "", "", v.get("reason", "")[:60]])
+            rows.append(["", v["variant"], v["status"], "", "", "", "", "", "", v.get("reason", "")[:60]])
             continue
         b1 = m["batches"][0]["latency_p50_ms"]
         b8 = m["batches"][-1]
@@ -70,12 +73,12 @@ def main():
             "*" if v["id"] in promoted else "", v["variant"], v["status"], f"{b1:.3f}",
             f"{reference['latency_p50_ms'] / b1:.2f}x", f"{b8['latency_p50_ms']:.3f}",
             f"{m['size_bytes'] / 2**20:.2f}", f"{m['quality']:.4f}",
-            f"{m['quality'] / reference['quality']:.2%}",
+            f"{m['quality'] / reference['quality']:.2%}", (v.get("reason") or "")[:60],
         ])
     print_table(
         f"wide MLP 64-{WIDTH}-{WIDTH}-10 on digits, cpu target, 2 threads ({time.time() - started:.0f} s)",
         rows, ["", "variant", "status", "p50 ms b1", "vs torch fp32", f"p50 ms b{batch}",
-               "MiB", "accuracy", "of fp32 acc"],
+               "MiB", "accuracy", "of fp32 acc", "reason"],
     )
 
 

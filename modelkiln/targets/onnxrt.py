@@ -16,9 +16,11 @@ _PROTOBUF_LIMIT = 1_800_000_000
 OPSET = 17
 
 
-def export_to_onnx(module, inputs, example: dict, path: Path) -> None:
+def export_to_onnx(module, inputs, example: dict, path: Path, keep_constants: bool = False) -> None:
     """Export a torch module with its inputs' names and varying dimensions (the batch, a
     sequence), and its output under the original's name (``module.output_name``).
+    ``keep_constants``: leave computations on weights in the graph (packed low-bit weights
+    stay packed in the file; onnxruntime folds them when it loads it).
 
     The TorchScript-based exporter is tried first because it takes a fraction of a second
     on models the torch.export-based one needs seconds for; the latter is the fallback.
@@ -27,10 +29,10 @@ def export_to_onnx(module, inputs, example: dict, path: Path) -> None:
     # switches to eager attention, which onnxruntime runs faster).
     exporting = getattr(module, "exporting_to_onnx", contextlib.nullcontext)
     with exporting():
-        _export(module, inputs, example, path)
+        _export(module, inputs, example, path, keep_constants)
 
 
-def _export(module, inputs, example: dict, path: Path) -> None:
+def _export(module, inputs, example: dict, path: Path, keep_constants: bool) -> None:
     import torch
 
     from .shapes import dynamic_shapes, onnx_axes
@@ -47,7 +49,7 @@ def _export(module, inputs, example: dict, path: Path) -> None:
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                module, args, str(path), dynamo=False, opset_version=OPSET,
+                module, args, str(path), dynamo=False, opset_version=OPSET, do_constant_folding=not keep_constants,
                 input_names=names, output_names=[output], dynamic_axes={**input_axes, output: output_axes},
             )
             return
@@ -99,7 +101,8 @@ class OnnxRuntime(Runtime):
         if model.form != TORCH:
             raise StepNotApplicable(f"a {model.form} model cannot be served by onnxruntime")
         path = context.new_path("exported/" + MODEL_FILE)
-        export_to_onnx(model.obj, model.inputs, context.sample_inputs, path)
+        export_to_onnx(model.obj, model.inputs, context.sample_inputs, path,
+                       keep_constants=bool(model.notes.get("onnx_keep_constants")))
         return ModelHandle(ONNX, path, model.inputs, dict(model.notes))
 
     def save(self, model, directory):

@@ -1,0 +1,181 @@
+"""Built-in low-bit steps: ternary and binary weights, recovered by distillation.
+
+``quantize.ternary`` constrains each Linear weight to ``scale * {-1, 0, +1}`` and
+``quantize.binary`` to ``scale * {-1, +1}``, one scale per output channel: the ternary
+threshold is 0.7 times the row's mean magnitude and its scale the mean magnitude of the
+weights above it (Li and Liu's Ternary Weight Networks); the binary scale is the row's
+mean magnitude (XNOR-Net's). Few trained models survive that as they are, so the step
+trains them back (quantization-aware, the constrained weights used in the forward pass
+and the float ones updated through a straight-through estimator) by distillation from
+the original on the checkpoint's unlabelled data, within the step's time budget, as the
+BitNet line of work does.
+
+The artifact stores the codes packed (2 bits a weight for ternary, 1 for binary, in
+uint8) with the scales: a ``LowBitLinear`` unpacks them into its weight as it runs, and
+onnxruntime folds that unpacking into a float weight once, when the session is created.
+The output head (the last Linear) stays float unless ``head`` is set: on a classifier it
+is small and carries the most of the quality.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ..errors import StepNotApplicable
+from ..plugins import hookimpl
+from ..plugins.api import TORCH, ModelHandle, Param, Step
+from .training import distill, expected_training_seconds, training_data
+
+# TWN's threshold: weights within 0.7 x the row's mean magnitude become 0.
+TERNARY_THRESHOLD = 0.7
+# bits -> (codes per byte, the number of code values, code -> weight sign)
+_CODES = {2: (4, 4, lambda code: code - 1), 1: (8, 2, lambda code: 2 * code - 1)}
+
+
+def constrain(weight, bits: int):
+    """``(codes, scale)``: ``weight`` [out, in] as signs in {-1, 0, 1} (2 bits) or {-1, 1}
+    (1 bit), and one scale per output row [out, 1]; ``codes * scale`` is the weight used."""
+    import torch
+
+    magnitude = weight.abs()
+    if bits == 1:
+        return torch.where(weight >= 0, 1.0, -1.0), magnitude.mean(dim=1, keepdim=True)
+    kept = magnitude > TERNARY_THRESHOLD * magnitude.mean(dim=1, keepdim=True)
+    codes = torch.sign(weight) * kept
+    scale = (magnitude * kept).sum(dim=1, keepdim=True) / kept.sum(dim=1, keepdim=True).clamp(min=1)
+    return codes, scale
+
+
+def pack(codes, bits: int):
+    """Codes [out, in] in {-1, 0, 1} / {-1, 1} as uint8 [out, ceil(in / per_byte)]."""
+    import torch
+    import torch.nn.functional as F
+
+    per_byte, base, _ = _CODES[bits]
+    values = (codes + 1).to(torch.int32) if bits == 2 else ((codes + 1) // 2).to(torch.int32)
+    width = values.shape[1]
+    values = F.pad(values, (0, -width % per_byte)).reshape(values.shape[0], -1, per_byte)
+    weights = base ** torch.arange(per_byte, dtype=torch.int32)
+    return (values * weights).sum(dim=-1).to(torch.uint8)
+
+
+def unpack(packed, bits: int, width: int):
+    """The codes ``pack`` stored, as float [out, width]. Integer division and remainder
+    only: every ONNX opset and torch.export take them."""
+    import torch
+
+    per_byte, base, to_sign = _CODES[bits]
+    divisors = base ** torch.arange(per_byte, dtype=torch.int32, device=packed.device)
+    values = (packed.to(torch.int32).unsqueeze(-1) // divisors) % base
+    return to_sign(values.reshape(packed.shape[0], -1)[:, :width]).to(torch.float32)
+
+
+def _low_bit_classes():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class TrainingLinear(nn.Module):
+        """A float Linear whose forward pass uses its constrained weight; gradients reach
+        the float weight as if the constraint were not there (straight-through)."""
+
+        def __init__(self, linear: nn.Linear, bits: int):
+            super().__init__()
+            self.linear, self.bits = linear, bits
+
+        def forward(self, x):
+            weight = self.linear.weight
+            codes, scale = constrain(weight, self.bits)
+            used = weight + (codes * scale - weight).detach()
+            return F.linear(x, used, self.linear.bias)
+
+    class LowBitLinear(nn.Module):
+        """A Linear stored as packed codes and per-row scales, unpacked as it runs."""
+
+        def __init__(self, linear: nn.Linear, bits: int):
+            super().__init__()
+            codes, scale = constrain(linear.weight.detach().float(), bits)
+            self.bits, self.in_features, self.out_features = bits, linear.in_features, linear.out_features
+            self.register_buffer("packed", pack(codes, bits))
+            self.register_buffer("scale", scale.float())
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(),
+                                                                      requires_grad=False)
+
+        def forward(self, x):
+            weight = unpack(self.packed, self.bits, self.in_features) * self.scale
+            return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    return TrainingLinear, LowBitLinear, torch
+
+
+class _LowBit(Step):
+    bits = 2
+    params = (
+        Param("head", bool, False, "constrain the output head (the last Linear) too"),
+        Param("steps", int, 600, "recovery steps (distillation from the original)"),
+        Param("learning_rate", float, 2e-4, "of the recovery"),
+        Param("max_seconds", float, 0.0, "time budget of the recovery; 0: a minute plus a second per 2M "
+                                         "parameters, at most 15 min"),
+    )
+    forms = {"onnxruntime": TORCH, "torch": TORCH}
+
+    def expected_seconds(self, params, baseline_seconds, size_bytes):
+        return baseline_seconds + expected_training_seconds(params["max_seconds"], size_bytes)
+
+    def apply(self, model, params, context):
+        import torch.nn as nn
+
+        training_class, low_bit_class, torch = _low_bit_classes()
+        teacher = model.obj
+        student = copy.deepcopy(teacher).float()
+        linears = [(name, m) for name, m in student.named_modules()
+                   if isinstance(m, nn.Linear) and m.in_features >= 8]
+        if not params["head"] and len(linears) > 1:
+            linears = linears[:-1]
+        if not linears:
+            raise StepNotApplicable("the model has no Linear layer to constrain")
+        for name, linear in linears:
+            student.set_submodule(name, training_class(linear, self.bits))
+        data, source = training_data(context)
+        trained = distill(student, teacher, data, params["steps"], params["learning_rate"],
+                          max_seconds=params["max_seconds"], context=context, activity="low-bit recovery")
+        float_bytes = packed_bytes = 0
+        zeros = weights = 0
+        with torch.no_grad():
+            for name, _ in linears:
+                linear = student.get_submodule(name).linear
+                codes, _ = constrain(linear.weight.float(), self.bits)
+                zeros += int((codes == 0).sum())
+                weights += codes.numel()
+                low_bit = low_bit_class(linear, self.bits)
+                student.set_submodule(name, low_bit)
+                float_bytes += linear.weight.numel() * 4
+                packed_bytes += low_bit.packed.numel() + low_bit.scale.numel() * 4
+        student.eval()
+        context.record.update({f"recovery_{k}": v for k, v in trained.items() if v is not None})
+        context.record.update(
+            bits=self.bits, scales="one per output channel", layers=len(linears), head_float=not params["head"],
+            weight_bytes_before=float_bytes, weight_bytes_after=packed_bytes,
+            zero_share=round(zeros / weights, 4) if self.bits == 2 else None, recovery_data=source,
+        )
+        notes = {**model.notes, "onnx_keep_constants": True}  # the packed codes stay packed in the file
+        return ModelHandle(TORCH, student, model.inputs, notes)
+
+
+class Ternary(_LowBit):
+    name = "quantize.ternary"
+    description = ("weights in scale * {-1, 0, +1} per output channel, 2 bits each, recovered by distillation "
+                   "from the original")
+    bits = 2
+
+
+class Binary(_LowBit):
+    name = "quantize.binary"
+    description = ("weights in scale * {-1, +1} per output channel, 1 bit each, recovered by distillation "
+                   "from the original")
+    bits = 1
+
+
+@hookimpl
+def kiln_steps():
+    return [Ternary(), Binary()]
