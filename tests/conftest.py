@@ -66,18 +66,24 @@ def trained_digits():
     return train_digits(epochs=4)
 
 
+def missing_program(requirement: str, what: str):
+    """A program the distribution provides is not installed: fail where ``.ci/run`` set
+    ``requirement`` (it installs them), skip elsewhere."""
+    import os
+
+    if os.environ.get(requirement) == "1":
+        pytest.fail(f"{requirement}=1 but no {what} is installed")
+    pytest.skip(f"no {what}: .ci/run installs it from the distribution's packages")
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """A PostgreSQL server on loopback for the session (``postgres.py``)."""
-    import os
-
     import postgres
 
     bin_dir = postgres.binaries()
     if bin_dir is None:
-        if os.environ.get("KILN_REQUIRE_POSTGRES") == "1":
-            pytest.fail("KILN_REQUIRE_POSTGRES=1 but no PostgreSQL server binaries (initdb) are installed")
-        pytest.skip("no PostgreSQL server binaries (initdb): .ci/run installs them")
+        missing_program("KILN_REQUIRE_POSTGRES", "PostgreSQL server (initdb)")
     server = postgres.Server(bin_dir)
     yield server
     server.stop()
@@ -86,15 +92,11 @@ def postgres_server():
 @pytest.fixture(scope="session")
 def chromium():
     """Headless Chromium's binary (``browser.py``)."""
-    import os
-
     import browser
 
     found = browser.binary()
     if found is None:
-        if os.environ.get("KILN_REQUIRE_CHROMIUM") == "1":
-            pytest.fail("KILN_REQUIRE_CHROMIUM=1 but no Chromium is installed")
-        pytest.skip("no Chromium: .ci/run installs Debian's chromium")
+        missing_program("KILN_REQUIRE_CHROMIUM", "Chromium")
     return found
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StepNotApplicable
+from .graphs import save_rewritten
 
 # Added to a row's largest magnitude: an all-zero row (padding after a mask) divides by it.
 _TINY = 1e-12
@@ -161,14 +162,7 @@ def quantize_per_row(source: Path, out: Path, excluded: frozenset = frozenset(),
         ]
         if bias:
             nodes.append(helper.make_node("Add", [f"{y}.per_row.biasless", bias], [y]))
-    graph.ClearField("node")
-    graph.node.extend(nodes)
     graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
     graph.initializer.extend(added)
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
-    onnx.save_model(model, str(out), save_as_external_data=model.ByteSize() > 1_800_000_000,
-                    location=out.name + ".data")
+    save_rewritten(model, nodes, out)
     return len(chosen)

@@ -62,15 +62,15 @@ def _torch_outputs(module, context) -> np.ndarray:
     return run_chunked(run, context.sample_inputs, 64)
 
 
-def _smoothed_once(model, context, alpha: float):
-    """A source for builders: ``model`` smoothed at ``alpha`` on first use (the tuner may
-    never need it), the same file after."""
+def _smoothed_once(source_path, data: dict, context, alpha: float, folder: str):
+    """A source for builders: the ONNX file at ``source_path`` smoothed at ``alpha`` on
+    ``data`` on first use (the tuner may never need it), the same file after."""
     smoothed = []
 
     def source():
         if not smoothed:
-            path = context.new_path(f"int8_dynamic/smoothed-{alpha}/model.onnx")
-            smooth_onnx(model.obj, context.calibration_inputs or context.sample_inputs, alpha, path)
+            path = context.new_path(f"{folder}/smoothed-{alpha}/model.onnx")
+            smooth_onnx(source_path, data, alpha, path)
             smoothed.append(path)
         return smoothed[0]
     return source
@@ -125,7 +125,8 @@ class Int8Dynamic(Step):
             return build
 
         def smoothed_builder(alpha):
-            return builder(_smoothed_once(model, context, alpha))
+            data = context.calibration_inputs or context.sample_inputs
+            return builder(_smoothed_once(model.obj, data, context, alpha, "int8_dynamic"))
 
         build = builder()
         if params["tune"]:
@@ -162,7 +163,8 @@ class Int8Dynamic(Step):
             return build
 
         def smoothed_builder(alpha):
-            return builder(True, _smoothed_once(model, context, alpha))
+            data = context.calibration_inputs or context.sample_inputs
+            return builder(True, _smoothed_once(model.obj, data, context, alpha, "int8_dynamic"))
 
         build = builder(params["per_channel"])
         if params["tune"]:
@@ -312,15 +314,7 @@ class Int8Static(Step):
             return build
 
         def smoothed_builder(alpha):
-            smoothed = []
-
-            def source():  # smoothed once, on first use: the tuner may never need it
-                if not smoothed:
-                    path = context.new_path(f"int8_static/smoothed-{alpha}/model.onnx")
-                    smooth_onnx(prepared, data, alpha, path)
-                    smoothed.append(path)
-                return smoothed[0]
-            return builder(source)
+            return builder(_smoothed_once(prepared, data, context, alpha, "int8_static"))
 
         build = builder()
         if params["tune"]:

@@ -23,6 +23,7 @@ from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Param, Step
 from ..targets.onnxrt import session_feed
+from .graphs import save_rewritten
 
 # Rows of calibration data used for the activation maxima.
 CALIBRATION_ROWS = 512
@@ -175,14 +176,7 @@ def smooth_onnx(path: Path, data: dict, alpha: float, out: Path) -> dict:
         if node.op_type in ("MatMul", "Gemm") and node.input[0] in scales and node in groups[node.input[0]]:
             node.input[0] = f"{node.input[0]}.smoothed"
         nodes.append(node)
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
-    onnx.save_model(model, str(out), save_as_external_data=model.ByteSize() > 1_800_000_000,
-                    location=out.name + ".data")
+    save_rewritten(model, nodes, out)
     return {"smoothed_groups": len(scales), "largest_scale_spread": max(ratios), "alpha": alpha}
 
 
