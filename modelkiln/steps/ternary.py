@@ -11,8 +11,10 @@ the original on the checkpoint's unlabelled data, within the step's time budget,
 BitNet line of work does.
 
 The artifact stores the codes packed (2 bits a weight for ternary, 1 for binary, in
-uint8) with the scales: a ``LowBitLinear`` unpacks them into its weight as it runs, and
-onnxruntime folds that unpacking into a float weight once, when the session is created.
+uint8) with the scales. onnxruntime folds the exported unpacking into a float weight once,
+when the session is created; for torch the layers are TorchScript that unpack at their
+first call and keep the result (a torch.export program would unpack at every call: 40x
+slower than fp32 on a 2048-wide MLP).
 The output head (the last Linear) stays float unless ``head`` is set: on a classifier it
 is small and carries the most of the quality.
 """
@@ -60,20 +62,30 @@ def pack(codes, bits: int):
 
 
 def unpack(packed, bits: int, width: int):
-    """The codes ``pack`` stored, as float [out, width]. Integer division and remainder
-    only: every ONNX opset and torch.export take them."""
+    """The codes ``pack`` stored, as float [out, width]."""
     import torch
 
-    per_byte, base, to_sign = _CODES[bits]
+    per_byte, base, _ = _CODES[bits]
     divisors = base ** torch.arange(per_byte, dtype=torch.int32, device=packed.device)
-    values = (packed.to(torch.int32).unsqueeze(-1) // divisors) % base
-    return to_sign(values.reshape(packed.shape[0], -1)[:, :width]).to(torch.float32)
+    return _low_bit_classes()[0](packed, divisors, base, bits, width)
 
 
 def _low_bit_classes():
+    from typing import Optional
+
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
+
+    def unpack_codes(packed: torch.Tensor, divisors: torch.Tensor, base: int, bits: int,
+                     width: int) -> torch.Tensor:
+        """Integer division and remainder only: every ONNX opset, torch.export and
+        TorchScript (which compiles this as it is) take them."""
+        values = torch.div(packed.to(torch.int32).unsqueeze(-1), divisors, rounding_mode="floor") % base
+        values = values.reshape(packed.shape[0], -1)[:, :width]
+        if bits == 2:
+            return (values - 1).to(torch.float32)
+        return (values * 2 - 1).to(torch.float32)
 
     class TrainingLinear(nn.Module):
         """A float Linear whose forward pass uses its constrained weight; gradients reach
@@ -90,22 +102,37 @@ def _low_bit_classes():
             return F.linear(x, used, self.linear.bias)
 
     class LowBitLinear(nn.Module):
-        """A Linear stored as packed codes and per-row scales, unpacked as it runs."""
+        """A Linear stored as packed codes and per-row scales. Unpacked at every call
+        (``cached`` False: the graph an exporter records, which onnxruntime folds once),
+        or at the first call only, into ``weight_cache`` (``cached``: for TorchScript,
+        whose interpreter runs the check; the runtime empties the cache before saving)."""
 
-        def __init__(self, linear: nn.Linear, bits: int):
+        # targets.torchrt.RUN_TIME_CACHE, emptied before saving. Typed here, not by an
+        # annotation: this module's annotations are strings TorchScript cannot resolve.
+        __annotations__ = {"weight_cache": Optional[torch.Tensor]}
+
+        def __init__(self, linear: nn.Linear, bits: int, cached: bool = False):
             super().__init__()
             codes, scale = constrain(linear.weight.detach().float(), bits)
-            self.bits, self.in_features, self.out_features = bits, linear.in_features, linear.out_features
+            per_byte, base, _ = _CODES[bits]
+            self.bits, self.base, self.cached = bits, base, cached
+            self.in_features, self.out_features = linear.in_features, linear.out_features
             self.register_buffer("packed", pack(codes, bits))
             self.register_buffer("scale", scale.float())
-            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(),
-                                                                      requires_grad=False)
+            self.register_buffer("divisors", base ** torch.arange(per_byte, dtype=torch.int32))
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+            self.weight_cache = None
 
         def forward(self, x):
-            weight = unpack(self.packed, self.bits, self.in_features) * self.scale
-            return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            weight = self.weight_cache
+            if weight is None:
+                weight = unpack_codes(self.packed, self.divisors, self.base, self.bits, self.in_features) * self.scale
+                if self.cached:
+                    self.weight_cache = weight
+            bias = self.bias
+            return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
-    return TrainingLinear, LowBitLinear, torch
+    return unpack_codes, TrainingLinear, LowBitLinear, torch
 
 
 class _LowBit(Step):
@@ -125,7 +152,10 @@ class _LowBit(Step):
     def apply(self, model, params, context):
         import torch.nn as nn
 
-        training_class, low_bit_class, torch = _low_bit_classes()
+        _, training_class, low_bit_class, torch = _low_bit_classes()
+        # torch: a TorchScript archive whose layers unpack once, at their first call;
+        # onnxruntime: an exported graph that unpacks, which the session folds at load.
+        cached = context.runtime != "onnxruntime"
         teacher = model.obj
         student = copy.deepcopy(teacher).float()
         linears = [(name, m) for name, m in student.named_modules()
@@ -147,8 +177,8 @@ class _LowBit(Step):
                 codes, _ = constrain(linear.weight.float(), self.bits)
                 zeros += int((codes == 0).sum())
                 weights += codes.numel()
-                low_bit = low_bit_class(linear, self.bits)
-                student.set_submodule(name, low_bit)
+                low_bit = low_bit_class(linear, self.bits, cached=cached)
+                student.set_submodule(name, torch.jit.script(low_bit) if cached else low_bit)
                 float_bytes += linear.weight.numel() * 4
                 packed_bytes += low_bit.packed.numel() + low_bit.scale.numel() * 4
         student.eval()
@@ -159,6 +189,8 @@ class _LowBit(Step):
             zero_share=round(zeros / weights, 4) if self.bits == 2 else None, recovery_data=source,
         )
         notes = {**model.notes, "onnx_keep_constants": True}  # the packed codes stay packed in the file
+        if cached:
+            notes["serialize"] = "torchscript"
         return ModelHandle(TORCH, student, model.inputs, notes)
 
 

@@ -27,6 +27,11 @@ SCRIPT_FILE = "model.pt"
 SERVING_FILE = "serving.json"
 
 
+# A layer's attribute holding what it computed from its stored weights at its first call
+# (an unpacked weight): filled at run time, emptied before a TorchScript archive is saved.
+RUN_TIME_CACHE = "weight_cache"
+
+
 class TorchRuntime(Runtime):
     name = "torch"
     description = "PyTorch on cpu or cuda; artifact torch.export model.pt2 or TorchScript model.pt"
@@ -77,6 +82,9 @@ class TorchRuntime(Runtime):
                 # fall back to TorchScript below
             with torch.inference_mode():
                 traced = torch.jit.trace(model.obj, args, check_trace=False)
+            for module in traced.modules():  # what the trace's own call left in a layer's cache
+                if getattr(module, RUN_TIME_CACHE, None) is not None:
+                    setattr(module, RUN_TIME_CACHE, None)
             torch.jit.save(traced, str(directory / SCRIPT_FILE))
         return SCRIPT_FILE
 
