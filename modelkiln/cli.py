@@ -329,6 +329,13 @@ def _print_variants(config, model, as_json):
         return " !" if p50 and p95 and p95 > NOISY_SPREAD * p50 else ""
 
     noisy = any(spread_mark(v.get("metrics") or {}) for v in variants)
+    # Measured under concurrent clients: requests per second and p95 at each level.
+    loaded = any((v.get("metrics") or {}).get("load") for v in variants)
+
+    def load_curve(m: dict) -> str:
+        return "  ".join(f"{row['concurrency']}: {row['throughput_per_s']:.0f}/s p95 {row['latency_p95_ms']:.2f}"
+                         for row in m.get("load") or [] if row.get("latency_p95_ms") is not None)
+
     rows = []
     for v in variants:
         m = v.get("metrics") or {}
@@ -340,12 +347,14 @@ def _print_variants(config, model, as_json):
             _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")) + spread_mark(m),
             *([_fmt_ms((m.get("runoff") or {}).get("latency_p50_ms"))] if raced else []),
             *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token"))] if decoding else []),
+            *([load_curve(m)] if loaded else []),
             format_size(m.get("size_bytes")),
             (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}{_worst(v)}",
             v.get("reason") or "",
         ])
     click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
                             *(["run-off p50"] if raced else []), *(["prefill ms", "ms/token"] if decoding else []),
+                            *(["under load (clients: answers/s, p95 ms)"] if loaded else []),
                             "size", "quality (delta)", "reason"]))
     click.echo("\n* promoted. Latency at the smallest batch size measured"
                + (f"; prefill of a {PROMPT_TOKENS}-token prompt and per-token decode at batch 1." if decoding else ".")

@@ -29,7 +29,10 @@ LOG_FORMATS = ("text", "json")
 # What the policy may minimise; the decode objectives are read from the decode figures
 # of causal language models (batch 1).
 DECODE_OBJECTIVES = ("decode_ms_per_token", "prefill_ms")
-OBJECTIVES = ("latency_p50_ms", "latency_p95_ms", *DECODE_OBJECTIVES)
+# Read from the load figures (targets.<name>.concurrency): the most requests per second
+# whose p95 stays within policy.p95_limit_ms.
+LOAD_OBJECTIVE = "throughput_at_p95_ms"
+OBJECTIVES = ("latency_p50_ms", "latency_p95_ms", *DECODE_OBJECTIVES, LOAD_OBJECTIVE)
 
 
 @dataclass
@@ -128,6 +131,9 @@ class TargetConfig:
     # are not promoted; a model larger than it gets a streamed variant (shard.size_capped).
     memory_mb: int = 0
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    # Concurrent clients each variant is also measured under (closed loop, one request at
+    # a time each, batch 1): throughput and latency at every level. Empty: not measured.
+    concurrency: list[int] = field(default_factory=list)
     recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))
 
 
@@ -149,6 +155,8 @@ class PolicyConfig:
     # Wall-clock minutes within which a checkpoint's variant jobs may start, counted from
     # its inspection; later ones are skipped with the reason (0: no budget).
     budget_minutes: float = 60.0
+    # For objective throughput_at_p95_ms: the p95 latency a load level must keep (0: any).
+    p95_limit_ms: float = 0.0
 
 
 @dataclass
@@ -331,6 +339,13 @@ def _validate(config: Config, file: Path) -> None:
             raise ConfigError(f"{file}: 'targets.{name}.devices' must be at least 1")
         if target.memory_mb < 0:
             raise ConfigError(f"{file}: 'targets.{name}.memory_mb' must be 0 (no budget) or a size in MiB")
+        if any(not 1 <= level <= 256 for level in target.concurrency):
+            raise ConfigError(f"{file}: 'targets.{name}.concurrency' must list client counts from 1 to 256")
+    if config.policy.objective == LOAD_OBJECTIVE and not any(t.concurrency for t in config.targets.values()):
+        raise ConfigError(f"{file}: 'policy.objective' = {LOAD_OBJECTIVE!r} needs load figures: set "
+                          "'concurrency' on the targets (e.g. concurrency = [1, 4, 16])")
+    if config.policy.p95_limit_ms < 0:
+        raise ConfigError(f"{file}: 'policy.p95_limit_ms' must be 0 (no limit) or more")
     if config.policy.objective_batch_size not in {
         b for t in config.targets.values() for b in t.batch_sizes
     }:
@@ -495,6 +510,10 @@ devices = 1
 # module while it runs.
 memory_mb = 0
 batch_sizes = [1, 8]
+# Concurrent clients to measure each variant under as well, e.g. [1, 4, 16]: each sends
+# one request, waits for the answer, sends the next; throughput and p50/p95 per level.
+# Empty: not measured. policy.objective = "throughput_at_p95_ms" promotes by it.
+concurrency = []
 # Recipes are chains of steps: "prune.structured(amount=0.5) -> quantize.int8_dynamic".
 # "baseline" is the empty recipe: the checkpoint as it is, exported for the runtime.
 # A step that does not apply (no stack of blocks to distill, one device to shard over,
@@ -514,7 +533,7 @@ recipes = [
 # Promote the variant with the lowest p50 latency at this batch size among those whose
 # quality is at most max_quality_drop (relative) below the baseline's. Objectives:
 # latency_p50_ms, latency_p95_ms; for causal language models also decode_ms_per_token
-# and prefill_ms (batch 1, 32-token prompt).
+# and prefill_ms (batch 1, 32-token prompt); throughput_at_p95_ms (see p95_limit_ms).
 max_quality_drop = 0.01
 # The mean can hide a sample a variant gets wrong: the worst sample's quality (cosine
 # metrics) may drop at most max_sample_drop, and for models with an attention mask a
@@ -536,6 +555,9 @@ runoff_margin = 0.25
 # checkpoint's variant jobs must start within budget_minutes of its inspection: later ones
 # are skipped with the reason. 0: no budget.
 budget_minutes = 60.0
+# With objective = "throughput_at_p95_ms" (targets need concurrency): the most requests
+# per second at a load level whose p95 latency stays within this many ms (0: any).
+p95_limit_ms = 0.0
 
 # Weights without an architecture (model.safetensors or a state dict .pt/.pth) need a
 # factory that builds the module, matched on the model's folder name. For example:

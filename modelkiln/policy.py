@@ -19,7 +19,7 @@ and the run-off's figures decide between them.
 
 from __future__ import annotations
 
-from .config import DECODE_OBJECTIVES, PolicyConfig
+from .config import DECODE_OBJECTIVES, LOAD_OBJECTIVE, PolicyConfig
 from .targets.quality import EPSILON, GateLimits, gate_reason
 
 # Contenders timed together at most: each is loaded into the run-off's one process.
@@ -68,13 +68,38 @@ def fits_memory(candidate: dict, memory_mb: int) -> bool:
 
 
 def objective_value(candidate: dict, policy: PolicyConfig) -> float | None:
+    """The candidate's figure for the policy's objective, lower being better (None when
+    it has none). For ``throughput_at_p95_ms`` that is milliseconds per answer at the
+    best load level whose p95 keeps ``p95_limit_ms``: 1000 / its requests per second."""
     metrics = candidate.get("metrics") or {}
     if policy.objective in DECODE_OBJECTIVES:
         return (metrics.get("decode") or {}).get(policy.objective)
+    if policy.objective == LOAD_OBJECTIVE:
+        best = best_load_level(candidate, policy)
+        return None if best is None else 1000.0 / best["throughput_per_s"]
     for row in metrics.get("batches", []):
         if row["batch_size"] == policy.objective_batch_size:
             return row.get(policy.objective)
     return None
+
+
+def objective_words(policy: PolicyConfig) -> str:
+    """What the policy picks by, as a promotion's reason says it."""
+    if policy.objective == LOAD_OBJECTIVE:
+        bound = f" with p95 within {policy.p95_limit_ms:g} ms" if policy.p95_limit_ms else ""
+        return f"most requests per second under concurrent clients{bound}"
+    if policy.objective in DECODE_OBJECTIVES:
+        return f"lowest {policy.objective}"
+    return f"lowest {policy.objective} at batch {policy.objective_batch_size}"
+
+
+def best_load_level(candidate: dict, policy: PolicyConfig) -> dict | None:
+    """The load level with the most requests per second whose p95 keeps
+    ``policy.p95_limit_ms`` (any, when that is 0), or None."""
+    levels = [row for row in (candidate.get("metrics") or {}).get("load") or []
+              if row.get("throughput_per_s") and (not policy.p95_limit_ms or (
+                  row.get("latency_p95_ms") is not None and row["latency_p95_ms"] <= policy.p95_limit_ms))]
+    return max(levels, key=lambda row: row["throughput_per_s"], default=None)
 
 
 def noisy(candidate: dict, policy: PolicyConfig) -> bool:
@@ -99,9 +124,10 @@ def runoff_contenders(candidates: list[dict], policy: PolicyConfig, memory_mb: i
     however far off (after the close ones); at most RUNOFF_MOST, and on a target with a
     ``memory_mb`` budget as many as fit it together, since they are loaded together;
     none when fewer than two. Not for the decode objectives (a causal LM's variants each
-    hold two whole programs on the device, timed with its own events), nor for
-    tensor-parallel variants (one process group per process)."""
-    if policy.runoff_margin <= 0 or policy.objective in DECODE_OBJECTIVES:
+    hold two whole programs on the device, timed with its own events), nor the load
+    objective (a run-off times one request at a time), nor for tensor-parallel variants
+    (one process group per process)."""
+    if policy.runoff_margin <= 0 or policy.objective in (*DECODE_OBJECTIVES, LOAD_OBJECTIVE):
         return []
     ranked = sorted((c for c in _eligible(candidates, policy) if (_recorded(c, "ranks") or 1) == 1),
                     key=lambda c: objective_value(c, policy))

@@ -48,6 +48,9 @@ def _fmt(value, digits=3) -> str:
 
 
 def _objective_label(policy) -> str:
+    if policy.objective == builtin_policy.LOAD_OBJECTIVE:
+        bound = f" with p95 within {policy.p95_limit_ms:g} ms" if policy.p95_limit_ms else ""
+        return f"ms per answer at the best load{bound} (1000 / requests per second)"
     if policy.objective in builtin_policy.DECODE_OBJECTIVES:
         return {"decode_ms_per_token": "decode ms per token", "prefill_ms": "prefill ms"}[policy.objective]
     which = "p95" if policy.objective == "latency_p95_ms" else "p50"

@@ -115,6 +115,8 @@ def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:
             # Why it misses the quality gate (None: it passes).
             "gate": measured.get("gate"),
             "decode": measured.get("decode"),
+            # Throughput and p50/p95 per level of concurrent clients (targets.<name>.concurrency).
+            "load": measured.get("load"),
             # For models that take sequences: the lengths timed, and the figures at the longest.
             "sequence": measured.get("sequence"),
         },

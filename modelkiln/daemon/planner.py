@@ -26,7 +26,8 @@ def target_spec(config, name: str) -> dict:
     """A target as a worker's phase needs it."""
     target = config.targets[name]
     return {"name": name, "device": target.device, "threads": target.threads, "devices": target.devices,
-            "memory_mb": target.memory_mb, "batch_sizes": list(target.batch_sizes)}
+            "memory_mb": target.memory_mb, "batch_sizes": list(target.batch_sizes),
+            "concurrency": list(target.concurrency)}
 
 
 class Planner:

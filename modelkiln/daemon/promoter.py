@@ -168,7 +168,7 @@ class Promoter:
         by_plugin = chosen is not None
         if chosen is None:
             chosen = builtin_policy.choose(candidates, self.config.policy)
-            how = (f"lowest {self.config.policy.objective} at batch {self.config.policy.objective_batch_size} "
+            how = (f"{builtin_policy.objective_words(self.config.policy)} "
                    f"within {self.config.policy.max_quality_drop:.2%} of baseline quality"
                    + (f", weights resident within memory_mb {memory_mb}" if memory_mb > 0 else ""))
             raced = sum(1 for c in candidates if builtin_policy.runoff_value(c, self.config.policy) is not None)
@@ -195,6 +195,8 @@ class Promoter:
         was = builtin_policy.objective_value(served, policy)
         if value is None or was is None or was <= value * (1 + margin):
             return None
+        if policy.objective == builtin_policy.LOAD_OBJECTIVE:
+            return f"{1000 / value:.1f} requests/s beats the served {served['variant']} ({1000 / was:.1f})"
         return f"{policy.objective} {value:.3f} beats the served {served['variant']} ({was:.3f})"
 
     def _runoff_pending(self, session, checkpoint: Checkpoint, target: str, candidates: list[dict],

@@ -36,6 +36,7 @@ from ..targets.quality import (
     row_cosines,
     score,
 )
+from ..targets.load import load_curve
 from ..targets.onnxrt import session_runner
 from ..targets.shapes import onnx_axes
 from . import progress
@@ -322,6 +323,14 @@ def measure_variant(spec: dict) -> dict:
         sequence = {"median_length": lengths["median"], "max_length": lengths["max"],
                     "batches_at_max_length": at_max}
     decode = run.time_decoding() if hasattr(run, "time_decoding") else None
+    # Under load: concurrent batch-1 clients, at the median length; not for runtimes whose
+    # loaded artifact answers one caller at a time (ranks behind pipes, streamed weights).
+    load = None
+    if target.get("concurrency") and getattr(run, "concurrent", True) and decode is None:
+        if tracker is not None:
+            tracker("timing under load", 0, len(target["concurrency"]))
+        load = load_curve(run, request_batch(inspected["inputs"], samples, 1, lengths["median"] if lengths else None),
+                          list(target["concurrency"]), max(settings["max_seconds"], 0.5), settings["warmup_runs"])
     # What the runtime checked while loading (e.g. a sharded variant's equality check).
     checks = dict(getattr(run, "details", {}))
     if language_model:
@@ -347,6 +356,8 @@ def measure_variant(spec: dict) -> dict:
         "sequence": sequence,
         # A causal language model's prefill and per-token decode latency, where measured.
         "decode": decode,
+        # Throughput and latency under concurrent clients, where the target asks for them.
+        "load": load,
         "quality_metric": metric,
         "quality": quality,
         "baseline_quality": inspected["baseline_quality"],

@@ -125,6 +125,8 @@ class Variant(Base):
     # What the measurement checked beside the quality (variant.json's metrics.checks):
     # the worst sample, padded against alone, a runtime's own checks at load.
     checks: Mapped[dict | None] = mapped_column(JSON)
+    # Throughput and p50/p95 per level of concurrent clients, where the target asks.
+    load: Mapped[list | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 

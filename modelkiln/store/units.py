@@ -284,6 +284,7 @@ def record_variant(session: Session, job: Job, variant: Variant, artifact_path: 
     variant.timings = document["timings"]
     variant.decode = metrics.get("decode")
     variant.checks = metrics.get("checks")
+    variant.load = metrics.get("load")
     variant.finished_at = utcnow()
     for old in list(variant.measurements):
         session.delete(old)

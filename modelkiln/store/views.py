@@ -41,6 +41,7 @@ def metrics(variant: Variant) -> dict | None:
         "runoff": variant.runoff,
         "decode": variant.decode,
         "checks": variant.checks or {},
+        "load": variant.load or [],
         "batches": batches,
     }
 

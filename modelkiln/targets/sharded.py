@@ -271,6 +271,9 @@ def rank_main(rank: int, ranks: int, port: int, device: str, threads: int, direc
 class RankGroup:
     """Rank 0 in this process, ranks 1..N-1 in processes it started."""
 
+    # The ranks take one request at a time, over their pipes: no concurrent callers.
+    concurrent = False
+
     def __init__(self, directory: Path, device: str, threads: int):
         self.directory = directory
         self.plan = json.loads((directory / PLAN_FILE).read_text())

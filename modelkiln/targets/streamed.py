@@ -189,4 +189,6 @@ def load(directory: Path, device: str, threads: int):
     from .torchrt import Serving
 
     torch.set_num_threads(threads)
-    return Serving(StreamedModule(directory, device), device)
+    serving = Serving(StreamedModule(directory, device), device)
+    serving.concurrent = False  # each call swaps weights in and out: one caller at a time
+    return serving
