@@ -129,3 +129,28 @@ def test_a_candidate_measured_on_a_busy_moment_joins_the_run_off_however_far_off
     assert runoff_contenders([quiet, slow], policy) == []  # far off but quiet: no re-measure
     busy["metrics"]["batches"][0]["latency_p95_ms"] = NOISY_SPREAD * 86.5  # at the line: not noisy
     assert not noisy(busy, policy)
+
+
+def test_the_load_objective_promotes_the_most_answers_per_second_within_the_p95_limit():
+    from modelkiln.policy import best_load_level, objective_value, runoff_contenders
+
+    def served(name, p50, load):
+        c = candidate(name, p50, 1.0)
+        c["metrics"]["load"] = [{"concurrency": n, "throughput_per_s": rps, "latency_p50_ms": p95 / 2,
+                                 "latency_p95_ms": p95} for n, rps, p95 in load]
+        c["within_tolerance"] = within_tolerance(c, PolicyConfig())
+        return c
+
+    # "fast" answers one request soonest; "wide" answers more of them at once.
+    fast = served("fast", 1.0, [(1, 900, 1.3), (4, 1000, 5.0)])
+    wide = served("wide", 2.0, [(1, 450, 2.6), (4, 1600, 3.0)])
+    latency = PolicyConfig()
+    assert choose([fast, wide], latency)["id"] == "fast"
+    load = PolicyConfig(objective="throughput_at_p95_ms", p95_limit_ms=4.0)
+    assert best_load_level(fast, load)["concurrency"] == 1 and best_load_level(wide, load)["concurrency"] == 4
+    assert objective_value(wide, load) == 1000 / 1600
+    assert choose([fast, wide], load)["id"] == "wide"
+    assert runoff_contenders([fast, wide], load) == []  # a run-off times one request at a time
+    strict = PolicyConfig(objective="throughput_at_p95_ms", p95_limit_ms=1.0)
+    assert choose([fast, wide], strict) is None  # no level keeps the limit
+    assert choose([candidate("unmeasured", 0.1, 1.0), wide], load)["id"] == "wide"
