@@ -76,6 +76,18 @@ def _smoothed_once(source_path, data: dict, context, alpha: float, folder: str):
     return source
 
 
+def _onnx_tuned(build, alternatives, layers: list[str], params: dict, context):
+    """``build``'s candidate, tuned until the gate passes where the recipe asks (``tune``):
+    the alternatives whole, then ``layers`` kept in float (``tuning.tune``); the tuner's
+    record goes to the lineage."""
+    if not params["tune"]:
+        return build(frozenset(), None)
+    out, record = tune(build, lambda path: context.quality(_onnx_outputs(path, context)), layers, context,
+                       params["tune_budget"], alternatives)
+    context.record.update(record)
+    return out
+
+
 def _onnx_weighted_nodes(path) -> list[str]:
     """MatMul/Gemm nodes with a constant weight, largest weight first."""
     import onnx
@@ -128,16 +140,10 @@ class Int8Dynamic(Step):
             data = context.calibration_inputs or context.sample_inputs
             return builder(_smoothed_once(model.obj, data, context, alpha, "int8_dynamic"))
 
-        build = builder()
-        if params["tune"]:
-            # SmoothQuant on the graph (one Mul per smoothed activation) before any layer
-            # is kept in float (which costs the most).
-            alternatives = [(f"smoothed (alpha {alpha})", smoothed_builder(alpha)) for alpha in ONNX_SMOOTH_ALPHAS]
-            out, record = tune(build, lambda path: context.quality(_onnx_outputs(path, context)),
-                               quantizable_nodes(model.obj), context, params["tune_budget"], alternatives)
-            context.record.update(record)
-        else:
-            out = build(frozenset(), None)
+        # SmoothQuant on the graph (one Mul per smoothed activation) before any layer is
+        # kept in float (which costs the most).
+        alternatives = [(f"smoothed (alpha {alpha})", smoothed_builder(alpha)) for alpha in ONNX_SMOOTH_ALPHAS]
+        out = _onnx_tuned(builder(), alternatives, quantizable_nodes(model.obj), params, context)
         return self._quantized(model, out, context, activations="per_row")
 
     def _onnx_per_tensor(self, model, params, context):
@@ -166,19 +172,14 @@ class Int8Dynamic(Step):
             data = context.calibration_inputs or context.sample_inputs
             return builder(True, _smoothed_once(model.obj, data, context, alpha, "int8_dynamic"))
 
-        build = builder(params["per_channel"])
-        if params["tune"]:
-            # Per-channel weight scales first (no cost at run time), then SmoothQuant on
-            # the graph with them (one Mul per smoothed activation), before any layer is
-            # kept in float (which costs the most).
-            alternatives = [] if params["per_channel"] else [("per_channel", builder(True))]
-            alternatives += [(f"smoothed (alpha {alpha}), per_channel", smoothed_builder(alpha))
-                             for alpha in ONNX_SMOOTH_ALPHAS]
-            out, record = tune(build, lambda path: context.quality(_onnx_outputs(path, context)),
-                               _onnx_weighted_nodes(model.obj), context, params["tune_budget"], alternatives)
-            context.record.update(record)
-        else:
-            out = build(frozenset(), None)
+        # Per-channel weight scales first (no cost at run time), then SmoothQuant on the
+        # graph with them (one Mul per smoothed activation), before any layer is kept in
+        # float (which costs the most).
+        alternatives = [] if params["per_channel"] else [("per_channel", builder(True))]
+        alternatives += [(f"smoothed (alpha {alpha}), per_channel", smoothed_builder(alpha))
+                         for alpha in ONNX_SMOOTH_ALPHAS]
+        out = _onnx_tuned(builder(params["per_channel"]), alternatives, _onnx_weighted_nodes(model.obj), params,
+                          context)
         return self._quantized(model, out, context, activations="per_tensor")
 
     @staticmethod
@@ -316,17 +317,11 @@ class Int8Static(Step):
         def smoothed_builder(alpha):
             return builder(_smoothed_once(prepared, data, context, alpha, "int8_static"))
 
-        build = builder()
-        if params["tune"]:
-            # One scale per activation tensor, fixed ahead of time, cannot follow a trained
-            # transformer's outlier channels: SmoothQuant moves them into the weights first
-            # (0.5, the paper's strength, then 0.8), then the layers they still wreck stay float.
-            alternatives = [(f"smoothed (alpha {alpha})", smoothed_builder(alpha)) for alpha in (0.5, 0.8)]
-            out, record = tune(build, lambda path: context.quality(_onnx_outputs(path, context)),
-                               _onnx_weighted_nodes(prepared), context, params["tune_budget"], alternatives)
-            context.record.update(record)
-        else:
-            out = build(frozenset(), None)
+        # One scale per activation tensor, fixed ahead of time, cannot follow a trained
+        # transformer's outlier channels: SmoothQuant moves them into the weights first
+        # (0.5, the paper's strength, then 0.8), then the layers they still wreck stay float.
+        alternatives = [(f"smoothed (alpha {alpha})", smoothed_builder(alpha)) for alpha in (0.5, 0.8)]
+        out = _onnx_tuned(builder(), alternatives, _onnx_weighted_nodes(prepared), params, context)
         import onnx
 
         quantized = sum(1 for n in onnx.load(str(out), load_external_data=False).graph.node
