@@ -250,6 +250,32 @@ def _variants_table(variants: list[dict], promoted_ids: set[int], numbers: dict[
     return f"<div class=scroll><table>{head}{''.join(rows)}</table></div>"
 
 
+def _load_table(variants: list[dict], numbers: dict[int, int], policy) -> str:
+    """Each variant's answers per second and p95 under each level of concurrent clients
+    (``targets.<name>.concurrency``), the level the throughput objective would take in
+    bold; empty where the target measures no load."""
+    measured = [v for v in variants if (v.get("metrics") or {}).get("load")]
+    if not measured:
+        return ""
+    levels = sorted({row["concurrency"] for v in measured for row in v["metrics"]["load"]})
+    rows = []
+    for v in sorted(measured, key=lambda v: numbers.get(v["id"], 0)):
+        best = builtin_policy.best_load_level(v, policy)
+        cells = {row["concurrency"]: row for row in v["metrics"]["load"]}
+        shown = []
+        for level in levels:
+            row = cells.get(level)
+            text = "" if row is None or row.get("latency_p95_ms") is None else (
+                f"{row['throughput_per_s']:,.0f}/s, p95 {row['latency_p95_ms']:.2f} ms")
+            shown.append(f"<td class=num>{'<b>' + text + '</b>' if row is not None and row is best else text}</td>")
+        rows.append(f"<tr><td class=num>{numbers.get(v['id'], '')}</td><td>{escape(v['variant'])}</td>{''.join(shown)}</tr>")
+    bound = f" within p95 {policy.p95_limit_ms:g} ms" if policy.p95_limit_ms else ""
+    head = "".join(f"<th>{level} client{'s' if level > 1 else ''}</th>" for level in levels)
+    return (f"<p>Under load: concurrent clients each sending a batch-1 request and waiting for its answer; "
+            f"answers per second and p95 latency (bold: the most answers per second{escape(bound)}).</p>"
+            f"<div class=scroll><table><tr><th>#</th><th>variant</th>{head}</tr>{''.join(rows)}</table></div>")
+
+
 def measured_on(variants: list[dict]) -> str:
     """A paragraph saying where and with what the newest of ``variants`` was measured, read
     from its ``variant.json`` (the figures mean something only beside it); "" if unknown."""
@@ -307,6 +333,7 @@ def render(model: str, checkpoints: list[dict], variants: list[dict], history: l
                          "below (1 = the fastest); hover for its figures.</p>")
             parts.append(plot(newest, current.get(target), policy, baseline))
             parts.append(measured_on(newest))
+            parts.append(_load_table(newest, numbers, policy))
         # Newest version first; within a version, in the order the recipes are configured.
         order = {c["content_hash"][:16]: i for i, c in enumerate(checkpoints)}
         rows = sorted(on_target, key=lambda v: (-order.get(v["checkpoint"], 0), v["id"]))

@@ -73,3 +73,7 @@ def test_a_target_with_concurrency_promotes_by_throughput_at_its_p95_limit(kiln_
     out = subprocess.run([sys.executable, "-m", "modelkiln", "variants", "tiny", "--config", str(path)],
                          capture_output=True, text=True, check=True).stdout
     assert "under load (clients: answers/s, p95 ms)" in out and "2: " in out
+    subprocess.run([sys.executable, "-m", "modelkiln", "report", "tiny", "--out", str(kiln_dir / "report"),
+                    "--config", str(path)], capture_output=True, text=True, check=True)
+    page = (kiln_dir / "report" / "tiny.html").read_text()
+    assert "Under load" in page and "<th>2 clients</th>" in page and page.count("<b>") >= len(variants)
