@@ -445,6 +445,18 @@ def test_a_host_defining_a_shared_target_otherwise_is_refused_with_what_differs(
     later = Daemon(config, watch=False, schedule=False, preload=False)
     later.start()
     later.stop(5)
+    # A live peer of an older version, whose table lacks a key this version added, is
+    # alike where that key has its default.
+    with store.session() as session:
+        older = {key: value for key, value in ours.items() if key != "concurrency"}
+        session.add(Host(name="older-host", targets={"cpu": older}, seen_at=units.database_now(session)))
+        session.commit()
+    alike = Daemon(config, watch=False, schedule=False, preload=False)
+    alike.start()
+    alike.stop(5)
+    with store.session() as session:
+        session.query(Host).filter_by(name="older-host").one().seen_at -= timedelta(hours=2)
+        session.commit()
     # Two daemons of one machine with different config files are two hosts to each other.
     other = kiln_dir / "other.toml"
     other.write_text((kiln_dir / "kiln.toml").read_text().replace("threads = 2", "threads = 1", 1))

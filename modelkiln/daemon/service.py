@@ -33,6 +33,7 @@ import uuid
 from dataclasses import replace
 from datetime import timedelta
 
+from ..config import TargetConfig
 from ..errors import ConfigError, NotTakenYet
 from ..pipeline import progress
 from ..plugins.api import Candidate
@@ -231,12 +232,17 @@ class Daemon:
         with self.store.session() as session:
             since = units.database_now(session) - timedelta(seconds=max(HOST_SEEN_SECONDS,
                                                                         3 * self.config.registry.rescan_seconds))
+            # A key one host's version does not know yet counts as its default there.
+            defaults = dataclasses.asdict(TargetConfig())
             for peer in queries.hosts_seen_since(session, since):
                 if peer.name == host:
                     continue
                 for name, ours in mine.items():
                     theirs = peer.targets.get(name)
-                    if theirs is None or theirs == ours:
+                    if theirs is None:
+                        continue
+                    ours, theirs = {**defaults, **ours}, {**defaults, **theirs}
+                    if theirs == ours:
                         continue
                     differs = "; ".join(f"{key} = {ours.get(key)!r} here, {theirs.get(key)!r} there"
                                         for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key))
