@@ -341,9 +341,11 @@ def _validate(config: Config, file: Path) -> None:
             raise ConfigError(f"{file}: 'targets.{name}.memory_mb' must be 0 (no budget) or a size in MiB")
         if any(not 1 <= level <= 256 for level in target.concurrency):
             raise ConfigError(f"{file}: 'targets.{name}.concurrency' must list client counts from 1 to 256")
-    if config.policy.objective == LOAD_OBJECTIVE and not any(t.concurrency for t in config.targets.values()):
+    unmeasured = sorted(name for name, t in config.targets.items() if not t.concurrency)
+    if config.policy.objective == LOAD_OBJECTIVE and unmeasured:
+        # A target without load figures would never have anything promoted.
         raise ConfigError(f"{file}: 'policy.objective' = {LOAD_OBJECTIVE!r} needs load figures: set "
-                          "'concurrency' on the targets (e.g. concurrency = [1, 4, 16])")
+                          f"'concurrency' on target(s) {', '.join(unmeasured)} (e.g. concurrency = [1, 4, 16])")
     if config.policy.p95_limit_ms < 0:
         raise ConfigError(f"{file}: 'policy.p95_limit_ms' must be 0 (no limit) or more")
     if config.policy.objective_batch_size not in {

@@ -124,10 +124,10 @@ def runoff_contenders(candidates: list[dict], policy: PolicyConfig, memory_mb: i
     however far off (after the close ones); at most RUNOFF_MOST, and on a target with a
     ``memory_mb`` budget as many as fit it together, since they are loaded together;
     none when fewer than two. Not for the decode objectives (a causal LM's variants each
-    hold two whole programs on the device, timed with its own events), nor the load
-    objective (a run-off times one request at a time), nor for tensor-parallel variants
-    (one process group per process)."""
-    if policy.runoff_margin <= 0 or policy.objective in (*DECODE_OBJECTIVES, LOAD_OBJECTIVE):
+    hold two whole programs on the device, timed with its own events), nor for
+    tensor-parallel variants (one process group per process). For the load objective the
+    run-off measures the contenders under load, in turns."""
+    if policy.runoff_margin <= 0 or policy.objective in DECODE_OBJECTIVES:
         return []
     ranked = sorted((c for c in _eligible(candidates, policy) if (_recorded(c, "ranks") or 1) == 1),
                     key=lambda c: objective_value(c, policy))
@@ -143,8 +143,12 @@ def runoff_contenders(candidates: list[dict], policy: PolicyConfig, memory_mb: i
 
 
 def runoff_value(candidate: dict, policy: PolicyConfig) -> float | None:
-    """The candidate's objective as its run-off timed it, if it ran in one."""
-    return ((candidate.get("metrics") or {}).get("runoff") or {}).get(policy.objective)
+    """The candidate's objective as its run-off timed it, if it ran in one (for the load
+    objective, from the levels the run-off measured)."""
+    runoff = (candidate.get("metrics") or {}).get("runoff") or {}
+    if policy.objective == LOAD_OBJECTIVE:
+        return objective_value({"metrics": {"load": runoff.get("load")}}, policy) if runoff.get("load") else None
+    return runoff.get(policy.objective)
 
 
 def choose(candidates: list[dict], policy: PolicyConfig) -> dict | None:

@@ -132,7 +132,7 @@ def test_a_candidate_measured_on_a_busy_moment_joins_the_run_off_however_far_off
 
 
 def test_the_load_objective_promotes_the_most_answers_per_second_within_the_p95_limit():
-    from modelkiln.policy import best_load_level, objective_value, runoff_contenders
+    from modelkiln.policy import best_load_level, objective_value, runoff_contenders, runoff_value
 
     def served(name, p50, load):
         c = candidate(name, p50, 1.0)
@@ -150,7 +150,14 @@ def test_the_load_objective_promotes_the_most_answers_per_second_within_the_p95_
     assert best_load_level(fast, load)["concurrency"] == 1 and best_load_level(wide, load)["concurrency"] == 4
     assert objective_value(wide, load) == 1000 / 1600
     assert choose([fast, wide], load)["id"] == "wide"
-    assert runoff_contenders([fast, wide], load) == []  # a run-off times one request at a time
+    assert runoff_contenders([fast, wide], load) == []  # 1.78 ms per answer against 0.63: not close
+    # Close under load: the run-off measures both under load in turns, and its levels decide.
+    close = served("close", 2.0, [(1, 450, 2.6), (4, 1500, 3.0)])
+    assert [c["id"] for c in runoff_contenders([wide, close], load)] == ["wide", "close"]
+    close["metrics"]["runoff"] = {"load": [{"concurrency": 4, "throughput_per_s": 1700, "latency_p95_ms": 3.0}]}
+    wide["metrics"]["runoff"] = {"load": [{"concurrency": 4, "throughput_per_s": 1550, "latency_p95_ms": 3.1}]}
+    assert runoff_value(close, load) == 1000 / 1700
+    assert choose([wide, close], load)["id"] == "close"
     strict = PolicyConfig(objective="throughput_at_p95_ms", p95_limit_ms=1.0)
     assert choose([fast, wide], strict) is None  # no level keeps the limit
     assert choose([candidate("unmeasured", 0.1, 1.0), wide], load)["id"] == "wide"

@@ -229,6 +229,9 @@ class Promoter:
             batch_size=self.config.policy.objective_batch_size,
             threads=self.config.targets[job.target].threads,
             contenders=[{k: c[k] for k in ("id", "variant", "runtime", "path", "file")} for c in contenders],
+            # What the run-off times: one request at a time, or under load for the load objective.
+            objective=self.config.policy.objective,
+            p95_limit_ms=self.config.policy.p95_limit_ms,
         )
         return [Phase("runoff", spec)]
 

@@ -15,14 +15,23 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import LOAD_OBJECTIVE
 from ..targets import harness
+from ..targets.load import load_curve
 from .context import plugins_for_spec, reference
+from .phases import LOAD_WARMUP_RUNS
 from .samples import request_batch
 
 ROUNDS = 6
+# Under load: rounds of every level per contender, and the seconds of each level a round
+# at most (measure.max_seconds, if shorter; a fifth of a second at least).
+LOAD_ROUNDS = 3
+LOAD_ROUND_SECONDS = 1.0
 
 
 def run_off(spec: dict) -> dict:
+    if spec.get("objective") == LOAD_OBJECTIVE:
+        return _load_run_off(spec)
     plugins = plugins_for_spec(spec)
     inspected, _, samples = reference(spec)
     target, settings = spec["target"], spec["measure"]
@@ -53,3 +62,37 @@ def run_off(spec: dict) -> dict:
         "contenders": {str(key): {"latency_p50_ms": float(np.median(p50s[key])),
                                   "latency_p95_ms": float(np.median(p95s[key]))} for key in timers},
     }
+
+
+def _load_run_off(spec: dict) -> dict:
+    """For the load objective: every contender measured under each level of concurrent
+    clients in turn, round after round (a second a level), the order reversed every
+    other round; per level the median over rounds of answers per second and of p95 (the
+    policy reads its objective from these levels, ``policy.runoff_value``)."""
+    plugins = plugins_for_spec(spec)
+    inspected, _, samples = reference(spec)
+    target, settings = spec["target"], spec["measure"]
+    request = request_batch(inspected["inputs"], samples, 1, (inspected.get("lengths") or {}).get("median"))
+    levels = list(target["concurrency"])
+    seconds = max(0.2, min(LOAD_ROUND_SECONDS, settings["max_seconds"]))
+    runs = {}
+    for contender in spec["contenders"]:
+        runtime = plugins.runtimes[contender["runtime"]]
+        run = runtime.load(Path(contender["path"]), contender["file"], target["device"], target["threads"])
+        load_curve(run, request, [], 0.0, max(settings["warmup_runs"], LOAD_WARMUP_RUNS))
+        runs[contender["id"]] = run
+    figures: dict = {key: {level: [] for level in levels} for key in runs}
+    order = list(runs)
+    for round_ in range(LOAD_ROUNDS):
+        for key in order if round_ % 2 == 0 else reversed(order):
+            for row in load_curve(runs[key], request, levels, seconds, 0):
+                figures[key][row["concurrency"]].append(row)
+    contenders = {}
+    for key, by_level in figures.items():
+        contenders[str(key)] = {"load": [
+            {"concurrency": level,
+             "throughput_per_s": float(np.median([r["throughput_per_s"] for r in rows])),
+             "latency_p50_ms": float(np.median([r["latency_p50_ms"] for r in rows])),
+             "latency_p95_ms": float(np.median([r["latency_p95_ms"] for r in rows])),
+             "requests": int(sum(r["requests"] for r in rows))} for level, rows in by_level.items()]}
+    return {"status": "measured", "rounds": LOAD_ROUNDS, "batch_size": 1, "contenders": contenders}
