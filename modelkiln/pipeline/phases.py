@@ -333,8 +333,8 @@ def measure_variant(spec: dict) -> dict:
             tracker("timing under load", 0, len(target["concurrency"]))
         load = load_curve(run, request_batch(inspected["inputs"], samples, 1, lengths["median"] if lengths else None),
                           list(target["concurrency"]), max(settings["max_seconds"], 0.5),
-                          # TorchScript's executor optimises after its first calls: the
-                          # first level must not pay for that (0.21 against 0.075 ms seen).
+                          # the first level must not pay for a runtime's first calls
+                          # (allocators, TorchScript's optimising executor)
                           max(settings["warmup_runs"], LOAD_WARMUP_RUNS))
     # What the runtime checked while loading (e.g. a sharded variant's equality check).
     checks = dict(getattr(run, "details", {}))
