@@ -701,17 +701,18 @@ def targets(config_path, as_json):
         reason = target_unavailable_reason(target, runtimes)
         entries.append({"target": name, "device": target.device, "runtimes": target.runtimes,
                         "threads": target.threads, "devices": target.devices, "memory_mb": target.memory_mb,
-                        "batch_sizes": target.batch_sizes,
+                        "batch_sizes": target.batch_sizes, "concurrency": target.concurrency,
                         "recipes": target.recipes,
                         "available": reason is None, "reason": reason})
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
     click.echo(table([[e["target"], e["device"], ", ".join(e["runtimes"]), e["threads"], e["devices"],
-                       e["memory_mb"] or "", ", ".join(map(str, e["batch_sizes"])), "yes" if e["available"] else "no",
+                       e["memory_mb"] or "", ", ".join(map(str, e["batch_sizes"])),
+                       ", ".join(map(str, e["concurrency"])), "yes" if e["available"] else "no",
                        e["reason"] or ""] for e in entries],
-                     ["target", "device", "runtimes", "threads", "devices", "memory MiB", "batch sizes", "available",
-                      "reason"]))
+                     ["target", "device", "runtimes", "threads", "devices", "memory MiB", "batch sizes",
+                      "clients under load", "available", "reason"]))
 
 
 @main.group()

@@ -341,6 +341,7 @@ def _validate(config: Config, file: Path) -> None:
             raise ConfigError(f"{file}: 'targets.{name}.memory_mb' must be 0 (no budget) or a size in MiB")
         if any(not 1 <= level <= 256 for level in target.concurrency):
             raise ConfigError(f"{file}: 'targets.{name}.concurrency' must list client counts from 1 to 256")
+        target.concurrency = sorted(set(target.concurrency))  # each level measured once, fewest clients first
     unmeasured = sorted(name for name, t in config.targets.items() if not t.concurrency)
     if config.policy.objective == LOAD_OBJECTIVE and unmeasured:
         # A target without load figures would never have anything promoted.

@@ -48,9 +48,10 @@ def test_a_target_with_concurrency_promotes_by_throughput_at_its_p95_limit(kiln_
     path.write_text(text)
     with pytest.raises(ConfigError, match="needs load figures: set 'concurrency' on target\\(s\\) cpu "):
         load_config(path)
-    path.write_text(text.replace("concurrency = []", "concurrency = [1, 2]", 1).replace(
+    path.write_text(text.replace("concurrency = []", "concurrency = [2, 1, 2]", 1).replace(
         "p95_limit_ms = 0.0", "p95_limit_ms = 50.0").replace("runoff_margin = 0.0\n", "runoff_margin = 100.0\n"))
     config = load_config(path)
+    assert config.targets["cpu"].concurrency == [1, 2]  # each level once, fewest clients first
     checkpoint = optimize_once(config, tiny_checkpoint, "tiny")
     assert checkpoint.status == "done", checkpoint.reason
     store = open_store(config)
