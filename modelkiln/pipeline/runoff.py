@@ -34,17 +34,15 @@ def run_off(spec: dict) -> dict:
         return _load_run_off(spec)
     plugins = plugins_for_spec(spec)
     inspected, _, samples = reference(spec)
-    target, settings = spec["target"], spec["measure"]
+    settings = spec["measure"]
     # The requests the measurement timed: at the samples' median length, if they vary.
     inputs = request_batch(inspected["inputs"], samples, spec["batch_size"],
                            (inspected.get("lengths") or {}).get("median"))
     timers = {}
-    for contender in spec["contenders"]:
-        runtime = plugins.runtimes[contender["runtime"]]
-        run = runtime.load(Path(contender["path"]), contender["file"], target["device"], target["threads"])
+    for key, run in _loaded(spec, plugins).items():
         timer = harness.timer_for(run)  # as the measurement times it
         timer(inputs, warmup_runs=settings["warmup_runs"], min_runs=1, stability=0.0, max_seconds=0.0)
-        timers[contender["id"]] = timer
+        timers[key] = timer
     p50s = {key: [] for key in timers}
     p95s = {key: [] for key in timers}
     order = list(timers)
@@ -64,6 +62,13 @@ def run_off(spec: dict) -> dict:
     }
 
 
+def _loaded(spec: dict, plugins) -> dict:
+    """Every contender's artifact loaded as serving code would load it, by variant id."""
+    target = spec["target"]
+    return {c["id"]: plugins.runtimes[c["runtime"]].load(Path(c["path"]), c["file"], target["device"],
+                                                         target["threads"]) for c in spec["contenders"]}
+
+
 def _load_run_off(spec: dict) -> dict:
     """For the load objective: every contender measured under each level of concurrent
     clients in turn, round after round (a second a level), the order reversed every
@@ -75,12 +80,9 @@ def _load_run_off(spec: dict) -> dict:
     request = request_batch(inspected["inputs"], samples, 1, (inspected.get("lengths") or {}).get("median"))
     levels = list(target["concurrency"])
     seconds = max(0.2, min(LOAD_ROUND_SECONDS, settings["max_seconds"]))
-    runs = {}
-    for contender in spec["contenders"]:
-        runtime = plugins.runtimes[contender["runtime"]]
-        run = runtime.load(Path(contender["path"]), contender["file"], target["device"], target["threads"])
+    runs = _loaded(spec, plugins)
+    for run in runs.values():
         load_curve(run, request, [], 0.0, max(settings["warmup_runs"], LOAD_WARMUP_RUNS))
-        runs[contender["id"]] = run
     figures: dict = {key: {level: [] for level in levels} for key in runs}
     order = list(runs)
     for round_ in range(LOAD_ROUNDS):

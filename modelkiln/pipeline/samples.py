@@ -132,13 +132,13 @@ def _by_input_name(loaded, arrays: dict, path: Path) -> dict:
             "with one input"
         )
     rows = _batch_first(loaded.inputs, rows, path)
-    counts = {name: len(array) for name, array in rows.items() if name not in scalars_of(loaded.inputs)}
+    scalars = scalars_of(loaded.inputs) & set(rows)
+    counts = {name: len(array) for name, array in rows.items() if name not in scalars}
     if len(set(counts.values())) > 1:
         raise CheckpointRejected(f"{path}: its arrays have different numbers of rows: {counts}")
     total = next(iter(counts.values()), 1)
     # A scalar input takes one value for a whole batch: each row holds a copy.
-    rows.update({name: np.full(total, rows[name], dtype=rows[name].dtype) for name in scalars_of(loaded.inputs)
-                 if name in rows})
+    rows.update({name: np.full(total, rows[name], dtype=rows[name].dtype) for name in scalars})
     return {**rows, **labels}
 
 
