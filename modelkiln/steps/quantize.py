@@ -196,6 +196,10 @@ class Int8Dynamic(Step):
     def _torch(self, model, params, context):
         import torch
 
+        if context.device != "cpu":
+            # torch.ao's dynamic int8 Linear (quantized::linear_dynamic) has CPU kernels only.
+            raise StepNotApplicable(f"{self.name}: PyTorch's dynamic int8 Linear runs on the CPU only, "
+                                    f"not on {context.device}")
         linears = sorted(((m.weight.numel(), name) for name, m in model.obj.named_modules()
                           if isinstance(m, torch.nn.Linear)), reverse=True)
         if not linears:

@@ -174,9 +174,23 @@ def _join(rank: int, ranks: int, port: int, device: str, threads: int, directory
         decode = plan.get("decode", {})
         if "files" in decode:
             programs.append(torch.export.load(str(directory / decode["files"][rank])).module().to(local))
+    all_reduce = fast_all_reduces(programs, plan["group"], device, ranks, local)
     if "compile" in plan:  # each rank compiles its own; the first call of each shape pays it
         programs = [compile_loaded(program, plan["compile"]) for program in programs]
-    return programs
+    return programs, all_reduce
+
+
+def fast_all_reduces(programs, group: str, device: str, ranks: int, local: str) -> str:
+    """Put one-shot all-reduces over symmetric memory in place of the programs' small
+    NCCL ones where the GPUs can read each other's memory (``collectives.py``); what the
+    ranks use, in words. Every rank calls it with the same programs in the same order."""
+    from .collectives import one_shot_available, use_one_shot
+
+    why = one_shot_available(device, ranks)
+    if why is not None:
+        return f"{_backend(device)} ({why})" if device.startswith("cuda") else _backend(device)
+    replaced = sum(use_one_shot(program, group, local) for program in programs)
+    return f"one-shot over symmetric memory for {replaced} all-reduces of small messages, nccl for the rest"
 
 
 def _call(programs, program: int, tensors, plan: dict, device: str):
@@ -260,7 +274,7 @@ def rank_main(rank: int, ranks: int, port: int, device: str, threads: int, direc
 
     die_with_parent()
     leave_signals_to_parent()
-    programs = _join(rank, ranks, port, device, threads, Path(directory), plan)
+    programs, _ = _join(rank, ranks, port, device, threads, Path(directory), plan)
     local = _rank_device(device, rank)
     with torch.inference_mode():
         while (request := _receive(local)) is not None:
@@ -293,7 +307,7 @@ class RankGroup:
         ]
         for process in self.processes:
             process.start()
-        self.programs = _join(0, self.ranks, port, device, per_rank, directory, self.plan)
+        self.programs, self.all_reduce = _join(0, self.ranks, port, device, per_rank, directory, self.plan)
         self.closed = False
         atexit.register(self.close)
         if "files" in self.plan.get("decode", {}):
@@ -334,7 +348,8 @@ class RankGroup:
                 f"the {self.ranks}-rank output differs from the unsharded model's by {diff:.3g} "
                 f"(tolerance {limit:.3g}): the split is wrong for this model"
             )
-        found = {"ranks": self.ranks, "max_abs_diff": diff, "tolerance": limit, "rows": int(len(expected))}
+        found = {"ranks": self.ranks, "max_abs_diff": diff, "tolerance": limit, "rows": int(len(expected)),
+                 "all_reduce": self.all_reduce}
         if "greedy_check" in self.plan:
             found.update(self._check_greedy(limit))
         return found
