@@ -202,3 +202,63 @@ def test_a_one_rank_group_serves_the_tensor_parallel_decoding_path(tmp_path, dev
     tokens = model.to(device).generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                        do_sample=False)[0, PROMPT_TOKENS:].tolist()
     assert decode["tokens"] == tokens and decode["decode_ms_per_token"] > 0
+
+
+def _two_gpus() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+def _one_shot_rank(rank: int, port: int, results) -> None:
+    """One of two ranks: the one-shot program, compiled with CUDA graphs, against NCCL's
+    eager sum of the same partial products, at a decoding step's and a prefill's length."""
+    import torch
+    import torch.distributed as dist
+
+    from test_collectives import RowParallel
+
+    from modelkiln.targets.collectives import use_one_shot
+    from modelkiln.targets.compiled import compile_loaded, serving_entry
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # each rank its own slice of the weights
+    module = RowParallel().cuda()
+    positions = torch.export.Dim("positions", min=1, max=63)
+    program = torch.export.export(module, (torch.randn(1, 4, 8, device="cuda"),), dynamic_shapes=({1: positions},))
+    rewritten = program.module()
+    replaced = use_one_shot(rewritten, "0", f"cuda:{rank}")
+    compiled = compile_loaded(rewritten, serving_entry("reduce-overhead"))
+    worst = 0.0
+    for length in (1, 32, 1, 32):
+        torch.manual_seed(100 + length)
+        x = torch.randn(1, length, 8, device="cuda")
+        got = compiled(x).clone()
+        want = module(x)  # the functional all-reduce run eagerly: NCCL
+        worst = max(worst, float((got - want).abs().max()))
+    results.put((rank, replaced, worst))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not _two_gpus(), reason="needs two CUDA GPUs (the nvidia-h200-x2 machine)")
+def test_two_ranks_sum_with_the_one_shot_kernel_as_nccl_does():
+    import multiprocessing
+
+    from modelkiln.targets.collectives import one_shot_available
+    from modelkiln.targets.sharded import _free_port
+
+    reason = one_shot_available("cuda", 2)
+    if reason is not None:
+        pytest.skip(reason)
+    context = multiprocessing.get_context("spawn")
+    results, port = context.Queue(), _free_port()
+    ranks = [context.Process(target=_one_shot_rank, args=(r, port, results)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    found = sorted(results.get(timeout=300) for _ in ranks)
+    for process in ranks:
+        process.join(60)
+    assert [replaced for _, replaced, _ in found] == [1, 1]
+    assert all(worst <= 1e-4 for _, _, worst in found), found

@@ -51,9 +51,10 @@ def _upper_numel(value) -> int | None:
             continue
         node = dim.node
         bound = node.shape_env.bound_sympy(node.expr).upper
-        if not bound.is_finite:
+        try:  # an unbounded dim's bound is an infinity that will not become an int
+            numel *= int(bound)
+        except (TypeError, ValueError, OverflowError, AttributeError):
             return None
-        numel *= int(bound)
     return numel
 
 
@@ -62,13 +63,11 @@ def _slot(buffer, like):
     return buffer[: like.numel()].view_as(like)
 
 
-def use_one_shot(module, group_name: str, device: str, max_bytes: int = ONE_SHOT_MAX_BYTES) -> int:
-    """Replace ``module``'s (a loaded ``torch.export`` program's) sum all-reduces whose
-    messages never exceed ``max_bytes`` with one-shot all-reduces over one symmetric
-    buffer, allocated and exchanged now; return how many were replaced. Every rank must
-    call it at the same point (the exchange is collective)."""
+def one_shot_candidates(module, group_name: str, max_bytes: int = ONE_SHOT_MAX_BYTES):
+    """The (wait, all_reduce) node pairs of ``module``'s graph that the one-shot path can
+    take (sums on ``group_name`` whose messages never exceed ``max_bytes``, all of one
+    dtype), the most elements any of them sends, and that dtype."""
     import torch
-    import torch.distributed._symmetric_memory as symm_mem
 
     functional = torch.ops._c10d_functional
     chosen, largest, dtype = [], 0, None
@@ -86,6 +85,18 @@ def use_one_shot(module, group_name: str, device: str, max_bytes: int = ONE_SHOT
         dtype = value.dtype
         largest = max(largest, numel)
         chosen.append((node, reduce))
+    return chosen, largest, dtype
+
+
+def use_one_shot(module, group_name: str, device: str, max_bytes: int = ONE_SHOT_MAX_BYTES) -> int:
+    """Replace ``module``'s (a loaded ``torch.export`` program's) sum all-reduces whose
+    messages never exceed ``max_bytes`` with one-shot all-reduces over one symmetric
+    buffer, allocated and exchanged now; return how many were replaced. Every rank must
+    call it at the same point (the exchange is collective)."""
+    import torch
+    import torch.distributed._symmetric_memory as symm_mem
+
+    chosen, largest, dtype = one_shot_candidates(module, group_name, max_bytes)
     if not chosen:
         return 0
     buffer = symm_mem.empty(largest, dtype=dtype, device=device)
