@@ -476,3 +476,53 @@ def test_ternary_and_binary_weights_recover_by_distillation_and_ship_packed(kiln
         served = program(torch.from_numpy(x)).numpy()
         assert np.array_equal(program(torch.from_numpy(x)).numpy(), served)  # from the kept weight
     assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == served.shape == (8, 10)
+
+
+def test_width_distillation_narrows_mlps_and_heads_by_their_importance_on_the_data(kiln_dir, tmp_path):
+    import numpy as np
+    from transformers import BertConfig, BertModel
+
+    from modelkiln.config import load_config
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
+        'recipes = ["baseline", "distill.width(steps=40)", "distill.width(mlp=0.75, heads=0, steps=0)"]'))
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         vocab_size=100)).save_pretrained(str(folder))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 100, size=(64, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[::2, 7:] = 0  # every other row padded after 7 tokens
+    np.savez(folder / "calibration.npz", input_ids=ids * mask, attention_mask=mask, token_type_ids=0 * ids)
+    checkpoint = optimize_once(config, folder, "bert")
+    assert checkpoint.status == "done", checkpoint.reason
+    by_name = {v["variant"]: v for v in all_variants(config, "bert")}
+    for runtime in ("onnxruntime", "torch"):
+        student = by_name[f"{runtime}:distill.width(steps=40)"]
+        assert student["status"] == "succeeded", student.get("reason")
+        record = student["lineage"][0]["record"]
+        assert (record["mlp_width_before"], record["mlp_width_after"], record["mlps"]) == (128, 64, 2)
+        assert (record["attention_heads_before"], record["attention_heads_after"]) == (4, 2)
+        assert record["blocks_matched"] == 2 and record["distill_steps"] == 40
+        assert record["importance_data"] == "calibration.npz"
+        assert record["parameters_after"] < record["parameters_before"]
+        assert student["metrics"]["quality"] > 0.5
+        (mlp_only,) = [v["lineage"][0]["record"] for name, v in by_name.items()
+                       if name.startswith(f"{runtime}:distill.width(") and "mlp=0.75" in name]
+        assert mlp_only["mlp_width_after"] == 32 and "attention_heads_after" not in mlp_only
+
+
+def test_distillation_fits_real_tokens_only():
+    import torch
+
+    from modelkiln.steps.training import _mse
+
+    target = torch.zeros(2, 4, 3)
+    output = target.clone()
+    output[0, 3] = 5.0  # a padded position of row 0
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert float(_mse(output, target, mask)) == 0.0
+    output[1, 3] = 1.0  # a real token
+    assert float(_mse(output, target, mask)) > 0.0

@@ -5,6 +5,15 @@ the model's longest stack of repeated blocks (a ModuleList or Sequential of same
 modules, such as a transformer's layers) keeps every k-th block, each initialised from
 the teacher's weights, and the student is then trained by knowledge distillation on
 unlabelled inputs for a step and time budget set in the recipe.
+
+``distill.width``: a narrower student of the same depth, as Minitron's width pruning
+makes one: each MLP keeps its most important hidden units and each attention block its
+most important heads, importance measured on the checkpoint's own data (how much each
+unit's activation, times the weights that read it, carries on real inputs: a weight's
+size alone says little of a pretrained model), the kept weights copied from the teacher.
+The student is then distilled with every block's output fitted to the teacher's (the
+hidden width is the teacher's, so each block has a target), which recovers far more in a
+short budget than fitting the last output alone.
 """
 
 from __future__ import annotations
@@ -13,8 +22,8 @@ import copy
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import TORCH, ModelHandle, Param, Step
-from .training import distill, expected_training_seconds, training_data
+from ..plugins.api import TORCH, ModelHandle, Param
+from .training import TrainingStep, budget_param, distill, example_inputs, training_data
 
 
 def _repeated_stack(module):
@@ -49,20 +58,15 @@ def _layer_count_attributes(module, old: int, new: int) -> list[str]:
     return changed
 
 
-class Depth(Step):
+class Depth(TrainingStep):
     name = "distill.depth"
     description = "keep every k-th block of the repeated stack (teacher-initialised), then distill"
     params = (
         Param("keep_every", int, 2, "keep one block in this many (2 halves the depth)"),
         Param("steps", int, 500, "distillation steps"),
         Param("learning_rate", float, 1e-4, "of the distillation"),
-        Param("max_seconds", float, 0.0, "time budget of the distillation; 0: a minute plus a second per 2M "
-                                         "parameters, at most 15 min"),
+        budget_param("distillation"),
     )
-    forms = {"onnxruntime": TORCH, "torch": TORCH}
-
-    def expected_seconds(self, params, baseline_seconds, size_bytes):
-        return baseline_seconds + expected_training_seconds(params["max_seconds"], size_bytes)
 
     def apply(self, model, params, context):
         import torch.nn as nn
@@ -94,6 +98,175 @@ class Depth(Step):
         return ModelHandle(TORCH, student, model.inputs, dict(model.notes))
 
 
+# Tokens of activations kept per layer to refit its narrowed weights on, and how strongly
+# the refit is held to the original weights (a share of the activations' mean square).
+REFIT_TOKENS = 8192
+# On all-MiniLM-L6-v2 with half its MLP units and heads gone, before distillation: mean
+# pooled cosine 0.59 without the refit, 0.48 / 0.74 / 0.75 / 0.72 with a damping of
+# 0.01 / 0.1 / 1 / 3.
+REFIT_DAMPING = 1.0
+
+
+def _activations(module, splits, inputs: dict, rows: int = 256) -> list:
+    """Per split, the activations reaching its row Linear on up to ``rows`` samples of
+    ``inputs``, one row per real token (padding left out), at most REFIT_TOKENS."""
+    import torch
+
+    from .training import MASK_INPUT
+
+    arrays = {name: torch.from_numpy(a[:rows]) for name, a in inputs.items()}
+    mask = arrays.get(MASK_INPUT)
+    seen = [[] for _ in splits]
+
+    def hook(index):
+        def keep(layer, args):
+            x = args[0].detach().float()
+            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.bool()]
+            seen[index].append(x.reshape(-1, x.shape[-1]))
+        return keep
+
+    handles = [module.get_submodule(split.row).register_forward_pre_hook(hook(i)) for i, split in enumerate(splits)]
+    try:
+        with torch.no_grad():
+            module(*arrays.values())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(parts)[:REFIT_TOKENS] for parts in seen]
+
+
+def _importance(layer, x):
+    """Each input unit's importance to ``layer``: the mean |activation| it receives on
+    real tokens times the norm of the weights that read it."""
+    return x.abs().mean(0) * layer.weight.detach().float().norm(dim=0)
+
+
+def _refit(layer, x, kept):
+    """``layer`` reading only units ``kept``, its weights and bias refitted by least
+    squares so that its outputs on activations ``x`` stay as near the original's as
+    those units allow (what the dropped units contributed on average moves into the
+    bias, and the kept units take over what they can of the rest)."""
+    import torch
+
+    from .prune import _sliced
+
+    weight = layer.weight.detach().float()
+    target = x @ weight.T  # the layer's output on real activations, bias aside
+    design = x[:, kept]
+    if layer.bias is not None:
+        design = torch.cat([design, torch.ones(len(x), 1)], 1)
+    # Ridge towards the original weights (not towards zero): where the kept units cannot
+    # stand in for the dropped ones, the fit stays near what the teacher had instead of
+    # reaching for large weights that only fit these few thousand tokens.
+    damping = REFIT_DAMPING * float(design.pow(2).sum(0).mean())
+    prior = torch.zeros(design.shape[1], target.shape[1])
+    prior[:len(kept)] = weight[:, kept].T
+    gram = design.T @ design + damping * torch.eye(design.shape[1])
+    solution = torch.linalg.solve(gram, design.T @ target + damping * prior)
+    new = _sliced(layer, columns=kept)
+    with torch.no_grad():
+        new.weight.copy_(solution[:len(kept)].T.to(new.weight.dtype))
+        if new.bias is not None:
+            new.bias.add_(solution[-1].to(new.bias.dtype))
+    return new
+
+
+def _narrow(module, split, kept, x) -> None:
+    """Keep only units ``kept`` (sorted indices into the split's width): the column
+    Linears' outputs and the row Linear's inputs, refitted on activations ``x``."""
+    import torch
+
+    from .prune import _sliced
+
+    kept = torch.tensor(kept)
+    for path in split.columns:
+        module.set_submodule(path, _sliced(module.get_submodule(path), rows=kept))
+    row = module.get_submodule(split.row)
+    module.set_submodule(split.row, _refit(row, x, kept))
+
+
+def _keep_count(width: int, share: float, multiple: int) -> int:
+    """How many of ``width`` units to keep when ``share`` goes: at least one ``multiple``,
+    a whole number of them (kernels like widths in multiples of 8)."""
+    kept = round(width * (1 - share) / multiple) * multiple
+    return max(multiple, min(width, kept))
+
+
+class Width(TrainingStep):
+    name = "distill.width"
+    description = ("narrower MLPs and fewer attention heads, kept by their importance on the checkpoint's data "
+                   "(same depth, teacher-initialised), then distilled block by block")
+    params = (
+        Param("mlp", float, 0.5, "share of every MLP's hidden units removed, in [0, 1)"),
+        Param("heads", float, 0.5, "share of every attention block's heads removed, in [0, 1) (multi-head "
+                                   "attention; grouped-query blocks keep theirs)"),
+        Param("steps", int, 2000, "distillation steps"),
+        Param("learning_rate", float, 2e-4, "of the distillation"),
+        budget_param("distillation"),
+    )
+
+    def apply(self, model, params, context):
+        import torch
+
+        from .shard import find_head_splits, find_splits
+
+        mlp, heads = params["mlp"], params["heads"]
+        self.check_shares(mlp=mlp, heads=heads)
+        teacher = model.obj
+        student = copy.deepcopy(teacher).eval()
+        example = example_inputs(model, context)
+        with torch.no_grad():
+            mlps = find_splits(student, example, 1) if mlp > 0 else []
+        attention = [s for s in find_head_splits(student, 1) if s.heads == s.kv_heads] if heads > 0 else []
+        if not mlps and not attention:
+            raise StepNotApplicable("the model has no MLP (Linear -> activation -> Linear) or multi-head "
+                                    "attention block to narrow")
+        data, source = training_data(context)
+        splits = mlps + attention
+        seen = _activations(student, splits, data)
+        scores = [_importance(student.get_submodule(split.row), x) for split, x in zip(splits, seen)]
+        record = {"importance_data": source, "refit_tokens": int(len(seen[0]))}
+        if mlps:
+            keep = _keep_count(mlps[0].width, mlp, 8)
+            for split, score, x in zip(mlps, scores, seen):
+                _narrow(student, split, sorted(score.topk(min(keep, split.width)).indices.tolist()), x)
+            record.update(mlp_width_before=mlps[0].width, mlp_width_after=keep, mlps=len(mlps))
+        if attention:
+            from .prune import _rows, set_grouped_head_counts
+
+            count, size = attention[0].heads, attention[0].head_dim
+            keep = _keep_count(count, heads, 1)
+            blocks = []
+            for split, score, x in zip(attention, scores[len(mlps):], seen[len(mlps):]):
+                per_head = score.reshape(split.heads, split.head_dim).sum(1)
+                _narrow(student, split, _rows(sorted(per_head.topk(keep).indices.tolist()), size).tolist(), x)
+                blocks.append(student.get_submodule(split.columns[0].rpartition(".")[0]))
+            set_grouped_head_counts(student, blocks, keep, keep, size)
+            record.update(attention_heads_before=count, attention_heads_after=keep, attention_blocks=len(attention))
+        try:
+            with torch.no_grad():
+                student(*example)
+        except Exception as exc:
+            raise StepNotApplicable(f"the narrowed model no longer runs ({exc})") from None
+        stack = _repeated_stack(student)
+        matched = []
+        if stack is not None:
+            teacher_stack = _repeated_stack(teacher)
+            matched = list(zip(stack[2], teacher_stack[2])) if teacher_stack and len(teacher_stack[2]) == len(
+                stack[2]) else []
+        trained = distill(student, teacher, data, params["steps"], params["learning_rate"],
+                          max_seconds=params["max_seconds"], context=context, matched=matched)
+        context.record.update(record)
+        context.record.update({f"distill_{k}": v for k, v in trained.items() if v is not None})
+        context.record.update(
+            distill_data=source, blocks_matched=len(matched),
+            parameters_before=sum(p.numel() for p in teacher.parameters()),
+            parameters_after=sum(p.numel() for p in student.parameters()),
+        )
+        return ModelHandle(TORCH, student, model.inputs, dict(model.notes))
+
+
 @hookimpl
 def kiln_steps():
-    return [Depth()]
+    return [Depth(), Width()]

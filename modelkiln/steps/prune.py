@@ -20,7 +20,7 @@ from __future__ import annotations
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Param, Step
-from .training import distill, expected_training_seconds, training_data
+from .training import TrainingStep, budget_param, distill, example_inputs, expected_training_seconds, training_data
 
 
 def _prunable(module):
@@ -239,7 +239,7 @@ def _output_width_layers(module, example, names: dict, prunable_heads=()) -> lis
     return keep
 
 
-class Structured(Step):
+class Structured(TrainingStep):
     name = "prune.structured"
     description = "remove whole channels / MLP width (torch-pruning), then a distilled recovery fine-tune"
     params = (
@@ -247,10 +247,8 @@ class Structured(Step):
         Param("heads", float, 0.0, "share of attention heads removed from each attention block, in [0, 1)"),
         Param("recovery_steps", int, 300, "fine-tune steps distilled from the original; 0 for none"),
         Param("learning_rate", float, 1e-3, "of the recovery fine-tune"),
-        Param("max_seconds", float, 0.0, "time budget of the recovery fine-tune; 0: a minute plus a second "
-                                         "per 2M parameters, at most 15 min"),
+        budget_param("recovery fine-tune"),
     )
-    forms = {"onnxruntime": TORCH, "torch": TORCH}
 
     def expected_seconds(self, params, baseline_seconds, size_bytes):
         training = expected_training_seconds(params["max_seconds"], size_bytes) if params["recovery_steps"] else 0
@@ -263,13 +261,10 @@ class Structured(Step):
         import torch_pruning as tp
 
         amount, heads = params["amount"], params["heads"]
-        for key, value in (("amount", amount), ("heads", heads)):
-            if not 0 <= value < 1:
-                raise StepNotApplicable(f"{self.name}: {key} must be in [0, 1), got {value}")
+        self.check_shares(amount=amount, heads=heads)
         module = model.obj
         teacher = copy.deepcopy(module).eval()
-        samples = context.sample_inputs
-        example = tuple(torch.from_numpy(samples[spec.name][:2]) for spec in model.inputs)
+        example = example_inputs(model, context)
         names = {m: n for n, m in module.named_modules()}
         before = sum(p.numel() for p in module.parameters())
         # torch-pruning's dependency graph never finishes on rotary embeddings'

@@ -25,8 +25,8 @@ import copy
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import TORCH, ModelHandle, Param, Step
-from .training import distill, expected_training_seconds, training_data
+from ..plugins.api import TORCH, ModelHandle, Param
+from .training import TrainingStep, budget_param, distill, training_data
 
 # TWN's threshold: weights within 0.7 x the row's mean magnitude become 0.
 TERNARY_THRESHOLD = 0.7
@@ -135,19 +135,14 @@ def _low_bit_classes():
     return unpack_codes, TrainingLinear, LowBitLinear, torch
 
 
-class _LowBit(Step):
+class _LowBit(TrainingStep):
     bits = 2
     params = (
         Param("head", bool, False, "constrain the output head (the last Linear) too"),
         Param("steps", int, 600, "recovery steps (distillation from the original)"),
         Param("learning_rate", float, 2e-4, "of the recovery"),
-        Param("max_seconds", float, 0.0, "time budget of the recovery; 0: a minute plus a second per 2M "
-                                         "parameters, at most 15 min"),
+        budget_param("recovery"),
     )
-    forms = {"onnxruntime": TORCH, "torch": TORCH}
-
-    def expected_seconds(self, params, baseline_seconds, size_bytes):
-        return baseline_seconds + expected_training_seconds(params["max_seconds"], size_bytes)
 
     def apply(self, model, params, context):
         import torch.nn as nn

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+from ..errors import StepNotApplicable
+from ..plugins.api import TORCH, Param, Step
+
 
 def training_data(context) -> tuple[dict, str]:
     """Unlabelled inputs to train on, and where they came from.
@@ -72,10 +75,64 @@ def fit_batch_size(wanted: int, per_sample: int, worker_memory_mb: int) -> int:
     return max(1, min(wanted, int(budget // (per_sample * BACKWARD_FACTOR))))
 
 
+# The name of the input that marks a sequence's real tokens (1) and its padding (0).
+MASK_INPUT = "attention_mask"
+
+
+class _Outputs:
+    """The outputs of ``modules``, as their forward hooks see them, in call order."""
+
+    def __init__(self, modules):
+        self.seen = []
+        self.handles = [m.register_forward_hook(self._keep) for m in modules]
+
+    def _keep(self, module, args, output):
+        self.seen.append(output[0] if isinstance(output, tuple) else output)
+
+    def take(self) -> list:
+        seen, self.seen = self.seen, []
+        return seen
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _mse(output, target, mask):
+    """Mean squared error; over a sequence's real tokens only where ``mask`` marks them
+    (what padding positions hold is no part of the model's answer)."""
+    import torch.nn.functional as F
+
+    if mask is None or output.ndim != 3 or output.shape[:2] != mask.shape:
+        return F.mse_loss(output, target)
+    weights = mask.to(output.dtype).unsqueeze(-1)
+    return ((output - target).pow(2) * weights).sum() / (weights.sum() * output.shape[-1]).clamp(min=1)
+
+
+def _relative_mse(output, target, mask):
+    """The mean squared error as a share of the target's own mean square."""
+    return _mse(output, target, mask) / _mse(target, 0 * target, mask).clamp(min=1e-8)
+
+
+def _without_padding_columns(rows: list, mask, mask_at: int):
+    """The batch without the trailing positions that are padding in every row: data
+    files pad every sequence to the longest in the file, and a batch of short sentences
+    would otherwise pay for the longest one in every step."""
+    real = mask.shape[1] - int((mask.flip(1).cumsum(1) == 0).all(0).sum())
+    if real in (0, mask.shape[1]):
+        return rows, mask
+    length = mask.shape[1]
+    rows = [r[:, :real] if r.ndim >= 2 and r.shape[1] == length else r for r in rows]
+    return rows, rows[mask_at]
+
+
 def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, batch_size: int = 64,
-            max_seconds: float = 0.0, context=None, activity: str = "distillation") -> dict:
+            max_seconds: float = 0.0, context=None, activity: str = "distillation", matched=()) -> dict:
     """Fit the student to the teacher's outputs: soft targets (temperature 2) for
-    classifier logits, mean squared error otherwise.
+    classifier logits, mean squared error otherwise (over real tokens only, where an
+    ``attention_mask`` input marks them). ``matched`` pairs (student block, teacher
+    block) whose outputs are fitted too, each pair's error added to the loss: a student
+    as deep and wide in its hidden states as its teacher learns from every block.
 
     Bounded twice: by wall-clock (``max_seconds``, 0 for the automatic budget) and by
     memory (the batch shrinks until the activations fit the worker's share). Reports its
@@ -85,6 +142,7 @@ def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, ba
     import torch.nn.functional as F
 
     arrays = [torch.from_numpy(a) for a in inputs.values()]
+    mask_at = list(inputs).index(MASK_INPUT) if MASK_INPUT in inputs else None
     total = len(arrays[0])
     parameters = sum(p.numel() for p in student.parameters())
     budget = time_budget(max_seconds, parameters)
@@ -99,18 +157,30 @@ def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, ba
     loss_value = float("nan")
     done = 0
     stopped = None
+    students, teachers = _Outputs([s for s, _ in matched]), _Outputs([t for _, t in matched])
     for done in range(1, steps + 1):
         idx = torch.randint(0, total, (batch,), generator=generator)
         rows = [a[idx] for a in arrays]
+        mask = None if mask_at is None else rows[mask_at]
+        if mask is not None:
+            rows, mask = _without_padding_columns(rows, mask, mask_at)
         with torch.no_grad():
             target = teacher(*rows)
         output = student(*rows)
+        blocks = list(zip(students.take(), teachers.take()))
         if output.ndim == 2 and output.shape[1] > 1:
             temperature = 2.0
             loss = F.kl_div(F.log_softmax(output / temperature, -1), F.softmax(target / temperature, -1),
                             reduction="batchmean") * temperature ** 2
+            if blocks:
+                loss = loss + sum(_relative_mse(got, wanted, mask) for got, wanted in blocks) / len(blocks)
+        elif blocks:
+            # Relative errors: blocks whose hidden states are large (BERT's outlier
+            # dimensions) must not drown the others, nor the output the user sees.
+            pairs = [(output, target), *blocks]
+            loss = sum(_relative_mse(got, wanted, mask) for got, wanted in pairs) / len(pairs)
         else:
-            loss = F.mse_loss(output, target)
+            loss = _mse(output, target, mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -123,7 +193,37 @@ def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, ba
         if now > deadline and done < steps:
             stopped = f"time budget of {budget:.0f} s reached after {done} of {steps} steps"
             break
+    students.close()
+    teachers.close()
     student.eval()
     return {"loss": loss_value, "steps": done, "steps_planned": steps, "batch_size": batch,
             "activation_mib_per_sample": round(per_sample / 2**20, 3), "time_budget_seconds": round(budget, 1),
             "stopped": stopped}
+
+
+def budget_param(what: str) -> Param:
+    """The ``max_seconds`` parameter of a step that trains (``what`` it trains)."""
+    return Param("max_seconds", float, 0.0, f"time budget of the {what}; 0: a minute plus a second per 2M "
+                                            "parameters, at most 15 min")
+
+
+class TrainingStep(Step):
+    """A step that builds a smaller model and trains it: planned by its time budget."""
+
+    forms = {"onnxruntime": TORCH, "torch": TORCH}
+
+    def expected_seconds(self, params, baseline_seconds, size_bytes):
+        return baseline_seconds + expected_training_seconds(params["max_seconds"], size_bytes)
+
+    def check_shares(self, **shares: float) -> None:
+        """Each share (of units, heads, channels removed) must be in [0, 1)."""
+        for key, value in shares.items():
+            if not 0 <= value < 1:
+                raise StepNotApplicable(f"{self.name}: {key} must be in [0, 1), got {value}")
+
+
+def example_inputs(model, context, rows: int = 2) -> tuple:
+    """The first ``rows`` sample inputs as tensors, in the model's input order."""
+    import torch
+
+    return tuple(torch.from_numpy(context.sample_inputs[spec.name][:rows]) for spec in model.inputs)
