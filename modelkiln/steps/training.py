@@ -8,18 +8,48 @@ from ..errors import StepNotApplicable
 from ..plugins.api import TORCH, Param, Step
 
 
+# Rows a training step keeps at least when the quality samples are held out of its data.
+HELD_OUT_MIN_ROWS = 32
+
+
 def training_data(context) -> tuple[dict, str]:
     """Unlabelled inputs to train on, and where they came from.
 
-    train.npz first, then calibration.npz, then the sample inputs, which are the eval
-    inputs when the checkpoint ships eval.npz: used without labels, but the quality
-    score measured on them afterwards is then optimistic, so the source is recorded.
+    train.npz first, then the calibration data, then the sample inputs. Without eval
+    data the quality samples are the calibration data's first rows: those are held out
+    of training while at least HELD_OUT_MIN_ROWS others remain, so that the gate scores
+    the trained model on rows it never saw. Where they cannot be held out, or the sample
+    inputs themselves are trained on, the score is optimistic and the source says so.
     """
     if context.training_inputs is not None:
         return context.training_inputs, "train.npz"
     if context.calibration_inputs is not None:
-        return context.calibration_inputs, "calibration.npz"
-    return context.sample_inputs, "sample inputs"
+        data = context.calibration_inputs
+        held = _leading_samples(data, context.sample_inputs)
+        total = len(next(iter(data.values())))
+        if held and total - held >= HELD_OUT_MIN_ROWS:
+            return ({k: v[held:] for k, v in data.items()},
+                    f"calibration data, rows {held}-{total - 1} (rows 0-{held - 1} are the quality samples)")
+        if held:
+            return data, "calibration data (the quality samples among them: too few rows to hold them out)"
+        return data, "calibration data"
+    return context.sample_inputs, "sample inputs (the quality samples themselves)"
+
+
+def _leading_samples(data: dict, samples: dict) -> int:
+    """How many of ``data``'s first rows the samples are (0: they are other rows). The
+    samples may have been cut to their own longest sequence: compared where they overlap."""
+    import numpy as np
+
+    count = len(next(iter(samples.values()))) if samples else 0
+    for name, rows in samples.items():
+        full = data.get(name)
+        if full is None or full.ndim != rows.ndim or len(full) < count or any(
+                a < b for a, b in zip(full.shape[1:], rows.shape[1:])):
+            return 0
+        if not np.array_equal(full[(slice(0, count),) + tuple(slice(0, d) for d in rows.shape[1:])], rows):
+            return 0
+    return count
 
 
 # A training step's time budget when its recipe sets none (max_seconds = 0): a minute,
