@@ -15,7 +15,8 @@ The artifact is a folder::
 Serving it is what ``load`` does, and what serving code would do with torchrun: start
 one process per rank, join them into a process group (gloo on cpu, NCCL on cuda), load
 each rank's program and compile it as the plan says (with CUDA graphs the all-reduces are
-captured inside each rank's graph). The calling process is rank 0: it receives a
+captured inside each rank's graph; on GPUs that read each other's memory the small ones
+are one-shot all-reduces over symmetric memory, ``collectives.py``). The calling process is rank 0: it receives a
 request, broadcasts the inputs to the other ranks, and every rank runs its program; the
 programs' all-reduces combine the partial results, so rank 0's output is the model's
 output.
@@ -155,7 +156,8 @@ def _rank_device(device: str, rank: int) -> str:
 
 
 def _join(rank: int, ranks: int, port: int, device: str, threads: int, directory: Path, plan: dict):
-    """Join the process group as ``rank`` and load that rank's program."""
+    """Join the process group as ``rank`` and load that rank's programs; the programs,
+    and which all-reduce they use (``fast_all_reduces``)."""
     import torch
     import torch.distributed as dist
 
