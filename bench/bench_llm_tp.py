@@ -103,10 +103,6 @@ def _all_reduce_ms(device: str, hidden: int, count: int, mode: str, one_shot: bo
     return marks.elapsed()[0] / 50
 
 
-def _backend_name(cuda: bool) -> str:
-    return "nccl" if cuda else "gloo"
-
-
 def warm(compiled, device: str, tiny: bool) -> None:
     """Compile (and record the CUDA graphs of) the prefill and one-token shapes."""
     from modelkiln.targets.decoding import greedy_tokens, prompt_ids
@@ -124,7 +120,7 @@ def rank_main(rank: int, ranks: int, port: int, tiny: bool, mode: str, results, 
     from modelkiln.steps.shard import find_head_splits, find_splits, split_module
     from modelkiln.targets.compiled import compile_loaded, serving_entry
     from modelkiln.targets.decoding import export_decoder, find_causal_lm, time_decoding
-    from modelkiln.targets.sharded import WORLD_GROUP, fast_all_reduces
+    from modelkiln.targets.sharded import WORLD_GROUP, _backend, fast_all_reduces
 
     cuda = not tiny
     device = f"cuda:{rank}" if cuda else "cpu"
@@ -163,7 +159,7 @@ def rank_main(rank: int, ranks: int, port: int, tiny: bool, mode: str, results, 
         results.put(("two", found))
     shape = shape_config(tiny)
     reduce_ms = {}
-    for kind in (["nccl", "one-shot"] if "one-shot" in all_reduce else [_backend_name(cuda)]):
+    for kind in (["nccl", "one-shot"] if "one-shot" in all_reduce else [_backend(device)]):
         try:
             reduce_ms[kind] = _all_reduce_ms(device, shape.hidden_size, 2 * shape.num_hidden_layers, mode,
                                              kind == "one-shot")

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import ArchitectureConfig
 from ..errors import CheckpointRejected, StepNotApplicable
-from ..plugins.api import ONNX, TORCH, InputSpec, LoadContext, ModelHandle, StepContext
+from ..plugins.api import MASK, ONNX, TORCH, InputSpec, LoadContext, ModelHandle, StepContext
 from ..plugins.recipes import parse_recipe
 from ..registry.formats import detect_format, no_format_reason
 from ..targets import harness
@@ -41,7 +41,7 @@ from ..targets.onnxrt import session_runner
 from ..targets.shapes import onnx_axes
 from . import progress
 from .context import INSPECT_FILE, REFERENCE_FILE, plugins_for_spec, reference
-from .samples import MASK, request_batch, settle
+from .samples import request_batch, settle
 from .samples import lengths as sample_lengths
 
 _INFER_CHUNK = 64

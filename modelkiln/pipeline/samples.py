@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointRejected
-from ..plugins.api import InputSpec
+from ..plugins.api import MASK, InputSpec
 from ..registry.data import load_calibration, load_eval, load_text, load_train
 
 # Eval rows used for a quality score: enough for a stable accuracy, bounded for big sets.
@@ -27,7 +27,6 @@ MAX_EVAL_ROWS = 4096
 # For models that take sequences, whose reference outputs hold a vector per token.
 MAX_SEQUENCE_EVAL_ROWS = 512
 SEQUENCE = "sequence"
-MASK = "attention_mask"
 
 
 @dataclass

@@ -36,7 +36,11 @@ SHARDED = "torch-sharded"
 # it ends its recipe.
 STREAMED = "torch-streamed"
 
+# The input that marks a sequence's real tokens (1) and its padding (0).
+MASK = "attention_mask"
+
 __all__ = [
+    "MASK",
     "ONNX",
     "SHARDED",
     "STREAMED",

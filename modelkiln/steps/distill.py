@@ -23,7 +23,7 @@ import copy
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import TORCH, ModelHandle, Param
+from ..plugins.api import MASK, TORCH, ModelHandle, Param
 from .training import TrainingStep, budget_param, distill, example_inputs, training_data
 
 
@@ -113,10 +113,8 @@ def _activations(module, splits, inputs: dict, rows: int = 256) -> list:
     ``inputs``, one row per real token (padding left out), at most REFIT_TOKENS."""
     import torch
 
-    from .training import MASK_INPUT
-
     arrays = {name: torch.from_numpy(a[:rows]) for name, a in inputs.items()}
-    mask = arrays.get(MASK_INPUT)
+    mask = arrays.get(MASK)
     seen = [[] for _ in splits]
 
     def hook(index):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..errors import StepNotApplicable
-from ..plugins.api import TORCH, Param, Step
+from ..plugins.api import MASK, TORCH, Param, Step
 
 
 # Rows a training step keeps at least when the quality samples are held out of its data.
@@ -105,10 +105,6 @@ def fit_batch_size(wanted: int, per_sample: int, worker_memory_mb: int) -> int:
     return max(1, min(wanted, int(budget // (per_sample * BACKWARD_FACTOR))))
 
 
-# The name of the input that marks a sequence's real tokens (1) and its padding (0).
-MASK_INPUT = "attention_mask"
-
-
 class _Outputs:
     """The outputs of ``modules``, as their forward hooks see them, in call order."""
 
@@ -172,7 +168,7 @@ def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, ba
     import torch.nn.functional as F
 
     arrays = [torch.from_numpy(a) for a in inputs.values()]
-    mask_at = list(inputs).index(MASK_INPUT) if MASK_INPUT in inputs else None
+    mask_at = list(inputs).index(MASK) if MASK in inputs else None
     total = len(arrays[0])
     parameters = sum(p.numel() for p in student.parameters())
     budget = time_budget(max_seconds, parameters)
