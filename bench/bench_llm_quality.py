@@ -12,7 +12,7 @@ The table gives each variant's next-token
 agreement and KL, its perplexity on the held-out text beside the original's, and the
 quality the gate compares at the default 1 % drop (with text: the perplexity ratio).
 
-Run: .venv/bin/python bench/bench_llm_quality.py [--steps 600] [--device cpu]
+Run: .venv/bin/python bench/bench_llm_quality.py [--steps 600] [--device cpu] [--recipes R ...]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--device", default="cpu", help="where to train and the target's device (cuda on the GPU machine)")
+    parser.add_argument("--recipes", nargs="+", default=RECIPES, help="the target's recipes")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 2)
@@ -95,13 +96,16 @@ def main():
     if args.device != "cpu":
         replacements.update({'device = "cpu"': f'device = "{args.device}"',
                              'runtimes = ["onnxruntime", "torch"]': 'runtimes = ["torch"]'})
-    folder = kiln_folder(recipes=RECIPES, replacements=replacements)
+    folder = kiln_folder(recipes=args.recipes, replacements=replacements)
     staged = folder / "staged" / "lm"
     model.save_pretrained(str(staged), safe_serialization=True)
     tokenizer.save_pretrained(str(staged))
     # Held-out text as the model's eval data, in paragraphs: about 64 windows of tokens.
     paragraphs = [para for text in held_text for para in text.split("\n\n") if len(para.split()) > 8]
     (staged / "eval.jsonl").write_text("\n".join(json.dumps({"text": para}) for para in paragraphs[:150]) + "\n")
+    # Training text as calibration data, for steps that calibrate or recover on it.
+    seen = [para for text in train_text for para in text.split("\n\n") if len(para.split()) > 8]
+    (staged / "calibration.jsonl").write_text("\n".join(json.dumps({"text": para}) for para in seen[:256]) + "\n")
 
     started = time.time()
     variants, promoted = optimize(load_config(folder / "kiln.toml"), staged, "lm")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import optimize_once
@@ -262,3 +263,51 @@ def test_two_ranks_sum_with_the_one_shot_kernel_as_nccl_does():
         process.join(60)
     assert [replaced for _, replaced, _ in found] == [1, 1]
     assert all(worst <= 1e-4 for _, _, worst in found), found
+
+
+@needs_gpu
+def test_a_sparse24_variant_serves_its_weights_through_the_sparse_kernels(kiln_dir, digits_checkpoint):
+    import torch
+    from torch.sparse import SparseSemiStructuredTensor
+
+    from modelkiln.config import load_config
+    from modelkiln.targets.semistructured import CudaGraphs, has_pattern
+    from modelkiln.targets.torchrt import TorchRuntime
+
+    text = (kiln_dir / "kiln.toml").read_text()
+    cpu = text[text.index("[targets.cpu]"):text.index("[policy]")]
+    sparse = "prune.sparse24 -> quantize.fp16 -> compile.inductor"
+    gpu = GPU_TARGET.strip().replace('recipes = ["baseline", "quantize.bf16", "quantize.fp16", ',
+                                     f'recipes = ["baseline", "{sparse}", "prune.sparse24", ')
+    (kiln_dir / "kiln.toml").write_text(text.replace(cpu, gpu + "\n\n"))
+    config = load_config(kiln_dir / "kiln.toml")
+    checkpoint = optimize_once(config, digits_checkpoint, "digits", timeout=300)
+    assert checkpoint.status == "done", checkpoint.reason
+    variants = {v["recipe"]: v for v in all_variants(config, "digits")}
+    assert variants["prune.sparse24"]["status"] == "skipped"  # float32 weights: the kernels take 16 bits
+    assert "put quantize.bf16 (or fp16) after prune.sparse24" in variants["prune.sparse24"]["reason"]
+    variant = variants[sparse]
+    assert variant["status"] == "succeeded", variant.get("reason")
+    record = variant["lineage"][0]["record"]
+    assert record["sparse_layers"] == 2 and record["dense_layers"] == {"4": "10 x 512: not multiples of 16"}, record
+    assert record["recovery_steps"] > 0
+    base = variants["baseline"]["metrics"]["quality"]
+    assert (base - variant["metrics"]["quality"]) / base < 0.05  # 2:4 after recovery on digits: close
+
+    folder = Path(variant["path"])
+    serving = json.loads((folder / "serving.json").read_text())
+    assert serving["sparse24"]["weights"] >= 2
+    loaded = TorchRuntime().load(folder, "model.pt2", "cuda", 1)
+    assert isinstance(loaded.module, CudaGraphs)
+    weights = list(loaded.module.module.parameters())
+    assert sum(isinstance(w, SparseSemiStructuredTensor) for w in weights) == serving["sparse24"]["weights"]
+    # The program alone (masked weights, dense kernels) answers the same: serving code
+    # without the sparse kernels gets the same model, only slower.
+    plain = torch.export.load(str(folder / "model.pt2")).module().cuda()
+    assert sum(has_pattern(p.detach()) for p in plain.parameters()) == serving["sparse24"]["weights"]
+    name = json.loads((folder / "variant.json").read_text())["inputs"][0]["name"]
+    x = np.random.default_rng(0).random((4, 64)).astype(np.float32)
+    with torch.inference_mode():
+        expected = plain(torch.from_numpy(x).cuda()).float().cpu().numpy()
+    for _ in range(2):  # captured, then replayed
+        np.testing.assert_allclose(loaded({name: x}), expected, rtol=0.02, atol=0.02)

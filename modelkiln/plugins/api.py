@@ -38,11 +38,15 @@ STREAMED = "torch-streamed"
 
 # The input that marks a sequence's real tokens (1) and its padding (0).
 MASK = "attention_mask"
+# A ModelHandle note: its Linear weights hold the 2:4 sparsity pattern, for the runtime to
+# serve with sparse kernels where the device has them.
+SPARSE24 = "sparse24"
 
 __all__ = [
     "MASK",
     "ONNX",
     "SHARDED",
+    "SPARSE24",
     "STREAMED",
     "TORCH",
     "Candidate",

@@ -153,12 +153,14 @@ def _without_padding_columns(rows: list, mask, mask_at: int):
 
 
 def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, batch_size: int = 64,
-            max_seconds: float = 0.0, context=None, activity: str = "distillation", matched=()) -> dict:
+            max_seconds: float = 0.0, context=None, activity: str = "distillation", matched=(),
+            after_step=None) -> dict:
     """Fit the student to the teacher's outputs: soft targets (temperature 2) for
     classifier logits, mean squared error otherwise (over real tokens only, where an
     ``attention_mask`` input marks them). ``matched`` pairs (student block, teacher
     block) whose outputs are fitted too, each pair's error added to the loss: a student
     as deep and wide in its hidden states as its teacher learns from every block.
+    ``after_step`` is called after every update (to hold a constraint, such as zeros).
 
     Bounded twice: by wall-clock (``max_seconds``, 0 for the automatic budget) and by
     memory (the batch shrinks until the activations fit the worker's share). Reports its
@@ -210,6 +212,8 @@ def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, ba
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         loss_value = float(loss.detach())
         now = time.monotonic()
         per_step = (now - started) / done

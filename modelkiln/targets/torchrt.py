@@ -15,8 +15,8 @@ import warnings
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import SHARDED, STREAMED, TORCH, ModelHandle, Runtime
-from . import decoding, fusion, sharded, streamed
+from ..plugins.api import SHARDED, SPARSE24, STREAMED, TORCH, ModelHandle, Runtime
+from . import decoding, fusion, semistructured, sharded, streamed
 from .compiled import compile_loaded, serving_entry
 from .shapes import dynamic_shapes, example_args
 
@@ -48,6 +48,8 @@ class TorchRuntime(Runtime):
         if model.form == STREAMED:  # weights go to the device module by module, as it runs
             return model
         if model.form == TORCH:
+            if model.notes.get(SPARSE24):
+                _check_sparse_weights(model.obj)
             return ModelHandle(TORCH, model.obj.to(context.device), model.inputs, dict(model.notes))
         for rank, module in enumerate(model.obj.ranks):  # rank r serves on cuda:r
             model.obj.ranks[rank] = module.to(f"cuda:{rank}")
@@ -95,6 +97,13 @@ class TorchRuntime(Runtime):
         serving = {}
         if model.notes.get("compile"):
             serving["compile"] = serving_entry(model.notes["compile"])
+        if model.notes.get(SPARSE24):
+            serving[semistructured.SERVING_KEY] = {
+                "weights": semistructured.patterned(model.obj),
+                "load": "torch.sparse.to_sparse_semi_structured on every 2-D 16-bit weight with at most two "
+                        "non-zeros in each four along its rows, then one CUDA graph per input shape (compiled "
+                        "with triton.cudagraphs off)",
+            }
         decode = decoding.save_decoder(model.obj, directory / decoding.DECODE_FILE)
         if decode is not None:
             serving["decode"] = decode if "error" in decode else {"file": decoding.DECODE_FILE, **decode}
@@ -113,8 +122,15 @@ class TorchRuntime(Runtime):
             if file.endswith(".pt2"):
                 module = torch.export.load(str(directory / file)).module().to(device)
                 serving = json.loads((directory / SERVING_FILE).read_text()) if (directory / SERVING_FILE).exists() else {}
+                sparse = semistructured.SERVING_KEY in serving and device.startswith("cuda")
+                if sparse:
+                    semistructured.sparsify(module)
                 if "compile" in serving:
-                    module = compile_loaded(module, serving["compile"])
+                    compile_as = serving["compile"]
+                    module = compile_loaded(module, semistructured.uncompiled_graphs(compile_as) if sparse
+                                            else compile_as)
+                if sparse:
+                    module = semistructured.CudaGraphs(module)
                 decode = serving.get("decode", {})
                 if "file" in decode:
                     decoder = torch.export.load(str(directory / decode["file"])).module().to(device)
@@ -125,6 +141,13 @@ class TorchRuntime(Runtime):
                 module = torch.jit.load(str(directory / file), map_location=device)
                 module.eval()
         return Serving(module, device)
+
+
+def _check_sparse_weights(module) -> None:
+    """A 2:4-sparse model must reach a GPU in 16 bits: the sparse kernels take no float32."""
+    if semistructured.patterned(module, any_dtype=True) and not semistructured.patterned(module):
+        raise StepNotApplicable("prune.sparse24: the 2:4 kernels take 16-bit weights and these are float32; put "
+                                "quantize.bf16 (or fp16) after prune.sparse24 in the recipe")
 
 
 class Serving:
