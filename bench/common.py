@@ -92,35 +92,69 @@ _DOC_MODULES = (
 )
 
 
-def stdlib_sentences(count: int, offset: int = 0) -> list[str]:
-    """``count`` English sentences of natural lengths (4 to 45 words) from the Python
-    standard library's docstrings, in a fixed order; ``offset`` gives a disjoint set."""
+def _docstring_sentences(name: str, methods: bool = False) -> set[str]:
+    """English sentences of natural lengths (4 to 45 words) from module ``name``'s
+    docstrings: the module's and its public names' (and, with ``methods``, their public
+    attributes')."""
     import importlib
     import inspect
     import re
+
+    module = importlib.import_module(name)
+    docs = [inspect.getdoc(module)]
+    for attr in sorted(dir(module)):
+        value = getattr(module, attr, None)
+        # Submodules come and go with what else was imported: not a fixed set.
+        if not attr.startswith("_") and not inspect.ismodule(value):
+            docs.append(inspect.getdoc(value))
+            if methods and inspect.isclass(value):
+                docs += [inspect.getdoc(getattr(value, m, None)) for m in sorted(vars(value)) if not m.startswith("_")]
+    found = set()
+    for doc in filter(None, docs):
+        text = " ".join(line.strip() for line in doc.splitlines()
+                        if line.strip() and not line.startswith((" ", ">>>", "-", "*", "..")))
+        for sentence in re.split(r"(?<=[.!?])\s+", text):
+            words = sentence.split()
+            if (4 <= len(words) <= 45 and sentence[0].isupper() and sentence[-1] in ".!?"
+                    and "=" not in sentence and "__" not in sentence):
+                found.add(sentence)
+    return found
+
+
+def _fixed_order(sentences) -> list:
     import zlib
 
-    found = set()
-    for name in _DOC_MODULES:
-        module = importlib.import_module(name)
-        docs = [inspect.getdoc(module)]
-        for attr in sorted(dir(module)):
-            value = getattr(module, attr, None)
-            # Submodules come and go with what else was imported: not a fixed set.
-            if not attr.startswith("_") and not inspect.ismodule(value):
-                docs.append(inspect.getdoc(value))
-        for doc in filter(None, docs):
-            text = " ".join(line.strip() for line in doc.splitlines()
-                            if line.strip() and not line.startswith((" ", ">>>", "-", "*", "..")))
-            for sentence in re.split(r"(?<=[.!?])\s+", text):
-                words = sentence.split()
-                if (4 <= len(words) <= 45 and sentence[0].isupper() and sentence[-1] in ".!?"
-                        and "=" not in sentence and "__" not in sentence):
-                    found.add(sentence)
-    ordered = sorted(found, key=lambda s: (zlib.crc32(s.encode()), s))
+    return sorted(sentences, key=lambda s: (zlib.crc32(s.encode()), s))
+
+
+def stdlib_sentences(count: int, offset: int = 0) -> list[str]:
+    """``count`` English sentences of natural lengths (4 to 45 words) from the Python
+    standard library's docstrings, in a fixed order; ``offset`` gives a disjoint set."""
+    ordered = _fixed_order(set().union(*(_docstring_sentences(name) for name in _DOC_MODULES)))
     if len(ordered) < offset + count:
         raise RuntimeError(f"only {len(ordered)} docstring sentences; asked for {offset + count}")
     return ordered[offset:offset + count]
+
+
+# A text-classification task on every machine: which part of the standard library a
+# docstring sentence (its classes' methods' too) comes from.
+TOPICS = {
+    "concurrency": ("asyncio", "threading", "queue", "concurrent.futures"),
+    "numbers": ("statistics", "decimal", "fractions", "random"),
+    "files": ("tarfile", "zipfile", "gzip", "shutil", "pathlib"),
+    "tooling": ("unittest", "logging", "inspect"),
+}
+
+
+def stdlib_topics() -> list[tuple[str, int]]:
+    """(sentence, topic index in TOPICS) pairs, in a fixed order; a sentence found in two
+    topics keeps the first."""
+    labelled = {}
+    for label, modules in enumerate(TOPICS.values()):
+        for name in modules:
+            for sentence in _docstring_sentences(name, methods=True):
+                labelled.setdefault(sentence, label)
+    return [(s, labelled[s]) for s in _fixed_order(labelled)]
 
 
 def encoder_rows(ids):
