@@ -150,8 +150,8 @@ class Sparse24(TrainingStep):
             record["recovery_data"] = source
         elif params["recovery_steps"] > 0:
             # Adam's small updates vanish in 16-bit weights: recovery trains in float32.
-            record["recovery"] = ("skipped: the weights are 16-bit; put prune.sparse24 before quantize.bf16 "
-                                  "(or fp16) in the recipe to recover in float32")
+            record["recovery"] = ("skipped: the weights are 16-bit; where a quantize.bf16 (or fp16) step made "
+                                  "them so, put prune.sparse24 before it to recover in float32")
         with torch.no_grad():
             zeros = sum(int((layer.weight == 0).sum()) for _, layer in layers)
         record["sparsity"] = zeros / record["sparse_weights"]
