@@ -514,6 +514,38 @@ def test_width_distillation_narrows_mlps_and_heads_by_their_importance_on_the_da
         assert mlp_only["mlp_width_after"] == 32 and "attention_heads_after" not in mlp_only
 
 
+def test_width_distillation_of_a_text_classifier_narrows_its_blocks_only_and_learns_from_train_jsonl(
+        kiln_dir, tmp_path):
+    import json
+
+    from test_decoding import TEXT, word_tokenizer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from modelkiln.config import load_config
+
+    text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, 'recipes = ["baseline", "distill.width(steps=5)"]')
+    (kiln_dir / "kiln.toml").write_text(text.replace('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["torch"]'))
+    config = load_config(kiln_dir / "kiln.toml")
+    folder = tmp_path / "classifier"
+    BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                             num_attention_heads=4, vocab_size=256, num_labels=3)
+                                  ).save_pretrained(str(folder))
+    word_tokenizer(folder)  # no padding token: the text is padded by hand
+    words = TEXT.split()
+    lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    (folder / "eval.jsonl").write_text("\n".join(json.dumps({"text": line, "label": i % 3})
+                                                 for i, line in enumerate(lines[:12])) + "\n")
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": line}) for line in lines[12:]) + "\n")
+    checkpoint = optimize_once(config, folder, "classifier")
+    assert checkpoint.status == "done", checkpoint.reason
+    student = next(v for v in all_variants(config, "classifier") if v["recipe"] == "distill.width(steps=5)")
+    assert student["status"] in ("succeeded", "gate_failed") and student.get("metrics"), student.get("reason")
+    record = student["lineage"][0]["record"]
+    # The two blocks' MLPs; not the pooler's Linear -> tanh -> classifier, which has their shape.
+    assert (record["mlps"], record["mlp_width_after"]) == (2, 64)
+    assert record["importance_data"] == record["distill_data"] == "train.jsonl"
+
+
 def test_distillation_fits_real_tokens_only():
     import torch
 

@@ -125,6 +125,7 @@ def inspect_checkpoint(spec: dict) -> dict:
                      "shape": [output_axes.get(axis, size) for axis, size in enumerate(reference.shape)]}],
         "lengths": sample_lengths(inputs, rows),
         "sample_source": settled.source,
+        "training_source": settled.train_source,
         "serving_files": loaded.serving_files,
         "quality_metric": metric,
         "baseline_quality": baseline_quality,
@@ -205,6 +206,7 @@ def build_variant(spec: dict) -> dict:
                   samples.get("input_ids")),
         devices=target.get("devices", 1), memory_mb=target.get("memory_mb", 0),
         worker_memory_mb=spec.get("worker_memory_mb", 0), reporter=tracker,
+        training_source=inspected.get("training_source") or "train.npz",
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []

@@ -37,6 +37,7 @@ class SampleSet:
     calibration: dict | None
     train: dict | None
     source: str  # where the samples came from: a file name, or "generated"
+    train_source: str = ""  # train.npz or train.jsonl, where train is not None
 
 
 def settle(loaded, directory: Path, count: int) -> SampleSet:
@@ -44,7 +45,7 @@ def settle(loaded, directory: Path, count: int) -> SampleSet:
     training rows by input name."""
     evaluation, eval_source = _rows(loaded, directory, "eval", load_eval)
     calibration, calibration_source = _rows(loaded, directory, "calibration", load_calibration)
-    train, _ = _rows(loaded, directory, "train", load_train)
+    train, train_source = _rows(loaded, directory, "train", load_train)
     labels = evaluation.pop("labels", None) if evaluation is not None else None
     if calibration is not None:
         calibration.pop("labels", None)
@@ -70,7 +71,7 @@ def settle(loaded, directory: Path, count: int) -> SampleSet:
     if source != "generated":
         inputs, samples = _without_spare_padding(inputs, samples)
     samples = {spec.name: np.ascontiguousarray(samples[spec.name].astype(spec.dtype)) for spec in inputs}
-    return SampleSet(inputs, samples, labels, calibration, train, source)
+    return SampleSet(inputs, samples, labels, calibration, train, source, train_source)
 
 
 def _without_spare_padding(inputs: list[InputSpec], samples: dict) -> tuple[list[InputSpec], dict]:

@@ -238,7 +238,7 @@ class StepContext:
     # name -> array, batch first: eval/calibration inputs or generated samples.
     sample_inputs: dict
     calibration_inputs: dict | None = None
-    # Unlabelled inputs from train.npz, for steps that fine-tune or distill.
+    # Unlabelled inputs from train.npz or train.jsonl, for steps that fine-tune or distill.
     training_inputs: dict | None = None
     # The quality gate the variant will meet, for steps that tune themselves against it
     # (see QualityGate); None where nothing will judge the step's result.
@@ -254,6 +254,8 @@ class StepContext:
     worker_memory_mb: int = 0
     # Called with what a long step is doing (see ``progress``); set by the worker.
     reporter: Callable[..., None] | None = None
+    # The file training_inputs came from, for the lineage.
+    training_source: str = "train.npz"
 
     def progress(self, activity: str, done: int, total: int, **figures) -> None:
         """Report that ``activity`` has done ``done`` of ``total`` (steps, layers, ...),

@@ -349,6 +349,28 @@ def _encoder_inputs(model, tokenizer) -> tuple[str, ...]:
     return tuple(name for name in accepted if name in wanted)
 
 
+def _padded_by_hand(tokenizer, texts: list[str], max_length: int, names, config) -> dict:
+    """``texts`` tokenized and right-padded to the longest for a tokenizer that has no
+    padding token (transformers refuses to pad then): what the padding holds does not
+    matter where the attention mask marks it, so the model's own ``pad_token_id`` is used,
+    else the tokenizer's end-of-text or unknown token, else 0."""
+    import numpy as np
+
+    encoded = [tokenizer(text, truncation=True, max_length=max_length) for text in texts]
+    width = max(len(e["input_ids"]) for e in encoded)
+    pad = next((t for t in (getattr(config, "pad_token_id", None), tokenizer.eos_token_id, tokenizer.unk_token_id)
+                if t is not None), 0)
+    rows = {}
+    for name in names:
+        fill = pad if name == "input_ids" else 0
+        rows[name] = np.full((len(encoded), width), fill, dtype=np.int64)
+        for i, e in enumerate(encoded):
+            values = e.get(name, [1] * len(e["input_ids"]) if name == "attention_mask" else None)
+            if values is not None:
+                rows[name][i, :len(values)] = values
+    return rows
+
+
 # Windows of text a causal LM is judged on at most: its reference holds a distribution over
 # the vocabulary at every position (64 x 128 positions x 32 000 tokens: 1 GiB).
 MAX_TEXT_WINDOWS = 64
@@ -457,6 +479,8 @@ class HuggingFaceFormat(CheckpointFormat):
         def tokenize(texts: list[str], max_length: int) -> dict:
             import numpy as np
 
+            if tokenizer.pad_token is None:
+                return _padded_by_hand(tokenizer, texts, max_length, names, model.config)
             encoded = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length,
                                 return_tensors="np")
             return {name: np.asarray(encoded[name], dtype=np.int64) for name in names}

@@ -217,6 +217,13 @@ class Width(TrainingStep):
         example = example_inputs(model, context)
         with torch.no_grad():
             mlps = find_splits(student, example, 1) if mlp > 0 else []
+        stack = _repeated_stack(student)
+        if stack is not None:
+            # The blocks' MLPs only: a head's Linear -> tanh -> Linear (BERT's pooler and
+            # classifier) has the same shape and is no MLP to narrow.
+            paths = {id(m): name for name, m in student.named_modules()}
+            blocks = tuple(paths[id(block)] + "." for block in stack[2])
+            mlps = [split for split in mlps if split.row.startswith(blocks)] or mlps
         attention = [s for s in find_head_splits(student, 1) if s.heads == s.kv_heads] if heads > 0 else []
         if not mlps and not attention:
             raise StepNotApplicable("the model has no MLP (Linear -> activation -> Linear) or multi-head "
@@ -248,7 +255,6 @@ class Width(TrainingStep):
                 student(*example)
         except Exception as exc:
             raise StepNotApplicable(f"the narrowed model no longer runs ({exc})") from None
-        stack = _repeated_stack(student)
         matched = []
         if stack is not None:
             teacher_stack = _repeated_stack(teacher)

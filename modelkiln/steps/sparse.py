@@ -92,8 +92,9 @@ def two_of_four(scores):
 
 class Sparse24(TrainingStep):
     name = "prune.sparse24"
-    description = ("2:4 semi-structured sparsity of the Linear layers (cuda: NVIDIA sparse tensor cores), "
-                   "then a distilled recovery fine-tune with the zeros held")
+    description = ("2:4 semi-structured sparsity of the Linear layers for NVIDIA sparse tensor cores (cuda "
+                   "targets; the kernels take 16-bit weights: prune.sparse24 -> quantize.bf16), then a distilled "
+                   "recovery fine-tune with the zeros held")
     params = (
         Param("recovery_steps", int, 200, "fine-tune steps distilled from the original; 0 for none"),
         Param("learning_rate", float, 1e-4, "of the recovery fine-tune"),
@@ -165,7 +166,8 @@ def _check_device(device: str) -> None:
 
     if not device.startswith("cuda"):
         raise StepNotApplicable(f"2:4 sparse kernels run on NVIDIA GPUs (compute capability 8.0 or later); "
-                                f"this target's device is {device}")
+                                f"this target's device is {device} (list the step under a target with "
+                                f'device = "cuda")')
     if not torch.cuda.is_available():
         raise StepNotApplicable("2:4 sparse kernels need CUDA, and this PyTorch build or host has none")
     major, minor = torch.cuda.get_device_capability(torch.device(device))

@@ -15,14 +15,14 @@ HELD_OUT_MIN_ROWS = 32
 def training_data(context) -> tuple[dict, str]:
     """Unlabelled inputs to train on, and where they came from.
 
-    train.npz first, then the calibration data, then the sample inputs. Without eval
+    train.npz or train.jsonl first, then the calibration data, then the sample inputs. Without eval
     data the quality samples are the calibration data's first rows: those are held out
     of training while at least HELD_OUT_MIN_ROWS others remain, so that the gate scores
     the trained model on rows it never saw. Where they cannot be held out, or the sample
     inputs themselves are trained on, the score is optimistic and the source says so.
     """
     if context.training_inputs is not None:
-        return context.training_inputs, "train.npz"
+        return context.training_inputs, context.training_source
     if context.calibration_inputs is not None:
         data = context.calibration_inputs
         held = _leading_samples(data, context.sample_inputs)
