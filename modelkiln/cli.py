@@ -264,6 +264,7 @@ def status(config_path, as_json, show_all):
         checkpoints = [views.checkpoint_dict(c) for c in listed]
         total = queries.checkpoint_total(session)
         jobs = queries.job_counts(session)
+        by_kind = {kind: queries.job_counts(session, kind) for kind in ("variant", "inspect")}
         running = [views.running_job_dict(j) for j in queries.running_jobs(session)]
         promotions = queries.served_pairs(session)
     if as_json:
@@ -275,7 +276,9 @@ def status(config_path, as_json, show_all):
     click.echo(table(rows, ["model", "version", "status", "format", "hash", "reason"]))
     if total > len(checkpoints):
         click.echo(f"(the {len(checkpoints)} newest and unfinished of {total} checkpoints; --all lists every one)")
-    click.echo("\njobs: " + (", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"))
+    # Variants as the daemon's log counts them; a checkpoint's inspection apart.
+    counted = {kind: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) for kind, c in by_kind.items()}
+    click.echo(f"\njobs: {counted['variant'] or 'none'} (variants); {counted['inspect'] or 'none'} (inspections)")
     if running:
         click.echo("\nrunning:")
         click.echo(table([[j["id"], f"{j['model']}/{j['version']}", j["target"] or "", j["variant"] or j["kind"],

@@ -46,6 +46,9 @@ def test_listings_after_a_run(config, kiln_dir, tiny_checkpoint):
         assert {"variant", "target", "recipe", "status"} <= set(v) and ("metrics" in v or "reason" in v)
     status = json.loads(runner.invoke(main, ["status", "--json", *cfg]).output)
     assert status["checkpoints"][0]["status"] == "done"
+    # Variants counted as the daemon's log counts them, the inspection apart.
+    line = next(line for line in runner.invoke(main, ["status", *cfg]).output.splitlines() if line.startswith("jobs:"))
+    assert line.endswith("(variants); succeeded 1 (inspections)"), line
     (promoted,) = json.loads(runner.invoke(main, ["promoted", "--json", *cfg]).output)
     assert promoted["metrics"]["latency_p50_ms"] > 0
     table = runner.invoke(main, ["variants", "tiny", *cfg]).output

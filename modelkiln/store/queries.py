@@ -125,9 +125,12 @@ def served_pairs(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(pairs))
 
 
-def job_counts(session: Session) -> dict[str, int]:
-    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-    return {state: count for state, count in rows}
+def job_counts(session: Session, kind: str | None = None) -> dict[str, int]:
+    """Jobs by state; of one ``kind`` ("inspect", "variant") where given."""
+    query = select(Job.state, func.count()).group_by(Job.state)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    return {state: count for state, count in session.execute(query).all()}
 
 
 def running_jobs(session: Session) -> list[Job]:
