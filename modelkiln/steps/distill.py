@@ -24,7 +24,7 @@ import copy
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import MASK, TORCH, ModelHandle, Param
-from .training import TrainingStep, budget_param, distill, example_inputs, training_data
+from .training import TrainingStep, budget_param, distill, example_inputs, real_tokens, training_data
 
 
 def _repeated_stack(module):
@@ -119,10 +119,7 @@ def _activations(module, splits, inputs: dict, rows: int = 256) -> list:
 
     def hook(index):
         def keep(layer, args):
-            x = args[0].detach().float()
-            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-                x = x[mask.bool()]
-            seen[index].append(x.reshape(-1, x.shape[-1]))
+            seen[index].append(real_tokens(args[0].detach().float(), mask))
         return keep
 
     handles = [module.get_submodule(split.row).register_forward_pre_hook(hook(i)) for i, split in enumerate(splits)]

@@ -25,7 +25,7 @@ from ..plugins import hookimpl
 from ..plugins.api import MASK, SPARSE24, TORCH, ModelHandle, Param
 from ..targets.semistructured import KERNEL_MULTIPLE
 from .quantize import unwrap_half_precision
-from .training import TrainingStep, budget_param, distill, expected_training_seconds, training_data
+from .training import TrainingStep, budget_param, distill, expected_training_seconds, real_tokens, training_data
 
 # Output layers left dense: pruning them changes every score the user reads.
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pooler")
@@ -61,10 +61,7 @@ def input_norms(module, layers: list, inputs: dict) -> dict:
 
     def hook(name):
         def add(layer, args):
-            x = args[0].detach()
-            if mask[0] is not None and x.ndim == 3 and x.shape[:2] == mask[0].shape:
-                x = x[mask[0].bool()]
-            sums[name] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0).cpu()
+            sums[name] += real_tokens(args[0].detach(), mask[0]).double().pow(2).sum(0).cpu()
         return add
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers]

@@ -124,6 +124,14 @@ class _Outputs:
             handle.remove()
 
 
+def real_tokens(x, mask):
+    """``x``'s rows as ``[tokens, width]``: where ``mask`` (batch x sequence) fits ``x``,
+    only the positions it marks real (padding is no part of what a model answers)."""
+    if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+        x = x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
 def _mse(output, target, mask):
     """Mean squared error; over a sequence's real tokens only where ``mask`` marks them
     (what padding positions hold is no part of the model's answer)."""

@@ -34,7 +34,9 @@ def has_pattern(weight) -> bool:
     return bool(((weight.reshape(-1, 4) != 0).sum(1) <= 2).all())
 
 
-def _sparse_candidate(weight, any_dtype: bool = False) -> bool:
+def kernels_take(weight, any_dtype: bool = False) -> bool:
+    """Whether the sparse kernels take ``weight``: 2-D, 16-bit (or ``any_dtype``), widths
+    multiples of KERNEL_MULTIPLE, the 2:4 pattern."""
     import torch
 
     return ((any_dtype or weight.dtype in (torch.float16, torch.bfloat16)) and weight.ndim == 2
@@ -45,7 +47,7 @@ def _sparse_candidate(weight, any_dtype: bool = False) -> bool:
 def patterned(module, any_dtype: bool = False) -> int:
     """How many weights of ``module`` the sparse kernels would take (16-bit, or of
     ``any_dtype``, with the 2:4 pattern and widths the kernels take)."""
-    return sum(_sparse_candidate(w, any_dtype) for w in module.parameters())
+    return sum(kernels_take(w, any_dtype) for w in module.parameters())
 
 
 def sparsify(module) -> int:
@@ -56,7 +58,7 @@ def sparsify(module) -> int:
 
     replaced = 0
     for name, weight in list(module.named_parameters()):
-        if not weight.is_cuda or not _sparse_candidate(weight):
+        if not weight.is_cuda or not kernels_take(weight):
             continue
         owner, _, attr = name.rpartition(".")
         holder = module.get_submodule(owner) if owner else module

@@ -145,7 +145,9 @@ class TorchRuntime(Runtime):
 
 def _check_sparse_weights(module) -> None:
     """A 2:4-sparse model must reach a GPU in 16 bits: the sparse kernels take no float32."""
-    if semistructured.patterned(module, any_dtype=True) and not semistructured.patterned(module):
+    import torch
+
+    if any(w.dtype == torch.float32 and semistructured.kernels_take(w, any_dtype=True) for w in module.parameters()):
         raise StepNotApplicable("prune.sparse24: the 2:4 kernels take 16-bit weights and these are float32; put "
                                 "quantize.bf16 (or fp16) after prune.sparse24 in the recipe")
 
