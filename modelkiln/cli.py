@@ -66,7 +66,9 @@ def _fmt_quality(metrics):
     if not metrics or metrics.get("quality") is None:
         return ""
     delta = metrics["quality_delta"] + 0.0 if abs(metrics["quality_delta"]) >= 5e-5 else 0.0  # no "-0.0000"
-    return f"{metrics['quality']:.4f} ({delta:+.4f})"
+    # The delta's standard error on these samples, where the score counts right answers.
+    spread = (metrics.get("checks") or {}).get("quality_delta_se")
+    return f"{metrics['quality']:.4f} ({delta:+.4f}" + (f" ±{spread:.4f})" if spread is not None else ")")
 
 
 @click.group(context_settings=CONTEXT)

@@ -53,6 +53,7 @@ def test_listings_after_a_run(config, kiln_dir, tiny_checkpoint):
     assert promoted["metrics"]["latency_p50_ms"] > 0
     table = runner.invoke(main, ["variants", "tiny", *cfg]).output
     assert "onnxruntime:quantize.int8_dynamic" in table and "*" in table
+    assert "±" in table  # the quality delta's standard error on these samples (top-1 agreement)
     assert "quantize.int8_dynamic" in runner.invoke(main, ["plugins", *cfg]).output
 
     # kiln report: one self-contained page (no external resource) with the plot, the

@@ -72,6 +72,12 @@ def test_digits_checkpoint_is_promoted_within_tolerance(config, digits_checkpoin
         logits = module(torch.from_numpy(x_eval)).detach().numpy()
     accuracy = float(np.mean(logits.argmax(1) == y_eval))
     assert accuracy == pytest.approx(m["quality"], abs=1e-9)
+    # How finely the eval rows tell a drop: the paired differences' standard error.
+    if entry["recipe"] == "baseline":
+        assert m["checks"]["quality_delta_se"] == 0.0
+    else:
+        original = next(v for v in variants if v["recipe"] == "baseline")
+        assert 0 <= m["checks"]["quality_delta_se"] < 0.05 and "quality_delta_se" in original["metrics"]["checks"]
 
 
 def test_same_content_never_runs_twice(config, digits_checkpoint):

@@ -161,3 +161,24 @@ def test_the_load_objective_promotes_the_most_answers_per_second_within_the_p95_
     strict = PolicyConfig(objective="throughput_at_p95_ms", p95_limit_ms=1.0)
     assert choose([fast, wide], strict) is None  # no level keeps the limit
     assert choose([candidate("unmeasured", 0.1, 1.0), wide], load)["id"] == "wide"
+
+
+def test_the_quality_delta_standard_error_counts_the_samples_that_changed():
+    import numpy as np
+    import pytest
+
+    from modelkiln.targets.quality import ACCURACY, POOLED_COSINE, TOP1_AGREEMENT, delta_standard_error
+
+    labels = np.arange(300) % 3
+    original = np.eye(3)[labels]
+    original[:30] = np.eye(3)[(labels[:30] + 1) % 3]  # the original is wrong on 30 rows
+    variant = original.copy()
+    variant[:15] = np.eye(3)[labels[:15]]  # right where the original was wrong: 15 rows
+    variant[100:115] = np.eye(3)[(labels[100:115] + 1) % 3]  # wrong where it was right: 15 rows
+    # 30 of 300 differences of +-1, the delta 0: a standard error of sqrt(30 / 299 / 300).
+    se = delta_standard_error(ACCURACY, variant, original, labels)
+    assert se == pytest.approx(np.sqrt(30 / 299 / 300)) and se > 0.01  # larger than a 1 % step
+    assert delta_standard_error(ACCURACY, original, original, labels) == 0.0
+    assert delta_standard_error(TOP1_AGREEMENT, variant, original, None) == pytest.approx(
+        np.sqrt((30 - 30 ** 2 / 300) / 299 / 300))
+    assert delta_standard_error(POOLED_COSINE, variant, original, None) is None

@@ -29,6 +29,7 @@ from ..targets.quality import (
     GateLimits,
     choose_metric,
     degenerate_reason,
+    delta_standard_error,
     gate_reason,
     next_token_kl,
     perplexity,
@@ -348,6 +349,9 @@ def measure_variant(spec: dict) -> dict:
         checks["baseline_perplexity"] = baseline_perplexity
     elif metric in (COSINE, POOLED_COSINE):  # the gate judges the worst sample too
         checks["min_cosine"] = float(row_cosines(metric, outputs, expected, samples.get(MASK)).min())
+    spread = delta_standard_error(metric, outputs, expected, arrays.get("labels"))
+    if spread is not None:  # how finely these samples tell a drop from chance
+        checks["quality_delta_se"] = spread
     if metric == POOLED_COSINE:
         checks["padded_vs_alone_min_cosine"] = _padded_vs_alone(run, samples, outputs)
     if degenerate is not None:
