@@ -20,7 +20,7 @@ from __future__ import annotations
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Param, Step
-from .training import TrainingStep, budget_param, distill, example_inputs, expected_training_seconds, training_data
+from .training import TrainingStep, budget_param, distill, example_inputs, training_data
 
 
 def _prunable(module):
@@ -249,10 +249,6 @@ class Structured(TrainingStep):
         Param("learning_rate", float, 1e-3, "of the recovery fine-tune"),
         budget_param("recovery fine-tune"),
     )
-
-    def expected_seconds(self, params, baseline_seconds, size_bytes):
-        training = expected_training_seconds(params["max_seconds"], size_bytes) if params["recovery_steps"] else 0
-        return baseline_seconds + training
 
     def apply(self, model, params, context):
         import copy

@@ -23,9 +23,9 @@ import copy
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import MASK, SPARSE24, TORCH, ModelHandle, Param
-from ..targets.semistructured import KERNEL_MULTIPLE
+from ..targets.semistructured import KERNEL_MULTIPLE, kernel_widths
 from .quantize import unwrap_half_precision
-from .training import TrainingStep, budget_param, distill, expected_training_seconds, real_tokens, training_data
+from .training import TrainingStep, budget_param, distill, real_tokens, training_data
 
 # Output layers left dense: pruning them changes every score the user reads.
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pooler")
@@ -41,9 +41,9 @@ def sparse_layers(module) -> tuple[list, dict]:
     for name, layer in module.named_modules():
         if not isinstance(layer, nn.Linear):
             continue
-        if name.rpartition(".")[2] in HEAD_NAMES or any(part in HEAD_NAMES for part in name.split(".")):
+        if any(part in HEAD_NAMES for part in name.split(".")):
             dense[name] = "the model's head"
-        elif layer.in_features % KERNEL_MULTIPLE or layer.out_features % KERNEL_MULTIPLE:
+        elif not kernel_widths(layer.out_features, layer.in_features):
             dense[name] = f"{layer.out_features} x {layer.in_features}: not multiples of {KERNEL_MULTIPLE}"
         else:
             kept.append((name, layer))
@@ -98,10 +98,6 @@ class Sparse24(TrainingStep):
         budget_param("recovery fine-tune"),
     )
     forms = {"torch": TORCH}
-
-    def expected_seconds(self, params, baseline_seconds, size_bytes):
-        training = expected_training_seconds(params["max_seconds"], size_bytes) if params["recovery_steps"] else 0
-        return baseline_seconds + training
 
     def apply(self, model, params, context):
         import torch

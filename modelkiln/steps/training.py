@@ -251,6 +251,8 @@ class TrainingStep(Step):
     forms = {"onnxruntime": TORCH, "torch": TORCH}
 
     def expected_seconds(self, params, baseline_seconds, size_bytes):
+        if params.get("recovery_steps") == 0:  # a step whose training is optional, turned off
+            return baseline_seconds
         return baseline_seconds + expected_training_seconds(params["max_seconds"], size_bytes)
 
     def check_shares(self, **shares: float) -> None:

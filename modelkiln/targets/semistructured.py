@@ -34,14 +34,18 @@ def has_pattern(weight) -> bool:
     return bool(((weight.reshape(-1, 4) != 0).sum(1) <= 2).all())
 
 
+def kernel_widths(rows: int, columns: int) -> bool:
+    """Whether the sparse kernels take a weight of ``rows`` x ``columns``."""
+    return not rows % KERNEL_MULTIPLE and not columns % KERNEL_MULTIPLE
+
+
 def kernels_take(weight, any_dtype: bool = False) -> bool:
     """Whether the sparse kernels take ``weight``: 2-D, 16-bit (or ``any_dtype``), widths
     multiples of KERNEL_MULTIPLE, the 2:4 pattern."""
     import torch
 
     return ((any_dtype or weight.dtype in (torch.float16, torch.bfloat16)) and weight.ndim == 2
-            and not weight.shape[0] % KERNEL_MULTIPLE and not weight.shape[1] % KERNEL_MULTIPLE
-            and has_pattern(weight))
+            and kernel_widths(*weight.shape) and has_pattern(weight))
 
 
 def patterned(module, any_dtype: bool = False) -> int:
