@@ -62,6 +62,33 @@ def _worst(variant: dict) -> str:
     return f", worst {worst:.4f}" if isinstance(worst, (int, float)) else ""
 
 
+def _evidence(variant: dict, policy) -> str:
+    """What the gate judged on: the samples (how many, and for a variant that trained on
+    the checkpoint's data how many of them it never saw), the drop's upper bound at the
+    policy's confidence, and the probe set's score ("64 unseen, drop <= 0.31 % (95 %);
+    probes 0.9990, worst 0.9871")."""
+    from .targets.quality import bound_at
+
+    checks = (variant.get("metrics") or {}).get("checks") or {}
+    parts = []
+    trained = [entry["data"] for entry in variant.get("lineage") or [] if entry.get("data")]
+    if trained:
+        data = trained[-1]
+        parts.append(f"{data['heldout_rows']} samples, all trained on" if data.get("trained_on_samples")
+                     else f"{data['heldout_rows']} unseen, trained on {data['training_rows']} others")
+    elif checks.get("samples"):
+        parts.append(f"{checks['samples']} samples")
+    found = bound_at(checks.get("quality_drop_bounds"), policy.confidence) if policy.confidence > 0 else None
+    if found is not None:
+        parts[-1:] = [", ".join(parts[-1:] + [f"drop <= {max(found[1], 0.0):.2%} ({found[0]:.0%})"])]
+    if checks.get("probe_error"):
+        parts.append("probes fail")
+    elif checks.get("probe_quality") is not None:
+        worst = checks.get("probe_min_cosine")
+        parts.append(f"probes {checks['probe_quality']:.4f}" + (f", worst {worst:.4f}" if worst is not None else ""))
+    return "; ".join(parts)
+
+
 def _fmt_quality(metrics):
     if not metrics or metrics.get("quality") is None:
         return ""
@@ -355,13 +382,16 @@ def _print_variants(config, model, as_json):
             *([load_curve(m)] if loaded else []),
             format_size(m.get("size_bytes")),
             (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}{_worst(v)}",
+            _evidence(v, config.policy) if m else "",
             v.get("reason") or "",
         ])
     click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
                             *(["run-off p50"] if raced else []), *(["prefill ms", "ms/token"] if decoding else []),
                             *(["under load (clients: answers/s, p95 ms)"] if loaded else []),
-                            "size", "quality (delta)", "reason"]))
-    click.echo("\n* promoted. Latency at the smallest batch size measured"
+                            "size", "quality (delta)", "judged on", "reason"]))
+    click.echo("\n* promoted. Judged on: the rows the quality was scored on (unseen: none of them trained on), the"
+               " largest drop they allow at the policy's confidence, and modelkiln's own probe sentences. Latency at"
+               " the smallest batch size measured"
                + (f"; prefill of a {PROMPT_TOKENS}-token prompt and per-token decode at batch 1." if decoding else ".")
                + (" Run-off: the closest variants timed again side by side, interleaved in one process (at the"
                   " policy's batch size); it decided the promotion." if raced else "")
@@ -530,7 +560,8 @@ def promote(config_path, model, target, variant, version, reason, force):
     Recorded in the promotion history with who and why; the link is swapped at once, and a
     running daemon tells plugins (webhook) and the registry (MLflow) within seconds.
     Automatic promotions stop on a pinned target until `kiln unpin`."""
-    from .store import queries
+    from .policy import gate_verdict
+    from .store import queries, views
 
     config = _load(config_path)
 
@@ -545,8 +576,9 @@ def promote(config_path, model, target, variant, version, reason, force):
                             + (f" of version {version}" if version else "") + "; `kiln variants " + model +
                             "` lists them")
         chosen = max(matches, key=lambda v: v.checkpoint_id)
-        if chosen.reason and not force:  # a measured variant has a reason when it misses the gate
-            raise KilnError(f"{model}: {variant} of version {chosen.checkpoint.version} on {target}: {chosen.reason}; "
+        verdict = gate_verdict(views.variant_dict(chosen), config.policy)  # today's policy decides
+        if verdict and not force:
+            raise KilnError(f"{model}: {variant} of version {chosen.checkpoint.version} on {target}: {verdict}; "
                             "pass --force to serve it anyway")
         return chosen
 

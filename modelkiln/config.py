@@ -147,6 +147,12 @@ class PolicyConfig:
     # Least cosine between a sample's output alone and in a padded batch (masked models):
     # below it a variant's answer depends on what it is batched with.
     min_batch_agreement: float = 0.999
+    # The drop's upper confidence bound (a bootstrap of the per-sample differences) must be
+    # within max_quality_drop too, not only its mean (0: the mean alone).
+    confidence: float = 0.95
+    # A variant whose steps trained on the checkpoint's data is promoted only when at least
+    # this many distinct rows it never saw judge it (0: no such rule).
+    min_heldout_rows: int = 64
     objective: str = "latency_p50_ms"
     objective_batch_size: int = 1
     # Eligible variants whose objective is within this share of the best one's are timed
@@ -365,6 +371,10 @@ def _validate(config: Config, file: Path) -> None:
         raise ConfigError(f"{file}: 'policy.max_sample_drop' must be in [0, 1] (1: no per-sample floor)")
     if not 0 <= config.policy.min_batch_agreement <= 1:
         raise ConfigError(f"{file}: 'policy.min_batch_agreement' must be in [0, 1] (0: not checked)")
+    if not 0 <= config.policy.confidence < 1:
+        raise ConfigError(f"{file}: 'policy.confidence' must be in [0, 1) (0: the mean drop alone decides)")
+    if config.policy.min_heldout_rows < 0:
+        raise ConfigError(f"{file}: 'policy.min_heldout_rows' must be 0 (no rule) or more")
     if config.policy.budget_minutes < 0:
         raise ConfigError(f"{file}: 'policy.budget_minutes' must be 0 (no budget) or more")
     if config.policy.runoff_margin < 0:
@@ -544,6 +554,15 @@ max_quality_drop = 0.01
 # or the variant's answers depend on what it is batched with.
 max_sample_drop = 0.05
 min_batch_agreement = 0.999
+# A mean over a few dozen samples can hide a larger drop: the drop's upper bound at this
+# confidence (a bootstrap of the per-sample differences) must be within max_quality_drop
+# too. 0: the mean alone decides.
+confidence = 0.95
+# A variant whose steps trained on the checkpoint's data (distillation, pruning recovery)
+# is promoted only when at least this many distinct rows it never trained on judge it:
+# eval.* where shipped, else calibration rows set apart by content. Short of that it is
+# measured, not promoted, and the reason says what to ship. 0: no such rule.
+min_heldout_rows = 64
 objective = "latency_p50_ms"
 objective_batch_size = 1
 # Variants measured one after another meet the host at different moments (a shared or

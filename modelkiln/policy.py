@@ -2,9 +2,11 @@
 
 A candidate is a variant as ``kiln variants --json`` prints it. It is eligible when it
 passes the gate (``targets.quality.gate_reason``: its quality at most ``max_quality_drop``
-below its baseline's, its worst sample at most ``max_sample_drop``, and, for models with an
-attention mask, a sample's answer alone and in a padded batch agreeing to
-``min_batch_agreement``) and, on a target with a ``memory_mb`` budget, its weights
+below its baseline's, and so is the drop's upper bound at ``confidence``; its worst sample
+at most ``max_sample_drop``; for models with an attention mask, a sample's answer alone
+and in a padded batch agreeing to ``min_batch_agreement``; the same on modelkiln's probe
+set for text models; and where a step trained on the checkpoint's data, at least
+``min_heldout_rows`` distinct rows it never saw judging it) and, on a target with a ``memory_mb`` budget, its weights
 resident while serving fit that budget; among
 eligible candidates the lowest objective wins (p50 latency at the configured batch size, or for
 causal language models the per-token decode or prefill latency), ties going to the
@@ -28,16 +30,21 @@ RUNOFF_MOST = 3
 NOISY_SPREAD = 3.0
 
 
-def within_tolerance(candidate: dict, policy: PolicyConfig) -> bool:
-    """Whether the candidate passes the gate under ``policy``: its quality, its worst
-    sample and its batch agreement (judged again here, so a changed policy applies to
-    variants measured before)."""
+def gate_verdict(candidate: dict, policy: PolicyConfig) -> str | None:
+    """Why the candidate misses the gate under ``policy`` (None: it passes): judged here
+    from its recorded figures, so a changed policy applies to variants measured before,
+    and the reason stored with a measurement is only what the gate said then."""
     metrics = candidate.get("metrics") or {}
     quality, baseline = metrics.get("quality"), metrics.get("baseline_quality")
     if quality is None or baseline is None:
-        return False
+        return "not measured: no quality figure"
     return gate_reason(quality, baseline, metrics.get("quality_metric") or "quality", metrics.get("checks"),
-                       GateLimits.of(policy)) is None
+                       GateLimits.of(policy), lineage=candidate.get("lineage"))
+
+
+def within_tolerance(candidate: dict, policy: PolicyConfig) -> bool:
+    """Whether the candidate passes the gate under ``policy`` (``gate_verdict``)."""
+    return gate_verdict(candidate, policy) is None
 
 
 def _recorded(candidate: dict, key: str):

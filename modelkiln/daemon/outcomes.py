@@ -40,8 +40,8 @@ class Outcomes:
         if outcome.status == "ready":
             # A ready checkpoint is recorded with its plan, in one transaction.
             result = outcome.results[-1]
-            info = {k: result.get(k) for k in ("inputs", "outputs", "lengths", "sample_source", "quality_metric",
-                                               "baseline_quality", "samples", "info")}
+            info = {k: result.get(k) for k in ("inputs", "outputs", "lengths", "sample_source", "data_split",
+                                               "quality_metric", "baseline_quality", "samples", "info")}
             units.record_inspection(session, job, checkpoint, "ready", format=result["format"], info=info,
                                     plan=self.planner.plan(session, checkpoint))
         else:

@@ -30,6 +30,7 @@ from ..targets.quality import (
     choose_metric,
     degenerate_reason,
     delta_standard_error,
+    drop_bounds,
     gate_reason,
     next_token_kl,
     perplexity,
@@ -42,7 +43,8 @@ from ..targets.onnxrt import session_runner
 from ..targets.shapes import onnx_axes
 from . import progress
 from .context import INSPECT_FILE, REFERENCE_FILE, plugins_for_spec, reference
-from .samples import request_batch, settle
+from .probes import probe_figures, probe_reference
+from .samples import request_batch, settle, text_length_limit
 from .samples import lengths as sample_lengths
 
 _INFER_CHUNK = 64
@@ -110,6 +112,9 @@ def inspect_checkpoint(spec: dict) -> dict:
     baseline_perplexity = perplexity(reference, rows["input_ids"]) if causal_lm and reference.ndim == 3 else None
     arrays = {f"input:{k}": v for k, v in rows.items()}
     arrays["reference"] = reference
+    # modelkiln's own probe set: a second opinion on text models, apart from their data.
+    probe_arrays, probes = probe_reference(loaded, inputs, _run_source, causal_lm, text_length_limit(inputs))
+    arrays.update(probe_arrays)
     if settled.labels is not None:
         arrays["labels"] = settled.labels
     for kind, data in (("calibration", settled.calibration), ("train", settled.train)):
@@ -127,6 +132,9 @@ def inspect_checkpoint(spec: dict) -> dict:
         "lengths": sample_lengths(inputs, rows),
         "sample_source": settled.source,
         "training_source": settled.train_source,
+        # How many distinct rows judge the variants and how many steps may train on.
+        "data_split": settled.split.as_dict(),
+        "probes": probes,
         "serving_files": loaded.serving_files,
         "quality_metric": metric,
         "baseline_quality": baseline_quality,
@@ -208,6 +216,7 @@ def build_variant(spec: dict) -> dict:
         devices=target.get("devices", 1), memory_mb=target.get("memory_mb", 0),
         worker_memory_mb=spec.get("worker_memory_mb", 0), reporter=tracker,
         training_source=inspected.get("training_source") or "train.npz",
+        split=inspected.get("data_split"),
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []
@@ -227,10 +236,13 @@ def build_variant(spec: dict) -> dict:
         s1 = time.perf_counter()
         timings["convert_seconds"] += s0 - c0
         timings["step_seconds"] += s1 - s0
-        lineage.append({
-            "step": step.name, "params": params, "plugin": getattr(step, "plugin", ""),
-            "record": context.record, "seconds": s1 - s0,
-        })
+        entry = {"step": step.name, "params": params, "plugin": getattr(step, "plugin", ""),
+                 "record": context.record, "seconds": s1 - s0}
+        if step.trains(params):
+            # What it trained on and how many rows it never saw judge it: the policy's
+            # held-out rule reads this (policy.min_heldout_rows).
+            entry["data"] = inspected.get("data_split")
+        lineage.append(entry)
     if tracker is not None:
         tracker.step(f"saving for {runtime.name}")
     c0 = time.perf_counter()
@@ -352,11 +364,17 @@ def measure_variant(spec: dict) -> dict:
     spread = delta_standard_error(metric, outputs, expected, arrays.get("labels"))
     if spread is not None:  # how finely these samples tell a drop from chance
         checks["quality_delta_se"] = spread
+    checks["samples"] = int(len(expected))
+    if degenerate is None:  # how large the drop may be, not only its mean
+        checks["quality_drop_bounds"] = drop_bounds(metric, outputs, expected, arrays.get("labels"),
+                                                    samples.get(MASK), samples.get("input_ids"))
+    checks.update(probe_figures(run, arrays, (inspected.get("probes") or {}).get("metric"), _INFER_CHUNK))
     if metric == POOLED_COSINE:
         checks["padded_vs_alone_min_cosine"] = _padded_vs_alone(run, samples, outputs)
     if degenerate is not None:
         checks["degenerate"] = degenerate
-    gate = gate_reason(quality, inspected["baseline_quality"], metric, checks, gate_limits(spec))
+    gate = gate_reason(quality, inspected["baseline_quality"], metric, checks, gate_limits(spec),
+                       lineage=spec["previous"].get("lineage"))
     if degenerate is not None:
         gate = f"{gate} ({degenerate})"
     return {

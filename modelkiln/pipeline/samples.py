@@ -1,11 +1,13 @@
 """The inputs a checkpoint is judged and timed on, settled once by the inspect phase.
 
-Shipped data comes first: ``eval`` (scored with its labels when it has them), else
-``calibration``, as arrays (``.npz``) or as text (``.jsonl``, tokenized with the
-checkpoint's own tokenizer at natural lengths, padded to the longest). Without data,
-samples are generated from the model's inputs: fixed dimensions as the model declares
-them, and for token ids with an attention mask, lengths that vary from row to row with
-the rest padded and masked, as a batch of real requests is.
+Shipped data comes first: ``eval`` (scored with its labels when it has them, by fidelity
+to the original when it has none), else ``calibration``, as arrays (``.npz``) or as text
+(``.jsonl``, tokenized with the checkpoint's own tokenizer at natural lengths, padded to
+the longest). Without data, samples are generated from the model's inputs: fixed
+dimensions as the model declares them, and for token ids with an attention mask, lengths
+that vary from row to row with the rest padded and masked, as a batch of real requests is.
+The rows steps may train on are settled here too, apart from the samples by content
+(``heldout``).
 
 A model whose inputs have a ``sequence`` dimension is timed at the samples' median
 length (what a typical request costs) and at their longest.
@@ -21,6 +23,7 @@ import numpy as np
 from ..errors import CheckpointRejected
 from ..plugins.api import MASK, InputSpec
 from ..registry.data import load_calibration, load_eval, load_text, load_train
+from .heldout import DataSplit, array_keys, first_of_each, spread_order, text_key, unseen
 
 # Eval rows used for a quality score: enough for a stable accuracy, bounded for big sets.
 MAX_EVAL_ROWS = 4096
@@ -32,46 +35,146 @@ SEQUENCE = "sequence"
 @dataclass
 class SampleSet:
     inputs: list[InputSpec]
-    samples: dict  # input name -> array, batch first
+    samples: dict  # input name -> array, batch first: the quality samples
     labels: np.ndarray | None
-    calibration: dict | None
-    train: dict | None
+    calibration: dict | None  # the whole calibration file, for post-training quantization
+    train: dict  # the rows training steps train on: none of them equal to a quality sample
     source: str  # where the samples came from: a file name, or "generated"
-    train_source: str = ""  # train.npz or train.jsonl, where train is not None
+    split: DataSplit
+
+    @property
+    def train_source(self) -> str:
+        return self.split.training_source
+
+
+@dataclass
+class _Data:
+    """One data file's rows as it ships them, before text is tokenized: the split is made
+    on texts (a causal LM's windows run across them) or array rows."""
+
+    source: str  # the file's name
+    keys: list[str]  # each row's content (heldout.text_key / array_keys)
+    texts: list[str] | None  # a text file's lines
+    arrays: dict | None  # an array file's rows by input name
+    labels: np.ndarray | None
+
+    def take(self, indices: list[int]) -> "_Data":
+        pick = np.asarray(indices, dtype=np.int64)
+        return _Data(self.source, [self.keys[i] for i in indices],
+                     None if self.texts is None else [self.texts[i] for i in indices],
+                     None if self.arrays is None else {k: v[pick] for k, v in self.arrays.items()},
+                     None if self.labels is None else self.labels[pick])
+
+    def rows(self, loaded) -> dict:
+        """The rows by input name (text tokenized with the checkpoint's tokenizer)."""
+        if self.arrays is not None:
+            return dict(self.arrays)
+        return loaded.tokenize(self.texts, text_length_limit(loaded.inputs))
+
+
+# Generated rows a training step may train on when the checkpoint ships no data, per
+# quality sample (and at least TRAIN_GENERATED_MIN): drawn apart from the samples.
+TRAIN_GENERATED_PER_SAMPLE = 4
+TRAIN_GENERATED_MIN = 256
 
 
 def settle(loaded, directory: Path, count: int) -> SampleSet:
-    """The checkpoint's inputs as the pipeline uses them, and its sample, calibration and
-    training rows by input name."""
-    evaluation, eval_source = _rows(loaded, directory, "eval", load_eval)
-    calibration, calibration_source = _rows(loaded, directory, "calibration", load_calibration)
-    train, train_source = _rows(loaded, directory, "train", load_train)
-    labels = evaluation.pop("labels", None) if evaluation is not None else None
-    if calibration is not None:
-        calibration.pop("labels", None)
-    if train is not None:
-        train.pop("labels", None)
-    data = evaluation if evaluation is not None else calibration
-    inputs = _resolve_inputs(loaded, data, directory)
+    """The checkpoint's inputs as the pipeline uses them: its quality samples, calibration
+    rows and training rows by input name, the training rows apart from the samples by
+    content (``heldout``)."""
+    evaluation = _read(loaded, directory, "eval", load_eval)
+    calibration = _read(loaded, directory, "calibration", load_calibration)
+    train = _read(loaded, directory, "train", load_train)
     if evaluation is not None:
-        most = MAX_SEQUENCE_EVAL_ROWS if any(SEQUENCE in spec.dims for spec in inputs) else MAX_EVAL_ROWS
-        samples = {k: v[:most] for k, v in evaluation.items()}
-        labels = labels[:most] if labels is not None else None
-        source = eval_source
+        sequence = any(SEQUENCE in spec.dims for spec in loaded.inputs) or evaluation.texts is not None
+        most = MAX_SEQUENCE_EVAL_ROWS if sequence else MAX_EVAL_ROWS
+        quality = evaluation.take(first_of_each(evaluation.keys)[:most])
     elif calibration is not None:
-        samples, source = {k: v[:count] for k, v in calibration.items()}, calibration_source
+        quality = _quality_samples(loaded, calibration, count)
     else:
+        quality = None
+    if quality is not None:
+        samples = quality.rows(loaded)
+        labels = quality.labels
+        source = quality.source
+        inputs = _resolve_inputs(loaded, samples, directory)
+    else:
+        inputs = loaded.inputs
+        if not inputs:
+            raise CheckpointRejected(
+                f"{directory}: the model's input shape is unknown; set input_shape in its "
+                "[architectures.<model>] table or ship eval.npz / calibration.npz"
+            )
         scalars = sorted(scalars_of(inputs))
         if scalars:  # a sample rate or a mode flag: a made-up value would judge the model on nonsense
             raise CheckpointRejected(
                 f"{directory}: the model takes {', '.join(scalars)} as a scalar input, whose value cannot be made "
                 f"up; ship calibration.npz or eval.npz with one array per input name, a scalar as one value "
                 f"(numpy.savez('calibration.npz', ..., {scalars[0]}=numpy.array(16000)), say)")
-        samples, source = generate(inputs, count), "generated"
+        samples, labels, source = generate(inputs, count), None, "generated"
+        generated = max(TRAIN_GENERATED_MIN, TRAIN_GENERATED_PER_SAMPLE * count)
+        quality = _Data(source, array_keys(samples), None, samples, None)
+        if train is None:
+            train = _Data(source, *_generated_rows(inputs, generated))
+    training, removed = _training_rows(quality, train if train is not None else calibration)
     if source != "generated":
         inputs, samples = _without_spare_padding(inputs, samples)
     samples = {spec.name: np.ascontiguousarray(samples[spec.name].astype(spec.dtype)) for spec in inputs}
-    return SampleSet(inputs, samples, labels, calibration, train, source, train_source)
+    train_rows = samples if training is quality else training.rows(loaded)
+    calibration_rows = calibration.rows(loaded) if calibration is not None else None
+    split = DataSplit(heldout_rows=_count(samples), training_rows=_count(train_rows), quality_source=source,
+                      training_source=training.source, removed=removed, trained_on_samples=training is quality)
+    return SampleSet(inputs, samples, labels, calibration_rows, train_rows, source, split)
+
+
+def _quality_samples(loaded, calibration: _Data, count: int) -> _Data:
+    """The calibration rows the variants are judged on: ``count`` distinct rows, a prefix
+    of ``spread_order``. Text that a causal LM reads as windows running across lines
+    gives fewer or more rows than lines: the fewest lines whose windows make ``count``
+    rows (or all of them)."""
+    order = spread_order(calibration.keys, first_of_each(calibration.keys))
+
+    def prefix(lines: int) -> _Data:
+        return calibration.take(sorted(order[:lines]))
+
+    if calibration.texts is None:
+        return prefix(count)
+
+    def rows(lines: int) -> int:
+        return len(next(iter(prefix(lines).rows(loaded).values())))
+
+    first = min(count, len(order))
+    if rows(first) == first:  # a row per line, or as many windows as lines: enough
+        return prefix(first)
+    wanted = min(count, rows(len(order)))
+    low, high = 1, len(order)
+    while low < high:
+        middle = (low + high) // 2
+        if rows(middle) >= wanted:
+            high = middle
+        else:
+            low = middle + 1
+    return prefix(low)
+
+
+def _generated_rows(inputs: list[InputSpec], count: int) -> tuple[list[str], None, dict, None]:
+    rows = generate(inputs, count, seed=1)
+    return array_keys(rows), None, rows, None
+
+
+def _training_rows(quality: _Data, pool: _Data | None) -> tuple[_Data, int]:
+    """What training steps train on: the distinct rows of ``pool`` (train.*, else the
+    calibration data) that no quality sample equals, and how many distinct rows were
+    left out as equal to one; ``quality`` itself where none is left."""
+    if pool is not None:
+        kept, removed = unseen(pool.keys, set(quality.keys))
+        if kept:
+            return pool.take(kept), removed
+    return quality, 0
+
+
+def _count(rows: dict) -> int:
+    return len(next(iter(rows.values()))) if rows else 0
 
 
 def _without_spare_padding(inputs: list[InputSpec], samples: dict) -> tuple[list[InputSpec], dict]:
@@ -88,28 +191,26 @@ def _without_spare_padding(inputs: list[InputSpec], samples: dict) -> tuple[list
     return [replace(spec, shape=(-1, longest)) if spec in tokens else spec for spec in inputs], samples
 
 
-def _rows(loaded, directory: Path, kind: str, load_npz) -> tuple[dict | None, str]:
-    """``<kind>.npz`` or ``<kind>.jsonl`` as arrays by input name (+ ``labels``)."""
+def _read(loaded, directory: Path, kind: str, load_npz) -> _Data | None:
+    """``<kind>.npz`` or ``<kind>.jsonl`` as shipped, with each row's content key."""
     arrays = load_npz(directory)
     if arrays is not None:
-        return _by_input_name(loaded, arrays, directory / f"{kind}.npz"), f"{kind}.npz"
+        rows = _by_input_name(loaded, arrays, directory / f"{kind}.npz")
+        labels = rows.pop("labels", None)
+        return _Data(f"{kind}.npz", array_keys(rows), None, rows, labels)
     text = load_text(directory, kind)
     if text is None:
-        return None, ""
-    path = directory / f"{kind}.jsonl"
+        return None
     if loaded.tokenize is None:
         raise CheckpointRejected(
-            f"{path}: text needs the model's tokenizer, and the checkpoint ships none; add its "
-            f"tokenizer files (tokenizer.json, tokenizer_config.json, ...) or ship {kind}.npz instead"
+            f"{directory / f'{kind}.jsonl'}: text needs the model's tokenizer, and the checkpoint ships none; add "
+            f"its tokenizer files (tokenizer.json, tokenizer_config.json, ...) or ship {kind}.npz instead"
         )
     texts, labels = text
-    rows = loaded.tokenize(texts, _longest(loaded.inputs))
-    if labels is not None:
-        rows["labels"] = labels
-    return rows, f"{kind}.jsonl"
+    return _Data(f"{kind}.jsonl", [text_key(t) for t in texts], texts, None, labels)
 
 
-def _longest(inputs: list[InputSpec]) -> int:
+def text_length_limit(inputs: list[InputSpec]) -> int:
     """The most tokens one row may hold: the sequence limit, else the sample length."""
     for spec in inputs:
         limit = dict(spec.limits).get(SEQUENCE)
@@ -172,17 +273,10 @@ def _batch_first(inputs: list[InputSpec], rows: dict, path: Path) -> dict:
     return out
 
 
-def _resolve_inputs(loaded, data: dict | None, directory: Path) -> list[InputSpec]:
+def _resolve_inputs(loaded, data: dict, directory: Path) -> list[InputSpec]:
     """Shipped data decides the per-row shape (the sequence length of token ids, say)
     when its rank fits the model's input; whether the model really takes it is settled
     by the reference run that follows, which rejects the checkpoint with the error if not."""
-    if data is None:
-        if not loaded.inputs:
-            raise CheckpointRejected(
-                f"{directory}: the model's input shape is unknown; set input_shape in its "
-                "[architectures.<model>] table or ship eval.npz / calibration.npz"
-            )
-        return loaded.inputs
     if not loaded.inputs:
         ((name, array),) = data.items()
         return [InputSpec(name, (-1, *array.shape[1:]), array.dtype.name)]

@@ -238,7 +238,9 @@ class StepContext:
     # name -> array, batch first: eval/calibration inputs or generated samples.
     sample_inputs: dict
     calibration_inputs: dict | None = None
-    # Unlabelled inputs from train.npz or train.jsonl, for steps that fine-tune or distill.
+    # Unlabelled inputs steps that fine-tune or distill train on: train.* where shipped,
+    # else the calibration data, else generated rows; no row equal to a quality sample
+    # (see ``split``).
     training_inputs: dict | None = None
     # The quality gate the variant will meet, for steps that tune themselves against it
     # (see QualityGate); None where nothing will judge the step's result.
@@ -256,6 +258,10 @@ class StepContext:
     reporter: Callable[..., None] | None = None
     # The file training_inputs came from, for the lineage.
     training_source: str = "train.npz"
+    # How the checkpoint's rows were shared out (``pipeline.heldout.DataSplit.as_dict``):
+    # ``heldout_rows`` judge the variant, ``training_rows`` may be trained on, and
+    # ``trained_on_samples`` says no row was left to train on but the samples themselves.
+    split: dict | None = None
 
     def progress(self, activity: str, done: int, total: int, **figures) -> None:
         """Report that ``activity`` has done ``done`` of ``total`` (steps, layers, ...),
@@ -313,6 +319,14 @@ class Step:
         that train override it with their time budget. Used until the catalogue has this
         recipe's real times for the model."""
         return self.relative_cost * baseline_seconds
+
+    def trains(self, params: dict) -> bool:
+        """Whether ``apply`` with ``params`` fits the model to the checkpoint's data (a
+        fine-tune, a distillation, a refit; calibration statistics are not training).
+        Such a step takes ``context.training_inputs`` only, which hold no row equal to a
+        quality sample, and its variant is promoted only when enough rows it never saw
+        judge it (``policy.min_heldout_rows``)."""
+        return False
 
 
 class Runtime:

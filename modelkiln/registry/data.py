@@ -78,18 +78,23 @@ def _load_npz(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 def load_eval(directory: Path) -> dict[str, np.ndarray] | None:
+    """``eval.npz``: the inputs every variant is judged on, never trained on; with
+    ``labels`` (one integer class per row) they are scored by accuracy, without them by
+    fidelity to the original model's outputs."""
     path = directory / EVAL_FILE
     if not path.exists():
         return None
-    arrays = _load_npz(path, ("labels",))
-    labels = arrays["labels"]
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+    arrays = _load_npz(path, ())
+    labels = arrays.get("labels")
+    if labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu"):
         raise CheckpointRejected(f"{path}: labels has shape {labels.shape} and dtype {labels.dtype}; give one "
-                                 "integer class per row (shape [rows])")
+                                 "integer class per row (shape [rows]), or leave labels out to judge by fidelity")
     rows = {name: len(array) for name, array in arrays.items() if array.ndim}  # scalars hold no rows
-    if len(set(rows.values())) != 1 or not rows["labels"] or len(arrays) < 2:
+    inputs = [name for name in arrays if name != "labels"]
+    if len(set(rows.values())) != 1 or not next(iter(rows.values()), 0) or not inputs:
         raise CheckpointRejected(
-            f"{path}: its arrays have {rows} rows; inputs and labels must match, with at least one row"
+            f"{path}: its arrays have {rows} rows; the inputs (and labels, where given) must match, with at "
+            "least one row"
         )
     return arrays
 

@@ -24,7 +24,7 @@ import copy
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import MASK, TORCH, ModelHandle, Param
-from .training import TrainingStep, budget_param, distill, example_inputs, real_tokens, training_data
+from .training import TrainingStep, budget_of, budget_params, distill, example_inputs, real_tokens, training_data
 
 
 def _repeated_stack(module):
@@ -66,7 +66,7 @@ class Depth(TrainingStep):
         Param("keep_every", int, 2, "keep one block in this many (2 halves the depth)"),
         Param("steps", int, 500, "distillation steps"),
         Param("learning_rate", float, 1e-4, "of the distillation"),
-        budget_param("distillation"),
+        *budget_params("distillation"),
     )
 
     def apply(self, model, params, context):
@@ -89,7 +89,7 @@ class Depth(TrainingStep):
         counters = _layer_count_attributes(student, len(blocks), len(kept))
         data, source = training_data(context)
         trained = distill(student, teacher, data, params["steps"], params["learning_rate"],
-                          max_seconds=params["max_seconds"], context=context)
+                          context=context, **budget_of(params))
         context.record.update({f"distill_{k}": v for k, v in trained.items() if v is not None})
         context.record.update(
             blocks_before=len(blocks), blocks_after=len(kept), distill_data=source,
@@ -199,7 +199,7 @@ class Width(TrainingStep):
                                    "attention; grouped-query blocks keep theirs)"),
         Param("steps", int, 2000, "distillation steps"),
         Param("learning_rate", float, 2e-4, "of the distillation"),
-        budget_param("distillation"),
+        *budget_params("distillation"),
     )
 
     def apply(self, model, params, context):
@@ -258,7 +258,7 @@ class Width(TrainingStep):
             matched = list(zip(stack[2], teacher_stack[2])) if teacher_stack and len(teacher_stack[2]) == len(
                 stack[2]) else []
         trained = distill(student, teacher, data, params["steps"], params["learning_rate"],
-                          max_seconds=params["max_seconds"], context=context, matched=matched)
+                          context=context, **budget_of(params), matched=matched)
         context.record.update(record)
         context.record.update({f"distill_{k}": v for k, v in trained.items() if v is not None})
         context.record.update(

@@ -20,7 +20,7 @@ from __future__ import annotations
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Param, Step
-from .training import TrainingStep, budget_param, distill, example_inputs, training_data
+from .training import TrainingStep, budget_of, budget_params, distill, example_inputs, training_data
 
 
 def _prunable(module):
@@ -247,7 +247,7 @@ class Structured(TrainingStep):
         Param("heads", float, 0.0, "share of attention heads removed from each attention block, in [0, 1)"),
         Param("recovery_steps", int, 300, "fine-tune steps distilled from the original; 0 for none"),
         Param("learning_rate", float, 1e-3, "of the recovery fine-tune"),
-        budget_param("recovery fine-tune"),
+        *budget_params("recovery fine-tune"),
     )
 
     def apply(self, model, params, context):
@@ -308,7 +308,7 @@ class Structured(TrainingStep):
         data, source = training_data(context)
         if params["recovery_steps"] > 0:
             trained = distill(module, teacher, data, params["recovery_steps"], params["learning_rate"],
-                              max_seconds=params["max_seconds"], context=context, activity="recovery fine-tune")
+                              context=context, **budget_of(params), activity="recovery fine-tune")
             record.update({f"recovery_{k}": v for k, v in trained.items() if v is not None})
             record["recovery_data"] = source
         context.record.update(record)

@@ -25,7 +25,7 @@ from ..plugins import hookimpl
 from ..plugins.api import MASK, SPARSE24, TORCH, ModelHandle, Param
 from ..targets.semistructured import KERNEL_MULTIPLE, kernel_widths
 from .quantize import unwrap_half_precision
-from .training import TrainingStep, budget_param, distill, real_tokens, training_data
+from .training import TrainingStep, budget_of, budget_params, distill, real_tokens, training_data
 
 # Output layers left dense: pruning them changes every score the user reads.
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pooler")
@@ -95,7 +95,7 @@ class Sparse24(TrainingStep):
     params = (
         Param("recovery_steps", int, 200, "fine-tune steps distilled from the original; 0 for none"),
         Param("learning_rate", float, 1e-4, "of the recovery fine-tune"),
-        budget_param("recovery fine-tune"),
+        *budget_params("recovery fine-tune"),
     )
     forms = {"torch": TORCH}
 
@@ -138,7 +138,7 @@ class Sparse24(TrainingStep):
                         weight.mul_(mask.to(weight.dtype))
 
             trained = distill(model.obj, teacher, data, params["recovery_steps"], params["learning_rate"],
-                              max_seconds=params["max_seconds"], context=context, activity="recovery fine-tune",
+                              context=context, **budget_of(params), activity="recovery fine-tune",
                               after_step=hold_zeros)
             record.update({f"recovery_{k}": v for k, v in trained.items() if v is not None})
             record["recovery_data"] = source

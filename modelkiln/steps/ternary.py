@@ -26,7 +26,7 @@ import copy
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Param
-from .training import TrainingStep, budget_param, distill, training_data
+from .training import TrainingStep, budget_of, budget_params, distill, training_data
 
 # TWN's threshold: weights within 0.7 x the row's mean magnitude become 0.
 TERNARY_THRESHOLD = 0.7
@@ -141,7 +141,7 @@ class _LowBit(TrainingStep):
         Param("head", bool, False, "constrain the output head (the last Linear) too"),
         Param("steps", int, 600, "recovery steps (distillation from the original)"),
         Param("learning_rate", float, 2e-4, "of the recovery"),
-        budget_param("recovery"),
+        *budget_params("recovery"),
     )
 
     def apply(self, model, params, context):
@@ -163,7 +163,7 @@ class _LowBit(TrainingStep):
             student.set_submodule(name, training_class(linear, self.bits))
         data, source = training_data(context)
         trained = distill(student, teacher, data, params["steps"], params["learning_rate"],
-                          max_seconds=params["max_seconds"], context=context, activity="low-bit recovery")
+                          context=context, **budget_of(params), activity="low-bit recovery")
         float_bytes = packed_bytes = 0
         zeros = weights = 0
         with torch.no_grad():

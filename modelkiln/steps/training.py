@@ -8,48 +8,17 @@ from ..errors import StepNotApplicable
 from ..plugins.api import MASK, TORCH, Param, Step
 
 
-# Rows a training step keeps at least when the quality samples are held out of its data.
-HELD_OUT_MIN_ROWS = 32
-
-
 def training_data(context) -> tuple[dict, str]:
-    """Unlabelled inputs to train on, and where they came from.
-
-    train.npz or train.jsonl first, then the calibration data, then the sample inputs. Without eval
-    data the quality samples are the calibration data's first rows: those are held out
-    of training while at least HELD_OUT_MIN_ROWS others remain, so that the gate scores
-    the trained model on rows it never saw. Where they cannot be held out, or the sample
-    inputs themselves are trained on, the score is optimistic and the source says so.
-    """
+    """The unlabelled inputs a step trains on, and where they came from: settled by the
+    inspect phase (``pipeline.heldout``), none of them equal to a quality sample unless
+    the checkpoint left nothing else, which the lineage records and the policy refuses."""
+    split = context.split or {}
+    source = context.training_source
+    if split.get("trained_on_samples"):
+        source = f"{source} (the quality samples themselves: no other rows to train on)"
     if context.training_inputs is not None:
-        return context.training_inputs, context.training_source
-    if context.calibration_inputs is not None:
-        data = context.calibration_inputs
-        held = _leading_samples(data, context.sample_inputs)
-        total = len(next(iter(data.values())))
-        if held and total - held >= HELD_OUT_MIN_ROWS:
-            return ({k: v[held:] for k, v in data.items()},
-                    f"calibration data, rows {held}-{total - 1} (rows 0-{held - 1} are the quality samples)")
-        if held:
-            return data, "calibration data (the quality samples among them: too few rows to hold them out)"
-        return data, "calibration data"
-    return context.sample_inputs, "sample inputs (the quality samples themselves)"
-
-
-def _leading_samples(data: dict, samples: dict) -> int:
-    """How many of ``data``'s first rows the samples are (0: they are other rows). The
-    samples may have been cut to their own longest sequence: compared where they overlap."""
-    import numpy as np
-
-    count = len(next(iter(samples.values()))) if samples else 0
-    for name, rows in samples.items():
-        full = data.get(name)
-        if full is None or full.ndim != rows.ndim or len(full) < count or any(
-                a < b for a, b in zip(full.shape[1:], rows.shape[1:])):
-            return 0
-        if not np.array_equal(full[(slice(0, count),) + tuple(slice(0, d) for d in rows.shape[1:])], rows):
-            return 0
-    return count
+        return context.training_inputs, source
+    return context.sample_inputs, f"{source} (the quality samples themselves)"
 
 
 # A training step's time budget when its recipe sets none (max_seconds = 0): a minute,
@@ -59,6 +28,10 @@ def _leading_samples(data: dict, samples: dict) -> int:
 AUTO_BASE_SECONDS = 60.0
 AUTO_SECONDS_PER_PARAMETER = 0.5e-6
 AUTO_MOST_SECONDS = 900.0
+# Steps a training step runs at least, past its time budget if need be (never more than
+# it plans): a host busy with other work must not turn a training step into a few
+# updates, so that what is promoted does not hang on the host's load.
+MIN_STEPS = 20
 # Activations kept for the backward pass may take this share of the worker's memory, and
 # never more than ACTIVATIONS_MOST: training runs on the CPU, where a larger batch costs
 # memory and buys no speed (the work per sample is the same).
@@ -162,7 +135,7 @@ def _without_padding_columns(rows: list, mask, mask_at: int):
 
 def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, batch_size: int = 64,
             max_seconds: float = 0.0, context=None, activity: str = "distillation", matched=(),
-            after_step=None) -> dict:
+            after_step=None, min_steps: int = MIN_STEPS) -> dict:
     """Fit the student to the teacher's outputs: soft targets (temperature 2) for
     classifier logits, mean squared error otherwise (over real tokens only, where an
     ``attention_mask`` input marks them). ``matched`` pairs (student block, teacher
@@ -170,7 +143,8 @@ def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, ba
     as deep and wide in its hidden states as its teacher learns from every block.
     ``after_step`` is called after every update (to hold a constraint, such as zeros).
 
-    Bounded twice: by wall-clock (``max_seconds``, 0 for the automatic budget) and by
+    Bounded twice: by wall-clock (``max_seconds``, 0 for the automatic budget; but never
+    fewer than ``min_steps`` steps, so that a busy host trains as far as an idle one) and by
     memory (the batch shrinks until the activations fit the worker's share). Reports its
     progress through ``context``. Returns what to record: the last loss, the steps run of
     those planned, the batch size, and why it stopped early if it did."""
@@ -228,8 +202,10 @@ def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, ba
         if context is not None:
             context.progress(activity, done, steps, loss=loss_value, budget_seconds=round(budget),
                              eta_seconds=min(deadline - now, per_step * (steps - done)))
-        if now > deadline and done < steps:
+        if now > deadline and min_steps <= done < steps:
             stopped = f"time budget of {budget:.0f} s reached after {done} of {steps} steps"
+            if done == min_steps and now > deadline + per_step:
+                stopped += f" (it ran {min_steps} steps, its floor, {now - deadline:.0f} s past the budget)"
             break
     students.close()
     teachers.close()
@@ -239,10 +215,17 @@ def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, ba
             "stopped": stopped}
 
 
-def budget_param(what: str) -> Param:
-    """The ``max_seconds`` parameter of a step that trains (``what`` it trains)."""
-    return Param("max_seconds", float, 0.0, f"time budget of the {what}; 0: a minute plus a second per 2M "
-                                            "parameters, at most 15 min")
+def budget_params(what: str) -> tuple[Param, Param]:
+    """The ``max_seconds`` and ``min_steps`` parameters of a step that trains (``what``
+    it trains): it stops at whichever comes later."""
+    return (Param("max_seconds", float, 0.0, f"time budget of the {what}; 0: a minute plus a second per 2M "
+                                             "parameters, at most 15 min"),
+            Param("min_steps", int, MIN_STEPS, f"steps of the {what} run even past its time budget"))
+
+
+def budget_of(params: dict) -> dict:
+    """What ``distill`` takes of a step's ``budget_params``."""
+    return {"max_seconds": params["max_seconds"], "min_steps": params["min_steps"]}
 
 
 class TrainingStep(Step):
@@ -251,9 +234,12 @@ class TrainingStep(Step):
     forms = {"onnxruntime": TORCH, "torch": TORCH}
 
     def expected_seconds(self, params, baseline_seconds, size_bytes):
-        if params.get("recovery_steps") == 0:  # a step whose training is optional, turned off
+        if not self.trains(params):
             return baseline_seconds
         return baseline_seconds + expected_training_seconds(params["max_seconds"], size_bytes)
+
+    def trains(self, params):
+        return params.get("recovery_steps") != 0  # a step whose training is optional, turned off
 
     def check_shares(self, **shares: float) -> None:
         """Each share (of units, heads, channels removed) must be in [0, 1)."""
