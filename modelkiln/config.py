@@ -504,7 +504,8 @@ min_runs = 20
 stability = 0.02
 min_seconds = 0.5
 max_seconds = 3.0
-# Sample inputs used for fidelity when the checkpoint ships no eval.npz.
+# Quality samples when the checkpoint ships no eval data: distinct calibration rows (the
+# others are what steps train on), or generated inputs when it ships no data.
 sample_count = 64
 
 # One table per hardware target. The serving side of this one accepts both
