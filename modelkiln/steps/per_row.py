@@ -8,26 +8,22 @@ coarsens every other's quantization. Here every row (a token of a sequence, a sa
 a 2-D input) gets its own scale, from its own largest magnitude, so a row's result is
 the same whatever shares its batch, and padding never touches a real token's scale.
 
-Per MatMul or Gemm with a constant float32 weight ``W`` (``[K, N]``), on a 2-D view of
-its input ``x`` (``[rows, K]``, a reshape):
+Per MatMul or Gemm with a constant float32 weight ``W`` (``[K, N]``) reading ``x``:
 
-    r  = max|x|_row / 127,  q = QuantizeLinear(x, r, 128) along the rows   (shared by the
-                                                                          nodes reading x)
-    Wq = int8(round(W / s)),  s = max|W|_column / 127
-    y  = float(MatMulInteger(q, Wq, a_zero_point=128)) * r * s, reshaped back
+    r  = max|x|_row / 127 (a column, [..., 1]),  q = QuantizeLinear(x, r, 128) along the
+         rows of a 2-D view, viewed back in x's shape          (shared by the nodes reading x)
+    Wq = int8(round(W / s)),  s = max|W|_column / L
+    y  = MatMulIntegerToFloat(q, Wq, 1, s, a_zero_point=128) * r  (+ the Gemm's bias)
 
 Symmetric activations written as uint8 with zero point 128: uint8 against int8 (U8S8)
 is what onnxruntime's x86 integer kernels run fast (int8 against int8 was 9x slower on
-the same MiniLM), and its ``MatMulInteger`` takes only one zero point per tensor, so the
-per-row part lives in the scale. Weights are per output column (no cost at run time:
-the column scale multiplies the result either way). One QuantizeLinear pass along the
-rows, rather than scaling, rounding, shifting and casting in four elementwise passes,
-kept a 128-token sentence within a few percent of onnxruntime's fused per-tensor form.
-
-Measured on all-MiniLM-L6-v2, 64 stdlib sentences, one thread (AMD EPYC, AVX-512 VNNI):
-per-row pooled cosine to fp32 min 0.9917 / mean 0.9973 and padded == alone exactly, at
-2.56 ms for an 18-token sentence; onnxruntime's per-tensor form 0.9877 / 0.9931, padded
-vs alone 0.981, 2.10 ms; fp32 5.78 ms.
+the same MiniLM), and its kernels take only one activation scale and zero point per
+tensor, so the per-row part is one Mul after the product. ``MatMulIntegerToFloat`` does
+the integer product, its conversion and the column scales in one kernel (its output
+stage), where ``MatMulInteger``, Cast and two Muls were four passes over the output.
+``L`` is the host's (``targets.host``): 127, or 63 where its U8S8 kernel sums pairs of
+products in saturating 16-bit integers (AVX2 and AVX-512 without VNNI), which took a
+test's quiet rows 0.133 from float where 0.0115 is allowed.
 """
 
 from __future__ import annotations
@@ -37,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StepNotApplicable
+from ..targets.host import WEIGHT_LIMITS, host_int8_form
 from .graphs import save_rewritten
 
 # Added to a row's largest magnitude: an all-zero row (padding after a mask) divides by it.
@@ -80,12 +77,15 @@ def quantizable_nodes(path: Path) -> list[str]:
     return [name for _, name in sorted(nodes, reverse=True)]
 
 
-def quantize_per_row(source: Path, out: Path, excluded: frozenset = frozenset(), only: str | None = None) -> int:
+def quantize_per_row(source: Path, out: Path, excluded: frozenset = frozenset(), only: str | None = None,
+                     form: str | None = None) -> int:
     """Write ``source`` with its weighted MatMul/Gemm nodes in int8 (per-row activations,
     per-column weights) to ``out``; ``excluded`` nodes stay float, or only ``only`` is
-    quantized. Returns how many nodes were quantized."""
+    quantized. ``form`` is an int8 form of ``targets.host`` (this host's by default): full
+    int8 weights, or 7-bit ones where the host's U8S8 kernel saturates. Returns how many nodes were
+    quantized."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     model = onnx.load(str(source))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -104,14 +104,18 @@ def quantize_per_row(source: Path, out: Path, excluded: frozenset = frozenset(),
               if (graph.node[index].name == only if only else graph.node[index].name not in excluded)}
     if not chosen:
         return 0
-    constants = {"per_row.zero_point": np.array(128, np.uint8), "per_row.tiny": np.array(_TINY, np.float32),
-                 "per_row.step": np.array(1 / 127, np.float32), "per_row.start": np.array([0], np.int64),
-                 "per_row.last": np.array([-1], np.int64), "per_row.rows": np.array([1], np.int64)}
+    limit = WEIGHT_LIMITS[form or host_int8_form()[0]]
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    constants = {"per_row.zero_point": np.array(128, np.uint8),
+                 "per_row.tiny": np.array(_TINY / 127, np.float32), "per_row.step": np.array(1 / 127, np.float32),
+                 "per_row.one": np.array(1.0, np.float32), "per_row.flat": np.array([-1], np.int64),
+                 "per_row.last": np.array([-1], np.int64)}
 
-    def reduce(op, x, y):
+    def row_max(x, y):  # over the last axis, kept: [..., 1], the shape that scales a product's rows
         if opset >= 18:  # the axes became an input
-            return helper.make_node(op, [x, "per_row.rows"], [y], keepdims=0)
-        return helper.make_node(op, [x], [y], axes=[1], keepdims=0)
+            return helper.make_node("ReduceMax", [x, "per_row.last"], [y], keepdims=1)
+        return helper.make_node("ReduceMax", [x], [y], axes=[-1], keepdims=1)
 
     rows: dict[tuple[str, int], str] = {}  # (activation, width) -> the prefix of its quantized form
     nodes, added = [], []
@@ -127,38 +131,38 @@ def quantize_per_row(source: Path, out: Path, excluded: frozenset = frozenset(),
         x = node.input[0]
         p = f"{x}.per_row"
         if (x, width) not in rows:
-            # A 2-D view [rows, width] (a reshape, no copy), one scale per row from its
-            # largest magnitude, then one QuantizeLinear pass along axis 0.
+            # One scale per row from its largest magnitude, kept as a column ([..., 1]) that
+            # scales the products' rows; QuantizeLinear takes it flat along a 2-D view
+            # ([rows, width], a reshape: no copy), whose codes are viewed back in x's shape.
             added.append(numpy_helper.from_array(np.array([-1, width], np.int64), f"{p}.view"))
             nodes += [
-                helper.make_node("Reshape", [x, f"{p}.view"], [f"{p}.x"]),
-                reduce("ReduceMax", f"{p}.x", f"{p}.hi"), reduce("ReduceMin", f"{p}.x", f"{p}.lo"),
-                helper.make_node("Neg", [f"{p}.lo"], [f"{p}.neg"]),
-                helper.make_node("Max", [f"{p}.hi", f"{p}.neg", "per_row.tiny"], [f"{p}.range"]),
-                helper.make_node("Mul", [f"{p}.range", "per_row.step"], [f"{p}.scale"]),
+                helper.make_node("Abs", [x], [f"{p}.abs"]),
+                row_max(f"{p}.abs", f"{p}.max"),
+                helper.make_node("Mul", [f"{p}.max", "per_row.step"], [f"{p}.step"]),
+                helper.make_node("Max", [f"{p}.step", "per_row.tiny"], [f"{p}.column"]),
+                helper.make_node("Reshape", [f"{p}.column", "per_row.flat"], [f"{p}.scale"]),
                 helper.make_node("Shape", [f"{p}.scale"], [f"{p}.count"]),
                 helper.make_node("Expand", ["per_row.zero_point", f"{p}.count"], [f"{p}.zero"]),
-                helper.make_node("QuantizeLinear", [f"{p}.x", f"{p}.scale", f"{p}.zero"], [f"{p}.q"], axis=0),
-                helper.make_node("Unsqueeze", [f"{p}.scale", "per_row.last"], [f"{p}.column"]),
+                helper.make_node("Reshape", [x, f"{p}.view"], [f"{p}.x"]),
+                helper.make_node("QuantizeLinear", [f"{p}.x", f"{p}.scale", f"{p}.zero"], [f"{p}.rows"], axis=0),
                 helper.make_node("Shape", [x], [f"{p}.shape"]),
-                helper.make_node("Slice", [f"{p}.shape", "per_row.start", "per_row.last"], [f"{p}.lead"]),
+                helper.make_node("Reshape", [f"{p}.rows", f"{p}.shape"], [f"{p}.q"]),
             ]
             rows[(x, width)] = p
-        step = np.maximum(np.abs(weight).max(axis=0), _TINY) / 127
+        step = np.maximum(np.abs(weight).max(axis=0), _TINY) / limit
+        codes = np.round(weight / step).clip(-limit, limit)
         name = f"{node.input[1]}.per_row.{node.name or index}"
-        added += [numpy_helper.from_array(np.round(weight / step).clip(-127, 127).astype(np.int8), f"{name}.q"),
-                  numpy_helper.from_array(step.astype(np.float32), f"{name}.scale"),
-                  numpy_helper.from_array(np.array([outputs], np.int64), f"{name}.width")]
+        added += [numpy_helper.from_array(codes.astype(np.int8), f"{name}.q"),
+                  numpy_helper.from_array(step.astype(np.float32), f"{name}.scale")]
         y = node.output[0]
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        # One kernel for the integer product, its conversion and the column scales (its
+        # output stage); the row scales are one Mul after it, the bias one Add.
         nodes += [
-            helper.make_node("MatMulInteger", [f"{p}.q", f"{name}.q", "per_row.zero_point"], [f"{y}.per_row.i32"]),
-            helper.make_node("Cast", [f"{y}.per_row.i32"], [f"{y}.per_row.f32"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{y}.per_row.f32", f"{p}.column"], [f"{y}.per_row.rows"]),
-            helper.make_node("Mul", [f"{y}.per_row.rows", f"{name}.scale"], [f"{y}.per_row.flat"]),
-            helper.make_node("Concat", [f"{p}.lead", f"{name}.width"], [f"{y}.per_row.shape"], axis=0),
-            helper.make_node("Reshape", [f"{y}.per_row.flat", f"{y}.per_row.shape"],
-                             [f"{y}.per_row.biasless" if bias else y]),
+            helper.make_node("MatMulIntegerToFloat", [f"{p}.q", f"{name}.q", "per_row.one", f"{name}.scale",
+                                                      "per_row.zero_point"],
+                             [f"{y}.per_row.columns"], domain="com.microsoft"),
+            helper.make_node("Mul", [f"{y}.per_row.columns", f"{p}.column"], [f"{y}.per_row.biasless" if bias else y]),
         ]
         if bias:
             nodes.append(helper.make_node("Add", [f"{y}.per_row.biasless", bias], [y]))

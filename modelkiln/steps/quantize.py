@@ -36,6 +36,7 @@ from ..plugins import hookimpl
 from ..plugins.api import ONNX, TORCH, ModelHandle, Param, Step
 from ..targets.harness import run_chunked
 from ..targets.onnxrt import session_runner
+from ..targets.host import SEVEN_BIT_WEIGHTS, host_int8_form
 from .per_row import quantizable_nodes, quantize_per_row
 from .smooth import smooth_module, smooth_onnx
 from .tuning import tune
@@ -88,6 +89,14 @@ def _onnx_tuned(build, alternatives, layers: list[str], params: dict, context):
     return out
 
 
+def _host_form(context) -> str:
+    """The int8 form this host's kernels compute exactly (``targets.host``), recorded in
+    the lineage with the reason."""
+    form, reason = host_int8_form()
+    context.record.update(int8_form=form, int8_form_reason=reason)
+    return form
+
+
 def _onnx_weighted_nodes(path) -> list[str]:
     """MatMul/Gemm nodes with a constant weight, largest weight first."""
     import onnx
@@ -127,11 +136,12 @@ class Int8Dynamic(Step):
 
     def _onnx_per_row(self, model, params, context):
         counter = iter(range(10**6))
+        form = _host_form(context)
 
         def builder(source=lambda: model.obj):
             def build(excluded, only):
                 out = context.new_path(f"int8_dynamic/{next(counter)}/model.onnx")
-                if quantize_per_row(source(), out, excluded, only) == 0:
+                if quantize_per_row(source(), out, excluded, only, form) == 0:
                     raise StepNotApplicable("the model has no MatMul or Gemm with a constant float32 weight")
                 return out
             return build
@@ -150,6 +160,7 @@ class Int8Dynamic(Step):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         counter = iter(range(10**6))
+        reduce_range = _host_form(context) == SEVEN_BIT_WEIGHTS
 
         def names(nodes):
             # onnxruntime rewrites a Gemm into MatMul + Add before quantizing it, and the
@@ -163,6 +174,7 @@ class Int8Dynamic(Step):
                     warnings.simplefilter("ignore")
                     quantize_dynamic(
                         str(source()), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
+                        reduce_range=reduce_range,
                         nodes_to_exclude=names(excluded), nodes_to_quantize=names([only]) if only else None,
                     )
                 return out
@@ -187,7 +199,8 @@ class Int8Dynamic(Step):
         import onnx
 
         quantized = sum(1 for node in onnx.load(str(out), load_external_data=False).graph.node
-                        if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger"))
+                        if node.op_type in ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                                            "ConvInteger"))
         if quantized == 0:
             raise StepNotApplicable("the model has no operators onnxruntime quantizes dynamically")
         context.record.update(quantized_nodes=quantized, activations=activations)
@@ -298,6 +311,7 @@ class Int8Static(Step):
             except Exception:  # pre-processing is an optimisation; quantize the model as it is
                 prepared = model.obj
         counter = iter(range(10**6))
+        reduce_range = _host_form(context) == SEVEN_BIT_WEIGHTS
 
         def builder(source=lambda: prepared):
             def build(excluded, only):
@@ -309,7 +323,7 @@ class Int8Static(Step):
                     quantize_static(
                         str(source()), str(out), _Batches(data, model.inputs, batch_size=CALIBRATION_BATCH),
                         quant_format=QuantFormat.QDQ, per_channel=params["per_channel"],
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
                         calibrate_method=getattr(CalibrationMethod, method),
                         nodes_to_exclude=sorted(excluded) or None, nodes_to_quantize=[only] if only else None,
                         op_types_to_quantize=operators,

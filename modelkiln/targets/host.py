@@ -1,0 +1,227 @@
+"""What this host's CPU runs fast, found once per host and kept in a file.
+
+Model hosts are not one CPU: AVX2-only machines, AVX-512 with VNNI, AMX. The int8 form a
+quantizer writes must suit the host's kernels, and the figures a variant was measured
+with only mean something beside the host they came from (``variant.json``'s
+``measured_on``). The probe asks the kernels themselves, not a table of flags:
+
+- **U8S8 saturation.** onnxruntime multiplies uint8 activations by int8 weights with
+  ``VPMADDUBSW`` on AVX2 and on AVX-512 without VNNI: two products are summed into a
+  saturating 16-bit integer, so ``255 * 127 + 255 * 127`` comes back as 32767 (its
+  documentation says so under ``reduce_range``). VNNI (``VPDPBUSD``) and AMX sum in 32
+  bits. The probe multiplies the worst case once through onnxruntime and compares it
+  with the exact sum; on a host that saturates the quantizers write 7-bit weights
+  (``u8s7``: ``255 * 63 * 2 < 32767``), elsewhere full int8 (``u8s8``).
+  :func:`saturating_u8s8` is the same arithmetic in numpy, so a host that does not
+  saturate can still check what a saturating one would compute.
+- **A micro-benchmark** of one BERT-base-sized product in fp32, U8S8 and S8S8 (one
+  thread): whether int8 pays here at all, and why S8S8, which has no fast x86 kernel
+  without AVX-VNNI-INT8, is not the answer to saturation.
+
+onnxruntime picks its kernels from CPUID when it loads and cannot be told otherwise (no
+switch in MLAS's platform set-up), which is why the saturation check is arithmetic and
+not a forced kernel. The result is kept in ``$KILN_CACHE_DIR`` (default
+``~/.cache/modelkiln``), one file per host, CPU and onnxruntime version; ``kiln
+targets`` shows it and the daemon probes at start, before its workers need it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Raised when what the probe finds (or how) changes: older files are probed again.
+PROBE_VERSION = 1
+
+# The CPU features that decide which kernels run (and so which variant is fastest).
+CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+             "amx_bf16")
+
+# The int8 forms the quantizers write: activations uint8 (zero point 128) against weights
+# of this many magnitude levels. The names say the kernel's operand types.
+FULL_INT8 = "u8s8"
+SEVEN_BIT_WEIGHTS = "u8s7"
+WEIGHT_LIMITS = {FULL_INT8: 127, SEVEN_BIT_WEIGHTS: 63}
+
+# The micro-benchmark's product: a BERT-base attention projection at 128 tokens.
+_ROWS, _WIDTH = 128, 768
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and which of :data:`CPU_FLAGS` it has (``/proc/cpuinfo``)."""
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = [f for f in CPU_FLAGS if f in value.split()]
+                    break
+    except OSError:
+        pass
+    return cpu, flags
+
+
+def saturating_u8s8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` (uint8 ``[M, K]`` by int8 ``[K, N]``) as ``VPMADDUBSW`` computes it: the
+    products of neighbouring ``k`` (0 and 1, 2 and 3, ...) summed and saturated to int16,
+    then summed exactly in int32."""
+    a, b = a.astype(np.int32), b.astype(np.int32)
+    if a.shape[1] % 2:
+        a, b = np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0)))
+    pairs = a[:, 0::2, None] * b[None, 0::2, :] + a[:, 1::2, None] * b[None, 1::2, :]
+    return np.clip(pairs, -32768, 32767).sum(axis=1, dtype=np.int64).astype(np.int32)
+
+
+def _session(nodes, initializers, inputs):
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "probe", inputs, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _int8_product(weights: np.ndarray):
+    """A session computing ``float(a @ weights)`` for uint8 ``a`` (input ``a``), as the
+    per-row quantizer writes it (MatMulIntegerToFloat, the weights a constant)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    return _session(
+        [helper.make_node("MatMulIntegerToFloat", ["a", "w", "one", "one", "zero"], ["y"], domain="com.microsoft")],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+         numpy_helper.from_array(np.array(0, np.uint8), "zero")],
+        [helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, [None, weights.shape[0]])])
+
+
+def u8s8_saturates(limit: int = 127) -> bool:
+    """Whether onnxruntime's U8S8 product on this host saturates with weights of
+    magnitude ``limit``: the worst case (255 against ``limit`` throughout) against its
+    exact sum."""
+    rows, width = 16, 64
+    a = np.full((rows, width), 255, np.uint8)
+    weights = np.full((width, 16), limit, np.int8)
+    got = _int8_product(weights).run(None, {"a": a})[0]
+    return bool(np.any(got != float(255 * limit * width)))
+
+
+def _timed(session, feed, rounds: int) -> float:
+    session.run(None, feed)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def time_int8_forms(rounds: int = 15) -> dict:
+    """Median ms of one ``[128, 768] x [768, 768]`` product in fp32, U8S8 and S8S8 on one
+    thread, the forms taking turns."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((_ROWS, _WIDTH)).astype(np.float32)
+    w = rng.standard_normal((_WIDTH, _WIDTH)).astype(np.float32)
+    codes = rng.integers(-63, 64, (_WIDTH, _WIDTH)).astype(np.int8)
+    activations = rng.integers(0, 256, (_ROWS, _WIDTH)).astype(np.uint8)
+    fp32 = _session([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(w, "w")],
+                    [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, _WIDTH])])
+    s8s8 = _session([helper.make_node("MatMulInteger", ["a", "w"], ["i"]),
+                     helper.make_node("Cast", ["i"], ["y"], to=onnx.TensorProto.FLOAT)],
+                    [numpy_helper.from_array(codes, "w")],
+                    [helper.make_tensor_value_info("a", onnx.TensorProto.INT8, [None, _WIDTH])])
+    forms = {"fp32": (fp32, {"x": x}), "u8s8": (_int8_product(codes), {"a": activations}),
+             "s8s8": (s8s8, {"a": (activations.astype(np.int16) - 128).astype(np.int8)})}
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    for _ in range(3):  # in turns, so a busy moment of the host falls on every form
+        for name, (session, feed) in forms.items():
+            times[name].append(_timed(session, feed, max(1, rounds // 3)))
+    return {name: round(float(np.median(t)), 3) for name, t in times.items()}
+
+
+def int8_form(found: dict) -> tuple[str, str]:
+    """The int8 form the quantizers write on a host the probe ``found``, and why."""
+    if found["u8s8_saturates"]:
+        return SEVEN_BIT_WEIGHTS, ("U8S8 saturates on this host (16-bit pair sums, no VNNI): 7-bit weights "
+                                   "(reduce_range) keep every sum exact")
+    return FULL_INT8, "U8S8 sums exactly on this host (VNNI, AMX or no 16-bit pair sums): full int8 weights"
+
+
+def run_probe() -> dict:
+    """Probe this host now (about a second): its CPU, U8S8 saturation, the timings."""
+    started = time.perf_counter()
+    cpu, flags = cpu_model_and_flags()
+    found = {"u8s8_saturates": u8s8_saturates(), "u8s7_saturates": u8s8_saturates(WEIGHT_LIMITS[SEVEN_BIT_WEIGHTS])}
+    form, reason = int8_form(found)
+    timings = time_int8_forms()
+    return {
+        **_identity(cpu, flags),
+        "int8": {**found, "form": form, "reason": reason, "product_ms": timings,
+                 "u8s8_speedup": round(timings["fp32"] / timings["u8s8"], 2)},
+        "probe_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _identity(cpu: str, flags: list[str]) -> dict:
+    from .harness import package_version
+
+    return {"probe_version": PROBE_VERSION, "host": socket.gethostname(), "cpu": cpu, "cpu_flags": flags,
+            "onnxruntime": package_version("onnxruntime")}
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("KILN_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelkiln"
+
+
+def _cache_file(identity: dict) -> Path:
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"probe-{identity['host']}-{key}.json"
+
+
+@functools.lru_cache(maxsize=1)
+def host_probe() -> dict:
+    """This host's probe: from its file when one was made for this host, CPU and
+    onnxruntime version, else run now and kept (a folder that cannot be written only
+    means probing again in the next process)."""
+    cpu, flags = cpu_model_and_flags()
+    path = _cache_file(_identity(cpu, flags))
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    found = run_probe()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(found, indent=2))
+        scratch.replace(path)
+    except OSError:
+        pass
+    return found
+
+
+def host_int8_form() -> tuple[str, str]:
+    """The int8 form for this host and why (see :func:`int8_form`)."""
+    int8 = host_probe()["int8"]
+    return int8["form"], int8["reason"]
