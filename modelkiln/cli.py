@@ -62,33 +62,6 @@ def _worst(variant: dict) -> str:
     return f", worst {worst:.4f}" if isinstance(worst, (int, float)) else ""
 
 
-def _evidence(variant: dict, policy) -> str:
-    """What the gate judged on: the samples (how many, and for a variant that trained on
-    the checkpoint's data how many of them it never saw), the drop's upper bound at the
-    policy's confidence, and the probe set's score ("64 unseen, drop <= 0.31 % (95 %);
-    probes 0.9990, worst 0.9871")."""
-    from .targets.quality import bound_at
-
-    checks = (variant.get("metrics") or {}).get("checks") or {}
-    parts = []
-    trained = [entry["data"] for entry in variant.get("lineage") or [] if entry.get("data")]
-    if trained:
-        data = trained[-1]
-        parts.append(f"{data['heldout_rows']} samples, all trained on" if data.get("trained_on_samples")
-                     else f"{data['heldout_rows']} unseen, trained on {data['training_rows']} others")
-    elif checks.get("samples"):
-        parts.append(f"{checks['samples']} samples")
-    found = bound_at(checks.get("quality_drop_bounds"), policy.confidence) if policy.confidence > 0 else None
-    if found is not None:
-        parts[-1:] = [", ".join(parts[-1:] + [f"drop <= {max(found[1], 0.0):.2%} ({found[0]:.0%})"])]
-    if checks.get("probe_error"):
-        parts.append("probes fail")
-    elif checks.get("probe_quality") is not None:
-        worst = checks.get("probe_min_cosine")
-        parts.append(f"probes {checks['probe_quality']:.4f}" + (f", worst {worst:.4f}" if worst is not None else ""))
-    return "; ".join(parts)
-
-
 def _fmt_quality(metrics):
     if not metrics or metrics.get("quality") is None:
         return ""
@@ -354,7 +327,7 @@ def _print_variants(config, model, as_json):
     decoding = any((v.get("metrics") or {}).get("decode") for v in variants)
     # Variants that went to a run-off: its p50, timed side by side with their rivals.
     raced = any((v.get("metrics") or {}).get("runoff") for v in variants)
-    from .policy import NOISY_SPREAD
+    from .policy import NOISY_SPREAD, judged_on
 
     def spread_mark(m: dict) -> str:
         p50, p95 = m.get("latency_p50_ms"), m.get("latency_p95_ms")
@@ -382,7 +355,7 @@ def _print_variants(config, model, as_json):
             *([load_curve(m)] if loaded else []),
             format_size(m.get("size_bytes")),
             (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}{_worst(v)}",
-            _evidence(v, config.policy) if m else "",
+            judged_on(v, config.policy) if m else "",
             v.get("reason") or "",
         ])
     click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
@@ -727,9 +700,10 @@ def plugins(config_path, as_json):
 @config_option
 @json_option
 def targets(config_path, as_json):
-    """Configured targets and whether this host can run them."""
+    """Configured targets, whether this host can run them, and what its CPU runs fast."""
     from .plugins.manager import plugins_for
     from .targets.devices import target_unavailable_reason
+    from .targets.host import describe, host_probe
 
     config = _load(config_path)
     runtimes = plugins_for(config).runtimes
@@ -741,6 +715,11 @@ def targets(config_path, as_json):
                         "batch_sizes": target.batch_sizes, "concurrency": target.concurrency,
                         "recipes": target.recipes,
                         "available": reason is None, "reason": reason})
+    # What this host's CPU runs fast (targets.host): probed once, then read from its file.
+    probe = host_probe() if any(t.device == "cpu" for t in config.targets.values()) else None
+    for entry in entries:
+        if entry["device"] == "cpu":
+            entry["host"] = probe
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
@@ -750,6 +729,8 @@ def targets(config_path, as_json):
                        e["reason"] or ""] for e in entries],
                      ["target", "device", "runtimes", "threads", "devices", "memory MiB", "batch sizes",
                       "clients under load", "available", "reason"]))
+    if probe is not None:
+        click.echo(f"\nthis host: {describe(probe)}")
 
 
 @main.group()

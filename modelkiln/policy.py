@@ -22,7 +22,7 @@ and the run-off's figures decide between them.
 from __future__ import annotations
 
 from .config import DECODE_OBJECTIVES, LOAD_OBJECTIVE, PolicyConfig
-from .targets.quality import EPSILON, GateLimits, gate_reason
+from .targets.quality import EPSILON, GateLimits, bound_at, gate_reason
 
 # Contenders timed together at most: each is loaded into the run-off's one process.
 RUNOFF_MOST = 3
@@ -45,6 +45,31 @@ def gate_verdict(candidate: dict, policy: PolicyConfig) -> str | None:
 def within_tolerance(candidate: dict, policy: PolicyConfig) -> bool:
     """Whether the candidate passes the gate under ``policy`` (``gate_verdict``)."""
     return gate_verdict(candidate, policy) is None
+
+
+def judged_on(candidate: dict, policy: PolicyConfig) -> str:
+    """What the gate judged a measured candidate on, in the words `kiln variants` and the
+    report show: the rows (for a variant that trained, how many it never saw and how many
+    it trained on), the drop's upper bound at the policy's confidence, and the probe
+    set's score ("64 unseen, trained on 36 others, drop <= 0.31% (95%); probes 0.9990")."""
+    checks = (candidate.get("metrics") or {}).get("checks") or {}
+    parts = []
+    trained = [entry["data"] for entry in candidate.get("lineage") or [] if entry.get("data")]
+    if trained:
+        data = trained[-1]
+        parts.append(f"{data['heldout_rows']} samples, all trained on" if data.get("trained_on_samples")
+                     else f"{data['heldout_rows']} unseen, trained on {data['training_rows']} others")
+    elif checks.get("samples"):
+        parts.append(f"{checks['samples']} samples")
+    found = bound_at(checks.get("quality_drop_bounds"), policy.confidence) if policy.confidence > 0 else None
+    if found is not None:
+        parts[-1:] = [", ".join(parts[-1:] + [f"drop <= {max(found[1], 0.0):.2%} ({found[0]:.0%})"])]
+    if checks.get("probe_error"):
+        parts.append("probes fail")
+    elif checks.get("probe_quality") is not None:
+        worst = checks.get("probe_min_cosine")
+        parts.append(f"probes {checks['probe_quality']:.4f}" + (f", worst {worst:.4f}" if worst is not None else ""))
+    return "; ".join(parts)
 
 
 def _recorded(candidate: dict, key: str):

@@ -215,7 +215,7 @@ def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quali
     return "\n".join(out)
 
 
-def _variants_table(variants: list[dict], promoted_ids: set[int], numbers: dict[int, int] | None = None) -> str:
+def _variants_table(variants: list[dict], promoted_ids: set[int], policy, numbers: dict[int, int] | None = None) -> str:
     # Causal language models get their per-token decode latency as one more column, and
     # variants timed again side by side their run-off figure.
     decoding = any((v.get("metrics") or {}).get("decode") for v in variants)
@@ -241,12 +241,14 @@ def _variants_table(variants: list[dict], promoted_ids: set[int], numbers: dict[
             f"<td class=num>{_fmt(p50)}</td><td class=num>{_fmt(p95)}{spread}</td>{runoff}"
             f"<td class=num>{_fmt(m.get('throughput_per_s'), 1)}</td>{decode}"
             f"<td class=num>{format_size(m.get('size_bytes'))}</td><td class=num>{quality}</td>"
+            f"<td class=reason>{escape(builtin_policy.judged_on(v, policy) if m else '')}</td>"
             f"<td class=reason>{escape(v.get('reason') or '')}</td></tr>"
         )
     head = ("<tr><th></th><th title=\"its number on the plot\">#</th><th>version</th><th>variant</th><th>status</th><th>p50 ms</th><th>p95 ms</th>"
             f"{RUNOFF_HEAD if raced else ''}"
             f"<th>per s</th>{'<th>ms/token</th>' if decoding else ''}<th>size</th><th>quality (delta)</th>"
-            "<th>reason</th></tr>")
+            "<th title=\"the rows the quality was scored on, the largest drop they allow at the policy's confidence, "
+            "and modelkiln's probe sentences\">judged on</th><th>reason</th></tr>")
     return f"<div class=scroll><table>{head}{''.join(rows)}</table></div>"
 
 
@@ -314,7 +316,10 @@ def render(model: str, checkpoints: list[dict], variants: list[dict], history: l
     parts.append(f"<h1>{escape(model)}</h1><p class=sub>modelkiln report, {escape(generated_at)} · "
                  f"{len(checkpoints)} checkpoint(s), {len(variants)} variant(s), {len(targets)} target(s) · "
                  f"policy: lowest {escape(_objective_label(policy))} within {policy.max_quality_drop:.2%} "
-                 "of the baseline's quality</p>")
+                 "of the baseline's quality"
+                 + (f", its upper bound at {policy.confidence:.0%} confidence too" if policy.confidence > 0 else "")
+                 + (f"; a variant that trained judged on {policy.min_heldout_rows}+ rows it never saw"
+                    if policy.min_heldout_rows > 0 else "") + "</p>")
     for target in targets:
         on_target = [v for v in variants if v["target"] == target]
         parts.append(f"<h2>Target {escape(target)}</h2>")
@@ -337,7 +342,7 @@ def render(model: str, checkpoints: list[dict], variants: list[dict], history: l
         # Newest version first; within a version, in the order the recipes are configured.
         order = {c["content_hash"][:16]: i for i, c in enumerate(checkpoints)}
         rows = sorted(on_target, key=lambda v: (-order.get(v["checkpoint"], 0), v["id"]))
-        parts.append(_variants_table(rows, {current.get(target)}, numbers))
+        parts.append(_variants_table(rows, {current.get(target)}, policy, numbers))
     parts.append("<h2>Promotion history</h2>")
     if history:
         rows = "".join(

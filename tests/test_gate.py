@@ -227,6 +227,11 @@ def test_a_student_of_sixteen_sentences_repeated_four_times_is_measured_but_not_
     listing = runner.invoke(main, ["variants", "encoder", "--config", str(kiln_dir / "kiln.toml")])
     assert listing.exit_code == 0, listing.output
     assert "16 samples, all trained on" in listing.output and "16 samples, drop <= 0.00% (95%)" in listing.output
+    report = runner.invoke(main, ["report", "encoder", "--out", str(tmp_path / "report"),
+                                  "--config", str(kiln_dir / "kiln.toml")])
+    assert report.exit_code == 0, report.output
+    page = (tmp_path / "report" / "encoder.html").read_text()
+    assert "16 samples, all trained on" in page and "upper bound at 95% confidence" in page
     refused = runner.invoke(main, ["promote", "encoder", "cpu", "torch:distill.depth(steps=4)",
                                    "--config", str(kiln_dir / "kiln.toml")])
     assert refused.exit_code != 0 and "eval.jsonl" in str(refused.exception or refused.output)
