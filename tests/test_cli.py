@@ -27,6 +27,10 @@ def test_init_then_targets(tmp_path):
     result = runner.invoke(main, ["targets", "--json", "--config", str(tmp_path / "k" / "kiln.toml")])
     (target,) = json.loads(result.output)
     assert target["target"] == "cpu" and target["available"] is True
+    # What the host probe found: the CPU's flags and the int8 form the quantizers write here.
+    assert target["host"]["int8"]["form"] in ("u8s8", "u8s7") and "avx2" in target["host"]["cpu_flags"]
+    text = runner.invoke(main, ["targets", "--config", str(tmp_path / "k" / "kiln.toml")]).output
+    assert f"int8 form {target['host']['int8']['form']}" in text
 
 
 def test_a_bad_config_is_an_error_exit(tmp_path):
@@ -51,6 +55,10 @@ def test_listings_after_a_run(config, kiln_dir, tiny_checkpoint):
     assert line.endswith("(variants); succeeded 1 (inspections)"), line
     (promoted,) = json.loads(runner.invoke(main, ["promoted", "--json", *cfg]).output)
     assert promoted["metrics"]["latency_p50_ms"] > 0
+    # The int8 form is the host's, in the lineage, and the probe beside the figures.
+    int8 = next(v for v in variants if v["variant"] == "onnxruntime:quantize.int8_dynamic")
+    measured_on = json.loads((Path(int8["path"]) / "variant.json").read_text())["measured_on"]
+    assert int8["lineage"][0]["record"]["int8_form"] == measured_on["probe"]["int8"]["form"]
     table = runner.invoke(main, ["variants", "tiny", *cfg]).output
     assert "onnxruntime:quantize.int8_dynamic" in table and "*" in table
     assert "±" in table  # the quality delta's standard error on these samples (top-1 agreement)

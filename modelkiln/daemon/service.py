@@ -44,6 +44,7 @@ from ..store import queries, units, views
 from ..store.db import DatabaseBusy, open_store
 from ..store.models import Checkpoint, Job, utcnow
 from ..targets.devices import target_unavailable_reason
+from ..targets.host import cached_probe, describe
 from .executor import Executor, worker_memory_limit_mb
 from .health import HealthServer
 from .ingest import Background, Ingestor, Prepared
@@ -187,7 +188,10 @@ class Daemon:
         self.inbox.put(("rescan", None))
         self.started = True  # /healthz says ok from here; the warm-up below only makes the first job fast
         if self.preload:
-            self.executor.warm_up()
+            self.executor.warm_up()  # which also probes this host (targets.host) and keeps the result
+            probe = cached_probe()
+            if probe is not None:
+                log.info("this host: %s", describe(probe))
         self.notifier.ready(f"serving: registry {self.registry.path}, targets "
                             f"{', '.join(self.available_targets) or 'none available'}")
         log.info("daemon %s started: registry %s, targets %s, %d worker(s) of at most %s each%s", self.owner,

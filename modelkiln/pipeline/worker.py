@@ -61,7 +61,11 @@ def _out_of_memory(phase: str, limit_mb: int) -> str:
 
 
 def ready() -> None:
-    """A no-op run once at start-up: it returns when the fork server has preloaded."""
+    """Run once at start-up: it returns when the fork server has preloaded, and this
+    host's probe is kept (``targets.host``), before any job needs it."""
+    from ..targets.host import host_probe
+
+    host_probe()
 
 
 def _write_result(path: str, result: dict) -> None:

@@ -127,7 +127,7 @@ def quantize_per_row(source: Path, out: Path, excluded: frozenset = frozenset(),
         if node.op_type == "Gemm" and any(a.name == "transB" and helper.get_attribute_value(a)
                                           for a in node.attribute):
             weight = weight.T
-        width, outputs = weight.shape
+        width = weight.shape[0]
         x = node.input[0]
         p = f"{x}.per_row"
         if (x, width) not in rows:

@@ -35,8 +35,8 @@ from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import ONNX, TORCH, ModelHandle, Param, Step
 from ..targets.harness import run_chunked
-from ..targets.onnxrt import session_runner
 from ..targets.host import SEVEN_BIT_WEIGHTS, host_int8_form
+from ..targets.onnxrt import session_runner
 from .per_row import quantizable_nodes, quantize_per_row
 from .smooth import smooth_module, smooth_onnx
 from .tuning import tune

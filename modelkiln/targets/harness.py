@@ -113,10 +113,6 @@ def run_chunked(run, arrays: dict, chunk: int = 64) -> np.ndarray:
     ])
 
 
-# The CPU features that decide which kernels run (and so which variant is fastest).
-_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-
-
 def package_version(package: str) -> str:
     """The installed version of ``package``, or "" where it is not installed."""
     from importlib import metadata
@@ -134,18 +130,9 @@ def environment(device: str, threads: int) -> dict:
     import socket
     import sys
 
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    cpu = value.strip()
-                elif key.strip() == "flags":
-                    flags = [f for f in _CPU_FLAGS if f in value.split()]
-                    break
-    except OSError:
-        pass
+    from .host import cpu_model_and_flags, host_probe
+
+    cpu, flags = cpu_model_and_flags()
     found = {"host": socket.gethostname(), "cpu": cpu, "cpu_flags": flags, "cpus": os.cpu_count(),
              "device": device, "threads": threads, "python": platform.python_version()}
     if device.startswith("cuda") and "torch" in sys.modules:
@@ -153,4 +140,6 @@ def environment(device: str, threads: int) -> dict:
     for package in ("modelkiln", "torch", "onnxruntime", "transformers"):
         if version := package_version(package):
             found[package] = version
+    # What the host probe found: the int8 form the quantizers write here, and why.
+    found["probe"] = {key: value for key, value in host_probe().items() if key in ("probe_version", "int8")}
     return found

@@ -169,13 +169,17 @@ def run_probe() -> dict:
     """Probe this host now (about a second): its CPU, U8S8 saturation, the timings."""
     started = time.perf_counter()
     cpu, flags = cpu_model_and_flags()
-    found = {"u8s8_saturates": u8s8_saturates(), "u8s7_saturates": u8s8_saturates(WEIGHT_LIMITS[SEVEN_BIT_WEIGHTS])}
-    form, reason = int8_form(found)
+    found = _identity(cpu, flags)
+    if not found["onnxruntime"]:  # nothing here writes onnxruntime's int8 forms
+        return {**found, "int8": None, "probe_seconds": round(time.perf_counter() - started, 2)}
+    int8 = {"u8s8_saturates": u8s8_saturates(), "u8s7_saturates": u8s8_saturates(WEIGHT_LIMITS[SEVEN_BIT_WEIGHTS])}
+    form, reason = int8_form(int8)
     timings = time_int8_forms()
     return {
-        **_identity(cpu, flags),
-        "int8": {**found, "form": form, "reason": reason, "product_ms": timings,
-                 "u8s8_speedup": round(timings["fp32"] / timings["u8s8"], 2)},
+        **found,
+        "int8": {**int8, "form": form, "reason": reason, "product_ms": timings,
+                 "u8s8_speedup": round(timings["fp32"] / timings["u8s8"], 2),
+                 "s8s8_speedup": round(timings["fp32"] / timings["s8s8"], 2)},
         "probe_seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -199,18 +203,25 @@ def _cache_file(identity: dict) -> Path:
     return cache_dir() / f"probe-{identity['host']}-{key}.json"
 
 
+def cached_probe() -> dict | None:
+    """This host's probe if it is kept (milliseconds: nothing is imported), else None."""
+    path = _cache_file(_identity(*cpu_model_and_flags()))
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def host_probe() -> dict:
     """This host's probe: from its file when one was made for this host, CPU and
     onnxruntime version, else run now and kept (a folder that cannot be written only
     means probing again in the next process)."""
-    cpu, flags = cpu_model_and_flags()
-    path = _cache_file(_identity(cpu, flags))
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        pass
+    found = cached_probe()
+    if found is not None:
+        return found
     found = run_probe()
+    path = _cache_file(_identity(found["cpu"], found["cpu_flags"]))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         scratch = path.with_suffix(f".{os.getpid()}.tmp")
@@ -224,4 +235,16 @@ def host_probe() -> dict:
 def host_int8_form() -> tuple[str, str]:
     """The int8 form for this host and why (see :func:`int8_form`)."""
     int8 = host_probe()["int8"]
+    if int8 is None:
+        raise RuntimeError("the host probe found no onnxruntime; install it before writing its int8 forms")
     return int8["form"], int8["reason"]
+
+
+def describe(found: dict) -> str:
+    """One line for people: the CPU, its flags and what the probe found."""
+    flags = ", ".join(found["cpu_flags"]) or "no AVX2"
+    int8 = found.get("int8")
+    if not int8:
+        return f"{found['cpu']} ({flags}); onnxruntime not installed: no int8 probe"
+    return (f"{found['cpu']} ({flags}); int8 form {int8['form']}: {int8['reason']}; one product in U8S8 "
+            f"{int8['u8s8_speedup']}x fp32, S8S8 {int8['s8s8_speedup']}x (onnxruntime {found['onnxruntime']})")
