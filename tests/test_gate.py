@@ -238,3 +238,19 @@ def test_a_student_of_sixteen_sentences_repeated_four_times_is_measured_but_not_
     forced = runner.invoke(main, ["promote", "encoder", "cpu", "torch:distill.depth(steps=4)", "--force",
                                   "--config", str(kiln_dir / "kiln.toml")])
     assert forced.exit_code == 0, forced.output
+
+
+def test_a_training_step_runs_its_floor_of_steps_however_busy_the_host():
+    import torch
+
+    from modelkiln.steps.training import distill
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    student = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    inputs = {"input": np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)}
+    # A budget spent before the first step ends: the floor still runs, then the clock stops it.
+    trained = distill(student, teacher, inputs, steps=50, learning_rate=1e-3, max_seconds=1e-9, min_steps=7)
+    assert trained["steps"] == 7 and "after 7 of 50 steps" in trained["stopped"]
+    assert distill(student, teacher, inputs, steps=5, learning_rate=1e-3, max_seconds=1e-9,
+                   min_steps=7)["steps"] == 5  # never more than planned
