@@ -360,7 +360,8 @@ def test_smoothing_an_onnx_graph_is_exact_in_float(tmp_path):
 def test_per_row_int8_answers_each_row_as_it_would_alone(tmp_path):
     """One activation scale per row: a sample's result is the same in any batch company
     (onnxruntime's per-tensor form moves with it), close to float, for MatMul (3-D
-    inputs) and Gemm (2-D); excluded nodes stay float, ``only`` quantizes one."""
+    inputs) and Gemm (2-D), in this host's int8 form and in 7-bit weights; excluded nodes
+    stay float, ``only`` quantizes one."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -368,6 +369,7 @@ def test_per_row_int8_answers_each_row_as_it_would_alone(tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from modelkiln.steps.per_row import quantizable_nodes, quantize_per_row
+    from modelkiln.targets.host import SEVEN_BIT_WEIGHTS
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -404,6 +406,12 @@ def test_per_row_int8_answers_each_row_as_it_would_alone(tmp_path):
     # The same up to float summation order (kernels differ by batch size), not quantization.
     assert np.abs(batched - alone).max() <= 1e-5 * np.abs(alone).max()
     assert np.abs(batched[quiet] - expected[quiet]).max() < 0.02 * scale
+    # The form a host whose U8S8 kernel saturates gets (7-bit weights) meets the same
+    # bounds on every host: both forms sum exactly where the probe picks them.
+    assert quantize_per_row(source, tmp_path / "seven.onnx", form=SEVEN_BIT_WEIGHTS) == 3
+    seven_batched, seven_alone = batched_and_alone(tmp_path / "seven.onnx")
+    assert np.abs(seven_batched - seven_alone).max() <= 1e-5 * np.abs(seven_alone).max()
+    assert np.abs(seven_batched[quiet] - expected[quiet]).max() < 0.02 * scale
     quantize_dynamic(str(source), str(tmp_path / "tensor.onnx"), weight_type=QuantType.QInt8)
     tensor_batched, tensor_alone = batched_and_alone(tmp_path / "tensor.onnx")
     assert np.abs(tensor_batched[quiet] - tensor_alone[quiet]).max() > 0.05 * scale  # the loud sample's scale

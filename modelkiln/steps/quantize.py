@@ -11,6 +11,10 @@ that misses the quality gate is tuned (``tuning.py``): first other forms are tri
 per-tensor form; on torch SmoothQuant on the module), then the most sensitive layers are
 kept in float.
 
+On onnxruntime both int8 steps write the host's int8 form (``targets.host``): where its
+U8S8 kernel sums pairs of products in saturating 16 bits (AVX2, AVX-512 without VNNI),
+7-bit weights (``reduce_range``), which keep every sum exact; elsewhere full int8.
+
 ``quantize.int8_static``: int8 weights and uint8 activations with scales calibrated ahead
 of time, in onnxruntime's QDQ format (per-channel weights by default), after onnxruntime's
 own pre-processing (symbolic shape inference and graph optimisation, which fuses ops so

@@ -1,0 +1,150 @@
+"""onnxruntime int8 in the form the host probe picks, against onnxruntime fp32, on a
+BERT-base-sized encoder.
+
+`BertModel(BertConfig())` (110 M parameters, random init, eager attention as the daemon
+exports it) is exported to ONNX once; `quantize_per_row` writes what
+`quantize.int8_dynamic` builds (one activation scale per token, the host's weight form),
+and onnxruntime's own `quantize_dynamic` the per-tensor form (with `reduce_range` where
+the probe says U8S8 saturates) for comparison. In one process, 2 threads, batch 1, the
+three take turns at 77 and then 128 tokens (`interleaved`: rounds of runs in turn, the
+median of each), so that every form sees the same machine; ratios are of those medians.
+
+Beside the speed: the cosine of each form's output to fp32's at 128 tokens, and "padded
+== alone", the worst cosine of a sentence's real tokens in a padded batch of 8 (lengths
+16 to 128, padding masked) against the same sentence alone.
+
+Run: .venv/bin/python bench/bench_int8_host.py [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import interleaved, print_table  # noqa: E402
+
+LENGTHS = (77, 128)
+THREADS = 2
+VOCAB = 30522
+
+
+def export_bert(folder: Path) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig()
+    config._attn_implementation = "eager"  # the daemon's export: onnxruntime runs it faster
+    model = BertModel(config).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(0, VOCAB, (2, 16))
+    path = folder / "fp32.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Encoder(), (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                          dynamic_axes={name: {0: "batch", 1: "tokens"}
+                                        for name in ("input_ids", "attention_mask", "last_hidden_state")})
+    return path
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def cosine(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def padded_vs_alone(run, rng) -> float:
+    """The worst cosine, over 8 sentences of 16 to 128 tokens, of a sentence's real tokens
+    in one padded batch against the same sentence alone."""
+    import numpy as np
+
+    lengths = np.linspace(16, 128, 8).astype(int)
+    ids = np.zeros((len(lengths), lengths.max()), np.int64)
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rng.integers(1000, VOCAB, length)
+        mask[row, :length] = 1
+    batched = run(ids, mask)
+    return min(cosine(batched[row, :length], run(ids[row:row + 1, :length], mask[row:row + 1, :length])[0])
+               for row, length in enumerate(lengths))
+
+
+def main():
+    import numpy as np
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from modelkiln.steps.per_row import quantize_per_row
+    from modelkiln.targets.host import SEVEN_BIT_WEIGHTS, describe, host_probe
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--runs", type=int, default=4)
+    args = parser.parse_args()
+
+    probe = host_probe()
+    form = probe["int8"]["form"]
+    folder = Path(tempfile.mkdtemp(prefix="kiln-bench-int8-"))
+    fp32 = export_bert(folder)
+    per_row = folder / "per_row.onnx"
+    quantize_per_row(fp32, per_row, form=form)
+    per_tensor = folder / "per_tensor.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(fp32), str(per_tensor), weight_type=QuantType.QInt8,
+                         reduce_range=form == SEVEN_BIT_WEIGHTS)
+    forms = {"onnxruntime fp32": fp32, f"per-row int8 ({form}, quantize.int8_dynamic)": per_row,
+             f"per-tensor int8 (quantize_dynamic{', reduce_range' if form == SEVEN_BIT_WEIGHTS else ''})": per_tensor}
+    sessions = {name: session(path) for name, path in forms.items()}
+
+    def runner(name):
+        return lambda ids, mask: sessions[name].run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+    rng = np.random.default_rng(0)
+    medians = {}
+    for length in LENGTHS:
+        ids = rng.integers(1000, VOCAB, (1, length)).astype(np.int64)
+        mask = np.ones_like(ids)
+        medians[length] = interleaved({name: (lambda name=name: runner(name)(ids, mask)) for name in forms},
+                                      "cpu", args.rounds, args.runs)
+    ids = rng.integers(1000, VOCAB, (4, 128)).astype(np.int64)
+    reference = runner("onnxruntime fp32")(ids, np.ones_like(ids))
+    rows = []
+    base = "onnxruntime fp32"
+    for name in forms:
+        out = runner(name)(ids, np.ones_like(ids))
+        rows.append([name, *(f"{medians[n][name]:.1f}" for n in LENGTHS),
+                     *(f"{medians[n][base] / medians[n][name]:.2f}x" for n in LENGTHS),
+                     f"{cosine(out, reference):.4f}", f"{padded_vs_alone(runner(name), np.random.default_rng(1)):.4f}"])
+    print(f"host: {describe(probe)}; {os.cpu_count()} CPUs, {THREADS} threads, batch 1")
+    print_table(f"BERT-base (random weights), onnxruntime, {args.rounds} interleaved rounds of {args.runs} runs",
+                rows, ["form", *(f"p50 ms @{n}" for n in LENGTHS), *(f"vs fp32 @{n}" for n in LENGTHS),
+                       "cosine to fp32", "padded == alone (min cosine)"])
+
+
+if __name__ == "__main__":
+    main()
