@@ -103,6 +103,10 @@ class MeasureConfig:
     min_seconds: float = 0.5
     max_seconds: float = 3.0
     sample_count: int = 64
+    # A variant whose runs at the policy's batch size are, by a sequential test, over this
+    # many times both the served variant's and its baseline's p50 ends its measurement
+    # there (recorded with its figures and the reason). 0: every variant is timed in full.
+    give_up_margin: float = 3.0
 
 
 # Each quantization; prune then quantize; distill then quantize; shard where the target
@@ -325,6 +329,9 @@ def _validate(config: Config, file: Path) -> None:
         if value < low or (value == low and not inclusive):
             raise ConfigError(f"{file}: '{key}' must be {'at least' if inclusive else 'more than'} {low:g}, "
                               f"got {value!r}")
+    if 0 < config.measure.give_up_margin < 1:
+        raise ConfigError(f"{file}: 'measure.give_up_margin' ({config.measure.give_up_margin:g}) would end the "
+                          "measurement of variants faster than the served one; use 0 (off) or a margin of 1 or more")
     if config.measure.max_seconds < config.measure.min_seconds:
         raise ConfigError(f"{file}: 'measure.max_seconds' ({config.measure.max_seconds:g}) is below "
                           f"'measure.min_seconds' ({config.measure.min_seconds:g})")
@@ -402,6 +409,7 @@ def _ranges(config: Config):
         ("measure.min_seconds", m.min_seconds, 0, True),
         ("measure.max_seconds", m.max_seconds, 0, False),
         ("measure.sample_count", m.sample_count, 1, True),
+        ("measure.give_up_margin", m.give_up_margin, 0, True),
         ("registry.quiet_seconds", r.quiet_seconds, 0, True),
         ("registry.rescan_seconds", r.rescan_seconds, 0, False),
         ("registry.max_checkpoint_gb", r.max_checkpoint_gb, 0, True),
@@ -507,6 +515,10 @@ max_seconds = 3.0
 # Quality samples when the checkpoint ships no eval data: distinct calibration rows (the
 # others are what steps train on), or generated inputs when it ships no data.
 sample_count = 64
+# A variant whose first runs are, by a sequential test, over this many times both the
+# served variant's and its baseline's p50 ends its measurement there, recorded with its
+# figures and the reason (a form the host runs slowly, say). 0: time every variant in full.
+give_up_margin = 3.0
 
 # One table per hardware target. The serving side of this one accepts both
 # onnxruntime (CPUExecutionProvider) and PyTorch artifacts, so both compete on it;

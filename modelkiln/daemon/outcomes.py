@@ -114,6 +114,9 @@ def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:
             "checks": measured.get("checks", {}),
             # Why it misses the quality gate (None: it passes).
             "gate": measured.get("gate"),
+            # Why its timing ended after the first runs (clearly slower than the served
+            # variant and the baseline), None when it was timed in full.
+            "ended_early": measured.get("ended_early"),
             "decode": measured.get("decode"),
             # Throughput and p50/p95 per level of concurrent clients (targets.<name>.concurrency).
             "load": measured.get("load"),

@@ -118,5 +118,39 @@ class Planner:
             measure=asdict(self.config.measure),
             gate=asdict(GateLimits.of(self.config.policy)),
             threads=self.config.targets[variant.target].threads,
+            rivals=self.rivals(session, checkpoint, variant),
         )
         return [Phase("build", spec), Phase("measure", spec)]
+
+    def rivals(self, session, checkpoint: Checkpoint, variant) -> dict | None:
+        """The p50 at the policy's batch size of what ``variant`` must beat to be served:
+        the baseline of its runtime on this checkpoint and, where one is served, the
+        served variant. The measurement ends early when it is clearly slower than all of
+        them (``harness.slower_than``). None for a baseline, before that baseline is
+        measured, where the policy does not pick by a latency at one batch size, and with
+        ``measure.give_up_margin`` 0."""
+        batch_size = self.config.policy.objective_batch_size
+        margin = self.config.measure.give_up_margin
+        if (not variant.recipe or margin <= 0 or self.config.policy.objective not in ("latency_p50_ms", "latency_p95_ms")
+                or batch_size not in self.config.targets[variant.target].batch_sizes):
+            return None
+
+        def p50(candidate) -> float | None:
+            if candidate is None or candidate.status != "succeeded":
+                return None
+            return next((m.latency_p50_ms for m in candidate.measurements if m.batch_size == batch_size), None)
+
+        baseline = next((v for v in queries.variants_of(session, checkpoint.id, variant.target)
+                         if v.runtime == variant.runtime and not v.recipe), None)
+        if p50(baseline) is None:
+            return None
+        promotion = queries.current_promotion(session, checkpoint.model, variant.target)
+        served = promotion.variant if promotion is not None else None
+        found = {}
+        if p50(served) is not None and served.id != variant.id:
+            name = f"{served.runtime}:{served.recipe or 'baseline'}"
+            found[f"the served variant ({name})" if served.id != baseline.id else f"the served baseline ({name})"] = \
+                p50(served)
+        if served is None or served.id != baseline.id:
+            found["the baseline"] = p50(baseline)
+        return {"batch_size": batch_size, "p50_ms": found, "margin": margin}

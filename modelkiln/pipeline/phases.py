@@ -309,41 +309,53 @@ def measure_variant(spec: dict) -> dict:
         quality = 0.0
     settings = spec["measure"]
     timer = harness.timer_for(run)
+    # Where the planner gave the served variant's and the baseline's p50 (``rivals``), a
+    # variant clearly slower than both after its first runs ends its measurement there.
+    rivals = spec.get("rivals") if not hasattr(run, "time_runs") else None
+    ended_early = None
 
     tracker = progress.current()
 
     def timed(length: int | None) -> list[dict]:
+        nonlocal ended_early
         rows = []
         for index, batch_size in enumerate(target["batch_sizes"]):
             if tracker is not None:
                 tracker(f"timing batch {batch_size}" + (f" at {length} tokens" if length else ""), index,
                         len(target["batch_sizes"]))
+            early = {"give_up": harness.slower_than(rivals["p50_ms"], rivals["margin"])} if rivals and batch_size == rivals["batch_size"] \
+                and not rows and length == (lengths or {}).get("median") else {}
             timing = timer(
                 request_batch(inspected["inputs"], samples, batch_size, length),
                 warmup_runs=settings["warmup_runs"], min_runs=settings["min_runs"],
                 stability=settings["stability"], max_seconds=settings["max_seconds"],
-                min_seconds=settings["min_seconds"],
+                min_seconds=settings["min_seconds"], **early,
             )
             timing["batch_size"] = batch_size
             timing["throughput_per_s"] = batch_size * 1000.0 / timing["latency_p50_ms"]
             timing.setdefault("peak_memory_bytes", max(0, harness.peak_rss_bytes() - rss_before))
+            ended_early = timing.pop("ended_early", None)
             rows.append(timing)
+            if ended_early:
+                break
         return rows
 
     # A model that takes sequences is timed at the samples' median length (what a typical
     # request costs: the figures the policy compares) and at their longest.
     lengths = inspected.get("lengths")
     measurements = timed(lengths["median"] if lengths else None)
+    if ended_early:  # the rest cannot change that it loses: not timed
+        lengths = None
     sequence = None
     if lengths:
         at_max = measurements if lengths["max"] == lengths["median"] else timed(lengths["max"])
         sequence = {"median_length": lengths["median"], "max_length": lengths["max"],
                     "batches_at_max_length": at_max}
-    decode = run.time_decoding() if hasattr(run, "time_decoding") else None
+    decode = run.time_decoding() if hasattr(run, "time_decoding") and not ended_early else None
     # Under load: concurrent batch-1 clients, at the median length; not for runtimes whose
     # loaded artifact answers one caller at a time (ranks behind pipes, streamed weights).
     load = None
-    if target.get("concurrency") and getattr(run, "concurrent", True) and decode is None:
+    if target.get("concurrency") and getattr(run, "concurrent", True) and decode is None and not ended_early:
         if tracker is not None:
             tracker("timing under load", 0, len(target["concurrency"]))
         load = load_curve(run, request_batch(inspected["inputs"], samples, 1, lengths["median"] if lengths else None),
@@ -381,6 +393,8 @@ def measure_variant(spec: dict) -> dict:
         "status": "measured",
         # Why the variant misses the quality gate, or None when it passes.
         "gate": gate,
+        # Why its timing stopped after the first runs (clearly slower than its rivals), or None.
+        "ended_early": ended_early,
         "checks": checks,
         "sequence": sequence,
         # A causal language model's prefill and per-token decode latency, where measured.

@@ -271,8 +271,9 @@ def record_variant(session: Session, job: Job, variant: Variant, artifact_path: 
     """A built and measured variant, from its ``variant.json`` ``document``."""
     metrics = document["metrics"]
     variant.status = "succeeded"
-    # Measured, but shown with why it cannot be promoted where the gate says so.
-    variant.reason = metrics.get("gate")
+    # Measured, but shown with why it cannot be promoted where the gate says so, and why
+    # its timing ended early where it did.
+    variant.reason = "; ".join(filter(None, (metrics.get("gate"), metrics.get("ended_early")))) or None
     variant.artifact_path = artifact_path
     variant.artifact_file = document["file"]
     variant.size_bytes = metrics["size_bytes"]

@@ -31,6 +31,51 @@ def time_runs(run, inputs, **settings) -> dict:
     return time_calls(lambda: run(inputs), "cpu", **settings)
 
 
+# A measurement ends early when its runs are over ``margin`` times its rivals' p50, by
+# Wald's sequential probability ratio test on "a run is slower than that": H0, at most
+# half the runs are (its median is within the margin), against H1, 95 % are; H0 is
+# wrongly rejected at most 0.1 % of the time, H1 missed at most 1 %. Eleven slower runs
+# in a row reject H0; two faster ones early on accept it, and the test stops watching.
+_SPRT_H0, _SPRT_H1, _SPRT_ALPHA, _SPRT_BETA = 0.5, 0.95, 0.001, 0.01
+# ... and not before its runs add up to this many ms: a tiny model has little time to
+# save, and a slowdown of the host that lasts this long is rarer than one that lasts a
+# few milliseconds.
+_GIVE_UP_AFTER_MS = 250.0
+
+
+def slower_than(rivals: dict[str, float], margin: float):
+    """``give_up(times) -> reason or None`` for ``time_calls``: a reason once the runs so far
+    show, by a sequential test, that the median is over ``margin`` times every rival's
+    p50 (``rivals``: what it is compared with -> its p50 ms); None until then, and for
+    good once the test accepts that it is not."""
+    import math
+
+    bar = margin * max(rivals.values())
+    up, down = math.log(_SPRT_H1 / _SPRT_H0), math.log((1 - _SPRT_H1) / (1 - _SPRT_H0))
+    reject, accept = math.log((1 - _SPRT_BETA) / _SPRT_ALPHA), math.log(_SPRT_BETA / (1 - _SPRT_ALPHA))
+    state = {"llr": 0.0, "seen": 0, "spent": 0.0, "done": False}
+
+    def stop(times: list[float]) -> str | None:
+        for t in times[state["seen"]:]:  # one decision per run, as Wald's test takes them
+            if state["done"]:
+                return None
+            state["seen"] += 1
+            state["spent"] += t
+            state["llr"] += up if t > bar else down
+            state["done"] = state["llr"] <= accept
+            if state["llr"] >= reject and state["spent"] >= _GIVE_UP_AFTER_MS:
+                break
+        if state["llr"] >= reject and state["spent"] >= _GIVE_UP_AFTER_MS:
+            times = times[:state["seen"]]
+            median = float(np.median(times))
+            slower = ", ".join(f"{median / p50:.1f}x slower than {name} ({p50:.4g} ms)" for name, p50 in rivals.items())
+            return (f"ended early: {slower} after {len(times)} runs (p50 {median:.4g} ms; a sequential test "
+                    f"found its runs over {margin:g}x every rival's p50)")
+        return None
+
+    return stop
+
+
 def timer_for(run):
     """How to time a loaded artifact: its own ``time_runs`` where the runtime gives one (a
     GPU's events, and its memory), else ``time_runs`` over the wall clock."""
@@ -38,11 +83,13 @@ def timer_for(run):
 
 
 def time_calls(call, device: str, *, warmup_runs: int, min_runs: int, stability: float, max_seconds: float,
-               min_seconds: float = 0.0) -> dict:
+               min_seconds: float = 0.0, give_up=None) -> dict:
     """Latency of ``call()`` on ``device``. On a GPU (inputs already there) it is timed
     between CUDA events and the peak of GPU memory allocated while it ran is recorded;
     each run is waited for before the next starts: at batch 1 a caller waits for its
-    answer, so queued work must not hide in the next run's time."""
+    answer, so queued work must not hide in the next run's time. ``give_up(times)`` (e.g.
+    :func:`slower_than`) may end the timing after any run with a reason, which the result
+    keeps as ``ended_early``."""
     start, stop = stopwatch(device)
 
     def once() -> float:
@@ -59,7 +106,7 @@ def time_calls(call, device: str, *, warmup_runs: int, min_runs: int, stability:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     result = _windows(once, min_runs=min_runs, stability=stability, max_seconds=max_seconds,
-                      min_seconds=min_seconds)
+                      min_seconds=min_seconds, give_up=give_up)
     if on_gpu:
         result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
     return result
@@ -87,12 +134,18 @@ def stopwatch(device: str):
     return start, lambda: (time.perf_counter_ns() - marks[0]) / 1e6
 
 
-def _windows(once, *, min_runs: int, stability: float, max_seconds: float, min_seconds: float) -> dict:
+def _windows(once, *, min_runs: int, stability: float, max_seconds: float, min_seconds: float,
+             give_up=None) -> dict:
     started = time.perf_counter()
     times: list[float] = []
     previous = None
-    while True:
-        times.extend(once() for _ in range(min_runs))
+    ended = None
+    while ended is None:
+        for _ in range(min_runs):
+            times.append(once())
+            ended = give_up(times) if give_up is not None else None
+            if ended is not None:
+                break
         median = float(np.median(times))
         elapsed = time.perf_counter() - started
         stable = previous is not None and abs(median - previous) <= stability * previous
@@ -100,7 +153,10 @@ def _windows(once, *, min_runs: int, stability: float, max_seconds: float, min_s
             break
         previous = median
     p50, p95 = np.percentile(np.asarray(times, dtype=np.float64), [50, 95])
-    return {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "runs": len(times)}
+    result = {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "runs": len(times)}
+    if ended is not None:
+        result["ended_early"] = ended
+    return result
 
 
 def run_chunked(run, arrays: dict, chunk: int = 64) -> np.ndarray:
