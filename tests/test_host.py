@@ -99,3 +99,30 @@ def test_the_probe_is_kept_per_host_cpu_and_onnxruntime_version(tmp_path, monkey
         assert len(runs) == 2 and len(list(tmp_path.glob("probe-*.json"))) == 2
     finally:
         host.host_probe.cache_clear()
+
+
+def test_half_precision_is_not_built_where_the_probe_found_it_slow(tmp_path, monkeypatch):
+    """A probe as an AVX2 host's (bf16 emulated: slow where arithmetic bounds a product,
+    as fast as float32 where reading the weights does): a model whose requests bring a
+    sentence of tokens is not built in bf16, with the probe's reason; one whose requests
+    are one feature row is, and so is any model for a GPU target."""
+    import pytest
+    import torch
+
+    from modelkiln.errors import StepNotApplicable
+    from modelkiln.plugins.api import TORCH, InputSpec, ModelHandle, StepContext
+    from modelkiln.steps import quantize
+
+    figures = {"compute_speedup": 0.2, "memory_speedup": 1.1}
+    slow = {"cpu": "AMD EPYC", "cpu_flags": ["avx2"], "half": {"bfloat16": figures, "float16": figures}}
+    monkeypatch.setattr(quantize, "host_probe", lambda: slow)
+    tokens = ModelHandle(TORCH, torch.nn.Sequential(torch.nn.Embedding(100, 8), torch.nn.Linear(8, 8)),
+                         [InputSpec("input_ids", (-1, 64), "int64")])
+    features = ModelHandle(TORCH, torch.nn.Sequential(torch.nn.Linear(16, 8)), [InputSpec("x", (-1, 16), "float32")])
+    on_cpu = StepContext(tmp_path, "cpu", "torch", "cpu", 1, {})
+    with pytest.raises(StepNotApplicable, match=r"quantize\.bf16: the host probe found bfloat16 products 5\.0x "
+                                                r"slower than float32 on this host \(AMD EPYC: avx2\) where arithmetic"):
+        quantize.BFloat16().apply(tokens, {}, on_cpu)
+    assert quantize.BFloat16().apply(features, {}, on_cpu).obj.compute_dtype == torch.bfloat16
+    on_gpu = StepContext(tmp_path, "gpu", "torch", "cuda", 1, {})
+    assert quantize.Float16().apply(tokens, {}, on_gpu).obj.compute_dtype == torch.float16

@@ -39,7 +39,7 @@ from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import ONNX, TORCH, ModelHandle, Param, Step
 from ..targets.harness import run_chunked
-from ..targets.host import SEVEN_BIT_WEIGHTS, host_int8_form
+from ..targets.host import SEVEN_BIT_WEIGHTS, half_precision_reason, host_int8_form, host_probe
 from ..targets.onnxrt import session_runner
 from .per_row import quantizable_nodes, quantize_per_row
 from .smooth import smooth_module, smooth_onnx
@@ -379,10 +379,29 @@ def unwrap_half_precision(module):
     return (module.inner, dtype) if dtype is not None else (module, None)
 
 
+# Rows a Linear sees per request (at batch 1) from which arithmetic rather than reading
+# the weights bounds it on a CPU: a sentence's tokens, not a feature vector's one row.
+_ARITHMETIC_ROWS = 16
+
+
+def _arithmetic_bound(model) -> bool:
+    """Whether the model's products are bound by arithmetic at batch 1: one that generates
+    is served by decoding (one row a token); else by the rows a request brings (token ids
+    are one row each; a float input's last axis is its features)."""
+    if any(callable(getattr(m, "can_generate", None)) and m.can_generate() for m in model.obj.modules()):
+        return False
+    rows = [int(np.prod(spec.shape[1:] if spec.dtype.startswith(("int", "uint")) else spec.shape[1:-1]))
+            for spec in model.inputs]
+    return max(rows, default=1) >= _ARITHMETIC_ROWS
+
+
 class HalfPrecision(Step):
     """Weights and activations in a 16-bit float type (torch). Whether the target runs it
     faster is for the measurement to say: on CPUs it halves the bytes read per token even
-    without native 16-bit arithmetic, which is what bounds small-batch latency."""
+    without native 16-bit arithmetic, which is what bounds small-batch latency. Except on
+    a CPU where the host probe (``targets.host``) found the type's products far slower
+    than float32's where the model's are bound the same way: not built (a BERT-base in
+    bf16 was timed for minutes at 5.4x its float32 latency on such a host)."""
 
     forms = {"torch": TORCH}
     dtype_name = ""
@@ -390,6 +409,10 @@ class HalfPrecision(Step):
     def apply(self, model, params, context):
         import torch
 
+        if context.device == "cpu":
+            reason = half_precision_reason(host_probe(), self.dtype_name, _arithmetic_bound(model))
+            if reason:
+                raise StepNotApplicable(f"{self.name}: {reason}")
         dtype = getattr(torch, self.dtype_name)
         floats = [p for p in model.obj.parameters() if p.is_floating_point()]
         if not floats:

@@ -17,12 +17,17 @@ with only mean something beside the host they came from (``variant.json``'s
 - **A micro-benchmark** of one BERT-base-sized product in fp32, U8S8 and S8S8 (one
   thread): whether int8 pays here at all, and why S8S8, which has no fast x86 kernel
   without AVX-VNNI-INT8, is not the answer to saturation.
+- **torch's 16-bit products** against float32, one bound by arithmetic and one by
+  reading the weights: without bf16 arithmetic (AVX-512 BF16, AMX) a CPU emulates it,
+  far slower where arithmetic bounds the time, while half the bytes can still win
+  where reading does. ``quantize.bf16``/``fp16`` are not built where they would lose.
 
 onnxruntime picks its kernels from CPUID when it loads and cannot be told otherwise (no
 switch in MLAS's platform set-up), which is why the saturation check is arithmetic and
 not a forced kernel. The result is kept in ``$KILN_CACHE_DIR`` (default
 ``~/.cache/modelkiln``), one file per host, CPU and onnxruntime version; ``kiln
-targets`` shows it and the daemon probes at start, before its workers need it.
+targets`` shows it and the daemon probes at start, before its workers need it. The probe
+itself takes a second or two; importing onnxruntime and torch, where nothing has, more.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 # Raised when what the probe finds (or how) changes: older files are probed again.
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 
 # The CPU features that decide which kernels run (and so which variant is fastest).
 CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
@@ -157,6 +162,48 @@ def time_int8_forms(rounds: int = 15) -> dict:
     return {name: round(float(np.median(t)), 3) for name, t in times.items()}
 
 
+# The 16-bit probe's products: one bound by arithmetic (a 128-token BERT-base projection)
+# and one by reading the weights (one row against a 4096 x 4096 matrix, as a decoding
+# step is): a CPU without 16-bit arithmetic can lose the first and still win the second.
+_HALF_SHAPES = {"compute": (128, 768, 768), "memory": (1, 4096, 4096)}
+HALF_TYPES = ("bfloat16", "float16")
+
+
+def time_half_precision(rounds: int = 1) -> dict | None:
+    """torch's speed-up of each 16-bit type over float32 on :data:`_HALF_SHAPES` (one
+    thread; below 1 is slower), or None without torch."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        found = {}
+        for bound, (rows, width, outputs) in _HALF_SHAPES.items():
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(rows, width, generator=generator)
+            w = torch.randn(outputs, width, generator=generator)
+            calls = {name: (x.to(getattr(torch, name)), w.to(getattr(torch, name))) for name in ("float32", *HALF_TYPES)}
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            with torch.inference_mode():
+                for _ in range(3):  # in turns, as the int8 forms are
+                    for name, (a, b) in calls.items():
+                        torch.nn.functional.linear(a, b)
+                        start = time.perf_counter()
+                        for _ in range(rounds):
+                            torch.nn.functional.linear(a, b)
+                        times[name].append((time.perf_counter() - start) / rounds)
+            fp32 = float(np.median(times["float32"]))
+            for name in HALF_TYPES:
+                found.setdefault(name, {})[f"{bound}_speedup"] = round(fp32 / float(np.median(times[name])), 2)
+        return found
+    finally:
+        torch.set_num_threads(threads)
+
+
 def int8_form(found: dict) -> tuple[str, str]:
     """The int8 form the quantizers write on a host the probe ``found``, and why."""
     if found["u8s8_saturates"]:
@@ -170,6 +217,7 @@ def run_probe() -> dict:
     started = time.perf_counter()
     cpu, flags = cpu_model_and_flags()
     found = _identity(cpu, flags)
+    found["half"] = time_half_precision()
     if not found["onnxruntime"]:  # nothing here writes onnxruntime's int8 forms
         return {**found, "int8": None, "probe_seconds": round(time.perf_counter() - started, 2)}
     int8 = {"u8s8_saturates": u8s8_saturates(), "u8s7_saturates": u8s8_saturates(WEIGHT_LIMITS[SEVEN_BIT_WEIGHTS])}
@@ -244,7 +292,31 @@ def describe(found: dict) -> str:
     """One line for people: the CPU, its flags and what the probe found."""
     flags = ", ".join(found["cpu_flags"]) or "no AVX2"
     int8 = found.get("int8")
+    parts = [f"{found['cpu']} ({flags})"]
     if not int8:
-        return f"{found['cpu']} ({flags}); onnxruntime not installed: no int8 probe"
-    return (f"{found['cpu']} ({flags}); int8 form {int8['form']}: {int8['reason']}; one product in U8S8 "
-            f"{int8['u8s8_speedup']}x fp32, S8S8 {int8['s8s8_speedup']}x (onnxruntime {found['onnxruntime']})")
+        parts.append("onnxruntime not installed: no int8 probe")
+    else:
+        parts.append(f"int8 form {int8['form']}: {int8['reason']}; one product in U8S8 {int8['u8s8_speedup']}x fp32, "
+                     f"S8S8 {int8['s8s8_speedup']}x (onnxruntime {found['onnxruntime']})")
+    for name, figures in (found.get("half") or {}).items():
+        parts.append(f"torch {name} {figures['compute_speedup']}x fp32 where arithmetic bounds a product, "
+                     f"{figures['memory_speedup']}x where reading the weights does")
+    return "; ".join(parts)
+
+
+def half_precision_reason(found: dict, dtype: str, arithmetic_bound: bool, slower: float = 1.5) -> str | None:
+    """Why this host should not build ``dtype`` (a :data:`HALF_TYPES` name) for a model
+    whose products are ``arithmetic_bound`` (else bound by reading the weights): the
+    probe found torch's products in it over ``slower`` times float32's there. None where
+    it did not (or did not probe)."""
+    figures = (found.get("half") or {}).get(dtype)
+    if not figures:
+        return None
+    bound = "compute" if arithmetic_bound else "memory"
+    speedup = figures[f"{bound}_speedup"]
+    if speedup * slower > 1:
+        return None
+    flags = ", ".join(found["cpu_flags"]) or "no AVX2"
+    return (f"the host probe found {dtype} products {1 / speedup:.1f}x slower than float32 on this host "
+            f"({found['cpu']}: {flags}) where {'arithmetic' if arithmetic_bound else 'reading the weights'} bounds "
+            f"them, as it does this model's: not built")
