@@ -60,3 +60,23 @@ def onnx_axes(inputs, output_shape) -> tuple[dict, dict]:
         if axis > 0 and size in sizes:
             output[axis] = sizes[size]
     return axes, output
+
+
+def tracing_attention():
+    """A context in which ``torch.export`` traces ``scaled_dot_product_attention`` by the
+    math kernel's shape rules.
+
+    The exported program keeps the one ``aten.scaled_dot_product_attention`` call (at run
+    time it dispatches to the fastest kernel for the real shapes, as before); only the
+    tracer's choice changes. Why: on a GPU the tracer otherwise follows the
+    memory-efficient kernel, which pads an explicit attention mask to 16 columns and
+    slices it back, and with the sequence a dynamic dimension that padding becomes guards
+    no length satisfies (pytorch/pytorch#124502, fixed upstream by #177495). Seen on an
+    H100 with torch 2.11: a tiny Llama's forward program failed to export for a cuda
+    target (its CPU export passes), so its variants fell back to TorchScript without
+    their decoding program and had no decode figures. That this was the cause is read
+    from those issues and not yet confirmed on the GPU (the device run that would show
+    the export error did not get a machine)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])

@@ -18,7 +18,7 @@ from ..plugins import hookimpl
 from ..plugins.api import SHARDED, SPARSE24, STREAMED, TORCH, ModelHandle, Runtime
 from . import decoding, fusion, semistructured, sharded, streamed
 from .compiled import compile_loaded, serving_entry
-from .shapes import dynamic_shapes, example_args
+from .shapes import dynamic_shapes, example_args, tracing_attention
 
 EXPORT_FILE = "model.pt2"
 SCRIPT_FILE = "model.pt"
@@ -64,16 +64,21 @@ class TorchRuntime(Runtime):
             return streamed.save(model.obj, directory, model.notes["shard_mb"], model.notes["stream_architecture"],
                                  model.notes.get("stream_dtype"))
         args = example_args(model)
+        export_error = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if model.notes.get("serialize") != "torchscript":
                 try:
-                    program = torch.export.export(model.obj, args, dynamic_shapes=dynamic_shapes(model.obj, model.inputs))
+                    with tracing_attention():
+                        program = torch.export.export(model.obj, args,
+                                                      dynamic_shapes=dynamic_shapes(model.obj, model.inputs))
+                        program, fused = fusion.fused_program(program, args, {},
+                                                              lambda m: dynamic_shapes(m, model.inputs))
                 except Exception as exc:
                     if model.notes.get("compile"):
                         raise StepNotApplicable(f"torch.compile needs a torch.export program: {exc}") from None
+                    export_error = f"{type(exc).__name__}: {str(exc)[:300]}"
                 else:
-                    program, fused = fusion.fused_program(program, args, {}, lambda m: dynamic_shapes(m, model.inputs))
                     torch.export.save(program, str(directory / EXPORT_FILE))
                     serving = self._serving(model, directory)
                     if fused:
@@ -88,6 +93,15 @@ class TorchRuntime(Runtime):
                 if getattr(module, RUN_TIME_CACHE, None) is not None:
                     setattr(module, RUN_TIME_CACHE, None)
             torch.jit.save(traced, str(directory / SCRIPT_FILE))
+        if export_error:
+            # Why the forward pass is TorchScript, said beside it rather than silently; and a
+            # causal LM still gets its decoding program (a separate export), without which
+            # the variant has no decode figures.
+            serving = {"export_error": export_error}
+            decode = self._decoding(model, directory)
+            if decode:
+                serving["decode"] = decode
+            (directory / SERVING_FILE).write_text(json.dumps(serving, indent=2))
         return SCRIPT_FILE
 
     @staticmethod
@@ -104,10 +118,19 @@ class TorchRuntime(Runtime):
                         "non-zeros in each four along its rows, then one CUDA graph per input shape (compiled "
                         "with triton.cudagraphs off)",
             }
-        decode = decoding.save_decoder(model.obj, directory / decoding.DECODE_FILE)
-        if decode is not None:
-            serving["decode"] = decode if "error" in decode else {"file": decoding.DECODE_FILE, **decode}
+        decode = TorchRuntime._decoding(model, directory)
+        if decode:
+            serving["decode"] = decode
         return serving
+
+    @staticmethod
+    def _decoding(model, directory) -> dict | None:
+        """``serving.json``'s entry for a causal LM's static-cache decoding program (or why
+        there is none); None for any other model."""
+        decode = decoding.save_decoder(model.obj, directory / decoding.DECODE_FILE)
+        if decode is None:
+            return None
+        return decode if "error" in decode else {"file": decoding.DECODE_FILE, **decode}
 
     def load(self, directory, file, device, threads):
         import torch
@@ -117,11 +140,11 @@ class TorchRuntime(Runtime):
         if file == streamed.INDEX_FILE:
             return streamed.load(directory, device, threads)
         torch.set_num_threads(threads)
+        serving = json.loads((directory / SERVING_FILE).read_text()) if (directory / SERVING_FILE).exists() else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if file.endswith(".pt2"):
                 module = torch.export.load(str(directory / file)).module().to(device)
-                serving = json.loads((directory / SERVING_FILE).read_text()) if (directory / SERVING_FILE).exists() else {}
                 sparse = semistructured.SERVING_KEY in serving and device.startswith("cuda")
                 if sparse:
                     semistructured.sparsify(module)
@@ -131,15 +154,15 @@ class TorchRuntime(Runtime):
                                             else compile_as)
                 if sparse:
                     module = semistructured.CudaGraphs(module)
-                decode = serving.get("decode", {})
-                if "file" in decode:
-                    decoder = torch.export.load(str(directory / decode["file"])).module().to(device)
-                    if "compile" in serving:
-                        decoder = compile_loaded(decoder, serving["compile"])
-                    return Serving(module, device, decoder, decode["vocab_size"])
             else:
                 module = torch.jit.load(str(directory / file), map_location=device)
                 module.eval()
+            decode = serving.get("decode", {})
+            if "file" in decode:
+                decoder = torch.export.load(str(directory / decode["file"])).module().to(device)
+                if "compile" in serving:
+                    decoder = compile_loaded(decoder, serving["compile"])
+                return Serving(module, device, decoder, decode["vocab_size"])
         return Serving(module, device)
 
 
