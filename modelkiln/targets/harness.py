@@ -196,6 +196,7 @@ def environment(device: str, threads: int) -> dict:
     for package in ("modelkiln", "torch", "onnxruntime", "transformers"):
         if version := package_version(package):
             found[package] = version
-    # What the host probe found: the int8 form the quantizers write here, and why.
-    found["probe"] = {key: value for key, value in host_probe().items() if key in ("probe_version", "int8")}
+    # What the host probe found: the int8 form the quantizers write here and why, and how
+    # fast torch runs 16-bit products here.
+    found["probe"] = {key: value for key, value in host_probe().items() if key in ("probe_version", "int8", "half")}
     return found
