@@ -103,6 +103,9 @@ def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:
         "outputs": checkpoint.info.get("outputs") or [],
         # Files beside the model that serving code reads (a tokenizer, the model's config).
         "serving_files": built.get("serving_files", []),
+        # A causal LM's weights as LLM servers load them: the format, its quantization and
+        # the servers that read it, or why there is no such form.
+        "weights": built.get("weights"),
         "metrics": {
             "quality_metric": measured["quality_metric"],
             "quality": measured["quality"],

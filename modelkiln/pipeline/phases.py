@@ -252,7 +252,9 @@ def build_variant(spec: dict) -> dict:
     model = runtime.convert(model, context)
     file = runtime.save(model, out)
     timings["convert_seconds"] += time.perf_counter() - c0
-    return {"status": "built", "file": file, "serving_files": companions, "lineage": lineage, "timings": timings}
+    described = getattr(runtime, "weights", None)  # a plugin's runtime need not subclass Runtime
+    return {"status": "built", "file": file, "serving_files": companions, "lineage": lineage, "timings": timings,
+            "weights": described(out) if callable(described) else None}
 
 
 def gate_limits(spec: dict) -> GateLimits:

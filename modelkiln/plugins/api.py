@@ -357,6 +357,12 @@ class Runtime:
         """Load an artifact as plain serving code would; return ``run(inputs) -> ndarray``."""
         raise NotImplementedError
 
+    def weights(self, directory: Path) -> dict | None:
+        """What ``variant.json`` says of the saved artifact's weights: their format, how
+        they are quantized and which servers read them; None where there is nothing to
+        say beyond the artifact itself."""
+        return None
+
 
 class CheckpointFormat:
     """A checkpoint file format. ``detect`` must be cheap: it runs in the daemon."""

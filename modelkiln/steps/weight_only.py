@@ -12,7 +12,7 @@ with 4-bit weights than in fp32 (see BENCHMARKS.md). The measurement decides.
   which that quantizer takes.
 - torch (cpu): each Linear becomes a module calling PyTorch's packed weight-only kernels:
   ``_weight_int8pack_mm`` (one scale per output channel) or ``_weight_int4pack_mm_for_cpu``
-  (per-group scale and zero point), which ``torch.export`` carries.
+  (one scale per group), which ``torch.export`` carries.
 - torch (cuda), int8: not offered. An int8 weight converted in the matrix product
   (``linear(x, weight.to(x.dtype)) * scale``, the form gpt-fast compiles into one kernel)
   was measured (BENCHMARKS.md): TorchInductor (torch 2.11) did not fuse the conversion
@@ -20,11 +20,17 @@ with 4-bit weights than in fp32 (see BENCHMARKS.md). The measurement decides.
   and a 7B decoding step took 53 ms against 4.75 ms in bf16 on an H200 (7 ms on an
   H100). Without a fused dequantizing kernel the variant only costs a build and a
   measurement; int4 (below) has one.
-- torch (cuda), int4: block-wise asymmetric int4 in PyTorch's own CUDA kernel for it
+- torch (cuda), int4: block-wise int4 in PyTorch's own CUDA kernel for it
   (``_weight_int4pack_mm``, the tinygemm kernel gpt-fast uses; compute capability 8.0+),
   bf16 activations; layers whose widths the kernel does not take stay in float. On an
   H100 a 7B decoding step took 3.66 ms against 6.13 ms in bf16 (block 128); on random
   weights its next tokens drift (KL 0.9 nats), which the quality gate judges.
+
+On torch the integers are those the compressed-tensors format stores (symmetric int4 in
+groups of ``block_size``, ``W4A16``; symmetric int8 per channel, ``W8A16``): a causal LM's
+variant folder holds them in that format for LLM servers, and each kernel's packing is
+derived from them (``targets/compressed.py``). Until this release int4 was asymmetric
+with a float zero, a grid compressed-tensors cannot state.
 """
 
 from __future__ import annotations
@@ -36,11 +42,6 @@ import numpy as np
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import ONNX, TORCH, ModelHandle, Param, Step
-
-# Tiles along the input dimension in PyTorch's CPU int4 packing (its kernels' choice);
-# that packing also wants the output width divisible by 16: other layers stay in float.
-_INNER_K_TILES = 2
-
 
 def _gemm_to_matmul(model) -> int:
     """Rewrite Gemm(A, W, C) with a constant W (alpha = beta = 1, no transposed A) into
@@ -77,30 +78,32 @@ def _torch_layer_class():
     import torch
     import torch.nn as nn
 
+    from ..targets import compressed as ct
+
     class WeightOnlyLinear(nn.Module):
-        """A Linear with packed int8 or int4 weights; float32 activations in and out."""
+        """A Linear with packed int8 or int4 weights; float32 activations in and out. Its
+        weights are kept as compressed-tensors stores them (``compressed``: what the
+        variant's folder holds) and the kernel's packing is derived from that."""
 
         def __init__(self, linear: nn.Linear, bits: int, block_size: int):
             super().__init__()
-            weight = linear.weight.detach().float()
-            out_features, in_features = weight.shape
+            out_features = linear.out_features
             self.bits, self.block_size, self.out_features = bits, block_size, out_features
             if bits == 8:
-                scale = weight.abs().amax(1).clamp(min=1e-12) / 127
-                quantized = torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8)
-                self.register_buffer("packed", quantized)
-                self.register_buffer("scales", scale)
+                self.compressed = ct.int8_channels(linear.weight)
+                self.register_buffer("packed", self.compressed.q)
+                self.register_buffer("scales", self.compressed.scale[:, 0].contiguous())
             else:
-                groups = weight.reshape(out_features, in_features // block_size, block_size)
-                low, high = groups.amin(-1), groups.amax(-1)
-                scale = (high - low).clamp(min=1e-12) / 15
-                levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    levels.to(torch.int32).reshape(out_features, in_features), _INNER_K_TILES)
-                self.register_buffer("packed", packed)
-                # The kernel's convention: weight = (level - 8) * scale + zero.
-                self.register_buffer("scales", torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous())
+                self.compressed = ct.int4_groups(linear.weight, block_size)
+                self.register_buffer("packed", ct.int4_cpu_packed(self.compressed))
+                self.register_buffer("scales", ct.int4_kernel_scales(self.compressed, torch.float32))
             self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+        def derived_from_stored(self) -> dict:
+            """How each kernel tensor follows from ``compressed`` (``targets/derived.py``)."""
+            if self.bits == 8:
+                return {"packed": {"derive": "int8_values"}, "scales": {"derive": "int8_scales"}}
+            return {"packed": {"derive": "int4_cpu_packed"}, "scales": {"derive": "int4_scales", "dtype": "float32"}}
 
         def forward(self, x):
             rows = x.reshape(-1, x.shape[-1]).float()
@@ -127,32 +130,33 @@ def _int4_cuda_layer_class():
     import torch
     import torch.nn as nn
 
+    from ..targets import compressed as ct
+
     class Int4WeightLinear(nn.Module):
-        """Block-wise asymmetric int4 weights in PyTorch's CUDA tinygemm layout, computed by
+        """Block-wise symmetric int4 weights in PyTorch's CUDA tinygemm layout, computed by
         ``_weight_int4pack_mm`` (bf16 activations: the kernel's only type; others are cast
         in and back)."""
 
         def __init__(self, linear: nn.Linear, block_size: int, tiles: int, device: str):
             super().__init__()
-            # Packed where it will run: the packing op exists for cuda only, and the
-            # checkpoint is still on the cpu while steps apply.
-            weight = linear.weight.detach().to(device).float()
-            out_features, in_features = weight.shape
-            self.block_size, self.out_features = block_size, out_features
-            groups = weight.reshape(out_features, in_features // block_size, block_size)
-            low, high = groups.amin(-1), groups.amax(-1)
-            scale = (high - low).clamp(min=1e-6) / 15
-            levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
-            levels = levels.reshape(out_features, in_features)
-            # Two levels per byte, the even column in the high nibble: the layout the
-            # packing op reads on cuda.
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(
-                (levels[:, ::2] << 4) | levels[:, 1::2], tiles))
-            # As on the cpu: weight = (level - 8) * scale + zero, [groups, out, 2] in bf16.
-            self.register_buffer("scales", torch.stack([scale, low + 8 * scale], -1).transpose(0, 1)
-                                 .contiguous().to(torch.bfloat16))
+            out_features = linear.out_features
+            self.block_size, self.out_features, self.tiles = block_size, out_features, tiles
+            # Quantized where it will run (the checkpoint may still be on the cpu), kept
+            # as compressed-tensors stores it with the scales in the kernel's bf16, and
+            # packed on the device: the packing op exists for cuda only.
+            form = ct.int4_groups(linear.weight.detach().to(device), block_size)
+            form.scale = form.scale.to(torch.bfloat16)
+            self.register_buffer("packed", ct.int4_cuda_packed(form, tiles, device))
+            self.register_buffer("scales", ct.int4_kernel_scales(form, torch.bfloat16))
+            # The stored form waits on the host: the GPU holds only what the kernel reads.
+            self.compressed = ct.Compressed(form.q.cpu(), form.scale.cpu(), None, 4, block_size)
             self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(device),
                                                                       requires_grad=False)
+
+        def derived_from_stored(self) -> dict:
+            """How each kernel tensor follows from ``compressed`` (``targets/derived.py``)."""
+            return {"packed": {"derive": "int4_cuda_packed", "tiles": self.tiles},
+                    "scales": {"derive": "int4_scales", "dtype": "bfloat16"}}
 
         def forward(self, x):
             rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)

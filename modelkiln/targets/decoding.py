@@ -23,6 +23,8 @@ import numpy as np
 
 
 DECODE_FILE = "decode.pt2"
+# serving.json's key for where a program's weights come from (``derived.py``).
+PROGRAM_WEIGHTS = "program_weights"
 PROMPT_TOKENS = 32
 NEW_TOKENS = 32
 ROUNDS = 3
@@ -70,12 +72,14 @@ def export_decoder(model, max_cache_len: int = PROMPT_TOKENS + NEW_TOKENS, fuse:
         return fused_program(program, (), inputs, lambda module: shapes)
 
 
-def save_decoder(module, path) -> dict | None:
+def save_decoder(module, path, strip=None) -> dict | None:
     """Export and save the decoding program of the causal LM inside ``module`` to
     ``path``; what serving needs to know of it (vocabulary, cache length, fused Linear
     calls), ``{"error": ...}`` when it cannot be exported (the forward program still
-    serves), or None when ``module`` holds no causal LM. A failed write raises, as any
-    other part of the artifact's would."""
+    serves), or None when ``module`` holds no causal LM. ``strip(program, prefix)``, if
+    given, takes out of the program the weights stored beside it (``derived.py``) and
+    says where they come from. A failed write raises, as any other part of the
+    artifact's would."""
     import torch
 
     lm = find_causal_lm(module)
@@ -85,9 +89,14 @@ def save_decoder(module, path) -> dict | None:
         program, fused = export_decoder(lm)
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    # transformers' exportable wrapper holds the model as ``model``.
+    sources = strip(program, "model.") if strip is not None else {}
     torch.export.save(program, str(path))
-    return {"vocab_size": int(lm.config.vocab_size), "max_cache_len": PROMPT_TOKENS + NEW_TOKENS,
-            "fused_linears": fused}
+    entry = {"vocab_size": int(lm.config.vocab_size), "max_cache_len": PROMPT_TOKENS + NEW_TOKENS,
+             "fused_linears": fused}
+    if sources:
+        entry[PROGRAM_WEIGHTS] = sources
+    return entry
 
 
 def time_decoding(program, vocab_size: int, device: str, rounds: int = ROUNDS) -> dict:

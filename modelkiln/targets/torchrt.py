@@ -16,7 +16,7 @@ import warnings
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import SHARDED, SPARSE24, STREAMED, TORCH, ModelHandle, Runtime
-from . import decoding, fusion, semistructured, sharded, streamed
+from . import decoding, derived, fusion, hf_folder, semistructured, sharded, streamed
 from .compiled import compile_loaded, serving_entry
 from .shapes import dynamic_shapes, example_args, tracing_attention
 
@@ -65,6 +65,15 @@ class TorchRuntime(Runtime):
                                  model.notes.get("stream_dtype"))
         args = example_args(model)
         export_error = None
+        # A causal LM's weights are stored once, as the Hugging Face folder LLM servers
+        # load; its programs keep only what that folder does not hold (derived.py).
+        lm = decoding.find_causal_lm(model.obj) if model.form == TORCH else None
+        weights, stored = hf_folder.save(lm, directory) if lm is not None else (None, {})
+
+        def without_stored(program, prefix: str) -> dict:
+            return derived.strip(program, stored, derived.kernel_sources(lm, prefix)) if stored else {}
+
+        prefix = next((f"{name}." if name else "" for name, m in model.obj.named_modules() if m is lm), "")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if model.notes.get("serialize") != "torchscript":
@@ -79,10 +88,15 @@ class TorchRuntime(Runtime):
                         raise StepNotApplicable(f"torch.compile needs a torch.export program: {exc}") from None
                     export_error = f"{type(exc).__name__}: {str(exc)[:300]}"
                 else:
+                    sources = without_stored(program, prefix)
                     torch.export.save(program, str(directory / EXPORT_FILE))
-                    serving = self._serving(model, directory)
+                    serving = self._serving(model, directory, without_stored)
                     if fused:
                         serving["fused_linears"] = fused
+                    if sources:
+                        serving[decoding.PROGRAM_WEIGHTS] = sources
+                    if weights:
+                        serving["weights"] = weights
                     if serving:
                         (directory / SERVING_FILE).write_text(json.dumps(serving, indent=2))
                     return EXPORT_FILE
@@ -93,19 +107,21 @@ class TorchRuntime(Runtime):
                 if getattr(module, RUN_TIME_CACHE, None) is not None:
                     setattr(module, RUN_TIME_CACHE, None)
             torch.jit.save(traced, str(directory / SCRIPT_FILE))
-        if export_error:
+        if export_error or weights:
             # Why the forward pass is TorchScript, said beside it rather than silently; and a
             # causal LM still gets its decoding program (a separate export), without which
             # the variant has no decode figures.
-            serving = {"export_error": export_error}
-            decode = self._decoding(model, directory)
+            serving = {"export_error": export_error} if export_error else {}
+            decode = self._decoding(model, directory, without_stored) if export_error else None
             if decode:
                 serving["decode"] = decode
+            if weights:
+                serving["weights"] = weights
             (directory / SERVING_FILE).write_text(json.dumps(serving, indent=2))
         return SCRIPT_FILE
 
     @staticmethod
-    def _serving(model, directory) -> dict:
+    def _serving(model, directory, strip=None) -> dict:
         """What serving code needs besides the program: the compile mode, and for a causal
         language model the static-cache decoding program (or why there is none)."""
         serving = {}
@@ -118,19 +134,25 @@ class TorchRuntime(Runtime):
                         "non-zeros in each four along its rows, then one CUDA graph per input shape (compiled "
                         "with triton.cudagraphs off)",
             }
-        decode = TorchRuntime._decoding(model, directory)
+        decode = TorchRuntime._decoding(model, directory, strip)
         if decode:
             serving["decode"] = decode
         return serving
 
     @staticmethod
-    def _decoding(model, directory) -> dict | None:
+    def _decoding(model, directory, strip=None) -> dict | None:
         """``serving.json``'s entry for a causal LM's static-cache decoding program (or why
         there is none); None for any other model."""
-        decode = decoding.save_decoder(model.obj, directory / decoding.DECODE_FILE)
+        decode = decoding.save_decoder(model.obj, directory / decoding.DECODE_FILE, strip)
         if decode is None:
             return None
         return decode if "error" in decode else {"file": decoding.DECODE_FILE, **decode}
+
+    def weights(self, directory):
+        """A causal LM's: its Hugging Face folder (hf_folder.py), or why it has none."""
+        if not (directory / SERVING_FILE).exists():
+            return None
+        return json.loads((directory / SERVING_FILE).read_text()).get("weights")
 
     def load(self, directory, file, device, threads):
         import torch
@@ -141,10 +163,21 @@ class TorchRuntime(Runtime):
             return streamed.load(directory, device, threads)
         torch.set_num_threads(threads)
         serving = json.loads((directory / SERVING_FILE).read_text()) if (directory / SERVING_FILE).exists() else {}
+        decode = serving.get("decode", {})
+        # The weights its programs left to the variant's Hugging Face folder (derived.py).
+        stored = (hf_folder.load_state(directory)
+                  if decoding.PROGRAM_WEIGHTS in serving or decoding.PROGRAM_WEIGHTS in decode else {})
+
+        def program_of(name: str, sources: dict | None):
+            program = torch.export.load(str(directory / name))
+            if sources:
+                derived.fill(program, sources, stored, device)
+            return program.module().to(device)
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if file.endswith(".pt2"):
-                module = torch.export.load(str(directory / file)).module().to(device)
+                module = program_of(file, serving.get(decoding.PROGRAM_WEIGHTS))
                 sparse = semistructured.SERVING_KEY in serving and device.startswith("cuda")
                 if sparse:
                     semistructured.sparsify(module)
@@ -157,9 +190,8 @@ class TorchRuntime(Runtime):
             else:
                 module = torch.jit.load(str(directory / file), map_location=device)
                 module.eval()
-            decode = serving.get("decode", {})
             if "file" in decode:
-                decoder = torch.export.load(str(directory / decode["file"])).module().to(device)
+                decoder = program_of(decode["file"], decode.get(decoding.PROGRAM_WEIGHTS))
                 if "compile" in serving:
                     decoder = compile_loaded(decoder, serving["compile"])
                 return Serving(module, device, decoder, decode["vocab_size"])

@@ -1,0 +1,132 @@
+"""A causal LM's variant as LLM servers load it: a Hugging Face folder, quantized weights
+in the compressed-tensors format, programs that hold no second copy of the weights."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_decoding import tiny_llama
+
+SPEC = dict(name="input_ids", shape=(-1, 16), dtype="int64", high=256, dims=("batch", "sequence"),
+            limits=(("sequence", 128),))
+
+
+def _saved(tmp_path, recipe_step=None, params=None):
+    from modelkiln.plugins.api import TORCH, InputSpec, ModelHandle, StepContext
+    from modelkiln.registry.formats import hf_wrapper
+    from modelkiln.targets.torchrt import TorchRuntime
+
+    model = ModelHandle(TORCH, hf_wrapper(tiny_llama()), [InputSpec(**SPEC)])
+    if recipe_step is not None:
+        model = recipe_step.apply(model, params, StepContext(tmp_path, "cpu", "torch", "cpu", 1, {}))
+    out = tmp_path / "variant"
+    out.mkdir()
+    return out, TorchRuntime().save(model, out)
+
+
+def test_packing_is_the_compressed_tensors_layout():
+    from modelkiln.targets.compressed import pack_int32, unpack_int32
+
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    torch.manual_seed(0)
+    for bits in (4, 8):
+        values = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (24, 40), dtype=torch.int8)
+        for dim in (0, 1):
+            packed = pack_int32(values, bits, dim)
+            assert torch.equal(packed, helpers.pack_to_int32(values, bits, packed_dim=dim))
+            assert torch.equal(unpack_int32(packed, bits, values.shape[dim], dim), values)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_transformers_loads_the_folder_and_answers_as_the_measured_program(tmp_path, bits):
+    """The folder alone, through AutoModelForCausalLM (compressed-tensors for the int4 and
+    int8 weights), gives the logits the torch runtime's programs give; those programs hold
+    no copy of the weights."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from modelkiln.steps.weight_only import WeightOnly
+    from modelkiln.targets.torchrt import TorchRuntime
+
+    step = WeightOnly() if bits else None
+    out, file = _saved(tmp_path, step, {"bits": bits, "block_size": 32})
+    serving = json.loads((out / "serving.json").read_text())
+    weights = serving["weights"]
+    assert weights["format"] == "huggingface" and "vLLM" in weights["readers"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
+    config = json.loads((out / "config.json").read_text())
+    if bits:
+        quantization = config["quantization_config"]
+        assert quantization["quant_method"] == "compressed-tensors" and quantization["format"] == "pack-quantized"
+        (group,) = quantization["config_groups"].values()
+        assert group["weights"]["num_bits"] == bits and group["weights"]["symmetric"]
+        assert group["weights"]["strategy"] == ("group" if bits == 4 else "channel")
+        assert "model.layers.0.mlp.down_proj.weight_packed" in index["weight_map"]
+        assert weights["quantization"]["format"] == "compressed-tensors"
+    else:
+        assert "quantization_config" not in config and weights["quantization"] is None
+    # The weights are in the shards, not again in the programs: every stored tensor is
+    # one the programs take from the folder when they load (as it is, concatenated with
+    # its siblings, or as a kernel's packing of it).
+    for sources in (serving["program_weights"], serving["decode"]["program_weights"]):
+        taken = set()
+        for source in sources.values():
+            taken.update(source.get("concat", [source.get("tensor")]))
+            if "layer" in source:
+                taken.update(n for n in index["weight_map"] if n.rsplit(".", 1)[0] == source["layer"])
+        assert set(index["weight_map"]) - taken <= {n for n in index["weight_map"] if n.endswith("weight_shape")}
+
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 16)))
+    run = TorchRuntime().load(out, file, "cpu", 1)
+    measured = run({"input_ids": ids.numpy()})
+    folder = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.inference_mode():
+        loaded = folder(ids).logits.float().numpy()
+    np.testing.assert_allclose(loaded, measured, atol=1e-4, rtol=1e-4)
+    assert run.time_decoding()["decode_ms_per_token"] > 0  # the decoding program, refilled too
+
+
+def test_weights_without_a_compressed_tensors_form_are_said_so_and_not_written(tmp_path):
+    from modelkiln.targets.hf_folder import save
+
+    model = tiny_llama()
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    described, stored = save(quantized, tmp_path)
+    assert described["format"] is None and not stored
+    assert "has no compressed-tensors" in described["reason"] and "q_proj" in described["reason"]
+    assert list(tmp_path.iterdir()) == []
+    # A model whose shape a step changed without its config: no folder would load.
+    model.model.layers = model.model.layers[:1]
+    described, _ = save(model, tmp_path)
+    assert described["format"] is None and "do not match its config" in described["reason"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def check_llm_folders(config, variants):
+    """Every causal-LM variant of a daemon run is a folder transformers loads, and its
+    next-token logits on the measured samples agree with what modelkiln measured within
+    the gate's tolerance; the promoted one too."""
+    from transformers import AutoModelForCausalLM
+
+    from modelkiln.config import PolicyConfig
+    from modelkiln.targets.quality import NEXT_TOKEN_TOP1, score
+    from modelkiln.targets.torchrt import TorchRuntime
+
+    tolerance = PolicyConfig().max_quality_drop
+    ids = np.random.default_rng(1).integers(0, 256, (8, 24))
+    for variant in variants:
+        folder = Path(variant["path"])
+        document = json.loads((folder / "variant.json").read_text())
+        assert document["weights"]["format"] == "huggingface", document["weights"]
+        for name in ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json"):
+            assert (folder / name).is_file(), name
+        measured = TorchRuntime().load(folder, document["file"], "cpu", 1)({"input_ids": ids})
+        with torch.inference_mode():
+            loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()(torch.from_numpy(ids)).logits
+        assert score(NEXT_TOKEN_TOP1, loaded.float().numpy(), measured, None) >= 1 - tolerance
+    promoted = config.promoted_path / "llm" / "cpu"
+    assert AutoModelForCausalLM.from_pretrained(str(promoted)) is not None
