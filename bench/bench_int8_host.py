@@ -9,11 +9,16 @@ the probe says U8S8 saturates) for comparison. In one process, 2 threads, batch 
 three take turns at 77 and then 128 tokens (`interleaved`: rounds of runs in turn, the
 median of each), so that every form sees the same machine; ratios are of those medians.
 
+``--cpu-time`` times the same forms again by the process's CPU time per call, with
+onnxruntime's threads blocking rather than spinning while they wait: on a host other
+work shares, the wall clock at 2 threads loses part of what the arithmetic saves at every
+parallel section, and this figure less so.
+
 Beside the speed: the cosine of each form's output to fp32's at 128 tokens, and "padded
 == alone", the worst cosine of a sentence's real tokens in a padded batch of 8 (lengths
 16 to 128, padding masked) against the same sentence alone.
 
-Run: .venv/bin/python bench/bench_int8_host.py [--rounds N]
+Run: .venv/bin/python bench/bench_int8_host.py [--rounds N] [--runs N] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -61,14 +66,34 @@ def export_bert(folder: Path) -> Path:
     return path
 
 
-def session(path: Path):
+def session(path: Path, spinning: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def cpu_time_medians(calls: dict, rounds: int, runs: int) -> dict:
+    """Median CPU ms of the process per call, the calls taking turns as ``interleaved``'s do."""
+    import time
+
+    import numpy as np
+
+    times = {name: [] for name in calls}
+    for call in calls.values():
+        call()
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for _ in range(runs):
+                start = time.process_time()
+                call()
+                times[name].append((time.process_time() - start) * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def cosine(a, b) -> float:
@@ -104,6 +129,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--cpu-time", action="store_true", help="also time by the process's CPU time per call")
     args = parser.parse_args()
 
     probe = host_probe()
@@ -129,8 +155,8 @@ def main():
     for length in LENGTHS:
         ids = rng.integers(1000, VOCAB, (1, length)).astype(np.int64)
         mask = np.ones_like(ids)
-        medians[length] = interleaved({name: (lambda name=name: runner(name)(ids, mask)) for name in forms},
-                                      "cpu", args.rounds, args.runs)
+        calls = {name: (lambda name=name, ids=ids, mask=mask: runner(name)(ids, mask)) for name in forms}
+        medians[length] = interleaved(calls, "cpu", args.rounds, args.runs)
     ids = rng.integers(1000, VOCAB, (4, 128)).astype(np.int64)
     reference = runner("onnxruntime fp32")(ids, np.ones_like(ids))
     rows = []
@@ -140,10 +166,23 @@ def main():
         rows.append([name, *(f"{medians[n][name]:.1f}" for n in LENGTHS),
                      *(f"{medians[n][base] / medians[n][name]:.2f}x" for n in LENGTHS),
                      f"{cosine(out, reference):.4f}", f"{padded_vs_alone(runner(name), np.random.default_rng(1)):.4f}"])
-    print(f"host: {describe(probe)}; {os.cpu_count()} CPUs, {THREADS} threads, batch 1")
+    print(f"host: {describe(probe)}; {os.cpu_count()} CPUs, {THREADS} threads, batch 1; load average "
+          f"{os.getloadavg()[0]:.2f} at the end")
     print_table(f"BERT-base (random weights), onnxruntime, {args.rounds} interleaved rounds of {args.runs} runs",
                 rows, ["form", *(f"p50 ms @{n}" for n in LENGTHS), *(f"vs fp32 @{n}" for n in LENGTHS),
                        "cosine to fp32", "padded == alone (min cosine)"])
+    if args.cpu_time:
+        blocking = {name: session(path, spinning=False) for name, path in forms.items()}
+        cpu = {}
+        for length in LENGTHS:
+            ids = rng.integers(1000, VOCAB, (1, length)).astype(np.int64)
+            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            calls = {name: (lambda s=s, feed=feed: s.run(None, feed)) for name, s in blocking.items()}
+            cpu[length] = cpu_time_medians(calls, args.rounds, args.runs)
+        print_table("The same, by CPU time per call (threads block instead of spinning)",
+                    [[name, *(f"{cpu[n][name]:.1f}" for n in LENGTHS),
+                      *(f"{cpu[n][base] / cpu[n][name]:.2f}x" for n in LENGTHS)] for name in forms],
+                    ["form", *(f"CPU ms @{n}" for n in LENGTHS), *(f"vs fp32 @{n}" for n in LENGTHS)])
 
 
 if __name__ == "__main__":
