@@ -19,6 +19,8 @@ in the program. ``fill`` puts the weights back when the program loads.
 
 from __future__ import annotations
 
+import functools
+
 from .compressed import Compressed, from_tensors, int4_cpu_packed, int4_cuda_packed, int4_kernel_scales
 from .hf_folder import COMPRESSED_ATTR
 
@@ -36,12 +38,41 @@ def _row_key(tensor):
 
 def _placeholder(tensor):
     """One element standing for ``tensor``: NaN where it can be, so that a program loaded
-    without its weights answers NaN (which the measurement rejects) rather than numbers."""
+    without its weights answers NaN (which the measurement rejects) rather than numbers.
+    On the CPU whatever the program's device: torch saves a GPU tensor by copying it to the
+    host, which would expand the one element to the whole tensor."""
     import torch
 
     fill = float("nan") if tensor.is_floating_point() else 0
-    empty = torch.full((), fill, dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
+    empty = torch.full((), fill, dtype=tensor.dtype).expand(tensor.shape)
     return torch.nn.Parameter(empty, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else empty
+
+
+@functools.lru_cache(maxsize=1)
+def placeholders_survive() -> bool:
+    """Whether this torch saves a program whose weights are placeholders small and loads
+    it back with their shapes (checked once per process on a tiny program): the archive
+    format is torch's own, and where it would store a placeholder whole, or not load it,
+    the programs keep their weights instead."""
+    import io
+
+    import torch
+
+    try:
+        module = torch.nn.Linear(256, 256).eval()
+        program = torch.export.export(module, (torch.randn(2, 256),))
+        weights = dict(program.state_dict)
+        for name, tensor in weights.items():
+            program.state_dict[name] = _placeholder(tensor)
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        buffer.seek(0)
+        loaded = torch.export.load(buffer)
+        fill(loaded, {name: {"tensor": name} for name in weights}, weights, "cpu")
+        x = torch.randn(2, 256)
+        return buffer.getbuffer().nbytes < 64 * 256 * 4 and torch.equal(loaded.module()(x), module(x))
+    except Exception:  # an archive this code does not know: keep the weights in the programs
+        return False
 
 
 def kernel_sources(lm, prefix: str) -> dict:

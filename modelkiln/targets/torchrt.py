@@ -71,7 +71,9 @@ class TorchRuntime(Runtime):
         weights, stored = hf_folder.save(lm, directory) if lm is not None else (None, {})
 
         def without_stored(program, prefix: str) -> dict:
-            return derived.strip(program, stored, derived.kernel_sources(lm, prefix)) if stored else {}
+            if not stored or not derived.placeholders_survive():
+                return {}
+            return derived.strip(program, stored, derived.kernel_sources(lm, prefix))
 
         prefix = next((f"{name}." if name else "" for name, m in model.obj.named_modules() if m is lm), "")
         with warnings.catch_warnings():
