@@ -130,3 +130,20 @@ def check_llm_folders(config, variants):
         assert score(NEXT_TOKEN_TOP1, loaded.float().numpy(), measured, None) >= 1 - tolerance
     promoted = config.promoted_path / "llm" / "cpu"
     assert AutoModelForCausalLM.from_pretrained(str(promoted)) is not None
+
+
+def test_large_weights_are_split_into_shards_with_their_index(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from modelkiln.targets.hf_folder import save
+
+    model = tiny_llama()
+    described, stored = save(model, tmp_path, shard_bytes=100_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert set(index["weight_map"]) == set(stored) and described["files"][3:] == shards
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(str(tmp_path))(ids).logits, model(ids).logits)
