@@ -137,6 +137,7 @@ def run_demo(directory: Path, echo, timeout: float = 600.0, before_stop=None) ->
     started = time.time()
     echo("training a digits classifier (scikit-learn's digits, 64 -> 512 -> 512 -> 10)...")
     model, x_eval, y_eval = train_digits()
+    (x_train, _), _ = digits_data()  # what steps that fine-tune train on, apart from eval.npz
     echo(f"  trained in {time.time() - started:.1f} s")
     log_path = directory / "kiln-serve.log"
     echo(f"starting `kiln serve` (log: {log_path})")
@@ -150,7 +151,7 @@ def run_demo(directory: Path, echo, timeout: float = 600.0, before_stop=None) ->
         registry = config.registry_path
         version = next_version(registry, DEMO_MODEL)
         staged = stage_dir(registry, version)
-        write_checkpoint(model, x_eval, y_eval, staged)
+        write_checkpoint(model, x_eval, y_eval, staged, train_inputs=x_train)
         dropped = time.time()
         final = drop_checkpoint(staged, registry, DEMO_MODEL, version)
         echo(f"dropped checkpoint {final}")

@@ -238,7 +238,8 @@ def build_variant(spec: dict) -> dict:
         timings["step_seconds"] += s1 - s0
         entry = {"step": step.name, "params": params, "plugin": getattr(step, "plugin", ""),
                  "record": context.record, "seconds": s1 - s0}
-        if step.trains(params):
+        trains = getattr(step, "trains", None)  # a plugin's step need not subclass Step
+        if callable(trains) and trains(params):
             # What it trained on and how many rows it never saw judge it: the policy's
             # held-out rule reads this (policy.min_heldout_rows).
             entry["data"] = inspected.get("data_split")
