@@ -128,6 +128,16 @@ def save(lm, directory, shard_bytes: int = SHARD_BYTES) -> tuple[dict, dict]:
                                      "schemes": [_scheme_name(args) for args, _ in groups],
                                      "layers": sum(len(names) for _, names in groups)}
         described["readers"] = ["transformers (with compressed-tensors installed)", "vLLM", "SGLang"]
+        head = lm.get_output_embeddings()
+        head_name = next((name for name, m in lm.named_modules() if m is head), None)
+        if any(head_name in names for _, names in groups):
+            # A quantized output head is where servers' compressed-tensors readers have
+            # failed: vLLM read it as a float head until its PR #37291, and SGLang served
+            # garbage from one (sglang#35358). Named only where it is known to work.
+            described["readers"] = ["transformers (with compressed-tensors installed)"]
+            described["not_read_by"] = {"vLLM, SGLang": f"the output head ({head_name}) is quantized, which "
+                                                        "their compressed-tensors readers have not all taken "
+                                                        "(vLLM from PR #37291 on)"}
     else:
         described["quantization"] = None
         described["readers"] = ["transformers", "vLLM", "SGLang", "TensorRT-LLM"]
