@@ -64,6 +64,9 @@ def test_transformers_loads_the_folder_and_answers_as_the_measured_program(tmp_p
     if bits:
         quantization = config["quantization_config"]
         assert quantization["quant_method"] == "compressed-tensors" and quantization["format"] == "pack-quantized"
+        from compressed_tensors.quantization import QuantizationConfig
+
+        QuantizationConfig.model_validate(quantization)  # the package's own reading of it
         (group,) = quantization["config_groups"].values()
         assert group["weights"]["num_bits"] == bits and group["weights"]["symmetric"]
         assert group["weights"]["strategy"] == ("group" if bits == 4 else "channel")

@@ -39,11 +39,12 @@ class Compressed:
 
     def weights_args(self) -> dict:
         """The group's ``weights`` entry of the quantization config."""
+        # No observer: how the scales were chosen is not the format's to state (ours: the
+        # largest magnitude over 7 or 127, not compressed-tensors' own min-max rule).
         return {
             "num_bits": self.bits, "type": "int", "symmetric": self.zero_point is None,
             "strategy": "group" if self.group_size else "channel", "group_size": self.group_size,
-            "block_structure": None, "dynamic": False, "actorder": None, "observer": "minmax",
-            "observer_kwargs": {},
+            "dynamic": False,
         }
 
     def tensors(self, dtype) -> dict:
