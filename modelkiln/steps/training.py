@@ -225,7 +225,7 @@ def budget_params(what: str) -> tuple[Param, Param]:
 
 def budget_of(params: dict) -> dict:
     """What ``distill`` takes of a step's ``budget_params``."""
-    return {"max_seconds": params["max_seconds"], "min_steps": params["min_steps"]}
+    return {"max_seconds": params["max_seconds"], "min_steps": params.get("min_steps", MIN_STEPS)}
 
 
 class TrainingStep(Step):
