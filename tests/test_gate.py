@@ -159,7 +159,10 @@ def test_a_variant_that_trained_needs_enough_unseen_rows_to_be_promoted():
     few = heldout_reason(lineage(heldout_rows=20, training_rows=80), 64)
     assert "only 20 distinct rows" in few and "eval.jsonl with at least 64" in few
     own = heldout_reason(lineage(heldout_rows=16, training_rows=16, trained_on_samples=True), 64)
-    assert "its own quality samples" in own and "train.jsonl" in own
+    assert "its own quality samples" in own and "train.jsonl" in own and "eval.jsonl with at least 64" in own
+    enough = heldout_reason(lineage(heldout_rows=360, training_rows=360, trained_on_samples=True,
+                                    quality_source="eval.npz"), 64)
+    assert "ship train.npz" in enough and "eval.npz with" not in enough  # the eval rows are enough
     assert heldout_reason(lineage(heldout_rows=3, training_rows=3, trained_on_samples=True), 0) is None
     assert heldout_reason([{"step": "quantize.int8_dynamic", "record": {}}], 64) is None
     assert GateLimits().min_heldout_rows == 64

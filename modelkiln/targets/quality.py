@@ -417,9 +417,11 @@ def heldout_reason(lineage: list | None, min_rows: int) -> str | None:
             continue
         step, source = entry.get("step", "a step"), data.get("quality_source", "")
         if data.get("trained_on_samples"):
+            judge = (f", and {_to_ship('eval', source)} with at least {min_rows} distinct rows to judge it"
+                     if data.get("heldout_rows", 0) < min_rows else "")
             return (f"{step} trained on its own quality samples ({source} left no other rows to train on), so "
-                    f"their score cannot vouch for it: ship {_to_ship('train', source)} with rows to train on, "
-                    f"and {_to_ship('eval', source)} with at least {min_rows} distinct rows to judge it")
+                    f"their score cannot vouch for it: ship {_to_ship('train', source)} with rows to train on"
+                    + judge)
         if data.get("heldout_rows", 0) < min_rows:
             return (f"{step} trained on the checkpoint's data, and only {data.get('heldout_rows', 0)} distinct rows "
                     f"it never saw judge it (policy.min_heldout_rows asks {min_rows}): ship "
