@@ -124,12 +124,12 @@ def main():
                          f"{m['latency_p50_ms']:.2f}" if m else "", f"{m['quality']:.4f}" if m else "",
                          f"{checks['min_cosine']:.4f}" if "min_cosine" in checks else "",
                          f"{checks['probe_quality']:.4f}" if "probe_quality" in checks else "",
-                         "" if data is None else f"{data['heldout_rows']}/{data['training_rows']}"
+                         "" if data is None else f"{data.get('quality_rows', data['heldout_rows'])}/{data['training_rows']}"
                          + (" (same)" if data.get("trained_on_samples") else ""),
                          (v.get("reason") or "")[:110]])
         print_table(f"{run['label']} host: all-MiniLM-L6-v2, default config, calibration 16 sentences x 4 "
                     f"({run['elapsed']:.0f} s in the daemon)", rows,
-                    ["", "variant", "status", "p50 ms", "pooled cosine", "worst", "probes", "unseen/trained",
+                    ["", "variant", "status", "p50 ms", "pooled cosine", "worst", "probes", "judged/trained",
                      "reason"])
     print_table("the promoted folder as serving code loads it, on 200 unseen everyday sentences",
                 [[r["label"], r["best"]["variant"], f"{r['gate_quality']:.4f}", f"{r['gate_worst']:.4f}",

@@ -57,7 +57,7 @@ def judged_on(candidate: dict, policy: PolicyConfig) -> str:
     trained = [entry["data"] for entry in candidate.get("lineage") or [] if entry.get("data")]
     if trained:
         data = trained[-1]
-        parts.append(f"{data['heldout_rows']} samples, all trained on" if data.get("trained_on_samples")
+        parts.append(f"{data.get('quality_rows', 0)} samples, all trained on" if data.get("trained_on_samples")
                      else f"{data['heldout_rows']} unseen, trained on {data['training_rows']} others")
     elif checks.get("samples"):
         parts.append(f"{checks['samples']} samples")

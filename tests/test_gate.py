@@ -158,12 +158,12 @@ def test_a_variant_that_trained_needs_enough_unseen_rows_to_be_promoted():
     assert heldout_reason(lineage(heldout_rows=64, training_rows=36), 64) is None
     few = heldout_reason(lineage(heldout_rows=20, training_rows=80), 64)
     assert "only 20 distinct rows" in few and "eval.jsonl with at least 64" in few
-    own = heldout_reason(lineage(heldout_rows=16, training_rows=16, trained_on_samples=True), 64)
+    own = heldout_reason(lineage(quality_rows=16, heldout_rows=0, training_rows=16, trained_on_samples=True), 64)
     assert "its own quality samples" in own and "train.jsonl" in own and "eval.jsonl with at least 64" in own
-    enough = heldout_reason(lineage(heldout_rows=360, training_rows=360, trained_on_samples=True,
+    enough = heldout_reason(lineage(quality_rows=360, heldout_rows=0, training_rows=360, trained_on_samples=True,
                                     quality_source="eval.npz"), 64)
     assert "ship train.npz" in enough and "eval.npz with" not in enough  # the eval rows are enough
-    assert heldout_reason(lineage(heldout_rows=3, training_rows=3, trained_on_samples=True), 0) is None
+    assert heldout_reason(lineage(quality_rows=3, heldout_rows=0, training_rows=3, trained_on_samples=True), 0) is None
     assert heldout_reason([{"step": "quantize.int8_dynamic", "record": {}}], 64) is None
     assert GateLimits().min_heldout_rows == 64
 
@@ -216,7 +216,8 @@ def test_a_student_of_sixteen_sentences_repeated_four_times_is_measured_but_not_
     write_jsonl(folder / "calibration.jsonl", sentences(16) * 4)
     checkpoint = optimize_once(config, folder, "encoder")
     assert checkpoint.status == "done", checkpoint.reason
-    assert checkpoint.info["data_split"]["heldout_rows"] == 16
+    assert checkpoint.info["data_split"]["quality_rows"] == 16
+    assert checkpoint.info["data_split"]["heldout_rows"] == 0  # nothing was held out of training
     by_recipe = {v["recipe"]: v for v in all_variants(config, "encoder")}
     student = by_recipe["distill.depth(steps=4)"]
     assert student["status"] == "succeeded" and student["metrics"]["checks"]["samples"] == 16
@@ -230,6 +231,8 @@ def test_a_student_of_sixteen_sentences_repeated_four_times_is_measured_but_not_
     listing = runner.invoke(main, ["variants", "encoder", "--config", str(kiln_dir / "kiln.toml")])
     assert listing.exit_code == 0, listing.output
     assert "16 samples, all trained on" in listing.output and "16 samples, drop <= 0.00% (95%)" in listing.output
+    status = json.loads(runner.invoke(main, ["status", "--json", "--config", str(kiln_dir / "kiln.toml")]).output)
+    assert status["checkpoints"][0]["data_split"]["quality_rows"] == 16
     report = runner.invoke(main, ["report", "encoder", "--out", str(tmp_path / "report"),
                                   "--config", str(kiln_dir / "kiln.toml")])
     assert report.exit_code == 0, report.output
@@ -257,3 +260,13 @@ def test_a_training_step_runs_its_floor_of_steps_however_busy_the_host():
     assert trained["steps"] == 7 and "after 7 of 50 steps" in trained["stopped"]
     assert distill(student, teacher, inputs, steps=5, learning_rate=1e-3, max_seconds=1e-9,
                    min_steps=7)["steps"] == 5  # never more than planned
+
+
+def test_a_refused_variant_whose_training_was_cut_short_says_so():
+    from modelkiln.targets.quality import GateLimits, gate_reason
+
+    stopped = "time budget of 69 s reached after 23 of 500 steps"
+    lineage = [{"step": "distill.depth", "record": {"distill_stopped": stopped}}]
+    reason = gate_reason(0.95, 1.0, "pooled_cosine", {}, GateLimits(), lineage=lineage)
+    assert "stopped early: time budget of 69 s reached after 23 of 500 steps" in reason and "max_seconds" in reason
+    assert gate_reason(1.0, 1.0, "pooled_cosine", {}, GateLimits(), lineage=lineage) is None

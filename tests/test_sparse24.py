@@ -30,7 +30,7 @@ def _context(tmp_path, device="cuda"):
     # As inspect settles them: 16 quality samples, and the other rows to train on.
     return StepContext(tmp_path, "gpu", "torch", device, 1, {"x": rows[:16]}, calibration_inputs={"x": rows},
                        training_inputs={"x": rows[16:]}, training_source="calibration.npz",
-                       split={"heldout_rows": 16, "training_rows": 112, "quality_source": "calibration.npz",
+                       split={"quality_rows": 16, "heldout_rows": 16, "training_rows": 112, "quality_source": "calibration.npz",
                               "training_source": "calibration.npz", "trained_on_samples": False})
 
 

@@ -73,22 +73,28 @@ def spread_order(keys: list[str], indices: list[int]) -> list[int]:
 class DataSplit:
     """How a checkpoint's rows were shared between the quality samples and training.
 
-    ``heldout_rows``: distinct rows the quality samples hold (none of them trained on,
-    unless ``trained_on_samples``); ``training_rows``: distinct rows a training step
-    gets; ``trained_on_samples``: no distinct row was left to train on, so training
-    steps train on the quality samples themselves and their score cannot vouch for them.
+    ``quality_rows``: the distinct rows the quality samples hold; ``training_rows``: the
+    distinct rows a training step gets; ``trained_on_samples``: no distinct row was left
+    to train on, so training steps train on the quality samples themselves and their
+    score cannot vouch for them. ``heldout_rows`` is what judges a trained variant on
+    rows it never saw: the quality rows, or none where it trained on them.
     ``quality_source`` and ``training_source`` name where each side came from; a
     ``removed`` count says how many training rows were dropped as equal to a sample."""
 
-    heldout_rows: int
+    quality_rows: int
     training_rows: int
     quality_source: str
     training_source: str
     removed: int = 0
     trained_on_samples: bool = False
 
+    @property
+    def heldout_rows(self) -> int:
+        return 0 if self.trained_on_samples else self.quality_rows
+
     def as_dict(self) -> dict:
-        return {"heldout_rows": self.heldout_rows, "training_rows": self.training_rows,
+        return {"quality_rows": self.quality_rows, "heldout_rows": self.heldout_rows,
+                "training_rows": self.training_rows,
                 "quality_source": self.quality_source, "training_source": self.training_source,
                 "removed_as_quality_samples": self.removed, "trained_on_samples": self.trained_on_samples}
 

@@ -122,7 +122,7 @@ def settle(loaded, directory: Path, count: int) -> SampleSet:
     samples = {spec.name: np.ascontiguousarray(samples[spec.name].astype(spec.dtype)) for spec in inputs}
     train_rows = samples if training is quality else training.rows(loaded)
     calibration_rows = calibration.rows(loaded) if calibration is not None else None
-    split = DataSplit(heldout_rows=_count(samples), training_rows=_count(train_rows), quality_source=source,
+    split = DataSplit(quality_rows=_count(samples), training_rows=_count(train_rows), quality_source=source,
                       training_source=training.source, removed=removed, trained_on_samples=training is quality)
     return SampleSet(inputs, samples, labels, calibration_rows, train_rows, source, split)
 

@@ -259,7 +259,8 @@ class StepContext:
     # The file training_inputs came from, for the lineage.
     training_source: str = "train.npz"
     # How the checkpoint's rows were shared out (``pipeline.heldout.DataSplit.as_dict``):
-    # ``heldout_rows`` judge the variant, ``training_rows`` may be trained on, and
+    # ``quality_rows`` judge the variant (``heldout_rows`` of them never trained on),
+    # ``training_rows`` may be trained on, and
     # ``trained_on_samples`` says no row was left to train on but the samples themselves.
     split: dict | None = None
 

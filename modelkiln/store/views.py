@@ -135,6 +135,10 @@ def checkpoint_dict(checkpoint: Checkpoint) -> dict:
     }
     if checkpoint.reason:
         out["reason"] = checkpoint.reason
+    # Which rows judge its variants and which its training steps learn from.
+    split = (checkpoint.info or {}).get("data_split")
+    if split:
+        out["data_split"] = split
     return out
 
 

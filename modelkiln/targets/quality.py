@@ -358,7 +358,21 @@ def gate_reason(quality: float, baseline: float, metric: str, checks: dict | Non
     heldout = heldout_reason(lineage, limits.min_heldout_rows)
     if heldout is not None:
         reasons.append(heldout)
-    return "quality gate not met: " + "; ".join(reasons) if reasons else None
+    if not reasons:
+        return None
+    return "quality gate not met: " + "; ".join(reasons) + _cut_short(lineage)
+
+
+def _cut_short(lineage: list | None) -> str:
+    """Where a training step stopped at its time budget, say so: a variant that missed
+    the gate after a fraction of its steps may pass with a larger ``max_seconds``."""
+    for entry in lineage or []:
+        stopped = next((value for key, value in (entry.get("record") or {}).items()
+                        if key.endswith("_stopped") and value), None)
+        if stopped:
+            return (f" ({entry.get('step', 'a step')}'s training stopped early: {stopped}; a larger max_seconds "
+                    "in the recipe trains it further)")
+    return ""
 
 
 def _bound_reasons(bounds: dict | None, rows, what: str, limits: GateLimits) -> list[str]:
@@ -418,7 +432,7 @@ def heldout_reason(lineage: list | None, min_rows: int) -> str | None:
         step, source = entry.get("step", "a step"), data.get("quality_source", "")
         if data.get("trained_on_samples"):
             judge = (f", and {_to_ship('eval', source)} with at least {min_rows} distinct rows to judge it"
-                     if data.get("heldout_rows", 0) < min_rows else "")
+                     if data.get("quality_rows", 0) < min_rows else "")
             return (f"{step} trained on its own quality samples ({source} left no other rows to train on), so "
                     f"their score cannot vouch for it: ship {_to_ship('train', source)} with rows to train on"
                     + judge)
