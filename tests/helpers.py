@@ -203,3 +203,33 @@ def use_store(kiln_dir: Path, url: str):
     from modelkiln.config import load_config
 
     return load_config(path)
+
+
+def _matches(value, annotation) -> bool:
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is not None:  # list[dict], dict[str, ...]: the container's type is the contract
+        return isinstance(value, origin)
+    if annotation is int:  # a bool is an int to isinstance, never to a reader of the payload
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def assert_payload(payload: dict, event_type) -> None:
+    """``payload`` is what ``event_type`` (a TypedDict of ``modelkiln.plugins.api``)
+    promises plugin authors: its required keys, no others, each value of its type."""
+    import typing
+
+    hints = typing.get_type_hints(event_type)
+    missing = sorted(event_type.__required_keys__ - payload.keys())
+    extra = sorted(payload.keys() - hints.keys())
+    wrong = {key: (type(value).__name__, hints[key]) for key, value in payload.items()
+             if key in hints and not _matches(value, hints[key])}
+    assert not (missing or extra or wrong), (
+        f"{event_type.__name__}: missing {missing}, not declared {extra}, of the wrong type {wrong}")

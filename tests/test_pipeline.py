@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import optimize_once, tiny_mlp
+from helpers import assert_payload, optimize_once, tiny_mlp
 from modelkiln import hookimpl
+from modelkiln.plugins.api import JobEvent, PromotionEvent, VariantEvent
 from modelkiln.store import queries, views
 from modelkiln.store.db import open_store
 from modelkiln.store.models import Checkpoint
@@ -146,7 +147,7 @@ class Recorder:
     """A plugin that records events and overrides the policy: serve the largest artifact."""
 
     def __init__(self):
-        self.measured, self.promoted, self.lifecycle = [], [], []
+        self.measured, self.promoted, self.lifecycle, self.offered = [], [], [], []
 
     @hookimpl
     def kiln_daemon_started(self, config):
@@ -166,6 +167,7 @@ class Recorder:
 
     @hookimpl
     def kiln_choose_variant(self, candidates, policy):
+        self.offered.extend(candidates)
         return max(candidates, key=lambda c: c["metrics"]["size_bytes"])
 
 
@@ -201,6 +203,12 @@ def test_event_hooks_and_a_policy_plugin(config, tiny_checkpoint):
                for p in recorder.promoted)
     assert len({p["variant"] for p in recorder.promoted}) == len(recorder.promoted)
     assert recorder.lifecycle == [("started", config.source), ("stopping", None)]
+    # What a plugin author was promised, key by key and type by type.
+    for payload in recorder.measured + recorder.offered:
+        assert_payload(payload, VariantEvent)
+    assert all("within_tolerance" in c and "fits_memory" in c for c in recorder.offered)
+    for payload in recorder.promoted:
+        assert_payload(payload, PromotionEvent)
 
 
 class FailedJobs:
@@ -231,6 +239,7 @@ def test_a_worker_that_hangs_crashes_or_exits_fails_one_job(config, tiny_checkpo
     checkpoint = optimize_once(config, tiny_checkpoint, "tiny", extra_plugins=[failed])
     assert checkpoint.status == "failed" and reason in checkpoint.reason
     (job,) = failed.jobs  # kiln_job_failed, once, with the same reason
+    assert_payload(job, JobEvent)
     assert (job["kind"], job["model"], job["attempts"]) == ("inspect", "tiny", 1) and reason in job["reason"]
     # The daemon lives on: the next checkpoint goes through.
     config.architectures["tiny"].factory = "helpers:tiny_mlp"

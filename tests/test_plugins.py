@@ -1,11 +1,12 @@
 """The plugin manager: built-ins through the entry-point group, allow and block lists,
-contributions from third parties, and a broken plugin isolated by name."""
+contributions from third parties, pluggy's calling order, and a broken or misspelled
+plugin isolated by name."""
 
 import pytest
 
 from modelkiln.plugins import hookimpl
 from modelkiln.plugins.api import Runtime, Step
-from modelkiln.plugins.manager import load_plugins, make_plugin_manager, notify
+from modelkiln.plugins.manager import call_each, first_result, load_plugins, make_plugin_manager, notify
 
 
 def test_built_ins_come_through_the_entry_point_group():
@@ -52,7 +53,7 @@ class Extras:
     class Quantize(Step):
         name = "quantize.int8_dynamic"
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # asked first, and still no taker of a built-in's name
     def kiln_steps(self):
         return [Identity(), self.Quantize()]
 
@@ -125,3 +126,101 @@ def test_an_event_hook_that_raises_is_skipped_and_the_others_still_hear_it():
     plugins = load_plugins(extra_plugins=[Raising(), Listener()])
     notify(plugins.manager, "kiln_job_failed", job={"id": 7})
     assert heard == [7]
+
+
+def _listener(name, heard, **marks):
+    class Listener:
+        __name__ = name
+
+        @hookimpl(**marks)
+        def kiln_job_failed(self, job):
+            heard.append(name)
+
+        @hookimpl(**marks)
+        def kiln_choose_variant(self, candidates, policy):
+            return {"chosen by": name}
+
+    return Listener()
+
+
+def test_hooks_run_in_pluggys_order_tryfirst_first_trylast_last_else_newest_first():
+    heard: list[str] = []
+    plugins = [_listener("early", heard, tryfirst=True), _listener("first", heard), _listener("late", heard, trylast=True),
+               _listener("second", heard)]
+    manager = load_plugins(enabled=["early", "first", "late", "second"], extra_plugins=plugins).manager
+    notify(manager, "kiln_job_failed", job={"id": 1})
+    assert heard == ["early", "second", "first", "late"]
+    heard.clear()
+    manager.hook.kiln_job_failed(job={"id": 1})  # pluggy's own call, for comparison
+    assert heard == ["early", "second", "first", "late"]
+    assert first_result(manager, "kiln_choose_variant", candidates=[], policy=None) == ("early", {"chosen by": "early"})
+    assert manager.hook.kiln_choose_variant(candidates=[], policy=None) == {"chosen by": "early"}
+
+
+def test_a_plugin_that_raises_does_not_break_the_order_for_the_rest():
+    heard: list[str] = []
+
+    class Raising:
+        __name__ = "raising"
+
+        @hookimpl(tryfirst=True)
+        def kiln_job_failed(self, job):
+            raise RuntimeError("boom")
+
+    errors: dict = {}
+    manager = load_plugins(enabled=["first", "raising", "second"],
+                           extra_plugins=[_listener("first", heard), Raising(), _listener("second", heard)]).manager
+    assert [name for name, _ in call_each(manager, "kiln_job_failed", errors=errors, job={"id": 1})] == ["second", "first"]
+    assert errors == {"raising": "kiln_job_failed: RuntimeError: boom"}
+
+
+class Misspelled:
+    __name__ = "misspelled"
+
+    @hookimpl
+    def kiln_stpes(self):
+        return []
+
+
+class WrongArgument:
+    __name__ = "wrong_argument"
+
+    @hookimpl
+    def kiln_job_failed(self, failed_job):
+        pass
+
+
+class FromANewerModelkiln:
+    """A hook of a newer modelkiln, marked optional: loads, and is never called here."""
+
+    __name__ = "newer"
+
+    @hookimpl(optionalhook=True)
+    def kiln_from_the_future(self):
+        return []
+
+
+def test_a_misspelled_hook_refuses_its_plugin_alone_with_the_name_and_reason():
+    plugins = load_plugins(extra_plugins=[Misspelled(), WrongArgument(), FromANewerModelkiln(), Extras()])
+    assert "kiln_stpes" in plugins.errors["misspelled"] and "unknown hook" in plugins.errors["misspelled"]
+    assert "failed_job" in plugins.errors["wrong_argument"]
+    loaded = {p.name for p in plugins.loaded}
+    assert not {"misspelled", "wrong_argument"} & loaded
+    assert {"newer", "extras", "quantize"} <= loaded and "newer" not in plugins.errors
+    assert plugins.steps["identity.copy"].plugin == "extras"  # the good plugin beside them loaded
+
+
+@pytest.mark.hooks("kiln_job_failed")
+def test_event_payloads_match_their_typed_dicts():
+    """The payloads the daemon builds are checked against the TypedDicts where a daemon
+    runs (tests/test_pipeline.py); here the checker itself refuses what breaks them."""
+    from helpers import assert_payload
+
+    from modelkiln.plugins.api import JobEvent
+
+    job = {"id": 3, "kind": "inspect", "model": "m", "version": "1", "target": None, "variant": None,
+           "attempts": 1, "reason": "boom"}
+    assert_payload(job, JobEvent)
+    for broken in ({**job, "attempts": True}, {**job, "extra": 1}, {k: v for k, v in job.items() if k != "id"}):
+        with pytest.raises(AssertionError):
+            assert_payload(broken, JobEvent)

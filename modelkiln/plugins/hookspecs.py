@@ -9,8 +9,13 @@ names match the hooks below. Install it with an entry point in the ``modelkiln``
 Hooks are always called with keyword arguments, one implementation at a time, each inside
 its own try/except, so a broken plugin is logged by name and the daemon goes on; hook
 wrappers (``wrapper=True``) are therefore not supported, and a plugin that declares one is
-not loaded. Contribution hooks run in the daemon and in every worker process; event hooks
-run in the daemon only.
+not loaded. The calling order is pluggy's: ``@hookimpl(tryfirst=True)`` first,
+``trylast=True`` last, otherwise the plugin registered last first (built-ins register
+before third-party plugins). Contributions are the exception: a name belongs to the plugin
+registered first and formats are tried in registration order, so no plugin replaces a
+built-in by being installed. A plugin that implements a hook not listed here (a misspelled
+name) is not loaded, and ``kiln plugins`` says why; the others load. Contribution hooks run
+in the daemon and in every worker process; event hooks run in the daemon only.
 """
 
 from __future__ import annotations
@@ -134,8 +139,8 @@ def kiln_variant_promoted(promotion: PromotionEvent) -> None:
 
 @hookspec(firstresult=True)
 def kiln_choose_variant(candidates: list[VariantEvent], policy: PolicyConfig) -> VariantEvent | None:
-    """Replace the promotion policy. The first implementation returning non-None wins;
-    when all return None the built-in policy (``modelkiln.policy``) decides.
+    """Replace the promotion policy. The first implementation returning non-None, in the
+    calling order above (``tryfirst`` first, then the newest plugin), wins; when all return None the built-in policy (``modelkiln.policy``) decides.
 
     :param candidates: every succeeded variant of one checkpoint on one target, each a
         ``VariantEvent`` with ``within_tolerance`` and ``fits_memory`` (its resident
