@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import encoder_rows, interleaved, optimize, print_table, recipes_config  # noqa: E402
+from common import encoder_rows, interleaved, optimize, print_table, recipes_config
 
 SEQ = 128
 RECIPES = [

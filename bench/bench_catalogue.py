@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from common import print_table  # noqa: E402
+from common import print_table
 
 MODELS = 10
 RECIPES = ["baseline", "quantize.int8_dynamic", "quantize.int8_static", "quantize.bf16",

@@ -17,7 +17,7 @@ import time
 from datetime import timezone
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Serve, kiln_folder, print_table  # noqa: E402
+from common import Serve, kiln_folder, print_table
 
 
 def main():

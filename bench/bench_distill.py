@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import optimize, print_table, recipes_config  # noqa: E402
+from common import optimize, print_table, recipes_config
 
 SEQ, VOCAB, CLASSES, WIDTH, DEPTH = 16, 32, 4, 64, 12
 RECIPES = ["baseline", "distill.depth(steps=800, learning_rate=0.0005)"]

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved, kiln_folder, optimize, print_table, stdlib_sentences  # noqa: E402
+from common import interleaved, kiln_folder, optimize, print_table, stdlib_sentences
 
 ROUNDS, RUNS = 9, 8
 

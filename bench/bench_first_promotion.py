@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Serve, encoder_rows, interleaved, kiln_folder, print_table  # noqa: E402
+from common import Serve, encoder_rows, interleaved, kiln_folder, print_table
 
 
 def staged_bert(folder: Path) -> Path:

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_encoder import cosine, pooled, serving, staged_minilm  # noqa: E402
-from common import kiln_folder, optimize, print_table  # noqa: E402
-from everyday import CALIBRATION, UNSEEN  # noqa: E402
+from bench_encoder import cosine, pooled, serving, staged_minilm
+from common import kiln_folder, optimize, print_table
+from everyday import CALIBRATION, UNSEEN
 
 
 def _burn(stop) -> None:

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_bert import SEQ  # noqa: E402
-from common import encoder_rows, interleaved, kiln_folder, optimize, print_table  # noqa: E402
+from bench_bert import SEQ
+from common import encoder_rows, interleaved, kiln_folder, optimize, print_table
 
 BATCH = 32
 ROUNDS, RUNS = 5, 10

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from bench_first_promotion import descendants, peak_rss_bytes  # noqa: E402
-from common import Serve, kiln_folder, print_table  # noqa: E402
+from bench_first_promotion import descendants, peak_rss_bytes
+from common import Serve, kiln_folder, print_table
 
 
 def tiny_hf(folder: Path, **config) -> None:

@@ -11,7 +11,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Serve, kiln_folder, print_table  # noqa: E402
+from common import Serve, kiln_folder, print_table
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

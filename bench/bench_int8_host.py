@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved, print_table  # noqa: E402
+from common import interleaved, print_table
 
 LENGTHS = (77, 128)
 THREADS = 2

@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_gpu import bandwidth_gb_s  # noqa: E402
-from common import print_table  # noqa: E402
+from bench_gpu import bandwidth_gb_s
+from common import print_table
 
 NEW = 32
 ROUNDS = 3

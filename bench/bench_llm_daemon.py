@@ -28,9 +28,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_gpu import bandwidth_gb_s  # noqa: E402
-from bench_llm import generate_per_token, llama_7b_config  # noqa: E402
-from common import kiln_folder, optimize, print_table  # noqa: E402
+from bench_gpu import bandwidth_gb_s
+from bench_llm import generate_per_token, llama_7b_config
+from common import kiln_folder, optimize, print_table
 
 
 def main():

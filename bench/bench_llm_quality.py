@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import kiln_folder, optimize, print_table  # noqa: E402
+from common import kiln_folder, optimize, print_table
 
 RECIPES = ["baseline", "quantize.weight_only(bits=8)", "quantize.weight_only", "quantize.int8_dynamic",
            "quantize.bf16"]

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from common import kiln_folder, optimize, print_table  # noqa: E402
+from common import kiln_folder, optimize, print_table
 
 def shape_config(tiny: bool):
     from transformers import LlamaConfig

@@ -16,8 +16,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_steps import train  # noqa: E402
-from common import optimize, print_table, recipes_config  # noqa: E402
+from bench_steps import train
+from common import optimize, print_table, recipes_config
 
 LEVELS = [1, 2, 4, 8]
 

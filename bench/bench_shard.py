@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import optimize, print_table, recipes_config  # noqa: E402
+from common import optimize, print_table, recipes_config
 
 SEQ, VOCAB, WIDTH, DEPTH = 128, 1000, 512, 12
 

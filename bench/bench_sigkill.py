@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
-from chaos import run_campaign  # noqa: E402
-from common import print_table  # noqa: E402
+from chaos import run_campaign
+from common import print_table
 
 
 def main():

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import encoder_rows, interleaved, kiln_folder, optimize, print_table  # noqa: E402
+from common import encoder_rows, interleaved, kiln_folder, optimize, print_table
 
 SEQUENCE, ROWS = 2048, 4
 DENSE = "quantize.bf16 -> compile.inductor"

@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import optimize, print_table, recipes_config  # noqa: E402
+from common import optimize, print_table, recipes_config
 
 WIDTH = 2048
 RECIPES = [

@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import kiln_folder, optimize, print_table  # noqa: E402
+from common import kiln_folder, optimize, print_table
 
 BUDGET_MB = 256
 

@@ -17,8 +17,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_steps import train  # noqa: E402
-from common import optimize, print_table, recipes_config  # noqa: E402
+from bench_steps import train
+from common import optimize, print_table, recipes_config
 
 RECIPES = ["baseline", "quantize.int8_dynamic(tune=False)", "quantize.int8_dynamic",
            "quantize.smooth -> quantize.int8_dynamic(tune=False)"]

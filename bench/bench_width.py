@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_encoder import cosine, pooled, serving, staged_minilm  # noqa: E402
-from common import (  # noqa: E402
+from bench_encoder import cosine, pooled, serving, staged_minilm
+from common import (
     TOPICS, interleaved, kiln_folder, optimize, print_table, stdlib_sentences, stdlib_topics)
 
 RECIPES = ["baseline", "distill.width", "distill.width -> quantize.int8_dynamic", "quantize.int8_dynamic"]
@@ -69,7 +69,7 @@ def staged_classifier(folder: Path) -> tuple[Path, list[tuple[str, int]]]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     texts, labels = [s for s, _ in train], torch.tensor([label for _, label in train])
     started = time.time()
-    for step in range(FINE_TUNE_STEPS):
+    for _ in range(FINE_TUNE_STEPS):
         rows = torch.randint(0, len(texts), (32,))
         batch = tokenizer([texts[i] for i in rows], padding=True, return_tensors="pt")
         loss = model(**batch, labels=labels[rows]).loss
@@ -145,7 +145,7 @@ def main():
         speed = []
         if teacher is not None:
             for feed in (median, long):
-                medians = interleaved({"teacher": lambda f=feed: teacher(f), "student": lambda f=feed: run(f)},
+                medians = interleaved({"teacher": lambda f=feed: teacher(f), "student": lambda f=feed, run=run: run(f)},
                                       "cpu", ROUNDS, RUNS)
                 speed.append(f"{medians['teacher'] / medians['student']:.2f}x")
         record = {k: val for step in v["lineage"] for k, val in (step.get("record") or {}).items()}

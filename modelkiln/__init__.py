@@ -3,4 +3,4 @@
 __version__ = "0.1.0"
 __all__ = ["__version__", "hookimpl"]
 
-from .plugins import hookimpl  # noqa: E402  the marker plugin authors use: @modelkiln.hookimpl
+from .plugins import hookimpl

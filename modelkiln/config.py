@@ -307,6 +307,27 @@ def plugin_settings(cls, table: dict, plugin: str, file: Path | None):
 
 
 def _validate(config: Config, file: Path) -> None:
+    """Refuse a config that cannot run, naming the file and the key; changes nothing."""
+    _validate_sources(config, file)
+    _validate_numbers(config, file)
+    _validate_targets(config, file)
+    _validate_policy(config, file)
+    for name, arch in config.architectures.items():
+        if ":" not in arch.factory:
+            raise ConfigError(
+                f"{file}: 'architectures.{name}.factory' must be 'module:callable', "
+                f"got {arch.factory!r}"
+            )
+
+
+def _normalize(config: Config) -> None:
+    """What a valid config is read as: each load level measured once, fewest clients first."""
+    for target in config.targets.values():
+        target.concurrency = sorted(set(target.concurrency))
+
+
+def _validate_sources(config: Config, file: Path) -> None:
+    """Where checkpoints come from and where the daemon reports to."""
     if config.registry.kind == "mlflow" and not config.registry.mlflow.tracking_uri:
         raise ConfigError(f"{file}: registry.kind is \"mlflow\" but 'registry.mlflow.tracking_uri' is empty: "
                           "set it to the tracking server's URL, e.g. \"http://127.0.0.1:5000\"")
@@ -325,6 +346,9 @@ def _validate(config: Config, file: Path) -> None:
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"{file}: 'http.address' must be host:port (e.g. \"127.0.0.1:9464\") or \"\" "
                               f"to turn the endpoint off, got {config.http.address!r}")
+
+
+def _validate_numbers(config: Config, file: Path) -> None:
     for key, value, low, inclusive in _ranges(config):
         if value < low or (value == low and not inclusive):
             raise ConfigError(f"{file}: '{key}' must be {'at least' if inclusive else 'more than'} {low:g}, "
@@ -335,6 +359,9 @@ def _validate(config: Config, file: Path) -> None:
     if config.measure.max_seconds < config.measure.min_seconds:
         raise ConfigError(f"{file}: 'measure.max_seconds' ({config.measure.max_seconds:g}) is below "
                           f"'measure.min_seconds' ({config.measure.min_seconds:g})")
+
+
+def _validate_targets(config: Config, file: Path) -> None:
     if not config.targets:
         raise ConfigError(f"{file}: at least one [targets.NAME] table is needed")
     for name, target in config.targets.items():
@@ -354,7 +381,9 @@ def _validate(config: Config, file: Path) -> None:
             raise ConfigError(f"{file}: 'targets.{name}.memory_mb' must be 0 (no budget) or a size in MiB")
         if any(not 1 <= level <= 256 for level in target.concurrency):
             raise ConfigError(f"{file}: 'targets.{name}.concurrency' must list client counts from 1 to 256")
-        target.concurrency = sorted(set(target.concurrency))  # each level measured once, fewest clients first
+
+
+def _validate_policy(config: Config, file: Path) -> None:
     unmeasured = sorted(name for name, t in config.targets.items() if not t.concurrency)
     if config.policy.objective == LOAD_OBJECTIVE and unmeasured:
         # A target without load figures would never have anything promoted.
@@ -386,12 +415,6 @@ def _validate(config: Config, file: Path) -> None:
         raise ConfigError(f"{file}: 'policy.budget_minutes' must be 0 (no budget) or more")
     if config.policy.runoff_margin < 0:
         raise ConfigError(f"{file}: 'policy.runoff_margin' must be 0 (no run-off) or more")
-    for name, arch in config.architectures.items():
-        if ":" not in arch.factory:
-            raise ConfigError(
-                f"{file}: 'architectures.{name}.factory' must be 'module:callable', "
-                f"got {arch.factory!r}"
-            )
 
 
 def _ranges(config: Config):
@@ -439,6 +462,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     config = _build(Config, data, "", file)
     config.source = file
     _validate(config, file)
+    _normalize(config)
     return config
 
 

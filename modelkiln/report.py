@@ -122,14 +122,7 @@ def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quali
             floor = None
         else:
             ys = [max(y, floor) for y in ys]
-    x_low, x_high = min(xs), max(xs)
-    # A log scale once the spread is wide: fast variants bunch up at the left otherwise.
-    log = x_high / max(x_low, 1e-12) > 4
-    if log:
-        x_low, x_high = x_low / 1.3, x_high * 1.3
-    else:
-        pad = (x_high - x_low) * 0.08 or x_high * 0.1 or 1.0
-        x_low, x_high = max(0.0, x_low - pad), x_high + pad
+    x_low, x_high, log = _x_range(xs)
     y_values = ys + ([bar] if bar is not None else [])
     y_low, y_high = min(y_values), max(y_values)
     pad = (y_high - y_low) * 0.1 or 0.01
@@ -192,12 +185,30 @@ def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quali
                        f'{edge}><title>{title}</title></circle>')
         lx, ly = _label_place(cx, cy, len(str(numbers[c["id"]])), placed)
         out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" class="label">{numbers[c["id"]]}</text>')
-    lx = LEFT + inner_w + 18
-    legend = [(colour[r], r, "dot") for r in runtimes] + [("#e0a100", "promoted", "ring"),
-                                                        ("#1d232b", "Pareto front (outlined)", "line")]
-    if bar is not None:
+    out.extend(_legend(LEFT + inner_w + 18, [(colour[r], r) for r in runtimes], bar is not None, floor is not None))
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _x_range(xs: list[float]) -> tuple[float, float, bool]:
+    """The objective axis: its low and high ends, and whether it is a log scale."""
+    x_low, x_high = min(xs), max(xs)
+    # A log scale once the spread is wide: fast variants bunch up at the left otherwise.
+    log = x_high / max(x_low, 1e-12) > 4
+    if log:
+        return x_low / 1.3, x_high * 1.3, True
+    pad = (x_high - x_low) * 0.08 or x_high * 0.1 or 1.0
+    return max(0.0, x_low - pad), x_high + pad, False
+
+
+def _legend(lx: float, runtimes: list[tuple[str, str]], with_bar: bool, with_floor: bool) -> list[str]:
+    """The legend beside the plot: a dot per runtime (colour, name), then the marks."""
+    out = []
+    legend = [(col, r, "dot") for col, r in runtimes] + [("#e0a100", "promoted", "ring"),
+                                                       ("#1d232b", "Pareto front (outlined)", "line")]
+    if with_bar:
         legend.append(("#b3261e", "quality bar", "dash"))
-    if floor is not None:
+    if with_floor:
         legend.append(("#5b6672", "below the range shown", "triangle"))
     for i, (col, label, kind) in enumerate(legend):
         y = TOP + 12 + i * 20
@@ -211,8 +222,7 @@ def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quali
             dash = ' stroke-dasharray="5 4"' if kind == "dash" else ""
             out.append(f'<line x1="{lx}" y1="{y - 4}" x2="{lx + 14}" y2="{y - 4}" stroke="{col}" stroke-width="2"{dash}/>')
         out.append(f'<text x="{lx + 22}" y="{y}">{escape(label)}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+    return out
 
 
 def _variants_table(variants: list[dict], promoted_ids: set[int], policy, numbers: dict[int, int] | None = None) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # workers import helpers' factories
 
-from modelkiln.config import load_config, write_default_config  # noqa: E402
+from modelkiln.config import load_config, write_default_config
 
 FAST = """
 [architectures.digits]

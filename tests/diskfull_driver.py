@@ -11,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import optimize_once  # noqa: E402
+from helpers import optimize_once
 
-from modelkiln.config import load_config  # noqa: E402
-from modelkiln.store import queries  # noqa: E402
+from modelkiln.config import load_config
+from modelkiln.store import queries
 
 # Room for the new snapshot (about 1.4 MiB) and the reference outputs, not for a variant.
 LEFT_FREE = int(1.6 * 2**20)

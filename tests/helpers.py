@@ -139,7 +139,7 @@ def train_tiny_transformer(steps: int = 300):
     x, y = token_task(4096, seed=1)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(xt), (128,))
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()

@@ -98,12 +98,12 @@ def test_a_promoted_encoder_folder_serves_padded_batches_of_any_length_without_m
             session = ort.InferenceSession(str(path / meta["file"]), providers=["CPUExecutionProvider"])
             assert [o.name for o in session.get_outputs()] == ["last_hidden_state"]
 
-            def run(feed):
+            def run(feed, session=session):
                 return session.run(["last_hidden_state"], dict(feed))[0]
         else:
             module = torch.export.load(str(path / meta["file"])).module()
 
-            def run(feed):
+            def run(feed, module=module, meta=meta):
                 with torch.inference_mode():
                     return module(*(torch.from_numpy(feed[i["name"]]) for i in meta["inputs"])).numpy()
 

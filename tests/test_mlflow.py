@@ -219,7 +219,7 @@ def test_versions_are_pulled_processed_and_promotions_written_back(mlflow_server
         daemon = Daemon(config)
         daemon.start()
         try:
-            run_until(daemon, lambda: served_by_alias() == expected)
+            run_until(daemon, lambda expected=expected: served_by_alias() == expected)
         finally:
             daemon.stop(5)
 

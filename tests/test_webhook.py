@@ -25,7 +25,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.requests.append((dict(self.headers), body))
                 code = 503 if len(receiver.requests) <= receiver.fail_first else 204
@@ -155,7 +155,7 @@ def test_a_redirect_is_never_followed_and_the_event_stays_in_the_outbox(tmp_path
     landed = Receiver()
 
     class Redirect(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             self.send_response(302)
             self.send_header("Location", landed.url)
             self.send_header("Content-Length", "0")

@@ -93,7 +93,7 @@ class Background:
             kind, key, fn, args = item
             try:
                 value, error = fn(*args), None
-            except Exception as exc:  # noqa: BLE001 - reported on the loop, naming the folder
+            except Exception as exc:  # reported on the loop, naming the folder
                 value, error = None, exc
             self.inbox.put((kind, (key, value, error)))
 

@@ -245,11 +245,11 @@ class Daemon:
                     theirs = peer.targets.get(name)
                     if theirs is None:
                         continue
-                    ours, theirs = {**defaults, **ours}, {**defaults, **theirs}
-                    if theirs == ours:
+                    here, there = {**defaults, **ours}, {**defaults, **theirs}
+                    if there == here:
                         continue
-                    differs = "; ".join(f"{key} = {ours.get(key)!r} here, {theirs.get(key)!r} there"
-                                        for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key))
+                    differs = "; ".join(f"{key} = {here.get(key)!r} here, {there.get(key)!r} there"
+                                        for key in sorted(set(here) | set(there)) if here.get(key) != there.get(key))
                     raise ConfigError(
                         f"{self.config.source}: targets.{name} is defined otherwise by host {peer.name} (machine:"
                         f"config), which runs on this catalogue ({differs}). Hosts sharing a catalogue must define a shared "
@@ -470,7 +470,7 @@ class Daemon:
         """Ingest ``candidate`` on this thread."""
         try:
             result = self.ingestor.ingest(candidate)
-        except Exception as exc:  # noqa: BLE001 - one bad folder must not stop the scan or the batch
+        except Exception as exc:  # one bad folder must not stop the scan or the batch
             self._not_taken(candidate, exc)
             return None
         return self._taken(candidate, result)
@@ -483,7 +483,7 @@ class Daemon:
         """On the ingest thread: the candidate and what preparing it gave (or raised)."""
         try:
             return candidate, self.ingestor.prepare(candidate)
-        except Exception as exc:  # noqa: BLE001 - reported on the loop, naming the folder
+        except Exception as exc:  # reported on the loop, naming the folder
             return candidate, exc
 
     def _prepared(self, key: str, value, error: Exception | None) -> None:
@@ -503,7 +503,7 @@ class Daemon:
                 self.scheduler.post_at(self.wall_clock() + ERROR_BACKOFF_SECONDS,
                                        f"quiet:{candidate.model}/{candidate.version}", "hint", candidate)
             return
-        except Exception as exc:  # noqa: BLE001 - as in _take
+        except Exception as exc:  # as in _take
             self._not_taken(candidate, exc)
             return
         self._taken(candidate, result)
@@ -597,7 +597,7 @@ class Daemon:
                       "it missed")
             try:
                 self.watcher.restart()
-            except Exception:  # noqa: BLE001 - the rescans still find everything; tried again shortly
+            except Exception:  # the rescans still find everything; tried again shortly
                 log.exception("the file watcher could not be restarted; new versions are found by the rescan "
                               "every %g s meanwhile", self.config.registry.rescan_seconds)
             self.inbox.put(("rescan", None))

@@ -132,7 +132,7 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
         result = {"status": "skipped", "reason": str(exc)}
     except MemoryError:
         result = {"status": "failed", "reason": _out_of_memory(phase, memory_limit_mb)}
-    except BaseException as exc:  # noqa: BLE001 - SystemExit from a plugin fails the job too
+    except BaseException as exc:  # SystemExit from a plugin fails the job too
         traceback.print_exc()
         result = {"status": "failed", "reason": f"{phase}: {type(exc).__name__}: {exc}"}
     if memory_limit_mb and any(sign in (result.get("reason") or "") for sign in _ALLOCATION_FAILED):

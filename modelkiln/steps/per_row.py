@@ -94,7 +94,7 @@ def quantize_per_row(source: Path, out: Path, excluded: frozenset = frozenset(),
 
         try:
             model = version_converter.convert_version(model, 13)
-        except Exception as exc:  # noqa: BLE001 - the reason goes to the variant
+        except Exception as exc:  # the reason goes to the variant
             raise StepNotApplicable(f"the model's opset {opset} could not be raised to 13 for per-row int8 ({exc}); "
                                     "use quantize.int8_dynamic(activations='per_tensor')") from None
         opset = 13

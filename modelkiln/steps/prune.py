@@ -103,7 +103,7 @@ def _hf_config(module):
 def _set_head_counts(module, blocks, pruner) -> dict:
     """After pruning: tell each block (and the config) how many heads it has now."""
     counts = []
-    for block, (q, _, _), heads in blocks:
+    for block, (q, _, _), _ in blocks:
         now = pruner.num_heads[q]
         head_size = q.out_features // now
         for attr in _HEAD_COUNTS:

@@ -144,8 +144,8 @@ def smooth_onnx(path: Path, data: dict, alpha: float, out: Path) -> dict:
     for start in range(0, min(rows, CALIBRATION_ROWS), PROBE_ROWS):
         batch = feed({name: array[start:start + PROBE_ROWS] for name, array in data.items()})
         for name, value in zip(names, session.run(names, batch)):
-            value = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-            maxima[name] = np.maximum(maxima[name], value) if name in maxima else value
+            peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            maxima[name] = np.maximum(maxima[name], peak) if name in maxima else peak
     del session
     for leftover in out.parent.glob(probe_path.name + "*"):
         leftover.unlink()

@@ -114,7 +114,7 @@ class Sparse24(TrainingStep):
         teacher = copy.deepcopy(model.obj).eval() if recovering else None
         try:
             norms = input_norms(model.obj, layers, data) if data else {}
-        except Exception as exc:  # noqa: BLE001 - weighed by size alone then, and the lineage says why
+        except Exception as exc:  # weighed by size alone then, and the lineage says why
             norms, source = {}, f"none ({type(exc).__name__}: {exc})"
         masks = {}
         with torch.no_grad():

@@ -32,7 +32,7 @@ def one_shot_available(device: str, ranks: int) -> str | None:
     if not device.startswith("cuda"):
         return "the ranks are not on GPUs"
     try:
-        torch.ops.symm_mem.one_shot_all_reduce_copy
+        _ = torch.ops.symm_mem.one_shot_all_reduce_copy  # the lookup raises where this build lacks it
     except (AttributeError, RuntimeError):
         return f"PyTorch {torch.__version__} has no symm_mem.one_shot_all_reduce_copy"
     for a in range(ranks):

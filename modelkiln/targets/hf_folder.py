@@ -70,12 +70,12 @@ def stored_tensors(lm) -> tuple[dict, list[tuple[dict, list[str]]], list[str]]:
         if layer in compressed and attr != "bias":
             continue  # the kernel's packing: derived from the stored form, not stored
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:  # tied (an LM head sharing the embeddings): stored once, tied by config
-            if getattr(lm.config, "tie_word_embeddings", False):
-                continue
-            tensor = tensor.clone()
+        shared = key in seen  # tied (an LM head sharing the embeddings): stored once, tied by config
+        if shared and getattr(lm.config, "tie_word_embeddings", False):
+            continue
         seen[key] = name
-        tensors[name] = tensor.detach().cpu().contiguous()
+        # Untied by config, yet sharing storage: safetensors stores no two names on one storage.
+        tensors[name] = (tensor.clone() if shared else tensor).detach().cpu().contiguous()
     groups: dict[str, tuple[dict, list[str]]] = {}
     for layer, form in compressed.items():
         for attr, tensor in form.tensors(dtype).items():

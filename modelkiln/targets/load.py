@@ -44,7 +44,7 @@ def _level(run, request: dict, clients: int, seconds: float) -> dict:
                 run(request)
                 last = time.perf_counter()
                 mine.append(last - began)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, on the measuring thread
+        except BaseException as exc:  # re-raised below, on the measuring thread
             errors.append(exc)
         with lock:
             latencies.extend(mine)

@@ -55,7 +55,7 @@ class TorchRuntime(Runtime):
             model.obj.ranks[rank] = module.to(f"cuda:{rank}")
         return model
 
-    def save(self, model, directory):
+    def save(self, model, directory):  # noqa: C901 - over the complexity bound, not yet split
         import torch
 
         if model.form == SHARDED:
