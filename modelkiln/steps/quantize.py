@@ -41,6 +41,7 @@ from ..plugins.api import ONNX, TORCH, ModelHandle, Param, Step
 from ..targets.harness import run_chunked
 from ..targets.host import SEVEN_BIT_WEIGHTS, half_precision_reason, host_int8_form, host_probe
 from ..targets.onnxrt import session_runner
+from .int8_forms import CONV_OPERATORS, fastest, has_operators, prepare
 from .per_row import quantizable_nodes, quantize_per_row
 from .smooth import smooth_module, smooth_onnx
 from .tuning import tune
@@ -101,15 +102,36 @@ def _host_form(context) -> str:
     return form
 
 
-def _onnx_weighted_nodes(path) -> list[str]:
-    """MatMul/Gemm nodes with a constant weight, largest weight first."""
+def _onnx_weighted_nodes(path, operators=("MatMul", "Gemm", *CONV_OPERATORS)) -> list[str]:
+    """Nodes of ``operators`` with a constant weight, largest weight first."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
     nodes = [(sizes[n.input[1]], n.name) for n in graph.node
-             if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in sizes and n.name]
+             if n.op_type in operators and len(n.input) > 1 and n.input[1] in sizes and n.name]
     return [name for _, name in sorted(nodes, reverse=True)]
+
+
+def quantize_conv_dynamic(source, out, excluded: frozenset, only: str | None, reduce_range: bool) -> int:
+    """``source``'s Conv nodes with a constant weight as onnxruntime's ``ConvInteger``
+    (int8 weights, activations quantized on the fly, one scale per tensor), written to
+    ``out``; ``excluded`` stay float, or only ``only`` is quantized (none where it is not
+    a Conv). ``reduce_range``: 7-bit weights, for a host whose U8S8 kernel saturates.
+    Returns how many were quantized."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    convs = _onnx_weighted_nodes(source, ("Conv",))
+    chosen = [only] if only in convs else [] if only else [name for name in convs if name not in excluded]
+    if not chosen:
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
+                         reduce_range=reduce_range, nodes_to_quantize=chosen)
+    return sum(1 for node in onnx.load(str(out), load_external_data=False).graph.node
+               if node.op_type == "ConvInteger")
 
 
 class Int8Dynamic(Step):
@@ -141,23 +163,40 @@ class Int8Dynamic(Step):
     def _onnx_per_row(self, model, params, context):
         counter = iter(range(10**6))
         form = _host_form(context)
+        source, convs = model.obj, []
+        if has_operators(model.obj, ("Conv",)):
+            source, context.record["prepared"] = prepare(model.obj, context.new_path("int8_dynamic/prepared.onnx"))
+            convs = _onnx_weighted_nodes(source, ("Conv",))
 
-        def builder(source=lambda: model.obj):
+        def builder(source=lambda: source):
             def build(excluded, only):
-                out = context.new_path(f"int8_dynamic/{next(counter)}/model.onnx")
-                if quantize_per_row(source(), out, excluded, only, form) == 0:
-                    raise StepNotApplicable("the model has no MatMul or Gemm with a constant float32 weight")
+                folder = f"int8_dynamic/{next(counter)}"
+                out = context.new_path(f"{folder}/model.onnx")
+                quantized = quantize_per_row(source(), out, excluded, only, form)
+                if convs:
+                    with_convs = context.new_path(f"{folder}/conv/model.onnx")
+                    count = quantize_conv_dynamic(out if quantized else source(), with_convs, excluded, only,
+                                                  form == SEVEN_BIT_WEIGHTS)
+                    out, quantized = (with_convs, quantized + count) if count else (out, quantized)
+                if quantized == 0:
+                    raise StepNotApplicable("the model has no Conv, MatMul or Gemm with a constant float32 weight")
                 return out
             return build
 
         def smoothed_builder(alpha):
             data = context.calibration_inputs or context.sample_inputs
-            return builder(_smoothed_once(model.obj, data, context, alpha, "int8_dynamic"))
+            return builder(_smoothed_once(source, data, context, alpha, "int8_dynamic"))
 
         # SmoothQuant on the graph (one Mul per smoothed activation) before any layer is
         # kept in float (which costs the most).
         alternatives = [(f"smoothed (alpha {alpha})", smoothed_builder(alpha)) for alpha in ONNX_SMOOTH_ALPHAS]
-        out = _onnx_tuned(builder(), alternatives, quantizable_nodes(model.obj), params, context)
+        order = {name: rank for rank, name in enumerate(_onnx_weighted_nodes(source))}
+        layers = sorted(set(quantizable_nodes(source)) | set(convs), key=lambda name: order.get(name, len(order)))
+        out = _onnx_tuned(builder(), alternatives, layers, params, context)
+        if convs:
+            # ConvInteger takes one activation zero point per tensor: a convolution's
+            # scale is its whole batch's, the products' stay per row.
+            context.record["conv_activations"] = "per_tensor"
         return self._quantized(model, out, context, activations="per_row")
 
     def _onnx_per_tensor(self, model, params, context):
@@ -279,45 +318,46 @@ class _Batches:
 
 class Int8Static(Step):
     name = "quantize.int8_static"
-    description = ("int8 weights and uint8 activations, calibrated ahead of time (onnxruntime QDQ), "
-                   "accuracy-aware")
+    description = ("int8 weights and uint8 activations, calibrated ahead of time (onnxruntime QDQ or operator "
+                   "form, the faster one on conv nets), accuracy-aware")
     params = (
         Param("per_channel", bool, True, "one weight scale per output channel"),
         Param("calibration_rows", int, 256, "rows of calibration data used at most"),
-        Param("method", str, "minmax", "calibration: minmax, entropy or percentile"),
-        Param("operators", str, "MatMul,Gemm,Conv", "operator types quantized (comma-separated; onnxruntime's "
-              "names): the ones that carry the time"),
-        Param("tune", bool, True, "smooth, then keep the most sensitive layers in float until the quality gate "
-              "passes"),
+        Param("method", str, "minmax", "calibration: minmax, entropy or percentile (the tuner tries the others "
+              "when the gate is missed)"),
+        Param("operators", str, "MatMul,Gemm,Conv,ConvTranspose", "operator types quantized (comma-separated; "
+              "onnxruntime's names), or 'all' for every one onnxruntime quantizes"),
+        Param("form", str, "auto", "'qdq', 'qoperator', or 'auto': on a graph with convolutions each form "
+              "(QDQ on the operators above, QDQ on all, the operator form on all) is timed and the fastest that "
+              "keeps the gate is kept; elsewhere QDQ"),
+        Param("tune", bool, True, "other calibration methods, smoothing, then the most sensitive layers kept in "
+              "float until the quality gate passes"),
         Param("tune_budget", int, 8, "most extra candidates built while tuning (each one calibrates again)"),
     )
     forms = {"onnxruntime": ONNX}
 
     _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+    _FORMS = ("auto", "qdq", "qoperator")
 
     def apply(self, model, params, context):
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
         method = self._METHODS.get(params["method"])
         if method is None:
             raise StepNotApplicable(f"{self.name}: method must be one of {', '.join(self._METHODS)}")
-        operators = [op.strip() for op in params["operators"].split(",") if op.strip()]
-        if not operators:
+        if params["form"] not in self._FORMS:
+            raise StepNotApplicable(f"{self.name}: form must be one of {', '.join(self._FORMS)}, "
+                                    f"got {params['form']!r}")
+        operators = _operator_list(params["operators"])
+        if operators == []:
             raise StepNotApplicable(f"{self.name}: operators names no operator type")
         data = context.calibration_inputs or context.sample_inputs
         rows = min(params["calibration_rows"], len(next(iter(data.values()))))
         data = {name: a[:rows] for name, a in data.items()}
-        prepared = context.new_path("int8_static/prepared.onnx")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                quant_pre_process(str(model.obj), str(prepared))
-            except Exception:  # pre-processing is an optimisation; quantize the model as it is
-                prepared = model.obj
+        prepared, prepared_how = prepare(model.obj, context.new_path("int8_static/prepared.onnx"))
+        context.record["prepared"] = prepared_how
         counter = iter(range(10**6))
         reduce_range = _host_form(context) == SEVEN_BIT_WEIGHTS
 
-        def builder(source=lambda: prepared):
+        def builder(quant_format="qdq", types=operators, calibration=method, source=lambda: prepared):
             def build(excluded, only):
                 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -326,33 +366,85 @@ class Int8Static(Step):
                     warnings.simplefilter("ignore")
                     quantize_static(
                         str(source()), str(out), _Batches(data, model.inputs, batch_size=CALIBRATION_BATCH),
-                        quant_format=QuantFormat.QDQ, per_channel=params["per_channel"],
+                        quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
+                        per_channel=params["per_channel"],
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
-                        calibrate_method=getattr(CalibrationMethod, method),
+                        calibrate_method=getattr(CalibrationMethod, calibration),
                         nodes_to_exclude=sorted(excluded) or None, nodes_to_quantize=[only] if only else None,
-                        op_types_to_quantize=operators,
+                        op_types_to_quantize=types,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
                     )
                 return out
             return build
 
-        def smoothed_builder(alpha):
-            return builder(_smoothed_once(prepared, data, context, alpha, "int8_static"))
-
-        # One scale per activation tensor, fixed ahead of time, cannot follow a trained
-        # transformer's outlier channels: SmoothQuant moves them into the weights first
-        # (0.5, the paper's strength, then 0.8), then the layers they still wreck stay float.
-        alternatives = [(f"smoothed (alpha {alpha})", smoothed_builder(alpha)) for alpha in (0.5, 0.8)]
-        out = _onnx_tuned(builder(), alternatives, _onnx_weighted_nodes(prepared), params, context)
+        timed = params["form"] == "auto" and has_operators(prepared, CONV_OPERATORS)
+        if timed:
+            chosen, build = self._fastest_form(builder, operators, prepared, context)
+        else:
+            chosen = "qoperator" if params["form"] == "qoperator" else "qdq"
+            build = builder(chosen)
+        quant_format, types = ("qoperator", None) if chosen.startswith("qoperator") else (
+            "qdq", None if chosen == "qdq, all operators" else operators)
+        # Other calibration methods first (entropy and percentile clip the outliers that
+        # stretch a min-max range), then SmoothQuant on the graph's MatMuls (0.5, the
+        # paper's strength, then 0.8), then the layers they still wreck stay float.
+        alternatives = [(f"{chosen}, {other} calibration", builder(quant_format, types, self._METHODS[other]))
+                        for other in self._METHODS if self._METHODS[other] != method]
+        alternatives += [(f"{chosen}, smoothed (alpha {alpha})",
+                          builder(quant_format, types, method,
+                                  _smoothed_once(prepared, data, context, alpha, "int8_static")))
+                         for alpha in (0.5, 0.8)]
+        out = _onnx_tuned(build, alternatives, _onnx_weighted_nodes(prepared), params, context)
         import onnx
 
-        quantized = sum(1 for n in onnx.load(str(out), load_external_data=False).graph.node
-                        if n.op_type == "QuantizeLinear")
+        graph = onnx.load(str(out), load_external_data=False).graph
+        quantized = sum(1 for n in graph.node if n.op_type in ("QuantizeLinear", "QLinearConv", "QLinearMatMul"))
         if quantized == 0:
             raise StepNotApplicable("the model has no operators onnxruntime quantizes statically")
-        context.record.update(quantize_nodes=quantized, calibration_rows=rows, activations="uint8",
+        context.record.update(quantize_nodes=quantized, calibration_rows=rows, activations="uint8", form=chosen,
                               calibration="the checkpoint's calibration data" if context.calibration_inputs else "sample inputs")
         return ModelHandle(ONNX, out, model.inputs, dict(model.notes))
+
+    @staticmethod
+    def _fastest_form(builder, operators, prepared, context):
+        """On a graph with convolutions: each int8 form built whole and scored, and the
+        fastest that keeps the gate (``int8_forms.fastest``); else the best scored, for
+        the tuner to go on with. Returns its name and a builder that hands the built
+        candidate back for the whole graph, so that it is not calibrated twice."""
+        forms = {"qdq": builder("qdq"), "qdq, all operators": builder("qdq", None),
+                 "qoperator, all operators": builder("qoperator", None)}
+        if operators is None:  # 'all' asked for: the first form already is it
+            forms.pop("qdq, all operators")
+        built = {}
+        for index, (name, build) in enumerate(forms.items()):
+            context.progress(f"int8 form: {name}", index, len(forms))
+            path = build(frozenset(), None)
+            built[name] = (path, context.quality(_onnx_outputs(path, context)))
+        first = {name: array[:1] for name, array in context.sample_inputs.items()}
+        chosen = fastest(built, context.passes, prepared, _model_feed(prepared, first), context.threads,
+                         context.record)
+        if chosen is None:
+            chosen = max(built, key=lambda name: built[name][1])
+        path, build = built[chosen][0], forms[chosen]
+
+        def reuse(excluded, only):
+            return path if not excluded and only is None else build(excluded, only)
+        return chosen, reuse
+
+
+def _operator_list(text: str) -> list[str] | None:
+    """The ``operators`` parameter as onnxruntime takes it: None for every operator."""
+    if text.strip().lower() == "all":
+        return None
+    return [op.strip() for op in text.split(",") if op.strip()]
+
+
+def _model_feed(path, rows: dict) -> dict:
+    """Batch-first ``rows`` as the model at ``path`` takes them (its batch axis per input)."""
+    from ..targets.onnxrt import session_feed
+    from .int8_forms import _session
+
+    return session_feed(_session(path, 1))(rows)
 
 
 def _half_module(module, dtype):
