@@ -1,7 +1,8 @@
 """ONNX conv nets, as vision models are exported: a small detector-shaped net (Conv with
 BatchNorm, SiLU, a ConvTranspose upsampling, a dense map out) exported at opset 12 goes
 through the daemon with static and dynamic int8, and the promoted folder is served by
-plain onnxruntime."""
+plain onnxruntime; a variant whose session settings were chosen by timing is served with
+them from its serving.json."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def conv_config(kiln_dir):
 
     text = (kiln_dir / "kiln.toml").read_text()
     text = re.sub(r'(?m)^recipes = \[[^\]]*\]',
-                  'recipes = ["baseline", "quantize.int8_static", "quantize.int8_dynamic"]', text)
+                  'recipes = ["baseline", "quantize.int8_static", "quantize.int8_dynamic", '
+                  '"compile.onnxruntime(seconds=0.5)"]', text)
     text = text.replace('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["onnxruntime"]')
     (kiln_dir / "kiln.toml").write_text(text)
     return load_config(kiln_dir / "kiln.toml")
@@ -72,6 +74,8 @@ def conv_config(kiln_dir):
 
 def test_a_conv_net_gets_static_and_dynamic_int8_and_serves_from_plain_onnxruntime(conv_config, tmp_path):
     import onnxruntime as ort
+
+    from modelkiln.targets.onnxrt import session_options
 
     folder = conv_detector(tmp_path / "detector")
     checkpoint = optimize_once(conv_config, folder, "detector", timeout=240)
@@ -104,6 +108,22 @@ def test_a_conv_net_gets_static_and_dynamic_int8_and_serves_from_plain_onnxrunti
     # Every Conv (not the ConvTranspose: onnxruntime has no integer form of it) in int8.
     assert sum(n.op_type == "ConvInteger" for n in graph.node) == 4 == record["quantized_nodes"]
     assert record["conv_activations"] == "per_tensor" and record["int8_form"] in ("u8s8", "u8s7")
+
+    tuned = by_name["onnxruntime:compile.onnxruntime(seconds=0.5)"]
+    assert tuned["status"] == "succeeded", tuned.get("reason")
+    record = tuned["lineage"][-1]["record"]
+    # onnxruntime's defaults, one thread, no spinning, the parallel executor: each timed.
+    assert len(record["session_ms"]) == 4 and record["session"] in record["session_ms"]
+    before, after = map(int, record["offline_optimization"].split(" nodes -> "))
+    assert after < before  # BatchNorm folded into the Convs, at least
+    settings = json.loads((Path(tuned["path"]) / "serving.json").read_text())["session"]
+    assert settings["intra_op_num_threads"] in (1, 2)
+    session = ort.InferenceSession(str(Path(tuned["path"]) / tuned["file"]), session_options(settings, 2),
+                                   providers=["CPUExecutionProvider"])
+    images = np.load(folder / "calibration.npz")["images"][:3]
+    original = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {"images": images})[0], original.run(None, {"images": images})[0],
+                       atol=1e-4)
 
     # The promoted folder as serving code loads it.
     served = conv_config.promoted_path / "detector" / "cpu"

@@ -1,8 +1,12 @@
-"""The onnxruntime runtime: artifacts are a plain ``model.onnx`` served by an InferenceSession."""
+"""The onnxruntime runtime: artifacts are a plain ``model.onnx`` served by an InferenceSession,
+with the session's settings in ``serving.json`` where a step chose them
+(``compile.onnxruntime``): serving code builds its session the same way (:func:`session_options`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from pathlib import Path
 
@@ -11,6 +15,12 @@ from ..plugins import hookimpl
 from ..plugins.api import ONNX, TORCH, ModelHandle, Runtime, batch_axes, to_model_layout
 
 MODEL_FILE = "model.onnx"
+SERVING_FILE = "serving.json"
+# serving.json's key, and ModelHandle.notes', for the session settings a step chose.
+SESSION_KEY = "onnxruntime_session"
+# What serving.json's session entry may hold, and each setting's default.
+SESSION_DEFAULTS = {"intra_op_num_threads": 0, "inter_op_num_threads": 1, "execution_mode": "sequential",
+                    "allow_spinning": True}
 # Protobuf's hard limit: bigger models keep their weights in an external data file.
 _PROTOBUF_LIMIT = 1_800_000_000
 OPSET = 17
@@ -71,16 +81,33 @@ def session_feed(session):
     return feed
 
 
-def session_runner(path: Path, threads: int):
-    """``run(inputs) -> first output`` of an InferenceSession set up as serving code
-    would, on batch-first arrays by input name."""
+def session_options(settings: dict | None, threads: int):
+    """SessionOptions as serving code builds them: ``threads`` intra-op threads, one
+    inter-op thread, every graph optimisation, unless ``settings`` (serving.json's
+    session entry, see :data:`SESSION_DEFAULTS`) says otherwise."""
     import onnxruntime as ort
 
+    chosen = {**SESSION_DEFAULTS, "intra_op_num_threads": threads, **(settings or {})}
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = chosen["intra_op_num_threads"]
+    options.inter_op_num_threads = chosen["inter_op_num_threads"]
+    options.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if chosen["execution_mode"] == "parallel"
+                              else ort.ExecutionMode.ORT_SEQUENTIAL)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if not chosen["allow_spinning"]:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def session_runner(path: Path, threads: int, settings: dict | None = None):
+    """``run(inputs) -> first output`` of an InferenceSession set up as serving code
+    would (``settings``: serving.json's session entry), on batch-first arrays by input
+    name."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), session_options(settings, threads), providers=["CPUExecutionProvider"])
     feed = session_feed(session)
 
     def run(inputs: dict):
@@ -114,10 +141,14 @@ class OnnxRuntime(Runtime):
             proto, str(directory / MODEL_FILE), save_as_external_data=large,
             all_tensors_to_one_file=True, location=MODEL_FILE + ".data",
         )
+        if model.notes.get(SESSION_KEY):
+            (directory / SERVING_FILE).write_text(json.dumps({"session": model.notes[SESSION_KEY]}, indent=2))
         return MODEL_FILE
 
     def load(self, directory, file, device, threads):
-        return session_runner(directory / file, threads)
+        serving = directory / SERVING_FILE
+        settings = json.loads(serving.read_text()).get("session") if serving.exists() else None
+        return session_runner(directory / file, threads, settings)
 
 
 @hookimpl
