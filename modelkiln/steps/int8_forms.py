@@ -64,14 +64,14 @@ def prepare(source: Path, out: Path) -> tuple[Path, list[str]]:
             current = out.with_name(f"opset{PER_CHANNEL_OPSET}.onnx")
             onnx.save_model(raised, str(current))
             done.append(f"opset {opset} raised to {PER_CHANNEL_OPSET}")
-        except Exception as exc:  # noqa: BLE001 - the reason goes to the lineage
+        except Exception as exc:  # the reason goes to the lineage
             done.append(f"opset {opset} kept ({type(exc).__name__}: {exc})"[:200])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for symbolic in (True, False):
             try:
                 quant_pre_process(str(current), str(out), skip_symbolic_shape=not symbolic)
-            except Exception:  # noqa: BLE001 - the next way, or the model as it is
+            except Exception:  # the next way, or the model as it is
                 continue
             done.append("onnxruntime pre-processing (constant folding, fusions, "
                         f"{'symbolic' if symbolic else 'ONNX'} shape inference)")
