@@ -171,12 +171,37 @@ class PolicyConfig:
 
 
 @dataclass
+class ImagesConfig:
+    """How a model's image files (``calibration/``, ``eval/``, ``train/`` folders of PNG or
+    JPEG) become its input: each is read with Pillow, converted to ``channels``, resized
+    to ``size`` ([height, width]; empty: as shipped), divided by ``scale``, less ``mean``
+    and over ``std`` per channel, and laid out as ``layout`` for ``input``."""
+
+    input: str = ""  # empty: the model's only input
+    size: list[int] = field(default_factory=list)
+    scale: float = 255.0
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    channels: str = "RGB"  # RGB, BGR or L (grey)
+    layout: str = "NCHW"  # or NHWC
+
+
+@dataclass
 class ArchitectureConfig:
-    """How to build a module for weights that carry no architecture (safetensors, state dicts)."""
+    """What the daemon's config says of one model: how to build a module for weights that
+    carry no architecture (safetensors, state dicts), and how its image files become
+    inputs (``images``)."""
 
     factory: str = ""
     input_shape: list[int] = field(default_factory=list)
     input_dtype: str = "float32"
+    images: ImagesConfig | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ArchitectureConfig":
+        """From ``dataclasses.asdict`` of one (what a worker's spec carries)."""
+        images = data.get("images")
+        return cls(**{**data, "images": ImagesConfig(**images) if images else None})
 
 
 @dataclass
@@ -314,11 +339,31 @@ def _validate(config: Config, file: Path) -> None:
     _validate_targets(config, file)
     _validate_policy(config, file)
     for name, arch in config.architectures.items():
-        if ":" not in arch.factory:
+        if arch.factory and ":" not in arch.factory:
             raise ConfigError(
                 f"{file}: 'architectures.{name}.factory' must be 'module:callable', "
                 f"got {arch.factory!r}"
             )
+        if arch.images is not None:
+            _validate_images(arch.images, f"architectures.{name}.images", file)
+
+
+def _validate_images(images: ImagesConfig, key: str, file: Path) -> None:
+    channels = {"RGB": 3, "BGR": 3, "L": 1}.get(images.channels)
+    if channels is None:
+        raise ConfigError(f"{file}: '{key}.channels' must be RGB, BGR or L, got {images.channels!r}")
+    if images.layout not in ("NCHW", "NHWC"):
+        raise ConfigError(f"{file}: '{key}.layout' must be NCHW or NHWC, got {images.layout!r}")
+    if images.size and (len(images.size) != 2 or min(images.size) < 1):
+        raise ConfigError(f"{file}: '{key}.size' must be [height, width], got {images.size}")
+    if images.scale <= 0:
+        raise ConfigError(f"{file}: '{key}.scale' must be above 0, got {images.scale}")
+    for what, values in (("mean", images.mean), ("std", images.std)):
+        if values and len(values) not in (1, channels):
+            raise ConfigError(f"{file}: '{key}.{what}' must hold 1 or {channels} values for {images.channels}, "
+                              f"got {len(values)}")
+    if any(value <= 0 for value in images.std):
+        raise ConfigError(f"{file}: '{key}.std' must be above 0, got {images.std}")
 
 
 def _normalize(config: Config) -> None:
@@ -626,6 +671,17 @@ p95_limit_ms = 0.0
 # factory = "modelkiln.demo:digits_mlp"   # module:callable returning a torch.nn.Module
 # input_shape = [64]                      # one sample, without the batch dimension
 # input_dtype = "float32"
+#
+# A model whose data ships as images (calibration/, eval/ or train/ folders of PNG or
+# JPEG files) says once how they become its input; they are read with Pillow:
+# [architectures.detector.images]
+# input = "images"                        # empty: the model's only input
+# size = [416, 416]                       # [height, width] each image is resized to (bilinear)
+# scale = 255.0                           # pixel values are divided by this,
+# mean = [0.485, 0.456, 0.406]            # then less this per channel,
+# std = [0.229, 0.224, 0.225]             # then over this per channel
+# channels = "RGB"                        # RGB, BGR or L
+# layout = "NCHW"                         # or NHWC
 
 [plugins]
 # Empty: every installed plugin. Names as `kiln plugins` shows them.

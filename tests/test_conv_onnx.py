@@ -135,3 +135,60 @@ def test_a_conv_net_gets_static_and_dynamic_int8_and_serves_from_plain_onnxrunti
     assert got.shape == (3, 6, 16, 16)
     cosine = (got * expected).sum() / np.linalg.norm(got) / np.linalg.norm(expected)
     assert cosine > 0.99
+
+
+IMAGES = """
+[architectures.detector.images]
+size = [32, 32]
+scale = 127.5
+mean = [1.0]
+std = [1.0]
+"""
+
+
+def test_a_folder_of_images_is_the_calibration_data_as_the_config_declares_it(kiln_dir, tmp_path):
+    """PNG and JPEG files of any size in calibration/, read with Pillow, resized, scaled
+    and laid out as [architectures.<model>.images] says; without that table the
+    checkpoint is refused with what to declare."""
+    from PIL import Image
+
+    from modelkiln.config import ConfigError, load_config
+    from modelkiln.registry.data import load_images
+
+    folder = conv_detector(tmp_path / "detector")
+    shipped = np.load(folder / "calibration.npz")["images"]
+    (folder / "calibration.npz").unlink()
+    (folder / "calibration").mkdir()
+    pixels = np.clip((shipped + 1) * 127.5, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    for i, image in enumerate(pixels[:24]):
+        # Shipped at twice the size, half as JPEG: resized to the declared 32 x 32.
+        big = Image.fromarray(image).resize((64, 64), Image.BILINEAR)
+        big.save(folder / "calibration" / (f"{i:02d}.png" if i % 2 else f"{i:02d}.jpg"), quality=95)
+
+    text = (kiln_dir / "kiln.toml").read_text()
+    text = re.sub(r'(?m)^recipes = \[[^\]]*\]', """recipes = ["baseline", "quantize.int8_static(form='qdq')"]""", text)
+    text = text.replace('runtimes = ["onnxruntime", "torch"]', 'runtimes = ["onnxruntime"]')
+    (kiln_dir / "kiln.toml").write_text(text)
+    bare = optimize_once(load_config(kiln_dir / "kiln.toml"), folder, "detector")
+    assert bare.status == "rejected" and "[architectures.<model>.images]" in bare.reason, bare.reason
+
+    (kiln_dir / "kiln.toml").write_text(text + IMAGES.replace("mean = [1.0]", 'channels = "CMYK"'))
+    with pytest.raises(ConfigError, match="channels' must be RGB, BGR or L"):
+        load_config(kiln_dir / "kiln.toml")
+    (kiln_dir / "kiln.toml").write_text(text + IMAGES)
+    config = load_config(kiln_dir / "kiln.toml")
+
+    declared = load_images(folder / "calibration", {"size": [32, 32], "scale": 127.5, "mean": [1.0], "std": [1.0]})
+    assert declared.shape == (24, 3, 32, 32) and declared.dtype == np.float32
+    # Back in the model's range: what was saved, less what 8 bits, JPEG and two resizes cost.
+    assert np.abs(declared - shipped[:24]).mean() < 0.05
+    assert load_images(folder / "calibration", {"size": [8, 16], "layout": "NHWC", "channels": "L"}).shape == (
+        24, 8, 16, 1)
+
+    checkpoint = optimize_once(config, folder, "detector", version="2")
+    assert checkpoint.status == "done", checkpoint.reason
+    assert checkpoint.info["data_split"]["quality_source"] == "calibration/"
+    static = {v["variant"]: v for v in all_variants(config, "detector")}["onnxruntime:quantize.int8_static(form='qdq')"]
+    assert static["status"] == "succeeded", static.get("reason")
+    record = static["lineage"][-1]["record"]
+    assert record["calibration"] == "the checkpoint's calibration data" and record["calibration_rows"] == 24

@@ -63,7 +63,7 @@ def _load(spec, plugins, fmt_name: str | None = None):
     if fmt is None:
         raise CheckpointRejected(no_format_reason(directory, files))
     arch = spec.get("architecture")
-    context = LoadContext(spec["model"], ArchitectureConfig(**arch) if arch else None)
+    context = LoadContext(spec["model"], ArchitectureConfig.from_dict(arch) if arch else None)
     return fmt.load(directory, context)
 
 
@@ -90,7 +90,8 @@ def inspect_checkpoint(spec: dict) -> dict:
     plugins = plugins_for_spec(spec)
     directory = Path(spec["checkpoint_dir"])
     loaded = _load(spec, plugins, spec.get("format"))
-    settled = settle(loaded, directory, spec["sample_count"])
+    arch = spec.get("architecture")
+    settled = settle(loaded, directory, spec["sample_count"], (arch or {}).get("images"))
     inputs, rows = settled.inputs, settled.samples
     try:
         reference = _run_source(loaded, rows)

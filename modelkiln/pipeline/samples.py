@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import CheckpointRejected
 from ..plugins.api import MASK, InputSpec
-from ..registry.data import load_calibration, load_eval, load_text, load_train
+from ..registry.data import image_files, load_calibration, load_eval, load_images, load_text, load_train
 from .heldout import DataSplit, array_keys, first_of_each, spread_order, text_key, unseen
 
 # Eval rows used for a quality score: enough for a stable accuracy, bounded for big sets.
@@ -78,13 +78,14 @@ TRAIN_GENERATED_PER_SAMPLE = 4
 TRAIN_GENERATED_MIN = 256
 
 
-def settle(loaded, directory: Path, count: int) -> SampleSet:
+def settle(loaded, directory: Path, count: int, images: dict | None = None) -> SampleSet:
     """The checkpoint's inputs as the pipeline uses them: its quality samples, calibration
     rows and training rows by input name, the training rows apart from the samples by
-    content (``heldout``)."""
-    evaluation = _read(loaded, directory, "eval", load_eval)
-    calibration = _read(loaded, directory, "calibration", load_calibration)
-    train = _read(loaded, directory, "train", load_train)
+    content (``heldout``). ``images``: how the model's image folders become its input
+    (``config.ImagesConfig`` as a dict), where its config says."""
+    evaluation = _read(loaded, directory, "eval", load_eval, images)
+    calibration = _read(loaded, directory, "calibration", load_calibration, images)
+    train = _read(loaded, directory, "train", load_train, images)
     if evaluation is not None:
         sequence = any(SEQUENCE in spec.dims for spec in loaded.inputs) or evaluation.texts is not None
         most = MAX_SEQUENCE_EVAL_ROWS if sequence else MAX_EVAL_ROWS
@@ -191,13 +192,27 @@ def _without_spare_padding(inputs: list[InputSpec], samples: dict) -> tuple[list
     return [replace(spec, shape=(-1, longest)) if spec in tokens else spec for spec in inputs], samples
 
 
-def _read(loaded, directory: Path, kind: str, load_npz) -> _Data | None:
-    """``<kind>.npz`` or ``<kind>.jsonl`` as shipped, with each row's content key."""
+def _read(loaded, directory: Path, kind: str, load_npz, images: dict | None = None) -> _Data | None:
+    """``<kind>.npz``, a ``<kind>/`` folder of images or ``<kind>.jsonl`` as shipped, with
+    each row's content key."""
     arrays = load_npz(directory)
     if arrays is not None:
         rows = _by_input_name(loaded, arrays, directory / f"{kind}.npz")
         labels = rows.pop("labels", None)
         return _Data(f"{kind}.npz", array_keys(rows), None, rows, labels)
+    if image_files(directory / kind):
+        if images is None:
+            raise CheckpointRejected(
+                f"{directory / kind}: images need their preprocessing declared once in the daemon's config: an "
+                f"[architectures.<model>.images] table with size = [height, width], scale, mean, std, channels "
+                f"and layout (see the README)")
+        names = [spec.name for spec in loaded.inputs]
+        name = images.get("input") or (names[0] if len(names) == 1 else "")
+        if name not in names:
+            raise CheckpointRejected(f"{directory / kind}: which input the images are is not said: set input = "
+                                     f"one of {names} in the model's [architectures.<model>.images] table")
+        rows = _by_input_name(loaded, {name: load_images(directory / kind, images)}, directory / kind)
+        return _Data(f"{kind}/", array_keys(rows), None, rows, None)
     text = load_text(directory, kind)
     if text is None:
         return None

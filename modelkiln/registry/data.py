@@ -5,7 +5,10 @@ Arrays (``eval.npz``, ``calibration.npz``, ``train.npz``) hold ``inputs`` for a 
 with one input, or one array per input name (``input_ids``, ``attention_mask``, ...),
 plus ``labels`` (integers) in ``eval.npz``. Text (``eval.jsonl``, ``calibration.jsonl``,
 ``train.jsonl``: one ``{"text": ...}`` object per line, ``"label"`` optional in
-``eval.jsonl``) is tokenized with the checkpoint's own tokenizer.
+``eval.jsonl``) is tokenized with the checkpoint's own tokenizer. Images (a
+``calibration/``, ``eval/`` or ``train/`` folder of PNG or JPEG files) are decoded with
+Pillow and made into the model's input as its ``[architectures.<model>.images]`` table
+says (:func:`load_images`).
 """
 
 from __future__ import annotations
@@ -152,3 +155,60 @@ def load_text(directory: Path, kind: str) -> tuple[list[str], np.ndarray | None]
         raise CheckpointRejected(f"{path}: holds no text")
     has_labels = all(label is not None for label in labels)
     return texts, np.asarray(labels, dtype=np.int64) if has_labels and kind == "eval" else None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Image files read per folder at most, and pixels per image: a few kilobytes of PNG can
+# claim gigapixels (Pillow's own bomb check only warns below twice its limit).
+MAX_IMAGES = 1024
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The PNG and JPEG files directly in ``folder``, by name; empty when it is no folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_images(folder: Path, images: dict) -> np.ndarray:
+    """The image files of ``folder`` as one float32 array, a row per file (by name, at most
+    :data:`MAX_IMAGES`), made as ``images`` (``config.ImagesConfig`` as a dict) says:
+    converted to its channels, resized to its size (bilinear), divided by its scale, less
+    its mean and over its std per channel, in its layout."""
+    from PIL import Image
+
+    files = image_files(folder)[:MAX_IMAGES]
+    if not files:
+        raise CheckpointRejected(f"{folder}: holds no .png or .jpg files")
+    size = images.get("size") or []
+    channels = images.get("channels", "RGB")
+    rows, shapes = [], set()
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise CheckpointRejected(f"{path}: {image.width}x{image.height} pixels; at most "
+                                             f"{MAX_IMAGE_PIXELS:,} are read: ship smaller images")
+                picture = image.convert("L" if channels == "L" else "RGB")
+                if size:
+                    picture = picture.resize((size[1], size[0]), Image.BILINEAR)
+                pixels = np.asarray(picture, dtype=np.float32)
+        except CheckpointRejected:
+            raise
+        except Exception as exc:  # a truncated or mislabelled file: name it
+            raise CheckpointRejected(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+        pixels = pixels[..., None] if pixels.ndim == 2 else pixels[..., ::-1] if channels == "BGR" else pixels
+        shapes.add(pixels.shape)
+        rows.append(pixels)
+    if len(shapes) > 1:
+        raise CheckpointRejected(f"{folder}: its images have different sizes {sorted(shapes)}; set size = "
+                                 "[height, width] in the model's [architectures.<model>.images] table")
+    array = np.stack(rows) / np.float32(images.get("scale", 255.0))
+    if images.get("mean"):
+        array = array - np.asarray(images["mean"], np.float32)
+    if images.get("std"):
+        array = array / np.asarray(images["std"], np.float32)
+    if images.get("layout", "NCHW") == "NCHW":
+        array = array.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(array, dtype=np.float32)
