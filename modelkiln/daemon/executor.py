@@ -71,8 +71,9 @@ class _Running:
     work_dir: Path
     deadline: float
     results: list[dict] = field(default_factory=list)
-    worker: _Worker | None = None
     index: int = 0
+    # Set by Executor._launch, before the job is registered as running.
+    worker: _Worker = field(init=False)
 
 
 # With workers.memory_limit_mb = 0, the workers share this part of the host's memory (or
@@ -137,10 +138,9 @@ class Executor:
         self._spare: _Worker | None = None
         # Workers that reported their result and are still exiting: (process, since).
         self._exiting: list[tuple[multiprocessing.process.BaseProcess, float]] = []
-        self._context = None
+        self._context = multiprocessing.get_context("forkserver")  # no server until the first fork
 
     def start(self, preload: bool = True) -> None:
-        self._context = multiprocessing.get_context("forkserver")
         if preload:
             self._context.set_forkserver_preload(worker.PRELOAD)
         # Registered after multiprocessing's own exit handler, so it runs first: a worker

@@ -29,6 +29,7 @@ class Outcomes:
         """Record an ended job (``outcome`` None: its result exists already)."""
         checkpoint = queries.checkpoint(session, job.checkpoint_id)
         if job.kind == "inspect":
+            assert outcome is not None  # an inspection always runs: its result is never on disk before
             self._record_inspect(session, job, checkpoint, outcome)
         elif job.kind == "runoff":
             self.promoter.record_runoff(session, job, outcome)
@@ -49,7 +50,7 @@ class Outcomes:
                                     reason=in_source_terms(outcome.reason, checkpoint))
 
     def _record_variant(self, session, job: Job, checkpoint: Checkpoint, outcome: Outcome | None) -> None:
-        variant = queries.variant(session, job.variant_id)
+        variant = queries.variant_of(session, job)
         final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target,
                                     variant.runtime, variant.recipe)
         staging = self.layout.staging(final, job.id)

@@ -36,7 +36,7 @@ class Planner:
         self.plugins = plugins
         self.layout = layout
         self.promoter = promoter
-        self._wanted = None
+        self._wanted: set[tuple[str, str, str]] | None = None
 
     def wanted(self) -> set[tuple[str, str, str]]:
         """(target, runtime, canonical recipe) of every variant the config asks for."""
@@ -102,7 +102,7 @@ class Planner:
             return [Phase("inspect", spec)]
         if job.kind == "runoff":
             return self.promoter.runoff_phases(session, job, spec)
-        variant = queries.variant(session, job.variant_id)
+        variant = queries.variant_of(session, job)
         final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target,
                                     variant.runtime, variant.recipe)
         if (final / VARIANT_FILE).exists():
@@ -142,12 +142,12 @@ class Planner:
 
         baseline = next((v for v in queries.variants_of(session, checkpoint.id, variant.target)
                          if v.runtime == variant.runtime and not v.recipe), None)
-        if p50(baseline) is None:
+        if baseline is None or p50(baseline) is None:
             return None
         promotion = queries.current_promotion(session, checkpoint.model, variant.target)
         served = promotion.variant if promotion is not None else None
         found = {}
-        if p50(served) is not None and served.id != variant.id:
+        if served is not None and p50(served) is not None and served.id != variant.id:
             name = f"{served.runtime}:{served.recipe or 'baseline'}"
             found[f"the served variant ({name})" if served.id != baseline.id else f"the served baseline ({name})"] = \
                 p50(served)

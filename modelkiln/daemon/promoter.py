@@ -218,6 +218,7 @@ class Promoter:
 
     def runoff_phases(self, session, job: Job, spec: dict) -> list[Phase] | None:
         """The run-off of the candidates now closest to the best (None: no longer any)."""
+        assert job.target is not None  # a run-off is held on one target
         contenders = builtin_policy.runoff_contenders(
             candidates_for(session, self.config, job.checkpoint_id, job.target), self.config.policy,
             self.config.targets[job.target].memory_mb)
@@ -268,15 +269,21 @@ class Promoter:
         return views.promotion_dict(promotion, str(self.link(promotion.model, promotion.target)))
 
     def publish(self, promotion: Promotion) -> None:
-        swap_link(self.link(promotion.model, promotion.target), Path(promotion.variant.artifact_path))
+        swap_link(self.link(promotion.model, promotion.target), _folder(promotion))
 
     def sync_links(self, session) -> int:
         """Make every promoted link point where the newest promotion says; returns fixes."""
         fixed = 0
         for promotion in queries.current_promotions(session):
             link = self.link(promotion.model, promotion.target)
-            want = Path(promotion.variant.artifact_path)
+            want = _folder(promotion)
             if not link.is_symlink() or link_target(link) != Path(os.path.normpath(want)):
                 self.publish(promotion)
                 fixed += 1
         return fixed
+
+
+def _folder(promotion: Promotion) -> Path:
+    """The promoted variant's folder: only a built variant, which has one, is promoted."""
+    assert promotion.variant.artifact_path is not None
+    return Path(promotion.variant.artifact_path)

@@ -12,13 +12,14 @@ argument, as APScheduler's job stores require.
 from __future__ import annotations
 
 import queue
+from collections.abc import Callable
 from datetime import datetime
 
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 _INBOXES: dict[str, queue.Queue] = {}
-_SYNCS: dict[str, object] = {}
+_SYNCS: dict[str, Callable[[], object]] = {}
 
 
 def post(daemon_id: str, message: str, payload=None) -> None:
@@ -45,13 +46,13 @@ class Scheduler:
         }
         self._sync = sync
         self.sync_seconds = sync_seconds
-        self._scheduler = None
+        self._scheduler: BackgroundScheduler | None = None
 
     def start(self) -> None:
         _INBOXES[self.daemon_id] = self.inbox
-        self._scheduler = BackgroundScheduler(daemon=True)
+        scheduler = BackgroundScheduler(daemon=True)
         for message, seconds in self.intervals.items():
-            self._scheduler.add_job(
+            scheduler.add_job(
                 post, "interval", seconds=seconds, args=(self.daemon_id, message),
                 id=f"{self.daemon_id}:{message}", replace_existing=True,
                 # A late tick is merged with the next one: a scan is never worth running twice.
@@ -60,12 +61,13 @@ class Scheduler:
         if self._sync is not None:
             _SYNCS[self.daemon_id] = self._sync
             # First run at once: a registry's versions are found at start-up, not a poll later.
-            self._scheduler.add_job(
+            scheduler.add_job(
                 sync, "interval", seconds=self.sync_seconds, args=(self.daemon_id,),
                 id=f"{self.daemon_id}:sync", replace_existing=True, next_run_time=datetime.now(),
                 coalesce=True, max_instances=1, misfire_grace_time=int(max(1, self.sync_seconds)),
             )
-        self._scheduler.start()
+        scheduler.start()
+        self._scheduler = scheduler
 
     def post_at(self, when: float, key: str, message: str, payload=None) -> None:
         """Post ``(message, payload)`` once at ``when`` (epoch seconds); a second call with

@@ -86,7 +86,7 @@ def _ending(session, job: Job, outcome) -> str:
         return f" ({in_source_terms(outcome.reason, queries.checkpoint(session, job.checkpoint_id))})"
     if job.kind != "variant" or job.state != "succeeded":
         return ""
-    variant = queries.variant(session, job.variant_id)
+    variant = queries.variant_of(session, job)
     metrics = views.metrics(variant) or {}
     if metrics.get("latency_p50_ms") is None:
         return ""
@@ -131,8 +131,10 @@ class Daemon:
         # version folder -> why it could not be ingested (logged once until it changes)
         self._failed_takes: dict[str, str] = {}
         self._next_heartbeat = 0.0
-        self.watcher = self.scheduler = self.http = None
-        self.registry_sync = None
+        self.watcher: Watcher | None = None
+        self.scheduler: Scheduler | None = None
+        self.http: HealthServer | None = None
+        self.registry_sync: RegistrySync | None = None
         self.job_stats = JobStats()
         self.started = False
 
@@ -151,8 +153,8 @@ class Daemon:
         config = self.config
         self.store = open_store(config)
         if config.http.address:  # bound first: a taken port is a config error, before any work starts
-            self.http = HealthServer(self, config.http.address)
-            self.http.start()  # answers "starting" (503) until the recovery below ends
+            http = self.http = HealthServer(self, config.http.address)
+            http.start()  # answers "starting" (503) until the recovery below ends
         self.plugins = plugins_for(config, self.extra_plugins)
         self._check_config()
         self.layout = Layout(config.artifacts_path)
@@ -176,15 +178,15 @@ class Daemon:
                                  on_exit=lambda: self.inbox.put(("reap", None)))
         self.executor.start(preload=self.preload)
         if self.watch and self.registry.watches:
-            self.watcher = Watcher(self.registry, self.inbox)
-            self.watcher.start()
+            watcher = self.watcher = Watcher(self.registry, self.inbox)
+            watcher.start()
         if self.registry.poll_seconds > 0:  # versions live elsewhere: poll and publish back
             self.registry_sync = RegistrySync(self.registry, self.store, self.inbox, self.promoter.describe)
         if self.schedule:
-            self.scheduler = Scheduler(self.id, self.inbox, config.registry.rescan_seconds,
-                                       config.workers.lease_seconds, sync=self.registry_sync,
-                                       sync_seconds=self.registry.poll_seconds)
-            self.scheduler.start()
+            scheduler = self.scheduler = Scheduler(self.id, self.inbox, config.registry.rescan_seconds,
+                                                   config.workers.lease_seconds, sync=self.registry_sync,
+                                                   sync_seconds=self.registry.poll_seconds)
+            scheduler.start()
         self.inbox.put(("rescan", None))
         self.started = True  # /healthz says ok from here; the warm-up below only makes the first job fast
         if self.preload:
@@ -318,10 +320,10 @@ class Daemon:
         longer asks for; returns how many."""
         cancelled = 0
         for job in jobs:
-            reason = self.planner.unwanted_reason(job.variant)
+            reason = self.planner.unwanted_reason(queries.variant_of(session, job))
             if reason is not None:
                 units.cancel_jobs(session, [job], f"cancelled: {reason}")
-                log.info("job %d cancelled: %s %s", job.id, views.variant_label(job.variant), reason,
+                log.info("job %d cancelled: %s %s", job.id, views.variant_label(queries.variant_of(session, job)), reason,
                          extra=self._about(session, job))
                 cancelled += 1
         return cancelled
@@ -562,9 +564,9 @@ class Daemon:
         """Whether a variant job just leased should run: its recipe is still in the config
         and its checkpoint is within its budget; if not, it ends here with the reason."""
         checkpoint = queries.checkpoint(session, job.checkpoint_id)
-        reason = self.planner.unwanted_reason(job.variant)
+        reason = self.planner.unwanted_reason(queries.variant_of(session, job))
         if reason is not None:
-            units.record_variant_ended(session, job, job.variant, "cancelled", f"cancelled: {reason}")
+            units.record_variant_ended(session, job, queries.variant_of(session, job), "cancelled", f"cancelled: {reason}")
             log.info("job %d cancelled: %s", job.id, reason, extra=self._about(session, job))
             self._after_job(session, checkpoint, job)
             return False
@@ -574,7 +576,7 @@ class Daemon:
             return True
         reason = (f"not started within the checkpoint's budget (policy.budget_minutes = {budget:g}, counted from "
                   f"its inspection at {since:%Y-%m-%d %H:%M:%S} UTC)")
-        units.record_variant_ended(session, job, job.variant, "skipped", reason)
+        units.record_variant_ended(session, job, queries.variant_of(session, job), "skipped", reason)
         waiting = queries.pending_variant_jobs(session, checkpoint.id)
         units.skip_jobs(session, waiting, reason)
         log.warning("%s/%s: budget of %g min spent; %d variant job(s) skipped", checkpoint.model,
@@ -613,7 +615,8 @@ class Daemon:
                 log.info("promoted %s on %s on an operator's command: %s (%s)", promotion.model, promotion.target,
                          views.variant_label(promotion.variant), promotion.reason,
                          extra=about(promotion.model, None, promotion.target))
-                if queries.current_promotion(session, promotion.model, promotion.target).id == promotion.id:
+                current = queries.current_promotion(session, promotion.model, promotion.target)
+                if current is not None and current.id == promotion.id:
                     self.promoter.publish(promotion)
                 notify(self.plugins.manager, "kiln_variant_promoted", promotion=self.promoter.describe(promotion))
                 if self.scheduler:
@@ -679,7 +682,7 @@ class Daemon:
         if job.started_at is not None and job.finished_at is not None:
             self.job_stats.observe(job.kind, job.state, max(0.0, (job.finished_at - job.started_at).total_seconds()))
         if job.kind == "variant":
-            variant = views.variant_dict(queries.variant(session, job.variant_id))
+            variant = views.variant_dict(queries.variant_of(session, job))
             notify(self.plugins.manager, "kiln_variant_ended", variant=variant)
         if job.state == "failed":
             notify(self.plugins.manager, "kiln_job_failed", job=views.job_dict(job))

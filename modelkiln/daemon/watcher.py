@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Watcher:
     def __init__(self, registry, inbox: queue.Queue):
         self.registry = registry
         self.inbox = inbox
-        self._observer = None
+        self._observer: BaseObserver | None = None
 
     def start(self) -> None:
         self.registry.path.mkdir(parents=True, exist_ok=True)
@@ -54,10 +55,11 @@ class Watcher:
         # killed its threads. A path longer than PATH_MAX (4096 bytes) ends any walk, so
         # no folder is deeper than about 2,050 levels to it; 10,000 covers that.
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
-        self._observer = Observer()
-        self._observer.schedule(_Handler(self.registry, self.inbox), str(self.registry.path), recursive=True)
-        self._observer.daemon = True
-        self._observer.start()
+        observer = Observer()
+        observer.schedule(_Handler(self.registry, self.inbox), str(self.registry.path), recursive=True)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
 
     @property
     def alive(self) -> bool:

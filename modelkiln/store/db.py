@@ -77,7 +77,9 @@ def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     cfg = alembic_config(create_engine("sqlite://"))
-    return ScriptDirectory.from_config(cfg).get_current_head()
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None  # the package ships its migrations: there is always a head
+    return head
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -225,7 +227,8 @@ class Store:
 def open_store(config, *, allow_upgrade: bool = False) -> Store:
     store = Store(config.store_url, config.store.busy_timeout_ms)
     # Paths under the artifacts folder are stored relative to it (models.StoredPath).
-    store.engine.dialect.kiln_artifacts_root = str(config.artifacts_path)
+    # An attribute of our own on SQLAlchemy's dialect: StoredPath reads it where it binds.
+    store.engine.dialect.kiln_artifacts_root = str(config.artifacts_path)  # type: ignore[attr-defined]
     hint = f" --config {config.source}" if config.source else ""
     try:
         ensure_schema(store.engine, allow_upgrade=allow_upgrade, config_hint=hint)

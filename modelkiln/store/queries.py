@@ -15,16 +15,34 @@ def ping(session: Session) -> None:
     session.execute(text("SELECT 1"))
 
 
-def checkpoint(session: Session, checkpoint_id: int) -> Checkpoint | None:
-    return session.get(Checkpoint, checkpoint_id)
+# The daemon asks for rows by the ids it holds (a job's checkpoint, a variant's job): one
+# that is missing is a broken catalogue, and get_one raises NoResultFound saying so.
+def checkpoint(session: Session, checkpoint_id: int) -> Checkpoint:
+    return session.get_one(Checkpoint, checkpoint_id)
 
 
-def job(session: Session, job_id: int) -> Job | None:
+def job(session: Session, job_id: int) -> Job:
+    return session.get_one(Job, job_id)
+
+
+def job_if_any(session: Session, job_id: int) -> Job | None:
+    """A job by an id read from outside the catalogue (a staging folder's name)."""
     return session.get(Job, job_id)
 
 
-def variant(session: Session, variant_id: int) -> Variant | None:
-    return session.get(Variant, variant_id)
+def variant(session: Session, variant_id: int) -> Variant:
+    return session.get_one(Variant, variant_id)
+
+
+def variant_of(session: Session, job: Job) -> Variant:
+    """The variant a variant job builds (an inspection or a run-off builds none)."""
+    if job.variant_id is None:
+        raise ValueError(f"job {job.id} ({job.kind}) builds no variant")
+    return variant(session, job.variant_id)
+
+
+def _count(session: Session, query) -> int:
+    return session.execute(query).scalar_one()
 
 
 # -- checkpoints ----------------------------------------------------------------------
@@ -83,7 +101,7 @@ def decision_key(session: Session, checkpoint: Checkpoint, target: str) -> str:
     times as better variants are measured). Two daemons deciding the same step compute
     the same key, and the catalogue keeps only one."""
     prefix = f"auto:{checkpoint.id}:{target}:"
-    made = session.scalar(select(func.count()).select_from(Promotion).where(Promotion.decision_key.startswith(prefix)))
+    made = _count(session, select(func.count()).select_from(Promotion).where(Promotion.decision_key.startswith(prefix)))
     return f"{prefix}{made + 1}"
 
 
@@ -116,13 +134,13 @@ def recent_checkpoints(session: Session, newest: int) -> list[Checkpoint]:
 
 
 def checkpoint_total(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Checkpoint))
+    return _count(session, select(func.count()).select_from(Checkpoint))
 
 
 def served_pairs(session: Session) -> int:
     """How many (model, target) pairs have a promotion."""
     pairs = select(Promotion.model, Promotion.target).distinct().subquery()
-    return session.scalar(select(func.count()).select_from(pairs))
+    return _count(session, select(func.count()).select_from(pairs))
 
 
 def job_counts(session: Session, kind: str | None = None) -> dict[str, int]:
@@ -152,7 +170,7 @@ def running_of_variants(session: Session, variant_ids: list[int]) -> dict[int, J
     if not variant_ids:
         return {}
     jobs = session.scalars(select(Job).where(Job.state == "running", Job.variant_id.in_(variant_ids)))
-    return {job.variant_id: job for job in jobs}
+    return {job.variant_id: job for job in jobs if job.variant_id is not None}
 
 
 def cancelled_among(session: Session, job_ids: list[int]) -> list[int]:
@@ -207,6 +225,7 @@ def recipe_history(session: Session, model: str, target: str, runtime: str, reci
     if row is None:
         return None
     variant, started, finished = row
+    assert started is not None and finished is not None  # the query keeps only jobs with both
     return variant, max(0.0, (finished - started).total_seconds())
 
 
@@ -237,13 +256,13 @@ def hosts_seen_since(session: Session, since) -> list:
 
 def open_job_counts(session: Session) -> list[tuple[str, str, int]]:
     """(kind, state, count) of the pending and running jobs (the state index finds them)."""
-    return [tuple(row) for row in session.execute(
+    return [(kind, state, count) for kind, state, count in session.execute(
         select(Job.kind, Job.state, func.count()).where(Job.state.in_(("pending", "running")))
         .group_by(Job.kind, Job.state)).all()]
 
 
 def variant_jobs_open(session: Session, checkpoint_id: int, target: str) -> int:
-    return session.scalar(
+    return _count(session, 
         select(func.count())
         .select_from(Job)
         .join(Variant, Job.variant_id == Variant.id)
@@ -256,7 +275,7 @@ def variant_jobs_open(session: Session, checkpoint_id: int, target: str) -> int:
 
 
 def open_jobs_for(session: Session, checkpoint_id: int) -> int:
-    return session.scalar(
+    return _count(session, 
         select(func.count()).select_from(Job).where(
             Job.checkpoint_id == checkpoint_id, Job.state.not_in(TERMINAL_JOB_STATES)
         )

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import case, or_, select, text, update
+from sqlalchemy import CursorResult, case, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -101,19 +102,19 @@ def retry_checkpoints(session: Session, model: str, version: str | None = None) 
         _reopen(job)
         checkpoint.status, checkpoint.reason = "ingested", None
         retried.append((checkpoint, 0))
-    query = (select(Job, Variant).join(Variant, Job.variant_id == Variant.id)
+    failed_jobs = (select(Job, Variant).join(Variant, Job.variant_id == Variant.id)
              .join(Checkpoint, Job.checkpoint_id == Checkpoint.id)
              .where(Checkpoint.model == model, Checkpoint.status.in_(("ready", "done")),
                     Job.kind == "variant", Job.state.in_(("failed", "cancelled"))))
     if version is not None:
-        query = query.where(Checkpoint.version == version)
+        failed_jobs = failed_jobs.where(Checkpoint.version == version)
     failed: dict[int, int] = {}
-    for job, variant in session.execute(query):
+    for job, variant in session.execute(failed_jobs):
         _reopen(job)
         variant.status, variant.reason, variant.finished_at = "pending", None, None
         failed[job.checkpoint_id] = failed.get(job.checkpoint_id, 0) + 1
     for checkpoint_id, count in failed.items():
-        checkpoint = session.get(Checkpoint, checkpoint_id)
+        checkpoint = session.get_one(Checkpoint, checkpoint_id)
         checkpoint.status = "ready"
         checkpoint.retries += 1
         retried.append((checkpoint, count))
@@ -158,14 +159,14 @@ def lease_jobs(
         query = query.with_for_update(skip_locked=True)
     claimed = []
     for job_id in session.scalars(query).all():
-        result = session.execute(
+        result = cast(CursorResult, session.execute(  # an UPDATE's result: it has rowcount
             update(Job)
             .where(Job.id == job_id, Job.state == "pending")
             .values(
                 state="running", lease_owner=owner, attempts=Job.attempts + 1, started_at=now,
                 heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds),
             )
-        )
+        ))
         if result.rowcount == 1:
             claimed.append(job_id)
     session.commit()
@@ -303,7 +304,7 @@ def record_variant(session: Session, job: Job, variant: Variant, artifact_path: 
 def record_runoff(session: Session, job: Job, figures: dict[int, dict]) -> None:
     """A run-off's figures, kept on each contender's variant (``Variant.runoff``)."""
     for variant_id, values in figures.items():
-        session.get(Variant, variant_id).runoff = values
+        session.get_one(Variant, variant_id).runoff = values
     _finish(job, "succeeded")
     session.commit()
 
