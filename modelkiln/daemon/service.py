@@ -730,7 +730,7 @@ class Daemon:
         with self.store.session() as session:
             for staging in self.layout.root.glob("*/*/*/.tmp-*"):
                 job_id = self.layout.staging_job(staging)
-                job = queries.job(session, job_id) if job_id is not None else None
+                job = queries.job_if_any(session, job_id) if job_id is not None else None
                 if job is None or job.state != "running":
                     shutil.rmtree(staging, ignore_errors=True)
         cutoff = self.wall_clock() - STALE_INCOMING_SECONDS
