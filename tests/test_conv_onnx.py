@@ -192,3 +192,19 @@ def test_a_folder_of_images_is_the_calibration_data_as_the_config_declares_it(ki
     assert static["status"] == "succeeded", static.get("reason")
     record = static["lineage"][-1]["record"]
     assert record["calibration"] == "the checkpoint's calibration data" and record["calibration_rows"] == 24
+
+
+def test_a_model_exported_for_one_row_at_a_time_is_fed_row_by_row(tmp_path):
+    """Detectors are often exported with a batch of 1 fixed in the graph: every batch the
+    pipeline runs (reference outputs, quality, timing at batch 8) goes in row by row."""
+    import torch
+
+    from modelkiln.targets.onnxrt import session_runner
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    torch.onnx.export(net, (torch.zeros(1, 3, 8, 8),), str(tmp_path / "fixed.onnx"), dynamo=False,
+                      input_names=["images"], output_names=["maps"])
+    images = np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    got = session_runner(tmp_path / "fixed.onnx", 1)({"images": images})
+    with torch.inference_mode():
+        assert np.allclose(got, net(torch.from_numpy(images)).numpy(), atol=1e-5)

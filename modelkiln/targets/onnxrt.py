@@ -107,11 +107,21 @@ def session_runner(path: Path, threads: int, settings: dict | None = None):
     name."""
     import onnxruntime as ort
 
+    import numpy as np
+
     session = ort.InferenceSession(str(path), session_options(settings, threads), providers=["CPUExecutionProvider"])
     feed = session_feed(session)
+    shapes = {i.name: list(i.shape) for i in session.get_inputs()}
+    # A model exported for one row at a time (a batch dimension fixed at 1, as detectors
+    # often are) is fed a batch row by row, as serving code feeds it.
+    one_row = any(axis is not None and shapes[name][axis] == 1 for name, axis in batch_axes(shapes).items())
 
     def run(inputs: dict):
-        return session.run(None, feed(inputs))[0]
+        rows = len(next(iter(inputs.values())))
+        if not one_row or rows <= 1:
+            return session.run(None, feed(inputs))[0]
+        return np.concatenate([session.run(None, feed({name: array[i:i + 1] for name, array in inputs.items()}))[0]
+                               for i in range(rows)])
 
     return run
 
