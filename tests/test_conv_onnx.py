@@ -208,3 +208,46 @@ def test_a_model_exported_for_one_row_at_a_time_is_fed_row_by_row(tmp_path):
     got = session_runner(tmp_path / "fixed.onnx", 1)({"images": images})
     with torch.inference_mode():
         assert np.allclose(got, net(torch.from_numpy(images)).numpy(), atol=1e-5)
+
+
+def test_an_onnx_conv_net_is_imported_into_torch_for_pruning_and_served_by_torch(kiln_dir, tmp_path):
+    """The ONNX graph becomes a torch module (checked against onnxruntime at import):
+    the torch runtime serves it, and structured pruning with a recovery fine-tune runs on
+    it; a graph with an operator the importer does not take is skipped naming it."""
+    import torch
+
+    from modelkiln.config import load_config
+
+    folder = conv_detector(tmp_path / "detector")
+    text = (kiln_dir / "kiln.toml").read_text()
+    text = re.sub(r'(?m)^recipes = \[[^\]]*\]',
+                  'recipes = ["baseline", "prune.structured(amount=0.25, recovery_steps=3)"]', text)
+    (kiln_dir / "kiln.toml").write_text(text)
+    config = load_config(kiln_dir / "kiln.toml")
+    checkpoint = optimize_once(config, folder, "detector", timeout=240)
+    assert checkpoint.status == "done", checkpoint.reason
+    by_name = {v["variant"]: v for v in all_variants(config, "detector")}
+    served_by_torch = by_name["torch:baseline"]
+    assert served_by_torch["status"] == "succeeded", served_by_torch.get("reason")
+    assert served_by_torch["metrics"]["quality"] > 0.9999
+    for runtime in ("onnxruntime", "torch"):
+        pruned = by_name[f"{runtime}:prune.structured(amount=0.25, recovery_steps=3)"]
+        assert pruned["status"] == "succeeded", pruned.get("reason")
+        record = pruned["lineage"][0]["record"]
+        assert record["onnx_import"]["matched_onnxruntime_within"] < 1e-3 and record["onnx_import"]["layers"] == 5  # 4 Convs (BatchNorm folded at export), 1 ConvTranspose
+        assert record["recovery_steps"] == 3, record
+        assert pruned["metrics"]["size_bytes"] < 0.9 * by_name[f"{runtime}:baseline"]["metrics"]["size_bytes"]
+
+    class Gelu(torch.nn.Module):
+        def forward(self, x):
+            return torch.erf(x) * x
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    torch.onnx.export(Gelu(), (torch.zeros(2, 8),), str(odd / "model.onnx"), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    np.savez(odd / "calibration.npz", x=np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    checkpoint = optimize_once(config, odd, "odd")
+    assert checkpoint.status == "done", checkpoint.reason
+    skipped = {v["variant"]: v for v in all_variants(config, "odd")}["torch:baseline"]
+    assert skipped["status"] == "skipped" and "operator Erf is not among those the importer takes" in skipped["reason"]

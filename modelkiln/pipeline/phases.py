@@ -39,6 +39,7 @@ from ..targets.quality import (
     score,
 )
 from ..targets.load import load_curve
+from ..targets.onnx_import import imported
 from ..targets.onnxrt import session_runner
 from ..targets.shapes import onnx_axes
 from . import progress
@@ -155,6 +156,8 @@ def _in_form(model, forms, runtime, step, context):
     if model.form in forms:
         return model
     form = forms[0]
+    if model.form == ONNX and form == TORCH:
+        return imported(model, context)
     if form == runtime.form:
         converted = runtime.convert(model, context)
         if converted.form == form:
@@ -232,6 +235,8 @@ def build_variant(spec: dict) -> dict:
         model = _in_form(model, form, runtime, step, context)
         s0 = time.perf_counter()
         context.record = {}
+        if not lineage and "onnx_import" in model.notes:  # the first step's record says it worked on an import
+            context.record["onnx_import"] = model.notes["onnx_import"]
         params = {**{p.name: p.default for p in step.params}, **dict(step_ref.params)}
         model = step.apply(model, params, context)
         s1 = time.perf_counter()

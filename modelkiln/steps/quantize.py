@@ -188,10 +188,13 @@ class Int8Dynamic(Step):
             return builder(_smoothed_once(source, data, context, alpha, "int8_dynamic"))
 
         # SmoothQuant on the graph (one Mul per smoothed activation) before any layer is
-        # kept in float (which costs the most).
-        alternatives = [(f"smoothed (alpha {alpha})", smoothed_builder(alpha)) for alpha in ONNX_SMOOTH_ALPHAS]
+        # kept in float (which costs the most); it moves outliers into MatMul/Gemm
+        # weights, so a graph of convolutions alone would only be built again as it was.
+        products = quantizable_nodes(source)
+        alternatives = [(f"smoothed (alpha {alpha})", smoothed_builder(alpha))
+                        for alpha in (ONNX_SMOOTH_ALPHAS if products else ())]
         order = {name: rank for rank, name in enumerate(_onnx_weighted_nodes(source))}
-        layers = sorted(set(quantizable_nodes(source)) | set(convs), key=lambda name: order.get(name, len(order)))
+        layers = sorted(set(products) | set(convs), key=lambda name: order.get(name, len(order)))
         out = _onnx_tuned(builder(), alternatives, layers, params, context)
         if convs:
             # ConvInteger takes one activation zero point per tensor: a convolution's
@@ -393,7 +396,7 @@ class Int8Static(Step):
         alternatives += [(f"{chosen}, smoothed (alpha {alpha})",
                           builder(quant_format, types, method,
                                   _smoothed_once(prepared, data, context, alpha, "int8_static")))
-                         for alpha in (0.5, 0.8)]
+                         for alpha in ((0.5, 0.8) if _onnx_weighted_nodes(prepared, ("MatMul", "Gemm")) else ())]
         out = _onnx_tuned(build, alternatives, _onnx_weighted_nodes(prepared), params, context)
         import onnx
 

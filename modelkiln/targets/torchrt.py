@@ -15,7 +15,7 @@ import warnings
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
-from ..plugins.api import SHARDED, SPARSE24, STREAMED, TORCH, ModelHandle, Runtime
+from ..plugins.api import ONNX, SHARDED, SPARSE24, STREAMED, TORCH, ModelHandle, Runtime
 from . import decoding, derived, fusion, hf_folder, semistructured, sharded, streamed
 from .compiled import compile_loaded, serving_entry
 from .shapes import dynamic_shapes, example_args, tracing_attention
@@ -39,6 +39,10 @@ class TorchRuntime(Runtime):
     form = TORCH
 
     def convert(self, model, context):
+        if model.form == ONNX:  # its graph imported, where the importer takes every operator
+            from .onnx_import import imported
+
+            model = imported(model, context)
         if model.form not in (TORCH, SHARDED, STREAMED):
             raise StepNotApplicable(f"an {model.form} model has no PyTorch module to serve with torch")
         if context.device == "cpu":
