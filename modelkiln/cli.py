@@ -325,6 +325,7 @@ def _print_variants(config, model, as_json):
         click.echo(f"no variants of model {model!r} yet")
         return
     from .targets.decoding import PROMPT_TOKENS
+    from .targets.decoding import summary as decoding_summary
 
     # Causal language models get their decoding figures as two more columns.
     decoding = any((v.get("metrics") or {}).get("decode") for v in variants)
@@ -354,7 +355,8 @@ def _print_variants(config, model, as_json):
             v["status"] + (f" {format_duration(v['elapsed_seconds'])}" if v["status"] == "running" else ""),
             _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")) + spread_mark(m),
             *([_fmt_ms((m.get("runoff") or {}).get("latency_p50_ms"))] if raced else []),
-            *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token"))] if decoding else []),
+            *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token")),
+               decoding_summary(decode)] if decoding else []),
             *([load_curve(m)] if loaded else []),
             format_size(m.get("size_bytes")),
             (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}{_worst(v)}",
@@ -362,13 +364,14 @@ def _print_variants(config, model, as_json):
             v.get("reason") or "",
         ])
     click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
-                            *(["run-off p50"] if raced else []), *(["prefill ms", "ms/token"] if decoding else []),
+                            *(["run-off p50"] if raced else []), *(["prefill ms", "ms/token", "batch: tokens/s, prefill"] if decoding else []),
                             *(["under load (clients: answers/s, p95 ms)"] if loaded else []),
                             "size", "quality (delta)", "judged on", "reason"]))
     click.echo("\n* promoted. Judged on: the rows the quality was scored on (unseen: none of them trained on), the"
                " largest drop they allow at the policy's confidence, and modelkiln's own probe sentences. Latency at"
                " the smallest batch size measured"
-               + (f"; prefill of a {PROMPT_TOKENS}-token prompt and per-token decode at batch 1." if decoding else ".")
+               + (f"; prefill of a {PROMPT_TOKENS}-token prompt and per-token decode at batch 1, then tokens per"
+                  " second with that many sequences decoding at once and prefill of longer prompts." if decoding else ".")
                + (" Run-off: the closest variants timed again side by side, interleaved in one process (at the"
                   " policy's batch size); it decided the promotion." if raced else "")
                + (f" !: p95 over {NOISY_SPREAD:g}x p50, measured while the host was busy; such a variant is timed"

@@ -139,6 +139,10 @@ class TargetConfig:
     # Concurrent clients each variant is also measured under (closed loop, one request at
     # a time each, batch 1): throughput and latency at every level. Empty: not measured.
     concurrency: list[int] = field(default_factory=list)
+    # Causal language models only: sequences decoded at once (each with its own KV cache)
+    # and prompt lengths prefilled, as a server runs them.
+    decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    prefill_tokens: list[int] = field(default_factory=lambda: [512, 2048])
     recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))
 
 
@@ -427,6 +431,10 @@ def _validate_targets(config: Config, file: Path) -> None:
             raise ConfigError(f"{file}: 'targets.{name}.memory_mb' must be 0 (no budget) or a size in MiB")
         if any(not 1 <= level <= 256 for level in target.concurrency):
             raise ConfigError(f"{file}: 'targets.{name}.concurrency' must list client counts from 1 to 256")
+        if any(not 1 <= batch <= 1024 for batch in target.decode_batch_sizes):
+            raise ConfigError(f"{file}: 'targets.{name}.decode_batch_sizes' must list batch sizes from 1 to 1024")
+        if any(not 1 <= tokens <= 1_000_000 for tokens in target.prefill_tokens):
+            raise ConfigError(f"{file}: 'targets.{name}.prefill_tokens' must list prompt lengths of at least 1")
 
 
 def _validate_policy(config: Config, file: Path) -> None:
@@ -437,12 +445,15 @@ def _validate_policy(config: Config, file: Path) -> None:
                           f"'concurrency' on target(s) {', '.join(unmeasured)} (e.g. concurrency = [1, 4, 16])")
     if config.policy.p95_limit_ms < 0:
         raise ConfigError(f"{file}: 'policy.p95_limit_ms' must be 0 (no limit) or more")
+    # The per-token decode objective reads the decode batches; the others the batch sizes.
+    decode = config.policy.objective == "decode_ms_per_token"
+    measured = "decode_batch_sizes" if decode else "batch_sizes"
     if config.policy.objective_batch_size not in {
-        b for t in config.targets.values() for b in t.batch_sizes
+        b for t in config.targets.values() for b in getattr(t, measured)
     }:
         raise ConfigError(
             f"{file}: 'policy.objective_batch_size' = {config.policy.objective_batch_size} "
-            "is not measured by any target: add it to the targets' batch_sizes"
+            f"is not measured by any target: add it to the targets' {measured}"
         )
     if config.policy.objective not in OBJECTIVES:
         raise ConfigError(f"{file}: 'policy.objective' must be one of {', '.join(OBJECTIVES)}, "
@@ -610,6 +621,11 @@ batch_sizes = [1, 8]
 # one request, waits for the answer, sends the next; throughput and p50/p95 per level.
 # Empty: not measured. policy.objective = "throughput_at_p95_ms" promotes by it.
 concurrency = []
+# Causal language models are also measured as a server runs them: per-token decode with
+# this many sequences at once (each its own KV cache), and prefill of prompts this long
+# (at most the model's context). One small decoding program per entry, holding no weights.
+decode_batch_sizes = [1, 8, 32]
+prefill_tokens = [512, 2048]
 # Recipes are chains of steps: "prune.structured(amount=0.5) -> quantize.int8_dynamic".
 # "baseline" is the empty recipe: the checkpoint as it is, exported for the runtime.
 # A step that does not apply (no stack of blocks to distill, one device to shard over,
@@ -630,7 +646,9 @@ recipes = [
 # Promote the variant with the lowest p50 latency at this batch size among those whose
 # quality is at most max_quality_drop (relative) below the baseline's. Objectives:
 # latency_p50_ms, latency_p95_ms; for causal language models also decode_ms_per_token
-# and prefill_ms (batch 1, 32-token prompt); throughput_at_p95_ms (see p95_limit_ms).
+# (per-token latency of objective_batch_size sequences decoding at once, from the targets'
+# decode_batch_sizes: at batch 32 the most tokens per second, with p95_limit_ms bounding
+# its p95 where set) and prefill_ms (32-token prompt); throughput_at_p95_ms (see p95_limit_ms).
 max_quality_drop = 0.01
 # The mean can hide a sample a variant gets wrong: the worst sample's quality (cosine
 # metrics) may drop at most max_sample_drop, and for models with an attention mask a

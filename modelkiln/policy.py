@@ -9,7 +9,8 @@ set for text models; and where a step trained on the checkpoint's data, at least
 ``min_heldout_rows`` distinct rows it never saw judging it) and, on a target with a ``memory_mb`` budget, its weights
 resident while serving fit that budget; among
 eligible candidates the lowest objective wins (p50 latency at the configured batch size, or for
-causal language models the per-token decode or prefill latency), ties going to the
+causal language models the per-token decode latency at the configured decode batch, or the
+prefill latency), ties going to the
 smaller artifact. The baseline competes like any other variant.
 
 Variants are measured one after another, each in its own process, and a shared or
@@ -104,6 +105,8 @@ def objective_value(candidate: dict, policy: PolicyConfig) -> float | None:
     it has none). For ``throughput_at_p95_ms`` that is milliseconds per answer at the
     best load level whose p95 keeps ``p95_limit_ms``: 1000 / its requests per second."""
     metrics = candidate.get("metrics") or {}
+    if policy.objective == "decode_ms_per_token":
+        return decode_step_ms(metrics.get("decode") or {}, policy)
     if policy.objective in DECODE_OBJECTIVES:
         return (metrics.get("decode") or {}).get(policy.objective)
     if policy.objective == LOAD_OBJECTIVE:
@@ -115,11 +118,28 @@ def objective_value(candidate: dict, policy: PolicyConfig) -> float | None:
     return None
 
 
+def decode_step_ms(decode: dict, policy: PolicyConfig) -> float | None:
+    """Milliseconds per decoding step with ``objective_batch_size`` sequences at once
+    (at a fixed batch, the fewer the more tokens per second), or None where not measured
+    or where its p95 exceeds ``p95_limit_ms``: what each user of a full server waits for
+    a token must stay within the bound."""
+    batch = policy.objective_batch_size
+    row = decode if batch == 1 else next(
+        (r for r in decode.get("batches") or [] if r["batch_size"] == batch), {})
+    step, p95 = row.get("decode_ms_per_token"), row.get("decode_p95_ms")
+    if step is None or (policy.p95_limit_ms and (p95 is None or p95 > policy.p95_limit_ms)):
+        return None
+    return step
+
+
 def objective_words(policy: PolicyConfig) -> str:
     """What the policy picks by, as a promotion's reason says it."""
     if policy.objective == LOAD_OBJECTIVE:
         bound = f" with p95 within {policy.p95_limit_ms:g} ms" if policy.p95_limit_ms else ""
         return f"most requests per second under concurrent clients{bound}"
+    if policy.objective == "decode_ms_per_token":
+        bound = f" with p95 within {policy.p95_limit_ms:g} ms" if policy.p95_limit_ms else ""
+        return f"lowest decode_ms_per_token with {policy.objective_batch_size} sequences at once{bound}"
     if policy.objective in DECODE_OBJECTIVES:
         return f"lowest {policy.objective}"
     return f"lowest {policy.objective} at batch {policy.objective_batch_size}"

@@ -14,6 +14,7 @@ from html import escape
 
 from . import policy as builtin_policy
 from .sizes import format_size
+from .targets.decoding import summary as decoding_summary
 
 WIDTH, HEIGHT = 720, 380
 LEFT, RIGHT, TOP, BOTTOM = 70, 190, 24, 52
@@ -51,8 +52,10 @@ def _objective_label(policy) -> str:
     if policy.objective == builtin_policy.LOAD_OBJECTIVE:
         bound = f" with p95 within {policy.p95_limit_ms:g} ms" if policy.p95_limit_ms else ""
         return f"ms per answer at the best load{bound} (1000 / requests per second)"
+    if policy.objective == "decode_ms_per_token":
+        return f"decode ms per token, {policy.objective_batch_size} sequences at once"
     if policy.objective in builtin_policy.DECODE_OBJECTIVES:
-        return {"decode_ms_per_token": "decode ms per token", "prefill_ms": "prefill ms"}[policy.objective]
+        return "prefill ms"
     which = "p95" if policy.objective == "latency_p95_ms" else "p50"
     return f"{which} latency ms at batch {policy.objective_batch_size}"
 
@@ -237,7 +240,7 @@ def _variants_table(variants: list[dict], promoted_ids: set[int], policy, number
             f"{m['quality']:.4f} ({m['quality_delta'] + 0.0 if abs(m['quality_delta']) >= 5e-5 else 0.0:+.4f}) <small>{escape(m.get('quality_metric') or '')}</small>")
         cls = ' class="promoted"' if v["id"] in promoted_ids else ""
         decode = (f"<td class=num>{_fmt((m.get('decode') or {}).get('decode_ms_per_token'))}</td>"
-                  if decoding else "")
+                  f"<td>{escape(decoding_summary(m.get('decode') or {}))}</td>" if decoding else "")
         runoff = f"<td class=num>{_fmt((m.get('runoff') or {}).get('latency_p50_ms'))}</td>" if raced else ""
         p50, p95 = m.get("latency_p50_ms"), m.get("latency_p95_ms")
         # A spread like a busy host's (as `kiln variants` marks it): the run-off re-times such figures.
@@ -256,7 +259,7 @@ def _variants_table(variants: list[dict], promoted_ids: set[int], policy, number
         )
     head = ("<tr><th></th><th title=\"its number on the plot\">#</th><th>version</th><th>variant</th><th>status</th><th>p50 ms</th><th>p95 ms</th>"
             f"{RUNOFF_HEAD if raced else ''}"
-            f"<th>per s</th>{'<th>ms/token</th>' if decoding else ''}<th>size</th><th>quality (delta)</th>"
+            f"<th>per s</th>{'<th>ms/token</th><th>decoding at batch (tokens per second), prefill</th>' if decoding else ''}<th>size</th><th>quality (delta)</th>"
             "<th title=\"the rows the quality was scored on, the largest drop they allow at the policy's confidence, "
             "and modelkiln's probe sentences\">judged on</th><th>reason</th></tr>")
     return f"<div class=scroll><table>{head}{''.join(rows)}</table></div>"

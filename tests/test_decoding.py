@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def test_a_causal_lm_is_measured_by_prefill_and_decode(kiln_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "modelkiln", "variants", "llm", "--config", str(kiln_dir / "kiln.toml")],
                          capture_output=True, text=True, check=True).stdout
     assert "ms/token" in out and "prefill of a 32-token prompt" in out
+    assert "32: " in out and "tok/s" in out and "prefill 128: " in out
     # The quality gate of a causal LM with text of its own: the original's perplexity on that
     # text (packed into windows of real tokens) over the variant's; agreement and KL beside.
     for variant in all_variants(config, "llm"):
@@ -119,6 +121,12 @@ def check_decoding(config, tmp_path, device, with_text=False):
         assert (decode["prompt_tokens"], decode["new_tokens"]) == (PROMPT_TOKENS, NEW_TOKENS)
         assert decode["prefill_ms"] > 0 and 0 < decode["decode_ms_per_token"] <= decode["decode_p95_ms"]
         assert variant["metrics"]["decode"] == decode  # the catalogue has them too (policy objectives)
+        # As a server runs it: the target's decode batch sizes, each sequence its own KV cache,
+        # and prefill of long prompts (512 and 2,048 are past this model's 128 positions).
+        assert [row["batch_size"] for row in decode["batches"]] == [1, 8, 32]
+        assert all(row["tokens_per_s"] > 0 and row["decode_p95_ms"] >= row["decode_ms_per_token"]
+                   for row in decode["batches"])
+        assert [row["tokens"] for row in decode["prefill"]] == [128] and decode["prefill"][0]["prefill_ms"] > 0
         if variant["recipe"] == "baseline":
             serving = json.loads((Path(variant["path"]) / "serving.json").read_text())
             assert serving["decode"]["fused_linears"] == 2 * 3  # q/k/v and gate/up of each block
@@ -136,3 +144,45 @@ def check_decoding(config, tmp_path, device, with_text=False):
                     got, want = program(prompt[:, :length]), model(prompt[:, :length]).logits
                 assert got.shape == want.shape and torch.allclose(got.float(), want.float(), atol=1e-3, rtol=1e-3)
     return variants
+
+
+def test_decoding_programs_for_each_batch_share_the_variants_one_copy_of_the_weights(tmp_path):
+    """One program per decode batch size and one for long prompts, none storing the
+    weights or its empty KV cache: loaded, they read the same tensors, each sequence of a
+    batch decodes as it would alone, and the prompt lengths stop at the model's context."""
+    from modelkiln.targets import decoding, derived, hf_folder
+
+    model = tiny_llama()
+    weights, stored = hf_folder.save(model, tmp_path)
+    entry = decoding.save_decoders(model, tmp_path, lambda p, prefix: derived.strip(
+        p, stored, derived.kernel_sources(model, prefix)), batch_sizes=[1, 4], prefill_tokens=[100, 512])
+    assert entry["batches"] == {"4": {"file": "decode_b4.pt2", "program_weights": entry["batches"]["4"][
+        "program_weights"]}}
+    assert entry["prefill"]["tokens"] == [100, 128] and entry["prefill"]["max_cache_len"] == 129
+    for file in ("decode.pt2", "decode_b4.pt2", "prefill.pt2"):
+        with zipfile.ZipFile(tmp_path / file) as archive:  # the graph, but no weights nor caches
+            assert sum(i.file_size for i in archive.infolist() if "/data/" in i.filename) < 64 * 1024, file
+    shared: dict = {}
+    programs = {}
+    for batch, source in ((1, entry), (4, entry["batches"]["4"]), (0, entry["prefill"])):
+        program = torch.export.load(str(tmp_path / source["file"]))
+        derived.fill(program, source["program_weights"], stored, "cpu", shared)
+        programs[batch] = program.module()
+    embeddings = [dict(p.named_parameters())["model.model.embed_tokens.weight"] for p in programs.values()]
+    assert len({e.data_ptr() for e in embeddings}) == 1
+    caches = [b for p in programs.values() for n, b in p.named_buffers() if "key_cache" in n]
+    assert len({c.data_ptr() for c in caches}) == len(caches) and not any(c.count_nonzero() for c in caches)
+    ids = torch.from_numpy(decoding.prompt_ids(256, batch=4))
+    with torch.inference_mode():
+        together = programs[4](input_ids=ids, cache_position=torch.arange(32))
+        alone = programs[1](input_ids=ids[2:3], cache_position=torch.arange(32))
+        assert torch.allclose(together[2:3], alone, atol=1e-5) and torch.allclose(together, model(ids).logits,
+                                                                                   atol=1e-4)
+        long = torch.from_numpy(decoding.prompt_ids(256, tokens=128))
+        assert torch.allclose(programs[0](input_ids=long, cache_position=torch.arange(128)), model(long).logits,
+                              atol=1e-4)
+    figures = decoding.time_decoding(programs[1], 256, "cpu", rounds=1, batched={4: programs[4]},
+                                     prefill=(programs[0], [100, 128]))
+    assert [row["batch_size"] for row in figures["batches"]] == [1, 4]
+    assert [row["tokens"] for row in figures["prefill"]] == [100, 128]
+    assert decoding.summary(figures).startswith("4: ") and "prefill 128: " in decoding.summary(figures)

@@ -131,6 +131,8 @@ def test_a_causal_lm_decodes_on_the_gpu(kiln_dir, tmp_path):
     assert {v["recipe"] for v in variants} == {"baseline", "quantize.bf16", "quantize.bf16 -> compile.inductor", int4}
     by_recipe = {v["recipe"]: v for v in variants}
     assert by_recipe[int4]["lineage"][1]["record"]["kernel"].startswith("int4 tinygemm")
+    # Everything the variant loaded, with the largest batch's KV caches, on the device.
+    assert all(v["metrics"]["decode"]["peak_device_bytes"] > 0 for v in variants)
 
 
 @needs_gpu

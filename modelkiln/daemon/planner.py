@@ -27,7 +27,8 @@ def target_spec(config, name: str) -> dict:
     target = config.targets[name]
     return {"name": name, "device": target.device, "threads": target.threads, "devices": target.devices,
             "memory_mb": target.memory_mb, "batch_sizes": list(target.batch_sizes),
-            "concurrency": list(target.concurrency)}
+            "concurrency": list(target.concurrency), "decode_batch_sizes": list(target.decode_batch_sizes),
+            "prefill_tokens": list(target.prefill_tokens)}
 
 
 class Planner:

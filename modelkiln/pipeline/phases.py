@@ -221,6 +221,8 @@ def build_variant(spec: dict) -> dict:
         worker_memory_mb=spec.get("worker_memory_mb", 0), reporter=tracker,
         training_source=inspected.get("training_source") or "train.npz",
         split=inspected.get("data_split"),
+        decode_batch_sizes=tuple(target.get("decode_batch_sizes", (1,))),
+        prefill_tokens=tuple(target.get("prefill_tokens", ())),
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []

@@ -258,6 +258,11 @@ class StepContext:
     reporter: Callable[..., None] | None = None
     # The file training_inputs came from, for the lineage.
     training_source: str = "train.npz"
+    # What a causal LM is measured at besides one sequence (the target's
+    # decode_batch_sizes and prefill_tokens): the runtime exports its decoding programs
+    # for them.
+    decode_batch_sizes: tuple = (1,)
+    prefill_tokens: tuple = ()
     # How the checkpoint's rows were shared out (``pipeline.heldout.DataSplit.as_dict``):
     # ``quality_rows`` judge the variant (``heldout_rows`` of them never trained on),
     # ``training_rows`` may be trained on, and

@@ -11,6 +11,14 @@ and decodes ``NEW_TOKENS`` greedily, one position per call, timing each.
 
 A new sequence simply starts again at cache position 0: the static cache's attention
 mask hides whatever a previous sequence left beyond the current position.
+
+A server decodes many sequences at once, and a variant that wins at batch 1 can lose at
+the batch sizes a server runs (int4 kernels that dequantize per call, say). So decoding
+is also measured at the target's ``decode_batch_sizes``: one program per batch size
+(``decode_b8.pt2``, ...), each sequence with its own rows of the KV cache; and prefill at
+its ``prefill_tokens`` (long prompts, batch 1) through ``prefill.pt2``, whose cache holds
+the longest. The programs hold no weights of their own (``derived.py``): loaded, they
+share the variant's one copy.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 
 DECODE_FILE = "decode.pt2"
+PREFILL_FILE = "prefill.pt2"
 # serving.json's key for where a program's weights come from (``derived.py``).
 PROGRAM_WEIGHTS = "program_weights"
 PROMPT_TOKENS = 32
@@ -42,16 +52,22 @@ def find_causal_lm(module):
     return None
 
 
-def prompt_ids(vocab_size: int, tokens: int = PROMPT_TOKENS, seed: int = 0) -> np.ndarray:
-    """The measured prompt: seeded, so a test can replay it through ``generate``."""
-    return np.random.default_rng(seed).integers(0, vocab_size, size=(1, tokens)).astype(np.int64)
+def prompt_ids(vocab_size: int, tokens: int = PROMPT_TOKENS, seed: int = 0, batch: int = 1) -> np.ndarray:
+    """The measured prompts, ``batch`` rows: seeded, so a test can replay them through
+    ``generate`` (the first row is the same whatever ``batch``)."""
+    return np.random.default_rng(seed).integers(0, vocab_size, size=(batch, tokens)).astype(np.int64)
 
 
-def export_decoder(model, max_cache_len: int = PROMPT_TOKENS + NEW_TOKENS, fuse: bool = True):
+def decoder_file(batch_size: int) -> str:
+    """The decoding program of ``batch_size`` sequences at once."""
+    return DECODE_FILE if batch_size == 1 else f"decode_b{batch_size}.pt2"
+
+
+def export_decoder(model, max_cache_len: int = PROMPT_TOKENS + NEW_TOKENS, fuse: bool = True, batch_size: int = 1):
     """A ``torch.export`` program of causal LM ``model`` with a static KV cache of
-    ``max_cache_len`` positions, batch 1, any number of new positions per call, with its
-    sibling Linear layers fused (``fusion.py``) unless ``fuse`` is false; and how many
-    Linear calls the fusion removed."""
+    ``max_cache_len`` positions for ``batch_size`` sequences, any number of new positions
+    per call, with its sibling Linear layers fused (``fusion.py``) unless ``fuse`` is
+    false; and how many Linear calls the fusion removed."""
     import torch
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
@@ -59,9 +75,10 @@ def export_decoder(model, max_cache_len: int = PROMPT_TOKENS + NEW_TOKENS, fuse:
 
     model.generation_config.cache_implementation = "static"
     device = next(model.parameters()).device
-    wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_cache_len, device=device)
+    wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len,
+                                                    device=device)
     positions = torch.export.Dim("positions", min=1, max=max_cache_len - 1)
-    inputs = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+    inputs = {"input_ids": torch.zeros(batch_size, 2, dtype=torch.long, device=device),
               "cache_position": torch.arange(2, device=device)}
     shapes = {"input_ids": {1: positions}, "cache_position": {0: positions}}
     with warnings.catch_warnings():
@@ -72,36 +89,71 @@ def export_decoder(model, max_cache_len: int = PROMPT_TOKENS + NEW_TOKENS, fuse:
         return fused_program(program, (), inputs, lambda module: shapes)
 
 
-def save_decoder(module, path, strip=None) -> dict | None:
-    """Export and save the decoding program of the causal LM inside ``module`` to
-    ``path``; what serving needs to know of it (vocabulary, cache length, fused Linear
-    calls), ``{"error": ...}`` when it cannot be exported (the forward program still
-    serves), or None when ``module`` holds no causal LM. ``strip(program, prefix)``, if
-    given, takes out of the program the weights stored beside it (``derived.py``) and
-    says where they come from. A failed write raises, as any other part of the
-    artifact's would."""
-    import torch
+def prefill_lengths(lm, wanted) -> list[int]:
+    """The prompt lengths prefill is measured at: ``wanted`` (the target's
+    ``prefill_tokens``), each at most the model's context."""
+    context = int(getattr(lm.config, "max_position_embeddings", 0) or 0)
+    return sorted({min(int(tokens), context) if context else int(tokens) for tokens in wanted})
 
+
+def save_decoders(module, directory, strip=None, batch_sizes=(1,), prefill_tokens=()) -> dict | None:
+    """Export and save into ``directory`` the decoding programs of the causal LM inside
+    ``module``: batch 1 (``decode.pt2``), each other of ``batch_sizes``, and the prefill
+    program for ``prefill_tokens``; what serving needs to know of them (vocabulary,
+    cache lengths, fused Linear calls, files), ``{"error": ...}`` when the batch-1
+    program cannot be exported (the forward program still serves), or None when
+    ``module`` holds no causal LM. A larger batch or the prefill program that fails to
+    export records its own error and the rest stands. ``strip(program, prefix)``, if
+    given, takes out of a program the weights stored beside it (``derived.py``) and says
+    where they come from. A failed write raises, as any other part of the artifact's would."""
     lm = find_causal_lm(module)
     if lm is None:
         return None
+
+    def saved(file: str, **shape) -> dict:
+        import torch
+
+        program, fused = export_decoder(lm, **shape)
+        # transformers' exportable wrapper holds the model as ``model``.
+        sources = strip(program, "model.") if strip is not None else {}
+        torch.export.save(program, str(Path(directory) / file))
+        return {"file": file, "fused_linears": fused, **({PROGRAM_WEIGHTS: sources} if sources else {})}
+
     try:
-        program, fused = export_decoder(lm)
+        entry = saved(DECODE_FILE)
     except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    # transformers' exportable wrapper holds the model as ``model``.
-    sources = strip(program, "model.") if strip is not None else {}
-    torch.export.save(program, str(path))
-    entry = {"vocab_size": int(lm.config.vocab_size), "max_cache_len": PROMPT_TOKENS + NEW_TOKENS,
-             "fused_linears": fused}
-    if sources:
-        entry[PROGRAM_WEIGHTS] = sources
+        return {"error": _error(exc)}
+    entry = {"vocab_size": int(lm.config.vocab_size), "max_cache_len": PROMPT_TOKENS + NEW_TOKENS, **entry}
+    batches = {}
+    for batch in sorted({int(b) for b in batch_sizes} - {1}):
+        try:
+            batches[str(batch)] = {k: v for k, v in saved(decoder_file(batch), batch_size=batch).items()
+                                   if k != "fused_linears"}
+        except Exception as exc:
+            batches[str(batch)] = {"error": _error(exc)}
+    if batches:
+        entry["batches"] = batches
+    lengths = prefill_lengths(lm, prefill_tokens)
+    if lengths:
+        try:
+            prefill = saved(PREFILL_FILE, max_cache_len=lengths[-1] + 1)
+            entry["prefill"] = {"tokens": lengths, "max_cache_len": lengths[-1] + 1,
+                                **{k: v for k, v in prefill.items() if k != "fused_linears"}}
+        except Exception as exc:
+            entry["prefill"] = {"tokens": lengths, "error": _error(exc)}
     return entry
 
 
-def time_decoding(program, vocab_size: int, device: str, rounds: int = ROUNDS) -> dict:
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def time_decoding(program, vocab_size: int, device: str, rounds: int = ROUNDS, batched: dict | None = None,
+                  prefill=None) -> dict:
     """Prefill of the seeded prompt, then greedy decoding of NEW_TOKENS, ``rounds`` times
     after one warm-up round; medians, and the tokens generated (the same every round).
+    ``batched`` (batch size -> program) decodes that many sequences at once the same way;
+    ``prefill`` (program, prompt lengths) times prefill of longer prompts.
 
     Decoding runs as a serving loop should: each next token is chosen on the device and
     fed back without the host waiting for it, so the host queues step n+1 while the
@@ -111,7 +163,43 @@ def time_decoding(program, vocab_size: int, device: str, rounds: int = ROUNDS) -
     """
     import torch
 
-    prompt = torch.from_numpy(prompt_ids(vocab_size)).to(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    prefills, steps, tokens = _decode_rounds(program, vocab_size, device, rounds, 1)
+    figures = {
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": NEW_TOKENS,
+        "prefill_ms": float(np.median(prefills)),
+        "decode_ms_per_token": float(np.median(steps)),
+        "decode_p95_ms": float(np.percentile(steps, 95)),
+        "tokens": tokens,
+    }
+    if batched:
+        rows = [_batch_row(1, steps)]
+        for batch, batch_program in sorted(batched.items()):
+            rows.append(_batch_row(batch, _decode_rounds(batch_program, vocab_size, device, rounds, batch)[1]))
+        figures["batches"] = rows
+    if prefill is not None:
+        figures["prefill"] = [_prefill_row(prefill[0], vocab_size, device, rounds, tokens)
+                              for tokens in prefill[1]]
+    if device.startswith("cuda"):
+        # Everything loaded for the variant, with the KV caches of its largest batch.
+        figures["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return figures
+
+
+def _batch_row(batch: int, steps: list) -> dict:
+    step = float(np.median(steps))
+    return {"batch_size": batch, "decode_ms_per_token": step, "decode_p95_ms": float(np.percentile(steps, 95)),
+            "tokens_per_s": batch * 1000.0 / step}
+
+
+def _decode_rounds(program, vocab_size: int, device: str, rounds: int, batch: int):
+    """Prefill times, per-step times and the first sequence's tokens of ``rounds`` rounds
+    (after a warm-up round: first calls of each shape compile or allocate)."""
+    import torch
+
+    prompt = torch.from_numpy(prompt_ids(vocab_size, batch=batch)).to(device)
     prefill_positions = torch.arange(PROMPT_TOKENS, device=device)
     positions = torch.arange(PROMPT_TOKENS, PROMPT_TOKENS + NEW_TOKENS, device=device)
     prefills, steps, tokens = [], [], []
@@ -129,18 +217,39 @@ def time_decoding(program, vocab_size: int, device: str, rounds: int = ROUNDS) -
                 marks.mark()
             times = marks.elapsed()
             if round_ == 0:
-                continue  # warm-up: first calls of each shape compile or allocate
+                continue
             prefills.append(times[0])
             steps.extend(times[1:])
             tokens = torch.cat(generated, 1)[0].tolist()
-    return {
-        "prompt_tokens": PROMPT_TOKENS,
-        "new_tokens": NEW_TOKENS,
-        "prefill_ms": float(np.median(prefills)),
-        "decode_ms_per_token": float(np.median(steps)),
-        "decode_p95_ms": float(np.percentile(steps, 95)),
-        "tokens": tokens,
-    }
+    return prefills, steps, tokens
+
+
+def _prefill_row(program, vocab_size: int, device: str, rounds: int, length: int) -> dict:
+    """Prefill of a seeded prompt of ``length`` tokens, batch 1: the median of ``rounds``."""
+    import torch
+
+    prompt = torch.from_numpy(prompt_ids(vocab_size, tokens=length, seed=1)).to(device)
+    positions = torch.arange(length, device=device)
+    times = []
+    with torch.inference_mode():
+        for round_ in range(rounds + 1):
+            marks = _Marks(device)
+            marks.mark()
+            program(input_ids=prompt, cache_position=positions)
+            marks.mark()
+            if round_:
+                times.extend(marks.elapsed())
+    ms = float(np.median(times))
+    return {"tokens": length, "prefill_ms": ms, "tokens_per_s": length * 1000.0 / ms}
+
+
+def summary(decode: dict) -> str:
+    """The decoding figures beyond batch 1, as a listing shows them:
+    "8: 950 tok/s, 32: 3100 tok/s; prefill 512: 12.1 ms"."""
+    parts = [", ".join(f"{row['batch_size']}: {row['tokens_per_s']:.0f} tok/s"
+                       for row in decode.get("batches") or [] if row["batch_size"] != 1)]
+    parts.append(", ".join(f"prefill {row['tokens']}: {row['prefill_ms']:.1f} ms" for row in decode.get("prefill") or []))
+    return "; ".join(part for part in parts if part)
 
 
 class _Marks:

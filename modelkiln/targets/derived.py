@@ -11,7 +11,8 @@ records where it comes from:
 - ``{"concat": [names]}``: folder tensors one after the other along the first dimension
   (sibling Linear layers fused into one product, ``fusion.py``);
 - ``{"derive": kind, "layer": name, ...}``: a quantized kernel's own packing of a layer's
-  compressed-tensors weights, computed again where the program loads (``compressed.py``).
+  compressed-tensors weights, computed again where the program loads (``compressed.py``);
+- ``{"zeros": true}``: zeros, made where it loads (an empty static KV cache).
 
 What the folder does not hold (rotary tables, an empty KV cache, lifted constants) stays
 in the program. ``fill`` puts the weights back when the program loads.
@@ -26,6 +27,8 @@ from .hf_folder import COMPRESSED_ATTR
 
 # Bytes of a tensor's first row that index it (then compared in full).
 _KEY_BYTES = 256
+# Elements from which a tensor of zeros is worth leaving out of a program.
+_ZEROS_WORTH = 4096
 
 
 def _row_key(tensor):
@@ -107,7 +110,7 @@ def strip(program, folder: dict, kernels: dict) -> dict:
         for name, tensor in list(table.items()):
             if not isinstance(tensor, torch.Tensor) or tensor.numel() < 2:
                 continue
-            source = kernels.get(name) or _found(name, tensor, folder, by_key)
+            source = kernels.get(name) or _found(name, tensor, folder, by_key) or _zeros(tensor)
             if source is not None:
                 sources[name] = source
                 table[name] = _placeholder(tensor)
@@ -135,20 +138,42 @@ def _found(name: str, tensor, folder: dict, by_key: dict) -> dict | None:
     return {"tensor": parts[0]} if len(parts) == 1 else {"concat": parts}
 
 
+def _zeros(tensor) -> dict | None:
+    """``{"zeros": True}`` for a tensor of zeros only: an empty static KV cache, which
+    for 32 sequences of a 7B model is a gigabyte of zeros a program need not store."""
+    import torch
+
+    return {"zeros": True} if tensor.numel() >= _ZEROS_WORTH and not torch.count_nonzero(tensor) else None
+
+
 def _same(stored, tensor) -> bool:
     import torch
 
     return stored.shape == tensor.shape and stored.dtype == tensor.dtype and torch.equal(stored, tensor.detach().cpu())
 
 
-def fill(program, sources: dict, folder: dict, device: str) -> None:
+def fill(program, sources: dict, folder: dict, device: str, shared: dict | None = None) -> None:
     """Put back, in place, the tensors ``strip`` took out of ``program``, from ``folder``
-    (name -> tensor, the variant's shards), deriving kernel packings on ``device``."""
+    (name -> tensor, the variant's shards), deriving kernel packings on ``device``.
+    ``shared``, kept across the programs of one variant, hands each program the same
+    tensor on ``device`` for the same source: the forward and decoding programs of a 7B
+    model then hold its weights once, not once each."""
+    import json
+
     import torch
 
+    shared = {} if shared is None else shared
     forms: dict = {}
     for name, source in sources.items():
-        if "tensor" in source:
+        table = program.state_dict if name in program.state_dict else program.constants
+        old = table[name]
+        key = (json.dumps(source, sort_keys=True), str(old.dtype))
+        if "zeros" in source:  # a KV cache: each program its own, never shared
+            value = torch.zeros(old.shape, dtype=old.dtype, device=device)
+            key = None
+        elif key in shared:
+            value = shared[key]
+        elif "tensor" in source:
             value = folder[source["tensor"]]
         elif "concat" in source:
             value = torch.cat([folder[n] for n in source["concat"]])
@@ -160,9 +185,8 @@ def fill(program, sources: dict, folder: dict, device: str) -> None:
                 forms[layer] = from_tensors({k.rsplit(".", 1)[1]: v for k, v in folder.items()
                                              if k.rsplit(".", 1)[0] == layer}, args)
             value = derive(forms[layer], source, device)
-        table = program.state_dict if name in program.state_dict else program.constants
-        old = table[name]
-        value = value.to(old.dtype)
+        if key is not None and key not in shared:
+            value = shared[key] = value.to(device=device, dtype=old.dtype)
         table[name] = torch.nn.Parameter(value, requires_grad=False) if isinstance(old, torch.nn.Parameter) else value
 
 

@@ -132,12 +132,13 @@ def _save_decoder(module, rank: int, directory: Path, decode: dict) -> dict:
     ``decode`` entry so far, or why there is none (the forward programs still serve)."""
     if "error" in decode:
         return decode
-    file = f"rank{rank}/{decoding.DECODE_FILE}"
-    saved = decoding.save_decoder(module, directory / file)
+    # Batch 1 only: the ranks' programs are measured as one sequence decoding.
+    saved = decoding.save_decoders(module, directory / f"rank{rank}")
     if saved is None:
         return decode
     if "error" in saved:
         return {"error": f"rank {rank}: {saved['error']}"}
+    file = f"rank{rank}/{saved.pop('file')}"
     return {"files": [*decode.get("files", []), file], **saved}
 
 

@@ -25,6 +25,8 @@ SCRIPT_FILE = "model.pt"
 # How serving code must load the program when not just torch.export.load: the
 # compile.inductor mode, and a causal LM's static-cache decoding program.
 SERVING_FILE = "serving.json"
+# A model's note: the decode batch sizes and prefill lengths of the target it is built for.
+DECODE_SHAPES = "decode_shapes"
 
 
 # A layer's attribute holding what it computed from its stored weights at its first call
@@ -45,6 +47,10 @@ class TorchRuntime(Runtime):
             model = imported(model, context)
         if model.form not in (TORCH, SHARDED, STREAMED):
             raise StepNotApplicable(f"an {model.form} model has no PyTorch module to serve with torch")
+        # What a causal LM's decoding programs are exported for: the target's batch sizes
+        # and prompt lengths (decoding.py).
+        model.notes[DECODE_SHAPES] = {"batch_sizes": list(context.decode_batch_sizes),
+                                      "prefill_tokens": list(context.prefill_tokens)}
         if context.device == "cpu":
             return model
         # Exported where it will run: torch.export pins the device of every cast it
@@ -149,10 +155,9 @@ class TorchRuntime(Runtime):
     def _decoding(model, directory, strip=None) -> dict | None:
         """``serving.json``'s entry for a causal LM's static-cache decoding program (or why
         there is none); None for any other model."""
-        decode = decoding.save_decoder(model.obj, directory / decoding.DECODE_FILE, strip)
-        if decode is None:
-            return None
-        return decode if "error" in decode else {"file": decoding.DECODE_FILE, **decode}
+        shapes = model.notes.get(DECODE_SHAPES) or {}
+        return decoding.save_decoders(model.obj, directory, strip, shapes.get("batch_sizes", (1,)),
+                                      shapes.get("prefill_tokens", ()))
 
     def weights(self, directory):
         """A causal LM's: its Hugging Face folder (hf_folder.py), or why it has none."""
@@ -174,10 +179,13 @@ class TorchRuntime(Runtime):
         stored = (hf_folder.load_state(directory)
                   if decoding.PROGRAM_WEIGHTS in serving or decoding.PROGRAM_WEIGHTS in decode else {})
 
+        # One copy of each weight on the device, whichever programs read it.
+        shared: dict = {}
+
         def program_of(name: str, sources: dict | None):
             program = torch.export.load(str(directory / name))
             if sources:
-                derived.fill(program, sources, stored, device)
+                derived.fill(program, sources, stored, device, shared)
             return program.module().to(device)
 
         with warnings.catch_warnings():
@@ -197,10 +205,15 @@ class TorchRuntime(Runtime):
                 module = torch.jit.load(str(directory / file), map_location=device)
                 module.eval()
             if "file" in decode:
-                decoder = program_of(decode["file"], decode.get(decoding.PROGRAM_WEIGHTS))
-                if "compile" in serving:
-                    decoder = compile_loaded(decoder, serving["compile"])
-                return Serving(module, device, decoder, decode["vocab_size"])
+                def decoder_of(entry: dict):
+                    program = program_of(entry["file"], entry.get(decoding.PROGRAM_WEIGHTS))
+                    return compile_loaded(program, serving["compile"]) if "compile" in serving else program
+
+                batched = {int(batch): decoder_of(entry) for batch, entry in (decode.get("batches") or {}).items()
+                           if "file" in entry}
+                prefill = decode.get("prefill") or {}
+                return Serving(module, device, decoder_of(decode), decode["vocab_size"], batched,
+                               (decoder_of(prefill), prefill["tokens"]) if "file" in prefill else None)
         return Serving(module, device)
 
 
@@ -217,7 +230,7 @@ class Serving:
     """An artifact loaded for ``device``: numpy in, numpy out, as a caller sees it; on a
     GPU it times itself on the device (inputs already there) with CUDA events."""
 
-    def __init__(self, module, device: str, decoder=None, vocab_size: int = 0):
+    def __init__(self, module, device: str, decoder=None, vocab_size: int = 0, batched=None, prefill=None):
         self.module = module
         self.device = device
         if device.startswith("cuda"):
@@ -225,7 +238,8 @@ class Serving:
             self.time_runs = self._time_cuda
         if decoder is not None:
             # A causal language model: prefill and per-token decode with its KV cache.
-            self.time_decoding = lambda: decoding.time_decoding(decoder, vocab_size, device)
+            self.time_decoding = lambda: decoding.time_decoding(decoder, vocab_size, device, batched=batched,
+                                                                prefill=prefill)
 
     def _tensors(self, inputs: dict):
         import torch
