@@ -148,3 +148,16 @@ def test_relative_paths_with_dot_dot_are_normalised(tmp_path):
     config = load_config(path)
     assert config.registry_path == tmp_path / "shared" / "models"
     assert config.artifacts_path == tmp_path / "shared" / "artifacts"
+
+
+def test_the_decode_objective_s_batch_size_is_one_the_targets_decode(tmp_path):
+    path = write_default_config(tmp_path)
+    text = path.read_text().replace('objective = "latency_p50_ms"', 'objective = "decode_ms_per_token"')
+    path.write_text(text.replace("objective_batch_size = 1", "objective_batch_size = 32"))
+    assert load_config(path).policy.objective_batch_size == 32  # in decode_batch_sizes, not batch_sizes
+    path.write_text(text.replace("objective_batch_size = 1", "objective_batch_size = 64"))
+    with pytest.raises(ConfigError, match="add it to the targets' decode_batch_sizes"):
+        load_config(path)
+    path.write_text(path.read_text().replace("decode_batch_sizes = [1, 8, 32]", "decode_batch_sizes = [0]"))
+    with pytest.raises(ConfigError, match="decode_batch_sizes' must list batch sizes"):
+        load_config(path)

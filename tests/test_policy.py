@@ -66,6 +66,27 @@ def test_a_decode_objective_ranks_causal_lms_by_per_token_latency():
     assert chosen["id"] == "compiled"  # slower forward pass, faster decoding; no figures, not eligible
 
 
+def test_at_a_server_s_batch_size_the_variant_with_the_most_tokens_per_second_wins_within_the_p95_bound():
+    from modelkiln.policy import objective_words
+
+    def lm(name, step_ms_at_1, step_ms_at_32, p95_at_32):
+        c = candidate(name, 1.0, 1.0)
+        c["metrics"]["decode"] = {"decode_ms_per_token": step_ms_at_1, "batches": [
+            {"batch_size": 1, "decode_ms_per_token": step_ms_at_1, "decode_p95_ms": step_ms_at_1},
+            {"batch_size": 32, "decode_ms_per_token": step_ms_at_32, "decode_p95_ms": p95_at_32}]}
+        return c
+
+    # int4 that dequantizes per call: fastest alone, slowest with 32 sequences at once.
+    int4, bf16, jittery = lm("int4", 3.0, 40.0, 41.0), lm("bf16", 5.0, 9.0, 9.5), lm("jittery", 5.0, 8.0, 30.0)
+    assert choose([int4, bf16], PolicyConfig(objective="decode_ms_per_token"))["id"] == "int4"
+    at_32 = PolicyConfig(objective="decode_ms_per_token", objective_batch_size=32)
+    assert choose([int4, bf16, jittery], at_32)["id"] == "jittery"
+    bounded = PolicyConfig(objective="decode_ms_per_token", objective_batch_size=32, p95_limit_ms=20.0)
+    assert choose([int4, bf16, jittery], bounded)["id"] == "bf16"
+    assert objective_words(bounded) == ("lowest decode_ms_per_token with 32 sequences at once with p95 within 20 ms")
+    assert choose([candidate("no-decode", 0.1, 1.0)], at_32) is None
+
+
 def test_pareto_front_keeps_only_undominated_trade_offs():
     from modelkiln.policy import pareto_front
 
