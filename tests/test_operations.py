@@ -240,7 +240,8 @@ def test_training_stops_at_its_time_budget_and_fits_its_batch_to_the_worker_memo
     teacher, student = tiny_mlp(), tiny_mlp()
     inputs = {"x": np.random.default_rng(0).standard_normal((256, 16)).astype(np.float32)}
     started = time.monotonic()
-    record = distill(student, teacher, inputs, 10**8, 1e-3, max_seconds=1.0, context=Context())
+    # No floor of steps: on a loaded host twenty steps alone can outlast a second.
+    record = distill(student, teacher, inputs, 10**8, 1e-3, max_seconds=1.0, context=Context(), min_steps=0)
     assert time.monotonic() - started < 5
     assert record["stopped"] == f"time budget of 1 s reached after {record['steps']} of 100000000 steps"
     assert record["batch_size"] == 64 and record["steps"] == len(reports)
