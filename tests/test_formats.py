@@ -207,3 +207,13 @@ def test_a_torchscript_archive_is_rejected_with_what_to_ship_instead(tmp_path):
     reason = str(raised.value)
     assert "TorchScript archive" in reason and "model.safetensors" in reason and "model.onnx" in reason
     assert "weights_only=False" not in reason  # torch's own advice, never to be taken on such a file
+
+
+def test_a_hugging_face_checkpoint_is_read_in_its_own_dtype(tmp_path):
+    """A bf16 causal LM stays bf16 (a 7B model read as float32 would need twice its size
+    in host memory before it reached a GPU)."""
+    from test_decoding import tiny_llama
+
+    tiny_llama().to(torch.bfloat16).save_pretrained(str(tmp_path), safe_serialization=True)
+    loaded = HuggingFaceFormat().load(tmp_path, LoadContext("llm"))
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.bfloat16}

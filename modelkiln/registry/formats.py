@@ -437,9 +437,13 @@ class HuggingFaceFormat(CheckpointFormat):
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             cls = transformers.AutoModel
         _check_described_size(directory, cls, transformers)
+        # The weights in the checkpoint's own dtype (transformers 5's default, asked for by
+        # name so that 4.x does the same): a bf16 7B model read as float32 would need 27 GB
+        # of host memory before it reached a GPU. Steps cast where they need to.
+        own_dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": "auto"}
         try:
             model = cls.from_pretrained(
-                str(directory), local_files_only=True, trust_remote_code=False, use_safetensors=True
+                str(directory), local_files_only=True, trust_remote_code=False, use_safetensors=True, **own_dtype
             )
         except Exception as exc:
             raise CheckpointRejected(f"{directory}: transformers cannot load it ({exc})") from None
