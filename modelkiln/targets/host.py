@@ -96,6 +96,9 @@ def _session(nodes, initializers, inputs):
     graph = helper.make_graph(nodes, "probe", inputs, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
                               initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    # Opset 17's own IR version, not the installed onnx package's newest: an onnxruntime
+    # older than that package refuses a model of a later IR version.
+    model.ir_version = 8
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
