@@ -96,6 +96,9 @@ def test_a_conv_net_gets_static_and_dynamic_int8_and_serves_from_plain_onnxrunti
     assert record["form"] in passing
     if len(passing) > 1:
         assert passing[record["form"]] == min(passing.values()) and "ms" in forms["float"]
+    # The kept form calibrated by every method, the best scored kept: no kernel changes.
+    methods = record["calibration_methods"]
+    assert set(methods) == {"MinMax", "Entropy", "Percentile"} and methods[record["method"]] == max(methods.values())
     graph = onnx.load(f"{static['path']}/{static['file']}").graph
     quantized_convs = [n for n in graph.node if n.op_type in ("QLinearConv", "Conv")]
     assert quantized_convs and record["quantize_nodes"] > 0
