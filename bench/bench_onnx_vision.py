@@ -171,6 +171,14 @@ def main():
     sessions = {"onnxruntime fp32 (the checkpoint)": session(model),
                 f"promoted: {served['variant']}": session(served_path / served["file"], settings),
                 "onnxruntime quantize_static (QDQ, per-channel)": session(peer)}
+    if settings:  # the peer with the promoted variant's session settings too, for a like-for-like figure
+        sessions["onnxruntime quantize_static, promoted's session settings"] = session(peer, settings)
+    for v in variants:  # every other int8 variant, as serving code loads it
+        if v["status"] == "succeeded" and v["runtime"] == "onnxruntime" and "int8" in v["recipe"] \
+                and v["id"] != served["id"]:
+            extra = Path(v["path"]) / "serving.json"
+            sessions[v["variant"]] = session(Path(v["path"]) / v["file"],
+                                             json.loads(extra.read_text()).get("session") if extra.exists() else None)
     outputs = {label: np.stack([s.run(None, {input_name: test[i:i + 1]})[0].ravel() for i in range(len(test))])
                for label, s in sessions.items()}
     reference = outputs["onnxruntime fp32 (the checkpoint)"].astype(np.float64)
