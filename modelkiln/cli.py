@@ -194,7 +194,7 @@ class ProgressBars:
         from .pipeline.progress import describe
         from .sizes import format_duration
         from .store.models import utcnow
-        from .store.queries import TERMINAL_JOB_STATES
+        from .store.states import TERMINAL_JOB_STATES
         from .store.views import variant_label
 
         lines = []
@@ -478,10 +478,8 @@ def cancel(config_path, model, version, recipe, target):
         from .plugins.manager import plugins_for
 
         loaded = plugins_for(config)
-        head, colon, rest = recipe.partition(":")
-        if colon and head in loaded.runtimes:  # "onnxruntime:quantize.int8_dynamic", as `kiln variants` shows
-            runtime, recipe = head, rest
-        if recipe != "baseline":
+        runtime, recipe = views.parse_variant_label(recipe, loaded.runtimes)
+        if recipe:
             recipe = parse_recipe(recipe, loaded.steps, "--recipe").text
     with _store(config).session() as session:
         jobs = [j for j in queries.open_jobs_to_cancel(session, model, version, recipe, target)
@@ -545,10 +543,10 @@ def promote(config_path, model, target, variant, version, reason, force):
     config = _load(config_path)
 
     def find(session):
-        runtime, _, recipe = variant.partition(":")
-        recipe = "" if recipe in ("", "baseline") else recipe
-        matches = [v for v in queries.variants_of_model(session, model)
-                   if v.target == target and v.runtime == runtime and v.recipe == recipe
+        measured = queries.variants_of_model(session, model)
+        runtime, recipe = views.parse_variant_label(variant, {v.runtime for v in measured})
+        matches = [v for v in measured
+                   if runtime is not None and v.target == target and v.runtime == runtime and v.recipe == recipe
                    and v.status == "succeeded" and (version is None or v.checkpoint.version == version)]
         if not matches:
             raise KilnError(f"{model}: no measured variant {variant!r} on target {target!r}"

@@ -24,6 +24,41 @@ def test_init_writes_the_embedded_defaults(tmp_path):
     assert (tmp_path / "models").is_dir()
 
 
+def test_every_value_the_template_writes_is_the_dataclasses_default():
+    """The template writes the defaults out for a reader; the dataclasses are what a file
+    without the key gets. Each key the template sets must hold the dataclass's value."""
+    import dataclasses
+    from pathlib import PurePath
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10, as config.py reads it
+        import tomli as tomllib
+
+    from modelkiln.config import DEFAULT_CONFIG_TEMPLATE, Config
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, PurePath) else value
+
+    defaults = plain(dataclasses.asdict(Config()))
+    written = tomllib.loads(DEFAULT_CONFIG_TEMPLATE)
+    differ = []
+
+    def compare(table, default, where):
+        for key, value in table.items():
+            if isinstance(value, dict) and isinstance(default.get(key), dict):
+                compare(value, default[key], f"{where}{key}.")
+            elif key not in default or default[key] != value:
+                differ.append(f"{where}{key} = {value!r}, default {default.get(key, 'missing')!r}")
+
+    compare(written, defaults, "")
+    assert not differ, "the template and the dataclasses disagree: " + "; ".join(differ)
+
+
 def test_init_refuses_to_overwrite(tmp_path):
     write_default_config(tmp_path)
     with pytest.raises(ConfigError, match="already exists"):

@@ -13,9 +13,9 @@ import pytest
 from helpers import place
 from sqlalchemy import select
 
-from modelkiln.store import queries
 from modelkiln.store.db import open_store
 from modelkiln.store.models import Job, Promotion, Variant
+from modelkiln.store.states import TERMINAL_JOB_STATES
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +170,7 @@ def test_sigkill_mid_job_then_restart_finishes_once(kiln_dir, digits_checkpoint)
         with store.session() as session:
             def settled():
                 session.expire_all()
-                return all(j.state in queries.TERMINAL_JOB_STATES for j in session.scalars(select(Job)))
+                return all(j.state in TERMINAL_JOB_STATES for j in session.scalars(select(Job)))
             wait_for(settled, 60, "all jobs to end", restarted)
             variants = list(session.scalars(select(Variant)))
             assert len(variants) == 4 and all(v.status == "succeeded" for v in variants)

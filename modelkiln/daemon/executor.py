@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..pipeline import progress, worker
+from ..store.states import PHASE_ENDS_JOB
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,6 @@ def _last_words(log_path: Path) -> str:
 
 
 class Executor:
-    # Statuses after which the remaining phases of a job are not run.
-    TERMINAL = {"failed", "skipped", "rejected"}
-
     def __init__(self, slots: int, timeout_seconds: float, memory_limit_mb: int = 0, clock=time.monotonic,
                  on_exit=None):
         """:param on_exit: called (from a helper thread) whenever a worker process ends,
@@ -270,7 +268,7 @@ class Executor:
         self._exiting.append((chosen.process, self.clock()))
         running.results.append(result)
         status = result.get("status")
-        if status in self.TERMINAL:
+        if status in PHASE_ENDS_JOB:
             return Outcome(running.job_id, status, running.results, result.get("reason"))
         running.index += 1
         if running.index == len(running.phases):

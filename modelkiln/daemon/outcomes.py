@@ -56,8 +56,7 @@ class Outcomes:
         staging = self.layout.staging(final, job.id)
         if outcome is not None and outcome.status != "measured":
             shutil.rmtree(staging, ignore_errors=True)
-            units.record_variant_ended(session, job, variant, "skipped" if outcome.status == "skipped" else "failed",
-                                       outcome.reason)
+            units.end_job(session, job, "skipped" if outcome.status == "skipped" else "failed", outcome.reason)
             return
         if outcome is not None:
             built, measured = outcome.results

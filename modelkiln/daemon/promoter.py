@@ -32,6 +32,7 @@ from ..plugins.api import version_order
 from ..plugins.manager import first_result, notify
 from ..store import queries, units, views
 from ..store.models import Checkpoint, Job, Promotion
+from ..store.states import TERMINAL_JOB_STATES
 from .executor import Outcome, Phase
 from .logs import about
 from .planner import target_spec
@@ -206,7 +207,7 @@ class Promoter:
         key = queries.runoff_key(checkpoint, target)
         job = queries.job_by_key(session, key)
         if job is not None:
-            return job.state not in queries.TERMINAL_JOB_STATES
+            return job.state not in TERMINAL_JOB_STATES
         contenders = builtin_policy.runoff_contenders(candidates, self.config.policy, memory_mb)
         if not contenders:
             return False
@@ -239,11 +240,11 @@ class Promoter:
     @staticmethod
     def record_runoff(session, job: Job, outcome: Outcome | None) -> None:
         if outcome is None:
-            units.finish_job(session, job, "skipped", "no variants close enough to the best any more")
+            units.end_job(session, job, "skipped", "no variants close enough to the best any more")
             return
         if outcome.status != "measured":
             # The separate measurements decide then; the log and the job say why.
-            units.finish_job(session, job, "failed", outcome.reason)
+            units.end_job(session, job, "failed", outcome.reason)
             return
         result = outcome.results[-1]
         rivals = sorted(int(i) for i in result["contenders"])

@@ -566,7 +566,7 @@ class Daemon:
         checkpoint = queries.checkpoint(session, job.checkpoint_id)
         reason = self.planner.unwanted_reason(queries.variant_of(session, job))
         if reason is not None:
-            units.record_variant_ended(session, job, queries.variant_of(session, job), "cancelled", f"cancelled: {reason}")
+            units.end_job(session, job, "cancelled", f"cancelled: {reason}")
             log.info("job %d cancelled: %s", job.id, reason, extra=self._about(session, job))
             self._after_job(session, checkpoint, job)
             return False
@@ -576,7 +576,7 @@ class Daemon:
             return True
         reason = (f"not started within the checkpoint's budget (policy.budget_minutes = {budget:g}, counted from "
                   f"its inspection at {since:%Y-%m-%d %H:%M:%S} UTC)")
-        units.record_variant_ended(session, job, queries.variant_of(session, job), "skipped", reason)
+        units.end_job(session, job, "skipped", reason)
         waiting = queries.pending_variant_jobs(session, checkpoint.id)
         units.skip_jobs(session, waiting, reason)
         log.warning("%s/%s: budget of %g min spent; %d variant job(s) skipped", checkpoint.model,
@@ -627,7 +627,7 @@ class Daemon:
         and its checkpoint moves on without it."""
         log.info("job %d cancelled while running: %s", job.id, self._label(session, job),
                  extra=self._about(session, job))
-        units.finish_job(session, job, "cancelled", job.reason)  # drops the lease
+        units.end_job(session, job, "cancelled", job.reason)  # drops the lease
         self._ended(session, job)
         checkpoint = queries.checkpoint(session, job.checkpoint_id)
         shutil.rmtree(self.layout.job_work(job.id), ignore_errors=True)

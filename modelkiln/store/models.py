@@ -79,7 +79,7 @@ class Checkpoint(Base):
     size_bytes: Mapped[int] = mapped_column(Bytes)
     # Cheap stat signature of the source folder: a rescan compares it before hashing.
     fingerprint: Mapped[str] = mapped_column(String(64))
-    # ingested -> ready -> done, or rejected / duplicate
+    # ingested -> ready -> done, or rejected / duplicate / failed / cancelled (states.py)
     status: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     snapshot_path: Mapped[str] = mapped_column(StoredPath)

@@ -6,8 +6,7 @@ from sqlalchemy import and_, func, select, text
 from sqlalchemy.orm import Session, selectinload
 
 from .models import Checkpoint, Host, Job, Measurement, Pin, Promotion, Variant
-
-TERMINAL_JOB_STATES = ("succeeded", "failed", "skipped", "cancelled")
+from .states import TERMINAL_JOB_STATES
 
 
 def ping(session: Session) -> None:

@@ -222,8 +222,14 @@ def requeue_owned(session: Session, owners: list[str], max_attempts: int, reason
     return _requeue(session, Job.lease_owner.in_(owners), max_attempts, reason)
 
 
-def finish_job(session: Session, job: Job, state: str, reason: str | None = None) -> None:
+def end_job(session: Session, job: Job, state: str, reason: str | None = None) -> None:
+    """A job ends as ``state`` with ``reason`` and gives its lease back. A variant it was
+    building and that is still pending ends with it, as ``state`` too: it has no artifact
+    (a measured variant is recorded by ``record_variant``; one cancelled already keeps
+    its record)."""
     _finish(job, state, reason)
+    if job.variant is not None and job.variant.status == "pending":
+        job.variant.status, job.variant.reason, job.variant.finished_at = state, reason, utcnow()
     session.commit()
 
 
@@ -259,13 +265,6 @@ def skip_jobs(session: Session, jobs: list[Job], reason: str) -> None:
 
 
 # -- variants -------------------------------------------------------------------------
-
-
-def record_variant_ended(session: Session, job: Job, variant: Variant, status: str, reason: str | None) -> None:
-    """A variant job that ended without an artifact: "failed" or "skipped"."""
-    variant.status, variant.reason, variant.finished_at = status, reason, utcnow()
-    _finish(job, status, reason)
-    session.commit()
 
 
 def record_variant(session: Session, job: Job, variant: Variant, artifact_path: str, document: dict) -> None:

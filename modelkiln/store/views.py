@@ -12,6 +12,15 @@ def variant_label(variant: Variant) -> str:
     return f"{variant.runtime}:{variant.recipe or 'baseline'}"
 
 
+def parse_variant_label(text: str, runtimes) -> tuple[str | None, str]:
+    """What an operator typed for a variant, as ``variant_label`` writes it
+    ("onnxruntime:quantize.int8_dynamic") or a recipe alone: (the runtime, or None where
+    the text names none of ``runtimes``, and the recipe text, "" for the baseline)."""
+    head, colon, rest = text.partition(":")
+    runtime, recipe = (head, rest) if colon and head in runtimes else (None, text)
+    return runtime, "" if recipe in ("", "baseline") else recipe
+
+
 def metrics(variant: Variant) -> dict | None:
     if variant.status != "succeeded":
         return None
