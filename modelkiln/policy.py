@@ -14,8 +14,8 @@ prefill latency), ties going to the
 smaller artifact. The baseline competes like any other variant.
 
 Variants are measured one after another, each in its own process, and a shared or
-virtual host drifts between those moments (by about 1.5x over minutes on the GPU
-machine's CPU). So when several eligible candidates are within ``runoff_margin`` of the
+virtual host drifts between those moments (BENCHMARKS.md, "Figures behind the code").
+So when several eligible candidates are within ``runoff_margin`` of the
 best, the daemon times them again side by side, interleaved in one process (a run-off),
 and the run-off's figures decide between them.
 """

@@ -2,7 +2,8 @@
 and onnxruntime's session tuned for the host (``compile.onnxruntime``, below).
 
 A compiled module cannot be saved as such: an AOTInductor package would be the way, but
-loading one crashed on the GPU machine's torch (2.11) in our trials. So the artifact stays
+one could not be loaded back where it was tried (BENCHMARKS.md, "Figures behind the
+code"). So the artifact stays
 the portable ``torch.export`` program, and ``serving.json`` beside it tells serving code
 to compile it once loaded, with the recorded mode and Inductor options, exactly as the
 measurement does: ``torch.compile(torch.export.load(path).module(), dynamic=False,

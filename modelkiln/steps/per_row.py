@@ -2,8 +2,8 @@
 
 onnxruntime's own dynamic quantization (``DynamicQuantizeLinear``) computes one scale
 for a whole activation tensor, so a request's answer depends on what it is batched with:
-a sentence in a padded batch of 16 and the same sentence alone differ (a pretrained
-MiniLM's pooled embeddings down to cosine 0.981), and one long or outlying request
+a sentence in a padded batch of 16 and the same sentence alone differ (measured on a
+pretrained MiniLM: BENCHMARKS.md, "Figures behind the code"), and one long or outlying request
 coarsens every other's quantization. Here every row (a token of a sequence, a sample of
 a 2-D input) gets its own scale, from its own largest magnitude, so a row's result is
 the same whatever shares its batch, and padding never touches a real token's scale.
@@ -16,14 +16,14 @@ Per MatMul or Gemm with a constant float32 weight ``W`` (``[K, N]``) reading ``x
     y  = MatMulIntegerToFloat(q, Wq, 1, s, a_zero_point=128) * r  (+ the Gemm's bias)
 
 Symmetric activations written as uint8 with zero point 128: uint8 against int8 (U8S8)
-is what onnxruntime's x86 integer kernels run fast (int8 against int8 was 9x slower on
-the same MiniLM), and its kernels take only one activation scale and zero point per
+is what onnxruntime's x86 integer kernels run fast (int8 against int8 is far slower
+there), and its kernels take only one activation scale and zero point per
 tensor, so the per-row part is one Mul after the product. ``MatMulIntegerToFloat`` does
 the integer product, its conversion and the column scales in one kernel (its output
 stage), where ``MatMulInteger``, Cast and two Muls were four passes over the output.
 ``L`` is the host's (``targets.host``): 127, or 63 where its U8S8 kernel sums pairs of
-products in saturating 16-bit integers (AVX2 and AVX-512 without VNNI), which took a
-test's quiet rows 0.133 from float where 0.0115 is allowed.
+products in saturating 16-bit integers (AVX2 and AVX-512 without VNNI), where full
+int8 weights overflow those sums and quiet rows land far outside the gate.
 """
 
 from __future__ import annotations

@@ -19,12 +19,12 @@ U8S8 kernel sums pairs of products in saturating 16 bits (AVX2, AVX-512 without 
 of time, in onnxruntime's QDQ format (per-channel weights by default), after onnxruntime's
 own pre-processing (symbolic shape inference and graph optimisation, which fuses ops so
 that fewer boundaries need quantizing). uint8 activations against int8 weights (U8S8) is
-the form onnxruntime's x86 kernels run fast: with int8 activations the same BERT-base ran
-4-6x slower on a VNNI Xeon (261-398 against 62 ms) and 2.7x on an AVX2 host. Calibration
+the form onnxruntime's x86 kernels run fast; int8 activations ran several times slower on
+both a VNNI Xeon and an AVX2 host (BENCHMARKS.md, "Figures behind the code"). Calibration
 reads ``calibration.npz`` when the checkpoint ships it, else the sample inputs.
 Only the operators that carry the time are quantized (MatMul, Gemm, Conv by default):
-quantizing every operator onnxruntime can (residual Adds, the embedding Gather, ...) took a
-pretrained MiniLM's pooled cosine to 0.356, MatMuls alone to 0.934. Accuracy-aware like the
+quantizing every operator onnxruntime can (residual Adds, the embedding Gather, ...) cost a
+pretrained MiniLM far more of its quality than the MatMuls alone did. Accuracy-aware like the
 dynamic one: SmoothQuant on the graph (alpha 0.5, then 0.8), then the most sensitive
 layers kept in float; each candidate calibrates again.
 """

@@ -15,16 +15,16 @@ with 4-bit weights than in fp32 (see BENCHMARKS.md). The measurement decides.
   (one scale per group), which ``torch.export`` carries.
 - torch (cuda), int8: not offered. An int8 weight converted in the matrix product
   (``linear(x, weight.to(x.dtype)) * scale``, the form gpt-fast compiles into one kernel)
-  was measured (BENCHMARKS.md): TorchInductor (torch 2.11) did not fuse the conversion
-  into the product of the exported program, so every call converted the whole weight
-  and a 7B decoding step took 53 ms against 4.75 ms in bf16 on an H200 (7 ms on an
-  H100). Without a fused dequantizing kernel the variant only costs a build and a
-  measurement; int4 (below) has one.
+  was measured: TorchInductor did not fuse the conversion into the product of the
+  exported program, so every call converted the whole weight and a decoding step was
+  many times slower than in bf16 (BENCHMARKS.md, "Figures behind the code"). Without a
+  fused dequantizing kernel the variant only costs a build and a measurement; int4
+  (below) has one.
 - torch (cuda), int4: block-wise int4 in PyTorch's own CUDA kernel for it
   (``_weight_int4pack_mm``, the tinygemm kernel gpt-fast uses; compute capability 8.0+),
-  bf16 activations; layers whose widths the kernel does not take stay in float. On an
-  H100 a 7B decoding step took 3.66 ms against 6.13 ms in bf16 (block 128); on random
-  weights its next tokens drift (KL 0.9 nats), which the quality gate judges.
+  bf16 activations; layers whose widths the kernel does not take stay in float. It
+  decodes faster than bf16, and its next tokens drift from the original's (figures in
+  BENCHMARKS.md), which the quality gate judges.
 
 On torch the integers are those the compressed-tensors format stores (symmetric int4 in
 groups of ``block_size``, ``W4A16``; symmetric int8 per channel, ``W8A16``): a causal LM's

@@ -7,11 +7,10 @@ dimension hold at most two non-zeros (and whose widths the kernels take) is repl
 cuSPARSELt.
 
 Then the model runs as CUDA graphs, one per input shape: cuSPARSELt builds its plan on
-the host at every call (about 0.8 ms, measured on an H200; BENCHMARKS.md), which only a
-replayed graph skips. Inductor's own CUDA graphs leave a model holding these tensor
-subclasses out, so a compiled variant is compiled without them and captured here: on an
-H200, four 7B-shaped MLP blocks at a 2,048-token prefill took 2.78 ms that way against
-3.25 ms dense and compiled, and 3.23 ms with Inductor's CUDA graphs asked for.
+the host at every call, which only a replayed graph skips. Inductor's own CUDA graphs
+leave a model holding these tensor subclasses out, so a compiled variant is compiled
+without them and captured here, the one form that beat dense (BENCHMARKS.md, "Figures
+behind the code").
 """
 
 from __future__ import annotations
