@@ -60,7 +60,7 @@ def optimize(config, checkpoint_dir: Path, model: str) -> tuple[list[dict], set[
     """The `kiln optimize` path in-process; returns every variant (as `kiln variants
     --json` prints it) and the ids of the promoted ones."""
     from modelkiln.daemon.service import Daemon
-    from modelkiln.plugins.api import Candidate
+    from modelkiln.plugins.api import FoundCheckpoint
     from modelkiln.store import queries, views
     from modelkiln.store.db import open_store
     from modelkiln.store.models import Checkpoint
@@ -68,7 +68,7 @@ def optimize(config, checkpoint_dir: Path, model: str) -> tuple[list[dict], set[
     daemon = Daemon(config, watch=False, schedule=False)
     daemon.start()
     try:
-        checkpoint_id = daemon.ingest_path(Candidate(model, "1", checkpoint_dir))
+        checkpoint_id = daemon.ingest_path(FoundCheckpoint(model, "1", checkpoint_dir))
         while True:
             daemon.run_once(0.1)
             with daemon.store.session() as session:

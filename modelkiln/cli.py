@@ -134,7 +134,7 @@ def serve(config_path, stop_timeout):
 def optimize(config_path, path, model, version, as_json):
     """Run the pipeline once on the checkpoint folder PATH, without the watcher."""
     from .daemon.service import Daemon
-    from .plugins.api import Candidate
+    from .plugins.api import FoundCheckpoint
     from .registry.directory import valid_name
     from .store import queries
 
@@ -150,7 +150,7 @@ def optimize(config_path, path, model, version, as_json):
     daemon.start()
     bars = ProgressBars(click.get_text_stream("stderr"))
     try:
-        checkpoint_id = daemon.ingest_path(Candidate(model, version, folder))
+        checkpoint_id = daemon.ingest_path(FoundCheckpoint(model, version, folder))
         if checkpoint_id is None:
             raise KilnError(f"{folder}: could not be ingested (see the log above)")
         while True:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from modelkiln.daemon.service import Daemon
-from modelkiln.plugins.api import Candidate
+from modelkiln.plugins.api import FoundCheckpoint
 from modelkiln.store.models import Checkpoint
 
 
@@ -76,7 +76,7 @@ def optimize_once(config, folder: Path, model: str, version: str = "1", extra_pl
     daemon = Daemon(config, watch=False, schedule=False, extra_plugins=extra_plugins)
     daemon.start()
     try:
-        checkpoint_id = daemon.ingest_path(Candidate(model, version, folder))
+        checkpoint_id = daemon.ingest_path(FoundCheckpoint(model, version, folder))
         return run_until_done(daemon, checkpoint_id, timeout)
     finally:
         daemon.stop(5)

@@ -39,7 +39,7 @@ needs_gpu = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU (
 def test_a_cuda_target_waits_on_a_host_without_a_gpu(kiln_dir, digits_checkpoint):
     from modelkiln.config import load_config
     from modelkiln.daemon.service import Daemon
-    from modelkiln.plugins.api import Candidate
+    from modelkiln.plugins.api import FoundCheckpoint
     from modelkiln.store import queries
     from modelkiln.store.db import open_store
     from modelkiln.store.models import Checkpoint, Job
@@ -54,7 +54,7 @@ def test_a_cuda_target_waits_on_a_host_without_a_gpu(kiln_dir, digits_checkpoint
     daemon = Daemon(config, watch=False, schedule=False)
     daemon.start()
     try:
-        checkpoint_id = daemon.ingest_path(Candidate("digits", "1", digits_checkpoint))
+        checkpoint_id = daemon.ingest_path(FoundCheckpoint("digits", "1", digits_checkpoint))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             daemon.run_once(0.05)

@@ -191,13 +191,13 @@ def test_metrics_parse_with_prometheus_client_with_their_types_and_bounded_label
     what is served, build info and the standard process collector."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from modelkiln.plugins.api import Candidate
+    from modelkiln.plugins.api import FoundCheckpoint
     from helpers import run_until_done
 
     daemon = Daemon(config, watch=False, schedule=False, preload=False)
     daemon.start()
     try:
-        checkpoint_id = daemon.ingest_path(Candidate("tiny", "1", tiny_checkpoint))
+        checkpoint_id = daemon.ingest_path(FoundCheckpoint("tiny", "1", tiny_checkpoint))
         assert run_until_done(daemon, checkpoint_id).status == "done"
         body = http_get(f"http://{daemon.http.address}/metrics")[1]
     finally:

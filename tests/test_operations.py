@@ -146,7 +146,7 @@ def test_a_running_training_job_shows_its_progress_and_kiln_cancel_ends_it(kiln_
 def test_recipes_removed_from_the_config_have_their_pending_jobs_cancelled_at_start(config, kiln_dir,
                                                                                       digits_checkpoint):
     from modelkiln.daemon.service import Daemon
-    from modelkiln.plugins.api import Candidate
+    from modelkiln.plugins.api import FoundCheckpoint
 
     from helpers import run_until_done
 
@@ -156,7 +156,7 @@ def test_recipes_removed_from_the_config_have_their_pending_jobs_cancelled_at_st
     daemon = Daemon(load_config(path), watch=False, schedule=False)
     daemon.start()
     try:
-        checkpoint_id = daemon.ingest_path(Candidate("digits", "1", digits_checkpoint))
+        checkpoint_id = daemon.ingest_path(FoundCheckpoint("digits", "1", digits_checkpoint))
         def variant_running():
             daemon.run_once(0.05)
             with daemon.store.session() as session:
@@ -187,7 +187,7 @@ def test_variant_jobs_not_started_within_the_checkpoint_budget_are_skipped_with_
 
     import modelkiln.daemon.service as service
     from modelkiln.daemon.service import Daemon
-    from modelkiln.plugins.api import Candidate
+    from modelkiln.plugins.api import FoundCheckpoint
     from modelkiln.store.models import utcnow
 
     from helpers import run_until_done
@@ -200,7 +200,7 @@ def test_variant_jobs_not_started_within_the_checkpoint_budget_are_skipped_with_
     daemon = Daemon(load_config(path), watch=False, schedule=False)
     daemon.start()
     try:
-        checkpoint = run_until_done(daemon, daemon.ingest_path(Candidate("digits", "1", digits_checkpoint)))
+        checkpoint = run_until_done(daemon, daemon.ingest_path(FoundCheckpoint("digits", "1", digits_checkpoint)))
         with daemon.store.session() as session:
             variants = queries.variants_of(session, checkpoint.id)
             promoted = queries.current_promotions(session)
@@ -329,7 +329,7 @@ def test_hosts_with_different_targets_on_one_catalogue_each_get_their_targets_pr
     from helpers import run_until_done
     from modelkiln.config import load_config
     from modelkiln.daemon.service import Daemon
-    from modelkiln.plugins.api import Candidate
+    from modelkiln.plugins.api import FoundCheckpoint
     from modelkiln.store import queries
 
     config_a = load_config(kiln_dir / "kiln.toml")
@@ -342,7 +342,7 @@ def test_hosts_with_different_targets_on_one_catalogue_each_get_their_targets_pr
 
     host_a = Daemon(config_a, watch=False, schedule=False)
     host_a.start()
-    first = host_a.ingest_path(Candidate("tiny", "1", tiny_checkpoint))
+    first = host_a.ingest_path(FoundCheckpoint("tiny", "1", tiny_checkpoint))
     assert run_until_done(host_a, first).status == "done"
     host_b = Daemon(config_b, watch=False, schedule=False)
     host_b.start()  # plans edge for version 1 and makes it ready again
@@ -356,7 +356,7 @@ def test_hosts_with_different_targets_on_one_catalogue_each_get_their_targets_pr
         torch.manual_seed(1)
         (tmp_path / "v2").mkdir()
         save_file(tiny_mlp().state_dict(), str(tmp_path / "v2" / "model.safetensors"))
-        second = host_a.ingest_path(Candidate("tiny", "2", tmp_path / "v2"))
+        second = host_a.ingest_path(FoundCheckpoint("tiny", "2", tmp_path / "v2"))
         assert run_until_done(host_a, second).status == "done"  # host A knows nothing of edge
         host_b.inbox.put(("rescan", None))
         host_b.run_once(0.05)

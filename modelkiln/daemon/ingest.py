@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import NotTakenYet
-from ..plugins.api import Candidate
+from ..plugins.api import FoundCheckpoint
 from ..registry.directory import content_hash, copy_files, observe
 from ..registry.formats import detect_format, no_format_reason
 from ..store import queries, units
@@ -44,7 +44,7 @@ class IngestResult:
 class Prepared:
     """A version copied and hashed, waiting to be recorded."""
 
-    candidate: Candidate
+    found: FoundCheckpoint
     seen: object  # registry.directory.Observation
     digest: str
     snapshot: object
@@ -109,34 +109,34 @@ class Ingestor:
         self.registry_kind = registry_kind
         self.clock = clock
 
-    def ingest(self, candidate: Candidate) -> IngestResult:
-        """Take ``candidate`` if it is new and complete: renamed into place
-        (``candidate.complete``), or quiet for ``quiet_seconds``."""
-        prepared = self.prepare(candidate)
+    def ingest(self, found: FoundCheckpoint) -> IngestResult:
+        """Take ``found`` if it is new and complete: renamed into place
+        (``found.complete``), or quiet for ``quiet_seconds``."""
+        prepared = self.prepare(found)
         return self.record(prepared) if isinstance(prepared, Prepared) else prepared
 
-    def prepare(self, candidate: Candidate) -> Prepared | IngestResult:
+    def prepare(self, found: FoundCheckpoint) -> Prepared | IngestResult:
         """Everything but the catalogue write: look, copy, hash, detect the format. Slow
         for a big checkpoint (minutes for tens of GB), so the service runs it on its
         ingest thread; it only reads the catalogue."""
         try:
-            seen = observe(candidate.path)
+            seen = observe(found.path)
         except FileNotFoundError:
             return IngestResult("gone")
         with self.store.session() as session:
-            latest = queries.latest_checkpoint(session, candidate.model, candidate.version)
+            latest = queries.latest_checkpoint(session, found.model, found.version)
             if latest is not None and latest.fingerprint == seen.fingerprint:
                 return IngestResult("unchanged", latest.id)
         now = self.clock()
-        if not candidate.complete and now - seen.newest_mtime < self.quiet_seconds:
+        if not found.complete and now - seen.newest_mtime < self.quiet_seconds:
             return IngestResult("wait", retry_at=seen.newest_mtime + self.quiet_seconds)
         too_big = self._too_big(seen.size_bytes)
         if too_big is not None:  # refused before a byte is copied; looked at again at each rescan
-            raise NotTakenYet(f"{candidate.path}: {too_big}")
-        staging = self.layout.incoming / f"{candidate.model}-{uuid.uuid4().hex[:12]}"
+            raise NotTakenYet(f"{found.path}: {too_big}")
+        staging = self.layout.incoming / f"{found.model}-{uuid.uuid4().hex[:12]}"
         try:
-            copy_files(candidate.path, seen.files, staging)
-            after = observe(candidate.path)
+            copy_files(found.path, seen.files, staging)
+            after = observe(found.path)
         except FileNotFoundError:
             shutil.rmtree(staging, ignore_errors=True)
             return IngestResult("wait", retry_at=now + self.quiet_seconds)
@@ -152,18 +152,18 @@ class Ingestor:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        snapshot = self.layout.snapshot(candidate.model, digest)
+        snapshot = self.layout.snapshot(found.model, digest)
         if snapshot.exists():
             shutil.rmtree(staging, ignore_errors=True)
         else:
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(snapshot)
         fmt = detect_format(self.formats, list(seen.files))
-        return Prepared(candidate, seen, digest, snapshot, fmt)
+        return Prepared(found, seen, digest, snapshot, fmt)
 
     def record(self, prepared: Prepared) -> IngestResult:
         """The catalogue write of a prepared version (on the service loop's thread)."""
-        return self._record(prepared.candidate, prepared.seen, prepared.digest, prepared.snapshot, prepared.fmt)
+        return self._record(prepared.found, prepared.seen, prepared.digest, prepared.snapshot, prepared.fmt)
 
     def _too_big(self, size: int) -> str | None:
         """Why a folder of ``size`` bytes is not copied, or None."""
@@ -179,33 +179,33 @@ class Ingestor:
                     "is taken once space is freed")
         return None
 
-    def _record(self, candidate: Candidate, seen, digest: str, snapshot, fmt) -> IngestResult:
+    def _record(self, found: FoundCheckpoint, seen, digest: str, snapshot, fmt) -> IngestResult:
         with self.store.session() as session:
-            existing = queries.checkpoint_by_key(session, candidate.model, candidate.version, digest)
+            existing = queries.checkpoint_by_key(session, found.model, found.version, digest)
             if existing is not None:
                 units.remember_fingerprint(session, existing, seen.fingerprint)
                 return IngestResult("unchanged", existing.id)
             status, reason = "ingested", None
             if seen.problems:
-                status, reason = "rejected", f"{candidate.path}: " + "; ".join(seen.problems)
+                status, reason = "rejected", f"{found.path}: " + "; ".join(seen.problems)
             elif not seen.files:
-                status, reason = "rejected", f"{candidate.path}: the version folder holds no files"
+                status, reason = "rejected", f"{found.path}: the version folder holds no files"
             elif fmt is None:
-                status, reason = "rejected", no_format_reason(candidate.path, seen.files)
+                status, reason = "rejected", no_format_reason(found.path, seen.files)
             else:
-                twin = queries.same_content(session, candidate.model, digest)
+                twin = queries.same_content(session, found.model, digest)
                 if twin is not None:
                     status = "duplicate"
                     reason = f"same content as {twin.model}/{twin.version}, which is processed already"
             checkpoint_id = units.record_checkpoint(
-                session, model=candidate.model, version=candidate.version, registry_kind=self.registry_kind,
-                source_uri=candidate.uri, format=fmt.name if fmt else None, content_hash=digest,
+                session, model=found.model, version=found.version, registry_kind=self.registry_kind,
+                source_uri=found.uri, format=fmt.name if fmt else None, content_hash=digest,
                 size_bytes=seen.size_bytes, fingerprint=seen.fingerprint, status=status, reason=reason,
                 snapshot_path=str(snapshot),
             )
         if checkpoint_id is None:  # another daemon on the same database recorded it first
             return IngestResult("unchanged")
-        log.info("checkpoint %s/%s %s (%s, %s)%s", candidate.model, candidate.version, status,
+        log.info("checkpoint %s/%s %s (%s, %s)%s", found.model, found.version, status,
                  fmt.name if fmt else "no format", digest[:16], f": {reason}" if reason else "",
-                 extra=about(candidate.model, candidate.version))
+                 extra=about(found.model, found.version))
         return IngestResult("taken", checkpoint_id)

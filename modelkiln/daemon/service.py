@@ -36,7 +36,7 @@ from datetime import timedelta
 from ..config import TargetConfig
 from ..errors import ConfigError, NotTakenYet
 from ..pipeline import progress
-from ..plugins.api import Candidate
+from ..plugins.api import FoundCheckpoint
 from ..plugins.manager import notify, plugins_for, start_plugins
 from ..plugins.recipes import parse_recipe
 from ..sizes import format_duration, format_size, printable
@@ -429,15 +429,15 @@ class Daemon:
         for kind, payload in messages:
             if kind == "rescan":
                 rescan = True
-            elif kind == "hint":  # a candidate the watcher found, or a quiet period ended
+            elif kind == "hint":  # a version folder the watcher found, or a quiet period ended
                 self._take_later(payload)
             elif kind == "scanned":  # the registry's versions, listed on the ingest thread
-                key, candidates, error = payload
+                key, versions, error = payload
                 self.background.done(key)
                 if error is not None:
                     log.error("the %s registry's scan failed: %s", self.registry.kind, error)
-                for candidate in candidates or ():
-                    self._take_later(candidate)
+                for found in versions or ():
+                    self._take_later(found)
             elif kind == "prepared":  # a version copied and hashed on the ingest thread
                 self._prepared(*payload)
             elif kind == "expire_leases":
@@ -461,80 +461,80 @@ class Daemon:
     def reconcile(self) -> None:
         """Compare the registry with the catalogue and ingest what events missed, here
         and now (the loop does the same on the ingest thread, at each rescan)."""
-        for candidate in self.registry.scan():
-            self._take(candidate)
+        for found in self.registry.scan():
+            self._take(found)
 
-    def ingest_path(self, candidate: Candidate) -> int | None:
+    def ingest_path(self, found: FoundCheckpoint) -> int | None:
         """Take a folder that is known complete now (``kiln optimize``)."""
-        return self._take(replace(candidate, complete=True))
+        return self._take(replace(found, complete=True))
 
-    def _take(self, candidate: Candidate) -> int | None:
-        """Ingest ``candidate`` on this thread."""
+    def _take(self, found: FoundCheckpoint) -> int | None:
+        """Ingest ``found`` on this thread."""
         try:
-            result = self.ingestor.ingest(candidate)
+            result = self.ingestor.ingest(found)
         except Exception as exc:  # one bad folder must not stop the scan or the batch
-            self._not_taken(candidate, exc)
+            self._not_taken(found, exc)
             return None
-        return self._taken(candidate, result)
+        return self._taken(found, result)
 
-    def _take_later(self, candidate: Candidate) -> None:
-        """Copy and hash ``candidate`` on the ingest thread; ``_prepared`` records it."""
-        self.background.submit("prepared", str(candidate.path), self._prepare, candidate)
+    def _take_later(self, found: FoundCheckpoint) -> None:
+        """Copy and hash ``found`` on the ingest thread; ``_prepared`` records it."""
+        self.background.submit("prepared", str(found.path), self._prepare, found)
 
-    def _prepare(self, candidate: Candidate):
-        """On the ingest thread: the candidate and what preparing it gave (or raised)."""
+    def _prepare(self, found: FoundCheckpoint):
+        """On the ingest thread: the version folder and what preparing it gave (or raised)."""
         try:
-            return candidate, self.ingestor.prepare(candidate)
+            return found, self.ingestor.prepare(found)
         except Exception as exc:  # reported on the loop, naming the folder
-            return candidate, exc
+            return found, exc
 
     def _prepared(self, key: str, value, error: Exception | None) -> None:
         self.background.done(key)
         if error is not None:  # not from the ingest itself (that comes back in value): a bug
             log.error("ingesting %s failed: %s", printable(key), error)
             return
-        candidate, prepared = value
+        found, prepared = value
         try:
             if isinstance(prepared, Exception):
                 raise prepared
             result = self.ingestor.record(prepared) if isinstance(prepared, Prepared) else prepared
         except DatabaseBusy as exc:  # the database busy or away for a moment: soon, not at the rescan
             log.warning("cannot record %s yet (%s); retrying in %.0f s", printable(key), str(exc).splitlines()[0],
-                        ERROR_BACKOFF_SECONDS, extra=about(candidate.model, candidate.version))
+                        ERROR_BACKOFF_SECONDS, extra=about(found.model, found.version))
             if self.scheduler is not None:
                 self.scheduler.post_at(self.wall_clock() + ERROR_BACKOFF_SECONDS,
-                                       f"quiet:{candidate.model}/{candidate.version}", "hint", candidate)
+                                       f"quiet:{found.model}/{found.version}", "hint", found)
             return
         except Exception as exc:  # as in _take
-            self._not_taken(candidate, exc)
+            self._not_taken(found, exc)
             return
-        self._taken(candidate, result)
+        self._taken(found, result)
 
-    def _not_taken(self, candidate: Candidate, exc: Exception) -> None:
+    def _not_taken(self, found: FoundCheckpoint, exc: Exception) -> None:
         message = str(exc) if isinstance(exc, (OSError, NotTakenYet)) else f"{type(exc).__name__}: {exc}"
-        if self._failed_takes.get(str(candidate.path)) == message:  # once, not at every rescan
+        if self._failed_takes.get(str(found.path)) == message:  # once, not at every rescan
             return
-        self._failed_takes[str(candidate.path)] = message
+        self._failed_takes[str(found.path)] = message
         if isinstance(exc, NotTakenYet):  # its message names the folder and what to do
-            log.warning("not taken yet: %s", printable(message), extra=about(candidate.model, candidate.version))
+            log.warning("not taken yet: %s", printable(message), extra=about(found.model, found.version))
             return
-        log.error("cannot ingest %s: %s; it is looked at again at each rescan", printable(str(candidate.path)),
-                  message, extra=about(candidate.model, candidate.version))
+        log.error("cannot ingest %s: %s; it is looked at again at each rescan", printable(str(found.path)),
+                  message, extra=about(found.model, found.version))
 
-    def _taken(self, candidate: Candidate, result) -> int | None:
-        self._failed_takes.pop(str(candidate.path), None)
-        key = f"quiet:{candidate.model}/{candidate.version}"
+    def _taken(self, found: FoundCheckpoint, result) -> int | None:
+        self._failed_takes.pop(str(found.path), None)
+        key = f"quiet:{found.model}/{found.version}"
         if self.scheduler is not None:
             if result.outcome == "wait":  # a second look once its quiet period is over
-                self.scheduler.post_at(result.retry_at, key, "hint", replace(candidate, complete=False))
+                self.scheduler.post_at(result.retry_at, key, "hint", replace(found, complete=False))
             else:
                 self.scheduler.cancel(key)
         if result.outcome in ("taken", "unchanged"):
             try:
-                self.registry.release(candidate)
+                self.registry.release(found)
             except OSError as exc:  # the copy stays; the next scan tries again
-                log.warning("cannot release %s: %s", candidate.path, exc,
-                            extra=about(candidate.model, candidate.version))
+                log.warning("cannot release %s: %s", found.path, exc,
+                            extra=about(found.model, found.version))
         return result.checkpoint_id
 
     def _lease(self) -> None:

@@ -8,7 +8,7 @@ A plugin contributes objects through the hooks in ``hookspecs.py``:
   it as a serving artifact, and loads the artifact the way serving code would;
 - a ``CheckpointFormat`` recognises a checkpoint folder by its file names and loads it
   safely into a ``LoadedCheckpoint``;
-- a ``RegistryKind`` is a place checkpoints come from: it finds ``Candidate`` version
+- a ``RegistryKind`` is a place checkpoints come from: it finds ``FoundCheckpoint`` version
   folders, and for a remote registry brings them in and hears of promotions.
 
 Event hooks receive the typed dicts below (``VariantEvent``, ``PromotionEvent``,
@@ -49,7 +49,7 @@ __all__ = [
     "SPARSE24",
     "STREAMED",
     "TORCH",
-    "Candidate",
+    "FoundCheckpoint",
     "CheckpointFormat",
     "CheckpointRejected",
     "InputSpec",
@@ -389,8 +389,9 @@ class CheckpointFormat:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """A version folder a registry found: maybe new, maybe complete; ingest decides."""
+class FoundCheckpoint:
+    """A checkpoint as a registry found it, a version folder: maybe new, maybe complete;
+    ingest decides."""
 
     model: str
     version: str
@@ -436,11 +437,11 @@ class RegistryKind:
     poll_seconds: float = 0.0
     path: Path
 
-    def scan(self) -> list[Candidate]:
+    def scan(self) -> list[FoundCheckpoint]:
         """Every version folder there is now: the reconcile scan, the source of truth."""
         raise NotImplementedError
 
-    def locate(self, path: str) -> list[Candidate]:
+    def locate(self, path: str) -> list[FoundCheckpoint]:
         """The version folder(s) a file-system event's path belongs to (none: ignore it)."""
         return []
 
@@ -452,8 +453,8 @@ class RegistryKind:
         """Write a current promotion back to the registry; called again after every
         promotion and poll, so it must be idempotent."""
 
-    def release(self, candidate: Candidate) -> None:
-        """``candidate`` is recorded (its snapshot holds what it had): free a local copy
+    def release(self, found: FoundCheckpoint) -> None:
+        """``found`` is recorded (its snapshot holds what it had): free a local copy
         the kind made of it, if any. A folder that is the user's stays."""
 
 

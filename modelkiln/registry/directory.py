@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..plugins import hookimpl
-from ..plugins.api import Candidate, RegistryKind, version_order
+from ..plugins.api import FoundCheckpoint, RegistryKind, version_order
 from ..sizes import printable
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class DirectoryRegistry(RegistryKind):
         self.path = config.registry_path
         self._skipped: set[tuple[str, str]] = set()
 
-    def scan(self) -> list[Candidate]:
+    def scan(self) -> list[FoundCheckpoint]:
         """Every well-named version folder, each model's in version order; hidden and
         staging folders are skipped, anything else that is skipped is logged once."""
         found = []
@@ -166,8 +166,8 @@ class DirectoryRegistry(RegistryKind):
                     found.append(self._candidate(model_dir.name, version_dir.name, version_dir))
         return found
 
-    def _candidate(self, model: str, version: str, path: Path) -> Candidate:
-        return Candidate(model, version, path)
+    def _candidate(self, model: str, version: str, path: Path) -> FoundCheckpoint:
+        return FoundCheckpoint(model, version, path)
 
     def _is_own_dir(self, path: Path) -> bool:
         """A well-named real folder. A symlinked model or version folder could point
@@ -196,7 +196,7 @@ class DirectoryRegistry(RegistryKind):
             self._skipped.add(key)
             log.warning("%s %s: skipped", printable(str(path)), why)
 
-    def locate(self, path: str | os.PathLike) -> list[Candidate]:
+    def locate(self, path: str | os.PathLike) -> list[FoundCheckpoint]:
         """The version folder(s) an event path belongs to: a path inside a version, a
         version folder, or a whole model folder moved in."""
         try:
@@ -210,14 +210,14 @@ class DirectoryRegistry(RegistryKind):
         if not (model_dir.exists() or model_dir.is_symlink()) or not self._is_own_dir(model_dir):
             return []
         if len(parts) == 1:
-            return [Candidate(parts[0], v.name, v)
+            return [FoundCheckpoint(parts[0], v.name, v)
                     for v in sorted(model_dir.iterdir(), key=lambda p: version_order(p.name)) if self._is_own_dir(v)]
         version_dir = model_dir / parts[1]
         if parts[1].startswith(".") or not (version_dir.exists() or version_dir.is_symlink()):
             return []  # gone already, or a staging folder: its rename brings it
         if not self._is_own_dir(version_dir):
             return []
-        return [Candidate(parts[0], parts[1], version_dir)]
+        return [FoundCheckpoint(parts[0], parts[1], version_dir)]
 
 
 @hookimpl

@@ -21,7 +21,7 @@ nothing is lost by not looking at them again.
 - a version of the derived registered model ``<model>-kiln-<target>`` holding the
   variant's files, tagged with the source version, recipe and headline metrics;
 - one run in the ``modelkiln`` experiment with the promoted variant's metrics and a
-  child run per variant, so every candidate's measurements can be compared in MLflow.
+  child run per variant, so every variant's measurements can be compared in MLflow.
 
 Every part is found by its ``kiln.promotion`` tag before anything is created, so a
 publish cut short by a crash or an unreachable server is finished on a later poll and
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..files import write_whole
 from ..plugins import hookimpl
-from ..plugins.api import Candidate
+from ..plugins.api import FoundCheckpoint
 from .directory import DirectoryRegistry, valid_name
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,8 @@ class MlflowRegistry(DirectoryRegistry):
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
         return self._client
 
-    def _candidate(self, model: str, version: str, path: Path) -> Candidate:
-        return Candidate(model, version, path, source_uri=f"models:/{model}/{version}", complete=True)
+    def _candidate(self, model: str, version: str, path: Path) -> FoundCheckpoint:
+        return FoundCheckpoint(model, version, path, source_uri=f"models:/{model}/{version}", complete=True)
 
     def _warn_once(self, key: str, message: str, *args) -> None:
         if key not in self._warned:
@@ -192,19 +192,19 @@ class MlflowRegistry(DirectoryRegistry):
         for leftover in self.path.glob(f"{RELEASING_PREFIX}*"):  # a release cut short
             shutil.rmtree(leftover, ignore_errors=True)
 
-    def release(self, candidate: Candidate) -> None:
+    def release(self, found: FoundCheckpoint) -> None:
         """Free a recorded version's download, leaving a file in its place that says so."""
-        folder = candidate.path
+        folder = found.path
         if not folder.is_dir() or folder.is_symlink() or folder.parent.parent != self.path:
             return
         aside = self.path / f"{RELEASING_PREFIX}{uuid.uuid4().hex[:12]}"
         os.rename(folder, aside)  # gone from scan() at once, whole
-        note = {"model": candidate.model, "version": candidate.version, "released_at": time.time(),
+        note = {"model": found.model, "version": found.version, "released_at": time.time(),
                 "why": "recorded by modelkiln, which keeps its own snapshot; download removed"}
         write_whole(folder, json.dumps(note).encode())
         shutil.rmtree(aside, ignore_errors=True)
-        log.info("mlflow: released the download of %s version %s (snapshot kept)", candidate.model,
-                 candidate.version)
+        log.info("mlflow: released the download of %s version %s (snapshot kept)", found.model,
+                 found.version)
 
     # -- promotions out ---------------------------------------------------------------
 
