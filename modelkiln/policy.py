@@ -228,3 +228,16 @@ def pareto_front(candidates: list[dict], policy: PolicyConfig) -> list[dict]:
         if not front or quality > front[-1][1] + EPSILON:
             front.append((cost, quality, candidate))
     return [c for _, _, c in front]
+
+
+def budget_spent(policy: PolicyConfig, inspected_at, now) -> str | None:
+    """Why a checkpoint's variant job may not start any more: its checkpoint was inspected
+    more than ``budget_minutes`` before ``now`` (naive UTC datetimes, as the catalogue keeps
+    them). None while within the budget, with no budget, or before any inspection."""
+    from datetime import timedelta
+
+    budget = policy.budget_minutes
+    if budget <= 0 or inspected_at is None or now - inspected_at < timedelta(minutes=budget):
+        return None
+    return (f"not started within the checkpoint's budget (policy.budget_minutes = {budget:g}, counted from "
+            f"its inspection at {inspected_at:%Y-%m-%d %H:%M:%S} UTC)")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..pipeline import progress, worker
 from ..store.states import PHASE_ENDS_JOB
+from .layout import WORKER_LOG
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class Executor:
 
     def _paths(self, running: _Running) -> tuple[Path, Path]:
         phase = running.phases[running.index]
-        return (running.work_dir / f"{phase.name}.result.json", running.work_dir / "worker.log")
+        return (running.work_dir / f"{phase.name}.result.json", running.work_dir / WORKER_LOG)
 
     def _fork(self) -> _Worker:
         parent, child = self._context.Pipe()

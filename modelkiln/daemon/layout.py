@@ -7,15 +7,20 @@
                                                       so the final rename is atomic)
     artifacts/.work/job-<id>/                         a job's scratch space and worker log
     artifacts/.incoming/                              snapshots being copied and hashed
+
+Every path under the root is made here, and so is every clean-up of one: a folder that is
+named in one place is removed by the same rules wherever a job ends.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ..plugins.recipes import slug
 
 VARIANT_FILE = "variant.json"
+WORKER_LOG = "worker.log"
 
 
 class Layout:
@@ -37,6 +42,10 @@ class Layout:
     def variant(self, model: str, content_hash: str, target: str, runtime: str, recipe: str) -> Path:
         return self.checkpoint_root(model, content_hash) / target / self.variant_name(runtime, recipe)
 
+    def variant_of(self, checkpoint, variant) -> Path:
+        """``variant``'s final folder (catalogue rows: a ``Checkpoint`` and its ``Variant``)."""
+        return self.variant(checkpoint.model, checkpoint.content_hash, variant.target, variant.runtime, variant.recipe)
+
     def staging(self, final: Path, job_id: int) -> Path:
         return final.parent / f".tmp-{final.name}-job{job_id}"
 
@@ -52,3 +61,34 @@ class Layout:
     @property
     def incoming(self) -> Path:
         return self.root / ".incoming"
+
+    # -- clean-up -----------------------------------------------------------------------
+
+    @staticmethod
+    def remove(folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def drop_job_work(self, job_id: int, *, keep_log: bool = False) -> None:
+        """A job's scratch space, once the job ended. ``keep_log``: a failed job keeps only
+        its worker log, which says what happened; its exports and half-written files go,
+        so a failure on a full disk frees what it took."""
+        work = self.job_work(job_id)
+        if not keep_log:
+            self.remove(work)
+            return
+        if work.is_dir():
+            for entry in work.iterdir():
+                if entry.name != WORKER_LOG:
+                    self.remove(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+    def stagings(self):
+        """Every variant staging folder under the root, of any job."""
+        return self.root.glob("*/*/*/.tmp-*")
+
+    def drop_stale_incoming(self, older_than: float) -> None:
+        """Snapshot copies last touched before ``older_than`` (a time.time()): left by a
+        killed daemon. A younger one may be another daemon's copy in progress."""
+        if self.incoming.is_dir():
+            for copy in self.incoming.iterdir():
+                if copy.stat().st_mtime < older_than:
+                    self.remove(copy)

@@ -9,7 +9,6 @@ job repeated after a crash), it is recorded as it stands.
 from __future__ import annotations
 
 import json
-import shutil
 
 from ..plugins.api import InputSpec
 from ..store import queries, units
@@ -51,11 +50,10 @@ class Outcomes:
 
     def _record_variant(self, session, job: Job, checkpoint: Checkpoint, outcome: Outcome | None) -> None:
         variant = queries.variant_of(session, job)
-        final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target,
-                                    variant.runtime, variant.recipe)
+        final = self.layout.variant_of(checkpoint, variant)
         staging = self.layout.staging(final, job.id)
         if outcome is not None and outcome.status != "measured":
-            shutil.rmtree(staging, ignore_errors=True)
+            self.layout.remove(staging)
             units.end_job(session, job, "skipped" if outcome.status == "skipped" else "failed", outcome.reason)
             return
         if outcome is not None:
@@ -63,7 +61,7 @@ class Outcomes:
             document = variant_document(checkpoint, variant, built, measured)
             (staging / VARIANT_FILE).write_text(json.dumps(document, indent=2))
             if final.exists():
-                shutil.rmtree(staging, ignore_errors=True)  # a repeated job lost the race
+                self.layout.remove(staging)  # a repeated job lost the race
             else:
                 staging.rename(final)
         document = json.loads((final / VARIANT_FILE).read_text())

@@ -4,13 +4,13 @@ An ``inspect`` job loads a checkpoint and records its reference outputs; when it
 ready, one ``variant`` job per (target, runtime, recipe) is planned. A ``variant`` job
 builds the artifact into a staging folder and measures it there (``outcomes.py`` then
 writes ``variant.json`` and renames the folder into place). A ``runoff`` job's phases
-come from the promoter, which owns the run-off.
+come from the promoter, which owns the run-off (it is told ``base_spec``); the planner
+knows nothing of promotion.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict
 
 from ..plugins.recipes import parse_recipe
@@ -23,7 +23,7 @@ from .layout import VARIANT_FILE, Layout
 
 
 def target_spec(config, name: str) -> dict:
-    """A target as a worker's phase needs it."""
+    """A target as a worker's phase needs it (a variant's build and measurement, a run-off)."""
     target = config.targets[name]
     return {"name": name, "device": target.device, "threads": target.threads, "devices": target.devices,
             "memory_mb": target.memory_mb, "batch_sizes": list(target.batch_sizes),
@@ -32,11 +32,10 @@ def target_spec(config, name: str) -> dict:
 
 
 class Planner:
-    def __init__(self, config, plugins, layout: Layout, promoter):
+    def __init__(self, config, plugins, layout: Layout):
         self.config = config
         self.plugins = plugins
         self.layout = layout
-        self.promoter = promoter
         self._wanted: set[tuple[str, str, str]] | None = None
 
     def wanted(self) -> set[tuple[str, str, str]]:
@@ -92,8 +91,8 @@ class Planner:
         }
 
     def phases(self, session, job: Job) -> list[Phase] | None:
-        """The phases to run, or None when the job's result already exists (on disk, or
-        for a run-off: no variants close enough to the best any more)."""
+        """The phases of an inspect or variant job, or None when the variant exists on
+        disk already."""
         checkpoint = queries.checkpoint(session, job.checkpoint_id)
         spec = self.base_spec(checkpoint)
         if job.kind == "inspect":
@@ -101,15 +100,12 @@ class Planner:
             spec.update(work_dir=spec["reference_dir"], sample_count=self.config.measure.sample_count,
                         threads=threads)
             return [Phase("inspect", spec)]
-        if job.kind == "runoff":
-            return self.promoter.runoff_phases(session, job, spec)
         variant = queries.variant_of(session, job)
-        final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target,
-                                    variant.runtime, variant.recipe)
+        final = self.layout.variant_of(checkpoint, variant)
         if (final / VARIANT_FILE).exists():
             return None
         staging = self.layout.staging(final, job.id)
-        shutil.rmtree(staging, ignore_errors=True)
+        self.layout.remove(staging)  # a half-built one of an earlier attempt
         spec.update(
             work_dir=str(self.layout.job_work(job.id) / "steps"),
             out_dir=str(staging),

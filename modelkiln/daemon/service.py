@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import os
 import queue
-import shutil
 import signal
 import socket
 import threading
@@ -39,6 +38,7 @@ from ..pipeline import progress
 from ..plugins.api import FoundCheckpoint
 from ..plugins.manager import notify, plugins_for, start_plugins
 from ..plugins.recipes import parse_recipe
+from ..policy import budget_spent
 from ..sizes import format_duration, format_size, printable
 from ..store import queries, units, views
 from ..store.db import DatabaseBusy, open_store
@@ -161,7 +161,7 @@ class Daemon:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         config.promoted_path.mkdir(parents=True, exist_ok=True)
         self.promoter = Promoter(config, self.plugins.manager, config.promoted_path)
-        self.planner = Planner(config, self.plugins, self.layout, self.promoter)
+        self.planner = Planner(config, self.plugins, self.layout)
         self.outcomes = Outcomes(self.layout, self.planner, self.promoter)
         self.registry = self.plugins.registry_kinds[config.registry.kind](config)
         self.background = Background(self.inbox)
@@ -547,8 +547,12 @@ class Daemon:
             for job in jobs:
                 if job.kind == "variant" and not self._still_wanted(session, job):
                     continue
-                phases = self.planner.phases(session, job)
-                if phases is None:  # its result is on disk already (a job repeated after a crash)
+                if job.kind == "runoff":  # the promoter's: it chooses the contenders
+                    phases = self.promoter.runoff_phases(session, job, self.planner.base_spec(job.checkpoint))
+                else:
+                    phases = self.planner.phases(session, job)
+                if phases is None:  # its result is on disk already (a job repeated after a crash), or
+                    # a run-off has no contenders any more
                     self._finish(session, job, None)
                     continue
                 log.info("job %d started: %s", job.id, self._label(session, job), extra=self._about(session, job))
@@ -570,17 +574,16 @@ class Daemon:
             log.info("job %d cancelled: %s", job.id, reason, extra=self._about(session, job))
             self._after_job(session, checkpoint, job)
             return False
-        budget = self.config.policy.budget_minutes
-        since = queries.ready_since(session, checkpoint.id) if budget > 0 else None
-        if since is None or utcnow() - since < timedelta(minutes=budget):
+        policy = self.config.policy
+        since = queries.ready_since(session, checkpoint.id) if policy.budget_minutes > 0 else None
+        reason = budget_spent(policy, since, utcnow())
+        if reason is None:
             return True
-        reason = (f"not started within the checkpoint's budget (policy.budget_minutes = {budget:g}, counted from "
-                  f"its inspection at {since:%Y-%m-%d %H:%M:%S} UTC)")
         units.end_job(session, job, "skipped", reason)
         waiting = queries.pending_variant_jobs(session, checkpoint.id)
         units.skip_jobs(session, waiting, reason)
         log.warning("%s/%s: budget of %g min spent; %d variant job(s) skipped", checkpoint.model,
-                    checkpoint.version, budget, 1 + len(waiting), extra=about(checkpoint.model, checkpoint.version))
+                    checkpoint.version, policy.budget_minutes, 1 + len(waiting), extra=about(checkpoint.model, checkpoint.version))
         self._after_job(session, checkpoint, job)
         return False
 
@@ -630,12 +633,9 @@ class Daemon:
         units.end_job(session, job, "cancelled", job.reason)  # drops the lease
         self._ended(session, job)
         checkpoint = queries.checkpoint(session, job.checkpoint_id)
-        shutil.rmtree(self.layout.job_work(job.id), ignore_errors=True)
+        self.layout.drop_job_work(job.id)
         if job.variant is not None:
-            variant = job.variant
-            final = self.layout.variant(checkpoint.model, checkpoint.content_hash, variant.target, variant.runtime,
-                                        variant.recipe)
-            shutil.rmtree(self.layout.staging(final, job.id), ignore_errors=True)
+            self.layout.remove(self.layout.staging(self.layout.variant_of(checkpoint, job.variant), job.id))
         self._after_job(session, checkpoint, job)
 
     def _reap(self) -> None:
@@ -666,15 +666,7 @@ class Daemon:
                 if variant.status == "skipped":
                     notify(self.plugins.manager, "kiln_variant_ended", variant=views.variant_dict(variant))
         self._after_job(session, checkpoint, job)
-        work = self.layout.job_work(job.id)
-        if job.state != "failed" or outcome is None:
-            shutil.rmtree(work, ignore_errors=True)
-        elif work.is_dir():
-            # A failed job keeps only worker.log, which says what happened: its exports and
-            # half-written files go, so a failure on a full disk frees what it took.
-            for entry in work.iterdir():
-                if entry.name != "worker.log":
-                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        self.layout.drop_job_work(job.id, keep_log=job.state == "failed" and outcome is not None)
 
     def _ended(self, session, job: Job) -> None:
         """Count a job that ended (/metrics) and tell plugins."""
@@ -728,16 +720,12 @@ class Daemon:
         not running on any host, and snapshot copies older than an hour (another daemon
         on the same folder may be copying a fresh one right now)."""
         with self.store.session() as session:
-            for staging in self.layout.root.glob("*/*/*/.tmp-*"):
+            for staging in self.layout.stagings():
                 job_id = self.layout.staging_job(staging)
                 job = queries.job_if_any(session, job_id) if job_id is not None else None
                 if job is None or job.state != "running":
-                    shutil.rmtree(staging, ignore_errors=True)
-        cutoff = self.wall_clock() - STALE_INCOMING_SECONDS
-        if self.layout.incoming.is_dir():
-            for copy in self.layout.incoming.iterdir():
-                if copy.stat().st_mtime < cutoff:
-                    shutil.rmtree(copy, ignore_errors=True)
+                    self.layout.remove(staging)
+        self.layout.drop_stale_incoming(self.wall_clock() - STALE_INCOMING_SECONDS)
 
     @staticmethod
     def _about(session, job: Job) -> dict:
