@@ -291,7 +291,7 @@ def status(config_path, as_json, show_all):
                            format_duration(j["left_seconds"]), j["host"]] for j in running],
                          ["job", "checkpoint", "target", "variant", "doing", "elapsed", "left (about)", "host"]))
     click.echo(f"\npromoted (model, target) pairs: {promotions}")
-    from .daemon.health import disk_check
+    from .daemon.status import disk_check
 
     disk = disk_check(config.artifacts_path) if config.artifacts_path.is_dir() else "ok"
     if disk != "ok":

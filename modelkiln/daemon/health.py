@@ -1,8 +1,9 @@
 """The service's face to operators: ``/healthz`` and Prometheus ``/metrics`` over HTTP.
 
-A standard-library HTTP server on its own threads. It only reads: the database through
-its own sessions (the figures are the catalogue's, so they survive restarts and agree
-between two daemons on one database) and a few attributes of the running daemon.
+A standard-library HTTP server on its own threads. It only reads: the daemon's status
+snapshot (``status.py``), taken for each request, and the database through its own
+sessions (the figures are the catalogue's, so they survive restarts and agree between two
+daemons on one database).
 
 /healthz   200 while the daemon is serving: the database answers, the scheduler's and the
            watcher's threads are alive (where this daemon runs them) and it is not
@@ -17,53 +18,10 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ..store import queries
 from .metrics import CONTENT_TYPE, metrics_text, registry_for
+from .status import health
 
 log = logging.getLogger(__name__)
-
-def health(daemon) -> tuple[bool, dict[str, str]]:
-    if not daemon.started and not daemon.stopping:
-        # Answered from the first moment the port is open: recovery of a large catalogue
-        # takes seconds, and a probe must hear "not yet", not hang.
-        return False, {"loop": "starting"}
-    checks: dict[str, str] = {}
-    try:
-        with daemon.store.session() as session:
-            queries.ping(session)
-        problem = daemon.store.file_problem()
-        checks["database"] = f"failing: {problem}" if problem else "ok"
-    except Exception as exc:
-        checks["database"] = f"failing: {exc}"
-    checks["loop"] = "ok" if daemon.started and not daemon.stopping else "stopping"
-    checks["disk"] = disk_check(daemon.layout.root)
-    checks["ingest"] = "ok" if daemon.background.alive else "not running"
-    if daemon.registry_sync is not None:  # a remote registry: its last poll
-        problem = daemon.registry_sync.problem
-        checks["registry"] = "ok" if problem is None else f"failing: {problem}"
-    if daemon.schedule:
-        checks["scheduler"] = "ok" if daemon.scheduler is not None and daemon.scheduler.alive else "not running"
-    if daemon.watcher is not None or (daemon.watch and daemon.registry.watches):
-        checks["watcher"] = "ok" if daemon.watcher is not None and daemon.watcher.alive else "not running"
-    return all(v == "ok" for v in checks.values()), checks
-
-
-# Below this much free space where artifacts go, snapshots and variants fail: say so.
-LOW_DISK_BYTES = 256 * 2**20
-
-
-def disk_check(folder) -> str:
-    """"ok", or how little space is left where checkpoints are copied and variants built."""
-    import os
-
-    try:
-        stat = os.statvfs(folder)
-    except OSError as exc:
-        return f"failing: {exc}"
-    free = stat.f_bavail * stat.f_frsize
-    if free < LOW_DISK_BYTES:
-        return f"low: {free // 2**20} MiB free in {folder}; ingests and jobs fail until space is freed"
-    return "ok"
 
 
 # A connection that sends nothing for this long is closed; at most this many are served
@@ -73,7 +31,7 @@ MOST_CONNECTIONS = 16
 
 
 class _Handler(BaseHTTPRequestHandler):
-    daemon = None  # set on the subclass made per server
+    snapshot = None  # set on the subclass made per server: takes the daemon's status
     metrics = None  # the daemon's collector registry, likewise
     timeout = IDLE_SECONDS  # the socket's: an idle or slow client gives its thread back
 
@@ -81,7 +39,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             if path == "/healthz":
-                ready, checks = health(self.daemon)
+                ready, checks = health(self.snapshot())
                 body = json.dumps({"status": "ok" if ready else "unavailable", "checks": checks}).encode()
                 self._reply(200 if ready else 503, "application/json", body)
             elif path == "/metrics":
@@ -132,15 +90,17 @@ class _BoundedServer(ThreadingHTTPServer):
 
 
 class HealthServer:
-    def __init__(self, daemon, address: str):
+    def __init__(self, status, address: str, source=None):
+        """:param status: takes the daemon's ``Status`` snapshot (``Daemon.status``).
+        :param source: the config file, which errors name."""
         host, _, port = address.rpartition(":")
-        handler = type("Handler", (_Handler,), {"daemon": daemon, "metrics": registry_for(daemon)})
+        handler = type("Handler", (_Handler,), {"snapshot": staticmethod(status), "metrics": registry_for(status)})
         try:
             self._server = _BoundedServer((host.strip("[]"), int(port)), handler)
         except OSError as exc:
             from ..errors import ConfigError
 
-            raise ConfigError(f"{daemon.config.source}: cannot listen on http.address {address!r} ({exc}); "
+            raise ConfigError(f"{source}: cannot listen on http.address {address!r} ({exc}); "
                               "choose a free port, or \"\" to turn /healthz and /metrics off") from None
         self._thread = threading.Thread(target=self._server.serve_forever, name="kiln-http", daemon=True)
 

@@ -21,7 +21,8 @@ import platform
 import threading
 
 from ..store import queries, units
-from ..targets.harness import package_version
+from ..targets.host import package_version
+from .status import Status, health
 
 # Seconds; jobs range from a baseline export (well under a second) to a distillation.
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -54,33 +55,31 @@ class JobStats:
 class _Collector:
     """The kiln_* families, read at each scrape."""
 
-    def __init__(self, daemon):
-        self.daemon = daemon
+    def __init__(self, status):
+        self.status = status  # takes the daemon's Status snapshot
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        from . import health
-
-        daemon = self.daemon
+        status: Status = self.status()
         info = GaugeMetricFamily("kiln_build_info", "modelkiln and the runtimes it measures with (value 1).",
                                  labels=["version", "python", "torch", "onnxruntime"])
         info.add_metric([package_version("modelkiln"), platform.python_version(), package_version("torch"),
                          package_version("onnxruntime")], 1)
         yield info
         up = GaugeMetricFamily("kiln_up", "1 while /healthz reports ready.")
-        if not daemon.started:
+        if not status.started or status.store is None:
             up.add_metric([], 0)
             yield up
             return
-        with daemon.store.session() as session:
+        with status.store.session() as session:
             by_status = queries.checkpoint_counts(session)
             jobs = queries.open_job_counts(session)
             promotions = queries.promotion_counts(session)
             served = queries.current_promotions(session)
             oldest_start = queries.oldest_running_start(session)
             now = units.database_now(session)
-            served_rows = [(p.model, p.target, p.promoted_at, _p50_seconds(p.variant, daemon), p.variant.quality)
+            served_rows = [(p.model, p.target, p.promoted_at, _p50_seconds(p.variant, status.objective_batch_size), p.variant.quality)
                            for p in served]
 
         seen = CounterMetricFamily("kiln_checkpoints_seen", "Checkpoints recorded since the catalogue was created.")
@@ -101,7 +100,7 @@ class _Collector:
         oldest.add_metric([], 0.0 if oldest_start is None else max(0.0, (now - oldest_start).total_seconds()))
         yield oldest
 
-        ended = daemon.job_stats.snapshot()
+        ended = status.jobs_ended
         ended_total = CounterMetricFamily("kiln_jobs_ended", "Jobs this daemon ran that ended, by kind and final state.",
                                           labels=["kind", "state"])
         durations = HistogramMetricFamily("kiln_job_duration_seconds",
@@ -109,7 +108,7 @@ class _Collector:
                                           labels=["kind", "state"])
         for kind, state, count, total, within in ended:
             ended_total.add_metric([kind, state], count)
-            buckets = [(str(bound), n) for bound, n in zip(daemon.job_stats.bounds, within)] + [("+Inf", count)]
+            buckets = [(str(bound), n) for bound, n in zip(status.duration_bounds, within)] + [("+Inf", count)]
             durations.add_metric([kind, state], buckets, total)
         yield ended_total
         yield durations
@@ -140,22 +139,21 @@ class _Collector:
         pending = sum(count for _, state, count in jobs if state == "pending")
         depth = GaugeMetricFamily("kiln_queue_depth",
                                   "Work waiting: pending jobs, versions waiting for their quiet period, unread events.")
-        depth.add_metric([], pending + daemon.versions_waiting + daemon.inbox.qsize())
+        depth.add_metric([], pending + status.versions_waiting + status.unread_events)
         yield depth
         busy = GaugeMetricFamily("kiln_workers_busy", "Worker processes running a job of this daemon.")
-        busy.add_metric([], len(daemon.executor.running_jobs))
+        busy.add_metric([], status.workers_busy)
         yield busy
         workers = GaugeMetricFamily("kiln_workers", "Configured worker processes.")
-        workers.add_metric([], daemon.config.workers.count)
+        workers.add_metric([], status.workers)
         yield workers
-        up.add_metric([], int(health.health(daemon)[0]))
+        up.add_metric([], int(health(status)[0]))
         yield up
 
 
-def _p50_seconds(variant, daemon) -> float | None:
-    """The variant's p50 at the policy's batch size (else its smallest), in seconds."""
+def _p50_seconds(variant, wanted: int) -> float | None:
+    """The variant's p50 at the policy's batch size ``wanted`` (else its smallest), in seconds."""
     measurements = sorted(variant.measurements, key=lambda m: m.batch_size)
-    wanted = daemon.config.policy.objective_batch_size
     chosen = next((m for m in measurements if m.batch_size == wanted), measurements[0] if measurements else None)
     return None if chosen is None else chosen.latency_p50_ms / 1000
 
@@ -166,12 +164,13 @@ def _unix(naive_utc) -> float:
     return naive_utc.replace(tzinfo=timezone.utc).timestamp()
 
 
-def registry_for(daemon):
-    """A collector registry of the daemon's families plus the process and platform ones."""
+def registry_for(status):
+    """A collector registry of the daemon's families plus the process and platform ones;
+    ``status`` takes the daemon's ``Status`` snapshot at each scrape."""
     from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(daemon))
+    registry.register(_Collector(status))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

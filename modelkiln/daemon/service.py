@@ -55,6 +55,7 @@ from .outcomes import Outcomes, in_source_terms
 from .planner import Planner
 from .promoter import Promoter
 from .scheduler import Scheduler
+from .status import Status
 from .sync import RegistrySync
 from .systemd import Notifier
 from .watcher import Watcher
@@ -153,7 +154,7 @@ class Daemon:
         config = self.config
         self.store = open_store(config)
         if config.http.address:  # bound first: a taken port is a config error, before any work starts
-            http = self.http = HealthServer(self, config.http.address)
+            http = self.http = HealthServer(self.status, config.http.address, config.source)
             http.start()  # answers "starting" (503) until the recovery below ends
         self.plugins = plugins_for(config, self.extra_plugins)
         self._check_config()
@@ -453,10 +454,23 @@ class Daemon:
                 self._plan_missing(session)
                 self._settle(session)
 
-    @property
-    def versions_waiting(self) -> int:
-        """Version folders seen but not yet quiet long enough to be taken."""
-        return self.scheduler.planned if self.scheduler else 0
+    def status(self) -> Status:
+        """This daemon as /healthz and /metrics see it, now (on their thread)."""
+        if not self.started:
+            return Status(started=False, stopping=self.stopping)
+        watched = self.watcher is not None or (self.watch and self.registry.watches)
+        return Status(
+            started=True, stopping=self.stopping, store=self.store, artifacts=self.layout.root,
+            ingest_alive=self.background.alive,
+            polls_registry=self.registry_sync is not None,
+            registry_problem=self.registry_sync.problem if self.registry_sync is not None else None,
+            scheduler_alive=(self.scheduler is not None and self.scheduler.alive) if self.schedule else None,
+            watcher_alive=(self.watcher is not None and self.watcher.alive) if watched else None,
+            # version folders seen but not yet quiet long enough to be taken
+            versions_waiting=self.scheduler.planned if self.scheduler else 0,
+            unread_events=self.inbox.qsize(), workers_busy=len(self.executor.running_jobs),
+            workers=self.config.workers.count, objective_batch_size=self.config.policy.objective_batch_size,
+            jobs_ended=tuple(self.job_stats.snapshot()), duration_bounds=tuple(self.job_stats.bounds))
 
     def reconcile(self) -> None:
         """Compare the registry with the catalogue and ingest what events missed, here

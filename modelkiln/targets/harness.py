@@ -169,16 +169,6 @@ def run_chunked(run, arrays: dict, chunk: int = 64) -> np.ndarray:
     ])
 
 
-def package_version(package: str) -> str:
-    """The installed version of ``package``, or "" where it is not installed."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return ""
-
-
 def environment(device: str, threads: int) -> dict:
     """Where and with what a variant was measured: the figures only mean something
     beside it (the hosts a catalogue is measured on differ: AVX2 only, VNNI, AMX)."""
@@ -186,7 +176,7 @@ def environment(device: str, threads: int) -> dict:
     import socket
     import sys
 
-    from .host import cpu_model_and_flags, host_probe
+    from .host import cpu_model_and_flags, host_probe, package_version
 
     cpu, flags = cpu_model_and_flags()
     found = {"host": socket.gethostname(), "cpu": cpu, "cpu_flags": flags, "cpus": os.cpu_count(),

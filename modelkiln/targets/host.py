@@ -234,9 +234,17 @@ def run_probe() -> dict:
     }
 
 
-def _identity(cpu: str, flags: list[str]) -> dict:
-    from .harness import package_version
+def package_version(package: str) -> str:
+    """The installed version of ``package``, or "" where it is not installed."""
+    from importlib import metadata
 
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def _identity(cpu: str, flags: list[str]) -> dict:
     return {"probe_version": PROBE_VERSION, "host": socket.gethostname(), "cpu": cpu, "cpu_flags": flags,
             "onnxruntime": package_version("onnxruntime")}
 
