@@ -9,6 +9,11 @@ The filesystem facts are gathered first (a cheap look, then the copy, the hash a
 format: ``prepare``, which the service runs on a thread of its own, since a big
 checkpoint takes minutes), and the catalogue is written once, at the end, on the
 service loop (``record``).
+
+``Intake`` is the daemon's side of it: versions the watcher, the rescan or the command
+line found go to the ingest thread and come back through the inbox to be recorded; one
+that is not quiet yet is looked at again when its quiet period ends; one that cannot be
+taken is logged once until its reason changes.
 """
 
 from __future__ import annotations
@@ -19,17 +24,22 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import NotTakenYet
 from ..plugins.api import FoundCheckpoint
 from ..registry.directory import content_hash, copy_files, observe
 from ..registry.formats import detect_format, no_format_reason
+from ..sizes import printable
 from ..store import queries, units
+from ..store.db import DatabaseBusy
 from .layout import Layout
 from .logs import about
 
 log = logging.getLogger(__name__)
+
+# A version whose record met a busy database is tried again this soon, not at the rescan.
+BUSY_RETRY_SECONDS = 1.0
 
 
 @dataclass
@@ -209,3 +219,96 @@ class Ingestor:
                  fmt.name if fmt else "no format", digest[:16], f": {reason}" if reason else "",
                  extra=about(found.model, found.version))
         return IngestResult("taken", checkpoint_id)
+
+
+class Intake:
+    """What the daemon's loop does with the versions registries offer (see the module's
+    docstring). Everything here runs on the loop's thread but ``_prepare``."""
+
+    def __init__(self, ingestor: Ingestor, background: Background, registry, wall_clock=time.time):
+        self.ingestor = ingestor
+        self.background = background
+        self.registry = registry
+        self.wall_clock = wall_clock
+        # Where quiet periods and retries are posted; None where the daemon runs no scheduler.
+        self.scheduler = None
+        # version folder -> why it could not be ingested (logged once until it changes)
+        self._failed: dict[str, str] = {}
+
+    def take_now(self, found: FoundCheckpoint) -> int | None:
+        """Ingest ``found`` on this thread; its checkpoint's id, if it was taken."""
+        try:
+            result = self.ingestor.ingest(found)
+        except Exception as exc:  # one bad folder must not stop the scan or the batch
+            self._not_taken(found, exc)
+            return None
+        return self._taken(found, result)
+
+    def take_later(self, found: FoundCheckpoint) -> None:
+        """Copy and hash ``found`` on the ingest thread; ``prepared`` records it."""
+        self.background.submit("prepared", str(found.path), self._prepare, found)
+
+    def scanned(self, key: str, versions, error) -> None:
+        """The registry's versions, listed on the ingest thread."""
+        self.background.done(key)
+        if error is not None:
+            log.error("the %s registry's scan failed: %s", self.registry.kind, error)
+        for found in versions or ():
+            self.take_later(found)
+
+    def _prepare(self, found: FoundCheckpoint):
+        """On the ingest thread: the version folder and what preparing it gave (or raised)."""
+        try:
+            return found, self.ingestor.prepare(found)
+        except Exception as exc:  # reported on the loop, naming the folder
+            return found, exc
+
+    def prepared(self, key: str, value, error: Exception | None) -> None:
+        """A version copied and hashed on the ingest thread: recorded here."""
+        self.background.done(key)
+        if error is not None:  # not from the ingest itself (that comes back in value): a bug
+            log.error("ingesting %s failed: %s", printable(key), error)
+            return
+        found, prepared = value
+        try:
+            if isinstance(prepared, Exception):
+                raise prepared
+            result = self.ingestor.record(prepared) if isinstance(prepared, Prepared) else prepared
+        except DatabaseBusy as exc:  # the database busy or away for a moment: soon, not at the rescan
+            log.warning("cannot record %s yet (%s); retrying in %.0f s", printable(key), str(exc).splitlines()[0],
+                        BUSY_RETRY_SECONDS, extra=about(found.model, found.version))
+            if self.scheduler is not None:
+                self.scheduler.post_at(self.wall_clock() + BUSY_RETRY_SECONDS,
+                                       f"quiet:{found.model}/{found.version}", "hint", found)
+            return
+        except Exception as exc:  # as in take_now
+            self._not_taken(found, exc)
+            return
+        self._taken(found, result)
+
+    def _not_taken(self, found: FoundCheckpoint, exc: Exception) -> None:
+        message = str(exc) if isinstance(exc, (OSError, NotTakenYet)) else f"{type(exc).__name__}: {exc}"
+        if self._failed.get(str(found.path)) == message:  # once, not at every rescan
+            return
+        self._failed[str(found.path)] = message
+        if isinstance(exc, NotTakenYet):  # its message names the folder and what to do
+            log.warning("not taken yet: %s", printable(message), extra=about(found.model, found.version))
+            return
+        log.error("cannot ingest %s: %s; it is looked at again at each rescan", printable(str(found.path)),
+                  message, extra=about(found.model, found.version))
+
+    def _taken(self, found: FoundCheckpoint, result: IngestResult) -> int | None:
+        self._failed.pop(str(found.path), None)
+        key = f"quiet:{found.model}/{found.version}"
+        if self.scheduler is not None:
+            if result.outcome == "wait":  # a second look once its quiet period is over
+                self.scheduler.post_at(result.retry_at, key, "hint", replace(found, complete=False))
+            else:
+                self.scheduler.cancel(key)
+        if result.outcome in ("taken", "unchanged"):
+            try:
+                self.registry.release(found)
+            except OSError as exc:  # the copy stays; the next scan tries again
+                log.warning("cannot release %s: %s", found.path, exc,
+                            extra=about(found.model, found.version))
+        return result.checkpoint_id

@@ -73,3 +73,21 @@ def setup_logging(level: str, fmt: str = "text", stream=None) -> None:
 
 def _only_upgrades(record: logging.LogRecord) -> bool:
     return record.levelno > logging.INFO or record.getMessage().startswith("Running upgrade")
+
+
+def about_job(session, job) -> dict:
+    """``about`` for a log line about ``job``: its checkpoint's model and version, its
+    target and its id."""
+    from ..store import queries
+
+    checkpoint = queries.checkpoint(session, job.checkpoint_id)
+    return about(checkpoint.model, checkpoint.version, job.target, job.id)
+
+
+def job_label(session, job) -> str:
+    """A job as log lines name it: its kind, and the variant it builds."""
+    from ..store import queries, views
+
+    if job.variant_id is None:
+        return job.kind
+    return f"{job.kind} {views.variant_label(queries.variant(session, job.variant_id))}"
