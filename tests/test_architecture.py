@@ -21,3 +21,36 @@ def test_the_readme_map_names_every_package():
     packages = sorted(p.parent.name for p in (ROOT / "modelkiln").glob("*/__init__.py"))
     missing = [name for name in packages if f"`{name}/`" not in section]
     assert not missing, f"README's map does not describe: {missing}"
+
+
+# The one cycle left: the streamed shard's loader builds torchrt's Serving, and torchrt
+# dispatches to the streamed loader; both sit in targets/ code being changed for decoding
+# (issue 33), so they are parted there, not under it.
+KNOWN_CYCLES = [{"modelkiln.targets.streamed", "modelkiln.targets.torchrt"}]
+
+
+def test_no_modules_import_each_other():
+    """Imports inside functions count: a cycle is a pair of modules a reader must read
+    together, wherever the import sits."""
+    import grimp
+
+    graph = grimp.build_graph("modelkiln", cache_dir=None)
+    cycles = []
+    for module in sorted(graph.modules):
+        for imported in sorted(graph.find_modules_directly_imported_by(module)):
+            # An import that the imported module leads back from closes a cycle.
+            pair = {module, imported}
+            if graph.chain_exists(importer=imported, imported=module) and pair not in KNOWN_CYCLES + cycles:
+                cycles.append(pair)
+    assert not cycles, f"modules that import each other (directly or through others): {cycles}"
+
+
+def test_no_class_in_the_daemon_is_over_300_lines():
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "modelkiln" / "daemon").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
+                long.append(f"{path.name}: {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, f"classes a reader cannot hold in their head: {long}"

@@ -203,3 +203,18 @@ def test_the_quality_delta_standard_error_counts_the_samples_that_changed():
     assert delta_standard_error(TOP1_AGREEMENT, variant, original, None) == pytest.approx(
         np.sqrt((30 - 30 ** 2 / 300) / 299 / 300))
     assert delta_standard_error(POOLED_COSINE, variant, original, None) is None
+
+
+def test_a_checkpoint_budget_is_spent_once_its_minutes_since_the_inspection_are_past():
+    from datetime import datetime, timedelta
+
+    from modelkiln.policy import budget_spent
+
+    inspected = datetime(2026, 1, 1, 12, 0, 0)
+    policy = PolicyConfig(budget_minutes=30)
+    assert budget_spent(policy, inspected, inspected + timedelta(minutes=29)) is None
+    assert budget_spent(policy, None, inspected + timedelta(days=1)) is None  # not inspected yet
+    reason = budget_spent(policy, inspected, inspected + timedelta(minutes=30))
+    assert reason == ("not started within the checkpoint's budget (policy.budget_minutes = 30, counted from its "
+                      "inspection at 2026-01-01 12:00:00 UTC)")
+    assert budget_spent(PolicyConfig(budget_minutes=0), inspected, inspected + timedelta(days=1)) is None
