@@ -35,6 +35,7 @@ from ..store import queries, units
 from ..store.db import DatabaseBusy
 from .layout import Layout
 from .logs import about
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class Intake:
         self.registry = registry
         self.wall_clock = wall_clock
         # Where quiet periods and retries are posted; None where the daemon runs no scheduler.
-        self.scheduler = None
+        self.scheduler: Scheduler | None = None
         # version folder -> why it could not be ingested (logged once until it changes)
         self._failed: dict[str, str] = {}
 
@@ -302,6 +303,7 @@ class Intake:
         key = f"quiet:{found.model}/{found.version}"
         if self.scheduler is not None:
             if result.outcome == "wait":  # a second look once its quiet period is over
+                assert result.retry_at is not None  # a "wait" always says until when
                 self.scheduler.post_at(result.retry_at, key, "hint", replace(found, complete=False))
             else:
                 self.scheduler.cancel(key)

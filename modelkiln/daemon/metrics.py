@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import platform
 import threading
+from collections.abc import Iterator
 
 from ..store import queries, units
 from ..targets.host import package_version
@@ -58,7 +59,7 @@ class _Collector:
     def __init__(self, status):
         self.status = status  # takes the daemon's Status snapshot
 
-    def collect(self):
+    def collect(self) -> Iterator:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         status: Status = self.status()
@@ -79,15 +80,15 @@ class _Collector:
             served = queries.current_promotions(session)
             oldest_start = queries.oldest_running_start(session)
             now = units.database_now(session)
-            served_rows = [(p.model, p.target, p.promoted_at, _p50_seconds(p.variant, status.objective_batch_size), p.variant.quality)
-                           for p in served]
+            served_rows = [(p.model, p.target, p.promoted_at, _p50_seconds(p.variant, status.objective_batch_size),
+                            p.variant.quality) for p in served]
 
         seen = CounterMetricFamily("kiln_checkpoints_seen", "Checkpoints recorded since the catalogue was created.")
         seen.add_metric([], sum(by_status.values()))
         yield seen
         checkpoints = GaugeMetricFamily("kiln_checkpoints", "Checkpoints by status.", labels=["status"])
-        for status in sorted(by_status):
-            checkpoints.add_metric([status], by_status[status])
+        for name in sorted(by_status):
+            checkpoints.add_metric([name], by_status[name])
         yield checkpoints
 
         open_jobs = GaugeMetricFamily("kiln_jobs", "Open jobs in the catalogue, by kind and state (pending, running).",
