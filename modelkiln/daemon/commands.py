@@ -12,25 +12,31 @@ the daemon that runs the work finds their records every couple of seconds and ac
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pluggy import PluginManager
 
 from ..plugins.manager import notify
 from ..store import queries, views
+from ..store.db import Store
 from .logs import about
+from .promoter import Promoter
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class Commands:
-    def __init__(self, store, promoter, manager, drop_cancelled, sync_soon):
-        """:param drop_cancelled: ``drop_cancelled(session, job)`` ends a running job that
-            was cancelled (``jobs.Jobs``).
-        :param sync_soon: tells a remote registry of a promotion soon."""
-        self.store = store
-        self.promoter = promoter
-        self.manager = manager
-        self.drop_cancelled = drop_cancelled
-        self.sync_soon = sync_soon
-        self.seen_promotion = 0  # promotions up to this id were announced by whoever made them
+    store: Store
+    promoter: Promoter
+    manager: PluginManager
+    # drop_cancelled(session, job): ends a running job that was cancelled (jobs.Jobs)
+    drop_cancelled: Callable
+    # tells a remote registry of a promotion soon
+    sync_soon: Callable[[], None]
+    # promotions up to this id were announced by whoever made them
+    seen_promotion: int = 0
 
     def act(self, executor) -> None:
         """Stop the running jobs an operator cancelled, announce the promotions they made."""
