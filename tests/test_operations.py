@@ -185,7 +185,7 @@ def test_variant_jobs_not_started_within_the_checkpoint_budget_are_skipped_with_
         kiln_dir, digits_checkpoint, monkeypatch):
     from datetime import timedelta
 
-    import modelkiln.daemon.service as service
+    import modelkiln.daemon.jobs as jobs
     from modelkiln.daemon.service import Daemon
     from modelkiln.plugins.api import FoundCheckpoint
     from modelkiln.store.models import utcnow
@@ -196,7 +196,7 @@ def test_variant_jobs_not_started_within_the_checkpoint_budget_are_skipped_with_
     text = path.read_text().replace("budget_minutes = 60.0", "budget_minutes = 5.0")
     path.write_text(text)
     # The host's clock, as the lease sees it, ten minutes after the inspection.
-    monkeypatch.setattr(service, "utcnow", lambda: utcnow() + timedelta(minutes=10))
+    monkeypatch.setattr(jobs, "utcnow", lambda: utcnow() + timedelta(minutes=10))
     daemon = Daemon(load_config(path), watch=False, schedule=False)
     daemon.start()
     try:
