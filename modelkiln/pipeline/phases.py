@@ -157,7 +157,11 @@ def _in_form(model, forms, runtime, step, context):
         return model
     form = forms[0]
     if model.form == ONNX and form == TORCH:
-        return imported(model, context)
+        try:
+            return imported(model, context)
+        except StepNotApplicable as exc:
+            raise StepNotApplicable(f"{step.name} needs a {form} model, but this one is {model.form} by now, and "
+                                    f"{exc}") from None
     if form == runtime.form:
         converted = runtime.convert(model, context)
         if converted.form == form:
