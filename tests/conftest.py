@@ -42,6 +42,8 @@ def kiln_dir(tmp_path):
         .replace("min_runs = 20", "min_runs = 5")
         .replace("max_seconds = 3.0", "max_seconds = 0.2")
         .replace("min_seconds = 0.5", "min_seconds = 0.0")
+        .replace("decode_batch_sizes = [1, 8, 32]", "decode_batch_sizes = [1, 4]")
+        .replace("prefill_tokens = [512, 2048]", "prefill_tokens = [64]")
         .replace("batch_sizes = [1, 8]", "batch_sizes = [1, 4]")
         .replace("quiet_seconds = 2.0", "quiet_seconds = 0.5")
         .replace("lease_seconds = 60.0", "lease_seconds = 6.0")
