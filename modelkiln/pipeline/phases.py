@@ -325,8 +325,9 @@ def measure_variant(spec: dict) -> dict:  # noqa: C901 - over the complexity bou
     settings = spec["measure"]
     timer = harness.timer_for(run)
     # Where the planner gave the served variant's and the baseline's p50 (``rivals``), a
-    # variant clearly slower than both after its first runs ends its measurement there.
-    rivals = spec.get("rivals") if not hasattr(run, "time_runs") else None
+    # variant clearly slower than both after its first runs ends its measurement there;
+    # not a causal LM's, which its decoding may still make the one to serve.
+    rivals = spec.get("rivals") if not hasattr(run, "time_runs") and not hasattr(run, "time_decoding") else None
     ended_early = None
 
     tracker = progress.current()
