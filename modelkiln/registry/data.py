@@ -176,7 +176,11 @@ def load_images(folder: Path, images: dict) -> np.ndarray:
     :data:`MAX_IMAGES`), made as ``images`` (``config.ImagesConfig`` as a dict) says:
     converted to its channels, resized to its size (bilinear), divided by its scale, less
     its mean and over its std per channel, in its layout."""
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise CheckpointRejected(f"{folder}: reading image files needs Pillow, which is not installed here: "
+                                 "pip install 'modelkiln[images]' (or pillow), then drop the checkpoint again") from None
 
     files = image_files(folder)[:MAX_IMAGES]
     if not files:
