@@ -110,35 +110,37 @@ def save_decoders(module, directory, strip=None, batch_sizes=(1,), prefill_token
     if lm is None:
         return None
 
-    def saved(file: str, **shape) -> dict:
+    def saved(file: str, **shape) -> tuple[dict, int]:
+        """The program's entry (its file, where its weights come from) and how many
+        Linear calls its fusion removed."""
         import torch
 
         program, fused = export_decoder(lm, **shape)
         # transformers' exportable wrapper holds the model as ``model``.
         sources = strip(program, "model.") if strip is not None else {}
         torch.export.save(program, str(Path(directory) / file))
-        return {"file": file, "fused_linears": fused, **({PROGRAM_WEIGHTS: sources} if sources else {})}
+        return {"file": file, **({PROGRAM_WEIGHTS: sources} if sources else {})}, fused
 
     try:
-        entry = saved(DECODE_FILE)
+        single, fused = saved(DECODE_FILE)
     except Exception as exc:
         return {"error": _error(exc)}
-    entry = {"vocab_size": int(lm.config.vocab_size), "max_cache_len": PROMPT_TOKENS + NEW_TOKENS, **entry}
+    entry = {"vocab_size": int(lm.config.vocab_size), "max_cache_len": PROMPT_TOKENS + NEW_TOKENS, **single,
+             "fused_linears": fused}
     batches = {}
     for batch in sorted({int(b) for b in batch_sizes} - {1}):
         try:
-            batches[str(batch)] = {k: v for k, v in saved(decoder_file(batch), batch_size=batch).items()
-                                   if k != "fused_linears"}
+            batches[str(batch)] = saved(decoder_file(batch), batch_size=batch)[0]
         except Exception as exc:
             batches[str(batch)] = {"error": _error(exc)}
     if batches:
         entry["batches"] = batches
     lengths = prefill_lengths(lm, prefill_tokens)
     if lengths:
+        cache = lengths[-1] + 1
         try:
-            prefill = saved(PREFILL_FILE, max_cache_len=lengths[-1] + 1)
-            entry["prefill"] = {"tokens": lengths, "max_cache_len": lengths[-1] + 1,
-                                **{k: v for k, v in prefill.items() if k != "fused_linears"}}
+            entry["prefill"] = {"tokens": lengths, "max_cache_len": cache,
+                                **saved(PREFILL_FILE, max_cache_len=cache)[0]}
         except Exception as exc:
             entry["prefill"] = {"tokens": lengths, "error": _error(exc)}
     return entry
@@ -166,16 +168,17 @@ def time_decoding(program, vocab_size: int, device: str, rounds: int = ROUNDS, b
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     prefills, steps, tokens = _decode_rounds(program, vocab_size, device, rounds, 1)
+    single = _batch_row(1, steps)
     figures = {
         "prompt_tokens": PROMPT_TOKENS,
         "new_tokens": NEW_TOKENS,
         "prefill_ms": float(np.median(prefills)),
-        "decode_ms_per_token": float(np.median(steps)),
-        "decode_p95_ms": float(np.percentile(steps, 95)),
+        "decode_ms_per_token": single["decode_ms_per_token"],
+        "decode_p95_ms": single["decode_p95_ms"],
         "tokens": tokens,
     }
     if batched:
-        rows = [_batch_row(1, steps)]
+        rows = [single]
         for batch, batch_program in sorted(batched.items()):
             rows.append(_batch_row(batch, _decode_rounds(batch_program, vocab_size, device, rounds, batch)[1]))
         figures["batches"] = rows

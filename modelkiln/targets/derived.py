@@ -14,8 +14,7 @@ records where it comes from:
   compressed-tensors weights, computed again where the program loads (``compressed.py``);
 - ``{"zeros": true}``: zeros, made where it loads (an empty static KV cache).
 
-What the folder does not hold (rotary tables, an empty KV cache, lifted constants) stays
-in the program. ``fill`` puts the weights back when the program loads.
+What the folder does not hold (rotary tables, lifted constants) stays in the program. ``fill`` puts the weights back when the program loads.
 """
 
 from __future__ import annotations
