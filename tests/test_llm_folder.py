@@ -152,3 +152,65 @@ def test_large_weights_are_split_into_shards_with_their_index(tmp_path):
     ids = torch.randint(0, 256, (2, 9))
     with torch.inference_mode():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(str(tmp_path))(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("inputs", [True, False], ids=["w8a8", "w8a16"])
+def test_fp8_weights_are_stored_as_compressed_tensors_reads_them(tmp_path, inputs):
+    """FP8 layers (built here on the CPU, whose FP8 product torch emulates; the steps
+    themselves are for GPUs of compute capability 8.9+) are stored as they are, in the
+    float-quantized (W8A8) or naive-quantized (W8A16) format; transformers loads the
+    folder, the measured program answers from it, and the head stays in float."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from modelkiln.plugins.api import TORCH, InputSpec, ModelHandle, StepContext
+    from modelkiln.registry.formats import hf_wrapper
+    from modelkiln.steps import fp8
+    from modelkiln.targets.torchrt import TorchRuntime
+
+    context = StepContext(tmp_path, "cpu", "torch", "cpu", 1, {})
+    model = fp8.convert(ModelHandle(TORCH, hf_wrapper(tiny_llama()), [InputSpec(**SPEC)]), context, inputs)
+    assert context.record["float_layers"] == {"inner.lm_head": "the model's head"}
+    out = tmp_path / "variant"
+    out.mkdir()
+    file = TorchRuntime().save(model, out)
+    weights = json.loads((out / "serving.json").read_text())["weights"]
+    assert "vLLM" in weights["readers"] and "not_read_by" not in weights
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    from compressed_tensors.quantization import QuantizationConfig
+
+    QuantizationConfig.model_validate(quantization)
+    (group,) = quantization["config_groups"].values()
+    assert group["weights"]["type"] == "float" and group["weights"]["strategy"] == "channel"
+    assert quantization["format"] == ("float-quantized" if inputs else "naive-quantized")
+    assert (group["input_activations"] or {}).get("strategy") == ("token" if inputs else None)
+    assert quantization["ignore"] == ["lm_head"]
+    from modelkiln.targets.hf_folder import load_state
+
+    stored = load_state(out)
+    assert stored["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert stored["lm_head.weight"].dtype == torch.float32
+
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 16)))
+    run = TorchRuntime().load(out, file, "cpu", 1)
+    measured = run({"input_ids": ids.numpy()})
+    with torch.inference_mode():
+        expected = model.obj(ids)
+        loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()(ids).logits.float().numpy()
+    np.testing.assert_allclose(measured, (expected[0] if isinstance(expected, tuple) else expected).numpy(),
+                               atol=1e-5)
+    # transformers widens the FP8 weights back to float; only W8A8's input rounding differs.
+    np.testing.assert_allclose(loaded, measured, atol=2e-2 if inputs else 1e-4)
+    assert run.time_decoding()["decode_ms_per_token"] > 0
+
+
+def test_fp8_steps_are_skipped_off_an_fp8_gpu_with_the_reason(tmp_path):
+    from modelkiln.errors import StepNotApplicable
+    from modelkiln.plugins.api import TORCH, InputSpec, ModelHandle, StepContext
+    from modelkiln.registry.formats import hf_wrapper
+    from modelkiln.steps.fp8 import Fp8, Fp8WeightOnly
+
+    model = ModelHandle(TORCH, hf_wrapper(tiny_llama()), [InputSpec(**SPEC)])
+    for step in (Fp8(), Fp8WeightOnly()):
+        with pytest.raises(StepNotApplicable, match="compute capability 8.9"):
+            step.apply(model, {}, StepContext(tmp_path, "cpu", "torch", "cpu", 1, {}))

@@ -251,7 +251,9 @@ def build_variant(spec: dict) -> dict:
         entry = {"step": step.name, "params": params, "plugin": getattr(step, "plugin", ""),
                  "record": context.record, "seconds": s1 - s0}
         trains = getattr(step, "trains", None)  # a plugin's step need not subclass Step
-        if callable(trains) and trains(params):
+        # A step that may train records ``fitted: False`` where it ended up fitting nothing
+        # (no rows to fit on): then nothing of the data is in its variant.
+        if callable(trains) and trains(params) and context.record.get("fitted", True):
             # What it trained on and how many rows it never saw judge it: the policy's
             # held-out rule reads this (policy.min_heldout_rows).
             entry["data"] = inspected.get("data_split")

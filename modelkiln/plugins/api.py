@@ -331,7 +331,8 @@ class Step:
         fine-tune, a distillation, a refit; calibration statistics are not training).
         Such a step takes ``context.training_inputs`` only, which hold no row equal to a
         quality sample, and its variant is promoted only when enough rows it never saw
-        judge it (``policy.min_heldout_rows``)."""
+        judge it (``policy.min_heldout_rows``). A step that decides in ``apply`` not to fit
+        anything after all (no rows to fit on) records ``fitted: False``."""
         return False
 
 

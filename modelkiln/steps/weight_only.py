@@ -85,16 +85,16 @@ def _torch_layer_class():
         weights are kept as compressed-tensors stores them (``compressed``: what the
         variant's folder holds) and the kernel's packing is derived from that."""
 
-        def __init__(self, linear: nn.Linear, bits: int, block_size: int):
+        def __init__(self, linear: nn.Linear, bits: int, block_size: int, form: ct.Compressed | None = None):
             super().__init__()
             out_features = linear.out_features
             self.bits, self.block_size, self.out_features = bits, block_size, out_features
             if bits == 8:
-                self.compressed = ct.int8_channels(linear.weight)
+                self.compressed = form or ct.int8_channels(linear.weight)
                 self.register_buffer("packed", self.compressed.q)
-                self.register_buffer("scales", self.compressed.scale[:, 0].contiguous())
+                self.register_buffer("scales", self.compressed.scale[:, 0].float().contiguous())
             else:
-                self.compressed = ct.int4_groups(linear.weight, block_size)
+                self.compressed = form or ct.int4_groups(linear.weight, block_size)
                 self.register_buffer("packed", ct.int4_cpu_packed(self.compressed))
                 self.register_buffer("scales", ct.int4_kernel_scales(self.compressed, torch.float32))
             self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
@@ -137,15 +137,16 @@ def _int4_cuda_layer_class():
         ``_weight_int4pack_mm`` (bf16 activations: the kernel's only type; others are cast
         in and back)."""
 
-        def __init__(self, linear: nn.Linear, block_size: int, tiles: int, device: str):
+        def __init__(self, linear: nn.Linear, block_size: int, tiles: int, device: str,
+                     form: ct.Compressed | None = None):
             super().__init__()
             out_features = linear.out_features
             self.block_size, self.out_features, self.tiles = block_size, out_features, tiles
             # Quantized where it will run (the checkpoint may still be on the cpu), kept
             # as compressed-tensors stores it with the scales in the kernel's bf16, and
             # packed on the device: the packing op exists for cuda only.
-            form = ct.int4_groups(linear.weight.detach().to(device), block_size)
-            form.scale = form.scale.to(torch.bfloat16)
+            form = form or ct.int4_groups(linear.weight.detach().to(device), block_size)
+            form = ct.Compressed(form.q.to(device), form.scale.to(device, torch.bfloat16), None, 4, block_size)
             self.register_buffer("packed", ct.int4_cuda_packed(form, tiles, device))
             self.register_buffer("scales", ct.int4_kernel_scales(form, torch.bfloat16))
             # The stored form waits on the host: the GPU holds only what the kernel reads.
@@ -168,6 +169,54 @@ def _int4_cuda_layer_class():
     return Int4WeightLinear
 
 
+METHODS = ("auto", "gptq", "rtn")
+
+
+def _fit_data(context) -> tuple[dict | None, str]:
+    """The rows error feedback may fit on, and where they came from; None (and why) where
+    the checkpoint's data leaves none apart from its quality samples."""
+    split = context.split or {}
+    if context.training_inputs is None or split.get("trained_on_samples"):
+        return None, "the checkpoint's data leaves no rows apart from its quality samples"
+    if split.get("training_source") == "generated" or context.training_source == "generated":
+        return None, "the checkpoint ships no data (generated inputs say nothing of what it will read)"
+    return context.training_inputs, context.training_source
+
+
+def _rounded(module, layers: list, model, bits: int, block: int, method: str, context, device: str) -> dict:
+    """``{name: Compressed}`` for ``layers`` rounded by ``method`` (empty: round to nearest
+    in each layer class); the lineage says which method ran, on what data and to what
+    output error. Layers' weights are left holding what their integers stand for."""
+    from ..targets import compressed as ct
+    from . import error_feedback
+
+    data, source = _fit_data(context)
+    if method == "rtn" or (method == "auto" and data is None):
+        context.record.update(method="rtn", fitted=False,
+                              **({"why_rtn": source} if method == "auto" else {}))
+        return {}
+    if data is None:
+        raise StepNotApplicable(f"{context.target}: method gptq needs rows to fit on, and {source}: ship "
+                                "train.jsonl (or calibration data beyond the quality samples), or use method rtn")
+    group = block if bits == 4 else None
+    nearest = ct.int4_groups if bits == 4 else (lambda weight, _: ct.int8_channels(weight))
+    errors: dict = {"gptq": [], "rtn": []}
+
+    def round_layer(weight, hessian):
+        form = error_feedback.solve(weight, hessian, bits, group)
+        errors["gptq"].append(error_feedback.output_error(weight, form, hessian))
+        errors["rtn"].append(error_feedback.output_error(weight, nearest(weight, block), hessian))
+        return form
+
+    forms = error_feedback.quantize_with_feedback(
+        module, layers, data, model.inputs, round_layer, device,
+        progress=lambda done, total: context.progress("error feedback (gptq)", done, total))
+    context.record.update(
+        method="gptq", fit_data=source, fit_rows=min(len(next(iter(data.values()))), error_feedback.FIT_ROWS),
+        output_error=float(np.mean(errors["gptq"])), rtn_output_error=float(np.mean(errors["rtn"])))
+    return forms
+
+
 CUDA_INT8 = ("int8 is not offered on cuda: PyTorch has no fused int8 weight-only matmul, and converting "
              "the weights at every call made a 7B decoding step 11x slower than bf16")
 
@@ -179,8 +228,17 @@ class WeightOnly(Step):
     params = (
         Param("bits", int, 4, "4 or 8"),
         Param("block_size", int, 32, "weights sharing one scale (int4; onnxruntime int8 too): 16, 32, 64, 128"),
+        Param("method", str, "auto", "how each weight's integer is chosen (torch): gptq (error feedback on the "
+                                     "checkpoint's data, never its quality samples), rtn (round to nearest), "
+                                     "auto (gptq where the data leaves rows apart from the quality samples, "
+                                     "else rtn)"),
     )
     forms = {"onnxruntime": ONNX, "torch": TORCH}
+
+    def trains(self, params):
+        # Error feedback fits the integers to the data's statistics: its variant is judged
+        # only on rows it never saw, as a fine-tune's is.
+        return params.get("method", "auto") != "rtn" and params.get("bits", 4) in (4, 8)
 
     def apply(self, model, params, context):
         bits, block = params["bits"], params["block_size"]
@@ -188,9 +246,16 @@ class WeightOnly(Step):
             raise StepNotApplicable(f"{self.name}: bits must be 4 or 8, got {bits}")
         if block not in (16, 32, 64, 128):
             raise StepNotApplicable(f"{self.name}: block_size must be 16, 32, 64 or 128, got {block}")
+        if params["method"] not in METHODS:
+            raise StepNotApplicable(f"{self.name}: method must be one of {', '.join(METHODS)}, got "
+                                    f"{params['method']!r}")
         if model.form == ONNX:
+            if params["method"] == "gptq":
+                raise StepNotApplicable(f"{self.name}: method gptq is for the torch runtime; onnxruntime's "
+                                        "MatMulNBits weights are rounded to nearest (method rtn or auto)")
+            context.record["fitted"] = False
             return self._onnx(model, bits, block, context)
-        return self._torch(model, bits, block, context)
+        return self._torch(model, bits, block, params["method"], context)
 
     def _onnx(self, model, bits, block, context):
         import onnx
@@ -210,13 +275,13 @@ class WeightOnly(Step):
         context.record.update(quantized_nodes=count, gemm_rewritten=rewritten, bits=bits, block_size=block)
         return ModelHandle(ONNX, out, model.inputs, dict(model.notes))
 
-    def _torch(self, model, bits, block, context):
+    def _torch(self, model, bits, block, method, context):
         import copy
 
         import torch
 
         if context.device.startswith("cuda"):
-            return self._cuda(model, bits, context, block)
+            return self._cuda(model, bits, context, block, method)
         if context.device != "cpu":
             raise StepNotApplicable(f"{self.name}: no torch kernels here for device {context.device}")
         layer_class = _torch_layer_class()
@@ -224,16 +289,18 @@ class WeightOnly(Step):
         names = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
                  and m.weight.dtype == torch.float32
                  and (bits == 8 or (m.in_features % block == 0 and m.out_features % 16 == 0))]
-        for name in names:
-            module.set_submodule(name, layer_class(module.get_submodule(name), bits, block))
         if not names:
             raise StepNotApplicable(f"the model has no float32 Linear layer this kernel takes "
                                     f"(int4 needs input widths divisible by block_size = {block} and "
                                     "output widths by 16)")
+        forms = _rounded(module, [(name, module.get_submodule(name)) for name in names], model, bits,
+                         block, method, context, "cpu")
+        for name in names:
+            module.set_submodule(name, layer_class(module.get_submodule(name), bits, block, forms.get(name)))
         context.record.update(quantized_layers=len(names), bits=bits, block_size=block)
         return ModelHandle(TORCH, module.eval(), model.inputs, dict(model.notes))
 
-    def _cuda(self, model, bits, context, block: int = 32):
+    def _cuda(self, model, bits, context, block: int = 32, method: str = "rtn"):
         import torch
 
         module = model.obj  # converted in place, layer by layer: a 7B model has no room for a copy
@@ -253,9 +320,11 @@ class WeightOnly(Step):
         if not layers:
             raise StepNotApplicable("the model has no floating-point Linear layer the int4 kernel takes (input "
                                     f"widths divisible by block_size = {block} and by 32, output widths by 8)")
+        forms = _rounded(module, [(name, args[0]) for name, args in layers], model, bits, block, method, context,
+                         context.device if torch.cuda.is_available() else "cpu")
         with torch.no_grad():
             for name, args in layers:
-                module.set_submodule(name, layer_class(*args))
+                module.set_submodule(name, layer_class(*args, form=forms.get(name)))
         context.record.update(quantized_layers=len(layers), bits=bits, block_size=block,
                               kernel="int4 tinygemm (_weight_int4pack_mm), bf16 activations")
         return ModelHandle(TORCH, module.eval(), model.inputs, dict(model.notes))

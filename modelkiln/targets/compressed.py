@@ -23,6 +23,14 @@ from dataclasses import dataclass
 
 QUANT_METHOD = "compressed-tensors"
 PACK_FORMAT = "pack-quantized"
+FLOAT_FORMAT = "float-quantized"
+NAIVE_FORMAT = "naive-quantized"
+# The largest magnitude of float8_e4m3fn, the FP8 type of weights and activations.
+FP8_MAX = 448.0
+# A token's activations scaled by their own largest magnitude as the layer runs (the
+# scheme llm-compressor calls FP8_DYNAMIC).
+FP8_TOKEN_ACTIVATIONS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                         "group_size": None, "dynamic": True}
 # The compressed-tensors release whose format this writes (pyproject's optional extra).
 FORMAT_VERSION = "0.20.0"
 
@@ -31,26 +39,41 @@ FORMAT_VERSION = "0.20.0"
 class Compressed:
     """One Linear layer's quantized weight in compressed-tensors terms."""
 
-    q: object  # int8 tensor [out, in], integers of ``bits`` bits
+    q: object  # int8 tensor [out, in] of ``bits``-bit integers; float8_e4m3fn where type is "float"
     scale: object  # float tensor [out, groups]
     zero_point: object | None  # int8 tensor [out, groups]; None for a symmetric grid
     bits: int
     group_size: int | None  # None: one scale per output channel
+    type: str = "int"  # "float": FP8 (e4m3) weights
+    # The layer's input activations where they are quantized too: each token scaled
+    # by its own largest magnitude when the layer runs (FP8 W8A8); None: float inputs.
+    activations: dict | None = None
 
     def weights_args(self) -> dict:
         """The group's ``weights`` entry of the quantization config."""
         # No observer: how the scales were chosen is not the format's to state (ours: the
-        # largest magnitude over 7 or 127, not compressed-tensors' own min-max rule).
+        # largest magnitude over 7, 127 or 448, not compressed-tensors' own min-max rule).
         return {
-            "num_bits": self.bits, "type": "int", "symmetric": self.zero_point is None,
+            "num_bits": self.bits, "type": self.type, "symmetric": self.zero_point is None,
             "strategy": "group" if self.group_size else "channel", "group_size": self.group_size,
             "dynamic": False,
         }
+
+    @property
+    def format(self) -> str:
+        """The compressed-tensors format its tensors are stored in: integers packed into
+        int32 words; FP8 weights as they are ("float-quantized" with quantized inputs,
+        "naive-quantized" weight-only, as compressed-tensors names them)."""
+        if self.type == "int":
+            return PACK_FORMAT
+        return FLOAT_FORMAT if self.activations else NAIVE_FORMAT
 
     def tensors(self, dtype) -> dict:
         """The tensors stored for the layer, by their names after the layer's own."""
         import torch
 
+        if self.type == "float":
+            return {"weight": self.q.contiguous(), "weight_scale": self.scale.to(dtype).contiguous()}
         out = {"weight_packed": pack_int32(self.q, self.bits, dim=1),
                "weight_scale": self.scale.to(dtype).contiguous(),
                "weight_shape": torch.tensor(list(self.q.shape), dtype=torch.int64)}
@@ -85,6 +108,17 @@ def int4_groups(weight, group_size: int) -> Compressed:
     scale = groups.abs().amax(-1).clamp(min=1e-6) / 7
     q = torch.round(groups / scale[..., None]).clamp(-7, 7)
     return Compressed(q.reshape(out_features, in_features).to(torch.int8), scale, None, 4, group_size)
+
+
+def fp8_channels(weight, activations: dict | None = None) -> Compressed:
+    """FP8 (e4m3) weights with one float32 scale per output channel, each channel's
+    largest magnitude at the type's largest value; ``activations`` as ``Compressed``."""
+    import torch
+
+    weight = weight.detach().float()
+    scale = weight.abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    q = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Compressed(q, scale, None, 8, None, "float", activations)
 
 
 def int8_channels(weight) -> Compressed:
@@ -132,7 +166,11 @@ def unpack_int32(packed, bits: int, size: int, dim: int = 1):
 
 
 def from_tensors(tensors: dict, args: dict) -> Compressed:
-    """A layer's ``Compressed`` from its stored tensors and its group's ``weights`` args."""
+    """A layer's ``Compressed`` from its stored tensors and its group's ``weights`` args
+    (and ``input_activations``, where its inputs are quantized too)."""
+    if args.get("type") == "float":
+        return Compressed(tensors["weight"], tensors["weight_scale"], None, args["num_bits"], None, "float",
+                          args.get("input_activations"))
     out_features, in_features = (int(v) for v in tensors["weight_shape"])
     bits = args["num_bits"]
     q = unpack_int32(tensors["weight_packed"], bits, in_features, dim=1)
@@ -144,21 +182,29 @@ def from_tensors(tensors: dict, args: dict) -> Compressed:
 
 
 def quantization_config(groups: list[tuple[dict, list[str]]], ignore: list[str]) -> dict:
-    """``config.json``'s ``quantization_config`` for layers quantized weight-only: one
-    group per distinct set of weight arguments (``groups``: args and layer names), and
-    the float Linear layers named in ``ignore``. With one group it targets every Linear
-    but the ignored ones, as llm-compressor writes it."""
+    """``config.json``'s ``quantization_config``: one group per distinct scheme
+    (``groups``: a layer's ``scheme`` and the layer names), and the float Linear layers
+    named in ``ignore``. With one group it targets every Linear but the ignored ones, as
+    llm-compressor writes it."""
     config_groups = {}
-    for index, (args, names) in enumerate(groups):
+    for index, (scheme, names) in enumerate(groups):
         config_groups[f"group_{index}"] = {
             "targets": ["Linear"] if len(groups) == 1 else sorted(names),
-            "weights": args, "input_activations": None, "output_activations": None, "format": PACK_FORMAT,
+            "weights": scheme["weights"], "input_activations": scheme["input_activations"],
+            "output_activations": None, "format": scheme["format"],
         }
+    formats = {scheme["format"] for scheme, _ in groups}
     return {
-        "quant_method": QUANT_METHOD, "format": PACK_FORMAT, "quantization_status": "compressed",
-        "config_groups": config_groups, "ignore": sorted(ignore) if len(groups) == 1 else [],
+        "quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed", "config_groups": config_groups,
+        "ignore": sorted(ignore) if len(groups) == 1 else [],
         "kv_cache_scheme": None, "global_compression_ratio": None, "version": FORMAT_VERSION,
     }
+
+
+def scheme(form: Compressed) -> dict:
+    """A layer's quantization scheme as its config group states it."""
+    return {"weights": form.weights_args(), "input_activations": form.activations, "format": form.format}
 
 
 # -- the kernels' layouts, derived from the stored form ----------------------------------

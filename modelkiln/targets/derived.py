@@ -90,7 +90,8 @@ def kernel_sources(lm, prefix: str) -> dict:
             continue
         for attr, entry in derive().items():
             sources[f"{prefix}{layer}.{attr}"] = {**entry, "layer": layer, "bits": form.bits,
-                                                   "group_size": form.group_size}
+                                                   "group_size": form.group_size,
+                                                   **({"type": form.type} if form.type != "int" else {})}
     return sources
 
 
@@ -117,7 +118,6 @@ def strip(program, folder: dict, kernels: dict) -> dict:
 
 
 def _found(name: str, tensor, folder: dict, by_key: dict) -> dict | None:
-    import torch
 
     short = name.split(".", 1)[-1]  # the wrapper's own attribute ("inner.", "model.") first
     if short in folder and _same(folder[short], tensor):
@@ -129,7 +129,7 @@ def _found(name: str, tensor, folder: dict, by_key: dict) -> dict | None:
     while row < cpu.shape[0]:
         match = next((n for n in by_key.get(_row_key(cpu[row:]), ())
                       if folder[n].shape[1:] == cpu.shape[1:] and row + folder[n].shape[0] <= cpu.shape[0]
-                      and torch.equal(folder[n], cpu[row:row + folder[n].shape[0]])), None)
+                      and _equal(folder[n], cpu[row:row + folder[n].shape[0]])), None)
         if match is None:
             return None
         parts.append(match)
@@ -146,9 +146,19 @@ def _zeros(tensor) -> dict | None:
 
 
 def _same(stored, tensor) -> bool:
+
+    return stored.shape == tensor.shape and stored.dtype == tensor.dtype and _equal(stored, tensor.detach().cpu())
+
+
+def _equal(a, b) -> bool:
+    """Bit-for-bit equality, FP8 included (torch compares no FP8 tensors on the CPU)."""
     import torch
 
-    return stored.shape == tensor.shape and stored.dtype == tensor.dtype and torch.equal(stored, tensor.detach().cpu())
+    if a.dtype != b.dtype:
+        return False
+    if a.element_size() == 1 and a.is_floating_point():
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return torch.equal(a, b)
 
 
 def fill(program, sources: dict, folder: dict, device: str, shared: dict | None = None) -> None:
@@ -180,7 +190,8 @@ def fill(program, sources: dict, folder: dict, device: str, shared: dict | None 
             layer = source["layer"]
             if layer not in forms:
                 args = {"num_bits": source["bits"], "group_size": source["group_size"],
-                        "strategy": "group" if source["group_size"] else "channel"}
+                        "strategy": "group" if source["group_size"] else "channel",
+                        "type": source.get("type", "int")}
                 forms[layer] = from_tensors({k.rsplit(".", 1)[1]: v for k, v in folder.items()
                                              if k.rsplit(".", 1)[0] == layer}, args)
             value = derive(forms[layer], source, device)
@@ -204,5 +215,7 @@ def derive(form: Compressed, source: dict, device: str):
         return form.q
     if kind == "int8_scales":
         return form.scale.float()[:, 0].contiguous()
+    if kind == "fp8_scale_row":
+        return form.scale.float().reshape(1, -1).contiguous()
     raise ValueError(f"serving.json names a derivation this modelkiln does not know: {kind!r}; "
                      "load the variant with the modelkiln release that built it")

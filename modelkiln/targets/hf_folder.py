@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 
-from .compressed import Compressed, quantization_config
+from .compressed import Compressed, quantization_config, scheme
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -80,7 +80,7 @@ def stored_tensors(lm) -> tuple[dict, list[tuple[dict, list[str]]], list[str]]:
     for layer, form in compressed.items():
         for attr, tensor in form.tensors(dtype).items():
             tensors[f"{layer}.{attr}"] = tensor.detach().cpu().contiguous()
-        args = form.weights_args()
+        args = scheme(form)
         groups.setdefault(json.dumps(args, sort_keys=True), (args, []))[1].append(layer)
     float_linears = [name for name, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
     return tensors, list(groups.values()), float_linears
@@ -162,7 +162,7 @@ def _config_mismatch(lm, config, tensors: dict, groups) -> str | None:
         if layer in quantized:
             if attr == "weight_shape":
                 stored[f"{layer}.weight"] = tuple(int(v) for v in tensor)
-            elif attr == "bias":
+            elif attr in ("bias", "weight"):  # FP8 weights are stored in their own shape
                 stored[name] = tuple(tensor.shape)
         else:
             stored[name] = tuple(tensor.shape)
@@ -179,10 +179,16 @@ def _config_mismatch(lm, config, tensors: dict, groups) -> str | None:
             "without its config, so no server could load the folder")
 
 
-def _scheme_name(args: dict) -> str:
-    """The weights' scheme in words, e.g. ``W4A16 int4, groups of 64, asymmetric``."""
+def _scheme_name(scheme: dict) -> str:
+    """A layer group's scheme in words, e.g. ``W4A16 int4, groups of 64, symmetric`` or
+    ``W8A8 FP8, per channel, inputs per token``."""
+    args = scheme["weights"]
     grid = f"groups of {args['group_size']}" if args["strategy"] == "group" else "per channel"
-    return f"W{args['num_bits']}A16 int{args['num_bits']}, {grid}, {'symmetric' if args['symmetric'] else 'asymmetric'}"
+    symmetry = "symmetric" if args["symmetric"] else "asymmetric"
+    if args["type"] == "float":
+        inputs = scheme["input_activations"]
+        return (f"W8A8 FP8, {grid}, inputs per {inputs['strategy']}" if inputs else f"W8A16 FP8, {grid}")
+    return f"W{args['num_bits']}A16 int{args['num_bits']}, {grid}, {symmetry}"
 
 
 def load_state(directory) -> dict:
