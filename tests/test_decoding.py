@@ -95,10 +95,11 @@ TEXT = ("the daemon watches a folder of models and every new checkpoint is quant
         "on each target before the fastest variant that keeps its quality is promoted for serving code")
 
 
-def check_decoding(config, tmp_path, device, with_text=False):
+def check_decoding(config, tmp_path, device, with_text=False, with_train=False):
     """A tiny Llama through the pipeline: every variant has decode figures, and the
     baseline's greedy tokens are those of transformers' own generate on ``device``.
-    ``with_text``: the checkpoint ships its tokenizer and ``calibration.jsonl``."""
+    ``with_text``: the checkpoint ships its tokenizer and ``calibration.jsonl``;
+    ``with_train``: and ``train.jsonl`` (other sentences of the same words)."""
     from modelkiln.targets.decoding import NEW_TOKENS, PROMPT_TOKENS, prompt_ids
     from modelkiln.targets.torchrt import TorchRuntime
 
@@ -109,6 +110,10 @@ def check_decoding(config, tmp_path, device, with_text=False):
         word_tokenizer(folder)
         lines = [json.dumps({"text": " ".join(TEXT.split()[i:] + TEXT.split()[:i])}) for i in range(40)]
         (folder / "calibration.jsonl").write_text("\n".join(lines) + "\n")
+    if with_train:
+        words = TEXT.split()[::-1]
+        lines = [json.dumps({"text": " ".join(words[i:] + words[:i])}) for i in range(len(words))]
+        (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
     checkpoint = optimize_once(config, folder, "llm", timeout=300)
     assert checkpoint.status == "done", checkpoint.reason
     if with_text:  # the text, end to end, in windows of the sample length

@@ -136,6 +136,40 @@ def test_a_causal_lm_decodes_on_the_gpu(kiln_dir, tmp_path):
 
 
 @needs_gpu
+def test_fp8_and_error_feedback_int4_variants_of_a_causal_lm_on_the_gpu(kiln_dir, tmp_path):
+    """FP8 W8A8 and W8A16 through the daemon on the GPU (skipped with the reason where it
+    has no FP8), and int4 whose integers error feedback chose on the checkpoint's text:
+    decode figures, each folder loads in transformers and answers as measured."""
+    import torch
+
+    from test_decoding import check_decoding
+    from test_llm_folder import check_llm_folders
+
+    from modelkiln.config import load_config
+
+    text = (kiln_dir / "kiln.toml").read_text()
+    cpu = text[text.index("[targets.cpu]"):text.index("[policy]")]
+    fp8 = "quantize.bf16 -> quantize.fp8 -> compile.inductor"
+    fp8_weights = "quantize.bf16 -> quantize.fp8_weight_only"
+    gptq = "quantize.bf16 -> quantize.weight_only(bits=4, block_size=64)"
+    has_fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    recipes = ["baseline", gptq] + ([fp8, fp8_weights] if has_fp8 else [])
+    gpu = GPU_TARGET.strip().replace(GPU_TARGET.strip().splitlines()[-1], f"recipes = {json.dumps(recipes)}")
+    (kiln_dir / "kiln.toml").write_text(text.replace(cpu, gpu + "\n\n"))
+    config = load_config(kiln_dir / "kiln.toml")
+    variants = check_decoding(config, tmp_path, "cuda", with_text=True, with_train=True)
+    by_recipe = {v["recipe"]: v for v in variants}
+    assert by_recipe[gptq]["lineage"][1]["record"]["method"] == "gptq"
+    record = by_recipe[gptq]["lineage"][1]["record"]
+    assert record["output_error"] < record["rtn_output_error"], record
+    if has_fp8:
+        assert by_recipe[fp8]["lineage"][1]["record"]["scheme"].startswith("W8A8 FP8")
+    for variant in variants:
+        assert variant["metrics"]["quality"] >= 0.97, (variant["recipe"], variant["metrics"]["quality"])
+    check_llm_folders(config, variants, device="cuda", target="gpu")
+
+
+@needs_gpu
 def test_int4_weights_on_cuda_use_the_packed_kernel_and_survive_export(tmp_path):
     import torch
 
