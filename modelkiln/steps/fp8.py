@@ -141,6 +141,7 @@ def convert(model, context, activations: bool) -> ModelHandle:
         raise StepNotApplicable(f"the model has no floating-point Linear layer the FP8 product takes (widths "
                                 f"multiples of {FP8_MULTIPLE}, the head left in float)")
     layer_class = fp8_layer_class()
+    model.obj.to(context.device)  # built where it runs: moved in place, never copied
     with torch.no_grad():
         for name, layer in layers:
             model.obj.set_submodule(name, layer_class(layer, activations, context.device))

@@ -314,6 +314,10 @@ class WeightOnly(Step):
         if torch.cuda.get_device_capability(context.device) < (8, 0):
             raise StepNotApplicable(f"{self.name}: PyTorch's int4 kernel needs a GPU of compute capability 8.0 "
                                     "or newer")
+        if torch.cuda.is_available():
+            # Built where it runs: error feedback's passes over the data, and every
+            # layer's rounding, on the GPU (the weights move in place, nothing is copied).
+            module.to(context.device)
         layer_class = _int4_cuda_layer_class()
         layers = [(name, (m, block, tiles, context.device)) for name, m in floats
                   if (tiles := _int4_cuda_tiles(m.in_features, m.out_features, block))]
