@@ -123,6 +123,18 @@ DEFAULT_RECIPES = (
     "shard.size_capped",
 )
 
+# A cuda target's recipes where its table lists none: 16-bit, FP8 and int4 weights, each
+# compiled with CUDA graphs (what a GPU serves fast); steps a GPU does not take (its
+# compute capability) are skipped with the reason.
+GPU_RECIPES = (
+    "baseline",
+    "quantize.bf16 -> compile.inductor",
+    "quantize.bf16 -> quantize.fp8 -> compile.inductor",
+    "quantize.bf16 -> quantize.fp8_weight_only -> compile.inductor",
+    "quantize.bf16 -> quantize.weight_only(block_size=128) -> compile.inductor",
+    "shard.tensor_parallel -> compile.inductor",
+)
+
 
 @dataclass
 class TargetConfig:
@@ -143,7 +155,12 @@ class TargetConfig:
     # and prompt lengths prefilled, as a server runs them.
     decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     prefill_tokens: list[int] = field(default_factory=lambda: [512, 2048])
-    recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))
+    # Absent (or empty): DEFAULT_RECIPES, or GPU_RECIPES on a cuda device.
+    recipes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.recipes:
+            self.recipes = list(GPU_RECIPES if self.device.startswith("cuda") else DEFAULT_RECIPES)
 
 
 @dataclass

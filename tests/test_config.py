@@ -196,3 +196,20 @@ def test_the_decode_objective_s_batch_size_is_one_the_targets_decode(tmp_path):
     path.write_text(path.read_text().replace("decode_batch_sizes = [1, 8, 32]", "decode_batch_sizes = [0]"))
     with pytest.raises(ConfigError, match="decode_batch_sizes' must list batch sizes"):
         load_config(path)
+
+
+def test_a_gpu_target_without_recipes_gets_the_gpu_recipes(tmp_path):
+    """A cuda target that lists no recipes gets 16-bit, FP8 and int4 variants compiled for
+    the GPU, not the CPU's int8 and pruning recipes; every one of them parses."""
+    from modelkiln.config import DEFAULT_RECIPES, GPU_RECIPES
+    from modelkiln.plugins.manager import load_plugins
+    from modelkiln.plugins.recipes import parse_recipe
+
+    path = write_default_config(tmp_path)
+    path.write_text(path.read_text() + '\n[targets.gpu]\ndevice = "cuda"\nruntimes = ["torch"]\n')
+    config = load_config(path)
+    assert config.targets["gpu"].recipes == list(GPU_RECIPES)
+    assert config.targets["cpu"].recipes == list(DEFAULT_RECIPES)
+    steps = load_plugins().steps
+    for text in GPU_RECIPES:
+        parse_recipe(text, steps, "targets.gpu.recipes")
