@@ -246,16 +246,16 @@ class WeightOnly(Step):
             raise StepNotApplicable(f"{self.name}: bits must be 4 or 8, got {bits}")
         if block not in (16, 32, 64, 128):
             raise StepNotApplicable(f"{self.name}: block_size must be 16, 32, 64 or 128, got {block}")
-        if params["method"] not in METHODS:
+        if params.get("method", "auto") not in METHODS:
             raise StepNotApplicable(f"{self.name}: method must be one of {', '.join(METHODS)}, got "
                                     f"{params['method']!r}")
         if model.form == ONNX:
-            if params["method"] == "gptq":
+            if params.get("method", "auto") == "gptq":
                 raise StepNotApplicable(f"{self.name}: method gptq is for the torch runtime; onnxruntime's "
                                         "MatMulNBits weights are rounded to nearest (method rtn or auto)")
             context.record["fitted"] = False
             return self._onnx(model, bits, block, context)
-        return self._torch(model, bits, block, params["method"], context)
+        return self._torch(model, bits, block, params.get("method", "auto"), context)
 
     def _onnx(self, model, bits, block, context):
         import onnx
