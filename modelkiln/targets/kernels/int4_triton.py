@@ -127,7 +127,13 @@ def _int4_mm_kernel(
     in_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The product is computed transposed, y.T = w @ x.T: the weights, made in registers,
+    # are the dot's first operand, which Hopper's wgmma takes from registers (the second
+    # comes from shared memory), and the tokens are its narrow side (16 at least, not 64).
+    # In the other order Triton 3.9 failed to compile some tiles for sm_90 (64x128,
+    # weights scaled in the tile). The unpacked weights still cross shared memory once to
+    # reach the operand's layout (STS + ldmatrix in the sm_90 code).
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in range(k_first, k_last):
         k0 = t * BLOCK_K
         x_mask = in_m[:, None]
@@ -138,26 +144,26 @@ def _int4_mm_kernel(
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=x_mask, other=0.0)
         words = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=w_mask, other=0)
         if SCALE_AFTER_DOT:
-            # The tile lies in one group: its scale multiplies the tile's product, so the
+            # The step lies in one group: its scale multiplies the step's product, so the
             # weights enter the dot as biased levels (MAGIC) with nothing else done to them.
             w = _biased_levels(words, MAGIC_BITS, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K // 8)
             x_sum = tl.sum(x.to(tl.float32), axis=1)
             if DOT_F32:
-                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+                part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)))
             else:
-                part = tl.dot(x, tl.trans(w))
+                part = tl.dot(w, tl.trans(x))
             scale = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=in_n, other=0.0).to(tl.float32)
-            acc += (part - OFFSET * x_sum[:, None]) * scale[None, :]
+            acc += (part - OFFSET * x_sum[None, :]) * scale[:, None]
         else:
             scale = _word_scales(s_ptr, offs_n, stride_sn, k0, offs_w, in_n, w_mask, GROUP, BLOCK_K)
             w = _scaled_weights(words, scale, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K // 8)
             if DOT_F32:
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+                acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
             else:
-                acc = tl.dot(x, tl.trans(w), acc)
+                acc = tl.dot(w, tl.trans(x), acc)
 
-    y_offsets = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    y_mask = in_m[:, None] & in_n[None, :]
+    y_offsets = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    y_mask = in_n[:, None] & in_m[None, :]
     if SPLIT_K == 1:
         tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
     else:
