@@ -184,13 +184,14 @@ def test_every_launch_of_the_table_answers_for_any_token_count(row, dtype):
 
 # Tiles the table may come to use: a K step spanning several groups (scales per word),
 # inside a group with the scale after the dot, K not a whole number of steps, split-K
-# with slices of unequal length, and a channel-wise scale (one group of K).
+# with slices of unequal length, a channel-wise scale (one group of K), the smallest group.
 EDGES = {
     "step spans groups": (int4.Tiles(16, 32, 128), (64, 256, 32)),
     "step inside a group": (int4.Tiles(32, 32, 32, split_k=2), (64, 256, 128)),
     "ragged K": (int4.Tiles(16, 32, 64, scale_after_dot=False), (32, 96, 32)),
     "uneven split-K": (int4.Tiles(16, 16, 32, split_k=3), (16, 256, 64)),
     "channel-wise scale": (int4.Tiles(64, 32, 64, split_k=2), (48, 128, 128)),
+    "groups of 8": (int4.Tiles(16, 32, 64), (32, 128, 8)),
 }
 
 
@@ -221,3 +222,16 @@ def test_op_on_the_gpu_eager_and_compiled(tokens):
     assert_near(op(x, packed, scale), expected(form, x), torch.bfloat16)
     compiled = torch.compile(Int4Layer(packed, scale))
     assert_near(compiled(x), expected(form, x), torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the op runs its Triton kernels on cuda only")
+def test_a_program_exported_on_the_gpu_serves_every_token_count():
+    """The fake implementation keeps export from pinning the tokens to one row of BY_TOKENS."""
+    needs_triton()
+    form, packed, scale = layer(256, 512, 128, torch.bfloat16, device="cuda")
+    tokens = torch.export.Dim("tokens", min=2, max=4096)
+    program = torch.export.export(Int4Layer(packed, scale), (inputs(8, 512, torch.bfloat16, device="cuda"),),
+                                  dynamic_shapes={"x": {0: tokens}})
+    for count in (3, 40, 300, 1000):
+        x = inputs(count, 512, torch.bfloat16, seed=count, device="cuda")
+        assert_near(program.module()(x), expected(form, x), torch.bfloat16)
