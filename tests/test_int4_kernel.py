@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -210,6 +212,24 @@ def test_dequantize_kernel_gives_the_stored_form_s_weights():
     form, packed, scale = layer(40, 192, 64, torch.float16, device=DEVICE)
     weight = kernels.dequantize(packed, scale, torch.float16, int4.Tiles(0, 32, 128, method="dequantize"))
     assert torch.equal(weight.cpu(), form.dequantized().to(torch.float16))
+
+
+COMPILE_TABLE = """
+from modelkiln.targets.kernels import int4, int4_triton
+for bound, tiles in int4.BY_TOKENS:
+    int4_triton.compile_for(tiles, (9, 0))
+"""
+
+
+def test_every_launch_of_the_table_compiles_for_hopper():
+    """What an edit of BY_TOKENS must pass, on any machine with Triton (its bundled ptxas
+    compiles for sm_90 without a GPU); in a process of its own, without the interpreter."""
+    if not int4.triton_available():
+        pytest.skip("Triton is not installed: the Triton kernels are not compiled here")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_TABLE], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the op runs its Triton kernels on cuda only")

@@ -204,16 +204,31 @@ def block_k_for(block_k: int, in_features: int, group: int) -> int:
     return block_k
 
 
+def fused_constants(tiles, in_features: int, group: int, dtype) -> dict:
+    """The compile-time arguments of ``_int4_mm_kernel`` for ``tiles`` (``int4.Tiles``)."""
+    block_k = block_k_for(tiles.block_k, in_features, group)
+    magic_bits, base = MAGIC[dtype]
+    return {
+        "GROUP": group, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": block_k,
+        "SPLIT_K": max(1, min(tiles.split_k, triton.cdiv(in_features, block_k))), "GROUP_M": tiles.group_m,
+        "SCALE_AFTER_DOT": tiles.scale_after_dot and group % block_k == 0, "EVEN_K": in_features % block_k == 0,
+        "MAGIC_BITS": magic_bits, "OFFSET": base + 8.0, "DOT_F32": INTERPRETED and dtype == torch.bfloat16,
+    }
+
+
+def dequantize_constants(tiles, in_features: int, group: int) -> dict:
+    """The compile-time arguments of ``_dequantize_kernel`` for ``tiles``."""
+    block_k = block_k_for(tiles.block_k, in_features, group)
+    return {"GROUP": group, "BLOCK_N": tiles.block_n, "BLOCK_K": block_k, "EVEN_K": in_features % block_k == 0}
+
+
 def fused(x, weight_packed, weight_scale, tiles):
     """``x @ w.T`` by ``_int4_mm_kernel`` with ``tiles`` (``int4.Tiles``); x [M, K] bf16
     or fp16, contiguous rows."""
     m, k = x.shape
     n = weight_packed.shape[0]
-    group = k // weight_scale.shape[1]
-    block_k = block_k_for(tiles.block_k, k, group)
-    after_dot = tiles.scale_after_dot and group % block_k == 0
-    magic_bits, base = MAGIC[x.dtype]
-    split_k = max(1, min(tiles.split_k, triton.cdiv(k, block_k)))
+    constants = fused_constants(tiles, k, k // weight_scale.shape[1], x.dtype)
+    split_k = constants["SPLIT_K"]
     if split_k == 1:
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     else:
@@ -222,10 +237,7 @@ def fused(x, weight_packed, weight_scale, tiles):
     wrap_triton(_int4_mm_kernel)[grid](
         x, weight_packed, weight_scale, y, m, n, k,
         x.stride(0), weight_packed.stride(0), weight_scale.stride(0), y.stride(0),
-        GROUP=group, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
-        SPLIT_K=split_k, GROUP_M=tiles.group_m, SCALE_AFTER_DOT=after_dot, EVEN_K=k % block_k == 0,
-        MAGIC_BITS=magic_bits, OFFSET=base + 8.0, DOT_F32=INTERPRETED and x.dtype == torch.bfloat16,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **constants, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return y if split_k == 1 else y.to(x.dtype)
 
@@ -234,14 +246,12 @@ def dequantize(weight_packed, weight_scale, dtype, tiles):
     """The float weight [N, K] in ``dtype``, by ``_dequantize_kernel``."""
     n, words = weight_packed.shape
     k = words * 8
-    group = k // weight_scale.shape[1]
-    block_k = block_k_for(tiles.block_k, k, group)
+    constants = dequantize_constants(tiles, k, k // weight_scale.shape[1])
     out = torch.empty((n, k), dtype=dtype, device=weight_packed.device)
-    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(k, block_k))
+    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(k, constants["BLOCK_K"]))
     wrap_triton(_dequantize_kernel)[grid](
         weight_packed, weight_scale, out, n, k, weight_packed.stride(0), weight_scale.stride(0), out.stride(0),
-        GROUP=group, BLOCK_N=tiles.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=tiles.num_warps, num_stages=1,
+        **constants, num_warps=tiles.num_warps, num_stages=1,
     )
     return out
 
@@ -252,3 +262,37 @@ def launch(x, weight_packed, weight_scale, tiles):
     if tiles.method == "dequantize":
         return torch.nn.functional.linear(x, dequantize(weight_packed, weight_scale, x.dtype, tiles))
     return fused(x, weight_packed, weight_scale, tiles)
+
+
+_TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_for(tiles, capability: tuple[int, int] = (9, 0), dtype=torch.bfloat16, in_features: int = 4096,
+                group: int = 128):
+    """Compile the kernel ``tiles`` launches for a GPU of ``capability``, on any machine
+    (Triton's bundled ptxas; no GPU needed), as a launch with 16-aligned pointers and
+    strides would: what an edit of ``int4.BY_TOKENS`` must pass. Returns Triton's compiled
+    kernel (``.metadata.shared``: bytes of shared memory; ``.asm``: ttgir, ptx, cubin).
+    Not under the interpreter, whose kernels are not compiled."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("compile_for compiles nothing under TRITON_INTERPRET=1; unset it")
+    element = _TYPE_NAMES[dtype]
+    if tiles.method == "dequantize":
+        kernel, constants = _dequantize_kernel, dequantize_constants(tiles, in_features, group)
+        pointers = {"w_ptr": "*i32", "s_ptr": f"*{element}", "out_ptr": f"*{element}"}
+        integers = ("N", "K", "stride_wn", "stride_sn", "stride_on")
+        options = {"num_warps": tiles.num_warps, "num_stages": 1}
+    else:
+        kernel, constants = _int4_mm_kernel, fused_constants(tiles, in_features, group, dtype)
+        output = element if constants["SPLIT_K"] == 1 else "fp32"
+        pointers = {"x_ptr": f"*{element}", "w_ptr": "*i32", "s_ptr": f"*{element}", "y_ptr": f"*{output}"}
+        integers = ("M", "N", "K", "stride_xm", "stride_wn", "stride_sn", "stride_ym")
+        options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+    signature = {**pointers, **dict.fromkeys(integers, "i32"), **dict.fromkeys(constants, "constexpr")}
+    aligned = [*pointers, *(name for name in integers if name != "M")]  # M: any count of tokens
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options)
