@@ -23,7 +23,8 @@ prints, per M, those with the lowest time summed over the shapes: rows to paste 
 ``int4.BY_TOKENS``. Each candidate compiles once (a second or two) and is timed per shape:
 count about a minute per M, and narrow it with ``--m`` and ``--shapes``.
 
-Run on the GPU machine (under 3 minutes on an H100 without --sweep):
+Run on the GPU machine (without --sweep, 112 timings of about 0.3 s each and six kernel
+compiles: two minutes expected on an H100, not yet measured):
 
     PYTHONPATH=. python3 bench/bench_int4_kernel.py [--m 1 8 16 32 64 256 2048] [--group 128]
     PYTHONPATH=. python3 bench/bench_int4_kernel.py --sweep --m 1 16 32
@@ -60,17 +61,18 @@ class Layer:
 
         from modelkiln.targets import compressed
 
-        weight = torch.randn(out_features, in_features, device="cuda") * 0.02
+        # Quantized and packed on the CPU, where compressed-tensors' packing runs.
+        weight = torch.randn(out_features, in_features) * 0.02
         form = compressed.int4_groups(weight, group)
         form.scale = form.scale.to(torch.bfloat16)
         stored = form.tensors(torch.bfloat16)
-        packed, scale = stored["weight_packed"], stored["weight_scale"]
+        packed, scale = stored["weight_packed"].cuda(), stored["weight_scale"].cuda()
         self.copies = max(2, math.ceil(copies_for_bytes / (packed.numel() * 4 + scale.numel() * 2)))
-        bf16 = form.dequantized().to(torch.bfloat16)
+        bf16 = form.dequantized().to(torch.bfloat16).cuda()
         tiny = compressed.int4_cuda_packed(form, TINYGEMM_TILES, "cuda")
-        tiny_scales = compressed.int4_kernel_scales(form, torch.bfloat16)
+        tiny_scales = compressed.int4_kernel_scales(form, torch.bfloat16).cuda()
         self.group = group
-        self.exact = form.dequantized()  # float32: the reference the answers are checked against
+        self.exact = form.dequantized().cuda()  # float32: the reference the answers are checked against
         self.bf16 = [bf16.clone() for _ in range(self.copies)]
         self.tinygemm = [(tiny.clone(), tiny_scales.clone()) for _ in range(self.copies)]
         self.stored = [(packed.clone(), scale.clone()) for _ in range(self.copies)]
