@@ -169,6 +169,51 @@ def _int4_cuda_layer_class():
     return Int4WeightLinear
 
 
+def _int4_stored_layer_class():
+    import torch
+    import torch.nn as nn
+
+    from ..targets import compressed as ct
+    from ..targets.kernels import int4
+
+    class Int4StoredLinear(nn.Module):
+        """Block-wise symmetric int4 weights as compressed-tensors stores them (int32 words
+        of eight levels, bf16 scales), computed by modelkiln's ``int4_mm`` kernel, which
+        reads that form as it is (``targets/kernels/int4.py``): the program's weights are
+        the folder's. bf16 activations (others are cast in and back)."""
+
+        def __init__(self, linear: nn.Linear, block_size: int, device: str, form: ct.Compressed | None = None):
+            super().__init__()
+            int4.register_op()  # before any tracer meets the op
+            self.block_size, self.out_features = block_size, linear.out_features
+            form = form or ct.int4_groups(linear.weight.detach().to(device), block_size)
+            on_device = ct.Compressed(form.q.to(device), form.scale.to(device), None, 4, block_size)
+            stored = on_device.tensors(torch.bfloat16)
+            self.register_buffer("weight_packed", stored["weight_packed"])
+            self.register_buffer("weight_scale", stored["weight_scale"])
+            self.compressed = ct.Compressed(form.q.cpu(), form.scale.cpu(), None, 4, block_size)
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(device),
+                                                                      requires_grad=False)
+
+        def derived_from_stored(self) -> dict:
+            """``weight_packed`` is the folder's tensor as it is; the scales are the folder's
+            in the kernel's bf16 (the folder keeps the model's float type)."""
+            return {"weight_scale": {"derive": "int4_stored_scales", "dtype": "bfloat16"}}
+
+        def forward(self, x):
+            rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            out = torch.ops.modelkiln.int4_mm(rows, self.weight_packed, self.weight_scale).to(x.dtype)
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*x.shape[:-1], self.out_features)
+
+    return Int4StoredLinear
+
+
+# The cuda int4 kernels a variant may be served by.
+CUDA_KERNELS = ("auto", "int4_mm", "tinygemm")
+
+
 METHODS = ("auto", "gptq", "rtn")
 
 
@@ -232,6 +277,9 @@ class WeightOnly(Step):
                                      "checkpoint's data, never its quality samples), rtn (round to nearest), "
                                      "auto (gptq where the data leaves rows apart from the quality samples, "
                                      "else rtn)"),
+        Param("kernel", str, "auto", "cuda int4: int4_mm (modelkiln's Triton kernel on the stored form, tiles by "
+                                     "tokens per call), tinygemm (PyTorch's; slow from 16 tokens on), auto "
+                                     "(int4_mm where Triton is installed)"),
     )
     forms = {"onnxruntime": ONNX, "torch": TORCH}
 
@@ -255,7 +303,7 @@ class WeightOnly(Step):
                                         "MatMulNBits weights are rounded to nearest (method rtn or auto)")
             context.record["fitted"] = False
             return self._onnx(model, bits, block, context)
-        return self._torch(model, bits, block, params.get("method", "auto"), context)
+        return self._torch(model, bits, block, params.get("method", "auto"), context, params.get("kernel", "auto"))
 
     def _onnx(self, model, bits, block, context):
         import onnx
@@ -275,13 +323,13 @@ class WeightOnly(Step):
         context.record.update(quantized_nodes=count, gemm_rewritten=rewritten, bits=bits, block_size=block)
         return ModelHandle(ONNX, out, model.inputs, dict(model.notes))
 
-    def _torch(self, model, bits, block, method, context):
+    def _torch(self, model, bits, block, method, context, kernel="auto"):
         import copy
 
         import torch
 
         if context.device.startswith("cuda"):
-            return self._cuda(model, bits, context, block, method)
+            return self._cuda(model, bits, context, block, method, kernel)
         if context.device != "cpu":
             raise StepNotApplicable(f"{self.name}: no torch kernels here for device {context.device}")
         layer_class = _torch_layer_class()
@@ -300,7 +348,7 @@ class WeightOnly(Step):
         context.record.update(quantized_layers=len(names), bits=bits, block_size=block)
         return ModelHandle(TORCH, module.eval(), model.inputs, dict(model.notes))
 
-    def _cuda(self, model, bits, context, block: int = 32, method: str = "rtn"):
+    def _cuda(self, model, bits, context, block: int = 32, method: str = "rtn", kernel: str = "auto"):
         import torch
 
         module = model.obj  # converted in place, layer by layer: a 7B model has no room for a copy
@@ -318,19 +366,33 @@ class WeightOnly(Step):
             # Built where it runs: error feedback's passes over the data, and every
             # layer's rounding, on the GPU (the weights move in place, nothing is copied).
             module.to(context.device)
-        layer_class = _int4_cuda_layer_class()
-        layers = [(name, (m, block, tiles, context.device)) for name, m in floats
-                  if (tiles := _int4_cuda_tiles(m.in_features, m.out_features, block))]
+        from ..targets.kernels import int4
+
+        if kernel not in CUDA_KERNELS:
+            raise StepNotApplicable(f"{self.name}: kernel must be one of {', '.join(CUDA_KERNELS)}, got {kernel!r}")
+        if kernel == "auto":
+            kernel = "int4_mm" if int4.triton_available() else "tinygemm"
+        if kernel == "int4_mm":
+            layer_class = _int4_stored_layer_class()
+            layers = [(name, (m, block, context.device)) for name, m in floats
+                      if int4.unsupported(m.in_features, m.out_features, block) is None]
+            served = ("modelkiln int4_mm (Triton, on the stored form), bf16 activations; by tokens per call: "
+                      + ", ".join(f"{row['tokens'][0]}-{row['tokens'][1] or ''} {row['method']}"
+                                  for row in int4.served_by()))
+        else:
+            layer_class = _int4_cuda_layer_class()
+            layers = [(name, (m, block, tiles, context.device)) for name, m in floats
+                      if (tiles := _int4_cuda_tiles(m.in_features, m.out_features, block))]
+            served = "int4 tinygemm (_weight_int4pack_mm), bf16 activations"
         if not layers:
-            raise StepNotApplicable("the model has no floating-point Linear layer the int4 kernel takes (input "
-                                    f"widths divisible by block_size = {block} and by 32, output widths by 8)")
+            raise StepNotApplicable(f"the model has no floating-point Linear layer the {kernel} kernel takes "
+                                    f"(widths and block_size = {block})")
         forms = _rounded(module, [(name, args[0]) for name, args in layers], model, bits, block, method, context,
                          context.device if torch.cuda.is_available() else "cpu")
         with torch.no_grad():
             for name, args in layers:
                 module.set_submodule(name, layer_class(*args, form=forms.get(name)))
-        context.record.update(quantized_layers=len(layers), bits=bits, block_size=block,
-                              kernel="int4 tinygemm (_weight_int4pack_mm), bf16 activations")
+        context.record.update(quantized_layers=len(layers), bits=bits, block_size=block, kernel=served)
         return ModelHandle(TORCH, module.eval(), model.inputs, dict(model.notes))
 
 

@@ -147,7 +147,7 @@ def pack_int32(values, bits: int, dim: int = 1):
     pad = -cols % per_word
     if pad:
         unsigned = torch.nn.functional.pad(unsigned, (0, pad))
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    shifts = torch.arange(per_word, dtype=torch.int64, device=unsigned.device) * bits
     words = (unsigned.reshape(rows, -1, per_word) << shifts).sum(-1)
     packed = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
     return (packed.t() if dim == 0 else packed).contiguous()
@@ -159,7 +159,7 @@ def unpack_int32(packed, bits: int, size: int, dim: int = 1):
 
     per_word = 32 // bits
     words = packed.t() if dim == 0 else packed
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    shifts = torch.arange(per_word, dtype=torch.int64, device=words.device) * bits
     unsigned = (words.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)
     values = (unsigned.reshape(words.shape[0], -1)[:, :size] - (1 << (bits - 1))).to(torch.int8)
     return (values.t() if dim == 0 else values).contiguous()

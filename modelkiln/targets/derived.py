@@ -215,6 +215,8 @@ def derive(form: Compressed, source: dict, device: str):
         return form.q
     if kind == "int8_scales":
         return form.scale.float()[:, 0].contiguous()
+    if kind == "int4_stored_scales":
+        return form.scale.to(getattr(torch, source["dtype"])).contiguous()
     if kind == "fp8_scale_row":
         return form.scale.float().reshape(1, -1).contiguous()
     raise ValueError(f"serving.json names a derivation this modelkiln does not know: {kind!r}; "

@@ -17,6 +17,7 @@ from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import ONNX, SHARDED, SPARSE24, STREAMED, TORCH, ModelHandle, Runtime
 from . import decoding, derived, fusion, hf_folder, semistructured, sharded, streamed
+from .kernels import int4
 from .compiled import compile_loaded, serving_entry
 from .shapes import dynamic_shapes, example_args, tracing_attention
 
@@ -181,6 +182,9 @@ class TorchRuntime(Runtime):
 
         # One copy of each weight on the device, whichever programs read it.
         shared: dict = {}
+
+        # Programs of int4 variants call modelkiln's own kernel: it must exist to load them.
+        int4.register_op()
 
         def program_of(name: str, sources: dict | None):
             program = torch.export.load(str(directory / name))
