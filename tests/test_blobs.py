@@ -36,10 +36,10 @@ def test_identical_shards_are_one_file_until_their_last_variant_goes(tmp_path):
     first, second, other = (layout.root / "llm" / "h" / "cpu" / name for name in ("a", "b", "c"))
     for folder in (first, second, other):
         folder.mkdir(parents=True)
-    described, _ = hf_folder.save(model, first, shard_bytes=100_000, blobs=layout.blobs)
+    described, _ = hf_folder.save(model, first, shard_bytes=50_000, blobs=layout.blobs)
     assert "shared_files" not in described  # the first writes them, and stores them
     disk = DiskPeak([second]).start()
-    described, _ = hf_folder.save(model, second, shard_bytes=100_000, blobs=layout.blobs)
+    described, _ = hf_folder.save(model, second, shard_bytes=50_000, blobs=layout.blobs)
     new_bytes = disk.stop()
     shards = _shards(second)
     assert len(shards) > 3 and described["shared_files"] == [s.name for s in shards]
