@@ -124,6 +124,8 @@ def test_two_identical_variants_of_a_bf16_llm_share_their_shards_and_record_thei
     (kiln_dir / "kiln.toml").write_text(text)
     config = load_config(kiln_dir / "kiln.toml")
     model = tiny_llama().to(torch.bfloat16)
+    model.model.layers = model.model.layers[:1]  # one block: half the export time
+    model.config.num_hidden_layers = 1
     folder = tmp_path / "llm"
     model.save_pretrained(str(folder), safe_serialization=True)
     checkpoint = optimize_once(config, folder, "llm", timeout=300)
@@ -156,7 +158,14 @@ def test_two_identical_variants_of_a_bf16_llm_share_their_shards_and_record_thei
     (linked,) = [recipe for recipe, files in shared.items() if files]
     wrote = next(recipe for recipe in costs if recipe != linked)
     assert shared[linked] == [a.name for a, _ in shards]
-    assert costs[wrote] >= weight_bytes and costs[linked] < costs[wrote] - 0.8 * weight_bytes, (costs, weight_bytes)
+
+    def written(recipe: str, weights: bool) -> int:  # as du counts it; variant.json comes after the build
+        names = {"variant.json", *([] if weights else [a.name for a, _ in shards])}
+        return sum(p.stat().st_blocks * 512 for p in Path(variants[recipe]["path"]).iterdir() if p.name not in names)
+
+    assert costs[wrote] >= written(wrote, weights=True), (costs, weight_bytes)
+    assert written(linked, weights=False) <= costs[linked] < written(linked, weights=False) + weight_bytes / 2, \
+        (costs, weight_bytes)
 
     layout = Layout(config.artifacts_path)
     layout.remove(baseline)
