@@ -173,3 +173,24 @@ def test_two_identical_variants_of_a_bf16_llm_share_their_shards_and_record_thei
     assert torch.equal(_logits(half, ids), expected)
     layout.remove(half)
     assert not any(layout.blobs.iterdir())
+
+
+def test_the_daemons_clean_up_removes_blobs_no_variant_links(config):
+    """A variant folder removed by hand leaves its blobs to the next clean-up."""
+    from modelkiln.daemon.service import Daemon
+
+    daemon = Daemon(config, watch=False, schedule=False, preload=False)
+    daemon.start()
+    try:
+        store = daemon.layout.blobs
+        variant = config.artifacts_path / "m" / "abc" / "cpu" / "torch--baseline"
+        variant.mkdir(parents=True)
+        store.mkdir(exist_ok=True)
+        for key in ("used", "unused"):
+            (store / key).write_bytes(b"weights")
+        os.link(store / "used", variant / "model-00001-of-00001.safetensors")
+        daemon.inbox.put(("cleanup", None))
+        daemon.run_once(0)
+        assert sorted(os.listdir(store)) == ["used"]
+    finally:
+        daemon.stop(5)
