@@ -167,6 +167,13 @@ def test_two_identical_variants_of_a_bf16_llm_share_their_shards_and_record_thei
     assert written(linked, weights=False) <= costs[linked] < written(linked, weights=False) + weight_bytes / 2, \
         (costs, weight_bytes)
 
+    from click.testing import CliRunner
+
+    from modelkiln.cli import main
+
+    table = CliRunner().invoke(main, ["variants", "llm", "--config", str(kiln_dir / "kiln.toml")]).output
+    assert "build: memory, disk" in table and "MiB, +" in table
+
     layout = Layout(config.artifacts_path)
     layout.remove(baseline)
     assert all(b.stat().st_nlink == 2 for _, b in shards)
