@@ -157,7 +157,9 @@ def report(result: dict) -> None:
         peaks = {}
         if v.get("path"):
             document = json.loads((Path(v["path"]) / "variant.json").read_text())
-            peaks = {k: b for k, b in (document.get("peak_rss_bytes") or {}).items() if b}
+            timings = document.get("timings") or {}
+            peaks = {k: timings[k]["peak_host_bytes"] for k in ("build", "measure")
+                     if (timings.get(k) or {}).get("peak_host_bytes")}
         rows.append(["*" if v["id"] in promoted_ids else "", v["variant"], v["status"],
                      f"{m['latency_p50_ms']:.2f}" if m.get("latency_p50_ms") else "",
                      f"{m['quality']:.4f}" if m.get("quality") is not None else "",

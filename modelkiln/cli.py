@@ -345,6 +345,15 @@ def _print_variants(config, model, as_json):
         return "  ".join(f"{row['concurrency']}: {row['throughput_per_s']:.0f}/s p95 {row['latency_p95_ms']:.2f}"
                          for row in m.get("load") or [] if row.get("latency_p95_ms") is not None)
 
+    # What each build cost the host: its worker's peak memory and the bytes it newly wrote.
+    costed = any((v.get("timings") or {}).get("build") for v in variants)
+
+    def build_cost(v: dict) -> str:
+        build = (v.get("timings") or {}).get("build") or {}
+        if build.get("peak_host_bytes") is None:
+            return ""
+        return f"{format_size(build['peak_host_bytes'])}, +{format_size(build.get('new_disk_bytes') or 0)}"
+
     rows = []
     for v in variants:
         m = v.get("metrics") or {}
@@ -359,6 +368,7 @@ def _print_variants(config, model, as_json):
                decoding_summary(decode)] if decoding else []),
             *([load_curve(m)] if loaded else []),
             format_size(m.get("size_bytes")),
+            *([build_cost(v)] if costed else []),
             (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}{_worst(v)}",
             judged_on(v, config.policy) if m else "",
             v.get("reason") or "",
@@ -366,7 +376,8 @@ def _print_variants(config, model, as_json):
     click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
                             *(["run-off p50"] if raced else []), *(["prefill ms", "ms/token", "batch: tokens/s, prefill"] if decoding else []),
                             *(["under load (clients: answers/s, p95 ms)"] if loaded else []),
-                            "size", "quality (delta)", "judged on", "reason"]))
+                            "size", *(["build: memory, disk"] if costed else []), "quality (delta)", "judged on",
+                            "reason"]))
     click.echo("\n* promoted. Judged on: the rows the quality was scored on (unseen: none of them trained on), the"
                " largest drop they allow at the policy's confidence, and modelkiln's own probe sentences. Latency at"
                " the smallest batch size measured"
@@ -374,6 +385,8 @@ def _print_variants(config, model, as_json):
                   " second with that many sequences decoding at once and prefill of longer prompts." if decoding else ".")
                + (" Run-off: the closest variants timed again side by side, interleaved in one process (at the"
                   " policy's batch size); it decided the promotion." if raced else "")
+               + (" Build: its worker's peak resident memory, and the bytes it newly wrote to disk (weight files"
+                  " another variant stored already are links, not counted)." if costed else "")
                + (f" !: p95 over {NOISY_SPREAD:g}x p50, measured while the host was busy; such a variant is timed"
                   " again in the run-off before it decides a promotion." if noisy else ""))
 

@@ -7,9 +7,14 @@
                                                       so the final rename is atomic)
     artifacts/.work/job-<id>/                         a job's scratch space and worker log
     artifacts/.incoming/                              snapshots being copied and hashed
+    artifacts/.blobs/<sha256>                         weight files stored once: variants'
+                                                      identical shards are hard links to
+                                                      one of these (targets/blobs.py)
 
 Every path under the root is made here, and so is every clean-up of one: a folder that is
-named in one place is removed by the same rules wherever a job ends.
+named in one place is removed by the same rules wherever a job ends. A blob goes when
+no variant links it any more: its link count is one (the store's own), checked whenever
+a folder is removed here and when the daemon starts.
 """
 
 from __future__ import annotations
@@ -62,11 +67,34 @@ class Layout:
     def incoming(self) -> Path:
         return self.root / ".incoming"
 
+    @property
+    def blobs(self) -> Path:
+        """The blob store: under the root, so that the variant folders beside it can link it."""
+        return self.root / ".blobs"
+
     # -- clean-up -----------------------------------------------------------------------
 
-    @staticmethod
-    def remove(folder: Path) -> None:
+    def remove(self, folder: Path) -> None:
+        """``folder`` and everything in it; then the blobs it was the last user of."""
         shutil.rmtree(folder, ignore_errors=True)
+        self.drop_unused_blobs()
+
+    def drop_unused_blobs(self) -> int:
+        """Remove every blob that no variant (nor staging folder) links any more; return
+        how many bytes that freed. A worker linking one at this moment either gets its link
+        first (the content stays in its folder) or finds it gone and writes the file."""
+        freed = 0
+        if not self.blobs.is_dir():
+            return freed
+        for blob in self.blobs.iterdir():
+            try:
+                stat = blob.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.st_nlink <= 1:
+                blob.unlink(missing_ok=True)
+                freed += stat.st_size
+        return freed
 
     def drop_job_work(self, job_id: int, *, keep_log: bool = False) -> None:
         """A job's scratch space, once the job ended. ``keep_log``: a failed job keeps only
@@ -74,12 +102,12 @@ class Layout:
         so a failure on a full disk frees what it took."""
         work = self.job_work(job_id)
         if not keep_log:
-            self.remove(work)
+            shutil.rmtree(work, ignore_errors=True)
             return
         if work.is_dir():
             for entry in work.iterdir():
                 if entry.name != WORKER_LOG:
-                    self.remove(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
     def stagings(self):
         """Every variant staging folder under the root, of any job."""
@@ -91,4 +119,4 @@ class Layout:
         if self.incoming.is_dir():
             for copy in self.incoming.iterdir():
                 if copy.stat().st_mtime < older_than:
-                    self.remove(copy)
+                    shutil.rmtree(copy, ignore_errors=True)

@@ -126,7 +126,11 @@ def variant_document(checkpoint, variant, built: dict, measured: dict) -> dict:
         },
         # Where and with what it was measured: host, CPU and its features, GPU, versions.
         "measured_on": measured.get("environment"),
-        "timings": {**built["timings"], **measured["timings"]},
-        # The most each phase's process held at once (resident), bytes.
-        "peak_rss_bytes": {"build": built.get("peak_rss_bytes"), "measure": measured.get("peak_rss_bytes")},
+        # What the job cost: seconds per part, and per phase the most its process held in
+        # memory at once (resident) and the most bytes it had newly written under the
+        # artifacts root (a shard linked from another variant's content counts nothing).
+        "timings": {**built["timings"], **measured["timings"],
+                    **{phase: {"peak_host_bytes": result.get("peak_host_bytes"),
+                               "new_disk_bytes": result.get("new_disk_bytes")}
+                       for phase, result in (("build", built), ("measure", measured))}},
     }

@@ -109,6 +109,8 @@ class Planner:
         spec.update(
             work_dir=str(self.layout.job_work(job.id) / "steps"),
             out_dir=str(staging),
+            # On the staging folder's filesystem, so its links survive the rename into place.
+            blob_dir=str(self.layout.blobs),
             runtime=variant.runtime,
             recipe=variant.recipe,
             target=target_spec(self.config, variant.target),

@@ -348,7 +348,8 @@ class Daemon:
     def _cleanup(self) -> None:
         """Remove what a killed daemon left half-done: staging folders of jobs that are
         not running on any host, and snapshot copies older than an hour (another daemon
-        on the same folder may be copying a fresh one right now)."""
+        on the same folder may be copying a fresh one right now); and blobs that no
+        variant links any more (their folders removed by hand, say)."""
         with self.store.session() as session:
             for staging in self.layout.stagings():
                 job_id = self.layout.staging_job(staging)
@@ -356,3 +357,4 @@ class Daemon:
                 if job is None or job.state != "running":
                     self.layout.remove(staging)
         self.layout.drop_stale_incoming(self.wall_clock() - STALE_INCOMING_SECONDS)
+        self.layout.drop_unused_blobs()

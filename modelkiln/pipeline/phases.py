@@ -227,6 +227,7 @@ def build_variant(spec: dict) -> dict:
         split=inspected.get("data_split"),
         decode_batch_sizes=tuple(target.get("decode_batch_sizes", (1,))),
         prefill_tokens=tuple(target.get("prefill_tokens", ())),
+        blob_dir=Path(spec["blob_dir"]) if spec.get("blob_dir") else None,
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage = []

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from ..children import die_with_parent, leave_signals_to_parent, thread_lock_for_progress_bars
 from ..errors import CheckpointRejected, StepNotApplicable
@@ -97,6 +98,13 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
     # in the job's scratch folder, which goes with the job, not beside the daemon.
     sys.path[:] = [entry or os.getcwd() for entry in sys.path]
     os.chdir(os.path.dirname(os.path.abspath(log_path)))
+    from .footprint import DiskPeak, peak_host_bytes
+
+    # What the phase writes under the artifacts root: the job's folder (this one), the
+    # variant's staging folder, an inspection's reference folder. Its sampling thread
+    # starts before the address-space limit below, which is the job's own.
+    written = [Path(os.getcwd()), *(Path(spec[key]) for key in ("work_dir", "out_dir") if spec.get(key))]
+    disk = DiskPeak(written, sample=phase == "build").start()
     # An address-space limit cannot apply to GPU work: CUDA maps far more address space
     # than memory it uses, and a spawned worker has not mapped torch yet.
     if memory_limit_mb and spec.get("target", {}).get("device", "cpu") == "cpu":
@@ -138,10 +146,10 @@ def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_li
     if memory_limit_mb and any(sign in (result.get("reason") or "") for sign in _ALLOCATION_FAILED):
         # onnxruntime and torch allocate in C++: past the limit they raise their own errors.
         result["reason"] = f"{_out_of_memory(phase, memory_limit_mb)}: {result['reason']}"
-    import resource
-
-    # The most this process held at once: what a job costs the host, per phase.
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # What the phase cost the host at most: resident memory (this process runs this phase
+    # only) and bytes newly on disk.
+    result["peak_host_bytes"] = peak_host_bytes()
+    result["new_disk_bytes"] = disk.stop()
     _write_result(result_path, result)
     log.flush()
     if conn is not None:

@@ -268,6 +268,10 @@ class StepContext:
     # ``training_rows`` may be trained on, and
     # ``trained_on_samples`` says no row was left to train on but the samples themselves.
     split: dict | None = None
+    # Where files of the same content are stored once across the artifacts root's
+    # variants (``targets/blobs.py``): a runtime hard-links a weight file from there
+    # rather than write a second copy. None: write every file.
+    blob_dir: Path | None = None
 
     def progress(self, activity: str, done: int, total: int, **figures) -> None:
         """Report that ``activity`` has done ``done`` of ``total`` (steps, layers, ...),

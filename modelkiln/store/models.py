@@ -114,7 +114,10 @@ class Variant(Base):
     quality_delta: Mapped[float | None] = mapped_column(Float)
     # Steps with their parameters and what each recorded (lineage).
     lineage: Mapped[list | None] = mapped_column(JSON)
-    # Seconds spent loading/converting, inside plugin steps, and measuring.
+    # What the job cost (variant.json's timings): seconds spent loading/converting, inside
+    # plugin steps, and measuring; and under "build" and "measure" that phase's
+    # peak_host_bytes (its process's peak resident memory) and new_disk_bytes (the most
+    # it had newly written under the artifacts root, shared weight files not counted).
     timings: Mapped[dict | None] = mapped_column(JSON)
     # A causal language model's prefill and per-token decode latency (batch 1, static
     # KV cache), or None: see targets/decoding.py.

@@ -70,6 +70,8 @@ def variant_dict(variant: Variant) -> dict:
         "lineage": variant.lineage or [],
         "path": variant.artifact_path,
         "file": variant.artifact_file,
+        # What its job cost: seconds, and per phase the peak host memory and new disk bytes.
+        "timings": variant.timings or {},
     }
     if variant.status == "succeeded":
         out["metrics"] = metrics(variant)

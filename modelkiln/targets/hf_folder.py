@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 
+from . import blobs as blob_store
 from .compressed import Compressed, quantization_config, scheme
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -86,12 +87,13 @@ def stored_tensors(lm) -> tuple[dict, list[tuple[dict, list[str]]], list[str]]:
     return tensors, list(groups.values()), float_linears
 
 
-def save(lm, directory, shard_bytes: int = SHARD_BYTES) -> tuple[dict, dict]:
+def save(lm, directory, shard_bytes: int = SHARD_BYTES, blobs=None) -> tuple[dict, dict]:
     """Write ``lm`` (a transformers causal LM, its layers maybe quantized by modelkiln) into
     ``directory`` as a Hugging Face folder; return what ``variant.json`` says of it (the
     format, its quantization and the servers that read it) and the tensors stored, by
     name; or ``{"format": None, "reason": ...}`` and nothing when it has no such form
-    (nothing is written then)."""
+    (nothing is written then). ``blobs``: the blob store (``blobs.py``), where a shard
+    whose content another variant stored already is linked from instead of written."""
     from safetensors.torch import save_file
 
     reason = unwritable_reason(lm)
@@ -112,16 +114,22 @@ def save(lm, directory, shard_bytes: int = SHARD_BYTES) -> tuple[dict, dict]:
         current[name] = tensor
         size += nbytes
     shards.append(current)
-    weight_map, files = {}, []
+    weight_map, files, linked = {}, [], []
+    metadata = {"format": "pt"}
     for index, shard in enumerate(shards, 1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        key = blob_store.tensors_key(shard, metadata) if blobs is not None else ""
+        if blob_store.place(blobs, key, directory / file,
+                            lambda path, shard=shard: save_file(shard, str(path), metadata=metadata)):
+            linked.append(file)
         weight_map.update(dict.fromkeys(shard, file))
         files.append(file)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                    indent=2))
     described = {"format": "huggingface", "files": [CONFIG_FILE, GENERATION_FILE, INDEX_FILE, *files]}
+    if linked:  # stored once: hard links to shards another variant of this artifacts root wrote
+        described["shared_files"] = linked
     if groups:
         config.quantization_config = quantization_config(groups, float_linears)
         described["quantization"] = {"format": "compressed-tensors", "config_groups": len(groups),

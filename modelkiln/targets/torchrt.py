@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
@@ -28,6 +29,8 @@ SCRIPT_FILE = "model.pt"
 SERVING_FILE = "serving.json"
 # A model's note: the decode batch sizes and prefill lengths of the target it is built for.
 DECODE_SHAPES = "decode_shapes"
+# A model's note: the blob store its weight files are linked from (StepContext.blob_dir).
+BLOB_DIR = "blob_dir"
 
 
 # A layer's attribute holding what it computed from its stored weights at its first call
@@ -52,6 +55,7 @@ class TorchRuntime(Runtime):
         # and prompt lengths (decoding.py).
         model.notes[DECODE_SHAPES] = {"batch_sizes": list(context.decode_batch_sizes),
                                       "prefill_tokens": list(context.prefill_tokens)}
+        model.notes[BLOB_DIR] = str(context.blob_dir) if context.blob_dir is not None else None
         if context.device == "cpu":
             return model
         # Exported where it will run: torch.export pins the device of every cast it
@@ -79,7 +83,8 @@ class TorchRuntime(Runtime):
         # A causal LM's weights are stored once, as the Hugging Face folder LLM servers
         # load; its programs keep only what that folder does not hold (derived.py).
         lm = decoding.find_causal_lm(model.obj) if model.form == TORCH else None
-        weights, stored = hf_folder.save(lm, directory) if lm is not None else (None, {})
+        blobs = Path(model.notes[BLOB_DIR]) if model.notes.get(BLOB_DIR) else None
+        weights, stored = hf_folder.save(lm, directory, blobs=blobs) if lm is not None else (None, {})
 
         def without_stored(program, prefix: str) -> dict:
             if not stored or not derived.placeholders_survive():
