@@ -132,6 +132,8 @@ def test_a_causal_lm_decodes_on_the_gpu(kiln_dir, tmp_path):
     by_recipe = {v["recipe"]: v for v in variants}
     # modelkiln's own kernel where Triton is installed (torch's CUDA builds bring it).
     assert by_recipe[int4]["lineage"][1]["record"]["kernel"].startswith("modelkiln int4_mm")
+    serving = json.loads((Path(by_recipe[int4]["path"]) / "serving.json").read_text())
+    assert serving["int4_mm"]["served_by"][0]["tokens"][0] == 1 and "register_op" in serving["int4_mm"]["load"]
     # Everything the variant loaded, with the largest batch's KV caches, on the device.
     assert all(v["metrics"]["decode"]["peak_device_bytes"] > 0 for v in variants)
 

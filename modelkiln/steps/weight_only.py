@@ -393,7 +393,8 @@ class WeightOnly(Step):
             for name, args in layers:
                 module.set_submodule(name, layer_class(*args, form=forms.get(name)))
         context.record.update(quantized_layers=len(layers), bits=bits, block_size=block, kernel=served)
-        return ModelHandle(TORCH, module.eval(), model.inputs, dict(model.notes))
+        notes = {**model.notes, **({int4.SERVING_KEY: True} if kernel == "int4_mm" else {})}
+        return ModelHandle(TORCH, module.eval(), model.inputs, notes)
 
 
 @hookimpl

@@ -152,6 +152,8 @@ class TorchRuntime(Runtime):
                         "non-zeros in each four along its rows, then one CUDA graph per input shape (compiled "
                         "with triton.cudagraphs off)",
             }
+        if model.notes.get(int4.SERVING_KEY):
+            serving[int4.SERVING_KEY] = int4.serving_entry()
         decode = TorchRuntime._decoding(model, directory, strip)
         if decode:
             serving["decode"] = decode

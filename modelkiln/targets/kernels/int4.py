@@ -27,6 +27,15 @@ import functools
 from dataclasses import asdict, dataclass
 
 OP_NAME = "modelkiln::int4_mm"
+# serving.json's entry for a program that calls the op (and the model note that asks for it).
+SERVING_KEY = "int4_mm"
+
+
+def serving_entry() -> dict:
+    """What serving code needs to load a program calling the op, and which launch serves
+    which tokens per call."""
+    return {"load": "import modelkiln.targets.kernels.int4 and call register_op() before torch.export.load",
+            "served_by": served_by()}
 
 
 @dataclass(frozen=True)
