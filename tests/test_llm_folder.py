@@ -218,3 +218,37 @@ def test_fp8_steps_are_skipped_off_an_fp8_gpu_with_the_reason(tmp_path):
     for step in (Fp8(), Fp8WeightOnly()):
         with pytest.raises(StepNotApplicable, match="compute capability 8.9"):
             step.apply(model, {}, StepContext(tmp_path, "cpu", "torch", "cpu", 1, {}))
+
+
+def test_int4_layers_on_the_stored_form_take_their_weights_from_the_folder(tmp_path):
+    """The cuda int4 layer that runs modelkiln's int4_mm on the compressed-tensors form
+    (built here on the CPU, where the op multiplies in torch): its program stores neither
+    the packed weights nor the scales, they come from the folder when it loads, and it
+    answers as the layer did; serving.json says how to load the op."""
+    from modelkiln.plugins.api import TORCH, InputSpec, ModelHandle
+    from modelkiln.registry.formats import hf_wrapper
+    from modelkiln.steps.weight_only import _int4_stored_layer_class
+    from modelkiln.targets.kernels import int4
+    from modelkiln.targets.torchrt import TorchRuntime
+
+    lm = tiny_llama()
+    layer_class = _int4_stored_layer_class()
+    names = [name for name, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    for name in names:
+        lm.set_submodule(name, layer_class(lm.get_submodule(name), 32, "cpu"))
+    model = ModelHandle(TORCH, hf_wrapper(lm), [InputSpec(**SPEC)], {int4.SERVING_KEY: True})
+    out = tmp_path / "variant"
+    out.mkdir()
+    file = TorchRuntime().save(model, out)
+    serving = json.loads((out / "serving.json").read_text())
+    assert "register_op" in serving["int4_mm"]["load"]
+    sources = serving["program_weights"]
+    packed = "inner.model.layers.0.self_attn.q_proj.weight_packed"
+    assert sources[packed] == {"tensor": packed.split(".", 1)[1]}
+    assert sources[packed.replace("packed", "scale")]["derive"] == "int4_stored_scales"
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 16)))
+    with torch.inference_mode():
+        expected = model.obj(ids)
+    measured = TorchRuntime().load(out, file, "cpu", 1)({"input_ids": ids.numpy()})
+    np.testing.assert_allclose(measured, (expected[0] if isinstance(expected, tuple) else expected).numpy(),
+                               atol=1e-4)
