@@ -189,7 +189,7 @@ def _serving_files(spec: dict, inspected: dict, model, out: Path) -> list[str]:
             shutil.copyfile(source / name, out / name)
             copied.append(name)
     config = getattr(getattr(model.obj, "inner", None), "config", None)
-    if model.form == TORCH and "config.json" in copied and hasattr(config, "to_json_file"):
+    if model.form == TORCH and "config.json" in copied and config is not None and hasattr(config, "to_json_file"):
         config.to_json_file(str(out / "config.json"))
     return copied
 
@@ -229,7 +229,7 @@ def build_variant(spec: dict) -> dict:
         prefill_tokens=tuple(target.get("prefill_tokens", ())),
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
-    lineage = []
+    lineage: list[dict] = []
     for step_ref in recipe.steps:
         step = plugins.steps[step_ref.name]
         form = step.forms.get(runtime.name)
@@ -334,7 +334,7 @@ def measure_variant(spec: dict) -> dict:  # noqa: C901 - over the complexity bou
 
     def timed(length: int | None) -> list[dict]:
         nonlocal ended_early
-        rows = []
+        rows: list[dict] = []
         for index, batch_size in enumerate(target["batch_sizes"]):
             if tracker is not None:
                 tracker(f"timing batch {batch_size}" + (f" at {length} tokens" if length else ""), index,

@@ -150,7 +150,7 @@ class DirectoryRegistry(RegistryKind):
     def scan(self) -> list[FoundCheckpoint]:
         """Every well-named version folder, each model's in version order; hidden and
         staging folders are skipped, anything else that is skipped is logged once."""
-        found = []
+        found: list[FoundCheckpoint] = []
         if not self.path.is_dir():
             return found
         for model_dir in sorted(self.path.iterdir()):
