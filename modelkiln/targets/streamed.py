@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .serving import Serving
+
 INDEX_FILE = "model.safetensors.index.json"
 ARCHITECTURE_FILE = "architecture.json"
 
@@ -185,8 +187,6 @@ class StreamedModule:
 def load(directory: Path, device: str, threads: int):
     """A ``Serving`` for the streamed artifact in ``directory``."""
     import torch
-
-    from .torchrt import Serving
 
     torch.set_num_threads(threads)
     serving = Serving(StreamedModule(directory, device), device)
