@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import TYPE_CHECKING
 
 from .compressed import Compressed, quantization_config
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -103,7 +107,9 @@ def save(lm, directory, shard_bytes: int = SHARD_BYTES) -> tuple[dict, dict]:
     reason = _config_mismatch(lm, config, tensors, groups)
     if reason is not None:
         return {"format": None, "reason": reason}, {}
-    shards, current, size = [], {}, 0
+    shards: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = 0
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > shard_bytes:
@@ -121,7 +127,7 @@ def save(lm, directory, shard_bytes: int = SHARD_BYTES) -> tuple[dict, dict]:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                    indent=2))
-    described = {"format": "huggingface", "files": [CONFIG_FILE, GENERATION_FILE, INDEX_FILE, *files]}
+    described: dict = {"format": "huggingface", "files": [CONFIG_FILE, GENERATION_FILE, INDEX_FILE, *files]}
     if groups:
         config.quantization_config = quantization_config(groups, float_linears)
         described["quantization"] = {"format": "compressed-tensors", "config_groups": len(groups),
