@@ -180,13 +180,13 @@ class ProgressBars:
     WIDTH = 24
     PLAIN_SECONDS = 10.0
 
-    def __init__(self, stream):
+    def __init__(self, stream) -> None:
         self.stream = stream
         self.tty = stream.isatty()
         self.ended: set[int] = set()
         self.drawn = 0
         self.last = 0.0
-        self.status = None
+        self.status: str | None = None
 
     def show(self, name: str, status: str, jobs: list, reports: dict) -> None:
         import time

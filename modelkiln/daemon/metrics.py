@@ -34,7 +34,7 @@ class JobStats:
     """The jobs this daemon saw end since it started: how many, by kind and state, and how
     long each took from lease to result."""
 
-    def __init__(self, bounds=DURATION_BUCKETS):
+    def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS) -> None:
         self.bounds = bounds
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str], list] = {}  # -> [count, seconds summed, per-bound counts]

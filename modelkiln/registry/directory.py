@@ -143,7 +143,7 @@ class DirectoryRegistry(RegistryKind):
     # File-system events under ``path`` are worth watching: checkpoints are written there.
     watches = True
 
-    def __init__(self, config):
+    def __init__(self, config) -> None:
         self.path = config.registry_path
         self._skipped: set[tuple[str, str]] = set()
 

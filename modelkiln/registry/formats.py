@@ -150,7 +150,7 @@ class SafetensorsFormat(CheckpointFormat):
         names = _model_files(files)
         return "config.json" not in names and any(f.endswith(".safetensors") for f in names)
 
-    def load(self, directory, context):
+    def load(self, directory: Path, context: LoadContext) -> LoadedCheckpoint:
         from safetensors.torch import load_file
 
         state: dict = {}

@@ -100,7 +100,7 @@ class MlflowRegistry(DirectoryRegistry):
     # Versions arrive by download (a rename into place), announced by poll(): nothing to watch.
     watches = False
 
-    def __init__(self, config):
+    def __init__(self, config) -> None:
         super().__init__(config)
         self.settings = config.registry.mlflow
         self.targets = list(config.targets)

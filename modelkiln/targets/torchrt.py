@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
+from typing import Any, Callable
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
@@ -166,7 +168,7 @@ class TorchRuntime(Runtime):
             return None
         return json.loads((directory / SERVING_FILE).read_text()).get("weights")
 
-    def load(self, directory, file, device, threads):
+    def load(self, directory: Path, file: str, device: str, threads: int) -> Callable[[dict], Any]:
         import torch
 
         if file == sharded.PLAN_FILE:
