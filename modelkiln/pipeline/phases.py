@@ -313,7 +313,7 @@ def _quality(metric: str, outputs: np.ndarray, expected: np.ndarray, inspected: 
     return score(metric, outputs, expected, arrays.get("labels"), samples.get(MASK)), perplexities
 
 
-def _time_batches(run, timer, spec: dict, inspected: dict, samples: dict, rss_before: int, length: int | None,
+def _time_batches(timer, spec: dict, inspected: dict, samples: dict, rss_before: int, length: int | None,
                   rivals: dict | None) -> tuple[list[dict], str | None]:
     """Latency per batch size of the target, at ``length`` tokens where the model takes
     sequences; with ``rivals``, the timing at their batch size may end early, and then
@@ -412,11 +412,11 @@ def measure_variant(spec: dict) -> dict:
     # request costs: the figures the policy compares) and at their longest.
     lengths = inspected.get("lengths")
     median = lengths["median"] if lengths else None
-    measurements, ended_early = _time_batches(run, timer, spec, inspected, samples, rss_before, median, rivals)
+    measurements, ended_early = _time_batches(timer, spec, inspected, samples, rss_before, median, rivals)
     sequence = None
     if lengths and not ended_early:  # one that ended early: the rest cannot change that it loses
         at_max = (measurements if lengths["max"] == lengths["median"]
-                  else _time_batches(run, timer, spec, inspected, samples, rss_before, lengths["max"], None)[0])
+                  else _time_batches(timer, spec, inspected, samples, rss_before, lengths["max"], None)[0])
         sequence = {"median_length": lengths["median"], "max_length": lengths["max"],
                     "batches_at_max_length": at_max}
     decode = run.time_decoding() if hasattr(run, "time_decoding") and not ended_early else None
