@@ -180,13 +180,13 @@ class ProgressBars:
     WIDTH = 24
     PLAIN_SECONDS = 10.0
 
-    def __init__(self, stream):
+    def __init__(self, stream) -> None:
         self.stream = stream
         self.tty = stream.isatty()
         self.ended: set[int] = set()
         self.drawn = 0
         self.last = 0.0
-        self.status = None
+        self.status: str | None = None
 
     def show(self, name: str, status: str, jobs: list, reports: dict) -> None:
         import time
@@ -299,9 +299,23 @@ def status(config_path, as_json, show_all):
 
 
 def _print_variants(config, model, as_json):
-    from .store import queries, views
+    variants, promoted = _variants_of(config, model)
+    if as_json:
+        click.echo(json.dumps(variants, indent=2))
+        return
+    if not variants:
+        click.echo(f"no variants of model {model!r} yet")
+        return
+    columns = _VariantColumns.of(variants)
+    click.echo(table([_variant_row(v, v["id"] in promoted, columns, config.policy) for v in variants],
+                     columns.headers()))
+    click.echo(columns.legend())
 
-    from .sizes import format_duration
+
+def _variants_of(config, model: str) -> tuple[list[dict], set[int]]:
+    """The model's variants (one whose job runs shows as running, with how long so far),
+    and the ids of those served now; refused for a model the catalogue has never seen."""
+    from .store import queries, views
 
     store = _store(config)
     with store.session() as session:
@@ -309,7 +323,7 @@ def _print_variants(config, model, as_json):
         promoted = {p.variant_id for p in queries.current_promotions(session)}
         running = {variant_id: views.running_job_dict(job)
                    for variant_id, job in queries.running_of_variants(session, [v["id"] for v in variants]).items()}
-    for v in variants:  # a variant whose job runs shows as running, with how long so far
+    for v in variants:
         if v["id"] in running:
             v["status"] = "running"
             v["elapsed_seconds"] = running[v["id"]]["elapsed_seconds"]
@@ -318,77 +332,92 @@ def _print_variants(config, model, as_json):
             known = bool(queries.checkpoints(session, model))
         if not known:
             raise KilnError(f"no checkpoint of model {model!r} in {config.store_shown}; `kiln status` lists the models")
-    if as_json:
-        click.echo(json.dumps(variants, indent=2))
-        return
-    if not variants:
-        click.echo(f"no variants of model {model!r} yet")
-        return
-    from .targets.decoding import PROMPT_TOKENS
+    return variants, promoted
+
+
+def _spread_mark(m: dict) -> str:
+    from .policy import NOISY_SPREAD
+
+    p50, p95 = m.get("latency_p50_ms"), m.get("latency_p95_ms")
+    return " !" if p50 and p95 and p95 > NOISY_SPREAD * p50 else ""
+
+
+def _load_curve(m: dict) -> str:
+    return "  ".join(f"{row['concurrency']}: {row['throughput_per_s']:.0f}/s p95 {row['latency_p95_ms']:.2f}"
+                     for row in m.get("load") or [] if row.get("latency_p95_ms") is not None)
+
+
+class _VariantColumns:
+    """The optional columns of ``kiln variants``: each shown where some variant has its figures."""
+
+    def __init__(self, raced: bool, decoding: bool, loaded: bool, noisy: bool, costed: bool = False) -> None:
+        self.raced = raced  # went to a run-off: its p50, timed side by side with their rivals
+        self.decoding = decoding  # causal language models: their decoding figures
+        self.loaded = loaded  # measured under concurrent clients: requests per second and p95 per level
+        self.noisy = noisy  # a p95 far over its p50 (marked "!"), explained in the legend
+        self.costed = costed  # what each build cost the host: peak memory and the bytes it newly wrote
+
+    @classmethod
+    def of(cls, variants: list[dict]) -> _VariantColumns:
+        metrics = [v.get("metrics") or {} for v in variants]
+        return cls(raced=any(m.get("runoff") for m in metrics), decoding=any(m.get("decode") for m in metrics),
+                   loaded=any(m.get("load") for m in metrics), noisy=any(_spread_mark(m) for m in metrics),
+                   costed=any((v.get("timings") or {}).get("build") for v in variants))
+
+    def headers(self) -> list[str]:
+        return ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
+                *(["run-off p50"] if self.raced else []),
+                *(["prefill ms", "ms/token", "batch: tokens/s, prefill"] if self.decoding else []),
+                *(["under load (clients: answers/s, p95 ms)"] if self.loaded else []),
+                "size", *(["build: memory, disk"] if self.costed else []), "quality (delta)", "judged on", "reason"]
+
+    def legend(self) -> str:
+        from .policy import NOISY_SPREAD
+        from .targets.decoding import PROMPT_TOKENS
+
+        return ("\n* promoted. Judged on: the rows the quality was scored on (unseen: none of them trained on), the"
+                " largest drop they allow at the policy's confidence, and modelkiln's own probe sentences. Latency at"
+                " the smallest batch size measured"
+                + (f"; prefill of a {PROMPT_TOKENS}-token prompt and per-token decode at batch 1, then tokens per"
+                   " second with that many sequences decoding at once and prefill of longer prompts."
+                   if self.decoding else ".")
+                + (" Run-off: the closest variants timed again side by side, interleaved in one process (at the"
+                   " policy's batch size); it decided the promotion." if self.raced else "")
+                + (" Build: its worker's peak resident memory, and the bytes it newly wrote to disk (weight files"
+                   " another variant stored already are links, not counted)." if self.costed else "")
+                + (f" !: p95 over {NOISY_SPREAD:g}x p50, measured while the host was busy; such a variant is timed"
+                   " again in the run-off before it decides a promotion." if self.noisy else ""))
+
+
+def _build_cost(v: dict) -> str:
+    build = (v.get("timings") or {}).get("build") or {}
+    if build.get("peak_host_bytes") is None:
+        return ""
+    return f"{format_size(build['peak_host_bytes'])}, +{format_size(build.get('new_disk_bytes') or 0)}"
+
+
+def _variant_row(v: dict, promoted: bool, columns: _VariantColumns, policy) -> list:
+    from .policy import judged_on
+    from .sizes import format_duration
     from .targets.decoding import summary as decoding_summary
 
-    # Causal language models get their decoding figures as two more columns.
-    decoding = any((v.get("metrics") or {}).get("decode") for v in variants)
-    # Variants that went to a run-off: its p50, timed side by side with their rivals.
-    raced = any((v.get("metrics") or {}).get("runoff") for v in variants)
-    from .policy import NOISY_SPREAD, judged_on
-
-    def spread_mark(m: dict) -> str:
-        p50, p95 = m.get("latency_p50_ms"), m.get("latency_p95_ms")
-        return " !" if p50 and p95 and p95 > NOISY_SPREAD * p50 else ""
-
-    noisy = any(spread_mark(v.get("metrics") or {}) for v in variants)
-    # Measured under concurrent clients: requests per second and p95 at each level.
-    loaded = any((v.get("metrics") or {}).get("load") for v in variants)
-
-    def load_curve(m: dict) -> str:
-        return "  ".join(f"{row['concurrency']}: {row['throughput_per_s']:.0f}/s p95 {row['latency_p95_ms']:.2f}"
-                         for row in m.get("load") or [] if row.get("latency_p95_ms") is not None)
-
-    # What each build cost the host: its worker's peak memory and the bytes it newly wrote.
-    costed = any((v.get("timings") or {}).get("build") for v in variants)
-
-    def build_cost(v: dict) -> str:
-        build = (v.get("timings") or {}).get("build") or {}
-        if build.get("peak_host_bytes") is None:
-            return ""
-        return f"{format_size(build['peak_host_bytes'])}, +{format_size(build.get('new_disk_bytes') or 0)}"
-
-    rows = []
-    for v in variants:
-        m = v.get("metrics") or {}
-        decode = m.get("decode") or {}
-        rows.append([
-            "*" if v["id"] in promoted else "", v["version"], v["target"], v["variant"],
-            (v["parent"] or "").split(":", 1)[-1],
-            v["status"] + (f" {format_duration(v['elapsed_seconds'])}" if v["status"] == "running" else ""),
-            _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")) + spread_mark(m),
-            *([_fmt_ms((m.get("runoff") or {}).get("latency_p50_ms"))] if raced else []),
-            *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token")),
-               decoding_summary(decode)] if decoding else []),
-            *([load_curve(m)] if loaded else []),
-            format_size(m.get("size_bytes")),
-            *([build_cost(v)] if costed else []),
-            (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}{_worst(v)}",
-            judged_on(v, config.policy) if m else "",
-            v.get("reason") or "",
-        ])
-    click.echo(table(rows, ["", "version", "target", "variant", "parent", "status", "p50 ms", "p95 ms",
-                            *(["run-off p50"] if raced else []), *(["prefill ms", "ms/token", "batch: tokens/s, prefill"] if decoding else []),
-                            *(["under load (clients: answers/s, p95 ms)"] if loaded else []),
-                            "size", *(["build: memory, disk"] if costed else []), "quality (delta)", "judged on",
-                            "reason"]))
-    click.echo("\n* promoted. Judged on: the rows the quality was scored on (unseen: none of them trained on), the"
-               " largest drop they allow at the policy's confidence, and modelkiln's own probe sentences. Latency at"
-               " the smallest batch size measured"
-               + (f"; prefill of a {PROMPT_TOKENS}-token prompt and per-token decode at batch 1, then tokens per"
-                  " second with that many sequences decoding at once and prefill of longer prompts." if decoding else ".")
-               + (" Run-off: the closest variants timed again side by side, interleaved in one process (at the"
-                  " policy's batch size); it decided the promotion." if raced else "")
-               + (" Build: its worker's peak resident memory, and the bytes it newly wrote to disk (weight files"
-                  " another variant stored already are links, not counted)." if costed else "")
-               + (f" !: p95 over {NOISY_SPREAD:g}x p50, measured while the host was busy; such a variant is timed"
-                  " again in the run-off before it decides a promotion." if noisy else ""))
+    m = v.get("metrics") or {}
+    decode = m.get("decode") or {}
+    return [
+        "*" if promoted else "", v["version"], v["target"], v["variant"],
+        (v["parent"] or "").split(":", 1)[-1],
+        v["status"] + (f" {format_duration(v['elapsed_seconds'])}" if v["status"] == "running" else ""),
+        _fmt_ms(m.get("latency_p50_ms")), _fmt_ms(m.get("latency_p95_ms")) + _spread_mark(m),
+        *([_fmt_ms((m.get("runoff") or {}).get("latency_p50_ms"))] if columns.raced else []),
+        *([_fmt_ms(decode.get("prefill_ms")), _fmt_ms(decode.get("decode_ms_per_token")),
+           decoding_summary(decode)] if columns.decoding else []),
+        *([_load_curve(m)] if columns.loaded else []),
+        format_size(m.get("size_bytes")),
+        *([_build_cost(v)] if columns.costed else []),
+        (m.get("quality_metric") or "") and f"{m['quality_metric']} {_fmt_quality(m)}{_worst(v)}",
+        judged_on(v, policy) if m else "",
+        v.get("reason") or "",
+    ]
 
 
 @main.command()

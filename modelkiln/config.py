@@ -300,7 +300,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value, tp, key: str, file: Path):
+def _coerce(value, tp, key: str, file: Path | None):
     """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -333,7 +333,7 @@ def _coerce(value, tp, key: str, file: Path):
     return value
 
 
-def _build(cls, data: dict, prefix: str, file: Path):
+def _build(cls, data: dict, prefix: str, file: Path | None):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
     kwargs = {}

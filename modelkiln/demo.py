@@ -170,7 +170,7 @@ def run_demo(directory: Path, echo, timeout: float = 600.0, before_stop=None) ->
         echo("daemon stopped")
 
 
-def _news(session, queries, views, checkpoint, told: set) -> list[str]:
+def _news(session, queries, views, checkpoint, told: set[tuple[str, int]]) -> list[str]:
     """Lines for the variants that ended and the promotion steps made since ``told``."""
     lines = []
     for variant in queries.variants_of(session, checkpoint.id):
@@ -205,7 +205,8 @@ def _wait_for_promotion(store, queries, version: str, targets, server, deadline:
     promotion step as it is made."""
     from .store import views
 
-    started, told = time.time(), set()
+    started = time.time()
+    told: set[tuple[str, int]] = set()  # what has been echoed, for _news
     while time.time() < deadline:
         if server.poll() is not None:
             raise RuntimeError("`kiln serve` exited before the promotion; see kiln-serve.log")

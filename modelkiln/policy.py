@@ -181,12 +181,16 @@ def runoff_contenders(candidates: list[dict], policy: PolicyConfig, memory_mb: i
     run-off measures the contenders under load, in turns."""
     if policy.runoff_margin <= 0 or policy.objective in DECODE_OBJECTIVES:
         return []
-    ranked = sorted((c for c in _eligible(candidates, policy) if (_recorded(c, "ranks") or 1) == 1),
-                    key=lambda c: objective_value(c, policy))
-    if len(ranked) < 2:
+    scored = sorted(
+        ((value, c) for c in _eligible(candidates, policy)
+         if (_recorded(c, "ranks") or 1) == 1 and (value := objective_value(c, policy)) is not None),
+        key=lambda pair: pair[0],
+    )
+    if len(scored) < 2:
         return []
-    best = objective_value(ranked[0], policy)
-    close = [c for c in ranked if objective_value(c, policy) <= best * (1 + policy.runoff_margin)]
+    ranked = [c for _, c in scored]
+    best = scored[0][0]
+    close = [c for value, c in scored if value <= best * (1 + policy.runoff_margin)]
     close = (close + [c for c in ranked if noisy(c, policy) and c not in close])[:RUNOFF_MOST]
     if memory_mb > 0:
         weights = [resident_weights_mib(c) or 0.0 for c in close]
@@ -216,15 +220,21 @@ def choose(candidates: list[dict], policy: PolicyConfig) -> dict | None:
     return best
 
 
+def objective_and_quality(candidates: list[dict], policy: PolicyConfig) -> list[tuple[float, float, dict]]:
+    """(objective, quality, candidate) of each candidate that has both figures."""
+    points = []
+    for c in candidates:
+        cost, quality = objective_value(c, policy), (c.get("metrics") or {}).get("quality")
+        if cost is not None and quality is not None:
+            points.append((cost, quality, c))
+    return points
+
+
 def pareto_front(candidates: list[dict], policy: PolicyConfig) -> list[dict]:
     """Candidates no other beats on both the objective (lower) and quality (higher),
     sorted by the objective: the trade-offs worth looking at, whatever the tolerance."""
-    points = [
-        (objective_value(c, policy), (c.get("metrics") or {}).get("quality"), c) for c in candidates
-    ]
-    points = [p for p in points if p[0] is not None and p[1] is not None]
-    front = []
-    for cost, quality, candidate in sorted(points, key=lambda p: (p[0], -p[1])):
+    front: list[tuple[float, float, dict]] = []
+    for cost, quality, candidate in sorted(objective_and_quality(candidates, policy), key=lambda p: (p[0], -p[1])):
         if not front or quality > front[-1][1] + EPSILON:
             front.append((cost, quality, candidate))
     return [c for _, _, c in front]

@@ -95,7 +95,6 @@ def _label_place(cx: float, cy: float, digits: int, placed: list) -> tuple[float
     """The (x, y) of a dot's number (text baseline, left edge for offsets to the right,
     right edge for those to the left), clear of the numbers in ``placed``, which it joins."""
     width, height = 7 * digits, 10
-    box = None
     for dx, dy in _LABEL_OFFSETS:
         x = cx + dx if dx > 0 else cx + dx - width
         box = (x, cy + dy - height, x + width, cy + dy)
@@ -109,16 +108,15 @@ def plot(candidates: list[dict], promoted_id: int | None, policy, baseline_quali
     """An SVG scatter of objective (x) against quality (y). The quality axis spans the
     variants near the bar: one far below it (a broken variant at 0.36, say) would squeeze
     the rest into a line, so it is drawn as a triangle on the bottom edge instead."""
-    points = [(builtin_policy.objective_value(c, policy), (c.get("metrics") or {}).get("quality"), c)
-              for c in candidates]
-    points = [p for p in points if p[0] is not None and p[1] is not None]
+    points = builtin_policy.objective_and_quality(candidates, policy)
     if not points:
         return '<p class="note">No measured variant to plot.</p>'
     numbers = point_numbers(candidates, policy)
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    bar = baseline_quality * (1 - policy.max_quality_drop) if baseline_quality is not None else None
-    floor = None
-    if bar is not None:
+    bar: float | None = None
+    floor: float | None = None
+    if baseline_quality is not None:
+        bar = baseline_quality * (1 - policy.max_quality_drop)
         top = max(ys + [baseline_quality])
         floor = bar - 4 * max(top - bar, 1e-6)  # four times the allowed drop below the bar
         if min(ys) >= floor:
@@ -355,15 +353,15 @@ def render(model: str, checkpoints: list[dict], variants: list[dict], history: l
         # Newest version first; within a version, in the order the recipes are configured.
         order = {c["content_hash"][:16]: i for i, c in enumerate(checkpoints)}
         rows = sorted(on_target, key=lambda v: (-order.get(v["checkpoint"], 0), v["id"]))
-        parts.append(_variants_table(rows, {current.get(target)}, policy, numbers))
+        parts.append(_variants_table(rows, {current[target]} if target in current else set(), policy, numbers))
     parts.append("<h2>Promotion history</h2>")
     if history:
-        rows = "".join(
+        history_rows = "".join(
             f"<tr><td>{escape(p['promoted_at'][:19].replace('T', ' '))}</td><td>{escape(p['target'])}</td><td>{escape(p['version'])}</td>"
             f"<td>{escape(p['variant'])}</td><td class=num>{_fmt((p.get('metrics') or {}).get('latency_p50_ms'))}"
             f"</td><td class=reason>{escape(p.get('reason') or '')}</td></tr>" for p in history)
         parts.append("<table><tr><th>when (UTC)</th><th>target</th><th>version</th><th>variant</th><th>p50 ms</th>"
-                     f"<th>why</th></tr>{rows}</table>")
+                     f"<th>why</th></tr>{history_rows}</table>")
     else:
         parts.append("<p>Nothing promoted yet.</p>")
     parts.append("<h2>Checkpoints</h2><table><tr><th>version</th><th>status</th><th>format</th><th>size</th>"

@@ -23,12 +23,6 @@ def test_the_readme_map_names_every_package():
     assert not missing, f"README's map does not describe: {missing}"
 
 
-# The one cycle left: the streamed shard's loader builds torchrt's Serving, and torchrt
-# dispatches to the streamed loader; both sit in targets/ code being changed for decoding
-# (issue 33), so they are parted there, not under it.
-KNOWN_CYCLES = [{"modelkiln.targets.streamed", "modelkiln.targets.torchrt"}]
-
-
 def test_no_modules_import_each_other():
     """Imports inside functions count: a cycle is a pair of modules a reader must read
     together, wherever the import sits."""
@@ -40,7 +34,7 @@ def test_no_modules_import_each_other():
         for imported in sorted(graph.find_modules_directly_imported_by(module)):
             # An import that the imported module leads back from closes a cycle.
             pair = {module, imported}
-            if graph.chain_exists(importer=imported, imported=module) and pair not in KNOWN_CYCLES + cycles:
+            if graph.chain_exists(importer=imported, imported=module) and pair not in cycles:
                 cycles.append(pair)
     assert not cycles, f"modules that import each other (directly or through others): {cycles}"
 

@@ -106,7 +106,8 @@ class HealthServer:
 
     @property
     def address(self) -> str:
-        host, port = self._server.server_address[:2]
+        # The socket's own name: typeshed's server_address also admits a Unix socket's path.
+        host, port = self._server.socket.getsockname()[:2]
         return f"{host}:{port}"
 
     def start(self) -> None:

@@ -69,7 +69,7 @@ class Background:
     a burst of file events makes one copy, not one per event. A daemon thread: a stop
     never waits for a copy, whose half-made folder the next start's clean-up removes."""
 
-    def __init__(self, inbox):
+    def __init__(self, inbox) -> None:
         self.inbox = inbox
         self.tasks: queue.Queue = queue.Queue()
         self.pending: set[str] = set()

@@ -189,7 +189,7 @@ def _serving_files(spec: dict, inspected: dict, model, out: Path) -> list[str]:
             shutil.copyfile(source / name, out / name)
             copied.append(name)
     config = getattr(getattr(model.obj, "inner", None), "config", None)
-    if model.form == TORCH and "config.json" in copied and hasattr(config, "to_json_file"):
+    if model.form == TORCH and "config.json" in copied and config is not None and hasattr(config, "to_json_file"):
         config.to_json_file(str(out / "config.json"))
     return copied
 
@@ -230,7 +230,7 @@ def build_variant(spec: dict) -> dict:
         blob_dir=Path(spec["blob_dir"]) if spec.get("blob_dir") else None,
     )
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
-    lineage = []
+    lineage: list[dict] = []
     for step_ref in recipe.steps:
         step = plugins.steps[step_ref.name]
         form = step.forms.get(runtime.name)
@@ -301,95 +301,77 @@ def _padded_vs_alone(run, samples: dict, outputs: np.ndarray) -> float:
     return worst
 
 
-def measure_variant(spec: dict) -> dict:  # noqa: C901 - over the complexity bound, not yet split
-    """Load the artifact as serving code would, score its quality, time it per batch size."""
-    t0 = time.perf_counter()
-    plugins = plugins_for_spec(spec)
-    inspected, arrays, samples = reference(spec)
-    runtime = plugins.runtimes[spec["runtime"]]
-    target = spec["target"]
-    out = Path(spec["out_dir"])
-    rss_before = harness.current_rss_bytes()
-    run = runtime.load(out, spec["previous"]["file"], target["device"], target["threads"])
-    outputs = harness.run_chunked(run, samples, _INFER_CHUNK).astype(np.float32)
-    metric = inspected["quality_metric"]
-    expected = arrays["reference"].astype(np.float32)
-    language_model = metric in (NEXT_TOKEN_TOP1, PERPLEXITY_RATIO)
-    if language_model:  # each perplexity computed once: the quality and the checks share them
-        variant_perplexity = perplexity(outputs, samples["input_ids"])
-        baseline_perplexity = inspected.get("baseline_perplexity") or perplexity(expected, samples["input_ids"])
+def _quality(metric: str, outputs: np.ndarray, expected: np.ndarray, inspected: dict, arrays: dict,
+             samples: dict) -> tuple[float, dict]:
+    """The variant's quality by ``metric``; for a language model also the variant's and the
+    original's perplexity on the sample text, each computed once (the checks record them)."""
+    if metric not in (NEXT_TOKEN_TOP1, PERPLEXITY_RATIO):
+        return score(metric, outputs, expected, arrays.get("labels"), samples.get(MASK)), {}
+    perplexities = {
+        "perplexity": perplexity(outputs, samples["input_ids"]),
+        "baseline_perplexity": inspected.get("baseline_perplexity") or perplexity(expected, samples["input_ids"]),
+    }
     if metric == PERPLEXITY_RATIO:
-        quality = perplexity_ratio(baseline_perplexity, variant_perplexity)
-    else:
-        quality = score(metric, outputs, expected, arrays.get("labels"), samples.get(MASK))
-    degenerate = degenerate_reason(outputs, expected)
-    if degenerate is not None:  # no metric may call such outputs faithful
-        quality = 0.0
-    settings = spec["measure"]
-    timer = harness.timer_for(run)
-    # Where the planner gave the served variant's and the baseline's p50 (``rivals``), a
-    # variant clearly slower than both after its first runs ends its measurement there;
-    # not a causal LM's, which its decoding may still make the one to serve.
-    rivals = spec.get("rivals") if not hasattr(run, "time_runs") and not hasattr(run, "time_decoding") else None
-    ended_early = None
+        return perplexity_ratio(perplexities["baseline_perplexity"], perplexities["perplexity"]), perplexities
+    return score(metric, outputs, expected, arrays.get("labels"), samples.get(MASK)), perplexities
 
+
+def _time_batches(timer, spec: dict, inspected: dict, samples: dict, rss_before: int, length: int | None,
+                  rivals: dict | None) -> tuple[list[dict], str | None]:
+    """Latency per batch size of the target, at ``length`` tokens where the model takes
+    sequences; with ``rivals``, the timing at their batch size may end early, and then
+    the larger sizes are not timed. The rows, and why the timing ended early (or None)."""
+    target, settings = spec["target"], spec["measure"]
     tracker = progress.current()
-
-    def timed(length: int | None) -> list[dict]:
-        nonlocal ended_early
-        rows = []
-        for index, batch_size in enumerate(target["batch_sizes"]):
-            if tracker is not None:
-                tracker(f"timing batch {batch_size}" + (f" at {length} tokens" if length else ""), index,
-                        len(target["batch_sizes"]))
-            early = {"give_up": harness.slower_than(rivals["p50_ms"], rivals["margin"])} if rivals and batch_size == rivals["batch_size"] \
-                and not rows and length == (lengths or {}).get("median") else {}
-            timing = timer(
-                request_batch(inspected["inputs"], samples, batch_size, length),
-                warmup_runs=settings["warmup_runs"], min_runs=settings["min_runs"],
-                stability=settings["stability"], max_seconds=settings["max_seconds"],
-                min_seconds=settings["min_seconds"], **early,
-            )
-            timing["batch_size"] = batch_size
-            timing["throughput_per_s"] = batch_size * 1000.0 / timing["latency_p50_ms"]
-            timing.setdefault("peak_memory_bytes", max(0, harness.peak_rss_bytes() - rss_before))
-            ended_early = timing.pop("ended_early", None)
-            rows.append(timing)
-            if ended_early:
-                break
-        return rows
-
-    # A model that takes sequences is timed at the samples' median length (what a typical
-    # request costs: the figures the policy compares) and at their longest.
-    lengths = inspected.get("lengths")
-    measurements = timed(lengths["median"] if lengths else None)
-    if ended_early:  # the rest cannot change that it loses: not timed
-        lengths = None
-    sequence = None
-    if lengths:
-        at_max = measurements if lengths["max"] == lengths["median"] else timed(lengths["max"])
-        sequence = {"median_length": lengths["median"], "max_length": lengths["max"],
-                    "batches_at_max_length": at_max}
-    decode = run.time_decoding() if hasattr(run, "time_decoding") and not ended_early else None
-    # Under load: concurrent batch-1 clients, at the median length; not for runtimes whose
-    # loaded artifact answers one caller at a time (ranks behind pipes, streamed weights).
-    load = None
-    if target.get("concurrency") and getattr(run, "concurrent", True) and decode is None and not ended_early:
+    rows: list[dict] = []
+    ended_early = None
+    for index, batch_size in enumerate(target["batch_sizes"]):
         if tracker is not None:
-            tracker("timing under load", 0, len(target["concurrency"]))
-        load = load_curve(run, request_batch(inspected["inputs"], samples, 1, lengths["median"] if lengths else None),
-                          list(target["concurrency"]), max(settings["max_seconds"], 0.5),
-                          # the first level must not pay for a runtime's first calls
-                          # (allocators, TorchScript's optimising executor)
-                          max(settings["warmup_runs"], LOAD_WARMUP_RUNS))
+            tracker(f"timing batch {batch_size}" + (f" at {length} tokens" if length else ""), index,
+                    len(target["batch_sizes"]))
+        early = ({"give_up": harness.slower_than(rivals["p50_ms"], rivals["margin"])}
+                 if rivals and batch_size == rivals["batch_size"] and not rows else {})
+        timing = timer(
+            request_batch(inspected["inputs"], samples, batch_size, length),
+            warmup_runs=settings["warmup_runs"], min_runs=settings["min_runs"],
+            stability=settings["stability"], max_seconds=settings["max_seconds"],
+            min_seconds=settings["min_seconds"], **early,
+        )
+        timing["batch_size"] = batch_size
+        timing["throughput_per_s"] = batch_size * 1000.0 / timing["latency_p50_ms"]
+        timing.setdefault("peak_memory_bytes", max(0, harness.peak_rss_bytes() - rss_before))
+        ended_early = timing.pop("ended_early", None)
+        rows.append(timing)
+        if ended_early:
+            break
+    return rows, ended_early
+
+
+def _under_load(run, spec: dict, inspected: dict, samples: dict, length: int | None) -> list[dict]:
+    """Throughput and latency at each of the target's levels of concurrent batch-1
+    clients, at ``length`` tokens."""
+    target, settings = spec["target"], spec["measure"]
+    tracker = progress.current()
+    if tracker is not None:
+        tracker("timing under load", 0, len(target["concurrency"]))
+    return load_curve(run, request_batch(inspected["inputs"], samples, 1, length),
+                      list(target["concurrency"]), max(settings["max_seconds"], 0.5),
+                      # the first level must not pay for a runtime's first calls
+                      # (allocators, TorchScript's optimising executor)
+                      max(settings["warmup_runs"], LOAD_WARMUP_RUNS))
+
+
+def _quality_checks(run, metric: str, outputs: np.ndarray, expected: np.ndarray, inspected: dict, arrays: dict,
+                    samples: dict, perplexities: dict, degenerate: str | None) -> dict:
+    """What the gate judges beside the quality: the worst sample, the spread and bound of
+    the drop, the probe rows, and what the runtime checked while loading."""
     # What the runtime checked while loading (e.g. a sharded variant's equality check).
     checks = dict(getattr(run, "details", {}))
-    if language_model:
+    if perplexities:
         checks["next_token_kl"] = next_token_kl(outputs, expected)
         checks["next_token_top1"] = score(NEXT_TOKEN_TOP1, outputs, expected, None)
         # On the sample text itself: how well each variant predicts it, beside the original.
-        checks["perplexity"] = variant_perplexity
-        checks["baseline_perplexity"] = baseline_perplexity
+        checks.update(perplexities)
     elif metric in (COSINE, POOLED_COSINE):  # the gate judges the worst sample too
         checks["min_cosine"] = float(row_cosines(metric, outputs, expected, samples.get(MASK)).min())
     spread = delta_standard_error(metric, outputs, expected, arrays.get("labels"))
@@ -404,6 +386,49 @@ def measure_variant(spec: dict) -> dict:  # noqa: C901 - over the complexity bou
         checks["padded_vs_alone_min_cosine"] = _padded_vs_alone(run, samples, outputs)
     if degenerate is not None:
         checks["degenerate"] = degenerate
+    return checks
+
+
+def measure_variant(spec: dict) -> dict:
+    """Load the artifact as serving code would, score its quality, time it per batch size."""
+    t0 = time.perf_counter()
+    plugins = plugins_for_spec(spec)
+    inspected, arrays, samples = reference(spec)
+    runtime = plugins.runtimes[spec["runtime"]]
+    target = spec["target"]
+    out = Path(spec["out_dir"])
+    rss_before = harness.current_rss_bytes()
+    run = runtime.load(out, spec["previous"]["file"], target["device"], target["threads"])
+    outputs = harness.run_chunked(run, samples, _INFER_CHUNK).astype(np.float32)
+    metric = inspected["quality_metric"]
+    expected = arrays["reference"].astype(np.float32)
+    quality, perplexities = _quality(metric, outputs, expected, inspected, arrays, samples)
+    degenerate = degenerate_reason(outputs, expected)
+    if degenerate is not None:  # no metric may call such outputs faithful
+        quality = 0.0
+    timer = harness.timer_for(run)
+    # Where the planner gave the served variant's and the baseline's p50 (``rivals``), a
+    # variant clearly slower than both after its first runs ends its measurement there;
+    # not a causal LM's, which its decoding may still make the one to serve.
+    rivals = spec.get("rivals") if not hasattr(run, "time_runs") and not hasattr(run, "time_decoding") else None
+    # A model that takes sequences is timed at the samples' median length (what a typical
+    # request costs: the figures the policy compares) and at their longest.
+    lengths = inspected.get("lengths")
+    median = lengths["median"] if lengths else None
+    measurements, ended_early = _time_batches(timer, spec, inspected, samples, rss_before, median, rivals)
+    sequence = None
+    if lengths and not ended_early:  # one that ended early: the rest cannot change that it loses
+        at_max = (measurements if lengths["max"] == lengths["median"]
+                  else _time_batches(timer, spec, inspected, samples, rss_before, lengths["max"], None)[0])
+        sequence = {"median_length": lengths["median"], "max_length": lengths["max"],
+                    "batches_at_max_length": at_max}
+    decode = run.time_decoding() if hasattr(run, "time_decoding") and not ended_early else None
+    # Under load: concurrent batch-1 clients, at the median length; not for runtimes whose
+    # loaded artifact answers one caller at a time (ranks behind pipes, streamed weights).
+    load = None
+    if target.get("concurrency") and getattr(run, "concurrent", True) and decode is None and not ended_early:
+        load = _under_load(run, spec, inspected, samples, median)
+    checks = _quality_checks(run, metric, outputs, expected, inspected, arrays, samples, perplexities, degenerate)
     gate = gate_reason(quality, inspected["baseline_quality"], metric, checks, gate_limits(spec),
                        lineage=spec["previous"].get("lineage"))
     if degenerate is not None:

@@ -148,13 +148,14 @@ def probe_reference(loaded, inputs: list, run_source, causal_lm: bool, longest: 
     return arrays, {"metric": metric, "rows": int(len(outputs))}
 
 
-def probe_figures(run, arrays: dict, metric: str, chunk: int) -> dict:
+def probe_figures(run, arrays: dict, metric: str | None, chunk: int) -> dict:
     """The ``checks.probe_*`` of a loaded variant (``run``), or {} where inspect kept no
-    probe rows. A variant that fails on them where the original answered records why."""
+    probe rows (and so no ``metric``). A variant that fails on them where the original
+    answered records why."""
     from ..targets import harness
     from ..targets.quality import probe_checks, probe_summary
 
-    if REFERENCE not in arrays:
+    if REFERENCE not in arrays or metric is None:
         return {}
     rows = {name[len(PREFIX):]: value for name, value in arrays.items() if name.startswith(PREFIX)}
     try:

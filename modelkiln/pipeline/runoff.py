@@ -43,8 +43,8 @@ def run_off(spec: dict) -> dict:
         timer = harness.timer_for(run)  # as the measurement times it
         timer(inputs, warmup_runs=settings["warmup_runs"], min_runs=1, stability=0.0, max_seconds=0.0)
         timers[key] = timer
-    p50s = {key: [] for key in timers}
-    p95s = {key: [] for key in timers}
+    p50s: dict[int, list[float]] = {key: [] for key in timers}
+    p95s: dict[int, list[float]] = {key: [] for key in timers}
     order = list(timers)
     for round_ in range(ROUNDS):
         for key in order if round_ % 2 == 0 else reversed(order):

@@ -322,13 +322,13 @@ def generate(inputs: list[InputSpec], count: int, seed: int = 0) -> dict:
         masked = MASK in names and SEQUENCE in spec.dims and len(shape) == 2
         if masked and lengths is None:
             lengths = rng.integers(max(1, shape[1] // 8), shape[1] + 1, size=count)
-        if spec.name == MASK and masked:
+        if spec.name == MASK and masked and lengths is not None:
             out[spec.name] = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(spec.dtype)
         elif spec.name == "token_type_ids":
             out[spec.name] = np.zeros(shape, dtype=spec.dtype)
         else:
             values = rng.integers(0, spec.high or 2, size=shape).astype(spec.dtype)
-            if masked:
+            if masked and lengths is not None:
                 values[np.arange(shape[1])[None, :] >= lengths[:, None]] = 0
             out[spec.name] = values
     return out

@@ -34,7 +34,8 @@ def _warm_up() -> None:
         torch.export.save(program, buffer)
         buffer.seek(0)
         torch.export.load(buffer).module()
-        torch.onnx.export(module, example, io.BytesIO(), dynamo=False, input_names=["x"],
+        # The TorchScript exporter writes to a file object as well; torch annotates ``f`` as a path.
+        torch.onnx.export(module, example, io.BytesIO(), dynamo=False, input_names=["x"],  # type: ignore[arg-type]
                           dynamic_axes={"x": {0: "batch"}})
         torch.jit.trace(module, example)
 

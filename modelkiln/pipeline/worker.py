@@ -81,7 +81,8 @@ def serve_one(conn) -> None:
         request = conn.recv()
     except (EOFError, OSError):  # the daemon stopped or discarded this spare
         os._exit(0)
-    run_phase(*request, conn=conn)
+    phase, spec, result_path, log_path, memory_limit_mb = request  # as the executor's _launch sends it
+    run_phase(phase, spec, result_path, log_path, memory_limit_mb, conn=conn)
 
 
 def run_phase(phase: str, spec: dict, result_path: str, log_path: str, memory_limit_mb: int = 0,

@@ -50,6 +50,9 @@ def _parse_args(text: str, where: str) -> dict:
         call = ast.parse(f"f({text})", mode="eval").body
     except SyntaxError:
         raise ConfigError(f"{where}: cannot parse parameters '({text})'") from None
+    # The text closes and reopens the parentheses ("a=1)(b=2", "a=1) + (2"): not one call.
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+        raise ConfigError(f"{where}: cannot parse parameters '({text})'")
     if call.args:
         raise ConfigError(f"{where}: parameters must be named, as in name(amount=0.5)")
     params = {}

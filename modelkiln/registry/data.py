@@ -196,7 +196,7 @@ def load_images(folder: Path, images: dict) -> np.ndarray:
                                              f"{MAX_IMAGE_PIXELS:,} are read: ship smaller images")
                 picture = image.convert("L" if channels == "L" else "RGB")
                 if size:
-                    picture = picture.resize((size[1], size[0]), Image.BILINEAR)
+                    picture = picture.resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 pixels = np.asarray(picture, dtype=np.float32)
         except CheckpointRejected:
             raise

@@ -143,14 +143,14 @@ class DirectoryRegistry(RegistryKind):
     # File-system events under ``path`` are worth watching: checkpoints are written there.
     watches = True
 
-    def __init__(self, config):
+    def __init__(self, config) -> None:
         self.path = config.registry_path
         self._skipped: set[tuple[str, str]] = set()
 
     def scan(self) -> list[FoundCheckpoint]:
         """Every well-named version folder, each model's in version order; hidden and
         staging folders are skipped, anything else that is skipped is logged once."""
-        found = []
+        found: list[FoundCheckpoint] = []
         if not self.path.is_dir():
             return found
         for model_dir in sorted(self.path.iterdir()):

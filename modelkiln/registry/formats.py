@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointRejected
 from ..plugins import hookimpl
@@ -150,7 +151,7 @@ class SafetensorsFormat(CheckpointFormat):
         names = _model_files(files)
         return "config.json" not in names and any(f.endswith(".safetensors") for f in names)
 
-    def load(self, directory, context):
+    def load(self, directory: Path, context: LoadContext) -> LoadedCheckpoint:
         from safetensors.torch import load_file
 
         state: dict = {}
@@ -414,41 +415,11 @@ class HuggingFaceFormat(CheckpointFormat):
         return "config.json" in names and any(f.endswith(".safetensors") for f in names)
 
     def load(self, directory, context):
-        config_path = directory / "config.json"
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointRejected(f"{config_path}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointRejected(f"{config_path}: must hold a JSON object")
-        if "auto_map" in raw or raw.get("trust_remote_code"):
-            raise CheckpointRejected(
-                f"{config_path}: asks for remote code (auto_map), which is never run; "
-                "use an architecture that ships with transformers"
-            )
+        raw = _read_hf_config(directory / "config.json")
         for weights in sorted(directory.glob("*.safetensors")):
             _check_safetensors(weights)  # a bad file named here, not deep inside transformers
-        import transformers
-
-        architectures = raw.get("architectures") or []
-        cls = getattr(transformers, architectures[0], None) if architectures and isinstance(
-            architectures[0], str) else None
-        # Only a model class: the config must not pick any other callable of transformers.
-        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-            cls = transformers.AutoModel
-        _check_described_size(directory, cls, transformers)
-        # The weights in the checkpoint's own dtype (transformers 5's default, asked for by
-        # name so that 4.x does the same): a bf16 7B model read as float32 would need 27 GB
-        # of host memory before it reached a GPU. Steps cast where they need to.
-        own_dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": "auto"}
-        try:
-            model = cls.from_pretrained(
-                str(directory), local_files_only=True, trust_remote_code=False, use_safetensors=True, **own_dtype
-            )
-        except Exception as exc:
-            raise CheckpointRejected(f"{directory}: transformers cannot load it ({exc})") from None
-        model.eval()
-        vocab = getattr(model.config, "vocab_size", None) or 1000
+        model = _hf_model(directory, raw)
+        vocab = int(getattr(model.config, "vocab_size", None) or 1000)
         positions = int(getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQUENCE_LENGTH)
         info = {
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -458,22 +429,32 @@ class HuggingFaceFormat(CheckpointFormat):
             name for name in ("config.json", *TOKENIZER_FILES) if (directory / name).is_file())
         tokenizer = _tokenizer(directory)
         if hasattr(model, "can_generate") and model.can_generate():
-            # A causal language model: token ids of any length up to its positions (its
-            # forward program scores a prompt; its decoding program generates); text becomes
-            # windows of the sample length, every position a real next token.
-            length = min(DEFAULT_SEQUENCE_LENGTH, positions)
-            inputs = [InputSpec("input_ids", (-1, length), "int64", high=int(vocab), dims=("batch", "sequence"),
-                                limits=(("sequence", positions),))]
-            return LoadedCheckpoint(self.name, inputs, module=hf_wrapper(model), info=info,
-                                    tokenize=_text_windows(tokenizer, length) if tokenizer is not None else None,
-                                    serving_files=serving_files)
+            return self._causal_lm(model, tokenizer, vocab, positions, info, serving_files)
+        return self._encoder(model, tokenizer, vocab, positions, info, serving_files)
+
+    def _causal_lm(self, model, tokenizer, vocab: int, positions: int, info: dict,
+                   serving_files: list[str]) -> LoadedCheckpoint:
+        """Token ids of any length up to its positions (its forward program scores a
+        prompt; its decoding program generates); text becomes windows of the sample
+        length, every position a real next token."""
+        length = min(DEFAULT_SEQUENCE_LENGTH, positions)
+        inputs = [InputSpec("input_ids", (-1, length), "int64", high=vocab, dims=("batch", "sequence"),
+                            limits=(("sequence", positions),))]
+        return LoadedCheckpoint(self.name, inputs, module=hf_wrapper(model), info=info,
+                                tokenize=_text_windows(tokenizer, length) if tokenizer is not None else None,
+                                serving_files=serving_files)
+
+    def _encoder(self, model, tokenizer, vocab: int, positions: int, info: dict,
+                 serving_files: list[str]) -> LoadedCheckpoint:
+        """The inputs its forward takes, as long as its positions and tokenizer allow;
+        text is tokenized and padded as the tokenizer does it."""
         limit = positions - 2 if getattr(model.config, "model_type", "") in _PADDING_OFFSET_POSITIONS else positions
         if tokenizer is not None and 0 < getattr(tokenizer, "model_max_length", 0) < limit:
             limit = int(tokenizer.model_max_length)
         length = min(DEFAULT_SEQUENCE_LENGTH, limit)
         names = _encoder_inputs(model, tokenizer)
         inputs = [
-            InputSpec(name, (-1, length), "int64", high=int(vocab) if name == "input_ids" else None,
+            InputSpec(name, (-1, length), "int64", high=vocab if name == "input_ids" else None,
                       dims=("batch", "sequence"), limits=(("sequence", limit),))
             for name in names
         ]
@@ -492,6 +473,49 @@ class HuggingFaceFormat(CheckpointFormat):
         return LoadedCheckpoint(self.name, inputs, module=hf_wrapper(model, names, output), info=info,
                                 output=output, tokenize=tokenize if tokenizer is not None else None,
                                 serving_files=serving_files)
+
+
+def _read_hf_config(config_path: Path) -> dict:
+    """A Hugging Face folder's config.json, refused where it is not a JSON object or asks
+    for remote code."""
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointRejected(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointRejected(f"{config_path}: must hold a JSON object")
+    if "auto_map" in raw or raw.get("trust_remote_code"):
+        raise CheckpointRejected(
+            f"{config_path}: asks for remote code (auto_map), which is never run; "
+            "use an architecture that ships with transformers"
+        )
+    return raw
+
+
+def _hf_model(directory: Path, raw: dict):
+    """The model, by the class its config names where transformers has it (else
+    ``AutoModel``), in eval mode."""
+    import transformers
+
+    architectures = raw.get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures and isinstance(
+        architectures[0], str) else None
+    # Only a model class: the config must not pick any other callable of transformers.
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModel
+    _check_described_size(directory, cls, transformers)
+    # The weights in the checkpoint's own dtype (transformers 5's default, asked for by
+    # name so that 4.x does the same): a bf16 7B model read as float32 would need 27 GB
+    # of host memory before it reached a GPU. Steps cast where they need to.
+    own_dtype: dict[str, Any] = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": "auto"}
+    try:
+        model = cls.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=False, use_safetensors=True, **own_dtype
+        )
+    except Exception as exc:
+        raise CheckpointRejected(f"{directory}: transformers cannot load it ({exc})") from None
+    model.eval()
+    return model
 
 
 BUILTIN_FORMATS = [OnnxFormat(), HuggingFaceFormat(), SafetensorsFormat(), StateDictFormat()]

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..files import write_whole
 from ..plugins import hookimpl
-from ..plugins.api import FoundCheckpoint
+from ..plugins.api import FoundCheckpoint, PromotionEvent, VariantEvent
 from .directory import DirectoryRegistry, valid_name
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class MlflowRegistry(DirectoryRegistry):
     # Versions arrive by download (a rename into place), announced by poll(): nothing to watch.
     watches = False
 
-    def __init__(self, config):
+    def __init__(self, config) -> None:
         super().__init__(config)
         self.settings = config.registry.mlflow
         self.targets = list(config.targets)
@@ -208,11 +208,11 @@ class MlflowRegistry(DirectoryRegistry):
 
     # -- promotions out ---------------------------------------------------------------
 
-    def publish(self, promotion: dict, variants: list[dict]) -> bool:
-        """Write one current promotion back to MLflow; True when it is there now."""
+    def publish(self, promotion: PromotionEvent, variants: list[VariantEvent]) -> None:
+        """Write one current promotion back to MLflow (once: later calls find it there)."""
         key = str(promotion["id"])
         if key in self._published:
-            return True
+            return
         model, target, version = promotion["model"], promotion["target"], promotion["version"]
         derived = self.settings.derived_model.format(model=model, target=target)
         client = self.client
@@ -240,7 +240,6 @@ class MlflowRegistry(DirectoryRegistry):
         client.set_model_version_tag(model, version, f"kiln.served.{target}", f"{derived}/{made.version}")
         self._published.add(key)
         log.info("mlflow: published the promotion of %s version %s on %s (%s)", model, version, target, derived)
-        return True
 
     def _ensure_derived_model(self, derived: str, model: str, target: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -265,7 +264,7 @@ class MlflowRegistry(DirectoryRegistry):
         except MlflowException:  # created by another daemon meanwhile
             return self.client.get_experiment_by_name(self.settings.experiment).experiment_id
 
-    def _measurement_run(self, promotion: dict, variants: list[dict]):
+    def _measurement_run(self, promotion: PromotionEvent, variants: list[VariantEvent]):
         """The run holding the variant's files and every variant's measurements; a run
         left unfinished by an interrupted publish is deleted and made again."""
         client = self.client

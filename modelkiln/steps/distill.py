@@ -115,7 +115,7 @@ def _activations(module, splits, inputs: dict, rows: int = 256) -> list:
 
     arrays = {name: torch.from_numpy(a[:rows]) for name, a in inputs.items()}
     mask = arrays.get(MASK)
-    seen = [[] for _ in splits]
+    seen: list[list[torch.Tensor]] = [[] for _ in splits]
 
     def hook(index):
         def keep(layer, args):

@@ -57,7 +57,8 @@ def quantize_with_feedback(module, layers: list, data: dict, inputs: list, round
     forms: dict = {}
     pending = list(layers)
     while pending:
-        batch, size = [], 0
+        batch: list = []
+        size = 0
         for name, layer in pending:
             size += layer.in_features ** 2 * 4
             if batch and size > PASS_BYTES:

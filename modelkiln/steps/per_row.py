@@ -107,10 +107,12 @@ def quantize_per_row(source: Path, out: Path, excluded: frozenset = frozenset(),
     limit = WEIGHT_LIMITS[form or host_int8_form()[0]]
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    constants = {"per_row.zero_point": np.array(128, np.uint8),
-                 "per_row.tiny": np.array(_TINY / 127, np.float32), "per_row.step": np.array(1 / 127, np.float32),
-                 "per_row.one": np.array(1.0, np.float32), "per_row.flat": np.array([-1], np.int64),
-                 "per_row.last": np.array([-1], np.int64)}
+    constants: dict[str, np.ndarray] = {
+        "per_row.zero_point": np.array(128, np.uint8),
+        "per_row.tiny": np.array(_TINY / 127, np.float32), "per_row.step": np.array(1 / 127, np.float32),
+        "per_row.one": np.array(1.0, np.float32), "per_row.flat": np.array([-1], np.int64),
+        "per_row.last": np.array([-1], np.int64),
+    }
 
     def row_max(x, y):  # over the last axis, kept: [..., 1], the shape that scales a product's rows
         if opset >= 18:  # the axes became an input

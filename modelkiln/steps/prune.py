@@ -17,10 +17,23 @@ many zeros compress better).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Param, Step
 from .training import TrainingStep, budget_of, budget_params, distill, example_inputs, training_data
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+
+def _linear_layers(block, names) -> list[nn.Linear] | None:
+    """``block``'s layers named ``names``, where every one is a Linear layer."""
+    import torch.nn as nn
+
+    layers = [layer for layer in (getattr(block, name, None) for name in names) if isinstance(layer, nn.Linear)]
+    return layers if len(layers) == len(names) else None
 
 
 def _prunable(module):
@@ -73,17 +86,15 @@ def _head_count(block):
     return None
 
 
-def attention_blocks(module) -> list[tuple]:
+def attention_blocks(module) -> list[tuple[nn.Module, list[nn.Linear], int]]:
     """``(block, [q, k, v], heads)`` for each multi-head attention block whose heads can be
     pruned: q/k/v Linear layers of one width that divides by the head count (grouped-query
     blocks, whose k/v are narrower, are left out)."""
-    import torch.nn as nn
-
     found = []
     for block in module.modules():
         for names in _QKV_NAMES:
-            layers = [getattr(block, name, None) for name in names]
-            if not all(isinstance(layer, nn.Linear) for layer in layers):
+            layers = _linear_layers(block, names)
+            if layers is None:
                 continue
             heads = _head_count(block)
             widths = {layer.out_features for layer in layers}
@@ -129,14 +140,13 @@ def grouped_attention_blocks(module) -> list[tuple]:
     """``(block, head_dim, heads, kv_heads)`` for each block in Hugging Face's
     q_proj/k_proj/v_proj/o_proj layout whose widths are whole heads; every block must
     have the same counts (one config describes them), else none is returned."""
-    import torch.nn as nn
-
     config = _hf_config(module)
     found = []
     for block in module.modules():
-        q, k, v, o = (getattr(block, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        if not all(isinstance(layer, nn.Linear) for layer in (q, k, v, o)):
+        layers = _linear_layers(block, ("q_proj", "k_proj", "v_proj", "o_proj"))
+        if layers is None:
             continue
+        q, k, v, o = layers
         head_dim = getattr(block, "head_dim", None) or getattr(config, "head_dim", None)
         if not isinstance(head_dim, int) or head_dim <= 0:
             return []
@@ -225,7 +235,7 @@ def _output_width_layers(module, example, names: dict, prunable_heads=()) -> lis
         out = module(*example)
     width = out.shape[-1]
     channels = out.shape[1] if out.ndim > 2 else None
-    keep = []
+    keep: list[nn.Module] = []
     for m in module.modules():
         name = names.get(m, "")
         if m in prunable_heads:

@@ -32,6 +32,7 @@ layers kept in float; each candidate calibrates again.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def _torch_outputs(module, context) -> np.ndarray:
 def _smoothed_once(source_path, data: dict, context, alpha: float, folder: str):
     """A source for builders: the ONNX file at ``source_path`` smoothed at ``alpha`` on
     ``data`` on first use (the tuner may never need it), the same file after."""
-    smoothed = []
+    smoothed: list[Path] = []
 
     def source():
         if not smoothed:

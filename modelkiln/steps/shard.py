@@ -116,16 +116,19 @@ def find_splits(module, example_args: tuple, ranks: int) -> list[Split]:  # noqa
             return None  # a computed or tied weight: not a plain Linear
         return name[: -len(".weight")]
 
-    def chain(start, row_node) -> tuple[set, list] | None:
-        """(intermediate nodes, column linears) feeding ``row_node`` elementwise, or None."""
-        inner, columns, stack = set(), [], [start]
+    def chain(start, row_node) -> tuple[set, list[tuple[Node, str]]] | None:
+        """(intermediate nodes, column linears and their module paths) feeding ``row_node``
+        elementwise, or None."""
+        inner: set[Node] = set()
+        columns: list[tuple[Node, str]] = []
+        stack = [start]
         while stack:
             node = stack.pop()
             if node in inner:
                 continue
-            if owner(node) is not None:
+            if (path := owner(node)) is not None:
                 inner.add(node)
-                columns.append(node)
+                columns.append((node, path))
                 continue
             if node.op != "call_function" or node.target not in unary | binary:
                 return None
@@ -143,7 +146,8 @@ def find_splits(module, example_args: tuple, ranks: int) -> list[Split]:  # noqa
                 return None
         return inner, columns
 
-    splits, used = [], set()
+    splits: list[Split] = []
+    used: set[Node] = set()
     for node in nodes:
         row = owner(node)
         if row is None or node in used:
@@ -154,12 +158,12 @@ def find_splits(module, example_args: tuple, ranks: int) -> list[Split]:  # noqa
         inner, columns = found
         if not columns or used & (inner | {node}):
             continue
-        widths = {tuple(c.meta["val"].shape)[-1] for c in columns}
+        widths = {tuple(c.meta["val"].shape)[-1] for c, _ in columns}
         width = tuple(node.args[0].meta["val"].shape)[-1]
         if widths != {width} or width % ranks:
             continue
         used |= inner | {node}
-        splits.append(Split([owner(c) for c in columns], row, width))
+        splits.append(Split([path for _, path in columns], row, width))
     return splits
 
 

@@ -57,7 +57,7 @@ def input_norms(module, layers: list, inputs: dict) -> dict:
 
     arrays = {name: torch.from_numpy(a[:IMPORTANCE_ROWS]) for name, a in inputs.items()}
     sums = {name: torch.zeros(layer.in_features, dtype=torch.float64) for name, layer in layers}
-    mask = [None]
+    mask: list[torch.Tensor | None] = [None]  # the chunk's, for the hooks
 
     def hook(name):
         def add(layer, args):

@@ -171,9 +171,9 @@ def distill(student, teacher, inputs: dict, steps: int, learning_rate: float, ba
     for done in range(1, steps + 1):
         idx = torch.randint(0, total, (batch,), generator=generator)
         rows = [a[idx] for a in arrays]
-        mask = None if mask_at is None else rows[mask_at]
-        if mask is not None:
-            rows, mask = _without_padding_columns(rows, mask, mask_at)
+        mask = None
+        if mask_at is not None:
+            rows, mask = _without_padding_columns(rows, rows[mask_at], mask_at)
         with torch.no_grad():
             target = teacher(*rows)
         output = student(*rows)

@@ -33,7 +33,7 @@ def tune(build: Callable[[frozenset, str | None], Any], evaluate: Callable[[Any]
         misses the gate, before any layer is kept in float.
     :returns: the first passing candidate, else the best one, and a record for the lineage.
     """
-    trials = []
+    trials: list[dict] = []
 
     def trial(form, builder, excluded=(), only=None):
         # Each trial builds and scores a whole candidate (a static one calibrates again):
@@ -49,7 +49,8 @@ def tune(build: Callable[[frozenset, str | None], Any], evaluate: Callable[[Any]
     if context.passes(quality):
         return candidate, {"tuning": "not needed", "quality": quality}
     builders = {"as configured": build, **dict(alternatives)}
-    best = (quality, candidate, [], "as configured")
+    # quality, candidate, the layers kept in float, form
+    best: tuple[float, Any, list[str], str] = (quality, candidate, [], "as configured")
     for form, builder in alternatives:
         if len(trials) > budget:
             break

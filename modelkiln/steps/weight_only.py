@@ -374,8 +374,8 @@ class WeightOnly(Step):
             kernel = "int4_mm" if int4.triton_available() else "tinygemm"
         if kernel == "int4_mm":
             layer_class = _int4_stored_layer_class()
-            layers = [(name, (m, block, context.device)) for name, m in floats
-                      if int4.unsupported(m.in_features, m.out_features, block) is None]
+            layers: list[tuple[str, tuple]] = [(name, (m, block, context.device)) for name, m in floats
+                                               if int4.unsupported(m.in_features, m.out_features, block) is None]
             served = ("modelkiln int4_mm (Triton, on the stored form), bf16 activations; by tokens per call: "
                       + ", ".join(f"{row['tokens'][0]}-{row['tokens'][1] or ''} {row['method']}"
                                   for row in int4.served_by()))

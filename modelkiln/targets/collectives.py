@@ -17,6 +17,11 @@ larger (a forward program's, whose batch has no bound) stay on NCCL.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from torch.distributed.distributed_c10d import GroupName
+
 # All-reduces whose messages can never exceed this take the one-shot path. It bounds
 # the symmetric buffer, and it lets a decoding program's all-reduces through: their
 # messages are one token's hidden state in a decoding step and up to the whole cache's
@@ -99,8 +104,8 @@ def use_one_shot(module, group_name: str, device: str, max_bytes: int = ONE_SHOT
     chosen, largest, dtype = one_shot_candidates(module, group_name, max_bytes)
     if not chosen:
         return 0
-    buffer = symm_mem.empty(largest, dtype=dtype, device=device)
-    symm_mem.rendezvous(buffer, group_name)
+    buffer = symm_mem.empty(largest, dtype=dtype, device=torch.device(device))
+    symm_mem.rendezvous(buffer, cast("GroupName", group_name))  # torch's type for a group's name
     # CUDA graphs copy a graph's inputs into their own memory unless their address is
     # static: the kernel must see this buffer itself, the one its peers know.
     torch._dynamo.mark_static_address(buffer)

@@ -20,6 +20,10 @@ the ``compressed-tensors`` package: it is what a reader installs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 QUANT_METHOD = "compressed-tensors"
 PACK_FORMAT = "pack-quantized"
@@ -39,9 +43,9 @@ FORMAT_VERSION = "0.20.0"
 class Compressed:
     """One Linear layer's quantized weight in compressed-tensors terms."""
 
-    q: object  # int8 tensor [out, in] of ``bits``-bit integers; float8_e4m3fn where type is "float"
-    scale: object  # float tensor [out, groups]
-    zero_point: object | None  # int8 tensor [out, groups]; None for a symmetric grid
+    q: torch.Tensor  # int8 [out, in] of ``bits``-bit integers; float8_e4m3fn where type is "float"
+    scale: torch.Tensor  # float [out, groups]
+    zero_point: torch.Tensor | None  # int8 [out, groups]; None for a symmetric grid
     bits: int
     group_size: int | None  # None: one scale per output channel
     type: str = "int"  # "float": FP8 (e4m3) weights

@@ -261,7 +261,7 @@ class _Marks:
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
-        self.points = []
+        self.points: list = []  # CUDA events on a GPU, perf_counter_ns() on the CPU
 
     def mark(self) -> None:
         if self.cuda:

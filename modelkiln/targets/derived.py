@@ -176,7 +176,7 @@ def fill(program, sources: dict, folder: dict, device: str, shared: dict | None 
     for name, source in sources.items():
         table = program.state_dict if name in program.state_dict else program.constants
         old = table[name]
-        key = (json.dumps(source, sort_keys=True), str(old.dtype))
+        key: tuple[str, str] | None = (json.dumps(source, sort_keys=True), str(old.dtype))
         if "zeros" in source:  # a KV cache: each program its own, never shared
             value = torch.zeros(old.shape, dtype=old.dtype, device=device)
             key = None

@@ -59,7 +59,7 @@ def fuse_sibling_linears(gm) -> int:  # noqa: C901 - over the complexity bound, 
             continue
         groups[(node.args[0], w.dtype, w.device, w.shape[1], bias is None)].append(node)
 
-    attr_users = defaultdict(int)  # an attribute may be read by several get_attr nodes (tied)
+    attr_users: defaultdict[str, int] = defaultdict(int)  # an attribute may be read by several get_attr nodes (tied)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             attr_users[node.target] += len(node.users)

@@ -53,20 +53,21 @@ def slower_than(rivals: dict[str, float], margin: float):
     bar = margin * max(rivals.values())
     up, down = math.log(_SPRT_H1 / _SPRT_H0), math.log((1 - _SPRT_H1) / (1 - _SPRT_H0))
     reject, accept = math.log((1 - _SPRT_BETA) / _SPRT_ALPHA), math.log(_SPRT_BETA / (1 - _SPRT_ALPHA))
-    state = {"llr": 0.0, "seen": 0, "spent": 0.0, "done": False}
+    llr, seen, spent, done = 0.0, 0, 0.0, False  # the test's state across calls
 
     def stop(times: list[float]) -> str | None:
-        for t in times[state["seen"]:]:  # one decision per run, as Wald's test takes them
-            if state["done"]:
+        nonlocal llr, seen, spent, done
+        for t in times[seen:]:  # one decision per run, as Wald's test takes them
+            if done:
                 return None
-            state["seen"] += 1
-            state["spent"] += t
-            state["llr"] += up if t > bar else down
-            state["done"] = state["llr"] <= accept
-            if state["llr"] >= reject and state["spent"] >= _GIVE_UP_AFTER_MS:
+            seen += 1
+            spent += t
+            llr += up if t > bar else down
+            done = llr <= accept
+            if llr >= reject and spent >= _GIVE_UP_AFTER_MS:
                 break
-        if state["llr"] >= reject and state["spent"] >= _GIVE_UP_AFTER_MS:
-            times = times[:state["seen"]]
+        if llr >= reject and spent >= _GIVE_UP_AFTER_MS:
+            times = times[:seen]
             median = float(np.median(times))
             slower = ", ".join(f"{median / p50:.1f}x slower than {name} ({p50:.4g} ms)" for name, p50 in rivals.items())
             return (f"ended early: {slower} after {len(times)} runs (p50 {median:.4g} ms; a sequential test "
@@ -179,7 +180,7 @@ def environment(device: str, threads: int) -> dict:
     from .host import cpu_model_and_flags, host_probe, package_version
 
     cpu, flags = cpu_model_and_flags()
-    found = {"host": socket.gethostname(), "cpu": cpu, "cpu_flags": flags, "cpus": os.cpu_count(),
+    found: dict = {"host": socket.gethostname(), "cpu": cpu, "cpu_flags": flags, "cpus": os.cpu_count(),
              "device": device, "threads": threads, "python": platform.python_version()}
     if device.startswith("cuda") and "torch" in sys.modules:
         found["gpu"] = sys.modules["torch"].cuda.get_device_name(device)

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import TYPE_CHECKING
 
 from . import blobs as blob_store
 from .compressed import Compressed, quantization_config, scheme
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -105,7 +109,9 @@ def save(lm, directory, shard_bytes: int = SHARD_BYTES, blobs=None) -> tuple[dic
     reason = _config_mismatch(lm, config, tensors, groups)
     if reason is not None:
         return {"format": None, "reason": reason}, {}
-    shards, current, size = [], {}, 0
+    shards: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = 0
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > shard_bytes:
@@ -119,15 +125,17 @@ def save(lm, directory, shard_bytes: int = SHARD_BYTES, blobs=None) -> tuple[dic
     for index, shard in enumerate(shards, 1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
         key = blob_store.tensors_key(shard, metadata) if blobs is not None else ""
-        if blob_store.place(blobs, key, directory / file,
-                            lambda path, shard=shard: save_file(shard, str(path), metadata=metadata)):
+        def write(path, shard: dict = shard) -> None:
+            save_file(shard, str(path), metadata=metadata)
+
+        if blob_store.place(blobs, key, directory / file, write):
             linked.append(file)
         weight_map.update(dict.fromkeys(shard, file))
         files.append(file)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                    indent=2))
-    described = {"format": "huggingface", "files": [CONFIG_FILE, GENERATION_FILE, INDEX_FILE, *files]}
+    described: dict = {"format": "huggingface", "files": [CONFIG_FILE, GENERATION_FILE, INDEX_FILE, *files]}
     if linked:  # stored once: hard links to shards another variant of this artifacts root wrote
         described["shared_files"] = linked
     if groups:

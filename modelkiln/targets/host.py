@@ -183,7 +183,7 @@ def time_half_precision(rounds: int = 1) -> dict | None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        found = {}
+        found: dict[str, dict] = {}
         for bound, (rows, width, outputs) in _HALF_SHAPES.items():
             generator = torch.Generator().manual_seed(0)
             x = torch.randn(rows, width, generator=generator)

@@ -162,16 +162,18 @@ def _convolution(node, attrs: dict, ins: list, constant):
         raise _refused(f"{node.op_type} {node.name} is not a 2-D convolution with explicit pads")
     padding, explicit = _pads(list(attrs.get("pads", [0] * 2 * spatial)), spatial)
     groups, bias = attrs.get("group", 1), len(ins) > 2 and bool(ins[2])
+    layer: torch.nn.Conv2d | torch.nn.ConvTranspose2d
     if node.op_type == "Conv":
         layer = torch.nn.Conv2d(weight.shape[1] * groups, weight.shape[0], weight.shape[2:], attrs.get("strides", 1),
-                                padding, attrs.get("dilations", 1), groups, bias)
+                                (padding[0], padding[1]), attrs.get("dilations", 1), groups, bias)
     else:
         if explicit or attrs.get("output_padding") or attrs.get("output_shape"):
             raise _refused(f"ConvTranspose {node.name} with uneven pads or an output shape")
         layer = torch.nn.ConvTranspose2d(weight.shape[0], weight.shape[1] * groups, weight.shape[2:],
-                                         attrs.get("strides", 1), padding, 0, groups, bias, attrs.get("dilations", 1))
+                                         attrs.get("strides", 1), (padding[0], padding[1]), 0, groups, bias,
+                                         attrs.get("dilations", 1))
     layer.weight.data = _tensor(weight).float()
-    if bias:
+    if layer.bias is not None:  # made where the node has a bias
         layer.bias.data = _tensor(constant(ins[2], "bias")).float()
     return layer, {"explicit_pads": explicit}
 
@@ -181,6 +183,8 @@ def _batch_norm(node, attrs: dict, ins: list, constant):
 
     scale, shift, mean, var = (constant(name, "statistics") for name in ins[1:5])
     layer = torch.nn.BatchNorm2d(len(scale), eps=attrs.get("epsilon", 1e-5))
+    # affine and track_running_stats (BatchNorm2d's defaults): all four are there
+    assert layer.running_mean is not None and layer.running_var is not None
     layer.weight.data, layer.bias.data = _tensor(scale).float(), _tensor(shift).float()
     layer.running_mean.data, layer.running_var.data = _tensor(mean).float(), _tensor(var).float()
     return layer, {}
@@ -269,7 +273,8 @@ def import_onnx(path: Path):
     if unsupported:
         raise _refused(f"operator {', '.join(unsupported)} is not among those the importer takes "
                        "(targets/onnx_import.py)")
-    program, layers, used = [], {}, set()
+    program, layers = [], {}
+    used: set[str] = set()
     for index, node in enumerate(graph.node):
         if node.op_type == "Constant":
             continue

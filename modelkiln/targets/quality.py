@@ -54,11 +54,19 @@ def pooled(outputs: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (outputs.astype(np.float64) * keep).sum(axis=1) / np.maximum(keep.sum(axis=1), 1.0)
 
 
+def _needed(array: np.ndarray | None, what: str, metric: str) -> np.ndarray:
+    """The attention mask or token ids that ``metric`` cannot be computed without."""
+    if array is None:
+        raise ValueError(f"{metric} needs the samples' {what}, and none were given")
+    return array
+
+
 def row_cosines(metric: str, outputs: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """One cosine similarity per sample: of the pooled embeddings for ``pooled_cosine``,
     of the whole flattened output otherwise."""
     if metric == POOLED_COSINE:
-        a, b = pooled(outputs, mask), pooled(reference, mask)
+        keep = _needed(mask, "attention mask", metric)
+        a, b = pooled(outputs, keep), pooled(reference, keep)
     else:
         a = outputs.reshape(len(outputs), -1).astype(np.float64)
         b = reference.reshape(len(reference), -1).astype(np.float64)
@@ -92,7 +100,8 @@ def score(metric: str, outputs: np.ndarray, reference: np.ndarray, labels: np.nd
     if outputs.shape != reference.shape:
         raise ValueError(f"output shape {outputs.shape} differs from the original's {reference.shape}")
     if metric == PERPLEXITY_RATIO:
-        return perplexity_ratio(perplexity(reference, ids), perplexity(outputs, ids))
+        tokens = _needed(ids, "token ids", metric)
+        return perplexity_ratio(perplexity(reference, tokens), perplexity(outputs, tokens))
     finite = _finite_rows(outputs)  # a row with NaN or infinite outputs is wrong, whatever its argmax
     if metric == ACCURACY:
         return float(np.mean((outputs.argmax(axis=-1) == labels) & finite))
@@ -185,8 +194,9 @@ def _row_terms(metric: str, outputs: np.ndarray, reference: np.ndarray, labels: 
     rows = len(outputs)
     finite = _finite_rows(outputs)
     if metric == PERPLEXITY_RATIO:
-        variant, counts = row_nll(outputs, ids)
-        original, _ = row_nll(reference, ids)
+        tokens = _needed(ids, "token ids", metric)
+        variant, counts = row_nll(outputs, tokens)
+        original, _ = row_nll(reference, tokens)
         return np.where(finite & np.isfinite(variant), variant, 1e30), original, counts  # a broken row: no likelihood
     if metric == ACCURACY:
         right = (outputs.argmax(axis=-1) == labels) & finite
@@ -250,9 +260,9 @@ def probe_summary(metric: str, outputs: np.ndarray, mask: np.ndarray | None, ids
     for ``perplexity_ratio`` (a vocabulary's logits at every position would take
     gigabytes), the outputs themselves otherwise."""
     if metric == POOLED_COSINE:
-        return pooled(outputs, mask).astype(np.float32)
+        return pooled(outputs, _needed(mask, "attention mask", metric)).astype(np.float32)
     if metric == PERPLEXITY_RATIO:
-        return np.stack(row_nll(outputs, ids), axis=1)
+        return np.stack(row_nll(outputs, _needed(ids, "token ids", metric)), axis=1)
     return outputs.astype(np.float32)
 
 

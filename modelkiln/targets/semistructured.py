@@ -84,7 +84,7 @@ class CudaGraphs:
     captures it. Every answer is a fresh tensor (the graph's own output is overwritten by
     the next replay); callers on several threads take turns (a graph's inputs are shared)."""
 
-    def __init__(self, module):
+    def __init__(self, module) -> None:
         self.module = module
         self.graphs: OrderedDict = OrderedDict()
         self.lock = threading.Lock()

@@ -87,7 +87,7 @@ def save(model, directory: Path) -> str:
     sharded = model.obj
     ranks = len(sharded.ranks)
     files = []
-    decode = {}
+    decode: dict = {}  # a causal LM's decoding programs, as _save_decoder fills it
     for rank, module in enumerate(sharded.ranks):
         args = example_args(ModelHandle(TORCH, module, model.inputs))  # on the rank's device
         with warnings.catch_warnings():
@@ -167,8 +167,10 @@ def _join(rank: int, ranks: int, port: int, device: str, threads: int, directory
         torch.cuda.set_device(rank)
     dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=ranks, timeout=_START_TIMEOUT)
-    if dist.group.WORLD.group_name != plan["group"]:
-        raise RuntimeError(f"process group is named {dist.group.WORLD.group_name!r}, "
+    world = dist.group.WORLD
+    assert world is not None  # init_process_group made it
+    if world.group_name != plan["group"]:
+        raise RuntimeError(f"process group is named {world.group_name!r}, "
                            f"the programs were traced for {plan['group']!r}")
     local = _rank_device(device, rank)
     with warnings.catch_warnings():
@@ -206,7 +208,7 @@ def _call(programs, program: int, tensors, plan: dict, device: str):
     return programs[_FORWARD](*tensors)
 
 
-def _receive(device: str):
+def _receive(device: str) -> tuple[int, list] | None:
     """The next request, broadcast from rank 0: ``(program, inputs)``; None when told to stop."""
     import torch
     import torch.distributed as dist
@@ -281,7 +283,8 @@ def rank_main(rank: int, ranks: int, port: int, device: str, threads: int, direc
     local = _rank_device(device, rank)
     with torch.inference_mode():
         while (request := _receive(local)) is not None:
-            _call(programs, *request, plan, local)
+            program, tensors = request
+            _call(programs, program, tensors, plan, local)
     dist.destroy_process_group()
 
 
@@ -312,6 +315,7 @@ class RankGroup:
             process.start()
         self.programs, self.all_reduce = _join(0, self.ranks, port, device, per_rank, directory, self.plan)
         self.closed = False
+        self.details: dict = {}  # what ``load``'s equality check found, for the measurement's checks
         atexit.register(self.close)
         if "files" in self.plan.get("decode", {}):
             # A causal LM: prefill and per-token decode, every rank running the same loop.

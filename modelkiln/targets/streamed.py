@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .serving import Serving
+
 INDEX_FILE = "model.safetensors.index.json"
 ARCHITECTURE_FILE = "architecture.json"
 
@@ -145,14 +147,14 @@ class StreamedModule:
             sub.register_forward_pre_hook(self._loader(sub, names, weight_map))
             sub.register_forward_hook(self._dropper(sub, names))
 
-    def _loader(self, sub, names, weight_map):
+    def _loader(self, sub, names: list[tuple[str, str]], weight_map: dict):
         import torch
         from safetensors import safe_open
 
         # Opened per call and closed at once: the shard's pages leave this process's
         # mappings with the module's weights (the page cache may keep them; it can drop
         # them). A module's own parameters share a shard; a tied one may sit in another.
-        by_file: dict = {}
+        by_file: dict[str, list[tuple[str, str]]] = {}
         for local, full in names:
             by_file.setdefault(str(weight_map[full]), []).append((local, full))
 
@@ -185,8 +187,6 @@ class StreamedModule:
 def load(directory: Path, device: str, threads: int):
     """A ``Serving`` for the streamed artifact in ``directory``."""
     import torch
-
-    from .torchrt import Serving
 
     torch.set_num_threads(threads)
     serving = Serving(StreamedModule(directory, device), device)

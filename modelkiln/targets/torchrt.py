@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
@@ -20,6 +21,7 @@ from ..plugins.api import ONNX, SHARDED, SPARSE24, STREAMED, TORCH, ModelHandle,
 from . import decoding, derived, fusion, hf_folder, semistructured, sharded, streamed
 from .kernels import int4
 from .compiled import compile_loaded, serving_entry
+from .serving import Serving
 from .shapes import dynamic_shapes, example_args, tracing_attention
 
 EXPORT_FILE = "model.pt2"
@@ -173,7 +175,7 @@ class TorchRuntime(Runtime):
             return None
         return json.loads((directory / SERVING_FILE).read_text()).get("weights")
 
-    def load(self, directory, file, device, threads):
+    def load(self, directory: Path, file: str, device: str, threads: int) -> Callable[[dict], Any]:
         import torch
 
         if file == sharded.PLAN_FILE:
@@ -235,47 +237,6 @@ def _check_sparse_weights(module) -> None:
     if any(w.dtype == torch.float32 and semistructured.kernels_take(w, any_dtype=True) for w in module.parameters()):
         raise StepNotApplicable("prune.sparse24: the 2:4 kernels take 16-bit weights and these are float32; put "
                                 "quantize.bf16 (or fp16) after prune.sparse24 in the recipe")
-
-
-class Serving:
-    """An artifact loaded for ``device``: numpy in, numpy out, as a caller sees it; on a
-    GPU it times itself on the device (inputs already there) with CUDA events."""
-
-    def __init__(self, module, device: str, decoder=None, vocab_size: int = 0, batched=None, prefill=None):
-        self.module = module
-        self.device = device
-        if device.startswith("cuda"):
-            # On the CPU the harness's wall clock is right; a GPU needs its own events.
-            self.time_runs = self._time_cuda
-        if decoder is not None:
-            # A causal language model: prefill and per-token decode with its KV cache.
-            self.time_decoding = lambda: decoding.time_decoding(decoder, vocab_size, device, batched=batched,
-                                                                prefill=prefill)
-
-    def _tensors(self, inputs: dict):
-        import torch
-
-        return [torch.from_numpy(v).to(self.device) for v in inputs.values()]
-
-    def __call__(self, inputs: dict):
-        import torch
-
-        with torch.inference_mode():
-            out = self.module(*self._tensors(inputs))
-        return out.float().cpu().numpy()
-
-    def _time_cuda(self, inputs: dict, **settings) -> dict:
-        import torch
-
-        from .harness import time_calls
-
-        tensors = self._tensors(inputs)
-
-        def call():
-            with torch.inference_mode():
-                self.module(*tensors)
-
-        return time_calls(call, self.device, **settings)
 
 
 @hookimpl

@@ -283,7 +283,7 @@ def compile_for(tiles, capability: tuple[int, int] = (9, 0), dtype=torch.bfloat1
     if tiles.method == "dequantize":
         kernel, constants = _dequantize_kernel, dequantize_constants(tiles, in_features, group)
         pointers = {"w_ptr": "*i32", "s_ptr": f"*{element}", "out_ptr": f"*{element}"}
-        integers = ("N", "K", "stride_wn", "stride_sn", "stride_on")
+        integers: tuple[str, ...] = ("N", "K", "stride_wn", "stride_sn", "stride_on")
         options = {"num_warps": tiles.num_warps, "num_stages": 1}
     else:
         kernel, constants = _int4_mm_kernel, fused_constants(tiles, in_features, group, dtype)
