@@ -237,6 +237,52 @@ def test_int8_weight_only_is_not_offered_on_cuda_and_says_why(tmp_path):
     assert "int8 is not offered on cuda" in WeightOnly.description
 
 
+def test_error_feedback_rounds_int4_closer_on_the_data_than_round_to_nearest(tmp_path):
+    """quantize.weight_only's integers chosen by error feedback on rows apart from the
+    quality samples: the products on held-out rows of the same kind are closer to the
+    float model's than round-to-nearest's, on the grid compressed-tensors stores (levels
+    in [-7, 7], one scale a group). Without such rows it rounds to nearest and says why,
+    and records that it fitted nothing (so the held-out rule does not apply)."""
+    import numpy as np
+    import torch
+
+    from modelkiln.plugins.api import TORCH, InputSpec, ModelHandle, StepContext
+    from modelkiln.steps.weight_only import WeightOnly
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(8, 128)).astype(np.float32)  # inputs that move together: a low-rank cloud
+
+    def rows(count):
+        return {"x": (rng.normal(size=(count, 8)).astype(np.float32) @ mixing
+                      + 0.05 * rng.normal(size=(count, 128)).astype(np.float32))}
+
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
+    spec = [InputSpec("x", (-1, 128), "float32")]
+    held_out = torch.from_numpy(rows(256)["x"])
+    with torch.no_grad():
+        expected = model(held_out)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        context = StepContext(tmp_path, "cpu", "torch", "cpu", 1, {}, training_inputs=rows(512),
+                              training_source="train.npz", split={"training_source": "train.npz"})
+        quantized = WeightOnly().apply(ModelHandle(TORCH, model, spec),
+                                       {"bits": 4, "block_size": 32, "method": method}, context).obj
+        with torch.no_grad():
+            errors[method] = float((quantized(held_out) - expected).norm() / expected.norm())
+        assert context.record["method"] == method
+        if method == "gptq":
+            assert context.record["output_error"] < context.record["rtn_output_error"]
+            assert context.record["fit_data"] == "train.npz" and context.record["fit_rows"] == 128
+            assert int(quantized[0].compressed.q.abs().max()) <= 7
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+    context = StepContext(tmp_path, "cpu", "torch", "cpu", 1, {}, split={"trained_on_samples": True})
+    WeightOnly().apply(ModelHandle(TORCH, model, spec), {"bits": 4, "block_size": 32}, context)
+    assert context.record["method"] == "rtn" and context.record["fitted"] is False
+    assert "apart from its quality samples" in context.record["why_rtn"]
+    assert WeightOnly().trains({"method": "auto"}) and not WeightOnly().trains({"method": "rtn"})
+
+
 def test_head_pruning_removes_whole_attention_heads(kiln_dir, tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
