@@ -177,7 +177,7 @@ def write_checkpoint(staged: Path, config, device: str, tiny: bool) -> int:
         paragraphs = [para for text in texts for para in text.split("\n\n") if len(para.split()) > 8]
         (staged / name).write_text("\n".join(json.dumps({"text": para}) for para in paragraphs[:count]) + "\n")
     shards = sorted(p.name for p in staged.glob("*.safetensors"))
-    print(f"checkpoint: {params / 1e9:.3f} B parameters, bf16, {len(shards)} safetensors shards, tokenizer of "
+    print(f"checkpoint: {_count(params)} parameters, bf16, {len(shards)} safetensors shards, tokenizer of "
           f"{len(tokenizer)} tokens (config: {config.vocab_size}), {folder_bytes(staged) / 2**30:.2f} GiB, "
           f"written in {time.time() - started:.0f} s", flush=True)
     return params
