@@ -34,7 +34,10 @@ def kiln_folder(extra: str = "", replacements: dict | None = None, recipes: list
 class Serve:
     def __init__(self, folder: Path):
         self.folder = folder
-        env = {**os.environ, "KILN_CONFIG": str(folder / "kiln.toml"), "PYTHONPATH": str(ROOT / "tests")}
+        # tests/ for the plugins some benchmarks name; the caller's PYTHONPATH after it, so
+        # the daemon imports the modelkiln the caller chose (a worktree, not an installed copy).
+        path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "KILN_CONFIG": str(folder / "kiln.toml"), "PYTHONPATH": path}
         self.log = open(folder / "serve.log", "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "modelkiln", "serve"], env=env,
                                         stdout=self.log, stderr=subprocess.STDOUT)
