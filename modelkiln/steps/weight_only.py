@@ -20,11 +20,18 @@ with 4-bit weights than in fp32 (see BENCHMARKS.md). The measurement decides.
   many times slower than in bf16 (BENCHMARKS.md, "Figures behind the code"). Without a
   fused dequantizing kernel the variant only costs a build and a measurement; int4
   (below) has one.
-- torch (cuda), int4: block-wise int4 in PyTorch's own CUDA kernel for it
-  (``_weight_int4pack_mm``, the tinygemm kernel gpt-fast uses; compute capability 8.0+),
-  bf16 activations; layers whose widths the kernel does not take stay in float. It
-  decodes faster than bf16, and its next tokens drift from the original's (figures in
-  BENCHMARKS.md), which the quality gate judges.
+- torch (cuda), int4: block-wise int4 with bf16 activations, by modelkiln's own Triton
+  kernel ``int4_mm`` where Triton is installed (``targets/kernels/int4.py``: it reads the
+  stored compressed-tensors form as it is and picks its tiles by the tokens per call, so
+  that a server's batches do not fall behind bf16), else PyTorch's tinygemm kernel
+  (``_weight_int4pack_mm``, the one gpt-fast uses; compute capability 8.0+), which is
+  fast at batch 1 and slower than bf16 from 16 tokens on (BENCHMARKS.md); layers whose
+  widths the kernel does not take stay in float. Its next tokens drift from the
+  original's, which the quality gate judges.
+
+On torch the integers are chosen by error feedback on the checkpoint's data where it
+has rows apart from the quality samples (``method = "auto"``, GPTQ's method,
+``error_feedback.py``), else rounded to nearest; the grid is the same either way.
 
 On torch the integers are those the compressed-tensors format stores (symmetric int4 in
 groups of ``block_size``, ``W4A16``; symmetric int8 per channel, ``W8A16``): a causal LM's
@@ -301,7 +308,7 @@ class WeightOnly(Step):
             if params.get("method", "auto") == "gptq":
                 raise StepNotApplicable(f"{self.name}: method gptq is for the torch runtime; onnxruntime's "
                                         "MatMulNBits weights are rounded to nearest (method rtn or auto)")
-            context.record["fitted"] = False
+            context.record.update(method="rtn", fitted=False)
             return self._onnx(model, bits, block, context)
         return self._torch(model, bits, block, params.get("method", "auto"), context, params.get("kernel", "auto"))
 
