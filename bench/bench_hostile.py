@@ -204,8 +204,8 @@ def main():
                     log.seek(offset)
                     for line in log.read().decode(errors="replace").splitlines():
                         if str(final) in line and ("skipped" in line or "cannot ingest" in line
-                                                   or "not taken yet" in line):
-                            outcome = ("not taken (logged)", line.split(": ", 1)[-1])
+                                                   or "not ingested yet" in line):
+                            outcome = ("not ingested (logged)", line.split(": ", 1)[-1])
                 time.sleep(0.2)
             took = time.time() - dropped
             outcome = outcome or ("no answer", f"nothing within {args.timeout:.0f} s")

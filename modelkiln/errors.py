@@ -22,6 +22,6 @@ class StepNotApplicable(KilnError):
     """A step does not apply to this model or target: the job is recorded as skipped."""
 
 
-class NotTakenYet(KilnError):
-    """A version folder cannot be taken now (too big to copy, say): logged once, looked at
-    again at each rescan, taken once the cause is gone."""
+class NotIngestedYet(KilnError):
+    """A version folder cannot be ingested now (too big to copy, say): logged once, looked
+    at again at each rescan, ingested once the cause is gone."""

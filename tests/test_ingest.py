@@ -48,7 +48,7 @@ def test_a_folder_is_taken_only_after_the_quiet_period(config, ingestor):
     result = ingest.ingest(candidate)
     assert result.outcome == "wait" and result.retry_at > clock.now
     clock.now = result.retry_at + 0.01
-    assert ingest.ingest(candidate).outcome == "taken"
+    assert ingest.ingest(candidate).outcome == "ingested"
     assert ingest.ingest(candidate).outcome == "unchanged"
 
 
@@ -56,7 +56,7 @@ def test_a_renamed_folder_is_taken_at_once(config, ingestor):
     ingest, _ = ingestor
     version_folder(config)
     (candidate,) = candidates(config)
-    assert ingest.ingest(replace(candidate, complete=True)).outcome == "taken"
+    assert ingest.ingest(replace(candidate, complete=True)).outcome == "ingested"
 
 
 def test_a_touched_but_unchanged_folder_is_not_new(config, ingestor):
@@ -70,7 +70,7 @@ def test_a_touched_but_unchanged_folder_is_not_new(config, ingestor):
     (folder / "model.safetensors").write_bytes(b"y" * 100)
     clock.now += 10
     second = ingest.ingest(candidate)
-    assert second.outcome == "taken" and second.checkpoint_id != first.checkpoint_id
+    assert second.outcome == "ingested" and second.checkpoint_id != first.checkpoint_id
 
 
 def test_the_snapshot_is_what_was_hashed(config, ingestor):
@@ -203,4 +203,4 @@ def test_a_copy_that_runs_out_of_disk_leaves_nothing_and_is_taken_once_space_ret
     incoming = config.artifacts_path / ".incoming"
     assert not incoming.exists() or list(incoming.iterdir()) == []
     monkeypatch.setattr(ingest_module, "copy_files", real_copy)  # space freed
-    assert ingest.ingest(replace(candidate, complete=True)).outcome == "taken"
+    assert ingest.ingest(replace(candidate, complete=True)).outcome == "ingested"

@@ -2,7 +2,7 @@
 
 The snapshot is a copy under ``artifacts/`` and the hash is computed on that copy, so
 what is recorded is exactly what every job later reads: a folder that changes after (or
-while) it is taken becomes a new checkpoint, never a mix of two. If the source changes
+while) it is snapshotted becomes a new checkpoint, never a mix of two. If the source changes
 during the copy, the copy is discarded and the version is looked at again later.
 
 The filesystem facts are gathered first (a cheap look, then the copy, the hash and the
@@ -13,7 +13,7 @@ service loop (``record``).
 ``Intake`` is the daemon's side of it: versions the watcher, the rescan or the command
 line found go to the ingest thread and come back through the inbox to be recorded; one
 that is not quiet yet is looked at again when its quiet period ends; one that cannot be
-taken is logged once until its reason changes.
+ingested is logged once until its reason changes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
-from ..errors import NotTakenYet
+from ..errors import NotIngestedYet
 from ..plugins.api import FoundCheckpoint
 from ..registry.directory import content_hash, copy_files, observe
 from ..registry.formats import detect_format, no_format_reason
@@ -45,7 +45,7 @@ BUSY_RETRY_SECONDS = 1.0
 
 @dataclass
 class IngestResult:
-    # "taken" (a new checkpoint), "unchanged", "wait" (not complete yet; see retry_at), "gone"
+    # "ingested" (a new checkpoint), "unchanged", "wait" (not complete yet; see retry_at), "gone"
     outcome: str
     checkpoint_id: int | None = None
     retry_at: float | None = None
@@ -143,7 +143,7 @@ class Ingestor:
             return IngestResult("wait", retry_at=seen.newest_mtime + self.quiet_seconds)
         too_big = self._too_big(seen.size_bytes)
         if too_big is not None:  # refused before a byte is copied; looked at again at each rescan
-            raise NotTakenYet(f"{found.path}: {too_big}")
+            raise NotIngestedYet(f"{found.path}: {too_big}")
         staging = self.layout.incoming / f"{found.model}-{uuid.uuid4().hex[:12]}"
         try:
             copy_files(found.path, seen.files, staging)
@@ -187,7 +187,7 @@ class Ingestor:
             return None
         if size > free:
             return (f"holds {size / 2**30:.1f} GiB, more than is free where artifacts go ({self.layout.root}); it "
-                    "is taken once space is freed")
+                    "is ingested once space is freed")
         return None
 
     def _record(self, found: FoundCheckpoint, seen, digest: str, snapshot, fmt) -> IngestResult:
@@ -219,7 +219,7 @@ class Ingestor:
         log.info("checkpoint %s/%s %s (%s, %s)%s", found.model, found.version, status,
                  fmt.name if fmt else "no format", digest[:16], f": {reason}" if reason else "",
                  extra=about(found.model, found.version))
-        return IngestResult("taken", checkpoint_id)
+        return IngestResult("ingested", checkpoint_id)
 
 
 class Intake:
@@ -236,16 +236,16 @@ class Intake:
         # version folder -> why it could not be ingested (logged once until it changes)
         self._failed: dict[str, str] = {}
 
-    def take_now(self, found: FoundCheckpoint) -> int | None:
-        """Ingest ``found`` on this thread; its checkpoint's id, if it was taken."""
+    def ingest_now(self, found: FoundCheckpoint) -> int | None:
+        """Ingest ``found`` on this thread; its checkpoint's id, if it was ingested."""
         try:
             result = self.ingestor.ingest(found)
         except Exception as exc:  # one bad folder must not stop the scan or the batch
-            self._not_taken(found, exc)
+            self._not_ingested(found, exc)
             return None
-        return self._taken(found, result)
+        return self._ingested(found, result)
 
-    def take_later(self, found: FoundCheckpoint) -> None:
+    def ingest_later(self, found: FoundCheckpoint) -> None:
         """Copy and hash ``found`` on the ingest thread; ``prepared`` records it."""
         self.background.submit("prepared", str(found.path), self._prepare, found)
 
@@ -255,7 +255,7 @@ class Intake:
         if error is not None:
             log.error("the %s registry's scan failed: %s", self.registry.kind, error)
         for found in versions or ():
-            self.take_later(found)
+            self.ingest_later(found)
 
     def _prepare(self, found: FoundCheckpoint):
         """On the ingest thread: the version folder and what preparing it gave (or raised)."""
@@ -282,23 +282,23 @@ class Intake:
                 self.scheduler.post_at(self.wall_clock() + BUSY_RETRY_SECONDS,
                                        f"quiet:{found.model}/{found.version}", "hint", found)
             return
-        except Exception as exc:  # as in take_now
-            self._not_taken(found, exc)
+        except Exception as exc:  # as in ingest_now
+            self._not_ingested(found, exc)
             return
-        self._taken(found, result)
+        self._ingested(found, result)
 
-    def _not_taken(self, found: FoundCheckpoint, exc: Exception) -> None:
-        message = str(exc) if isinstance(exc, (OSError, NotTakenYet)) else f"{type(exc).__name__}: {exc}"
+    def _not_ingested(self, found: FoundCheckpoint, exc: Exception) -> None:
+        message = str(exc) if isinstance(exc, (OSError, NotIngestedYet)) else f"{type(exc).__name__}: {exc}"
         if self._failed.get(str(found.path)) == message:  # once, not at every rescan
             return
         self._failed[str(found.path)] = message
-        if isinstance(exc, NotTakenYet):  # its message names the folder and what to do
-            log.warning("not taken yet: %s", printable(message), extra=about(found.model, found.version))
+        if isinstance(exc, NotIngestedYet):  # its message names the folder and what to do
+            log.warning("not ingested yet: %s", printable(message), extra=about(found.model, found.version))
             return
         log.error("cannot ingest %s: %s; it is looked at again at each rescan", printable(str(found.path)),
                   message, extra=about(found.model, found.version))
 
-    def _taken(self, found: FoundCheckpoint, result: IngestResult) -> int | None:
+    def _ingested(self, found: FoundCheckpoint, result: IngestResult) -> int | None:
         self._failed.pop(str(found.path), None)
         key = f"quiet:{found.model}/{found.version}"
         if self.scheduler is not None:
@@ -307,7 +307,7 @@ class Intake:
                 self.scheduler.post_at(result.retry_at, key, "hint", replace(found, complete=False))
             else:
                 self.scheduler.cancel(key)
-        if result.outcome in ("taken", "unchanged"):
+        if result.outcome in ("ingested", "unchanged"):
             try:
                 self.registry.release(found)
             except OSError as exc:  # the copy stays; the next scan tries again

@@ -275,7 +275,7 @@ class Daemon:
             if kind == "rescan":
                 rescan = True
             elif kind == "hint":  # a version folder the watcher found, or a quiet period ended
-                self.intake.take_later(payload)
+                self.intake.ingest_later(payload)
             elif kind == "scanned":  # the registry's versions, listed on the ingest thread
                 self.intake.scanned(*payload)
             elif kind == "prepared":  # a version copied and hashed on the ingest thread
@@ -295,11 +295,11 @@ class Daemon:
         """Compare the registry with the catalogue and ingest what events missed, here
         and now (the loop does the same on the ingest thread, at each rescan)."""
         for found in self.registry.scan():
-            self.intake.take_now(found)
+            self.intake.ingest_now(found)
 
     def ingest_path(self, found: FoundCheckpoint) -> int | None:
         """Take a folder that is known complete now (``kiln optimize``)."""
-        return self.intake.take_now(replace(found, complete=True))
+        return self.intake.ingest_now(replace(found, complete=True))
 
     def _settle(self, session, checkpoint) -> None:
         self.jobs.settle(session, checkpoint)
