@@ -203,61 +203,16 @@ def build_variant(spec: dict) -> dict:
     if runtime is None:
         raise StepNotApplicable(f"runtime {spec['runtime']} is not installed on this host")
     recipe = parse_recipe(spec["recipe"], plugins.steps)
-    loaded = _load(spec, plugins, inspected["format"])
-    inputs = [InputSpec.from_dict(i) for i in inspected["inputs"]]
-    if loaded.module is not None:
-        # Which factory built the module: what a step that rebuilds it elsewhere names.
-        notes = {"factory": loaded.info["factory"]} if loaded.info.get("factory") else {}
-        model = ModelHandle(TORCH, loaded.module, inputs, notes)
-    else:
-        model = ModelHandle(ONNX, Path(loaded.onnx_path), inputs)
-    calibration = _rows_of(arrays, "calibration")
-    training = _rows_of(arrays, "train")
-    target = spec["target"]
+    model = _model_handle(_load(spec, plugins, inspected["format"]), inspected)
     tracker = progress.current()
-    context = StepContext(
-        Path(spec["work_dir"]), target["name"], runtime.name, target["device"], target["threads"], samples,
-        calibration, training,
-        gate=Gate(inspected["quality_metric"], arrays["reference"], arrays.get("labels"),
-                  inspected["baseline_quality"], gate_limits(spec).max_quality_drop, samples.get(MASK),
-                  samples.get("input_ids")),
-        devices=target.get("devices", 1), memory_mb=target.get("memory_mb", 0),
-        worker_memory_mb=spec.get("worker_memory_mb", 0), reporter=tracker,
-        training_source=inspected.get("training_source") or "train.npz",
-        split=inspected.get("data_split"),
-        decode_batch_sizes=tuple(target.get("decode_batch_sizes", (1,))),
-        prefill_tokens=tuple(target.get("prefill_tokens", ())),
-        blob_dir=Path(spec["blob_dir"]) if spec.get("blob_dir") else None,
-    )
+    context = _step_context(spec, runtime, inspected, arrays, samples, tracker)
     timings = {"load_seconds": time.perf_counter() - t0, "convert_seconds": 0.0, "step_seconds": 0.0}
     lineage: list[dict] = []
     for step_ref in recipe.steps:
-        step = plugins.steps[step_ref.name]
-        form = step.forms.get(runtime.name)
-        if form is None:
-            raise StepNotApplicable(f"{step.name} does not serve the {runtime.name} runtime")
         if tracker is not None:
-            tracker.step(step.name)
-        c0 = time.perf_counter()
-        model = _in_form(model, form, runtime, step, context)
-        s0 = time.perf_counter()
-        context.record = {}
-        if not lineage and "onnx_import" in model.notes:  # the first step's record says it worked on an import
-            context.record["onnx_import"] = model.notes["onnx_import"]
-        params = {**{p.name: p.default for p in step.params}, **dict(step_ref.params)}
-        model = step.apply(model, params, context)
-        s1 = time.perf_counter()
-        timings["convert_seconds"] += s0 - c0
-        timings["step_seconds"] += s1 - s0
-        entry = {"step": step.name, "params": params, "plugin": getattr(step, "plugin", ""),
-                 "record": context.record, "seconds": s1 - s0}
-        trains = getattr(step, "trains", None)  # a plugin's step need not subclass Step
-        # A step that may train records ``fitted: False`` where it ended up fitting nothing
-        # (no rows to fit on): then nothing of the data is in its variant.
-        if callable(trains) and trains(params) and context.record.get("fitted", True):
-            # What it trained on and how many rows it never saw judge it: the policy's
-            # held-out rule reads this (policy.min_heldout_rows).
-            entry["data"] = inspected.get("data_split")
+            tracker.step(step_ref.name)
+        model, entry = _apply_step(plugins.steps[step_ref.name], step_ref, model, runtime, context, inspected,
+                                   timings, first=not lineage)
         lineage.append(entry)
     if tracker is not None:
         tracker.step(f"saving for {runtime.name}")
@@ -271,6 +226,66 @@ def build_variant(spec: dict) -> dict:
     described = getattr(runtime, "weights", None)  # a plugin's runtime need not subclass Runtime
     return {"status": "built", "file": file, "serving_files": companions, "lineage": lineage, "timings": timings,
             "weights": described(out) if callable(described) else None}
+
+
+def _model_handle(loaded, inspected: dict) -> ModelHandle:
+    """The loaded checkpoint as the first step takes it, with the inputs inspect settled."""
+    inputs = [InputSpec.from_dict(i) for i in inspected["inputs"]]
+    if loaded.module is not None:
+        # Which factory built the module: what a step that rebuilds it elsewhere names.
+        notes = {"factory": loaded.info["factory"]} if loaded.info.get("factory") else {}
+        return ModelHandle(TORCH, loaded.module, inputs, notes)
+    return ModelHandle(ONNX, Path(loaded.onnx_path), inputs)
+
+
+def _step_context(spec: dict, runtime, inspected: dict, arrays: dict, samples: dict, tracker) -> StepContext:
+    """What every step of the job may use: the target, the samples and the rows split by
+    content, the gate, the budgets."""
+    target = spec["target"]
+    return StepContext(
+        Path(spec["work_dir"]), target["name"], runtime.name, target["device"], target["threads"], samples,
+        _rows_of(arrays, "calibration"), _rows_of(arrays, "train"),
+        gate=Gate(inspected["quality_metric"], arrays["reference"], arrays.get("labels"),
+                  inspected["baseline_quality"], gate_limits(spec).max_quality_drop, samples.get(MASK),
+                  samples.get("input_ids")),
+        devices=target.get("devices", 1), memory_mb=target.get("memory_mb", 0),
+        worker_memory_mb=spec.get("worker_memory_mb", 0), reporter=tracker,
+        training_source=inspected.get("training_source") or "train.npz",
+        split=inspected.get("data_split"),
+        decode_batch_sizes=tuple(target.get("decode_batch_sizes", (1,))),
+        prefill_tokens=tuple(target.get("prefill_tokens", ())),
+        blob_dir=Path(spec["blob_dir"]) if spec.get("blob_dir") else None,
+    )
+
+
+def _apply_step(step, step_ref, model: ModelHandle, runtime, context: StepContext, inspected: dict,
+                timings: dict, first: bool) -> tuple[ModelHandle, dict]:
+    """``model`` through one step of the recipe (converted into the form it takes first),
+    and the step's lineage entry; adds to ``timings``."""
+    form = step.forms.get(runtime.name)
+    if form is None:
+        raise StepNotApplicable(f"{step.name} does not serve the {runtime.name} runtime")
+    c0 = time.perf_counter()
+    model = _in_form(model, form, runtime, step, context)
+    s0 = time.perf_counter()
+    context.record = {}
+    if first and "onnx_import" in model.notes:  # the first step's record says it worked on an import
+        context.record["onnx_import"] = model.notes["onnx_import"]
+    params = {**{p.name: p.default for p in step.params}, **dict(step_ref.params)}
+    model = step.apply(model, params, context)
+    s1 = time.perf_counter()
+    timings["convert_seconds"] += s0 - c0
+    timings["step_seconds"] += s1 - s0
+    entry = {"step": step.name, "params": params, "plugin": getattr(step, "plugin", ""),
+             "record": context.record, "seconds": s1 - s0}
+    trains = getattr(step, "trains", None)  # a plugin's step need not subclass Step
+    # A step that may train records ``fitted: False`` where it ended up fitting nothing
+    # (no rows to fit on): then nothing of the data is in its variant.
+    if callable(trains) and trains(params) and context.record.get("fitted", True):
+        # What it trained on and how many rows it never saw judge it: the policy's
+        # held-out rule reads this (policy.min_heldout_rows).
+        entry["data"] = inspected.get("data_split")
+    return model, entry
 
 
 def gate_limits(spec: dict) -> GateLimits:
