@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ def kiln_folder(extra: str = "", replacements: dict | None = None, recipes: list
     write_default_config(folder, extra)
     text = (folder / "kiln.toml").read_text().replace('address = "127.0.0.1:9464"', 'address = "127.0.0.1:0"')
     if recipes is not None:
-        listed = ", ".join(f'"{r}"' for r in recipes)
+        listed = ", ".join(json.dumps(r) for r in recipes)  # TOML strings: a recipe may quote its parameters
         text = re.sub(r"(?m)^recipes = \[[^\]]*\]", f"recipes = [{listed}]", text)
     for old, new in (replacements or {}).items():
         assert old in text, old
