@@ -214,24 +214,9 @@ def folder_bytes(path: Path, pattern: str = "*") -> int:
 
 def disk_use(root: Path) -> int:
     """Bytes ``root``'s files take on disk, a file with several hard links counted once."""
-    seen, total, stack = set(), 0, [root]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:  # a staging folder renamed or removed while walked
-            continue
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    info = entry.stat(follow_symlinks=False)
-                    if (info.st_dev, info.st_ino) not in seen:
-                        seen.add((info.st_dev, info.st_ino))
-                        total += info.st_blocks * 512
-            except OSError:
-                continue
-    return total
+    from modelkiln.pipeline.footprint import allocated_files
+
+    return sum(allocated_files([root]).values())
 
 
 def _process_tree(root: int) -> list[int]:

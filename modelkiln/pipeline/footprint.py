@@ -36,7 +36,7 @@ def peak_host_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _files(roots: list[Path]):
+def allocated_files(roots: list[Path]) -> dict[tuple[int, int], int]:
     """(device, inode) -> bytes allocated, of every file under ``roots``."""
     found: dict[tuple[int, int], int] = {}
     stack = [str(root) for root in roots]
@@ -72,7 +72,7 @@ class DiskPeak:
 
     def new_bytes(self) -> int:
         skip = self._before | blobs.reused()
-        return sum(size for key, size in _files(self.roots).items() if key not in skip)
+        return sum(size for key, size in allocated_files(self.roots).items() if key not in skip)
 
     def _take(self) -> None:
         self.peak = max(self.peak, self.new_bytes())
@@ -82,7 +82,7 @@ class DiskPeak:
             self._take()
 
     def start(self) -> DiskPeak:
-        self._before = set(_files(self.roots))
+        self._before = set(allocated_files(self.roots))
         if self.sample:
             self._thread = threading.Thread(target=self._run, name="kiln-disk-peak", daemon=True)
             self._thread.start()
