@@ -154,7 +154,8 @@ def test_a_model_over_the_memory_budget_is_streamed_from_capped_shards(kiln_dir,
     LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=4, vocab_size=1000, max_position_embeddings=64,
                                  tie_word_embeddings=True)).save_pretrained(str(folder), safe_serialization=True)
-    checkpoint = optimize_once(config, folder, "llama")
+    # Six variants of a causal LM, each with its decoding programs: minutes on a busy 2-core host.
+    checkpoint = optimize_once(config, folder, "llama", timeout=360)
     assert checkpoint.status == "done", checkpoint.reason
     variants = {(v["target"], v["variant"]): v for v in all_variants(config, "llama")}
 

@@ -485,6 +485,9 @@ class VariantEvent(TypedDict, total=False):
     path: str | None
     file: str | None
     metrics: dict
+    # What building and measuring it took: seconds per phase, and per phase
+    # ``{"peak_host_bytes", "new_disk_bytes"}`` (``build``, ``measure``).
+    timings: dict
     reason: str | None
     within_tolerance: bool
     fits_memory: bool
