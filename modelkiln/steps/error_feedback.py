@@ -49,7 +49,8 @@ def quantize_with_feedback(module, layers: list, data: dict, inputs: list, round
     ``round_layer(weight, hessian)`` gives a layer's ``Compressed`` form (``solve`` with
     the step's grid). Each layer's weight is set to what its integers stand for as soon
     as it is rounded, so later layers see the rounded model. Returns ``{name:
-    Compressed}``."""
+    Compressed}``; a layer the data never reaches is left out (rounded to nearest by its
+    layer class)."""
     import torch
 
     rows, names = fit_rows(data, inputs)
@@ -67,6 +68,8 @@ def quantize_with_feedback(module, layers: list, data: dict, inputs: list, round
         pending = pending[len(batch):]
         hessians = gather_hessians(module, batch, rows, mask, device)
         for name, layer in batch:
+            if name not in hessians:
+                continue
             hessian, _ = hessians[name]
             with torch.no_grad():
                 form = round_layer(layer.weight.detach().to(device), hessian)
@@ -119,10 +122,8 @@ def gather_hessians(module, layers: list, rows: list, mask, device: str) -> dict
     finally:
         for handle in handles:
             handle.remove()
-    missing = [name for name, _ in layers if name not in owner]
-    if missing:
-        raise RuntimeError(f"layers never called on the data: {', '.join(missing[:5])}")
-    return {name: (owner[name][0], owner[name][1]) for name, _ in layers}
+    # A layer the data never reaches has no statistics: it is rounded to nearest.
+    return {name: (owner[name][0], owner[name][1]) for name, _ in layers if name in owner}
 
 
 def solve(weight, hessian, bits: int, group_size: int | None):

@@ -265,7 +265,8 @@ def _rounded(module, layers: list, model, bits: int, block: int, method: str, co
         progress=lambda done, total: context.progress("error feedback (gptq)", done, total))
     context.record.update(
         method="gptq", fit_data=source, fit_rows=min(len(next(iter(data.values()))), error_feedback.FIT_ROWS),
-        output_error=float(np.mean(errors["gptq"])), rtn_output_error=float(np.mean(errors["rtn"])))
+        output_error=float(np.mean(errors["gptq"])) if errors["gptq"] else None,
+        rtn_output_error=float(np.mean(errors["rtn"])) if errors["rtn"] else None)
     return forms
 
 
