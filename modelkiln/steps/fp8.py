@@ -27,6 +27,7 @@ from __future__ import annotations
 from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import TORCH, ModelHandle, Step
+from .layers import linear_layers
 
 # Compute capability from which NVIDIA GPUs multiply in FP8.
 FP8_CAPABILITY = (8, 9)
@@ -90,21 +91,15 @@ def fp8_layer_class():
 
 def fp8_layers(module) -> tuple[list, dict]:
     """``([(name, Linear)], {name: why it stays float})`` for the layers of ``module``."""
-    import torch.nn as nn
 
-    kept, left = [], {}
-    for name, layer in module.named_modules():
-        if not isinstance(layer, nn.Linear):
-            continue
-        if any(part in HEAD_NAMES for part in name.split(".")):
-            left[name] = "the model's head"
-        elif layer.in_features % FP8_MULTIPLE or layer.out_features % FP8_MULTIPLE:
-            left[name] = f"{layer.out_features} x {layer.in_features}: not multiples of {FP8_MULTIPLE}"
-        elif not layer.weight.is_floating_point():
-            left[name] = f"weights of {layer.weight.dtype}"
-        else:
-            kept.append((name, layer))
-    return kept, left
+    def unfit(layer) -> str | None:
+        if layer.in_features % FP8_MULTIPLE or layer.out_features % FP8_MULTIPLE:
+            return f"{layer.out_features} x {layer.in_features}: not multiples of {FP8_MULTIPLE}"
+        if not layer.weight.is_floating_point():
+            return f"weights of {layer.weight.dtype}"
+        return None
+
+    return linear_layers(module, HEAD_NAMES, unfit)
 
 
 def check_device(device: str) -> None:

@@ -24,6 +24,7 @@ from ..errors import StepNotApplicable
 from ..plugins import hookimpl
 from ..plugins.api import MASK, SPARSE24, TORCH, ModelHandle, Param
 from ..targets.semistructured import KERNEL_MULTIPLE, kernel_widths
+from .layers import linear_layers
 from .quantize import unwrap_half_precision
 from .training import TrainingStep, budget_of, budget_params, distill, real_tokens, training_data
 
@@ -35,19 +36,13 @@ IMPORTANCE_ROWS, CHUNK_ROWS = 128, 16
 
 def sparse_layers(module) -> tuple[list, dict]:
     """``([(name, Linear)], {name: why it stays dense})`` for the layers of ``module``."""
-    import torch.nn as nn
 
-    kept, dense = [], {}
-    for name, layer in module.named_modules():
-        if not isinstance(layer, nn.Linear):
-            continue
-        if any(part in HEAD_NAMES for part in name.split(".")):
-            dense[name] = "the model's head"
-        elif not kernel_widths(layer.out_features, layer.in_features):
-            dense[name] = f"{layer.out_features} x {layer.in_features}: not multiples of {KERNEL_MULTIPLE}"
-        else:
-            kept.append((name, layer))
-    return kept, dense
+    def unfit(layer) -> str | None:
+        if kernel_widths(layer.out_features, layer.in_features):
+            return None
+        return f"{layer.out_features} x {layer.in_features}: not multiples of {KERNEL_MULTIPLE}"
+
+    return linear_layers(module, HEAD_NAMES, unfit)
 
 
 def input_norms(module, layers: list, inputs: dict) -> dict:

@@ -14,7 +14,8 @@ records where it comes from:
   compressed-tensors weights, computed again where the program loads (``compressed.py``);
 - ``{"zeros": true}``: zeros, made where it loads (an empty static KV cache).
 
-What the folder does not hold (rotary tables, lifted constants) stays in the program. ``fill`` puts the weights back when the program loads.
+What the folder does not hold (rotary tables, lifted constants) stays in the program.
+``fill`` puts the weights back when the program loads.
 """
 
 from __future__ import annotations
@@ -118,7 +119,6 @@ def strip(program, folder: dict, kernels: dict) -> dict:
 
 
 def _found(name: str, tensor, folder: dict, by_key: dict) -> dict | None:
-
     short = name.split(".", 1)[-1]  # the wrapper's own attribute ("inner.", "model.") first
     if short in folder and _same(folder[short], tensor):
         return {"tensor": short}
@@ -146,7 +146,7 @@ def _zeros(tensor) -> dict | None:
 
 
 def _same(stored, tensor) -> bool:
-
+    # Shape and type first: a tensor that differs in either is never copied off its device.
     return stored.shape == tensor.shape and stored.dtype == tensor.dtype and _equal(stored, tensor.detach().cpu())
 
 

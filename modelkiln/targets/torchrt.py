@@ -192,8 +192,8 @@ class TorchRuntime(Runtime):
         # One copy of each weight on the device, whichever programs read it.
         shared: dict = {}
 
-        # Programs of int4 variants call modelkiln's own kernel: it must exist to load them.
-        int4.register_op()
+        if int4.SERVING_KEY in serving:  # its programs call modelkiln's own kernel: it must exist first
+            int4.register_op()
 
         def program_of(name: str, sources: dict | None):
             program = torch.export.load(str(directory / name))
